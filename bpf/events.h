@@ -1,0 +1,189 @@
+/* events.h: the ONE definition of every record that crosses from the BPF programs to user space.
+ *
+ * Python reads this file at start (otel_envoy/events/layout.py) to get the same constants, struct
+ * offsets and sizes; tests/unit/test_layout.py compiles it with the host compiler and compares.
+ * Rules that keep both sides simple: fixed-width types only (__u8..__u64, __s32, __s64, char arrays),
+ * no unions, no bitfields, explicit padding so every field is naturally aligned, one `#define` or enum
+ * constant per line. Every record starts with struct event_header; user space dispatches on `kind`.
+ */
+#ifndef OTEL_ENVOY_EVENTS_H
+#define OTEL_ENVOY_EVENTS_H
+
+/* Bytes captured from the start of one read/write; a power of two (the verifier bounds copies by mask). */
+#define CAPTURE_MAX 4096
+/* Data events (reads/writes with their first bytes) per connection; later I/O is only counted. */
+#define CAPTURE_MSGS_DEFAULT 16
+/* epoll_ctl events per connection sent to user space (the listener-filter hand-off happens early). */
+#define EPOLL_CTL_EVENTS_MAX 8
+#define COMM_LEN 16
+#define ADDR_LEN 16
+
+enum event_kind {
+    EV_ACCEPT = 1,     /* accept/accept4 returned a connection to the target */
+    EV_CONNECT = 2,    /* the target called connect() on an inet socket */
+    EV_CLOSE = 3,      /* the target closed a tracked connection fd */
+    EV_DATA = 4,       /* a read/write-family syscall on a tracked fd returned */
+    EV_EPOLL_CTL = 5,  /* epoll_ctl on a tracked fd */
+    EV_SETSOCKOPT = 6, /* setsockopt on a tracked fd */
+    EV_SOCK_STATE = 7, /* sock:inet_sock_set_state on a target listening port or a target's socket */
+    EV_TCP = 8,        /* retransmit / reset / SYN-ACK retransmit on a target listening port */
+    EV_LISTEN = 9,     /* the target called listen(): user space rescans its listening ports */
+};
+
+/* Which read or write syscall produced an EV_DATA record. */
+enum io_syscall {
+    IO_READ = 1,
+    IO_READV = 2,
+    IO_RECVFROM = 3,
+    IO_RECVMSG = 4,
+    IO_WRITE = 5,
+    IO_WRITEV = 6,
+    IO_SENDTO = 7,
+    IO_SENDMSG = 8,
+};
+
+enum io_direction {
+    DIR_READ = 0,  /* bytes the target received (from the peer) */
+    DIR_WRITE = 1, /* bytes the target sent */
+};
+
+enum conn_role {
+    ROLE_DOWNSTREAM = 1, /* accepted by the target */
+    ROLE_UPSTREAM = 2,   /* connected by the target */
+};
+
+enum tcp_event_type {
+    TCP_RETRANSMIT = 1,        /* tcp:tcp_retransmit_skb */
+    TCP_RESET_SENT = 2,        /* tcp:tcp_send_reset */
+    TCP_RESET_RECEIVED = 3,    /* tcp:tcp_receive_reset */
+    TCP_SYNACK_RETRANSMIT = 4, /* tcp:tcp_retransmit_synack */
+};
+
+/* Indexes of the per-CPU `drops` array: every place the kernel side loses information. */
+enum drop_reason {
+    DROP_RINGBUF_FULL = 0,    /* bpf_ringbuf_output failed: user space is not draining fast enough */
+    DROP_CONN_TABLE_FULL = 1, /* the connection table refused an insert */
+    DROP_INFLIGHT_FULL = 2,   /* the syscall enter->exit table refused an insert */
+    DROP_CAPTURE_READ = 3,    /* bpf_probe_read_user of payload or address failed */
+    DROP_REASONS = 4,
+};
+
+/* Linux TCP states, as in include/net/tcp_states.h (stable ABI: exposed by /proc/net/tcp). */
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
+#define TCP_FIN_WAIT1 4
+#define TCP_FIN_WAIT2 5
+#define TCP_TIME_WAIT 6
+#define TCP_CLOSE 7
+#define TCP_CLOSE_WAIT 8
+#define TCP_LAST_ACK 9
+#define TCP_LISTEN 10
+#define TCP_CLOSING 11
+
+#define MSG_PEEK_FLAG 2 /* MSG_PEEK from sys/socket.h */
+#define DATA_FLAG_PEEK 1
+
+struct event_header {
+    __u64 ts_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, converted to wall clock only at export */
+    __u32 kind;  /* enum event_kind */
+    __u32 tgid;  /* process of the current task (softirq context: whichever task was interrupted) */
+    __u32 tid;   /* thread of the current task */
+    __u32 round; /* the thread's epoll wake-round number (epoll_wait returns seen so far), 0 if none */
+};
+
+struct accept_event {
+    struct event_header hdr;
+    __s32 fd;                /* the new connection's fd */
+    __s32 listen_fd;         /* the listening fd it was accepted from */
+    __u16 family;            /* AF_INET / AF_INET6 of the peer address, 0 if it could not be read */
+    __u16 peer_port;         /* host byte order */
+    __u32 _pad0;
+    __u8 peer_addr[ADDR_LEN]; /* IPv4 in the first 4 bytes */
+    char comm[COMM_LEN];     /* the accepting thread's name, e.g. "wrk:worker_0" */
+};
+
+struct connect_event {
+    struct event_header hdr;
+    __s32 fd;
+    __s32 ret;               /* 0, or -errno (-EINPROGRESS for a non-blocking connect) */
+    __u16 family;
+    __u16 peer_port;
+    __u32 _pad0;
+    __u8 peer_addr[ADDR_LEN];
+    char comm[COMM_LEN];
+};
+
+struct close_event {
+    struct event_header hdr;
+    __s32 fd;
+    __u32 role;       /* enum conn_role */
+    __u64 open_ts_ns; /* accept/connect time of this fd */
+    __u64 bytes_rx;   /* bytes read (MSG_PEEK excluded) */
+    __u64 bytes_tx;   /* bytes written */
+    __u32 reads;      /* read-family calls that returned data */
+    __u32 writes;     /* write-family calls that sent data */
+};
+
+struct data_event {
+    struct event_header hdr;
+    __s32 fd;
+    __u8 direction; /* enum io_direction */
+    __u8 syscall;   /* enum io_syscall */
+    __u8 flags;     /* DATA_FLAG_PEEK */
+    __u8 role;      /* enum conn_role */
+    __s64 ret;      /* bytes transferred, 0 at EOF, or -errno */
+    __u32 msg_seq;  /* index of this data event on the connection */
+    __u32 captured; /* bytes of `data` that follow (the record is cut right after them) */
+    __u8 data[CAPTURE_MAX];
+};
+
+struct epoll_ctl_event {
+    struct event_header hdr;
+    __s32 epfd;
+    __s32 op; /* EPOLL_CTL_ADD=1, DEL=2, MOD=3 */
+    __s32 fd;
+    __u32 events; /* EPOLLIN/OUT/RDHUP/ET... as passed, 0 when not readable */
+};
+
+struct setsockopt_event {
+    struct event_header hdr;
+    __s32 fd;
+    __s32 level;
+    __s32 optname;
+    __s32 optval; /* first 4 bytes of the option value when optlen >= 4 */
+};
+
+struct sock_state_event {
+    struct event_header hdr;
+    __u64 skaddr; /* kernel socket address: an opaque id that ties transitions of one socket together */
+    __s32 oldstate;
+    __s32 newstate;
+    __u16 sport; /* host byte order */
+    __u16 dport;
+    __u16 family;
+    __u16 _pad0;
+    __u8 saddr[ADDR_LEN];
+    __u8 daddr[ADDR_LEN];
+};
+
+struct tcp_event {
+    struct event_header hdr;
+    __u64 skaddr;
+    __u32 type;  /* enum tcp_event_type */
+    __s32 state; /* TCP state of the socket when it happened (0 when the tracepoint has none) */
+    __u16 sport; /* host byte order */
+    __u16 dport;
+    __u16 family;
+    __u16 _pad0;
+    __u8 saddr[ADDR_LEN];
+    __u8 daddr[ADDR_LEN];
+};
+
+struct listen_event {
+    struct event_header hdr;
+    __s32 fd;
+    __s32 backlog;
+};
+
+#endif /* OTEL_ENVOY_EVENTS_H */

@@ -1,0 +1,179 @@
+"""Typed kernel events. Field names and order mirror the flattened structs of ``bpf/events.h``.
+
+The decoder checks at import time that every struct's (non-padding) fields match these names exactly, so a
+change to the header that is not mirrored here fails loudly instead of decoding garbage.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = [
+    "AcceptEvent",
+    "CloseEvent",
+    "ConnectEvent",
+    "DataEvent",
+    "EpollCtlEvent",
+    "Event",
+    "ListenEvent",
+    "SetsockoptEvent",
+    "SockStateEvent",
+    "TcpEvent",
+]
+
+
+class AcceptEvent(NamedTuple):
+    """accept/accept4 returned ``fd`` to the target (``comm`` is the accepting thread's name)."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    fd: int
+    listen_fd: int
+    family: int
+    peer_port: int
+    peer_addr: bytes
+    comm: bytes
+
+
+class ConnectEvent(NamedTuple):
+    """The target connected ``fd`` to an inet address (``ret`` 0 or -errno)."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    fd: int
+    ret: int
+    family: int
+    peer_port: int
+    peer_addr: bytes
+    comm: bytes
+
+
+class CloseEvent(NamedTuple):
+    """The target closed a tracked connection fd; byte and call totals come from the kernel."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    fd: int
+    role: int
+    open_ts_ns: int
+    bytes_rx: int
+    bytes_tx: int
+    reads: int
+    writes: int
+
+
+class DataEvent(NamedTuple):
+    """A read/write on a tracked fd returned ``ret``; ``data`` holds its first ``captured`` bytes."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    fd: int
+    direction: int
+    syscall: int
+    flags: int
+    role: int
+    ret: int
+    msg_seq: int
+    captured: int
+    data: bytes
+
+
+class EpollCtlEvent(NamedTuple):
+    """epoll_ctl(epfd, op, fd, events) on a tracked fd."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    epfd: int
+    op: int
+    fd: int
+    events: int
+
+
+class SetsockoptEvent(NamedTuple):
+    """setsockopt on a tracked fd."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    fd: int
+    level: int
+    optname: int
+    optval: int
+
+
+class SockStateEvent(NamedTuple):
+    """sock:inet_sock_set_state of a watched socket (tgid/tid: whatever task the kernel ran in)."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    skaddr: int
+    oldstate: int
+    newstate: int
+    sport: int
+    dport: int
+    family: int
+    saddr: bytes
+    daddr: bytes
+
+
+class TcpEvent(NamedTuple):
+    """A retransmit, reset or SYN-ACK retransmit on a watched socket."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    skaddr: int
+    type: int
+    state: int
+    sport: int
+    dport: int
+    family: int
+    saddr: bytes
+    daddr: bytes
+
+
+class ListenEvent(NamedTuple):
+    """The target called listen(fd, backlog)."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    fd: int
+    backlog: int
+
+
+Event = (
+    AcceptEvent
+    | ConnectEvent
+    | CloseEvent
+    | DataEvent
+    | EpollCtlEvent
+    | SetsockoptEvent
+    | SockStateEvent
+    | TcpEvent
+    | ListenEvent
+)

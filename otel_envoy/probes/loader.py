@@ -1,0 +1,108 @@
+"""Compiles bpf/conn.bpf.c with bcc, attaches its tracepoints, and drains its ring buffer.
+
+Configuration enters as compile-time constants (-D flags), never as pasted C. bcc is imported lazily so the
+rest of the package (replay, show, unit tests) works without it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ..events.layout import BPF_DIR, load_layout
+
+__all__ = ["ProbeConfig", "ProbeError", "ConnectionProbes"]
+
+log = logging.getLogger("otel_envoy.probes")
+
+CONN_PROGRAM = BPF_DIR / "conn.bpf.c"
+
+
+class ProbeError(RuntimeError):
+    """The BPF programs could not be compiled, loaded or attached (message is one line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeConfig:
+    """Compile-time knobs of the kernel side."""
+
+    max_conns: int = 65536
+    ringbuf_pages: int = 4096  # 16 MiB with 4 KiB pages
+
+    def cflags(self) -> list[str]:
+        """The -D/-I flags handed to bcc's clang."""
+        return [
+            f"-I{BPF_DIR}",
+            f"-DMAX_CONNS={int(self.max_conns)}",
+            f"-DRINGBUF_PAGES={int(self.ringbuf_pages)}",
+            "-Wno-macro-redefined",
+            "-Wno-unused-function",
+        ]
+
+
+class ConnectionProbes:
+    """The loaded connection program: target and port filters, ring buffer, drop counters."""
+
+    def __init__(self, config: ProbeConfig | None = None) -> None:
+        self.config = config or ProbeConfig()
+        try:
+            from bcc import BPF  # Debian's python3-bpfcc
+        except ImportError as exc:  # pragma: no cover - environment dependent
+            raise ProbeError(f"bcc is not importable ({exc}); install python3-bpfcc") from exc
+        try:
+            self.bpf = BPF(src_file=str(CONN_PROGRAM).encode(), cflags=self.config.cflags())
+        except Exception as exc:
+            raise ProbeError(f"could not load {CONN_PROGRAM.name}: {str(exc).splitlines()[-1]}") from exc
+        layout = load_layout()
+        self.drop_names = {v: k for k, v in layout.enums["drop_reason"].items() if k != "DROP_REASONS"}
+        self._targets = self.bpf["targets"]
+        self._ports = self.bpf["listen_ports"]
+        self._drops = self.bpf["drops"]
+        self._ring_open = False
+
+    def add_targets(self, tgids: Iterable[int]) -> None:
+        """Trace these processes (all their threads)."""
+        for tgid in tgids:
+            self._targets[ctypes.c_uint32(tgid)] = ctypes.c_uint8(1)
+
+    def set_listen_ports(self, ports: Iterable[int]) -> None:
+        """Replace the set of listening ports whose TCP events are traced."""
+        wanted = {int(p) for p in ports}
+        current = {int(k.value) for k in self._ports}
+        for port in current - wanted:
+            del self._ports[ctypes.c_uint16(port)]
+        for port in wanted - current:
+            self._ports[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
+
+    def open_ring_buffer(self, on_record: Callable[[bytes], None]) -> None:
+        """Deliver every raw record to ``on_record`` (called from ``poll``, on the polling thread)."""
+        string_at = ctypes.string_at
+
+        def _callback(_ctx: object, data: int, size: int) -> int:
+            on_record(string_at(data, size))
+            return 0
+
+        self.bpf["events"].open_ring_buffer(_callback)
+        self._ring_open = True
+
+    def poll(self, timeout_ms: int = 100) -> None:
+        """Drain the ring buffer, waiting up to ``timeout_ms`` for the first record."""
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def consume(self) -> None:
+        """Drain whatever is in the ring buffer without waiting."""
+        self.bpf.ring_buffer_consume()
+
+    def drop_counts(self) -> dict[str, int]:
+        """Kernel-side drops by reason, summed over CPUs."""
+        out: dict[str, int] = {}
+        for key, per_cpu in self._drops.items():
+            name = self.drop_names.get(key.value, str(key.value)).removeprefix("DROP_").lower()
+            out[name] = int(sum(per_cpu))
+        return out
+
+    def close(self) -> None:
+        """Detach and free everything."""
+        self.bpf.cleanup()
