@@ -1,0 +1,196 @@
+"""Command line: run, record, replay, show, doctor. Bad input: one line on stderr, non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+
+from . import __version__
+
+__all__ = ["main"]
+
+DEFAULT_OUTPUT = "./otel-envoy-traces.jsonl"
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> int:
+    print(f"otel-envoy: {message}", file=sys.stderr)
+    return code
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
+                   help="Envoy process to trace (repeatable)")
+    p.add_argument("--comm", help="trace every process with this command name (e.g. envoy)")
+    p.add_argument("--envoy-admin", metavar="URL", help="Envoy admin API, e.g. http://127.0.0.1:9901")
+    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)
+    p.add_argument("--any-process", action="store_true",
+                   help="allow targets that do not look like Envoy (testing)")
+
+
+def _add_export_args(p: argparse.ArgumentParser, default_output: bool) -> None:
+    p.add_argument("--otlp-endpoint", metavar="URL",
+                   help="OTLP endpoint (else OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT)")
+    p.add_argument("--otlp-protocol", choices=["grpc", "http/protobuf"],
+                   help="OTLP protocol (else OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, default http/protobuf)")
+    p.add_argument("--output", metavar="FILE",
+                   help="OTLP/JSON lines file" + (f" (default {DEFAULT_OUTPUT} when no OTLP endpoint is set)"
+                                                  if default_output else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of all subcommands."""
+    parser = argparse.ArgumentParser(prog="otel-envoy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"otel-envoy {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the daemon does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="trace Envoy processes and export spans")
+    _add_target_args(run)
+    _add_export_args(run, default_output=True)
+    run.add_argument("--record", metavar="FILE", help="also save the raw event stream (see replay)")
+
+    rec = sub.add_parser("record", help="save the raw event stream of a live run (no spans)")
+    _add_target_args(rec)
+    rec.add_argument("--events", metavar="FILE", required=True, help="event stream file to write")
+
+    rep = sub.add_parser("replay", help="turn a recorded event stream into spans (no root needed)")
+    rep.add_argument("events", metavar="FILE")
+    _add_export_args(rep, default_output=True)
+
+    show = sub.add_parser("show", help="draw the traces of an OTLP/JSON lines file as waterfalls")
+    show.add_argument("file", metavar="FILE")
+    show.add_argument("--limit", type=int, default=None, help="draw at most this many traces")
+    show.add_argument("--trace-id", help="draw only this trace")
+
+    doc = sub.add_parser("doctor", help="report which probes can attach on this host")
+    doc.add_argument("--pid", type=int, help="also inspect this process's binary")
+    return parser
+
+
+def _otlp_and_output(args: argparse.Namespace):
+    from .export.otlp import resolve_otlp_settings
+
+    otlp = resolve_otlp_settings(args.otlp_endpoint, args.otlp_protocol)
+    output = args.output or (None if otlp is not None else DEFAULT_OUTPUT)
+    return otlp, output
+
+
+def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
+    from .daemon import DaemonOptions, run_daemon
+
+    if os.geteuid() != 0:
+        return _fail("must run as root: loading BPF programs needs CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN")
+    otlp, output = (None, None) if record_only else _otlp_and_output(args)
+    opts = DaemonOptions(
+        pids=args.pid, comm=args.comm, envoy_admin=args.envoy_admin, otlp=otlp, output=output,
+        record=args.events if record_only else args.record, duration=args.duration,
+        require_envoy=not args.any_process, ready_file=args.ready_file,
+    )
+    return asyncio.run(run_daemon(opts))
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .daemon import make_resource
+    from .events.recording import RecordingReader
+    from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline
+    from .pipeline import EventPipeline
+    from .spans.clock import MonotonicClock
+
+    otlp, output = _otlp_and_output(args)
+    if otlp is not None:
+        from .export.otlp import check_reachable
+
+        problem = check_reachable(otlp)
+        if problem:
+            return _fail(problem)
+    reader = RecordingReader(args.events)
+    items = iter(reader)
+    first = next(items, None)
+    if first is None or first[0] != "context" or first[1].get("type") != "clock":  # type: ignore[union-attr]
+        return _fail(f"{args.events}: recording does not start with its clock record")
+    clock = MonotonicClock(int(first[1]["offset_ns"]))  # type: ignore[index]
+    sinks = []
+    if output:
+        sinks.append(JsonLinesFileSink(output))
+    if otlp is not None:
+        sinks.append(OtlpSink.from_settings(otlp))
+    spans_out = SpanPipeline(sinks)
+    pipeline = EventPipeline(spans_out, make_resource(), clock)
+    last_ts = 0
+    for kind, payload in items:
+        if kind == "kernel":
+            pipeline.on_record(payload)  # type: ignore[arg-type]
+            last_ts = max(last_ts, pipeline.correlator.latest_ns)
+        else:
+            pipeline.on_context(payload)  # type: ignore[arg-type]
+    pipeline.finish(last_ts)
+    spans_out.shutdown(30.0)
+    print(f"otel-envoy: replayed {pipeline.counts['events']} events into {pipeline.counts['connections']} "
+          f"connections, {pipeline.counts['spans']} spans" + (f" -> {output}" if output else ""),
+          file=sys.stderr)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .export.terminal import render_file
+
+    render_file(args.file, Console(), max_traces=args.limit, trace_id=args.trace_id)
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .features import binary_checks, host_checks
+
+    checks = host_checks()
+    if args.pid is not None:
+        checks += binary_checks(args.pid)
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        mark = "ok  " if c.ok else ("FAIL" if c.required else "no  ")
+        print(f"{mark} {c.name:<{width}}  {c.detail}")
+    impossible = [c for c in checks if c.required and not c.ok]
+    print("tracing: " + ("possible (kernel tier)" if not impossible else
+                         "IMPOSSIBLE: " + ", ".join(c.name for c in impossible)))
+    return EXIT_FAILURE if impossible else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `otel-envoy` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.Formatter.converter = time.gmtime
+    from .daemon import UsageError
+    from .envoy.process import TargetError
+    from .events.recording import RecordingError
+    from .features import FeatureError
+    from .probes.loader import ProbeError
+
+    try:
+        if args.command == "run":
+            return _cmd_run(args, record_only=False)
+        if args.command == "record":
+            return _cmd_run(args, record_only=True)
+        if args.command == "replay":
+            return _cmd_replay(args)
+        if args.command == "show":
+            return _cmd_show(args)
+        return _cmd_doctor(args)
+    except (UsageError, TargetError, FeatureError, ProbeError, RecordingError, ValueError) as exc:
+        return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except OSError as exc:
+        return _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""`otel-envoy run` / `record`: the live daemon.
+
+Threads and who owns what:
+  * the ring-buffer thread polls the kernel and runs the whole event path (decode, correlate, build spans);
+    it is the only thread touching the correlator;
+  * the export thread (inside SpanPipeline) encodes and sends batches, so slow OTLP never stalls tracing;
+  * the asyncio loop (this module's ``run_daemon``) handles signals, --duration, periodic /proc rescans of
+    listening sockets and admin-API listener names, and hands that context to the ring-buffer thread
+    through a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from opentelemetry.sdk.resources import Resource
+
+from .envoy.admin import AdminError, fetch_listener_names
+from .envoy.process import EnvoyProcess, listening_sockets, resolve_targets
+from .events.recording import RecordingWriter
+from .export.otlp import OtlpSettings, check_reachable
+from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline, SpanSink
+from .features import require_tracing
+from .pipeline import EventPipeline, listen_sockets_to_context
+from .probes.loader import ConnectionProbes, ProbeConfig
+from .spans.clock import MonotonicClock
+
+__all__ = ["DaemonOptions", "UsageError", "make_resource", "run_daemon"]
+
+log = logging.getLogger("otel_envoy.daemon")
+
+RESCAN_INTERVAL_S = 5.0
+
+
+class UsageError(RuntimeError):
+    """A condition that ends the daemon with a one-line message and exit code 2 or 1."""
+
+
+@dataclass(slots=True)
+class DaemonOptions:
+    """Everything `run`/`record` accept."""
+
+    pids: list[int] = field(default_factory=list)
+    comm: str | None = None
+    envoy_admin: str | None = None
+    otlp: OtlpSettings | None = None
+    output: str | None = None
+    record: str | None = None
+    duration: float | None = None
+    require_envoy: bool = True
+    max_conns: int = 65536
+    ready_file: str | None = None  # written once probes are attached (tests and scripts wait on it)
+
+
+def make_resource() -> Resource:
+    """The one Resource shared by all spans; OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES override."""
+    attrs: dict[str, str] = {"telemetry.distro.name": "otel-envoy"}
+    env_attrs = os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in env_attrs:
+        attrs["service.name"] = "envoy"
+    return Resource.create(attrs)
+
+
+class _RingThread(threading.Thread):
+    """Polls the ring buffer and runs the event path until stopped."""
+
+    def __init__(self, probes: ConnectionProbes, pipeline: EventPipeline) -> None:
+        super().__init__(name="otel-envoy-ring", daemon=True)
+        self.probes = probes
+        self.pipeline = pipeline
+        self.context: queue.SimpleQueue[dict] = queue.SimpleQueue()
+        self.stop_requested = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop_requested.is_set():
+                while not self.context.empty():
+                    self.pipeline.on_context(self.context.get_nowait())
+                self.probes.poll(100)
+                self.pipeline.tick(time.monotonic_ns())
+            self.probes.consume()  # what arrived before the stop
+            while not self.context.empty():
+                self.pipeline.on_context(self.context.get_nowait())
+        except BaseException as exc:  # surfaced by run_daemon
+            self.error = exc
+
+
+def _build_sinks(opts: DaemonOptions) -> list[SpanSink]:
+    sinks: list[SpanSink] = []
+    if opts.output:
+        sinks.append(JsonLinesFileSink(opts.output))
+    if opts.otlp is not None:
+        sinks.append(OtlpSink.from_settings(opts.otlp))
+    return sinks
+
+
+async def run_daemon(opts: DaemonOptions) -> int:
+    """Run until SIGINT/SIGTERM or --duration; returns the exit code. Raises UsageError for bad input."""
+    require_tracing()
+    targets = resolve_targets(opts.pids, opts.comm, require_envoy=opts.require_envoy)
+    if opts.otlp is not None:
+        problem = check_reachable(opts.otlp)
+        if problem:
+            raise UsageError(problem)
+    names: dict[tuple[str, int], str] = {}
+    if opts.envoy_admin:
+        try:
+            names = await fetch_listener_names(opts.envoy_admin)
+        except AdminError as exc:
+            raise UsageError(str(exc)) from exc
+
+    clock = MonotonicClock.now()
+    spans_out = SpanPipeline(_build_sinks(opts))
+    recorder = RecordingWriter(opts.record) if opts.record else None
+    loop = asyncio.get_running_loop()
+    rescan_now = asyncio.Event()
+    pipeline = EventPipeline(
+        spans_out, make_resource(), clock, recorder=recorder,
+        on_listen=lambda _tgid: loop.call_soon_threadsafe(rescan_now.set),
+    )
+    probes = ConnectionProbes(ProbeConfig(max_conns=opts.max_conns))
+    ring = _RingThread(probes, pipeline)
+    try:
+        probes.add_targets(t.pid for t in targets)
+        known_ports = _rescan(targets, probes, ring, set())
+        if names:
+            ring.context.put(_names_context(names))
+        probes.open_ring_buffer(pipeline.on_record)
+        ring.start()
+        log.info("tracing %s on ports %s", ", ".join(f"{t.pid} ({t.comm})" for t in targets),
+                 sorted(known_ports))
+        if opts.ready_file:
+            with open(opts.ready_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        await _wait(opts, loop, rescan_now, targets, probes, ring, known_ports)
+    finally:
+        ring.stop_requested.set()
+        if ring.is_alive():
+            await asyncio.to_thread(ring.join, 5.0)
+        pipeline.finish(time.monotonic_ns())
+        kernel_drops = {f"kernel.{k}": v for k, v in probes.drop_counts().items() if v}
+        probes.close()
+        await asyncio.to_thread(spans_out.shutdown, 10.0)
+        if recorder is not None:
+            recorder.close()
+    if ring.error is not None:
+        raise ring.error
+    drops = {**kernel_drops, **pipeline.drops()}
+    stats = spans_out.stats()
+    print(
+        f"otel-envoy: {pipeline.counts['connections']} connections, {pipeline.counts['spans']} spans, "
+        f"{pipeline.counts['events']} events, exported {stats.get('exported', {})}, "
+        f"drops {drops or 'none'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _names_context(names: dict[tuple[str, int], str]) -> dict:
+    return {"type": "listener_names", "names": [[a, p, n] for (a, p), n in sorted(names.items())]}
+
+
+def _rescan(targets: list[EnvoyProcess], probes: ConnectionProbes, ring: _RingThread,
+            known_ports: set[int]) -> set[int]:
+    sockets = {}
+    for t in targets:
+        sockets.update(listening_sockets(t.pid))
+    ports = {s.port for s in sockets.values()}
+    if ports != known_ports:
+        probes.set_listen_ports(ports)
+    ring.context.put(listen_sockets_to_context(sockets))
+    return ports
+
+
+async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now: asyncio.Event,
+                targets: list[EnvoyProcess], probes: ConnectionProbes, ring: _RingThread,
+                known_ports: set[int]) -> None:
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    deadline = loop.time() + opts.duration if opts.duration else None
+    next_rescan = loop.time() + RESCAN_INTERVAL_S
+    try:
+        while not stop.is_set() and ring.is_alive():
+            now = loop.time()
+            if deadline is not None and now >= deadline:
+                break
+            timeout = min(next_rescan, deadline or next_rescan) - now
+            waiter = asyncio.ensure_future(rescan_now.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiter, stopper}, timeout=max(timeout, 0.01),
+                               return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if rescan_now.is_set() or loop.time() >= next_rescan:
+                rescan_now.clear()
+                await asyncio.sleep(0.05)  # listen() returns before /proc shows the socket as LISTEN
+                known_ports = _rescan(targets, probes, ring, known_ports)
+                if opts.envoy_admin:
+                    try:
+                        ring.context.put(_names_context(await fetch_listener_names(opts.envoy_admin)))
+                    except AdminError as exc:
+                        log.warning("%s", exc)
+                next_rescan = loop.time() + RESCAN_INTERVAL_S
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,1 @@
+"""Facts about the traced Envoy processes: /proc, the ELF binary, the admin API."""

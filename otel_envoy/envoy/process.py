@@ -1,0 +1,134 @@
+"""Finding Envoy processes and their listening sockets through /proc (no root needed to read most)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..correlate.connections import ListenSocket
+
+__all__ = ["EnvoyProcess", "TargetError", "find_by_comm", "listening_sockets", "resolve_targets"]
+
+PROC = Path("/proc")
+_TCP_LISTEN = "0A"
+
+
+class TargetError(RuntimeError):
+    """A --pid/--comm argument does not name a traceable Envoy (message is one line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyProcess:
+    """A target process."""
+
+    pid: int
+    comm: str
+    exe: str
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _is_envoy(pid: int) -> tuple[bool, str, str]:
+    comm = _read(PROC / str(pid) / "comm").strip()
+    try:
+        exe = os.readlink(PROC / str(pid) / "exe")
+    except OSError:
+        exe = ""
+    name = Path(exe.removesuffix(" (deleted)")).name
+    return ("envoy" in comm.lower() or "envoy" in name.lower()), comm, exe
+
+
+def find_by_comm(comm: str) -> list[int]:
+    """Pids whose main-thread comm equals ``comm`` (the kernel truncates comm to 15 bytes)."""
+    want = comm[:15]
+    pids = []
+    for entry in PROC.iterdir():
+        if entry.name.isdigit() and _read(entry / "comm").strip() == want:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def resolve_targets(pids: list[int], comm: str | None, *, require_envoy: bool = True) -> list[EnvoyProcess]:
+    """Validate explicit pids and/or find processes by comm. Raises TargetError with a one-line reason."""
+    found: dict[int, EnvoyProcess] = {}
+    for pid in pids:
+        if not (PROC / str(pid)).is_dir():
+            raise TargetError(f"pid {pid} does not exist")
+        ok, pcomm, exe = _is_envoy(pid)
+        if require_envoy and not ok:
+            raise TargetError(f"pid {pid} is not an Envoy process (comm {pcomm!r}, exe {exe or 'unknown'})")
+        found[pid] = EnvoyProcess(pid, pcomm, exe)
+    if comm:
+        for pid in find_by_comm(comm):
+            if pid != os.getpid():
+                ok, pcomm, exe = _is_envoy(pid)
+                found.setdefault(pid, EnvoyProcess(pid, pcomm, exe))
+        if not found:
+            raise TargetError(f"no process with comm {comm!r} is running")
+    if not found:
+        raise TargetError("no target: give --pid PID or --comm NAME")
+    return [found[p] for p in sorted(found)]
+
+
+def _socket_inodes(pid: int) -> dict[int, int]:
+    """inode -> fd for the socket fds of ``pid``."""
+    out: dict[int, int] = {}
+    fd_dir = PROC / str(pid) / "fd"
+    try:
+        entries = list(os.scandir(fd_dir))
+    except OSError:
+        return out
+    for entry in entries:
+        try:
+            link = os.readlink(entry.path)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out[int(link[8:-1])] = int(entry.name)
+    return out
+
+
+def _parse_addr(hex_addr: str, v6: bool) -> str:
+    raw = bytes.fromhex(hex_addr)
+    if not v6:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    # /proc/net/tcp6 prints four host-order 32-bit words
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    text = socket.inet_ntop(socket.AF_INET6, words)
+    return text.removeprefix("::ffff:") if text.startswith("::ffff:") and "." in text else text
+
+
+def listening_sockets(pid: int) -> dict[tuple[int, int], ListenSocket]:
+    """(pid, fd) -> ListenSocket for every TCP socket of ``pid`` in LISTEN state."""
+    inodes = _socket_inodes(pid)
+    out: dict[tuple[int, int], ListenSocket] = {}
+    for name, v6 in (("tcp", False), ("tcp6", True)):
+        for line in _read(PROC / str(pid) / "net" / name).splitlines()[1:]:
+            parts = line.split()
+            if len(parts) < 10 or parts[3] != _TCP_LISTEN:
+                continue
+            fd = inodes.get(int(parts[9]))
+            if fd is None:
+                continue
+            addr_hex, port_hex = parts[1].split(":")
+            out[(pid, fd)] = ListenSocket(_parse_addr(addr_hex, v6), int(port_hex, 16))
+    return out
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """tid -> comm of every thread of ``pid``."""
+    out: dict[int, str] = {}
+    try:
+        tids = os.listdir(PROC / str(pid) / "task")
+    except OSError:
+        return out
+    for tid in tids:
+        out[int(tid)] = _read(PROC / str(pid) / "task" / tid / "comm").strip()
+    return out

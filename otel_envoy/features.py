@@ -1,0 +1,134 @@
+"""What this host can trace: the checks behind `otel-envoy doctor` and the daemon's start-up gate."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Check", "FeatureError", "host_checks", "binary_checks", "require_tracing"]
+
+TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+REQUIRED_TRACEPOINTS = (
+    "syscalls/sys_enter_accept4",
+    "syscalls/sys_exit_accept4",
+    "syscalls/sys_enter_readv",
+    "syscalls/sys_enter_close",
+    "syscalls/sys_enter_epoll_ctl",
+    "sock/inet_sock_set_state",
+    "tcp/tcp_retransmit_skb",
+    "tcp/tcp_send_reset",
+    "tcp/tcp_receive_reset",
+    "tcp/tcp_retransmit_synack",
+)
+
+
+class FeatureError(RuntimeError):
+    """Tracing is impossible on this host (message is one line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of the doctor report."""
+
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+def tracefs() -> Path | None:
+    """The mounted tracefs directory, if any."""
+    for path in TRACEFS_CANDIDATES:
+        if (path / "events").is_dir():
+            return path
+    return None
+
+
+def _kernel_config() -> dict[str, str]:
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        try:
+            lines = Path(f"/boot/config-{platform.release()}").read_text().splitlines()
+        except OSError:
+            return {}
+    out = {}
+    for line in lines:
+        if line.startswith("CONFIG_") and "=" in line:
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out
+
+
+def host_checks() -> list[Check]:
+    """Everything the kernel tier needs, plus what the optional tiers would need."""
+    checks = [Check("root", os.geteuid() == 0, "running as root" if os.geteuid() == 0 else
+                    "not root: loading BPF needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)")]
+    tfs = tracefs()
+    checks.append(Check("tracefs", tfs is not None, f"mounted at {tfs}" if tfs else
+                        "not mounted: mount -t tracefs nodev /sys/kernel/tracing"))
+    if tfs is not None:
+        missing = [tp for tp in REQUIRED_TRACEPOINTS if not (tfs / "events" / tp).is_dir()]
+        checks.append(Check("tracepoints", not missing, "all required tracepoints exist" if not missing
+                            else "missing: " + ", ".join(missing)))
+    btf = Path("/sys/kernel/btf/vmlinux").exists()
+    checks.append(Check("btf", btf, "/sys/kernel/btf/vmlinux present" if btf else "no kernel BTF",
+                        required=False))
+    build = Path(f"/lib/modules/{platform.release()}/build")
+    checks.append(Check("kernel-headers", (build / "include").is_dir(),
+                        f"{build} -> {os.path.realpath(build)}" if build.exists() else
+                        f"{build} missing: bcc needs kernel headers (scripts/setup.sh links Debian's)"))
+    try:
+        import bcc  # noqa: F401
+
+        checks.append(Check("bcc", True, "python3-bpfcc importable"))
+    except ImportError as exc:
+        checks.append(Check("bcc", False, f"bcc not importable ({exc}): apt-get install python3-bpfcc"))
+    config = _kernel_config()
+    kprobes = config.get("CONFIG_KPROBES") == "y" or (tfs is not None and (tfs / "kprobe_events").exists())
+    checks.append(Check("kprobes", kprobes, "available" if kprobes else
+                        "not available (CONFIG_KPROBES unset): not needed, tracepoints are used",
+                        required=False))
+    uprobes = config.get("CONFIG_UPROBE_EVENTS") == "y" or (tfs is not None and
+                                                            (tfs / "uprobe_events").exists())
+    checks.append(Check("uprobes", uprobes, "available (symbol tier possible)" if uprobes else
+                        "not available: symbol tier impossible", required=False))
+    ringbuf = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit()) >= (5, 8)
+    checks.append(Check("ringbuf", ringbuf, "BPF ring buffer (kernel >= 5.8)" if ringbuf else
+                        "kernel older than 5.8: no BPF ring buffer"))
+    return checks
+
+
+def binary_checks(pid: int) -> list[Check]:
+    """Facts about a target's binary: build-id, symbols, debug link (pyelftools)."""
+    from .envoy.elf import describe_binary
+
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError as exc:
+        return [Check("target", False, f"pid {pid}: {exc.strerror}")]
+    info = describe_binary(f"/proc/{pid}/exe")
+    out = [Check("target", True, f"pid {pid}: {exe}")]
+    if info.error:
+        out.append(Check("binary", False, info.error, required=False))
+        return out
+    out.append(Check("build-id", info.build_id is not None, info.build_id or "no build-id note",
+                     required=False))
+    sym_detail = (f"{info.symbols} symbols in .symtab" if info.symbols else
+                  f"stripped (only {info.dynamic_symbols} .dynsym entries): kernel tier only; "
+                  "--symbols FILE or a debug build adds the uprobe tier")
+    out.append(Check("symbols", info.symbols > 0, sym_detail, required=False))
+    if info.debuglink:
+        out.append(Check("debuglink", True, f".gnu_debuglink -> {info.debuglink}", required=False))
+    return out
+
+
+def require_tracing() -> None:
+    """Raise FeatureError naming the first failed required check."""
+    for check in host_checks():
+        if check.required and not check.ok:
+            raise FeatureError(f"cannot trace: {check.name}: {check.detail}")

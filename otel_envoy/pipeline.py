@@ -1,0 +1,111 @@
+"""probes -> events -> correlation -> spans -> export, as one object both live runs and replays drive.
+
+Single-threaded by design: whoever calls ``on_record`` (the ring-buffer thread, or the replay loop) owns the
+decoder and the correlator. Finished spans leave through ``SpanPipeline.submit``, which never blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from opentelemetry.sdk.resources import Resource
+
+from .correlate.connections import ConnectionCorrelator, ListenSocket
+from .correlate.model import ConnectionRecord
+from .events.decode import Decoder
+from .events.layout import load_layout
+from .events.recording import RecordingWriter
+from .export.pipeline import SpanPipeline
+from .spans.clock import MonotonicClock
+from .spans.connection import ConnectionSpanBuilder
+
+__all__ = ["EventPipeline", "listen_sockets_from_context", "listen_sockets_to_context"]
+
+log = logging.getLogger("otel_envoy.pipeline")
+EV_LISTEN = load_layout().constants["EV_LISTEN"]
+
+
+def listen_sockets_to_context(sockets: dict[tuple[int, int], ListenSocket]) -> dict:
+    """Context record for a listening-socket table."""
+    return {"type": "listen_sockets",
+            "sockets": [[pid, fd, s.address, s.port] for (pid, fd), s in sorted(sockets.items())]}
+
+
+def listen_sockets_from_context(obj: dict) -> dict[tuple[int, int], ListenSocket]:
+    """Inverse of :func:`listen_sockets_to_context`."""
+    return {(int(pid), int(fd)): ListenSocket(str(addr), int(port)) for pid, fd, addr, port in obj["sockets"]}
+
+
+class EventPipeline:
+    """Decodes raw records, correlates them and hands finished spans to the export pipeline."""
+
+    def __init__(
+        self,
+        spans_out: SpanPipeline,
+        resource: Resource,
+        clock: MonotonicClock,
+        *,
+        recorder: RecordingWriter | None = None,
+        on_listen: Callable[[int], None] | None = None,
+    ) -> None:
+        self.decoder = Decoder()
+        self.spans_out = spans_out
+        self.builder = ConnectionSpanBuilder(resource, clock)
+        self.correlator = ConnectionCorrelator(self._on_connection)
+        self.recorder = recorder
+        self.on_listen = on_listen
+        self.counts: Counter[str] = Counter()
+        if recorder is not None:
+            recorder.context({"type": "clock", "offset_ns": clock.offset_ns})
+
+    def on_record(self, raw: bytes) -> None:
+        """One raw ring-buffer record (hot path)."""
+        if self.recorder is not None:
+            self.recorder.kernel(raw)
+        event = self.decoder.decode(raw)
+        if event is None:
+            return
+        self.counts["events"] += 1
+        if event.kind == EV_LISTEN and self.on_listen is not None:
+            self.on_listen(event.tgid)
+        self.correlator.handle(event)
+
+    def on_context(self, obj: dict) -> None:
+        """User-space context (listening sockets, listener names)."""
+        if self.recorder is not None:
+            self.recorder.context(obj)
+        kind = obj.get("type")
+        if kind == "listen_sockets":
+            sockets = listen_sockets_from_context(obj)
+            self.correlator.set_listen_sockets(sockets)
+        elif kind == "listener_names":
+            self.correlator.set_listener_names({(a, int(p)): n for a, p, n in obj["names"]})
+
+    def tick(self, now_mono_ns: int) -> None:
+        """Periodic: emit connections whose linger time passed."""
+        self.correlator.expire(now_mono_ns)
+
+    def finish(self, now_mono_ns: int) -> None:
+        """End of run: emit everything, still-open connections ended at ``now_mono_ns``."""
+        self.correlator.flush(now_mono_ns)
+
+    def _on_connection(self, conn: ConnectionRecord) -> None:
+        try:
+            spans = self.builder.build(conn)
+        except Exception:  # a bug in span building must not stop tracing
+            self.counts["span_build_errors"] += 1
+            log.exception("could not build spans for a connection")
+            return
+        self.counts["connections"] += 1
+        self.counts["spans"] += len(spans)
+        self.spans_out.submit(spans)
+
+    def drops(self) -> dict[str, int]:
+        """User-space drops: decoder errors, correlator evictions, export queue and failures."""
+        out: dict[str, int] = {f"decode.{k}": v for k, v in self.decoder.errors.items()}
+        out.update({f"correlate.{k}": v for k, v in self.correlator.drops.items()})
+        out.update({f"export.{k}": v for k, v in self.spans_out.stats().get("drops", {}).items()})
+        out["span_build_errors"] = self.counts["span_build_errors"]
+        return {k: v for k, v in out.items() if v}

@@ -1,0 +1,1 @@
+"""The only place that builds OpenTelemetry spans (finished ReadableSpans, built directly)."""
