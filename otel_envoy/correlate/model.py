@@ -71,11 +71,16 @@ class ConnectionRecord:
             return "envoy"
         return None
 
-    def aborted(self) -> bool:
-        """True when a reset ended the connection before the peer's orderly FIN."""
+    def aborted(self) -> str | None:
+        """'peer' or 'envoy' when a reset ended the connection before the peer's orderly FIN, else None."""
         fin = self.peer_fin_ns or self.eof_ns
-        return any(m.name in ("tcp.reset_received", "tcp.reset_sent") and (fin is None or m.ts_ns < fin)
-                   for m in self.tcp_marks)
+        for m in self.tcp_marks:
+            if fin is None or m.ts_ns < fin:
+                if m.name == "tcp.reset_received":
+                    return "peer"
+                if m.name == "tcp.reset_sent":
+                    return "envoy"
+        return None
 
     def _first(self, name: str) -> int | None:
         return next((m.ts_ns for m in self.tcp_marks if m.name == name), None)

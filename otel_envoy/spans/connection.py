@@ -54,6 +54,8 @@ class ConnectionSpanBuilder:
         """Return the root span first, then its children (all inside the root's interval)."""
         start = conn.start_ns
         end = conn.close_ns if conn.close_ns is not None else start
+        if not conn.still_open and conn.tcp_marks:  # a reset sent by the close itself ends the connection
+            end = max(end, max(m.ts_ns for m in conn.tcp_marks))
         trace_id = self._bits(128) or 1
         attrs: dict[str, object] = {
             "network.transport": "tcp",
@@ -89,8 +91,9 @@ class ConnectionSpanBuilder:
         events = [Event(m.name, {"tcp.state": m.state} if m.state else None, self.clock.to_wall(m.ts_ns))
                   for m in conn.tcp_marks]
         status = _OK
-        if conn.aborted():
-            status = Status(StatusCode.ERROR, "connection reset")
+        reset = conn.aborted()
+        if reset:
+            status = Status(StatusCode.ERROR, f"connection reset by {reset}")
         root = self._span("envoy.downstream.connection", trace_id, None, start, end, attrs,
                           SpanKind.SERVER, events, status)
         spans = [root]

@@ -1,0 +1,168 @@
+"""Connection traces from a real Envoy: plain, TLS 1.3, TLS 1.2, reset, burst (real BPF, real clients)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from otel_envoy.export.otlp_json import decode_request_json
+from otel_envoy.lab import clients
+from tests.support.traces import connection_traces
+
+pytestmark = pytest.mark.root
+
+SERVER, ERROR = 2, 2
+
+
+def _wait_conn(receiver, port: int, local_port: int, timeout: float = 15.0):
+    def found(spans):
+        return port in connection_traces(spans, local_port)
+    receiver.wait_for(found, timeout)
+    return connection_traces(receiver.spans(), local_port)[port]
+
+
+def test_plain_http_connection(lab, receiver, traced):
+    res = clients.curl_plain(lab.http_port, "/")
+    assert res.http_code == 200 and res.local_port
+    trace = _wait_conn(receiver, res.local_port, lab.http_port)
+    trace.assert_nested()
+    root = trace.root
+    a = root.attributes
+    assert root.kind == SERVER
+    assert a["network.transport"] == "tcp" and a["network.type"] == "ipv4"
+    assert a["network.peer.address"] == "127.0.0.1" and a["network.peer.port"] == res.local_port
+    assert a["network.local.address"] == "127.0.0.1" and a["network.local.port"] == lab.http_port
+    assert a["process.pid"] == lab.pid
+    assert a["thread.name"].startswith("wrk:worker_")
+    assert a["thread.id"] in lab.worker_thread_ids()
+    assert a["envoy.listener.name"] == "plain_http"
+    assert a["envoy.connection.bytes_received"] > 50  # the request curl sent
+    assert a["envoy.connection.bytes_sent"] > 50  # the response
+    assert a["envoy.connection.close_initiator"] in ("peer", "envoy")
+    assert "envoy.connection.still_open" not in a
+    assert root.resource_attributes["service.name"] == "envoy-under-test"
+    queue = trace.child("tcp.accept_queue")
+    assert queue.start_ns == root.start_ns  # the root starts when the handshake completed
+    assert queue.attributes["tcp.accept_queue.depth"] >= 1
+    lf = trace.child("envoy.listener_filters")
+    assert lf.attributes["envoy.listener_filters.peeked_bytes"] == 0  # no listener filter on this listener
+    assert lf.start_ns == queue.end_ns  # both at the accept
+    assert not trace.children("tls.handshake")
+    assert root.status_code != ERROR
+
+
+def test_tls13_connection_with_sni_and_alpn(lab, receiver, traced):
+    res = clients.curl_tls(lab.tls_port, "a.example.com", alpn="h2", tls_version="1.3", ca=lab.ca_path)
+    assert res.http_code == 200 and res.http_version == "2", res.stderr
+    trace = _wait_conn(receiver, res.local_port, lab.tls_port)
+    trace.assert_nested()
+    root = trace.root
+    assert root.attributes["envoy.listener.name"] == "tls_sni"
+    assert root.attributes["tls.client.server_name"] == "a.example.com"
+    lf = trace.child("envoy.listener_filters")
+    assert lf.attributes["envoy.listener_filters.peeked_bytes"] >= 200  # tls_inspector peeked the ClientHello
+    hs = trace.child("tls.handshake")
+    h = hs.attributes
+    assert h["tls.protocol.version"] == "1.3"
+    assert h["tls.client.server_name"] == "a.example.com"
+    assert h["tls.client.supported_alpn"][:2] == ["h2", "http/1.1"]
+    assert h["tls.cipher"].startswith("TLS_")
+    assert h["tls.established"] is True and h["tls.resumed"] is False
+    assert len(h["tls.client.ja4"].split("_")) >= 3 and h["tls.client.ja4"].startswith("t13d")
+    assert len(h["tls.client.ja3"]) == 32
+    assert hs.status_code != ERROR
+    # the handshake starts with the ClientHello the listener filter peeked, and ends after it
+    assert lf.start_ns <= hs.start_ns <= lf.end_ns < hs.end_ns
+
+
+def test_tls12_connection_with_openssl(lab, receiver, traced):
+    res = clients.openssl_s_client(lab.tls_port, "b.example.com", alpn="http/1.1", tls_version="1.2")
+    assert res.protocol == "TLSv1.2" and res.http_status == 200, res.stderr
+    traces = receiver.wait_for(
+        lambda spans: any(s.name == "tls.handshake" and s.attributes.get("tls.client.server_name")
+                          == "b.example.com" and s.attributes.get("tls.protocol.version") == "1.2"
+                          for s in spans), 15)
+    hs = next(s for s in traces if s.name == "tls.handshake"
+              and s.attributes.get("tls.client.server_name") == "b.example.com"
+              and s.attributes.get("tls.protocol.version") == "1.2")
+    h = hs.attributes
+    assert h["tls.next_protocol"] == "http/1.1"  # visible in the TLS 1.2 ServerHello
+    assert h["tls.cipher"].startswith("TLS_ECDHE_")
+    assert h["tls.established"] is True
+    assert h["tls.client.ja4"].startswith("t1")
+
+
+def test_client_reset_marks_the_connection(lab, receiver, traced):
+    res = clients.reset_client(lab.http_port)
+    trace = _wait_conn(receiver, res.local_port, lab.http_port)
+    root = trace.root
+    assert root.status_code == ERROR
+    names = [e[1] for e in root.events]
+    assert "tcp.reset_received" in names
+    assert root.attributes["envoy.connection.close_initiator"] == "peer"
+    assert root.attributes["envoy.connection.bytes_received"] == res.sent
+
+
+def test_burst_of_connections_each_get_a_trace(lab, receiver, traced):
+    result = clients.burst(lab.http_port, 200, concurrency=20)
+    assert result.all_ok, result.errors[:3]
+    ports = set(result.local_ports)
+    assert len(ports) == 200
+
+    def all_seen(spans):
+        return ports <= set(connection_traces(spans, lab.http_port))
+    receiver.wait_for(all_seen, 30)
+    traces = connection_traces(receiver.spans(), lab.http_port)
+    depths = []
+    for port in ports:
+        t = traces[port]
+        t.assert_nested()
+        assert t.root.attributes["network.peer.port"] == port
+        depths.append(t.child("tcp.accept_queue").attributes["tcp.accept_queue.depth"])
+    assert min(depths) >= 1
+    threads = {traces[p].root.attributes["thread.name"] for p in ports}
+    assert threads <= {"wrk:worker_0", "wrk:worker_1"}
+
+
+def test_output_file_holds_the_same_spans(lab, receiver, traced):
+    daemon, output = traced
+    res = clients.curl_plain(lab.http_port, "/")
+    _wait_conn(receiver, res.local_port, lab.http_port)
+    grpc_ids = {s.span_id for s in receiver.spans()}
+    # the file sink is flushed per batch; poll until our connection shows up there too
+    import time
+    deadline = time.monotonic() + 10
+    while True:
+        file_spans = [s for line in output.read_text().splitlines() if line
+                      for s in decode_request_json(json.loads(line))]
+        if res.local_port in connection_traces(file_spans, lab.http_port) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    file_ids = {s.span_id for s in file_spans}
+    assert connection_traces(file_spans, lab.http_port)[res.local_port].root.span_id in grpc_ids
+    assert len(file_ids & grpc_ids) >= 3
+
+
+def test_still_open_connection_is_ended_at_shutdown(lab, receiver, tmp_path):
+    from tests.support.daemon import DaemonProcess
+
+    out = tmp_path / "open.jsonl"
+    daemon = DaemonProcess(["--pid", str(lab.pid), "--output", str(out),
+                            "--otlp-endpoint", receiver.http_endpoint, "--otlp-protocol", "http/protobuf"],
+                           tmp_path).start()
+    sock = socket.create_connection(("127.0.0.1", lab.http_port))
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")
+    sock.recv(4096)
+    port = sock.getsockname()[1]
+    try:
+        assert daemon.stop() == 0, daemon.stderr()
+    finally:
+        sock.close()
+    trace = _wait_conn(receiver, port, lab.http_port, timeout=10)
+    assert trace.root.attributes["envoy.connection.still_open"] is True
+    assert "envoy.connection.close_initiator" not in trace.root.attributes
+    assert receiver.requests["http/protobuf"] >= 1
+    spans = [s for line in out.read_text().splitlines() for s in decode_request_json(json.loads(line))]
+    assert port in connection_traces(spans, lab.http_port)
