@@ -29,6 +29,7 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--envoy-admin", metavar="URL", help="Envoy admin API, e.g. http://127.0.0.1:9901")
     p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
+    p.add_argument("--summary-json", metavar="FILE", help="write counts and drops as JSON at exit")
     p.add_argument("--any-process", action="store_true",
                    help="allow targets that do not look like Envoy (testing)")
 
@@ -90,7 +91,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
     opts = DaemonOptions(
         pids=args.pid, comm=args.comm, envoy_admin=args.envoy_admin, otlp=otlp, output=output,
         record=args.events if record_only else args.record, duration=args.duration,
-        require_envoy=not args.any_process, ready_file=args.ready_file,
+        require_envoy=not args.any_process, ready_file=args.ready_file, summary_json=args.summary_json,
     )
     return asyncio.run(run_daemon(opts))
 

@@ -12,6 +12,7 @@ Threads and who owns what:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import queue
@@ -58,6 +59,7 @@ class DaemonOptions:
     require_envoy: bool = True
     max_conns: int = 65536
     ready_file: str | None = None  # written once probes are attached (tests and scripts wait on it)
+    summary_json: str | None = None  # written at exit: counts, drops, export stats (bench, tests)
 
 
 def make_resource() -> Resource:
@@ -156,6 +158,10 @@ async def run_daemon(opts: DaemonOptions) -> int:
         raise ring.error
     drops = {**kernel_drops, **pipeline.drops()}
     stats = spans_out.stats()
+    if opts.summary_json:
+        with open(opts.summary_json, "w") as f:
+            json.dump({"counts": dict(pipeline.counts), "drops": drops, "export": stats,
+                       "correlator": dict(pipeline.correlator.stats)}, f, default=str)
     print(
         f"otel-envoy: {pipeline.counts['connections']} connections, {pipeline.counts['spans']} spans, "
         f"{pipeline.counts['events']} events, exported {stats.get('exported', {})}, "
