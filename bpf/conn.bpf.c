@@ -45,7 +45,12 @@ struct conn_state {
     __u32 capture_budget; /* EV_DATA records allowed */
     __u32 epoll_events;   /* EV_EPOLL_CTL records sent so far */
     __u32 role;
+    __u32 flags;          /* CONN_* below */
+    __u32 _pad;
 };
+
+#define CONN_SAW_IO 1 /* a non-peek read or write happened: the listener-filter hand-off is settled */
+#define CONN_TLS 2    /* the first bytes read were a TLS handshake record */
 
 /* What a syscall's enter saw, for its exit. Keyed by thread id. */
 struct inflight {
@@ -387,11 +392,15 @@ static __always_inline int on_io_exit(long ret) {
             __sync_fetch_and_add(&cs->reads, 1);
         }
     }
-    /* EOF (ret == 0) and errors are always reported: they end connections. Data only within budget. */
-    if (ret > 0 && cs->data_events >= cs->capture_budget)
+    /* Data, EOF and errors are reported within the capture budget only: the close initiator also comes
+     * from TCP state changes, so nothing is lost when the budget ran out. */
+    if (cs->data_events >= cs->capture_budget)
         return 0;
     __u32 seq = cs->data_events;
     cs->data_events = seq + 1;
+    __u8 first_io = ret > 0 && !peek && !(cs->flags & CONN_SAW_IO);
+    if (first_io)
+        cs->flags |= CONN_SAW_IO;
 
     __u32 zero = 0;
     struct data_scratch_t *scratch = data_scratch.lookup(&zero);
@@ -418,6 +427,16 @@ static __always_inline int on_io_exit(long ret) {
         } else {
             e->captured = capture_flat(e, (const void *)req.buf, want);
         }
+    }
+    if (e->captured >= 3 && !is_write && !peek) {
+        if (first_io && e->data[0] == 0x16)
+            cs->flags |= CONN_TLS;
+        /* A TLS application-data record header from the client (17 03 0x) on a TLS connection: the
+         * handshake is over (TLS 1.3: the encrypted Finished; 1.2: the first request). Stop capturing:
+         * the rest of the connection is ciphertext. The 3-byte check makes a false stop on a ciphertext
+         * read ~1 in 16M. */
+        if ((cs->flags & CONN_TLS) && e->data[0] == 0x17 && e->data[1] == 0x03 && e->data[2] <= 0x04)
+            cs->capture_budget = 0;
     }
     __u32 size = offsetof(struct data_event, data) + (e->captured & (2 * CAPTURE_MAX - 1));
     if (size > sizeof(struct data_event))
@@ -462,7 +481,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {
         return 0;
     __u64 key = conn_key(tgid, (__s32)args->fd);
     struct conn_state *cs = conns.lookup(&key);
-    if (!cs || cs->epoll_events >= EPOLL_CTL_EVENTS_MAX)
+    /* Only until the first real I/O: that is where the listener filters hand the fd over. */
+    if (!cs || cs->epoll_events >= EPOLL_CTL_EVENTS_MAX || (cs->flags & CONN_SAW_IO))
         return 0;
     cs->epoll_events++;
     struct epoll_ctl_event ev = {};

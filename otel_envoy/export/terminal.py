@@ -41,9 +41,21 @@ SPAN_HIGHLIGHTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("alpn", ("tls.next_protocol", "tls.alpn", "network.protocol.name")),
         ("error", ("tls.error", "error.message")),
     ),
+    "envoy.downstream.connection": (
+        ("thread", ("thread.name",)),
+        ("rx", ("envoy.connection.bytes_received",)),
+        ("tx", ("envoy.connection.bytes_sent",)),
+        ("closed_by", ("envoy.connection.close_initiator",)),
+        ("still_open", ("envoy.connection.still_open",)),
+        ("partial", ("otel_envoy.partial",)),
+    ),
+    "envoy.listener_filters": (
+        ("peeked_bytes", ("envoy.listener_filters.peeked_bytes",)),
+        ("peeks", ("envoy.listener_filters.peeks",)),
+    ),
     "tcp.accept_queue": (
         ("depth", ("tcp.accept_queue.depth", "envoy.accept_queue.depth", "tcp.backlog.depth")),
-        ("backlog", ("tcp.accept_queue.max", "tcp.backlog", "tcp.accept_queue.backlog")),
+        ("depth_on_arrival", ("tcp.accept_queue.depth_on_arrival",)),
     ),
 }
 

@@ -521,6 +521,10 @@ class TlsRecordReader:
         """Records seen, all content types."""
         return sum(self.records.values())
 
+    def partial_header(self) -> tuple[int, int] | None:
+        """(content type, length) of the record whose header was read but whose body is still due."""
+        return (self._type, self._len) if self._in_record else None
+
     def feed(self, data: bytes | bytearray | memoryview, total_len: int | None = None) -> list[TlsRecord]:
         """Consume one captured message; return the records it completed, in stream order."""
         mv = memoryview(data)
@@ -735,7 +739,7 @@ class TlsHandshakeTracker:
     """
 
     __slots__ = (
-        "_abbreviated", "_ch_done", "_check_server_reply", "_chs", "_client_ccs", "_client_reads", "_cr",
+        "_abbreviated", "_pending_counted", "_ch_done", "_check_server_reply", "_chs", "_client_ccs", "_client_reads", "_cr",
         "_error", "_failed", "_flight_open", "_head", "_sh_done", "_shs", "_sr", "_suspect_alert", "_tls13",
         "alerts", "app_records_in", "app_records_out", "cipher", "client_hello", "completed_ns",
         "hello_retry_request", "is_tls", "negotiated_alpn", "resumed", "server_hello", "server_hello_ns",
@@ -767,6 +771,7 @@ class TlsHandshakeTracker:
         self._shs = HandshakeReassembler()
         self._head = b""  # first (< 3) client bytes while is_tls is undecided
         self._client_reads = 0  # non-peek client messages
+        self._pending_counted = False  # a record judged by its header alone, its body still due
         self._ch_done = False  # ClientHello parsed, failed or lost: stop looking for it
         self._sh_done = False  # final ServerHello parsed or lost
         self._tls13 = False
@@ -910,9 +915,20 @@ class TlsHandshakeTracker:
             before = reader.records.get(CT_APPLICATION_DATA, 0)
             reader.feed(data, total_len)
             if self.completed_ns is not None:
-                self.app_records_in += reader.records.get(CT_APPLICATION_DATA, 0) - before
+                delta = reader.records.get(CT_APPLICATION_DATA, 0) - before
+                if delta and self._pending_counted:  # the record judged by its header completed now
+                    delta -= 1
+                    self._pending_counted = False
+                self.app_records_in += delta
             return
         records = reader.feed(data, total_len)
+        partial = reader.partial_header()
+        if partial is not None and partial[0] == CT_APPLICATION_DATA and not self._failed:
+            # The kernel stops capturing at a client application-data record header (the handshake is
+            # over by then), so its body may never arrive: judge the record by its header. If the body
+            # does arrive, that record is not counted again as application data.
+            records = [*records, TlsRecord(CT_APPLICATION_DATA, 0, partial[1], b"", False)]
+            self._pending_counted = True
         if self._flight_open:  # the client answered: the server's first flight is over
             self._flight_open = False
             if not self._abbreviated:
