@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from otel_envoy.lab.lab import EnvoyLab  # noqa: E402
+from otel_envoy.lab.lab import EnvoyLab
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -43,7 +43,18 @@ def cpu_seconds(pid: int) -> float:
 
 def wrk(url: str, seconds: float, connections: int, extra: list[str]) -> dict:
     """Run wrk pinned to CPU 1; returns requests, seconds, errors."""
-    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--latency", *extra, url]
+    cmd = [
+        "taskset",
+        "-c",
+        "1",
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{int(seconds)}s",
+        "--latency",
+        *extra,
+        url,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     if not m:
@@ -69,14 +80,30 @@ class Daemon:
         self.ready = workdir / f"ready-{time.monotonic_ns()}"
         self.summary = workdir / f"summary-{time.monotonic_ns()}.json"
         self.output = workdir / f"spans-{time.monotonic_ns()}.jsonl"
-        cmd = ["taskset", "-c", "1", sys.executable, "-m", "otel_envoy.cli", "run", "--pid", str(lab.pid),
-               "--output", str(self.output), "--ready-file", str(self.ready),
-               "--summary-json", str(self.summary)]
+        cmd = [
+            "taskset",
+            "-c",
+            "1",
+            sys.executable,
+            "-m",
+            "otel_envoy.cli",
+            "run",
+            "--pid",
+            str(lab.pid),
+            "--output",
+            str(self.output),
+            "--ready-file",
+            str(self.ready),
+            "--summary-json",
+            str(self.summary),
+        ]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 180
         while not self.ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon failed: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+                raise RuntimeError(
+                    f"daemon failed: {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
+                )
             time.sleep(0.05)
 
     def cpu(self) -> float:
@@ -112,13 +139,17 @@ def one_run(lab: EnvoyLab, workload: str, traced: bool, seconds: float, workdir:
         result["spans_per_s"] = result["spans"] / result["seconds"]
         result["events"] = summary["counts"].get("events", 0)
         result["drops"] = summary["drops"]
-        result["daemon_cpu_us_per_conn"] = (result["daemon_cpu_s"] / conns_traced * 1e6) if conns_traced else None
+        result["daemon_cpu_us_per_conn"] = (
+            (result["daemon_cpu_s"] / conns_traced * 1e6) if conns_traced else None
+        )
         result["daemon_cpu_us_per_req"] = result["daemon_cpu_s"] / max(result["requests"], 1) * 1e6
     return result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3, help="baseline/traced pairs per workload")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of one wrk run")
     parser.add_argument("--workloads", default="keepalive,tls_new")
@@ -131,11 +162,17 @@ def main() -> int:
             print(f"bench: {tool} is not installed", file=sys.stderr)
             return 1
     RESULTS.mkdir(exist_ok=True)
-    report: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rounds": args.rounds,
-                    "seconds": args.seconds, "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
-                    "workloads": {}}
-    with tempfile.TemporaryDirectory(prefix="otel-envoy-bench-") as tmp, \
-            EnvoyLab(concurrency=1, direct_response=True, cpu=0, log_level="error") as lab:
+    report: dict = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+        "workloads": {},
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="otel-envoy-bench-") as tmp,
+        EnvoyLab(concurrency=1, direct_response=True, cpu=0, log_level="error") as lab,
+    ):
         for workload in args.workloads.split(","):
             runs: dict[str, list[dict]] = {"baseline": [], "traced": []}
             wrk(f"http://127.0.0.1:{lab.http_port}/", 2, 8, [])  # warm-up
@@ -143,11 +180,17 @@ def main() -> int:
                 for mode in ("baseline", "traced") if i % 2 == 0 else ("traced", "baseline"):
                     r = one_run(lab, workload, mode == "traced", args.seconds, Path(tmp))
                     runs[mode].append(r)
-                    print(f"{workload:9s} {mode:8s} round {i}: {r['rps']:9.0f} req/s  envoy "
-                          f"{r['envoy_cpu_us_per_req']:6.1f} us/req" +
-                          (f"  daemon {r['daemon_cpu_us_per_req']:6.1f} us/req, "
-                           f"{r['spans_per_s']:7.0f} spans/s, drops {r['drops'] or 0}" if mode == "traced" else ""),
-                          flush=True)
+                    print(
+                        f"{workload:9s} {mode:8s} round {i}: {r['rps']:9.0f} req/s  envoy "
+                        f"{r['envoy_cpu_us_per_req']:6.1f} us/req"
+                        + (
+                            f"  daemon {r['daemon_cpu_us_per_req']:6.1f} us/req, "
+                            f"{r['spans_per_s']:7.0f} spans/s, drops {r['drops'] or 0}"
+                            if mode == "traced"
+                            else ""
+                        ),
+                        flush=True,
+                    )
             report["workloads"][workload] = {"runs": runs, "summary": summarize(runs)}
     out = RESULTS / f"overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))
@@ -183,16 +226,20 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print("\nworkload   baseline req/s  traced req/s  ratio   envoy us/req base->traced  daemon us/conn  spans/s  drops")
+    print("\nworkload   baseline req/s  traced req/s  ratio   envoy us/req base->traced  "
+          "daemon us/conn  spans/s  drops")
     for name, w in report["workloads"].items():
         s = w["summary"]
 
         def f(v, spec):
             return format(v, spec) if v is not None else "-"
-        print(f"{name:10s} {f(s['baseline_rps'], '14.0f')} {f(s['traced_rps'], '13.0f')} "
-              f"{f(s['throughput_ratio'], '6.3f')}   {f(s['envoy_cpu_us_per_req_baseline'], '6.1f')} -> "
-              f"{f(s['envoy_cpu_us_per_req_traced'], '6.1f')}          {f(s['daemon_cpu_us_per_conn'], '8.1f')}"
-              f"  {f(s['spans_per_s'], '7.0f')}  {s['drops_total'] or 0}")
+
+        print(
+            f"{name:10s} {f(s['baseline_rps'], '14.0f')} {f(s['traced_rps'], '13.0f')} "
+            f"{f(s['throughput_ratio'], '6.3f')}   {f(s['envoy_cpu_us_per_req_baseline'], '6.1f')} -> "
+            f"{f(s['envoy_cpu_us_per_req_traced'], '6.1f')}          {f(s['daemon_cpu_us_per_conn'], '8.1f')}"
+            f"  {f(s['spans_per_s'], '7.0f')}  {s['drops_total'] or 0}"
+        )
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ async def fetch_listener_names(admin_url: str, timeout: float = 2.0) -> dict[tup
     """(address, port) -> listener name from ``GET /listeners?format=json``."""
     url = admin_url.rstrip("/") + "/listeners?format=json"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-            async with session.get(url) as resp:
-                if resp.status != 200:
-                    raise AdminError(f"Envoy admin {url} answered HTTP {resp.status}")
-                body = await resp.json(content_type=None)
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.get(url) as resp,
+        ):
+            if resp.status != 200:
+                raise AdminError(f"Envoy admin {url} answered HTTP {resp.status}")
+            body = await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise AdminError(f"Envoy admin {admin_url} is unreachable: {exc or type(exc).__name__}") from exc
     return parse_listeners(body)

@@ -56,7 +56,9 @@ class Decoder:
             unpacker, names = sl.unpacker(upto="data" if variable else None)
             expected = list(cls._fields[:-1] if variable else cls._fields)
             if names != expected:
-                raise ValueError(f"events.h: struct {struct_name} fields {names} != {cls.__name__} {expected}")
+                raise ValueError(
+                    f"events.h: struct {struct_name} fields {names} != {cls.__name__} {expected}"
+                )
             kind = layout.constants[const]
             self._readers[kind] = self._make_reader(unpacker, cls, variable)
             self._min_size[kind] = unpacker.size

@@ -23,31 +23,52 @@ from ..correlate.addresses import network_type
 from ..correlate.model import ConnectionRecord
 from .clock import MonotonicClock
 
-__all__ = ["ConnectionSpanBuilder", "SCOPE"]
+__all__ = ["SCOPE", "ConnectionSpanBuilder"]
 
 SCOPE = InstrumentationScope("otel-envoy", __version__)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _OK = Status(StatusCode.UNSET)
-_SOCKOPT_NAMES = {(socket.IPPROTO_TCP, socket.TCP_NODELAY): "TCP_NODELAY",
-                  (socket.SOL_SOCKET, socket.SO_KEEPALIVE): "SO_KEEPALIVE"}
+_SOCKOPT_NAMES = {
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY): "TCP_NODELAY",
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE): "SO_KEEPALIVE",
+}
 
 
 class ConnectionSpanBuilder:
     """Builds finished spans for connection records (one shared Resource; ids from a fast PRNG)."""
 
-    def __init__(self, resource: Resource, clock: MonotonicClock, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, resource: Resource, clock: MonotonicClock, *, rng: random.Random | None = None
+    ) -> None:
         self.resource = resource
         self.clock = clock
         self._bits = (rng or random.Random()).getrandbits
 
-    def _span(self, name: str, trace_id: int, parent: SpanContext | None, start: int, end: int,
-              attributes: dict, kind: SpanKind = SpanKind.INTERNAL, events: list[Event] | None = None,
-              status: Status = _OK) -> ReadableSpan:
+    def _span(
+        self,
+        name: str,
+        trace_id: int,
+        parent: SpanContext | None,
+        start: int,
+        end: int,
+        attributes: dict,
+        kind: SpanKind = SpanKind.INTERNAL,
+        events: list[Event] | None = None,
+        status: Status = _OK,
+    ) -> ReadableSpan:
         ctx = SpanContext(trace_id, self._bits(64) or 1, is_remote=False, trace_flags=_SAMPLED)
         return ReadableSpan(
-            name=name, context=ctx, parent=parent, resource=self.resource, attributes=attributes,
-            events=events or (), kind=kind, status=status, start_time=self.clock.to_wall(start),
-            end_time=self.clock.to_wall(max(end, start)), instrumentation_scope=SCOPE,
+            name=name,
+            context=ctx,
+            parent=parent,
+            resource=self.resource,
+            attributes=attributes,
+            events=events or (),
+            kind=kind,
+            status=status,
+            start_time=self.clock.to_wall(start),
+            end_time=self.clock.to_wall(max(end, start)),
+            instrumentation_scope=SCOPE,
         )
 
     def build(self, conn: ConnectionRecord) -> list[ReadableSpan]:
@@ -88,14 +109,17 @@ class ConnectionSpanBuilder:
         tls = conn.tls if conn.tls is not None and conn.tls.client_hello is not None else None
         if tls is not None and tls.client_hello.server_name:  # type: ignore[union-attr]
             attrs["tls.client.server_name"] = tls.client_hello.server_name  # type: ignore[union-attr]
-        events = [Event(m.name, {"tcp.state": m.state} if m.state else None, self.clock.to_wall(m.ts_ns))
-                  for m in conn.tcp_marks]
+        events = [
+            Event(m.name, {"tcp.state": m.state} if m.state else None, self.clock.to_wall(m.ts_ns))
+            for m in conn.tcp_marks
+        ]
         status = _OK
         reset = conn.aborted()
         if reset:
             status = Status(StatusCode.ERROR, f"connection reset by {reset}")
-        root = self._span("envoy.downstream.connection", trace_id, None, start, end, attrs,
-                          SpanKind.SERVER, events, status)
+        root = self._span(
+            "envoy.downstream.connection", trace_id, None, start, end, attrs, SpanKind.SERVER, events, status
+        )
         spans = [root]
         parent = root.context
 
@@ -108,22 +132,31 @@ class ConnectionSpanBuilder:
                 qattrs["tcp.accept_queue.depth"] = conn.accept_queue_depth
             if conn.accept_queue_depth_on_arrival is not None:
                 qattrs["tcp.accept_queue.depth_on_arrival"] = conn.accept_queue_depth_on_arrival
-            spans.append(self._span("tcp.accept_queue", trace_id, parent, conn.established_ns,
-                                    clamp(conn.accept_ns), qattrs))
+            spans.append(
+                self._span(
+                    "tcp.accept_queue", trace_id, parent, conn.established_ns, clamp(conn.accept_ns), qattrs
+                )
+            )
         handoff = conn.handoff_ns
-        lf_attrs: dict[str, object] = {"envoy.listener_filters.peeked_bytes": conn.peeked_bytes,
-                                       "envoy.listener_filters.peeks": conn.peeks}
+        lf_attrs: dict[str, object] = {
+            "envoy.listener_filters.peeked_bytes": conn.peeked_bytes,
+            "envoy.listener_filters.peeks": conn.peeks,
+        }
         if handoff is None:
             lf_attrs["otel_envoy.partial"] = ["handoff_not_seen"]
             handoff = end
-        spans.append(self._span("envoy.listener_filters", trace_id, parent, clamp(conn.accept_ns),
-                                clamp(handoff), lf_attrs))
+        spans.append(
+            self._span(
+                "envoy.listener_filters", trace_id, parent, clamp(conn.accept_ns), clamp(handoff), lf_attrs
+            )
+        )
         if tls is not None and tls.started_ns is not None:
             spans.append(self._tls_span(conn, trace_id, parent, clamp, end))
         return spans
 
-    def _tls_span(self, conn: ConnectionRecord, trace_id: int, parent: SpanContext, clamp, end: int
-                  ) -> ReadableSpan:
+    def _tls_span(
+        self, conn: ConnectionRecord, trace_id: int, parent: SpanContext, clamp, end: int
+    ) -> ReadableSpan:
         tls = conn.tls
         assert tls is not None and tls.started_ns is not None
         attrs = dict(tls.summary())
@@ -131,12 +164,16 @@ class ConnectionSpanBuilder:
         done = tls.completed_ns
         if done is None:
             done = end
-            msg = tls.error or ("connection closed during the TLS handshake" if not conn.still_open
-                                else "handshake still in progress")
+            msg = tls.error or (
+                "connection closed during the TLS handshake"
+                if not conn.still_open
+                else "handshake still in progress"
+            )
             status = Status(StatusCode.ERROR, msg)
         elif tls.error:
             attrs["otel_envoy.tls.parse_error"] = tls.error
         if tls.error and done is tls.completed_ns:
             status = Status(StatusCode.ERROR, tls.error)
-        return self._span("tls.handshake", trace_id, parent, clamp(tls.started_ns), clamp(done), attrs,
-                          status=status)
+        return self._span(
+            "tls.handshake", trace_id, parent, clamp(tls.started_ns), clamp(done), attrs, status=status
+        )

@@ -127,7 +127,7 @@ def test_burst_of_connections_each_get_a_trace(lab, receiver, traced):
 
 
 def test_output_file_holds_the_same_spans(lab, receiver, traced):
-    daemon, output = traced
+    _daemon, output = traced
     res = clients.curl_plain(lab.http_port, "/")
     _wait_conn(receiver, res.local_port, lab.http_port)
     grpc_ids = {s.span_id for s in receiver.spans()}

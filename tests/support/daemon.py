@@ -15,11 +15,20 @@ __all__ = ["DaemonProcess"]
 class DaemonProcess:
     """`otel-envoy run ...` started with a ready file; ``stop()`` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, args: list[str], workdir: Path, env: dict[str, str] | None = None,
-                 command: str = "run") -> None:
+    def __init__(
+        self, args: list[str], workdir: Path, env: dict[str, str] | None = None, command: str = "run"
+    ) -> None:
         self.ready_file = workdir / f"ready-{time.monotonic_ns()}"
         self.stderr_path = workdir / f"daemon-{time.monotonic_ns()}.stderr"
-        self.cmd = [sys.executable, "-m", "otel_envoy.cli", command, *args, "--ready-file", str(self.ready_file)]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "otel_envoy.cli",
+            command,
+            *args,
+            "--ready-file",
+            str(self.ready_file),
+        ]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from otel_envoy.export.records import SpanRecord
 
-__all__ = ["Trace", "group_traces", "connection_traces"]
+__all__ = ["Trace", "connection_traces", "group_traces"]
 
 
 @dataclass
