@@ -294,8 +294,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_listen) {
 static __always_inline int on_io_enter(__u8 syscall, int fd, const void *buf, __u32 len, __u32 flags) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tgid = pid_tgid >> 32;
-    if (!is_target(tgid))
-        return 0;
+    /* `conns` holds only the targets' connections: one lookup filters both process and fd. */
     __u64 key = conn_key(tgid, fd);
     if (!conns.lookup(&key))
         return 0;

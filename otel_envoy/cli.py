@@ -113,9 +113,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     reader = RecordingReader(args.events)
     items = iter(reader)
     first = next(items, None)
-    if first is None or first[0] != "context" or first[1].get("type") != "clock":  # type: ignore[union-attr]
-        return _fail(f"{args.events}: recording does not start with its clock record")
-    clock = MonotonicClock(int(first[1]["offset_ns"]))  # type: ignore[index]
+    try:
+        if first is None or first[0] != "context" or first[1].get("type") != "clock":  # type: ignore[union-attr]
+            raise ValueError("it does not start with its clock record")
+        clock = MonotonicClock(int(first[1]["offset_ns"]))  # type: ignore[index]
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        return _fail(f"{args.events}: not a usable recording: {exc}")
     sinks = []
     if output:
         sinks.append(JsonLinesFileSink(output))
@@ -124,12 +127,16 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     spans_out = SpanPipeline(sinks)
     pipeline = EventPipeline(spans_out, make_resource(), clock)
     last_ts = 0
-    for kind, payload in items:
+    for index, (kind, payload) in enumerate(items, start=1):
         if kind == "kernel":
             pipeline.on_record(payload)  # type: ignore[arg-type]
             last_ts = max(last_ts, pipeline.correlator.latest_ns)
-        else:
+            continue
+        try:
             pipeline.on_context(payload)  # type: ignore[arg-type]
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            spans_out.shutdown(5.0)
+            return _fail(f"{args.events}: context record {index} is damaged ({type(exc).__name__}: {exc})")
     pipeline.finish(last_ts)
     spans_out.shutdown(30.0)
     print(f"otel-envoy: replayed {pipeline.counts['events']} events into {pipeline.counts['connections']} "

@@ -282,11 +282,14 @@ class ConnectionCorrelator:
         new = ev.newstate
         if new == TCP_ESTABLISHED and ev.oldstate == TCP_SYN_RECV:
             conn = self.by_tuple.get(tkey)
-            if conn is not None and conn.established_ns is None and conn.close_ns is None:
-                conn.established_ns = ev.ts_ns  # arrived after the accept (cross-CPU reordering)
-                conn.local_address = local
+            if conn is not None:  # already accepted: late (cross-CPU reordering) or a duplicate
+                if conn.established_ns is None and conn.close_ns is None:
+                    conn.established_ns = ev.ts_ns
+                    conn.local_address = local
                 return
             queue = self.queued.setdefault(ev.sport, OrderedDict())
+            if (peer, ev.dport) in queue:  # a duplicate of a queued one: keep the first
+                return
             if len(queue) >= self.max_queued:
                 queue.popitem(last=False)
                 self.drops["accept_queue_table_full"] += 1

@@ -72,8 +72,12 @@ class ConnectionRecord:
         return None
 
     def aborted(self) -> str | None:
-        """'peer' or 'envoy' when a reset ended the connection before the peer's orderly FIN, else None."""
-        fin = self.peer_fin_ns or self.eof_ns
+        """'peer' or 'envoy' when a reset ended the connection before any orderly FIN, else None.
+
+        A reset after a FIN (Envoy closed, then the kernel answered the client's late close_notify with a
+        RST; or a client closing with unread data) is an event on the span, not an abort.
+        """
+        fin = min((t for t in (self.peer_fin_ns, self.eof_ns, self.envoy_fin_ns) if t), default=None)
         for m in self.tcp_marks:
             if fin is None or m.ts_ns < fin:
                 if m.name == "tcp.reset_received":

@@ -175,7 +175,7 @@ def _highlights(rec: SpanRecord, skip: dict[str, Any]) -> list[tuple[str, str]]:
         if key.startswith(prefix) and key not in used:
             out.append((key[len(prefix) :], _fmt_value(value)))
             used.add(key)
-    if not out and rec.name not in SPAN_HIGHLIGHTS:
+    if not out:  # nothing curated matched: show a few attributes generically
         for key, value in attrs.items():
             if len(out) >= _GENERIC_HIGHLIGHTS:
                 break

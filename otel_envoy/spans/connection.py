@@ -77,6 +77,9 @@ class ConnectionSpanBuilder:
         end = conn.close_ns if conn.close_ns is not None else start
         if not conn.still_open and conn.tcp_marks:  # a reset sent by the close itself ends the connection
             end = max(end, max(m.ts_ns for m in conn.tcp_marks))
+        synacks = [m.ts_ns for m in conn.tcp_marks if m.name == "tcp.synack_retransmit"]
+        if synacks:  # the handshake was already under way when the kernel retransmitted its SYN-ACK
+            start = min(start, min(synacks))
         trace_id = self._bits(128) or 1
         attrs: dict[str, object] = {
             "network.transport": "tcp",

@@ -1,0 +1,183 @@
+"""Builders of typed kernel events (otel_envoy.events.types) for correlator and pipeline tests.
+
+Every builder returns the NamedTuple the decoder would produce, with the constants of ``bpf/events.h``
+(via :func:`load_layout`), so tests read like the kernel's story of a connection::
+
+    established(1_000, pport=40000)          # SYN_RECV -> ESTABLISHED of the child socket (softirq)
+    accept(2_000, fd=30, port=40000)         # accept4() returned fd 30 to Envoy
+    epoll(3_000, fd=30, op=EPOLL_CTL_ADD)
+    data(4_000, fd=30, direction=DIR_READ, ret=79, data=b"GET / ...")
+    close(8_000, fd=30, rx=79, tx=185)
+
+Defaults describe one Envoy (``TGID``/``TID``) listening on ``LOCAL``:``LPORT`` through ``LISTEN_FD``,
+with IPv4 peers. :func:`encode` packs an event back into the raw record layout, so the same stories can be
+fed to :class:`otel_envoy.pipeline.EventPipeline` as bytes.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from otel_envoy.correlate.connections import ListenSocket
+from otel_envoy.events.layout import load_layout
+from otel_envoy.events.types import (
+    AcceptEvent,
+    CloseEvent,
+    DataEvent,
+    EpollCtlEvent,
+    Event,
+    SetsockoptEvent,
+    SockStateEvent,
+    TcpEvent,
+)
+
+__all__ = [
+    "DIR_READ",
+    "DIR_WRITE",
+    "EPOLL_CTL_ADD",
+    "EPOLL_CTL_DEL",
+    "LISTEN_FD",
+    "LOCAL",
+    "LPORT",
+    "PEER",
+    "TGID",
+    "TID",
+    "C",
+    "accept",
+    "addr",
+    "close",
+    "data",
+    "encode",
+    "epoll",
+    "established",
+    "listen_sockets",
+    "read",
+    "setsockopt",
+    "state",
+    "tcp",
+    "write",
+]
+
+LAYOUT = load_layout()
+C = LAYOUT.constants
+DIR_READ, DIR_WRITE = C["DIR_READ"], C["DIR_WRITE"]
+EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD = 1, 2, 3
+
+TGID, TID = 1000, 1001
+LISTEN_FD = 10
+LOCAL, LPORT = "10.0.0.1", 8080
+PEER = "10.0.0.2"
+EPFD = 5
+COMM = "wrk:worker_0"
+
+
+def addr(ip: str) -> tuple[int, bytes]:
+    """(family, 16-byte address field) of an IPv4 or IPv6 text address."""
+    if ":" in ip:
+        return socket.AF_INET6, socket.inet_pton(socket.AF_INET6, ip)
+    return socket.AF_INET, socket.inet_pton(socket.AF_INET, ip).ljust(16, b"\0")
+
+
+def _comm(name: str) -> bytes:
+    return name.encode()[: C["COMM_LEN"] - 1].ljust(C["COMM_LEN"], b"\0")
+
+
+def listen_sockets(*entries: tuple[int, int, str, int, str | None]) -> dict[tuple[int, int], ListenSocket]:
+    """The correlator's (tgid, listen fd) table from ``(tgid, fd, address, port, listener name)`` rows."""
+    return {(tgid, fd): ListenSocket(address, port, name) for tgid, fd, address, port, name in entries}
+
+
+def accept(ts: int, fd: int, port: int, *, tgid: int = TGID, tid: int = TID, listen_fd: int = LISTEN_FD,
+           peer: str = PEER, comm: str = COMM, round: int = 1) -> AcceptEvent:
+    """accept4() returned ``fd`` for a connection from ``peer``:``port``."""
+    family, raw = addr(peer)
+    return AcceptEvent(ts, C["EV_ACCEPT"], tgid, tid, round, fd, listen_fd, family, port, raw, _comm(comm))
+
+
+def state(ts: int, pport: int, old: int, new: int, *, peer: str = PEER, local: str = LOCAL,
+          lport: int = LPORT, tgid: int = 0, tid: int = 0, skaddr: int | None = None) -> SockStateEvent:
+    """inet_sock_set_state of the downstream socket ``local``:``lport`` <-> ``peer``:``pport``."""
+    family, praw = addr(peer)
+    _, lraw = addr(local)
+    sk = skaddr if skaddr is not None else 0xFFFF_0000_0000_0000 | pport
+    return SockStateEvent(ts, C["EV_SOCK_STATE"], tgid, tid, 0, sk, old, new, lport, pport, family,
+                          lraw, praw)
+
+
+def established(ts: int, pport: int, *, peer: str = PEER, local: str = LOCAL, lport: int = LPORT,
+                tgid: int = 0) -> SockStateEvent:
+    """The kernel completed the TCP handshake (child socket SYN_RECV -> ESTABLISHED)."""
+    return state(ts, pport, C["TCP_SYN_RECV"], C["TCP_ESTABLISHED"], peer=peer, local=local, lport=lport,
+                 tgid=tgid)
+
+
+def tcp(ts: int, type: int | str, pport: int, *, tcp_state: int = 0, peer: str = PEER, local: str = LOCAL,
+        lport: int = LPORT, tgid: int = 0) -> TcpEvent:
+    """A retransmit / reset / SYN-ACK retransmit; ``type`` is a value or a name like "TCP_RESET_SENT"."""
+    family, praw = addr(peer)
+    _, lraw = addr(local)
+    kind = C[type] if isinstance(type, str) else type
+    sk = 0xFFFF_0000_0000_0000 | pport
+    return TcpEvent(ts, C["EV_TCP"], tgid, 0, 0, sk, kind, tcp_state, lport, pport, family, lraw, praw)
+
+
+def data(ts: int, fd: int, direction: int, ret: int, payload: bytes = b"", *, peek: bool = False,
+         role: int | None = None, tgid: int = TGID, tid: int = TID, seq: int = 0,
+         syscall: int | None = None) -> DataEvent:
+    """A read (``DIR_READ``) or write returned ``ret``; ``payload`` is what was captured of it."""
+    if syscall is None:
+        syscall = C["IO_RECVFROM"] if direction == DIR_READ else C["IO_SENDTO"]
+    return DataEvent(ts, C["EV_DATA"], tgid, tid, 1, fd, direction, syscall,
+                     C["DATA_FLAG_PEEK"] if peek else 0, C["ROLE_DOWNSTREAM"] if role is None else role,
+                     ret, seq, len(payload), payload)
+
+
+def read(ts: int, fd: int, payload: bytes, *, ret: int | None = None, peek: bool = False,
+         tgid: int = TGID) -> DataEvent:
+    """Envoy read ``payload`` (``ret`` defaults to its length; 0 bytes = EOF)."""
+    return data(ts, fd, DIR_READ, len(payload) if ret is None else ret, payload, peek=peek, tgid=tgid)
+
+
+def write(ts: int, fd: int, payload: bytes, *, ret: int | None = None, tgid: int = TGID) -> DataEvent:
+    """Envoy wrote ``payload``."""
+    return data(ts, fd, DIR_WRITE, len(payload) if ret is None else ret, payload, tgid=tgid)
+
+
+def epoll(ts: int, fd: int, op: int, *, tgid: int = TGID, tid: int = TID, epfd: int = EPFD,
+          events: int = 0x80000005) -> EpollCtlEvent:
+    """epoll_ctl(epfd, op, fd)."""
+    return EpollCtlEvent(ts, C["EV_EPOLL_CTL"], tgid, tid, 1, epfd, op, fd, events)
+
+
+def setsockopt(ts: int, fd: int, level: int, optname: int, optval: int = 1, *,
+               tgid: int = TGID) -> SetsockoptEvent:
+    """setsockopt(fd, level, optname, optval)."""
+    return SetsockoptEvent(ts, C["EV_SETSOCKOPT"], tgid, TID, 1, fd, level, optname, optval)
+
+
+def close(ts: int, fd: int, rx: int = 0, tx: int = 0, *, tgid: int = TGID, tid: int = TID,
+          role: int | None = None, open_ts: int = 0, reads: int = 0, writes: int = 0) -> CloseEvent:
+    """Envoy closed ``fd``; the kernel's byte totals come with it."""
+    return CloseEvent(ts, C["EV_CLOSE"], tgid, tid, 1, fd, C["ROLE_DOWNSTREAM"] if role is None else role,
+                      open_ts, rx, tx, reads, writes)
+
+
+_STRUCTS = {
+    AcceptEvent: "accept_event",
+    CloseEvent: "close_event",
+    DataEvent: "data_event",
+    EpollCtlEvent: "epoll_ctl_event",
+    SetsockoptEvent: "setsockopt_event",
+    SockStateEvent: "sock_state_event",
+    TcpEvent: "tcp_event",
+}
+
+
+def encode(event: Event) -> bytes:
+    """The raw ring-buffer record of ``event``, laid out as in events.h (data events cut after ``data``)."""
+    sl = LAYOUT.structs[_STRUCTS[type(event)]]
+    if isinstance(event, DataEvent):
+        packer, _ = sl.unpacker(upto="data")
+        return packer.pack(*event[:-1]) + event.data
+    packer, _ = sl.unpacker()
+    return packer.pack(*event).ljust(sl.size, b"\0")
