@@ -8,7 +8,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Check", "FeatureError", "host_checks", "binary_checks", "require_tracing"]
+__all__ = ["Check", "FeatureError", "binary_checks", "host_checks", "require_tracing"]
 
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 REQUIRED_TRACEPOINTS = (

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..events.layout import BPF_DIR, load_layout
 
-__all__ = ["ProbeConfig", "ProbeError", "ConnectionProbes"]
+__all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError"]
 
 log = logging.getLogger("otel_envoy.probes")
 

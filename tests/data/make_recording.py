@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from otel_envoy.lab import clients  # noqa: E402
-from otel_envoy.lab.lab import EnvoyLab  # noqa: E402
+from otel_envoy.lab import clients
+from otel_envoy.lab.lab import EnvoyLab
 
 HERE = Path(__file__).resolve().parent
 
