@@ -26,6 +26,7 @@ import hashlib
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 __all__ = [
     "ALERT_DESCRIPTIONS",
@@ -199,63 +200,62 @@ class TlsParseError(ValueError):
     """A handshake message is malformed or truncated."""
 
 
-class _Cursor:
-    """Bounds-checked big-endian reader over ``buf[pos:end]`` (no copies until ``take``)."""
-
-    __slots__ = ("buf", "end", "pos")
-
-    def __init__(self, buf: bytes, pos: int = 0, end: int | None = None) -> None:
-        self.buf = buf
-        self.pos = pos
-        self.end = len(buf) if end is None else end
-
-    def remaining(self) -> int:
-        return self.end - self.pos
-
-    def _need(self, n: int, what: str) -> int:
-        p = self.pos
-        if p + n > self.end:
-            raise TlsParseError(f"truncated {what}: need {n} bytes, {self.end - p} left")
-        self.pos = p + n
-        return p
-
-    def u8(self, what: str) -> int:
-        return self.buf[self._need(1, what)]
-
-    def u16(self, what: str) -> int:
-        p = self._need(2, what)
-        return (self.buf[p] << 8) | self.buf[p + 1]
-
-    def take(self, n: int, what: str) -> bytes:
-        p = self._need(n, what)
-        return self.buf[p : p + n]
-
-    def sub(self, len_bytes: int, what: str) -> _Cursor:
-        """A cursor over the next length-prefixed (1 or 2 byte length) vector."""
-        n = self.u8(what) if len_bytes == 1 else self.u16(what)
-        p = self._need(n, what)
-        return _Cursor(self.buf, p, p + n)
-
-    def u16_list(self, what: str) -> list[int]:
-        """The rest of this cursor as big-endian uint16 values."""
-        n = self.end - self.pos
-        if n & 1:
-            raise TlsParseError(f"odd length {n} for {what}")
-        vals = struct.unpack_from(f">{n >> 1}H", self.buf, self.pos)
-        self.pos = self.end
-        return list(vals)
+_RECORD_HEADER = struct.Struct(">BBBH")  # content type, version major, minor, length
+_EXT_HEADER = struct.Struct(">HH")  # extension type, extension data length
+_U16_STRUCTS = tuple(struct.Struct(f">{i}H") for i in range(128))  # n big-endian uint16 values
 
 
-def _no_grease(values: Iterable[int]) -> list[int]:
-    return [v for v in values if v not in GREASE_VALUES]
+def _truncated(what: str, need: int, left: int) -> TlsParseError:
+    return TlsParseError(f"truncated {what}: need {need} bytes, {left} left")
 
 
-def _decode_text(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace")
+def _vec(buf: bytes, p: int, end: int, len_bytes: int, what: str) -> tuple[int, int]:
+    """Bounds of the length-prefixed (1 or 2 byte length) vector at ``buf[p:end]``: (start, stop)."""
+    if p + len_bytes > end:
+        raise _truncated(what, len_bytes, end - p)
+    if len_bytes == 1:
+        n = buf[p]
+        p += 1
+    else:
+        n = (buf[p] << 8) | buf[p + 1]
+        p += 2
+    if p + n > end:
+        raise _truncated(what, n, end - p)
+    return p, p + n
+
+
+def _u16_vector(buf: bytes, p: int, end: int, len_bytes: int, what: str) -> tuple[list[int], int]:
+    """The length-prefixed vector of big-endian uint16 values at ``buf[p:end]``, GREASE removed, and
+    the position after it."""
+    if p + len_bytes > end:
+        raise _truncated(what, len_bytes, end - p)
+    if len_bytes == 1:
+        n = buf[p]
+        p += 1
+    else:
+        n = (buf[p] << 8) | buf[p + 1]
+        p += 2
+    if p + n > end:
+        raise _truncated(what, n, end - p)
+    if n & 1:
+        raise TlsParseError(f"odd length {n} for {what}")
+    k = n >> 1
+    values = _U16_STRUCTS[k].unpack_from(buf, p) if k < 128 else struct.unpack_from(f">{k}H", buf, p)
+    if GREASE_VALUES.isdisjoint(values):
+        return list(values), p + n
+    return [v for v in values if v not in GREASE_VALUES], p + n
 
 
 def _hash12(text: str) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()[:12] if text else "000000000000"
+
+
+def _hex16(values: list[int]) -> str:
+    """``[0x1301, 0xc02b]`` -> ``"1301,c02b"`` (4 lowercase hex digits per value, comma-separated)."""
+    try:
+        return struct.pack(f">{len(values)}H", *values).hex(",", 2)
+    except struct.error:  # not uint16 values (never from the parser): format them one by one
+        return ",".join(f"{v:04x}" for v in values)
 
 
 def _is_alnum_byte(b: int) -> bool:
@@ -315,20 +315,16 @@ class ClientHello:
 
     def ja4(self) -> str:
         """FoxIO JA4 fingerprint (TLS over TCP), e.g. ``t13d1516h2_8daaf6152771_e5627efa2ab1``."""
-        if self.supported_versions:
-            version = _JA4_VERSIONS.get(max(self.supported_versions), "00")
-        else:
-            version = _JA4_VERSIONS.get(self.legacy_version, "00")
-        sni = "d" if EXT_SERVER_NAME in self.extensions else "i"
-        part_a = (f"t{version}{sni}{min(len(self.cipher_suites), 99):02d}"
-                  f"{min(len(self.extensions), 99):02d}"
+        extensions = self.extensions
+        ciphers = self.cipher_suites
+        version = _JA4_VERSIONS.get(self.max_version(), "00")
+        sni = "d" if EXT_SERVER_NAME in extensions else "i"
+        part_a = (f"t{version}{sni}{min(len(ciphers), 99):02d}{min(len(extensions), 99):02d}"
                   f"{_ja4_alpn(self.alpn_raw[0] if self.alpn_raw else None)}")
-        ciphers = ",".join(f"{c:04x}" for c in sorted(self.cipher_suites))
-        exts = ",".join(f"{e:04x}" for e in sorted(self.extensions)
-                        if e != EXT_SERVER_NAME and e != EXT_ALPN)
+        exts = _hex16(sorted([e for e in extensions if e != EXT_SERVER_NAME and e != EXT_ALPN]))
         if exts and self.signature_algorithms:
-            exts += "_" + ",".join(f"{s:04x}" for s in self.signature_algorithms)
-        return f"{part_a}_{_hash12(ciphers)}_{_hash12(exts)}"
+            exts += "_" + _hex16(self.signature_algorithms)
+        return f"{part_a}_{_hash12(_hex16(sorted(ciphers)))}_{_hash12(exts)}"
 
 
 @dataclass(slots=True)
@@ -353,61 +349,151 @@ class ServerHello:
         return hashlib.md5(self.ja3s_string().encode("ascii"), usedforsecurity=False).hexdigest()
 
 
+# Fingerprints and cipher names for summary(), cached by the hello's content (never by object identity,
+# so a changed ClientHello is never served stale values): connections from the same kind of client share
+# them.  Bounded: at most _FP_CACHE_ENTRIES entries per cache (emptied when full), and hellos with more
+# than _FP_KEY_MAX list values are not cached: ~1 MiB at worst (hostile hellos), a few KiB typically.
+_FP_CACHE_ENTRIES = 64
+_FP_KEY_MAX = 128
+_hello_cache: dict[tuple[object, ...], tuple[tuple[str, ...], str, str]] = {}
+_ja4_cache: dict[tuple[object, ...], tuple[tuple[str, ...], str]] = {}
+_ja3s_cache: dict[tuple[object, ...], str] = {}
+_V = TypeVar("_V")
+
+
+def _cache_put(cache: dict[tuple[object, ...], _V], key: tuple[object, ...], value: _V) -> _V:
+    if len(cache) >= _FP_CACHE_ENTRIES:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _client_fingerprints(ch: ClientHello) -> tuple[list[str], str, str]:
+    """(cipher suite names, JA3, JA4) of ``ch``, cached by content."""
+    ciphers = ch.cipher_suites
+    extensions = ch.extensions
+    if (len(ciphers) + len(extensions) + len(ch.supported_groups) + len(ch.signature_algorithms)
+            + len(ch.ec_point_formats) + len(ch.supported_versions) > _FP_KEY_MAX):
+        return [cipher_suite_name(c) for c in ciphers], ch.ja3(), ch.ja4()
+    key = (ch.legacy_version, ch.max_version(), tuple(ciphers), tuple(extensions),
+           tuple(ch.supported_groups), tuple(ch.ec_point_formats), tuple(ch.signature_algorithms),
+           ch.alpn_raw[0] if ch.alpn_raw else None)
+    hit = _hello_cache.get(key)
+    if hit is None:
+        # Some clients shuffle their extensions per connection: JA4 (and the cipher names) don't depend on
+        # their order, so they have a cache whose key doesn't either.
+        key4 = (key[1], key[2], tuple(sorted(extensions)), key[6], key[7])
+        hit4 = _ja4_cache.get(key4)
+        if hit4 is None:
+            names = tuple([_CIPHER_SUITE_NAMES.get(c) or f"0x{c:04X}" for c in ciphers])
+            hit4 = _cache_put(_ja4_cache, key4, (names, ch.ja4()))
+        hit = _cache_put(_hello_cache, key, (hit4[0], ch.ja3(), hit4[1]))
+    return list(hit[0]), hit[1], hit[2]
+
+
+def _server_fingerprint(sh: ServerHello) -> str:
+    """JA3S of ``sh``, cached by content."""
+    if len(sh.extensions) > _FP_KEY_MAX:
+        return sh.ja3s()
+    key = (sh.legacy_version, sh.cipher_suite, tuple(sh.extensions))
+    ja3s = _ja3s_cache.get(key)
+    if ja3s is None:
+        ja3s = _cache_put(_ja3s_cache, key, sh.ja3s())
+    return ja3s
+
+
+# Extensions parse_client_hello looks into (others are only listed).
+_CH_PARSED_EXTENSIONS = frozenset((
+    EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_GROUPS, EXT_EC_POINT_FORMATS, EXT_SIGNATURE_ALGORITHMS,
+    EXT_SUPPORTED_VERSIONS, EXT_PRE_SHARED_KEY, EXT_SESSION_TICKET,
+))
+
+
 def parse_client_hello(handshake_body: bytes) -> ClientHello:
     """Decode a ClientHello handshake body (after the 4-byte handshake header).
 
     Raises :class:`TlsParseError` when it is malformed or truncated.
     """
     buf = bytes(handshake_body)
-    c = _Cursor(buf)
-    ch = ClientHello(legacy_version=c.u16("client_version"))
-    c.take(32, "random")
-    sid = c.sub(1, "session_id")
-    if sid.remaining() > 32:
-        raise TlsParseError(f"session_id of {sid.remaining()} bytes")
-    ch.session_id = buf[sid.pos : sid.end]
-    ch.cipher_suites = _no_grease(c.sub(2, "cipher_suites").u16_list("cipher_suites"))
-    c.sub(1, "compression_methods")
-    if c.remaining() == 0:  # no extensions block at all (legal before TLS 1.3)
-        return ch
-    exts = c.sub(2, "extensions")
-    extensions = ch.extensions
-    while exts.remaining():
-        etype = exts.u16("extension type")
-        data = exts.sub(2, "extension data")
-        if etype in GREASE_VALUES:
-            continue
-        extensions.append(etype)
-        if etype == EXT_SERVER_NAME:
-            names = data.sub(2, "server_name_list")
-            while names.remaining():
-                name_type = names.u8("server name type")
-                name = names.sub(2, "server name")
-                if name_type == 0 and ch.server_name is None:
-                    ch.server_name = _decode_text(buf[name.pos : name.end])
-        elif etype == EXT_ALPN:
-            protos = data.sub(2, "alpn list")
-            while protos.remaining():
-                p = protos.sub(1, "alpn protocol")
-                raw = buf[p.pos : p.end]
-                ch.alpn_raw.append(raw)
-                ch.alpn.append(_decode_text(raw))
-        elif etype == EXT_SUPPORTED_GROUPS:
-            ch.supported_groups = _no_grease(data.sub(2, "supported_groups").u16_list("supported_groups"))
-        elif etype == EXT_EC_POINT_FORMATS:
-            pf = data.sub(1, "ec_point_formats")
-            ch.ec_point_formats = list(buf[pf.pos : pf.end])
-        elif etype == EXT_SIGNATURE_ALGORITHMS:
-            ch.signature_algorithms = _no_grease(
-                data.sub(2, "signature_algorithms").u16_list("signature_algorithms"))
-        elif etype == EXT_SUPPORTED_VERSIONS:
-            ch.supported_versions = _no_grease(
-                data.sub(1, "supported_versions").u16_list("supported_versions"))
-        elif etype == EXT_PRE_SHARED_KEY:
-            ch.offers_psk = True
-        elif etype == EXT_SESSION_TICKET:
-            ch.has_session_ticket = data.remaining() > 0
-    return ch
+    end = len(buf)
+    # fixed part: version (2), random (32), session_id length (1)
+    if end < 35:
+        if end < 2:
+            raise _truncated("client_version", 2, end)
+        if end < 34:
+            raise _truncated("random", 32, end - 2)
+        raise _truncated("session_id", 1, 0)
+    n = buf[34]
+    if 35 + n > end:
+        raise _truncated("session_id", n, end - 35)
+    if n > 32:
+        raise TlsParseError(f"session_id of {n} bytes")
+    p = 35 + n
+    session_id = buf[35:p]
+    cipher_suites, q = _u16_vector(buf, p, end, 2, "cipher_suites")
+    p, q = _vec(buf, q, end, 1, "compression_methods")
+    supported_versions: list[int] = []
+    server_name: str | None = None
+    alpn: list[str] = []
+    extensions: list[int] = []
+    supported_groups: list[int] = []
+    ec_point_formats: list[int] = []
+    signature_algorithms: list[int] = []
+    alpn_raw: list[bytes] = []
+    offers_psk = has_session_ticket = False
+    if q != end:  # an extensions block (it may be absent before TLS 1.3)
+        p, xend = _vec(buf, q, end, 2, "extensions")
+        grease = GREASE_VALUES
+        parsed = _CH_PARSED_EXTENSIONS
+        unpack_header = _EXT_HEADER.unpack_from
+        while p < xend:
+            if p + 4 > xend:
+                if p + 2 > xend:
+                    raise _truncated("extension type", 2, xend - p)
+                raise _truncated("extension data", 2, xend - p - 2)
+            etype, n = unpack_header(buf, p)
+            d = p + 4
+            dend = d + n
+            if dend > xend:
+                raise _truncated("extension data", n, xend - d)
+            p = dend
+            if etype in grease:
+                continue
+            extensions.append(etype)
+            if etype not in parsed:
+                continue
+            if etype == EXT_SERVER_NAME:
+                d, lend = _vec(buf, d, dend, 2, "server_name_list")
+                while d < lend:
+                    name_type = buf[d]
+                    d, q = _vec(buf, d + 1, lend, 2, "server name")
+                    if name_type == 0 and server_name is None:
+                        server_name = buf[d:q].decode("utf-8", "replace")
+                    d = q
+            elif etype == EXT_ALPN:
+                d, lend = _vec(buf, d, dend, 2, "alpn list")
+                while d < lend:
+                    d, q = _vec(buf, d, lend, 1, "alpn protocol")
+                    raw = buf[d:q]
+                    alpn_raw.append(raw)
+                    alpn.append(raw.decode("utf-8", "replace"))
+                    d = q
+            elif etype == EXT_SUPPORTED_GROUPS:
+                supported_groups = _u16_vector(buf, d, dend, 2, "supported_groups")[0]
+            elif etype == EXT_EC_POINT_FORMATS:
+                d, q = _vec(buf, d, dend, 1, "ec_point_formats")
+                ec_point_formats = list(buf[d:q])
+            elif etype == EXT_SIGNATURE_ALGORITHMS:
+                signature_algorithms = _u16_vector(buf, d, dend, 2, "signature_algorithms")[0]
+            elif etype == EXT_SUPPORTED_VERSIONS:
+                supported_versions = _u16_vector(buf, d, dend, 1, "supported_versions")[0]
+            elif etype == EXT_PRE_SHARED_KEY:
+                offers_psk = True
+            else:  # EXT_SESSION_TICKET
+                has_session_ticket = dend > d
+    return ClientHello((buf[0] << 8) | buf[1], supported_versions, server_name, alpn, cipher_suites,
+                       extensions, supported_groups, ec_point_formats, signature_algorithms, session_id,
+                       offers_psk, has_session_ticket, alpn_raw)
 
 
 def parse_server_hello(handshake_body: bytes) -> ServerHello:
@@ -416,29 +502,51 @@ def parse_server_hello(handshake_body: bytes) -> ServerHello:
     Raises :class:`TlsParseError` when it is malformed or truncated.
     """
     buf = bytes(handshake_body)
-    c = _Cursor(buf)
-    legacy = c.u16("server_version")
-    sh = ServerHello(legacy_version=legacy, selected_version=legacy)
-    sh.is_hello_retry_request = c.take(32, "random") == HRR_RANDOM
-    sid = c.sub(1, "session_id")
-    if sid.remaining() > 32:
-        raise TlsParseError(f"session_id of {sid.remaining()} bytes")
-    sh.session_id = buf[sid.pos : sid.end]
-    sh.cipher_suite = c.u16("cipher_suite")
-    c.u8("compression_method")
-    if c.remaining() == 0:
+    end = len(buf)
+    if end < 35:
+        if end < 2:
+            raise _truncated("server_version", 2, end)
+        if end < 34:
+            raise _truncated("random", 32, end - 2)
+        raise _truncated("session_id", 1, 0)
+    legacy = (buf[0] << 8) | buf[1]
+    n = buf[34]
+    if 35 + n > end:
+        raise _truncated("session_id", n, end - 35)
+    if n > 32:
+        raise TlsParseError(f"session_id of {n} bytes")
+    p = 35 + n
+    if p + 3 > end:
+        if p + 2 > end:
+            raise _truncated("cipher_suite", 2, end - p)
+        raise _truncated("compression_method", 1, 0)
+    sh = ServerHello(legacy, legacy, (buf[p] << 8) | buf[p + 1], buf[35:p], None,
+                     buf.startswith(HRR_RANDOM, 2))
+    p += 3
+    if p == end:
         return sh
-    exts = c.sub(2, "extensions")
-    while exts.remaining():
-        etype = exts.u16("extension type")
-        data = exts.sub(2, "extension data")
-        sh.extensions.append(etype)
+    p, xend = _vec(buf, p, end, 2, "extensions")
+    extensions = sh.extensions
+    while p < xend:
+        if p + 4 > xend:
+            if p + 2 > xend:
+                raise _truncated("extension type", 2, xend - p)
+            raise _truncated("extension data", 2, xend - p - 2)
+        etype, n = _EXT_HEADER.unpack_from(buf, p)
+        d = p + 4
+        dend = d + n
+        if dend > xend:
+            raise _truncated("extension data", n, xend - d)
+        p = dend
+        extensions.append(etype)
         if etype == EXT_SUPPORTED_VERSIONS:
-            sh.selected_version = data.u16("selected_version")
+            if d + 2 > dend:
+                raise _truncated("selected_version", 2, dend - d)
+            sh.selected_version = (buf[d] << 8) | buf[d + 1]
         elif etype == EXT_ALPN:
-            protos = data.sub(2, "alpn list")
-            p = protos.sub(1, "alpn protocol")
-            sh.alpn = _decode_text(buf[p.pos : p.end])
+            d, q = _vec(buf, d, dend, 2, "alpn list")
+            d, q = _vec(buf, d, q, 1, "alpn protocol")
+            sh.alpn = buf[d:q].decode("utf-8", "replace")
         elif etype == EXT_PRE_SHARED_KEY:
             sh.psk_accepted = True
     return sh
@@ -527,61 +635,101 @@ class TlsRecordReader:
 
     def feed(self, data: bytes | bytearray | memoryview, total_len: int | None = None) -> list[TlsRecord]:
         """Consume one captured message; return the records it completed, in stream order."""
-        mv = memoryview(data)
-        if mv.format != "B" or mv.ndim != 1:
-            mv = mv.cast("B")
-        n = len(mv)
-        total = n if total_len is None or total_len < n else total_len
-        self.bytes += total
-        gap = total - n
+        if type(data) is bytes:
+            buf: bytes | memoryview = data
+        else:
+            buf = memoryview(data)
+            if buf.format != "B" or buf.ndim != 1:
+                buf = buf.cast("B")
+        n = len(buf)
+        if total_len is None or total_len <= n:
+            gap = 0
+            self.bytes += n
+        else:
+            gap = total_len - n
+            self.bytes += total_len
         if self.error is not None:
-            if not (self.desynced and self._resync and _plausible_header(mv)):
+            if not (self.desynced and self._resync and _plausible_header(buf)):
                 self.missing_bytes += gap
                 return []
             self.error = None
             self.desynced = False
             self.resyncs += 1
+        elif not gap:
+            # Fast paths for reads the way TLS libraries do them: a 5-byte header, then the body.
+            if self._in_record:
+                if n == self._need:  # exactly the rest of the pending body
+                    if not self._append:
+                        frag = bytes(self._frag) if self._keep else b""
+                    elif self._frag:
+                        self._frag += buf
+                        frag = bytes(self._frag)
+                    else:
+                        frag = bytes(buf)
+                    self._frag.clear()
+                    self._need = 0
+                    self._in_record = False
+                    ct = self._type
+                    records = self.records
+                    records[ct] = records.get(ct, 0) + 1
+                    return [TlsRecord(ct, self._ver, self._len, frag, not self._gapped)]
+            elif n == 5 and not self._hdr:  # exactly one record header
+                ct, major, minor, length = _RECORD_HEADER.unpack(buf)
+                if not CT_CHANGE_CIPHER_SPEC <= ct <= CT_HEARTBEAT or major != 3 or minor > 4 \
+                        or length > MAX_RECORD_LEN:
+                    self._fail(f"not a TLS record: header {ct:02x} {major:02x}{minor:02x} length {length}")
+                    return []
+                if not length:
+                    records = self.records
+                    records[ct] = records.get(ct, 0) + 1
+                    return [TlsRecord(ct, (major << 8) | minor, 0, b"", True)]
+                collect = self.collect_types
+                self._in_record = True
+                self._type, self._ver, self._len, self._need = ct, (major << 8) | minor, length, length
+                self._keep = self._append = collect is None or ct in collect
+                self._gapped = False
+                return []
         out: list[TlsRecord] = []
-        collect = self.collect_types
         pos = 0
-        while pos < n:
-            if self._in_record:  # continue a record body
-                take = self._need if self._need <= n - pos else n - pos
-                if self._append:
-                    self._frag += mv[pos : pos + take]
-                pos += take
-                self._need -= take
-                if self._need == 0:
-                    out.append(self._finish())
-                continue
-            hdr = self._hdr
-            if hdr or n - pos < 5:  # header split across messages
-                take = min(5 - len(hdr), n - pos)
-                hdr += mv[pos : pos + take]
-                pos += take
-                if len(hdr) < 5:
-                    break
-                ct, major, minor, length = hdr[0], hdr[1], hdr[2], (hdr[3] << 8) | hdr[4]
-                hdr.clear()
-            else:
-                ct, major, minor, length = mv[pos], mv[pos + 1], mv[pos + 2], (mv[pos + 3] << 8) | mv[pos + 4]
-                pos += 5
+        if self._in_record:  # continue a record body
+            take = self._need if self._need <= n else n
+            if self._append:
+                self._frag += buf[:take]
+            pos = take
+            self._need -= take
+            if self._need == 0:
+                out.append(self._finish())
+        elif self._hdr:  # a header split across messages: parse it from a joined copy
+            buf = bytes(self._hdr) + bytes(buf)
+            self._hdr.clear()
+            n = len(buf)
+        collect = self.collect_types
+        records = self.records
+        unpack_header = _RECORD_HEADER.unpack_from
+        while n - pos >= 5:  # at a record boundary
+            ct, major, minor, length = unpack_header(buf, pos)
             if not CT_CHANGE_CIPHER_SPEC <= ct <= CT_HEARTBEAT or major != 3 or minor > 4 \
                     or length > MAX_RECORD_LEN:
                 self._fail(f"not a TLS record: header {ct:02x} {major:02x}{minor:02x} length {length}")
                 return out
+            pos += 5
+            end = pos + length
             keep = collect is None or ct in collect
-            version = (major << 8) | minor
-            if pos + length <= n:  # fast path: whole body in this message
-                frag = bytes(mv[pos : pos + length]) if keep else b""
-                pos += length
-                self.records[ct] = self.records.get(ct, 0) + 1
-                out.append(TlsRecord(ct, version, length, frag, True))
+            if end <= n:  # whole body in this message
+                out.append(TlsRecord(ct, (major << 8) | minor, length,
+                                     bytes(buf[pos:end]) if keep else b"", True))
+                records[ct] = records.get(ct, 0) + 1
+                pos = end
                 continue
-            self._in_record = True
-            self._type, self._ver, self._len, self._need = ct, version, length, length
+            self._in_record = True  # the body goes on in later messages
+            self._type, self._ver, self._len, self._need = ct, (major << 8) | minor, length, end - n
             self._keep = self._append = keep
             self._gapped = False
+            if keep:
+                self._frag += buf[pos:]
+            pos = n
+        if pos < n:  # the start of a header
+            self._hdr += buf[pos:]
         if gap:
             self._apply_gap(gap, out)
         return out
@@ -656,19 +804,29 @@ class HandshakeReassembler:
         """Consume one handshake-record fragment (+ ``missing`` uncaptured bytes after it)."""
         if self.error is not None:
             return []
-        out: list[tuple[int, bytes]] = []
-        data = memoryview(fragment)
+        if type(fragment) is bytes:
+            data: bytes | memoryview = fragment
+        else:
+            data = memoryview(fragment)
+            if data.format != "B" or data.ndim != 1:
+                data = data.cast("B")
         if self._skip:
             k = min(self._skip, len(data))
             data = data[k:]
             self._skip -= k
+        out: list[tuple[int, bytes]] = []
         buf = self._buf
-        if len(data):
-            buf += data
-        off, blen = 0, len(buf)
+        if buf:  # continue a message: parse from the buffer
+            if len(data):
+                buf += data
+            src: bytes | bytearray | memoryview = buf
+        else:  # parse straight from the fragment, buffer only an incomplete tail
+            src = data
+        off, blen = 0, len(src)
+        max_message = self._max
         while blen - off >= 4:
-            total = 4 + ((buf[off + 1] << 16) | (buf[off + 2] << 8) | buf[off + 3])
-            if total > self._max:  # too big to buffer (and never one we parse): skip it
+            total = 4 + ((src[off + 1] << 16) | (src[off + 2] << 8) | src[off + 3])
+            if total > max_message:  # too big to buffer (and never one we parse): skip it
                 self.skipped += 1
                 if blen - off >= total:
                     off += total
@@ -678,11 +836,15 @@ class HandshakeReassembler:
                 break
             if blen - off < total:
                 break
-            out.append((buf[off], bytes(buf[off + 4 : off + total])))
+            out.append((src[off], bytes(src[off + 4 : off + total])))
             off += total
-        if off:
-            del buf[:off]
-        self.messages += len(out)
+        if src is buf:
+            if off:
+                del buf[:off]
+        elif off < blen:
+            buf += src[off:]
+        if out:
+            self.messages += len(out)
         if missing > 0:
             self._apply_gap(missing)
         return out
@@ -710,6 +872,7 @@ class HandshakeReassembler:
 
 _COLLECT_HELLO = frozenset((CT_ALERT, CT_HANDSHAKE))
 _COLLECT_ALERTS = frozenset((CT_ALERT,))
+_COLLECT_HANDSHAKE = frozenset((CT_HANDSHAKE,))
 _COLLECT_NOTHING: frozenset[int] = frozenset()
 
 
@@ -739,8 +902,9 @@ class TlsHandshakeTracker:
     """
 
     __slots__ = (
-        "_abbreviated", "_pending_counted", "_ch_done", "_check_server_reply", "_chs", "_client_ccs", "_client_reads", "_cr",
-        "_error", "_failed", "_flight_open", "_head", "_sh_done", "_shs", "_sr", "_suspect_alert", "_tls13",
+        "_abbreviated", "_ch_done", "_check_server_reply", "_chs", "_client_ccs", "_client_reads", "_cr",
+        "_error", "_failed", "_flight_open", "_head", "_pending_counted", "_sh_done", "_shs", "_sr",
+        "_suspect_alert", "_tls13",
         "alerts", "app_records_in", "app_records_out", "cipher", "client_hello", "completed_ns",
         "hello_retry_request", "is_tls", "negotiated_alpn", "resumed", "server_hello", "server_hello_ns",
         "started_ns", "version", "warnings",
@@ -858,11 +1022,12 @@ class TlsHandshakeTracker:
             if ch.server_name is not None:
                 attrs["tls.client.server_name"] = ch.server_name
             attrs["tls.client.supported_alpn"] = list(ch.alpn)
-            attrs["tls.client.supported_ciphers"] = [cipher_suite_name(c) for c in ch.cipher_suites]
-            attrs["tls.client.ja3"] = ch.ja3()
-            attrs["tls.client.ja4"] = ch.ja4()
+            ciphers, ja3, ja4 = _client_fingerprints(ch)
+            attrs["tls.client.supported_ciphers"] = ciphers
+            attrs["tls.client.ja3"] = ja3
+            attrs["tls.client.ja4"] = ja4
         if self.server_hello is not None:
-            attrs["tls.server.ja3s"] = self.server_hello.ja3s()
+            attrs["tls.server.ja3s"] = _server_fingerprint(self.server_hello)
         if self.negotiated_alpn is not None:
             attrs["tls.next_protocol"] = self.negotiated_alpn
         if self.cipher is not None:
@@ -890,7 +1055,7 @@ class TlsHandshakeTracker:
         if self._ch_done:
             return
         # Parse from scratch with throw-away state: a peek doesn't consume, the next read shows it again.
-        reader = TlsRecordReader(collect_types=(CT_HANDSHAKE,))
+        reader = TlsRecordReader(collect_types=_COLLECT_HANDSHAKE)
         hs = HandshakeReassembler()
         for rec in reader.feed(data, total_len):
             if rec.content_type != CT_HANDSHAKE:
@@ -922,12 +1087,11 @@ class TlsHandshakeTracker:
                 self.app_records_in += delta
             return
         records = reader.feed(data, total_len)
-        partial = reader.partial_header()
-        if partial is not None and partial[0] == CT_APPLICATION_DATA and not self._failed:
+        if reader._in_record and reader._type == CT_APPLICATION_DATA and not self._failed:
             # The kernel stops capturing at a client application-data record header (the handshake is
             # over by then), so its body may never arrive: judge the record by its header. If the body
             # does arrive, that record is not counted again as application data.
-            records = [*records, TlsRecord(CT_APPLICATION_DATA, 0, partial[1], b"", False)]
+            records = [*records, TlsRecord(CT_APPLICATION_DATA, 0, reader._len, b"", False)]
             self._pending_counted = True
         if self._flight_open:  # the client answered: the server's first flight is over
             self._flight_open = False
