@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
-import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..events.layout import BPF_DIR, load_layout
-from .ringbuf import MmapRingBuffer
 
 __all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError"]
 
@@ -60,11 +57,10 @@ class ConnectionProbes:
             raise ProbeError(f"could not load {CONN_PROGRAM.name}: {str(exc).splitlines()[-1]}") from exc
         layout = load_layout()
         self.drop_names = {v: k for k, v in layout.enums["drop_reason"].items() if k != "DROP_REASONS"}
-        self._targets = self.bpf[b"targets"]
-        self._ports = self.bpf[b"listen_ports"]
-        self._drops = self.bpf[b"drops"]
-        self._mmap_ring: MmapRingBuffer | None = None
-        self._on_record: Callable[[bytes], None] | None = None
+        self._targets = self.bpf["targets"]
+        self._ports = self.bpf["listen_ports"]
+        self._drops = self.bpf["drops"]
+        self._ring_open = False
 
     def add_targets(self, tgids: Iterable[int]) -> None:
         """Trace these processes (all their threads)."""
@@ -81,37 +77,23 @@ class ConnectionProbes:
             self._ports[ctypes.c_uint16(port)] = ctypes.c_uint8(1)
 
     def open_ring_buffer(self, on_record: Callable[[bytes], None]) -> None:
-        """Deliver every raw record to ``on_record`` (called from ``poll``, on the polling thread).
-
-        On x86-64 the ring is read through mmap in batches (MmapRingBuffer); elsewhere, where plain loads
-        are not ordered strongly enough for that, through bcc's per-record callback.
-        """
-        self._on_record = on_record
-        if platform.machine() == "x86_64":
-            events = self.bpf[b"events"]
-            self._mmap_ring = MmapRingBuffer(events.map_fd, self.config.ringbuf_pages * mmap.PAGESIZE)
-            return
+        """Deliver every raw record to ``on_record`` (called from ``poll``, on the polling thread)."""
         string_at = ctypes.string_at
 
         def _callback(_ctx: object, data: int, size: int) -> int:
             on_record(string_at(data, size))
             return 0
 
-        self.bpf[b"events"].open_ring_buffer(_callback)
+        self.bpf["events"].open_ring_buffer(_callback)
+        self._ring_open = True
 
     def poll(self, timeout_ms: int = 100) -> None:
         """Drain the ring buffer, waiting up to ``timeout_ms`` for the first record."""
-        if self._mmap_ring is not None:
-            self._mmap_ring.poll(self._on_record, timeout_ms)
-        else:
-            self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_poll(timeout_ms)
 
     def consume(self) -> None:
         """Drain whatever is in the ring buffer without waiting."""
-        if self._mmap_ring is not None:
-            self._mmap_ring.consume(self._on_record)
-        else:
-            self.bpf.ring_buffer_consume()
+        self.bpf.ring_buffer_consume()
 
     def drop_counts(self) -> dict[str, int]:
         """Kernel-side drops by reason, summed over CPUs."""
@@ -123,7 +105,4 @@ class ConnectionProbes:
 
     def close(self) -> None:
         """Detach and free everything."""
-        if self._mmap_ring is not None:
-            self._mmap_ring.close()
-            self._mmap_ring = None
         self.bpf.cleanup()
