@@ -57,9 +57,9 @@ class ConnectionProbes:
             raise ProbeError(f"could not load {CONN_PROGRAM.name}: {str(exc).splitlines()[-1]}") from exc
         layout = load_layout()
         self.drop_names = {v: k for k, v in layout.enums["drop_reason"].items() if k != "DROP_REASONS"}
-        self._targets = self.bpf["targets"]
-        self._ports = self.bpf["listen_ports"]
-        self._drops = self.bpf["drops"]
+        self._targets = self.bpf[b"targets"]
+        self._ports = self.bpf[b"listen_ports"]
+        self._drops = self.bpf[b"drops"]
         self._ring_open = False
 
     def add_targets(self, tgids: Iterable[int]) -> None:
@@ -84,7 +84,7 @@ class ConnectionProbes:
             on_record(string_at(data, size))
             return 0
 
-        self.bpf["events"].open_ring_buffer(_callback)
+        self.bpf[b"events"].open_ring_buffer(_callback)
         self._ring_open = True
 
     def poll(self, timeout_ms: int = 100) -> None:
