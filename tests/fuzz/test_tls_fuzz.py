@@ -26,6 +26,7 @@ from otel_envoy.protocols.tls import (
     parse_client_hello,
     parse_server_hello,
 )
+from tests.support.tls_memory import MemoryTls
 
 BUFFER_BOUND = 2 * (MAX_RECORD_LEN + 5) + 2 * MAX_HANDSHAKE_MESSAGE + 3
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -70,32 +71,10 @@ def real_transcripts() -> tuple[tuple[tuple[str, bytes], ...], ...]:
 
 
 def _handshake(cctx: ssl.SSLContext, sctx: ssl.SSLContext) -> list[tuple[str, bytes]]:
-    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    c = cctx.wrap_bio(c_in, c_out, server_hostname="a.example.com")
-    s = sctx.wrap_bio(s_in, s_out, server_side=True)
-    msgs: list[tuple[str, bytes]] = []
-    done = {"c": False, "s": False}
-    for _ in range(20):
-        for name, obj, out, peer in (("c", c, c_out, s_in), ("s", s, s_out, c_in)):
-            if not done[name]:
-                try:
-                    obj.do_handshake()
-                    done[name] = True
-                except ssl.SSLWantReadError:
-                    pass
-            data = out.read()
-            if data:
-                msgs.append((name, data))
-                peer.write(data)
-        if all(done.values()):
-            break
-    c.write(b"GET / HTTP/1.1\r\n\r\n")
-    msgs.append(("c", c_out.read()))
-    s_in.write(msgs[-1][1])
-    s.read(100)
-    s.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-    msgs.append(("s", s_out.read()))
-    return msgs
+    pair = MemoryTls.wrap(cctx, sctx)
+    pair.handshake()
+    pair.exchange(b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n")
+    return pair.msgs
 
 
 def check(t: TlsHandshakeTracker) -> None:

@@ -48,6 +48,7 @@ from tests.support.events import (
     tcp,
     write,
 )
+from tests.support.tls_memory import MemoryTls
 
 LINGER = 1_000
 OFFSET = 1_700_000_000_000_000_000  # wall - monotonic of the fixed test clock
@@ -696,29 +697,11 @@ def tls_transcript(cert: Path, key: str | Path) -> list[tuple[str, bytes]]:
     client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client_ctx.load_verify_locations(cert)
     client_ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="a.example.com")
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    msgs: list[tuple[str, bytes]] = []
-    done = {"c": False, "s": False}
-    for _ in range(10):
-        for name, obj, out, peer_in in (("c", client, c_out, s_in), ("s", server, s_out, c_in)):
-            if not done[name]:
-                try:
-                    obj.do_handshake()
-                    done[name] = True
-                except ssl.SSLWantReadError:
-                    pass
-            chunk = out.read()
-            if chunk:
-                msgs.append((name, chunk))
-                peer_in.write(chunk)
-        if all(done.values()):
-            break
-    assert all(done.values()) and client.version() == "TLSv1.3"
-    client.write(REQUEST)
-    msgs.append(("c", c_out.read()))
-    return msgs
+    pair = MemoryTls.wrap(client_ctx, server_ctx)
+    assert pair.handshake(rounds=10) and not pair.errors and pair.client.version() == "TLSv1.3"
+    pair.client.write(REQUEST)
+    pair.msgs.append(("c", pair.c_out.read()))
+    return pair.msgs
 
 
 def test_complete_tls_handshake_span(server_cert: tuple[Path, Path]) -> None:

@@ -30,6 +30,7 @@ from otel_envoy.protocols.tls import (
     parse_server_hello,
     tls_version_name,
 )
+from tests.support.tls_memory import MemoryTls, Msg
 
 # --------------------------------------------------------------------------------------------------
 # Byte builders (independent of the module under test)
@@ -370,7 +371,6 @@ def test_handshake_reassembler_skips_oversized_messages() -> None:
 # --------------------------------------------------------------------------------------------------
 
 # ("c", bytes the client sent = what Envoy read) / ("s", bytes the server sent = what Envoy wrote)
-Msg = tuple[str, bytes]
 
 
 @dataclass
@@ -421,44 +421,11 @@ class Transcript:
 def run_handshake(ctx: Contexts, *, session: ssl.SSLSession | None = None, exchange: bool = True,
                   sni: str = "a.example.com") -> Transcript:
     """Drive client and server to the end of the handshake; record what each side wrote, in order."""
-    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = ctx.client.wrap_bio(c_in, c_out, server_side=False, server_hostname=sni, session=session)
-    server = ctx.server.wrap_bio(s_in, s_out, server_side=True)
-    t = Transcript([], client, server)
-    done = {"c": False, "s": False}
-
-    def step(name: str, obj: ssl.SSLObject, out: ssl.MemoryBIO, peer_in: ssl.MemoryBIO) -> None:
-        if not done[name]:
-            try:
-                obj.do_handshake()
-                done[name] = True
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLError as exc:
-                t.errors.append((name, exc))
-                done[name] = True
-        data = out.read()
-        if data:
-            t.msgs.append((name, data))
-            peer_in.write(data)
-
-    for _ in range(20):
-        step("c", client, c_out, s_in)
-        step("s", server, s_out, c_in)
-        if done["c"] and done["s"]:
-            break
-    if exchange and not t.errors:
-        client.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        data = c_out.read()
-        t.msgs.append(("c", data))
-        s_in.write(data)
-        server.read(1000)
-        server.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-        data = s_out.read()
-        t.msgs.append(("s", data))
-        c_in.write(data)
-        client.read(1000)  # also consumes TLS 1.3 session tickets
-    return t
+    pair = MemoryTls.wrap(ctx.client, ctx.server, sni=sni, session=session)
+    pair.handshake()
+    if exchange and not pair.errors:
+        pair.exchange(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n")
+    return Transcript(pair.msgs, pair.client, pair.server, pair.errors)
 
 
 def ts_of(i: int) -> int:
