@@ -132,6 +132,17 @@ static __always_inline int read_sockaddr(const void *uaddr, __u16 *family, __u16
     return 0;
 }
 
+/* Starts tracking a connection fd of a target: later I/O on it is counted and its first bytes captured. */
+static __always_inline void track_conn(__u32 tgid, __s32 fd, __u64 ts_ns, __u32 role) {
+    __u64 key = conn_key(tgid, fd);
+    struct conn_state cs = {};
+    cs.open_ts_ns = ts_ns;
+    cs.capture_budget = CAPTURE_MSGS_DEFAULT;
+    cs.role = role;
+    if (conns.update(&key, &cs) != 0)
+        count_drop(DROP_CONN_TABLE_FULL);
+}
+
 /* ---------------------------------------------------------------- wake rounds */
 
 static __always_inline int on_epoll_wait_exit(long ret) {
@@ -188,13 +199,7 @@ static __always_inline int on_accept_exit(long ret) {
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
     inflight.delete(&tid);
 
-    __u64 key = conn_key(ev.hdr.tgid, ev.fd);
-    struct conn_state cs = {};
-    cs.open_ts_ns = ev.hdr.ts_ns;
-    cs.capture_budget = CAPTURE_MSGS_DEFAULT;
-    cs.role = ROLE_DOWNSTREAM;
-    if (conns.update(&key, &cs) != 0)
-        count_drop(DROP_CONN_TABLE_FULL);
+    track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM);
     emit(&ev, sizeof(ev));
     return 0;
 }
@@ -241,15 +246,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
     if (ok != 0)
         return 0; /* not an inet socket (unix sockets to the xDS agent, ...) */
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
-    if (ev.ret == 0 || ev.ret == -115 /* EINPROGRESS */) {
-        __u64 key = conn_key(ev.hdr.tgid, ev.fd);
-        struct conn_state cs = {};
-        cs.open_ts_ns = ev.hdr.ts_ns;
-        cs.capture_budget = CAPTURE_MSGS_DEFAULT;
-        cs.role = ROLE_UPSTREAM;
-        if (conns.update(&key, &cs) != 0)
-            count_drop(DROP_CONN_TABLE_FULL);
-    }
+    if (ev.ret == 0 || ev.ret == -115 /* EINPROGRESS */)
+        track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_UPSTREAM);
     emit(&ev, sizeof(ev));
     return 0;
 }
