@@ -173,9 +173,8 @@ class ConnectionSpanBuilder:
                 else "handshake still in progress"
             )
             status = Status(StatusCode.ERROR, msg)
-        elif tls.error:
+        elif tls.error:  # completed, but something in the records could not be parsed
             attrs["otel_envoy.tls.parse_error"] = tls.error
-        if tls.error and done is tls.completed_ns:
             status = Status(StatusCode.ERROR, tls.error)
         return self._span(
             "tls.handshake", trace_id, parent, clamp(tls.started_ns), clamp(done), attrs, status=status
