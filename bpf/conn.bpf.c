@@ -1,15 +1,20 @@
 /* conn.bpf.c: connection lifecycle of Envoy processes, from syscall and TCP tracepoints only.
  *
  * Hooks (all tracepoints; this kernel has no kprobes/fentry):
- *   syscalls: accept/accept4, connect, close, listen, read/readv/recvfrom/recvmsg,
- *             write/writev/sendto/sendmsg, epoll_ctl, setsockopt, epoll_wait/epoll_pwait/epoll_pwait2 (exit)
+ *   raw_syscalls:sys_enter / sys_exit (raw tracepoints): the hot path, i.e. read/readv/recvfrom/recvmsg,
+ *             write/writev/sendto/sendmsg and the exits of epoll_wait/epoll_pwait/epoll_pwait2. A raw
+ *             tracepoint hands the program the registers instead of building a perf record per call, which
+ *             makes each traced syscall markedly cheaper than a syscalls:sys_enter_* program;
+ *   syscalls: accept/accept4, connect, close, listen, epoll_ctl, setsockopt (once or a few times per
+ *             connection, so the per-syscall tracepoints' convenience costs nothing that matters);
  *   sock:inet_sock_set_state, tcp:tcp_retransmit_skb, tcp:tcp_send_reset, tcp:tcp_receive_reset,
  *   tcp:tcp_retransmit_synack
  * Filtering happens here, not in user space: syscalls only for tgids in `targets` (the daemon itself is
  * never a target, so its own OTLP traffic is invisible), fd-level events only for fds in `conns`
  * (connections the target accepted or connected), TCP events only for ports in `listen_ports` (they fire
  * in softirq context of *other* processes) or sockets a target connected (`upstream_socks`).
- * Cost: syscall tracepoints run for every process on the machine; non-targets pay one hash lookup.
+ * Cost: the raw syscall programs run for every syscall of every process on the machine: other syscalls pay
+ * a switch on the syscall number, other processes' reads and writes one register read and one hash lookup.
  * Per connection, only the first CAPTURE_MSGS_DEFAULT reads/writes carry bytes (up to CAPTURE_MAX each);
  * after that I/O is only counted in `conns` and reported once at close.
  * Never dereference kernel structs here: headers are 6.1, the kernel is newer. Tracepoint fields only.
@@ -32,6 +37,20 @@ enum sk_rst_reason { SK_RST_REASON_STANDIN = 0 };
 #define RINGBUF_PAGES 4096 /* 16 MiB */
 #endif
 #define MAX_IOV 8
+
+/* x86-64 syscall numbers and argument registers (di, si, dx, r10, r8, r9): the raw syscall tracepoints see
+ * only the number and the registers. The loader refuses other architectures. */
+#define NR_READ 0
+#define NR_WRITE 1
+#define NR_READV 19
+#define NR_WRITEV 20
+#define NR_SENDTO 44
+#define NR_RECVFROM 45
+#define NR_SENDMSG 46
+#define NR_RECVMSG 47
+#define NR_EPOLL_WAIT 232
+#define NR_EPOLL_PWAIT 281
+#define NR_EPOLL_PWAIT2 441
 /* Stops clang from re-deriving a clamped length from its unclamped source, which the verifier rejects. */
 #define BARRIER_VAR(v) asm volatile("" : "+r"(v))
 
@@ -52,7 +71,7 @@ struct conn_state {
 #define CONN_SAW_IO 1 /* a non-peek read or write happened: the listener-filter hand-off is settled */
 #define CONN_TLS 2    /* the first bytes read were a TLS handshake record */
 
-/* What a syscall's enter saw, for its exit. Keyed by thread id. */
+/* What a syscall's enter saw, for its exit (one per thread: a thread is in one syscall at a time). */
 struct inflight {
     __u64 buf;   /* user buffer, iovec array or msghdr */
     __u64 aux;   /* accept: sockaddr length pointer; connect: sockaddr */
@@ -62,20 +81,23 @@ struct inflight {
     __u8 syscall;
     __u8 is_accept;
     __u8 is_connect;
-    __u8 _pad;
+    __u8 active; /* set by an enter, cleared by the matching exit */
 };
 
+/* Per target thread: its event-loop round (epoll_wait returns) and the syscall it is in. Keeping the
+ * in-flight syscall here costs one lookup per enter and exit, where a separate table cost an insert and a
+ * delete per syscall. */
 struct thread_state {
     __u32 round;
     __u32 ready;
     __u64 round_start_ns;
+    struct inflight in;
 };
 
 BPF_HASH(targets, __u32, __u8, 1024);
 BPF_HASH(listen_ports, __u16, __u8, 1024);
 BPF_TABLE("lru_hash", __u64, struct conn_state, conns, MAX_CONNS);
 BPF_TABLE("lru_hash", __u64, __u8, upstream_socks, MAX_CONNS);
-BPF_HASH(inflight, __u32, struct inflight, 16384);
 BPF_TABLE("lru_hash", __u32, struct thread_state, threads, 16384);
 BPF_PERCPU_ARRAY(drops, __u64, DROP_REASONS);
 /* An EV_DATA record is built here (too big for the stack). The spill area lets the verifier accept
@@ -97,14 +119,36 @@ static __always_inline int is_target(__u32 tgid) { return targets.lookup(&tgid) 
 
 static __always_inline __u64 conn_key(__u32 tgid, __s32 fd) { return ((__u64)tgid << 32) | (__u32)fd; }
 
-static __always_inline void fill_header(struct event_header *h, __u32 kind, __u64 pid_tgid) {
-    __u32 tid = (__u32)pid_tgid;
+static __always_inline void fill_header_of(struct event_header *h, __u32 kind, __u64 pid_tgid,
+                                           const struct thread_state *t) {
     h->ts_ns = bpf_ktime_get_ns();
     h->kind = kind;
     h->tgid = pid_tgid >> 32;
-    h->tid = tid;
-    struct thread_state *t = threads.lookup(&tid);
+    h->tid = (__u32)pid_tgid;
     h->round = t ? t->round : 0;
+}
+
+static __always_inline void fill_header(struct event_header *h, __u32 kind, __u64 pid_tgid) {
+    __u32 tid = (__u32)pid_tgid;
+    fill_header_of(h, kind, pid_tgid, threads.lookup(&tid));
+}
+
+/* The calling thread's state, created on first use. NULL (counted) only when the table refuses. */
+static __always_inline struct thread_state *thread_of(__u32 tid) {
+    struct thread_state zero = {};
+    struct thread_state *t = threads.lookup_or_try_init(&tid, &zero);
+    if (!t)
+        count_drop(DROP_INFLIGHT_FULL);
+    return t;
+}
+
+/* Takes the in-flight syscall of this thread (clearing it); returns 0 when there is none. */
+static __always_inline int take_inflight(struct thread_state *t, struct inflight *out) {
+    if (!t || !t->in.active)
+        return 0;
+    *out = t->in;
+    t->in.active = 0;
+    return 1;
 }
 
 static __always_inline void emit(void *ev, __u32 size) {
@@ -149,9 +193,7 @@ static __always_inline int on_epoll_wait_exit(long ret) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_target(pid_tgid >> 32))
         return 0;
-    __u32 tid = (__u32)pid_tgid;
-    struct thread_state zero = {};
-    struct thread_state *t = threads.lookup_or_try_init(&tid, &zero);
+    struct thread_state *t = thread_of((__u32)pid_tgid);
     if (!t)
         return 0;
     t->round++;
@@ -160,9 +202,6 @@ static __always_inline int on_epoll_wait_exit(long ret) {
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_epoll_wait) { return on_epoll_wait_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_epoll_pwait) { return on_epoll_wait_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_epoll_pwait2) { return on_epoll_wait_exit(args->ret); }
 
 /* ---------------------------------------------------------------- accept / connect / close / listen */
 
@@ -170,34 +209,32 @@ static __always_inline int on_accept_enter(int fd, void *uaddr, int *uaddrlen) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_target(pid_tgid >> 32))
         return 0;
-    __u32 tid = (__u32)pid_tgid;
+    struct thread_state *t = thread_of((__u32)pid_tgid);
+    if (!t)
+        return 0;
     struct inflight in = {};
     in.fd = fd;
     in.buf = (__u64)uaddr;
     in.aux = (__u64)uaddrlen;
     in.is_accept = 1;
-    if (inflight.update(&tid, &in) != 0)
-        count_drop(DROP_INFLIGHT_FULL);
+    in.active = 1;
+    t->in = in;
     return 0;
 }
 
 static __always_inline int on_accept_exit(long ret) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tid = (__u32)pid_tgid;
-    struct inflight *in = inflight.lookup(&tid);
-    if (!in)
+    struct thread_state *t = threads.lookup(&tid);
+    struct inflight in;
+    if (!take_inflight(t, &in) || !in.is_accept || ret < 0)
         return 0;
-    if (!in->is_accept || ret < 0) {
-        inflight.delete(&tid);
-        return 0;
-    }
     struct accept_event ev = {};
-    fill_header(&ev.hdr, EV_ACCEPT, pid_tgid);
+    fill_header_of(&ev.hdr, EV_ACCEPT, pid_tgid, t);
     ev.fd = (__s32)ret;
-    ev.listen_fd = in->fd;
-    read_sockaddr((void *)in->buf, &ev.family, &ev.peer_port, ev.peer_addr);
+    ev.listen_fd = in.fd;
+    read_sockaddr((void *)in.buf, &ev.family, &ev.peer_port, ev.peer_addr);
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
-    inflight.delete(&tid);
 
     track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM);
     emit(&ev, sizeof(ev));
@@ -217,32 +254,30 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_target(pid_tgid >> 32))
         return 0;
-    __u32 tid = (__u32)pid_tgid;
+    struct thread_state *t = thread_of((__u32)pid_tgid);
+    if (!t)
+        return 0;
     struct inflight in = {};
     in.fd = args->fd;
     in.aux = (__u64)args->uservaddr;
     in.is_connect = 1;
-    if (inflight.update(&tid, &in) != 0)
-        count_drop(DROP_INFLIGHT_FULL);
+    in.active = 1;
+    t->in = in;
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tid = (__u32)pid_tgid;
-    struct inflight *in = inflight.lookup(&tid);
-    if (!in)
+    struct thread_state *t = threads.lookup(&tid);
+    struct inflight in;
+    if (!take_inflight(t, &in) || !in.is_connect)
         return 0;
-    if (!in->is_connect) {
-        inflight.delete(&tid);
-        return 0;
-    }
     struct connect_event ev = {};
-    fill_header(&ev.hdr, EV_CONNECT, pid_tgid);
-    ev.fd = in->fd;
+    fill_header_of(&ev.hdr, EV_CONNECT, pid_tgid, t);
+    ev.fd = in.fd;
     ev.ret = (__s32)args->ret;
-    int ok = read_sockaddr((void *)in->aux, &ev.family, &ev.peer_port, ev.peer_addr);
-    inflight.delete(&tid);
+    int ok = read_sockaddr((void *)in.aux, &ev.family, &ev.peer_port, ev.peer_addr);
     if (ok != 0)
         return 0; /* not an inet socket (unix sockets to the xDS agent, ...) */
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
@@ -289,22 +324,41 @@ TRACEPOINT_PROBE(syscalls, sys_enter_listen) {
 
 /* ---------------------------------------------------------------- reads and writes */
 
-static __always_inline int on_io_enter(__u8 syscall, int fd, const void *buf, __u32 len, __u32 flags) {
+/* Syscall argument i (0-based) of a 64-bit syscall, from the saved user registers. */
+static __always_inline __u64 syscall_arg(struct pt_regs *regs, int i) {
+    __u64 v = 0;
+    switch (i) {
+    case 0: bpf_probe_read_kernel(&v, sizeof(v), &regs->di); break;
+    case 1: bpf_probe_read_kernel(&v, sizeof(v), &regs->si); break;
+    case 2: bpf_probe_read_kernel(&v, sizeof(v), &regs->dx); break;
+    case 3: bpf_probe_read_kernel(&v, sizeof(v), &regs->r10); break;
+    }
+    return v;
+}
+
+/* A read/write-family syscall starts: remember its buffer if the fd is a tracked connection. */
+static __always_inline int on_io_enter(__u8 syscall, struct pt_regs *regs) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
-    __u32 tgid = pid_tgid >> 32;
+    int fd = (int)syscall_arg(regs, 0);
     /* `conns` holds only the targets' connections: one lookup filters both process and fd. */
-    __u64 key = conn_key(tgid, fd);
+    __u64 key = conn_key(pid_tgid >> 32, fd);
     if (!conns.lookup(&key))
         return 0;
-    __u32 tid = (__u32)pid_tgid;
+    struct thread_state *t = thread_of((__u32)pid_tgid);
+    if (!t)
+        return 0;
     struct inflight in = {};
     in.fd = fd;
-    in.buf = (__u64)buf;
-    in.len = len;
-    in.flags = flags;
+    in.buf = syscall_arg(regs, 1); /* buffer, iovec array or msghdr */
+    if (syscall == IO_READV || syscall == IO_WRITEV)
+        in.len = (__u32)syscall_arg(regs, 2); /* iovcnt */
+    else if (syscall == IO_RECVMSG || syscall == IO_SENDMSG)
+        in.flags = (__u32)syscall_arg(regs, 2);
+    else if (syscall == IO_RECVFROM || syscall == IO_SENDTO)
+        in.flags = (__u32)syscall_arg(regs, 3);
     in.syscall = syscall;
-    if (inflight.update(&tid, &in) != 0)
-        count_drop(DROP_INFLIGHT_FULL);
+    in.active = 1;
+    t->in = in;
     return 0;
 }
 
@@ -361,15 +415,10 @@ static __always_inline __u32 capture_iov(struct data_event *e, const struct iove
 static __always_inline int on_io_exit(long ret) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tid = (__u32)pid_tgid;
-    struct inflight *in = inflight.lookup(&tid);
-    if (!in)
+    struct thread_state *t = threads.lookup(&tid);
+    struct inflight req;
+    if (!take_inflight(t, &req) || req.syscall == 0)
         return 0;
-    if (in->is_accept || in->is_connect) {
-        inflight.delete(&tid);
-        return 0;
-    }
-    struct inflight req = *in;
-    inflight.delete(&tid);
     if (ret == -11 /* EAGAIN */)
         return 0;
 
@@ -404,7 +453,7 @@ static __always_inline int on_io_exit(long ret) {
     if (!scratch)
         return 0;
     struct data_event *e = &scratch->ev;
-    fill_header(&e->hdr, EV_DATA, pid_tgid);
+    fill_header_of(&e->hdr, EV_DATA, pid_tgid, t);
     e->fd = req.fd;
     e->direction = is_write ? DIR_WRITE : DIR_READ;
     e->syscall = req.syscall;
@@ -442,32 +491,42 @@ static __always_inline int on_io_exit(long ret) {
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { return on_io_enter(IO_READ, args->fd, args->buf, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { return on_io_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return on_io_enter(IO_READV, args->fd, args->vec, args->vlen, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return on_io_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) {
-    return on_io_enter(IO_RECVFROM, args->fd, args->ubuf, 0, args->flags);
+RAW_TRACEPOINT_PROBE(sys_enter) {
+    switch (ctx->args[1]) {
+    case NR_READ: return on_io_enter(IO_READ, (struct pt_regs *)ctx->args[0]);
+    case NR_READV: return on_io_enter(IO_READV, (struct pt_regs *)ctx->args[0]);
+    case NR_RECVFROM: return on_io_enter(IO_RECVFROM, (struct pt_regs *)ctx->args[0]);
+    case NR_RECVMSG: return on_io_enter(IO_RECVMSG, (struct pt_regs *)ctx->args[0]);
+    case NR_WRITE: return on_io_enter(IO_WRITE, (struct pt_regs *)ctx->args[0]);
+    case NR_WRITEV: return on_io_enter(IO_WRITEV, (struct pt_regs *)ctx->args[0]);
+    case NR_SENDTO: return on_io_enter(IO_SENDTO, (struct pt_regs *)ctx->args[0]);
+    case NR_SENDMSG: return on_io_enter(IO_SENDMSG, (struct pt_regs *)ctx->args[0]);
+    }
+    return 0;
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return on_io_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) {
-    return on_io_enter(IO_RECVMSG, args->fd, args->msg, 0, args->flags);
+
+RAW_TRACEPOINT_PROBE(sys_exit) {
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    long ret = (long)ctx->args[1];
+    long nr = -1;
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    switch (nr) {
+    case NR_EPOLL_WAIT:
+    case NR_EPOLL_PWAIT:
+    case NR_EPOLL_PWAIT2:
+        return on_epoll_wait_exit(ret);
+    case NR_READ:
+    case NR_READV:
+    case NR_RECVFROM:
+    case NR_RECVMSG:
+    case NR_WRITE:
+    case NR_WRITEV:
+    case NR_SENDTO:
+    case NR_SENDMSG:
+        return on_io_exit(ret);
+    }
+    return 0;
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return on_io_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { return on_io_enter(IO_WRITE, args->fd, args->buf, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_write) { return on_io_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) {
-    return on_io_enter(IO_WRITEV, args->fd, args->vec, args->vlen, 0);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return on_io_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) {
-    return on_io_enter(IO_SENDTO, args->fd, args->buff, 0, args->flags);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return on_io_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) {
-    return on_io_enter(IO_SENDMSG, args->fd, args->msg, 0, args->flags);
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return on_io_exit(args->ret); }
 
 /* ---------------------------------------------------------------- epoll_ctl / setsockopt */
 
@@ -478,8 +537,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {
         return 0;
     __u64 key = conn_key(tgid, (__s32)args->fd);
     struct conn_state *cs = conns.lookup(&key);
-    /* Only until the first real I/O: that is where the listener filters hand the fd over. */
-    if (!cs || cs->epoll_events >= EPOLL_CTL_EVENTS_MAX || (cs->flags & CONN_SAW_IO))
+    /* Only registrations (ADD), and only until the first real I/O: the listener filters register the fd
+     * once to wait for its first bytes; a second ADD (after a DEL, which is implied and not sent) is the
+     * hand-off to the filter chain. */
+    if (!cs || args->op != 1 /* EPOLL_CTL_ADD */ || cs->epoll_events >= EPOLL_CTL_EVENTS_MAX ||
+        (cs->flags & CONN_SAW_IO))
         return 0;
     cs->epoll_events++;
     struct epoll_ctl_event ev = {};
@@ -542,7 +604,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     if (!(newstate == TCP_ESTABLISHED || newstate == TCP_SYN_SENT || newstate == TCP_FIN_WAIT1 ||
           newstate == TCP_CLOSE_WAIT ||
           (newstate == TCP_CLOSE && (oldstate == TCP_ESTABLISHED || oldstate == TCP_SYN_RECV ||
-                                     oldstate == TCP_SYN_SENT || oldstate == TCP_CLOSE_WAIT))))
+                                     oldstate == TCP_SYN_SENT))))
         return 0;
     struct sock_state_event ev = {};
     fill_header(&ev.hdr, EV_SOCK_STATE, pid_tgid);

@@ -13,7 +13,7 @@
 #define CAPTURE_MAX 4096
 /* Data events (reads/writes with their first bytes) per connection; later I/O is only counted. */
 #define CAPTURE_MSGS_DEFAULT 16
-/* epoll_ctl events per connection sent to user space (the listener-filter hand-off happens early). */
+/* epoll_ctl ADD events per connection sent to user space (the listener-filter hand-off happens early). */
 #define EPOLL_CTL_EVENTS_MAX 8
 #define COMM_LEN 16
 #define ADDR_LEN 16
@@ -23,7 +23,7 @@ enum event_kind {
     EV_CONNECT = 2,    /* the target called connect() on an inet socket */
     EV_CLOSE = 3,      /* the target closed a tracked connection fd */
     EV_DATA = 4,       /* a read/write-family syscall on a tracked fd returned */
-    EV_EPOLL_CTL = 5,  /* epoll_ctl on a tracked fd */
+    EV_EPOLL_CTL = 5,  /* epoll_ctl ADD of a tracked fd, before its first real I/O */
     EV_SETSOCKOPT = 6, /* setsockopt on a tracked fd */
     EV_SOCK_STATE = 7, /* sock:inet_sock_set_state on a target listening port or a target's socket */
     EV_TCP = 8,        /* retransmit / reset / SYN-ACK retransmit on a target listening port */

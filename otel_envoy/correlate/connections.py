@@ -252,7 +252,8 @@ class ConnectionCorrelator:
         if ev.op == EPOLL_CTL_ADD:
             if conn.first_epoll_add_ns is None:
                 conn.first_epoll_add_ns = ev.ts_ns
-            elif conn.saw_epoll_del:
+            else:  # a second ADD implies a DEL (the kernel side does not send DELs)
+                conn.saw_epoll_del = True
                 conn.handoff_ns = ev.ts_ns  # listener filters done, ConnectionImpl registered the fd
         elif ev.op == EPOLL_CTL_DEL and conn.first_epoll_add_ns is not None:
             conn.saw_epoll_del = True

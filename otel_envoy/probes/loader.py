@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -47,6 +48,9 @@ class ConnectionProbes:
 
     def __init__(self, config: ProbeConfig | None = None) -> None:
         self.config = config or ProbeConfig()
+        if platform.machine() != "x86_64":
+            raise ProbeError(f"{platform.machine()} is not supported yet: the raw syscall probes use x86-64 "
+                             "syscall numbers and registers")
         try:
             from bcc import BPF  # Debian's python3-bpfcc
         except ImportError as exc:  # pragma: no cover - environment dependent

@@ -162,6 +162,23 @@ def test_tls_inspector_sequence_sets_handoff_at_the_second_add() -> None:
     assert r.tls.started_ns == 4_000  # the handshake started when the ClientHello was first seen
 
 
+def test_second_add_is_the_handoff_when_the_kernel_sends_adds_only() -> None:
+    """The kernel side sends only ADDs (a DEL between two ADDs of one fd is implied)."""
+    hello = client_hello()
+    h = Harness().feed([
+        established(1_000, 40000),
+        accept(2_000, 30, 40000),
+        epoll(3_000, 30, EPOLL_CTL_ADD),
+        read(4_000, 30, hello, peek=True),
+        epoll(6_000, 30, EPOLL_CTL_ADD),
+        read(7_000, 30, hello),
+        close(8_000, 30, rx=len(hello)),
+    ])
+    r = h.only()
+    assert r.first_epoll_add_ns == 3_000 and r.saw_epoll_del
+    assert r.handoff_ns == 6_000 and r.first_io_ns == 7_000
+
+
 def test_repeated_peeks_count_and_keep_the_largest() -> None:
     hello = client_hello()
     h = Harness().feed([
