@@ -1,0 +1,258 @@
+"""HTTP/1.x requests and responses from the bytes one connection read and wrote, parsed with httptools.
+
+One :class:`Http1Exchanges` per connection and point of view: ``requests_read=True`` for a downstream
+connection (Envoy reads requests, writes responses), ``False`` for an upstream one (Envoy writes requests,
+reads responses). Each syscall's bytes go in with their timestamp; completed request/response pairs come
+out as :class:`HttpExchange` records. Pipelined and keep-alive requests pair with responses in order.
+
+What leaves this module is parsed fields only: method, path (never the query), status, version, body
+sizes, and the values of the headers in :data:`KEPT_HEADERS` (trace context, ``x-request-id``,
+``user-agent``). Other header values, Authorization, Cookie and Set-Cookie included, are never stored.
+
+Capture gaps (a syscall moved more bytes than the kernel copied) are filled with zero bytes: inside a body
+that keeps the byte count right; inside headers it makes the parser fail, which is recorded on the message.
+Malformed bytes never raise out of this module: the message records the error and the direction stops
+parsing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import httptools
+
+__all__ = ["KEPT_HEADERS", "MAX_PENDING", "Http1Exchanges", "HttpExchange", "HttpMessage"]
+
+#: Header names (lower case) whose values are kept. Everything else is dropped while parsing.
+KEPT_HEADERS = frozenset({
+    "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled",
+    "x-request-id", "user-agent", "content-length", "transfer-encoding", "upgrade",
+})
+#: Requests waiting for their response, per connection; beyond this the oldest is ended unanswered.
+MAX_PENDING = 64
+_MAX_HEADER_VALUE = 512
+
+
+@dataclass(slots=True)
+class HttpMessage:
+    """One request or response as it crossed the socket."""
+
+    start_ns: int  # the syscall that carried its first byte
+    end_ns: int | None = None  # the syscall that carried its last byte
+    headers_done_ns: int | None = None
+    method: str | None = None  # requests
+    path: str | None = None  # requests: the target without query or fragment
+    status: int | None = None  # responses
+    version: str | None = None  # "1.0" / "1.1"
+    headers: dict[str, str] = field(default_factory=dict)  # only KEPT_HEADERS
+    body_bytes: int = 0
+    upgrade: bool = False
+    error: str | None = None
+    tid: int = 0  # thread that moved the first byte
+    round: int = 0  # its event-loop round
+
+
+@dataclass(slots=True)
+class HttpExchange:
+    """A request and the response that answered it (None when it never came)."""
+
+    request: HttpMessage
+    response: HttpMessage | None
+
+
+class _Direction:
+    """One direction's parser state: httptools calls back into this object."""
+
+    __slots__ = (
+        "_header_name",
+        "_is_request",
+        "_parser",
+        "_round",
+        "_tid",
+        "_ts",
+        "current",
+        "done",
+        "failed",
+        "upgraded",
+    )
+
+    def __init__(self, is_request: bool) -> None:
+        self._is_request = is_request
+        self._parser = (httptools.HttpRequestParser if is_request else httptools.HttpResponseParser)(self)
+        self.current: HttpMessage | None = None
+        self.done: list[HttpMessage] = []
+        self.failed: str | None = None
+        self.upgraded = False
+        self._header_name = ""
+        self._ts = 0
+        self._tid = 0
+        self._round = 0
+
+    # -- fed by Http1Exchanges
+
+    def feed(self, ts_ns: int, data: bytes, tid: int, round_: int) -> None:
+        if self.failed is not None or self.upgraded:
+            return
+        self._ts, self._tid, self._round = ts_ns, tid, round_
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.upgraded = True
+        except httptools.HttpParserError as exc:
+            self._fail(f"malformed HTTP/1 {'request' if self._is_request else 'response'}: {exc}")
+        except Exception as exc:  # httptools is C: never let a surprise stop the daemon
+            self._fail(f"HTTP/1 parser failure: {type(exc).__name__}: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        self.failed = reason
+        msg = self.current
+        if msg is None:
+            msg = HttpMessage(start_ns=self._ts, tid=self._tid, round=self._round)
+        msg.error = reason
+        msg.end_ns = self._ts
+        self.done.append(msg)
+        self.current = None
+
+    # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.current = HttpMessage(start_ns=self._ts, tid=self._tid, round=self._round)
+
+    def on_url(self, url: bytes) -> None:
+        msg = self.current
+        if msg is not None:
+            target = (msg.path or "") + url.decode("latin-1")
+            msg.path = target
+
+    def on_status(self, _status: bytes) -> None:
+        pass
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        msg = self.current
+        if msg is None:
+            return
+        if name:  # httptools may split a header across calls; a value-only call continues the last one
+            self._header_name = name.decode("latin-1").lower()
+        key = self._header_name
+        if key in KEPT_HEADERS:
+            text = value.decode("latin-1")
+            prev = msg.headers.get(key)
+            if prev is not None and not name:
+                text = prev + text
+            msg.headers[key] = text[:_MAX_HEADER_VALUE]
+
+    def on_headers_complete(self) -> None:
+        msg = self.current
+        if msg is None:
+            return
+        msg.headers_done_ns = self._ts
+        p = self._parser
+        msg.version = p.get_http_version()
+        if self._is_request:
+            msg.method = p.get_method().decode("latin-1")
+            target = msg.path or ""
+            cut = min((i for i in (target.find("?"), target.find("#")) if i >= 0), default=len(target))
+            path = target[:cut]
+            if "://" in path:  # absolute-form (proxy requests): keep the path part
+                path = "/" + path.split("://", 1)[1].partition("/")[2]
+            msg.path = path[:_MAX_HEADER_VALUE]
+        else:
+            msg.status = p.get_status_code()
+        msg.upgrade = bool(p.should_upgrade()) if hasattr(p, "should_upgrade") else "upgrade" in msg.headers
+
+    def on_body(self, body: bytes) -> None:
+        if self.current is not None:
+            self.current.body_bytes += len(body)
+
+    def on_message_complete(self) -> None:
+        msg = self.current
+        if msg is None:
+            return
+        msg.end_ns = self._ts
+        self.done.append(msg)
+        self.current = None
+
+
+class Http1Exchanges:
+    """Pairs the requests and responses of one HTTP/1.x connection."""
+
+    def __init__(self, *, requests_read: bool) -> None:
+        self.requests_read = requests_read
+        self._requests = _Direction(is_request=True)
+        self._responses = _Direction(is_request=False)
+        self._pending: deque[HttpMessage] = deque()
+        self.completed: list[HttpExchange] = []
+        self.unanswered_dropped = 0
+
+    @property
+    def error(self) -> str | None:
+        """Why parsing stopped, if it did."""
+        return self._requests.failed or self._responses.failed
+
+    @property
+    def upgraded(self) -> bool:
+        """The connection switched protocols (101): HTTP/1 parsing has stopped."""
+        return self._requests.upgraded and self._responses.upgraded
+
+    def on_read(self, ts_ns: int, data: bytes, total_len: int, tid: int = 0, round_: int = 0) -> None:
+        """Bytes Envoy read from this connection (``total_len`` >= len(data): the rest was not captured)."""
+        self._feed(self._requests if self.requests_read else self._responses, ts_ns, data, total_len,
+                   tid, round_)
+
+    def on_write(self, ts_ns: int, data: bytes, total_len: int, tid: int = 0, round_: int = 0) -> None:
+        """Bytes Envoy wrote to this connection."""
+        self._feed(self._responses if self.requests_read else self._requests, ts_ns, data, total_len,
+                   tid, round_)
+
+    def _feed(self, direction: _Direction, ts_ns: int, data: bytes, total_len: int, tid: int,
+              round_: int) -> None:
+        if total_len > len(data):
+            data = data + bytes(total_len - len(data))
+        direction.feed(ts_ns, data, tid, round_)
+        if self._requests.done:
+            for req in self._requests.done:
+                if len(self._pending) >= MAX_PENDING:
+                    self.completed.append(HttpExchange(self._pending.popleft(), None))
+                    self.unanswered_dropped += 1
+                self._pending.append(req)
+            self._requests.done.clear()
+        if self._responses.done:
+            for resp in self._responses.done:
+                if resp.status is not None and 100 <= resp.status < 200 and resp.status != 101:
+                    continue  # informational (100 Continue): the final response follows
+                if self._pending:
+                    self.completed.append(HttpExchange(self._pending.popleft(), resp))
+                # a response without a request (we attached mid-connection) is not a request span
+            self._responses.done.clear()
+
+    def in_flight(self) -> HttpMessage | None:
+        """The oldest request still waiting for (the end of) its response."""
+        if self._pending:
+            return self._pending[0]
+        return self._requests.current
+
+    def take_completed(self) -> list[HttpExchange]:
+        """Exchanges completed since the last call."""
+        out, self.completed = self.completed, []
+        return out
+
+    def finish(self, ts_ns: int) -> list[HttpExchange]:
+        """The connection ended: requests still waiting become exchanges without (complete) responses."""
+        out = self.take_completed()
+        partial_response = self._responses.current
+        for req in self._pending:
+            resp = None
+            if partial_response is not None:
+                resp, partial_response = partial_response, None
+                resp.error = resp.error or "response incomplete when the connection ended"
+                resp.end_ns = ts_ns
+            out.append(HttpExchange(req, resp))
+        self._pending.clear()
+        req = self._requests.current
+        if req is not None and req.method is not None:
+            req.error = req.error or "request incomplete when the connection ended"
+            req.end_ns = ts_ns
+            out.append(HttpExchange(req, None))
+        self._requests.current = None
+        return out
