@@ -1,0 +1,89 @@
+"""Trace context carried in request headers: W3C traceparent, Zipkin B3 (single and multi), x-request-id.
+
+:func:`trace_context` picks the first usable one in that order and returns the trace id and the span id
+the header names (the span our request span becomes a child of). ``x-request-id`` names no span: when it
+is a UUID (as Envoy generates), its 128 bits are the trace id, so every hop that sees the same request id
+lands in the same trace. Invalid values (wrong length, not hex, all zeros) are ignored, never raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["TraceContext", "trace_context"]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """Where a request's span belongs."""
+
+    trace_id: int
+    parent_span_id: int | None  # None: the span is a root in that trace
+    sampled: bool
+    source: str  # "traceparent" | "b3" | "x-b3" | "x-request-id"
+
+
+def _hex(text: str, digits: tuple[int, ...]) -> int | None:
+    text = text.strip()
+    if len(text) not in digits:
+        return None
+    try:
+        value = int(text, 16)
+    except ValueError:
+        return None
+    return value or None
+
+
+def _traceparent(value: str) -> TraceContext | None:
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0].lower() == "ff":
+        return None
+    if parts[0] == "00" and len(parts) != 4:
+        return None
+    trace_id, span_id, flags = _hex(parts[1], (32,)), _hex(parts[2], (16,)), _hex(parts[3], (2,))
+    if trace_id is None or span_id is None:
+        return None
+    return TraceContext(trace_id, span_id, bool((flags or 0) & 1), "traceparent")
+
+
+def _b3_single(value: str) -> TraceContext | None:
+    parts = value.strip().split("-")
+    if len(parts) < 2:
+        return None  # "0"/"1"/"d": a sampling decision only
+    trace_id, span_id = _hex(parts[0], (16, 32)), _hex(parts[1], (16,))
+    if trace_id is None or span_id is None:
+        return None
+    sampled = len(parts) < 3 or parts[2] in ("1", "d")
+    return TraceContext(trace_id, span_id, sampled, "b3")
+
+
+def _b3_multi(headers: Mapping[str, str]) -> TraceContext | None:
+    trace_id = _hex(headers.get("x-b3-traceid", ""), (16, 32))
+    span_id = _hex(headers.get("x-b3-spanid", ""), (16,))
+    if trace_id is None or span_id is None:
+        return None
+    return TraceContext(trace_id, span_id, headers.get("x-b3-sampled", "1") in ("1", "true", "d"), "x-b3")
+
+
+def _request_id(value: str) -> TraceContext | None:
+    trace_id = _hex(value.replace("-", ""), (32,))
+    if trace_id is None:
+        return None
+    return TraceContext(trace_id, None, True, "x-request-id")
+
+
+def trace_context(headers: Mapping[str, str]) -> TraceContext | None:
+    """The trace a request belongs to, from its (lower-case) headers, or None."""
+    value = headers.get("traceparent")
+    if value and (ctx := _traceparent(value)) is not None:
+        return ctx
+    value = headers.get("b3")
+    if value and (ctx := _b3_single(value)) is not None:
+        return ctx
+    if "x-b3-traceid" in headers and (ctx := _b3_multi(headers)) is not None:
+        return ctx
+    value = headers.get("x-request-id")
+    if value:
+        return _request_id(value)
+    return None
