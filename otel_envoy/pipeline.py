@@ -93,7 +93,7 @@ class EventPipeline:
 
     def _on_connection(self, conn: ConnectionRecord) -> None:
         try:
-            spans = self.builder.build(conn)
+            spans = self.builder.build_records(conn)
         except Exception:  # a bug in span building must not stop tracing
             self.counts["span_build_errors"] += 1
             log.exception("could not build spans for a connection")

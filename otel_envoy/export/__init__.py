@@ -3,9 +3,9 @@
 Modules:
 
 * :mod:`otel_envoy.export.otlp_json` -- a fast OTLP/JSON encoder (and decoder) for
-  ``ExportTraceServiceRequest`` payloads built from SDK ``ReadableSpan`` objects.
-* :mod:`otel_envoy.export.records` -- :class:`SpanRecord`, a flat, plain-Python view of an
-  exported span, built from OTLP/JSON or from the protobuf request.
+  ``ExportTraceServiceRequest`` payloads built from span records (or SDK ``ReadableSpan`` objects).
+* :mod:`otel_envoy.export.records` -- :class:`SpanRecord`, the flat span the builders produce and the
+  decoders return, and ``encode_request_proto``, which writes the OTLP protobuf request directly.
 * :mod:`otel_envoy.export.pipeline` -- the non-blocking span queue with its background export
   thread, and the sinks it feeds (JSON-lines file, OTLP gRPC / HTTP).
 * :mod:`otel_envoy.export.otlp` -- OTLP endpoint settings from the CLI and the standard

@@ -1,1 +1,1 @@
-"""The only place that builds OpenTelemetry spans (finished ReadableSpans, built directly)."""
+"""The only place that builds spans: finished span records (export.records.SpanRecord), built directly."""

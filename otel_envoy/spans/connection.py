@@ -13,21 +13,28 @@ import random
 import socket
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
-from opentelemetry.trace.status import Status, StatusCode
 
 from .. import __version__
 from ..correlate.addresses import network_type
 from ..correlate.model import ConnectionRecord
+from ..export.records import (
+    SPAN_FLAGS_LOCAL,
+    SPAN_KIND_INTERNAL,
+    SPAN_KIND_SERVER,
+    STATUS_CODE_ERROR,
+    STATUS_CODE_UNSET,
+    SpanRecord,
+    to_readable_spans,
+)
 from .clock import MonotonicClock
 
 __all__ = ["SCOPE", "ConnectionSpanBuilder"]
 
 SCOPE = InstrumentationScope("otel-envoy", __version__)
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_OK = Status(StatusCode.UNSET)
+_ZERO_TRACE_ID, _ONE_TRACE_ID = "0" * 32, "0" * 31 + "1"
+_ZERO_SPAN_ID, _ONE_SPAN_ID = "0" * 16, "0" * 15 + "1"
 _SOCKOPT_NAMES = {
     (socket.IPPROTO_TCP, socket.TCP_NODELAY): "TCP_NODELAY",
     (socket.SOL_SOCKET, socket.SO_KEEPALIVE): "SO_KEEPALIVE",
@@ -35,7 +42,11 @@ _SOCKOPT_NAMES = {
 
 
 class ConnectionSpanBuilder:
-    """Builds finished spans for connection records (one shared Resource; ids from a fast PRNG)."""
+    """Builds the finished spans of connection records (one shared Resource; ids from a fast PRNG).
+
+    :meth:`build_records` is the hot path: plain :class:`SpanRecord` objects, which the export sinks
+    encode directly.  :meth:`build` gives the same spans as SDK ``ReadableSpan`` objects.
+    """
 
     def __init__(
         self, resource: Resource, clock: MonotonicClock, *, rng: random.Random | None = None
@@ -43,47 +54,51 @@ class ConnectionSpanBuilder:
         self.resource = resource
         self.clock = clock
         self._bits = (rng or random.Random()).getrandbits
-
-    def _span(
-        self,
-        name: str,
-        trace_id: int,
-        parent: SpanContext | None,
-        start: int,
-        end: int,
-        attributes: dict,
-        kind: SpanKind = SpanKind.INTERNAL,
-        events: list[Event] | None = None,
-        status: Status = _OK,
-    ) -> ReadableSpan:
-        ctx = SpanContext(trace_id, self._bits(64) or 1, is_remote=False, trace_flags=_SAMPLED)
-        return ReadableSpan(
-            name=name,
-            context=ctx,
-            parent=parent,
-            resource=self.resource,
-            attributes=attributes,
-            events=events or (),
-            kind=kind,
-            status=status,
-            start_time=self.clock.to_wall(start),
-            end_time=self.clock.to_wall(max(end, start)),
-            instrumentation_scope=SCOPE,
+        # Shared by every record (read-only): the encoders encode it once per batch, by identity.
+        self._resource_attributes = dict(resource.attributes)
+        # The trailing SpanRecord fields, the same for every span.
+        self._tail = (
+            self._resource_attributes,
+            SCOPE.name,
+            SCOPE.version or "",
+            "",  # trace_state
+            SPAN_FLAGS_LOCAL,
+            resource.schema_url or "",
         )
 
     def build(self, conn: ConnectionRecord) -> list[ReadableSpan]:
-        """Return the root span first, then its children (all inside the root's interval)."""
+        """The spans of :meth:`build_records` as SDK ``ReadableSpan`` objects (sharing ``self.resource``)."""
+        return to_readable_spans(self.build_records(conn), self.resource, SCOPE)
+
+    def build_records(self, conn: ConnectionRecord) -> list[SpanRecord]:
+        """Return the root span first, then its children (all inside the root's interval).
+
+        Times are wall-clock ns; ids are lowercase hex.  All records share one resource-attributes dict
+        (read-only), which lets the encoders encode the resource once per batch.
+        """
+        offset = self.clock.offset_ns
+        still_open = conn.still_open
+        marks = conn.tcp_marks
         start = conn.start_ns
         end = conn.close_ns if conn.close_ns is not None else start
-        if not conn.still_open and conn.tcp_marks:  # a reset sent by the close itself ends the connection
-            end = max(end, max(m.ts_ns for m in conn.tcp_marks))
-        synacks = [m.ts_ns for m in conn.tcp_marks if m.name == "tcp.synack_retransmit"]
-        if synacks:  # the handshake was already under way when the kernel retransmitted its SYN-ACK
-            start = min(start, min(synacks))
-        trace_id = self._bits(128) or 1
+        if marks:
+            if not still_open:  # a reset sent by the close itself ends the connection
+                end = max(end, max(m.ts_ns for m in marks))
+            synacks = [m.ts_ns for m in marks if m.name == "tcp.synack_retransmit"]
+            if synacks:  # the handshake was already under way when the kernel retransmitted its SYN-ACK
+                start = min(start, min(synacks))
+        # One draw for the trace id and up to four span ids (all-zero ids are invalid: 1 instead).
+        ids = f"{self._bits(384):096x}"
+        trace_id = ids[:32]
+        if trace_id == _ZERO_TRACE_ID:
+            trace_id = _ONE_TRACE_ID
+        root_id = ids[32:48]
+        if root_id == _ZERO_SPAN_ID:
+            root_id = _ONE_SPAN_ID
+        peer = conn.peer_address
         attrs: dict[str, object] = {
             "network.transport": "tcp",
-            "network.peer.address": conn.peer_address,
+            "network.peer.address": peer,
             "network.peer.port": conn.peer_port,
             "network.local.port": conn.local_port,
             "process.pid": conn.tgid,
@@ -93,89 +108,142 @@ class ConnectionSpanBuilder:
             "envoy.connection.bytes_received": conn.bytes_received,
             "envoy.connection.bytes_sent": conn.bytes_sent,
         }
-        if conn.peer_address:
-            attrs["network.type"] = network_type(conn.peer_address)
+        if peer:
+            attrs["network.type"] = network_type(peer)
         if conn.local_address:
             attrs["network.local.address"] = conn.local_address
         if conn.listener_name:
             attrs["envoy.listener.name"] = conn.listener_name
-        initiator = conn.close_initiator()
-        if initiator and not conn.still_open:
-            attrs["envoy.connection.close_initiator"] = initiator
-        if conn.still_open:
+        if still_open:
             attrs["envoy.connection.still_open"] = True
+        else:
+            initiator = conn.close_initiator()
+            if initiator:
+                attrs["envoy.connection.close_initiator"] = initiator
         if conn.partial:
             attrs["otel_envoy.partial"] = sorted(set(conn.partial))
-        opts = [_SOCKOPT_NAMES.get((lvl, name), f"{lvl}/{name}") for lvl, name, _ in conn.socket_options]
-        if opts:
-            attrs["envoy.connection.socket_options"] = opts
-        tls = conn.tls if conn.tls is not None and conn.tls.client_hello is not None else None
-        if tls is not None and tls.client_hello.server_name:  # type: ignore[union-attr]
-            attrs["tls.client.server_name"] = tls.client_hello.server_name  # type: ignore[union-attr]
-        events = [
-            Event(m.name, {"tcp.state": m.state} if m.state else None, self.clock.to_wall(m.ts_ns))
-            for m in conn.tcp_marks
-        ]
-        status = _OK
+        if conn.socket_options:
+            attrs["envoy.connection.socket_options"] = [
+                _SOCKOPT_NAMES.get((lvl, name), f"{lvl}/{name}") for lvl, name, _ in conn.socket_options
+            ]
+        tls = conn.tls
+        hello = tls.client_hello if tls is not None else None
+        if hello is not None and hello.server_name:
+            attrs["tls.client.server_name"] = hello.server_name
         reset = conn.aborted()
-        if reset:
-            status = Status(StatusCode.ERROR, f"connection reset by {reset}")
-        root = self._span(
-            "envoy.downstream.connection", trace_id, None, start, end, attrs, SpanKind.SERVER, events, status
-        )
-        spans = [root]
-        parent = root.context
-
-        def clamp(t: int) -> int:
-            return min(max(t, start), end) if not conn.still_open else max(t, start)
-
-        if conn.established_ns is not None:
+        tail = self._tail
+        spans = [
+            SpanRecord(
+                trace_id,
+                root_id,
+                None,
+                "envoy.downstream.connection",
+                SPAN_KIND_SERVER,
+                start + offset,
+                max(end, start) + offset,
+                attrs,
+                [(m.ts_ns + offset, m.name, {"tcp.state": m.state} if m.state else {}) for m in marks],
+                [],
+                STATUS_CODE_ERROR if reset else STATUS_CODE_UNSET,
+                f"connection reset by {reset}" if reset else "",
+                *tail,
+            )
+        ]
+        # Children: times clamped into the root's interval (only from below while still open).
+        accept = max(conn.accept_ns, start) if still_open else min(max(conn.accept_ns, start), end)
+        established = conn.established_ns
+        if established is not None:
             qattrs: dict[str, object] = {}
             if conn.accept_queue_depth is not None:
                 qattrs["tcp.accept_queue.depth"] = conn.accept_queue_depth
             if conn.accept_queue_depth_on_arrival is not None:
                 qattrs["tcp.accept_queue.depth_on_arrival"] = conn.accept_queue_depth_on_arrival
             spans.append(
-                self._span(
-                    "tcp.accept_queue", trace_id, parent, conn.established_ns, clamp(conn.accept_ns), qattrs
+                SpanRecord(
+                    trace_id,
+                    ids[48:64],
+                    root_id,
+                    "tcp.accept_queue",
+                    SPAN_KIND_INTERNAL,
+                    established + offset,
+                    max(accept, established) + offset,
+                    qattrs,
+                    [],
+                    [],
+                    STATUS_CODE_UNSET,
+                    "",
+                    *tail,
                 )
             )
-        handoff = conn.handoff_ns
         lf_attrs: dict[str, object] = {
             "envoy.listener_filters.peeked_bytes": conn.peeked_bytes,
             "envoy.listener_filters.peeks": conn.peeks,
         }
+        handoff = conn.handoff_ns
         if handoff is None:
             lf_attrs["otel_envoy.partial"] = ["handoff_not_seen"]
             handoff = end
+        handoff = max(handoff, start) if still_open else min(max(handoff, start), end)
         spans.append(
-            self._span(
-                "envoy.listener_filters", trace_id, parent, clamp(conn.accept_ns), clamp(handoff), lf_attrs
+            SpanRecord(
+                trace_id,
+                ids[64:80],
+                root_id,
+                "envoy.listener_filters",
+                SPAN_KIND_INTERNAL,
+                accept + offset,
+                max(handoff, accept) + offset,
+                lf_attrs,
+                [],
+                [],
+                STATUS_CODE_UNSET,
+                "",
+                *tail,
             )
         )
-        if tls is not None and tls.started_ns is not None:
-            spans.append(self._tls_span(conn, trace_id, parent, clamp, end))
+        if hello is not None and tls.started_ns is not None:  # type: ignore[union-attr]
+            spans.append(self._tls_span(conn, trace_id, ids[80:96], root_id, start, end))
+        for span in spans[1:]:
+            if span.span_id == _ZERO_SPAN_ID:
+                span.span_id = _ONE_SPAN_ID
         return spans
 
     def _tls_span(
-        self, conn: ConnectionRecord, trace_id: int, parent: SpanContext, clamp, end: int
-    ) -> ReadableSpan:
+        self, conn: ConnectionRecord, trace_id: str, span_id: str, parent_id: str, start: int, end: int
+    ) -> SpanRecord:
         tls = conn.tls
         assert tls is not None and tls.started_ns is not None
-        attrs = dict(tls.summary())
-        status = _OK
+        attrs = tls.summary()  # a new dict per call
+        code, message = STATUS_CODE_UNSET, ""
         done = tls.completed_ns
         if done is None:
             done = end
-            msg = tls.error or (
+            message = tls.error or (
                 "connection closed during the TLS handshake"
                 if not conn.still_open
                 else "handshake still in progress"
             )
-            status = Status(StatusCode.ERROR, msg)
+            code = STATUS_CODE_ERROR
         elif tls.error:  # completed, but something in the records could not be parsed
-            attrs["otel_envoy.tls.parse_error"] = tls.error
-            status = Status(StatusCode.ERROR, tls.error)
-        return self._span(
-            "tls.handshake", trace_id, parent, clamp(tls.started_ns), clamp(done), attrs, status=status
+            attrs = {**attrs, "otel_envoy.tls.parse_error": tls.error}
+            code, message = STATUS_CODE_ERROR, tls.error
+        t0 = max(tls.started_ns, start)
+        t1 = max(done, start)
+        if not conn.still_open:
+            t0, t1 = min(t0, end), min(t1, end)
+        offset = self.clock.offset_ns
+        return SpanRecord(
+            trace_id,
+            span_id,
+            parent_id,
+            "tls.handshake",
+            SPAN_KIND_INTERNAL,
+            t0 + offset,
+            max(t1, t0) + offset,
+            attrs,
+            [],
+            [],
+            code,
+            message,
+            *self._tail,
         )

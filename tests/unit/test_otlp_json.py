@@ -1,4 +1,8 @@
-"""OTLP/JSON encoder: must match the SDK's protobuf encoding, modulo OTLP/JSON's hex ids."""
+"""OTLP/JSON and protobuf encoders: must match the SDK's protobuf encoding, modulo OTLP/JSON's hex ids.
+
+SDK ``ReadableSpan`` objects and :class:`SpanRecord` objects (what the span builder makes) must encode to the
+same JSON text and the same protobuf bytes as the SDK's encoder gives for the same spans.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from otel_envoy.export.otlp_json import (
     encode_request_json,
     encode_value,
 )
-from otel_envoy.export.records import SpanRecord, records_from_proto
+from otel_envoy.export.records import SpanRecord, encode_request_proto, records_from_proto, to_readable_spans
 
 T0 = 1_700_000_000_123_456_789
 TRACE_A = 0x0AF7651916CD43DD8448EB211C80319C
@@ -342,3 +346,205 @@ def test_decode_accepts_protobuf_json_variants() -> None:
 def test_decode_rejects_malformed(obj: Any) -> None:
     with pytest.raises(ValueError):
         decode_request_json(obj)
+
+
+# --------------------------------------------------------------------------------------------- records
+
+SHARED_RESOURCE = {"service.name": "envoy", "host.name": "node-1", "process.pid": 4242}
+LONG = "x" * 200  # lengths above 127 bytes take two-byte varints
+VERY_LONG = "é" * 9000  # ... and above 16383 bytes, three
+
+
+def _record(name: str, span_id: int, parent: int | None = None, **kw: Any) -> SpanRecord:
+    fields: dict[str, Any] = {
+        "trace_id": f"{TRACE_A:032x}",
+        "span_id": f"{span_id:016x}",
+        "parent_span_id": f"{parent:016x}" if parent is not None else None,
+        "name": name,
+        "kind": 1,
+        "start_ns": T0,
+        "end_ns": T0 + 1000,
+        "resource_attributes": SHARED_RESOURCE,
+        "scope_name": "otel-envoy",
+        "scope_version": "0.1.0",
+        "flags": 0x100,
+    }
+    fields.update(kw)
+    return SpanRecord(**fields)
+
+
+def sample_records() -> list[SpanRecord]:
+    """Records shaped like the SDK's spans (so SDK spans made from them encode to the same bytes)."""
+    return [
+        _record(
+            "envoy.downstream.connection",
+            0x1111111111111111,
+            kind=2,
+            end_ns=T0 + 12_500_000,
+            attributes={
+                "network.peer.address": "10.1.2.3",
+                "network.peer.port": 51234,
+                "unicode": 'héllo ☃ "quoted" \\ back\nslash\t\u0001',
+                "long": LONG,
+                "very.long": VERY_LONG,
+                "bool.true": True,
+                "bool.false": False,
+                "int.zero": 0,
+                "int.127": 127,
+                "int.128": 128,
+                "int.16383": 16383,
+                "int.16384": 16384,
+                "int.2097151": 2**21 - 1,
+                "int.2097152": 2**21,
+                "int.max": 2**63 - 1,
+                "int.neg": -42,
+                "int.min": -(2**63),
+                "double": 3.25,
+                "double.neg": -1e-300,
+                "list.str": ["TCP_NODELAY", "", LONG],
+                "list.int": [1, -2, 300],
+                "list.mixed": [True, 0.5, "s", [1, ["deep"]]],
+                "list.empty": [],
+                "bytes": b"\x00\xff",
+                "kvlist": {"a": 1, "b": {"c": "d"}},
+                "k" * 150: "a key longer than 127 bytes",
+            },
+            events=[
+                (T0 + 100, "tcp.retransmit", {"tcp.state": 1}),
+                (T0 + 200, "tcp.reset_received", {}),
+            ],
+            status_code=2,
+            status_message="connection reset by peer",
+            trace_state="vendor=value,other=x",
+        ),
+        _record("tcp.accept_queue", 0x2222222222222222, 0x1111111111111111, attributes={"depth": 1}),
+        _record("tls.handshake", 0x3333333333333333, 0x1111111111111111, status_code=2),
+        _record("remote.child", 0x4444444444444444, 0x00000000000000FF, flags=0x300, status_code=1),
+        _record("no.times", 0x5555555555555555, start_ns=0, end_ns=0, kind=5),
+        # An equal copy of the shared resource dict groups with it; other resources and scopes do not.
+        _record("equal.resource", 0x6666666666666666, resource_attributes=dict(SHARED_RESOURCE)),
+        _record(
+            "other.resource",
+            0x7777777777777777,
+            resource_attributes={"service.name": "other"},
+            resource_schema_url="https://opentelemetry.io/schemas/1.21.0",
+        ),
+        _record("other.scope", 0x8888888888888888, scope_name="otel-envoy.extra", scope_version=""),
+        _record("no.scope", 0x9999999999999999, scope_name="", scope_version="", resource_attributes={}),
+    ]
+
+
+def test_records_encode_exactly_like_the_same_sdk_spans() -> None:
+    records = sample_records()
+    spans = to_readable_spans(records)
+    assert encode_request_json(records) == encode_request_json(spans)
+    assert encode_request(records) == encode_request(spans)
+    assert encode_request_proto(records) == encode_spans(spans).SerializeToString()
+    assert _strict_loads(encode_request_json(records)) == encode_request(records)
+    _assert_same(_parse(encode_request(records)), encode_spans(spans))
+    for record, span in zip(records, spans, strict=True):
+        assert encode_request_json([record]) == encode_request_json([span])
+        assert encode_request_proto([record]) == encode_spans([span]).SerializeToString()
+
+
+def test_records_round_trip_through_json_and_protobuf() -> None:
+    records = sample_records()
+    records[1].links = [
+        (f"{TRACE_B:032x}", "3333333333333333", {"why": "x"}),
+        (f"{TRACE_B:032x}", "44" * 8, {}),
+    ]
+    records[2].flags = 0  # a record without flags keeps none
+    records[2].status_message = "message without an error code"
+    records[3].attributes = {"nested": {"kv": [1, {"x": b"\x01"}]}}
+    from_json = decode_request_json(_strict_loads(encode_request_json(records)))
+    from_proto = records_from_proto(ExportTraceServiceRequest.FromString(encode_request_proto(records)))
+    assert _normalise(from_json) == _normalise(records)
+    assert _normalise(from_proto) == _normalise(records)
+
+
+def test_record_grouping() -> None:
+    obj = _strict_loads(encode_request_json(sample_records()))
+    groups = [
+        (rs.get("schemaUrl"), [(ss["scope"], [s["name"] for s in ss["spans"]]) for ss in rs["scopeSpans"]])
+        for rs in obj["resourceSpans"]
+    ]
+    assert groups == [
+        (
+            None,
+            [
+                (
+                    {"name": "otel-envoy", "version": "0.1.0"},
+                    ["envoy.downstream.connection", "tcp.accept_queue", "tls.handshake", "remote.child",
+                     "no.times", "equal.resource"],
+                ),
+                ({"name": "otel-envoy.extra"}, ["other.scope"]),
+            ],
+        ),
+        ("https://opentelemetry.io/schemas/1.21.0", [({"name": "otel-envoy", "version": "0.1.0"},
+                                                      ["other.resource"])]),
+        (None, [({}, ["no.scope"])]),
+    ]  # fmt: skip
+    assert "attributes" not in obj["resourceSpans"][2]["resource"]
+
+
+def test_record_special_values() -> None:
+    record = _record(
+        "special",
+        1,
+        attributes={
+            "nan": float("nan"),
+            "inf": float("-inf"),
+            "huge": 2**70,
+            "neg.huge": -(2**64),
+            "none": None,
+        },
+    )
+    obj = _strict_loads(encode_request_json([record]))  # still strict JSON
+    (rec,) = decode_request_json(obj)
+    (pb,) = records_from_proto(ExportTraceServiceRequest.FromString(encode_request_proto([record])))
+    for decoded in (rec, pb):
+        assert math.isnan(decoded.attributes["nan"])
+        assert decoded.attributes["inf"] == float("-inf")
+        assert decoded.attributes["huge"] == str(2**70)  # not representable as int64: a string
+        assert decoded.attributes["neg.huge"] == str(-(2**64))
+        assert decoded.attributes["none"] is None
+
+
+def test_mixed_batches_hold_records_and_sdk_spans() -> None:
+    records, spans = sample_records()[:3], sample_spans()[:3]
+    names = sorted([r.name for r in records] + [s.name for s in spans])
+    from_json = decode_request_json(_strict_loads(encode_request_json([spans[0], *records, *spans[1:]])))
+    assert sorted(r.name for r in from_json) == names
+    assert _strict_loads(encode_request_json([*records, *spans])) == encode_request([*records, *spans])
+    request = ExportTraceServiceRequest.FromString(encode_request_proto([*spans, *records]))
+    assert sorted(r.name for r in records_from_proto(request)) == names
+
+
+def test_changed_resource_dict_is_encoded_again() -> None:
+    resource = {"service.name": "a"}
+    record = _record("r", 1, resource_attributes=resource)
+    assert '"stringValue":"a"' in encode_request_json([record])
+    assert b"\x0a\x01a" in encode_request_proto([record])
+    resource["service.name"] = "b"
+    (decoded,) = decode_request_json(json.loads(encode_request_json([record])))
+    assert decoded.resource_attributes == {"service.name": "b"}
+    (decoded,) = records_from_proto(ExportTraceServiceRequest.FromString(encode_request_proto([record])))
+    assert decoded.resource_attributes == {"service.name": "b"}
+
+
+def test_empty_record_batch() -> None:
+    assert encode_request_json([]) == '{"resourceSpans":[]}'
+    assert encode_request_proto([]) == b""
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [{"trace_id": "abcd"}, {"span_id": "0" * 15 + "x"}, {"parent_span_id": "00" * 9}],
+    ids=["short_trace_id", "not_hex", "long_parent_id"],
+)
+def test_bad_record_ids_fail_the_protobuf_encoding(ids: dict[str, str]) -> None:
+    record = _record("bad", 1, 2)
+    for field, value in ids.items():
+        setattr(record, field, value)
+    with pytest.raises(ValueError):  # rather than a malformed request
+        encode_request_proto([record])

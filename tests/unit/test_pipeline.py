@@ -22,8 +22,9 @@ from otel_envoy.export.otlp import (
     endpoint_host_port,
     resolve_otlp_settings,
 )
-from otel_envoy.export.otlp_json import decode_request_json
+from otel_envoy.export.otlp_json import decode_request_json, encode_request_json
 from otel_envoy.export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline, SpanSink
+from otel_envoy.export.records import SpanRecord
 from tests.support.otlp_receiver import OtlpReceiver
 
 RESOURCE = Resource.create({"service.name": "otel-envoy-test"})
@@ -438,3 +439,107 @@ def test_check_reachable(rx: OtlpReceiver) -> None:
     assert message is not None and message.startswith(
         "OTLP endpoint http://no-such-host.invalid:4317 is unreachable"
     )
+
+
+# --------------------------------------------------------------------------------------------- records
+
+
+def make_records(n: int, trace_id: int = TRACE, first_id: int = 1) -> list[SpanRecord]:
+    """The spans of :func:`make_spans` as records (what the span builder hands the pipeline)."""
+    records = decode_request_json(json.loads(encode_request_json(make_spans(n, trace_id, first_id))))
+    shared = records[0].resource_attributes
+    for r in records:  # one resource dict, as the builder does
+        r.resource_attributes = shared
+    return records
+
+
+def _by_id(records: list[SpanRecord]) -> list[SpanRecord]:
+    return sorted(records, key=lambda r: r.span_id)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_records_arrive_intact(rx: OtlpReceiver, protocol: str) -> None:
+    endpoint = rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint
+    sink = OtlpSink(protocol, endpoint, timeout=5.0)
+    # Our own encoder on the SDK exporter's transport, not the SDK's encoder.
+    if protocol == "grpc":
+        assert type(sink._exporter._client).__name__ == "_RawTraceServiceStub"
+    else:
+        assert sink._exporter._encodes_records
+    records = make_records(5)
+    pipeline = SpanPipeline([sink], flush_interval=0.05)
+    try:
+        assert pipeline.submit(records) == 5
+        assert pipeline.flush(10.0)
+        received = rx.wait_for(lambda s: len(s) >= 5, timeout=10.0)
+    finally:
+        pipeline.shutdown(5.0)
+    _check_records(received, 5)
+    assert _by_id(received) == _by_id(records)
+    assert pipeline.stats()["exported"] == {sink.name: 5}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_records_and_sdk_spans_in_one_batch(rx: OtlpReceiver, protocol: str) -> None:
+    endpoint = rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint
+    sink = OtlpSink(protocol, endpoint, timeout=5.0)
+    try:
+        assert sink.export([*make_records(3), *make_spans(2, trace_id=TRACE + 1)])
+    finally:
+        sink.shutdown()
+    received = rx.wait_for(lambda s: len(s) >= 5)
+    assert sorted(r.trace_id for r in received) == [f"{TRACE:032x}"] * 3 + [f"{TRACE + 1:032x}"] * 2
+
+
+def test_otlp_sinks_fall_back_when_sdk_internals_differ(rx: OtlpReceiver) -> None:
+    """Should an SDK release move what the fast paths use, records still go out (through SDK objects)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
+
+    grpc_sink = OtlpSink("grpc", rx.grpc_endpoint, timeout=5.0)
+    grpc_sink._exporter._client = TraceServiceStub(grpc_sink._exporter._channel)  # the SDK's own stub
+    http_sink = OtlpSink("http/protobuf", rx.http_endpoint, timeout=5.0)
+    http_sink._exporter._encodes_records = False
+    try:
+        for sink, key in ((grpc_sink, "grpc"), (http_sink, "http/protobuf")):
+            rx.clear()
+            assert sink.export(make_records(3))
+            _check_records(rx.wait_for(lambda s: len(s) >= 3), 3)
+            assert rx.requests[key] == 1
+    finally:
+        grpc_sink.shutdown()
+        http_sink.shutdown()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_failing_receiver_counts_record_export_failures(rx: OtlpReceiver, protocol: str) -> None:
+    endpoint = rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint
+    # Room for exactly one retry: the SDK backs off 0.8-1.2 s after a first failure, 1.6-2.4 s after a second.
+    sink = OtlpSink(protocol, endpoint, timeout=2.3)
+    rx.set_failing(True)
+    pipeline = SpanPipeline([sink], flush_interval=0.05)
+    try:
+        assert pipeline.submit(make_records(4)) == 4
+        assert pipeline.flush(15.0)
+        assert pipeline.stats()["drops"] == {f"export_failed:{sink.name}": 4}
+        key = "grpc" if protocol == "grpc" else "http/protobuf"
+        assert rx.rejected[key] == 2  # the SDK's retry sent the same request again
+        if protocol == "grpc":  # UNAVAILABLE made the SDK build a new channel: still with our stub
+            assert type(sink._exporter._client).__name__ == "_RawTraceServiceStub"
+        rx.set_failing(False)
+        pipeline.submit(make_records(2, first_id=200))
+        assert pipeline.flush(15.0)
+        assert pipeline.stats()["exported"][sink.name] == 2
+    finally:
+        pipeline.shutdown(5.0)
+
+
+def test_jsonl_sink_writes_records(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    sink = JsonLinesFileSink(path)
+    records = make_records(4)
+    assert sink.export(records)
+    assert sink.export(make_spans(4))  # the same spans as SDK spans
+    sink.shutdown()
+    first, second = path.read_text().splitlines()
+    assert _by_id(decode_request_json(json.loads(first))) == _by_id(records)
+    assert _by_id(decode_request_json(json.loads(second))) == _by_id(records)

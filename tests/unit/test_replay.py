@@ -21,12 +21,11 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
 
 from otel_envoy.events.layout import load_layout
 from otel_envoy.events.recording import MAGIC, RecordingError, RecordingReader, RecordingWriter
 from otel_envoy.export.otlp_json import decode_request_json, encode_request_json
-from otel_envoy.export.pipeline import SpanPipeline, SpanSink
+from otel_envoy.export.pipeline import ExportSpan, SpanPipeline, SpanSink
 from otel_envoy.export.records import STATUS_CODE_ERROR, STATUS_CODE_UNSET, SpanRecord
 from otel_envoy.pipeline import EventPipeline
 from otel_envoy.spans.clock import MonotonicClock
@@ -81,10 +80,10 @@ class CollectingSink(SpanSink):
     name = "memory"
 
     def __init__(self) -> None:
-        self.spans: list[ReadableSpan] = []
+        self.spans: list[ExportSpan] = []
         self.lines: list[str] = []
 
-    def export(self, spans: Sequence[ReadableSpan]) -> bool:
+    def export(self, spans: Sequence[ExportSpan]) -> bool:
         self.lines.append(encode_request_json(spans))
         self.spans.extend(spans)
         return True
@@ -205,8 +204,9 @@ def test_in_process_replay_gives_24_connections(in_process: tuple[EventPipeline,
     assert pipeline.counts["connections"] == 24
     assert pipeline.counts["spans"] == len(sink.spans)
     assert pipeline.drops() == {}  # a clean recording decodes and correlates without losses
-    assert len({s.context.trace_id for s in sink.spans}) == 24
-    assert all(s.resource.attributes["service.name"] == "replay-test" for s in sink.spans)
+    assert all(isinstance(s, SpanRecord) for s in sink.spans)  # the builder's records, not SDK spans
+    assert len({s.trace_id for s in sink.spans}) == 24  # type: ignore[union-attr]
+    assert all(s.resource_attributes["service.name"] == "replay-test" for s in sink.spans)  # type: ignore[union-attr]
 
 
 def test_plain_connection(traces: dict[int, Trace]) -> None:
