@@ -16,7 +16,8 @@
  * Cost: the raw syscall programs run for every syscall of every process on the machine: other syscalls pay
  * a switch on the syscall number, other processes' reads and writes one register read and one hash lookup.
  * Per connection, only the first CAPTURE_MSGS_DEFAULT reads/writes carry bytes (up to CAPTURE_MAX each);
- * after that I/O is only counted in `conns` and reported once at close.
+ * after that I/O is only counted in `conns` and reported once at close. Plaintext connections (HTTP) carry
+ * bytes on every read and write when HTTP_CAPTURE is set; TLS ones stop at the first application data.
  * Never dereference kernel structs here: headers are 6.1, the kernel is newer. Tracepoint fields only.
  */
 #include <uapi/linux/ptrace.h>
@@ -37,6 +38,10 @@ enum sk_rst_reason { SK_RST_REASON_STANDIN = 0 };
 #define RINGBUF_PAGES 4096 /* 16 MiB */
 #endif
 #define MAX_IOV 8
+#ifndef HTTP_CAPTURE
+#define HTTP_CAPTURE 1 /* 0: plaintext connections get the same capture budget as TLS ones */
+#endif
+#define CAPTURE_UNLIMITED 0xffffffff
 
 /* x86-64 syscall numbers and argument registers (di, si, dx, r10, r8, r9): the raw syscall tracepoints see
  * only the number and the registers. The loader refuses other architectures. */
@@ -474,6 +479,10 @@ static __always_inline int on_io_exit(long ret) {
             e->captured = capture_flat(e, (const void *)req.buf, want);
         }
     }
+    /* Plaintext from its first byte (not a TLS handshake record): with request capture on, every read
+     * and write of the connection carries its first bytes, for the HTTP parser in user space. */
+    if (HTTP_CAPTURE && first_io && e->captured >= 1 && e->data[0] != 0x16)
+        cs->capture_budget = CAPTURE_UNLIMITED;
     if (e->captured >= 3 && !is_write && !peek) {
         if (first_io && e->data[0] == 0x16)
             cs->flags |= CONN_TLS;

@@ -13,13 +13,15 @@ from collections.abc import Callable
 from opentelemetry.sdk.resources import Resource
 
 from .correlate.connections import ConnectionCorrelator, ListenSocket
-from .correlate.model import ConnectionRecord
+from .correlate.model import ConnectionRecord, RequestRecord, UpstreamRecord
 from .events.decode import Decoder
 from .events.layout import load_layout
 from .events.recording import RecordingWriter
 from .export.pipeline import SpanPipeline
+from .protocols.http1 import HttpExchange
 from .spans.clock import MonotonicClock
 from .spans.connection import ConnectionSpanBuilder
+from .spans.requests import RequestSpanBuilder
 
 __all__ = ["EventPipeline", "listen_sockets_from_context", "listen_sockets_to_context"]
 
@@ -49,11 +51,19 @@ class EventPipeline:
         *,
         recorder: RecordingWriter | None = None,
         on_listen: Callable[[int], None] | None = None,
+        http: bool = True,
     ) -> None:
         self.decoder = Decoder()
         self.spans_out = spans_out
         self.builder = ConnectionSpanBuilder(resource, clock)
-        self.correlator = ConnectionCorrelator(self._on_connection)
+        self.request_builder = RequestSpanBuilder(self.builder)
+        self.correlator = ConnectionCorrelator(
+            self._on_connection,
+            on_request=self._on_request,
+            on_upstream=self._on_upstream,
+            on_upstream_request=self._on_upstream_request,
+            http=http,
+        )
         self.recorder = recorder
         self.on_listen = on_listen
         self.counts: Counter[str] = Counter()
@@ -92,13 +102,26 @@ class EventPipeline:
         self.correlator.flush(now_mono_ns)
 
     def _on_connection(self, conn: ConnectionRecord) -> None:
+        self._submit("connections", self.builder.build_records, conn)
+
+    def _on_request(self, rr: RequestRecord, exchange: HttpExchange) -> None:
+        self._submit("requests", self.request_builder.downstream, rr, exchange)
+
+    def _on_upstream(self, up: UpstreamRecord) -> None:
+        self._submit("upstream_connections", self.request_builder.upstream_connection, up)
+
+    def _on_upstream_request(self, up: UpstreamRecord, exchange: HttpExchange, ids: tuple[str, str]) -> None:
+        self._submit("upstream_requests_unpaired", self.request_builder.unpaired_upstream_request, up,
+                     exchange, ids)
+
+    def _submit(self, what: str, build: Callable[..., list], *args: object) -> None:
         try:
-            spans = self.builder.build_records(conn)
+            spans = build(*args)
         except Exception:  # a bug in span building must not stop tracing
             self.counts["span_build_errors"] += 1
-            log.exception("could not build spans for a connection")
+            log.exception("could not build spans (%s)", what)
             return
-        self.counts["connections"] += 1
+        self.counts[what] += 1
         self.counts["spans"] += len(spans)
         self.spans_out.submit(spans)
 

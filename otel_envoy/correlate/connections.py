@@ -6,6 +6,14 @@ How events of one connection find each other:
     only the 4-tuple, so connections are also indexed by (peer address, peer port, local port);
   * the TCP handshake completes (child socket SYN_RECV -> ESTABLISHED) *before* Envoy accepts: those wait
     in a per-port "accept queue" table until the accept with the same peer arrives.
+Plaintext HTTP/1.x on a connection seen from its start is parsed into requests (protocols.http1). Envoy's
+outgoing connections (connect, SYN_SENT -> ESTABLISHED, close) become UpstreamRecords, and each request
+Envoy writes upstream is attributed to the downstream request that caused it by the event-loop round: on one
+worker thread, the connect() of a new upstream connection happens in the same round as the downstream
+request's header block (the seeds' part-4 trick), and a request for a pooled connection is written in that
+round or the next (Envoy flushes codec writes from a deferred callback, which runs after one more
+epoll_wait). The oldest unpaired request within that window wins. When that fails, a client-sent
+x-request-id that Envoy forwarded pairs them.
 A closed connection lingers for ``linger_ns`` (events of the close itself, like Envoy's FIN or a reset,
 arrive right after the close syscall; CPUs may deliver slightly out of order) and is then emitted.
 Everything is bounded: when a table is full the oldest entry is evicted and counted in ``drops``.
@@ -13,6 +21,7 @@ Everything is bounded: when a table is full the oldest entry is evicted and coun
 
 from __future__ import annotations
 
+import random
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +30,7 @@ from ..events.layout import load_layout
 from ..events.types import (
     AcceptEvent,
     CloseEvent,
+    ConnectEvent,
     DataEvent,
     EpollCtlEvent,
     Event,
@@ -28,17 +38,21 @@ from ..events.types import (
     SockStateEvent,
     TcpEvent,
 )
+from ..protocols.http1 import Http1Exchanges, HttpExchange, HttpMessage
 from ..protocols.tls import TlsHandshakeTracker
+from ..protocols.tracecontext import trace_context
 from .addresses import format_ip
-from .model import ConnectionRecord, TcpMark
+from .model import MAX_REQUEST_LINKS, ConnectionRecord, RequestRecord, TcpMark, UpstreamRecord
 
 __all__ = ["ConnectionCorrelator", "ListenSocket"]
 
 _C = load_layout().constants
-EV_ACCEPT, EV_CLOSE, EV_DATA = _C["EV_ACCEPT"], _C["EV_CLOSE"], _C["EV_DATA"]
+EV_ACCEPT, EV_CLOSE, EV_DATA, EV_CONNECT = _C["EV_ACCEPT"], _C["EV_CLOSE"], _C["EV_DATA"], _C["EV_CONNECT"]
 EV_EPOLL_CTL, EV_SETSOCKOPT, EV_SOCK_STATE, EV_TCP = (
     _C["EV_EPOLL_CTL"], _C["EV_SETSOCKOPT"], _C["EV_SOCK_STATE"], _C["EV_TCP"])
 ROLE_DOWNSTREAM, DIR_READ, DATA_FLAG_PEEK = _C["ROLE_DOWNSTREAM"], _C["DIR_READ"], _C["DATA_FLAG_PEEK"]
+TCP_SYN_SENT = _C["TCP_SYN_SENT"]
+EINPROGRESS = 115
 TCP_ESTABLISHED, TCP_SYN_RECV, TCP_FIN_WAIT1 = _C["TCP_ESTABLISHED"], _C["TCP_SYN_RECV"], _C["TCP_FIN_WAIT1"]
 TCP_CLOSE, TCP_CLOSE_WAIT = _C["TCP_CLOSE"], _C["TCP_CLOSE_WAIT"]
 EPOLL_CTL_ADD, EPOLL_CTL_DEL = 1, 2
@@ -50,6 +64,10 @@ TCP_MARK_NAMES = {
 }
 
 TupleKey = tuple[str, int, int]  # (peer address, peer port, local port)
+OnRequest = Callable[[RequestRecord, HttpExchange], None]
+OnUpstreamRequest = Callable[[UpstreamRecord, HttpExchange, tuple[str, str]], None]  # (trace id, span id)
+MAX_REQUEST_IDS = 4096
+RECENT_REQUESTS = 16  # per thread: candidates for the next upstream request
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +96,28 @@ class ConnectionCorrelator:
         self,
         on_finished: Callable[[ConnectionRecord], None],
         *,
+        on_request: OnRequest | None = None,
+        on_upstream: Callable[[UpstreamRecord], None] | None = None,
+        on_upstream_request: OnUpstreamRequest | None = None,
+        http: bool = True,
         max_connections: int = 65536,
         max_queued: int = 65536,
         linger_ns: int = 50_000_000,
+        rng: random.Random | None = None,
     ) -> None:
         self.on_finished = on_finished
+        self.on_request = on_request
+        self.on_upstream = on_upstream
+        self.on_upstream_request = on_upstream_request
+        self.http = http
+        self._bits = (rng or random.Random()).getrandbits
+        self.upstream_open: dict[tuple[int, int], UpstreamRecord] = {}  # (tgid, fd) -> upstream
+        self.up_by_tuple: dict[TupleKey, UpstreamRecord] = {}  # (remote address, port, local port)
+        self.upstream_closing: deque[UpstreamRecord] = deque()
+        # tid -> [ts, local address, local port, peer, peer port, ESTABLISHED ts]: SYN_SENT inside connect()
+        self.syn_sent: dict[int, list] = {}
+        self.recent_requests: dict[int, deque[RequestRecord]] = {}  # tid -> newest request header blocks
+        self.by_request_id: OrderedDict[str, RequestRecord] = OrderedDict()  # client-sent x-request-id
         self.max_connections = max_connections
         self.max_queued = max_queued
         self.linger_ns = linger_ns
@@ -99,6 +134,7 @@ class ConnectionCorrelator:
         self._dispatch: dict[int, Callable[[Event], None]] = {
             EV_ACCEPT: self._on_accept,  # type: ignore[dict-item]
             EV_CLOSE: self._on_close,  # type: ignore[dict-item]
+            EV_CONNECT: self._on_connect,  # type: ignore[dict-item]
             EV_DATA: self._on_data,  # type: ignore[dict-item]
             EV_EPOLL_CTL: self._on_epoll_ctl,  # type: ignore[dict-item]
             EV_SETSOCKOPT: self._on_setsockopt,  # type: ignore[dict-item]
@@ -125,13 +161,17 @@ class ConnectionCorrelator:
         handler = self._dispatch.get(event.kind)
         if handler is not None:
             handler(event)
-        if self.closing and self.closing[0].close_ns + self.linger_ns <= self.latest_ns:  # type: ignore[operator]
+        due = self.latest_ns - self.linger_ns
+        if (self.closing and self.closing[0].close_ns <= due) or (  # type: ignore[operator]
+                self.upstream_closing and self.upstream_closing[0].end_ns <= due):
             self.expire(self.latest_ns)
 
     def expire(self, now_ns: int) -> None:
         """Emit connections that closed more than ``linger_ns`` before ``now_ns``."""
         while self.closing and self.closing[0].close_ns + self.linger_ns <= now_ns:  # type: ignore[operator]
             self._finish(self.closing.popleft())
+        while self.upstream_closing and self.upstream_closing[0].end_ns + self.linger_ns <= now_ns:
+            self._finish_upstream(self.upstream_closing.popleft())
 
     def flush(self, now_ns: int) -> None:
         """End everything: closed connections as they are, open ones at ``now_ns`` as still open."""
@@ -140,8 +180,20 @@ class ConnectionCorrelator:
         for conn in list(self.open.values()):
             conn.still_open = True
             conn.close_ns = max(now_ns, conn.accept_ns)
+            self._end_requests(conn, conn.close_ns)
             self._finish(conn)
         self.open.clear()
+        while self.upstream_closing:
+            self._finish_upstream(self.upstream_closing.popleft())
+        for up in list(self.upstream_open.values()):
+            up.still_open = True
+            up.close_ns = max(now_ns, up.connect_ns)
+            self._end_upstream_requests(up, up.close_ns)
+            self._finish_upstream(up)
+        self.upstream_open.clear()
+
+    def _new_id(self, bits: int = 64) -> str:
+        return f"{self._bits(bits) or 1:0{bits // 4}x}"
 
     # ------------------------------------------------------------------ handlers
 
@@ -174,6 +226,8 @@ class ConnectionCorrelator:
             peer_port=ev.peer_port,
             local_port=listen.port if listen else 0,
             accept_ns=ev.ts_ns,
+            trace_id=self._new_id(128),
+            span_id=self._new_id(),
         )
         if listen is None:
             conn.partial.append("listener_unknown")
@@ -205,6 +259,7 @@ class ConnectionCorrelator:
 
     def _on_data(self, ev: DataEvent) -> None:
         if ev.role != ROLE_DOWNSTREAM:
+            self._on_upstream_data(ev)
             return
         conn = self.open.get((ev.tgid, ev.fd))
         if conn is None:
@@ -222,20 +277,185 @@ class ConnectionCorrelator:
                 conn.peeked_bytes = max(conn.peeked_bytes, ev.ret)
             else:
                 self._settle_handoff(conn, ev.ts_ns)
-            if conn.not_tls:
-                return
-            if conn.tls is None:
-                if ev.data[:1] != b"\x16":  # not a TLS handshake record: plaintext connection
+            if conn.tls is None and not conn.not_tls:
+                if ev.data[:1] == b"\x16":  # a TLS handshake record
+                    conn.tls = TlsHandshakeTracker()
+                else:  # plaintext; HTTP/1.x if it parses as such
                     conn.not_tls = True
-                    return
-                conn.tls = TlsHandshakeTracker()
-            conn.tls.on_client_data(ev.ts_ns, ev.data, ev.ret, peek=bool(peek))
+                    if self.http and conn.first_io_ns == ev.ts_ns:  # seen from its first byte
+                        conn.http = Http1Exchanges(requests_read=True)
+            if conn.tls is not None:
+                conn.tls.on_client_data(ev.ts_ns, ev.data, ev.ret, peek=bool(peek))
+            elif conn.http is not None and not peek:
+                conn.http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
+                self._after_http(conn, ev)
         else:
             if ev.ret <= 0:
                 return
             self._settle_handoff(conn, ev.ts_ns)
             if conn.tls is not None:
                 conn.tls.on_server_data(ev.ts_ns, ev.data, ev.ret)
+            elif conn.http is not None:
+                conn.http.on_write(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
+                self._after_http(conn, ev)
+
+    # ------------------------------------------------------------------ HTTP requests
+
+    def _after_http(self, conn: ConnectionRecord, ev: DataEvent) -> None:
+        http = conn.http
+        assert http is not None
+        for msg in http.take_new_requests():
+            rr = RequestRecord(conn, msg, self._new_id(), trace_context(msg.headers))
+            conn.requests_pending[id(msg)] = rr
+            conn.request_count += 1
+            recent = self.recent_requests.get(ev.tid)
+            if recent is None:
+                recent = self.recent_requests[ev.tid] = deque(maxlen=RECENT_REQUESTS)
+            recent.append(rr)
+            request_id = msg.headers.get("x-request-id")
+            if request_id:
+                self.by_request_id[request_id] = rr
+                if len(self.by_request_id) > MAX_REQUEST_IDS:
+                    self.by_request_id.popitem(last=False)
+        if http.completed:
+            for exchange in http.take_completed():
+                self._request_done(conn, exchange)
+
+    def _request_done(self, conn: ConnectionRecord, exchange: HttpExchange) -> None:
+        msg = exchange.request
+        rr = conn.requests_pending.pop(id(msg), None)
+        if rr is None:  # never reached a complete header block (malformed): a record of its own
+            rr = RequestRecord(conn, msg, self._new_id(), trace_context(msg.headers))
+            conn.request_count += 1
+        request_id = msg.headers.get("x-request-id")
+        if request_id and self.by_request_id.get(request_id) is rr:
+            del self.by_request_id[request_id]
+        trace_id, _, _ = rr.placement()
+        if trace_id != conn.trace_id and len(conn.request_links) < MAX_REQUEST_LINKS:
+            conn.request_links.append((trace_id, rr.span_id))
+        if self.on_request is not None:
+            self.on_request(rr, exchange)
+
+    def _end_requests(self, conn: ConnectionRecord, ts_ns: int) -> None:
+        """The connection ended: what is still in flight becomes request spans now."""
+        if conn.http is not None:
+            for exchange in conn.http.finish(ts_ns):
+                self._request_done(conn, exchange)
+        conn.requests_pending.clear()
+
+    def _request_candidate(self, tgid: int, tid: int, round_: int, max_delay: int) -> RequestRecord | None:
+        """The oldest unpaired downstream request whose header block this thread finished at most
+        ``max_delay`` event-loop rounds ago."""
+        for rr in self.recent_requests.get(tid, ()):
+            if not rr.upstream and not rr.reserved and rr.conn.tgid == tgid and \
+                    0 <= round_ - rr.request.headers_round <= max_delay:
+                return rr
+        return None
+
+    def _pair_upstream_request(self, up: UpstreamRecord, msg: HttpMessage, ev: DataEvent) -> None:
+        rr: RequestRecord | None = None
+        if up.cause is not None and not up.cause_used:
+            rr, up.cause_used = up.cause, True
+            rr.reserved = False
+            self.stats["upstream_paired_by_connect_round"] += 1
+        else:
+            rr = self._request_candidate(ev.tgid, ev.tid, ev.round, 1)
+            if rr is not None:
+                self.stats["upstream_paired_by_round"] += 1
+        if rr is None:
+            request_id = msg.headers.get("x-request-id")
+            rr = self.by_request_id.get(request_id) if request_id else None
+            if rr is not None:
+                self.stats["upstream_paired_by_request_id"] += 1
+        if rr is None:
+            self.stats["upstream_unpaired"] += 1
+            up.unpaired[id(msg)] = (self._new_id(128), self._new_id())
+            return
+        rr.upstream.append((up, msg, self._new_id()))
+
+    # ------------------------------------------------------------------ upstream connections
+
+    def _on_connect(self, ev: ConnectEvent) -> None:
+        if ev.ret not in (0, -EINPROGRESS) or not ev.family:
+            return
+        key = (ev.tgid, ev.fd)
+        stale = self.upstream_open.pop(key, None)
+        if stale is not None:
+            stale.close_ns = ev.ts_ns
+            self.drops["upstream_fd_reused_without_close"] += 1
+            self._close_upstream(stale)
+        if len(self.upstream_open) >= self.max_connections:
+            _, victim = next(iter(self.upstream_open.items()))
+            self.upstream_open.pop((victim.tgid, victim.fd))
+            victim.still_open, victim.close_ns = True, ev.ts_ns
+            self.drops["upstream_table_full"] += 1
+            self._close_upstream(victim)
+        peer = format_ip(ev.family, ev.peer_addr)
+        up = UpstreamRecord(
+            tgid=ev.tgid, fd=ev.fd, tid=ev.tid,
+            thread_name=ev.comm.split(b"\0", 1)[0].decode(errors="replace"),
+            peer_address=peer, peer_port=ev.peer_port, connect_ns=ev.ts_ns, connect_ret=ev.ret,
+            trace_id=self._new_id(128), span_id=self._new_id(), connect_span_id=self._new_id(),
+        )
+        syn = self.syn_sent.pop(ev.tid, None)
+        if syn is not None and syn[3] == peer and syn[4] == ev.peer_port:
+            up.syn_sent_ns, up.local_address, up.local_port = syn[0], syn[1], syn[2]
+            up.established_ns = syn[5]
+            self.up_by_tuple[(peer, ev.peer_port, up.local_port)] = up
+        cause = self._request_candidate(ev.tgid, ev.tid, ev.round, 0)
+        if cause is not None:
+            up.cause, cause.reserved = cause, True
+        self.upstream_open[key] = up
+
+    def _on_upstream_data(self, ev: DataEvent) -> None:
+        up = self.upstream_open.get((ev.tgid, ev.fd))
+        if up is None:
+            return
+        if ev.ret <= 0:
+            if ev.ret == 0 and ev.direction == DIR_READ and up.eof_ns is None:
+                up.eof_ns = ev.ts_ns
+            return
+        if up.http is None and not up.not_http:
+            if self.http and ev.direction != DIR_READ and ev.data[:1] not in (b"\x16", b"P", b""):
+                up.http = Http1Exchanges(requests_read=False)  # HTTP/1.x request first
+            else:  # TLS, HTTP/2 (preface "PRI * HTTP/2.0") or a server-first protocol
+                up.not_http = True
+        http = up.http
+        if http is None:
+            return
+        if ev.direction == DIR_READ:
+            http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
+        else:
+            http.on_write(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
+            for msg in http.take_new_requests():
+                up.requests += 1
+                self._pair_upstream_request(up, msg, ev)
+        if http.completed:
+            for exchange in http.take_completed():
+                self._upstream_request_done(up, exchange)
+
+    def _upstream_request_done(self, up: UpstreamRecord, exchange: HttpExchange) -> None:
+        ids = up.unpaired.pop(id(exchange.request), None)
+        if ids is not None and self.on_upstream_request is not None:
+            self.on_upstream_request(up, exchange, ids)
+        # paired ones are exported with their downstream request (RequestRecord.upstream)
+
+    def _end_upstream_requests(self, up: UpstreamRecord, ts_ns: int) -> None:
+        if up.http is not None:
+            for exchange in up.http.finish(ts_ns):
+                self._upstream_request_done(up, exchange)
+
+    def _close_upstream(self, up: UpstreamRecord) -> None:
+        self._end_upstream_requests(up, up.end_ns)
+        self.upstream_closing.append(up)
+
+    def _finish_upstream(self, up: UpstreamRecord) -> None:
+        tkey = (up.peer_address, up.peer_port, up.local_port)
+        if self.up_by_tuple.get(tkey) is up:
+            del self.up_by_tuple[tkey]
+        self.stats["upstream_connections"] += 1
+        if self.on_upstream is not None:
+            self.on_upstream(up)
 
     @staticmethod
     def _settle_handoff(conn: ConnectionRecord, ts_ns: int) -> None:
@@ -265,6 +485,11 @@ class ConnectionCorrelator:
 
     def _on_close(self, ev: CloseEvent) -> None:
         if ev.role != ROLE_DOWNSTREAM:
+            up = self.upstream_open.pop((ev.tgid, ev.fd), None)
+            if up is not None:
+                up.close_ns = ev.ts_ns
+                up.bytes_received, up.bytes_sent = ev.bytes_rx, ev.bytes_tx
+                self._close_upstream(up)
             return
         conn = self.open.pop((ev.tgid, ev.fd), None)
         if conn is None:
@@ -274,6 +499,7 @@ class ConnectionCorrelator:
         conn.bytes_sent = ev.bytes_tx
         if conn.handoff_ns is None and conn.first_epoll_add_ns is not None and not conn.saw_epoll_del:
             conn.handoff_ns = conn.first_epoll_add_ns
+        self._end_requests(conn, ev.ts_ns)
         self.closing.append(conn)
 
     def _on_sock_state(self, ev: SockStateEvent) -> None:
@@ -281,6 +507,28 @@ class ConnectionCorrelator:
         peer = format_ip(ev.family, ev.daddr)
         tkey = (peer, ev.dport, ev.sport)
         new = ev.newstate
+        if new == TCP_SYN_SENT:  # inside the target's connect(): its exit names the fd
+            self.syn_sent[ev.tid] = [ev.ts_ns, local, ev.sport, peer, ev.dport, None]
+            if len(self.syn_sent) > self.max_queued:
+                self.syn_sent.pop(next(iter(self.syn_sent)))
+            return
+        if new == TCP_ESTABLISHED and ev.oldstate == TCP_SYN_SENT:
+            # over loopback the handshake completes inside connect(), before its exit names the fd
+            pending = self.syn_sent.get(ev.tid)
+            if pending is not None and pending[2:5] == [ev.sport, peer, ev.dport]:
+                pending[5] = ev.ts_ns
+                return
+        up = self.up_by_tuple.get(tkey)
+        if up is not None:
+            if new == TCP_ESTABLISHED and up.established_ns is None:
+                up.established_ns = ev.ts_ns
+            elif new == TCP_CLOSE and ev.oldstate == TCP_SYN_SENT:
+                up.failed_state_ns = ev.ts_ns
+            elif new == TCP_CLOSE_WAIT and up.peer_fin_ns is None:
+                up.peer_fin_ns = ev.ts_ns
+            elif new == TCP_FIN_WAIT1 and up.envoy_fin_ns is None:
+                up.envoy_fin_ns = ev.ts_ns
+            return
         if new == TCP_ESTABLISHED and ev.oldstate == TCP_SYN_RECV:
             conn = self.by_tuple.get(tkey)
             if conn is not None:  # already accepted: late (cross-CPU reordering) or a duplicate
@@ -319,7 +567,7 @@ class ConnectionCorrelator:
         if name is None:
             return
         tkey = (format_ip(ev.family, ev.daddr), ev.dport, ev.sport)
-        conn = self.by_tuple.get(tkey)
+        conn = self.by_tuple.get(tkey) or self.up_by_tuple.get(tkey)
         if conn is not None:
             if len(conn.tcp_marks) < 64:
                 conn.tcp_marks.append(TcpMark(ev.ts_ns, name, ev.state))

@@ -1,12 +1,21 @@
-"""What the correlator knows about one connection when it ends. Times are kernel monotonic ns."""
+"""What the correlator knows about connections and requests. Times are kernel monotonic ns.
+
+Span ids are chosen when a record is created (lowercase hex, as SpanRecord carries them), so spans of
+requests can be exported while their connection is still open and still name it as their parent.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..protocols.http1 import Http1Exchanges, HttpMessage
 from ..protocols.tls import TlsHandshakeTracker
+from ..protocols.tracecontext import TraceContext, trace_context
 
-__all__ = ["ConnectionRecord", "TcpMark"]
+__all__ = ["ConnectionRecord", "RequestRecord", "TcpMark", "UpstreamRecord"]
+
+#: Span links from a connection to its requests that live in other traces, at most.
+MAX_REQUEST_LINKS = 32
 
 
 @dataclass(slots=True)
@@ -54,6 +63,12 @@ class ConnectionRecord:
     tls: TlsHandshakeTracker | None = None
     not_tls: bool = False
     partial: list[str] = field(default_factory=list)  # what we know we missed
+    trace_id: str = ""  # this connection's own trace and root span (set by the correlator)
+    span_id: str = ""
+    http: Http1Exchanges | None = None  # plaintext HTTP/1.x seen from the connection's start
+    requests_pending: dict[int, RequestRecord] = field(default_factory=dict)  # id(request msg) -> record
+    request_count: int = 0
+    request_links: list[tuple[str, str]] = field(default_factory=list)  # requests in other traces
 
     @property
     def start_ns(self) -> int:
@@ -88,3 +103,90 @@ class ConnectionRecord:
 
     def _first(self, name: str) -> int | None:
         return next((m.ts_ns for m in self.tcp_marks if m.name == name), None)
+
+
+@dataclass(slots=True)
+class UpstreamRecord:
+    """One connection a target opened (connect) to an upstream."""
+
+    tgid: int
+    fd: int
+    tid: int
+    thread_name: str
+    peer_address: str
+    peer_port: int
+    connect_ns: int
+    connect_ret: int
+    trace_id: str
+    span_id: str
+    connect_span_id: str = ""  # tcp.connect child
+    local_address: str | None = None
+    local_port: int = 0
+    syn_sent_ns: int | None = None
+    established_ns: int | None = None
+    peer_fin_ns: int | None = None
+    envoy_fin_ns: int | None = None
+    eof_ns: int | None = None
+    close_ns: int | None = None
+    failed_state_ns: int | None = None  # SYN_SENT -> CLOSE: the connect failed (refused, timed out)
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    still_open: bool = False
+    tcp_marks: list[TcpMark] = field(default_factory=list)
+    http: Http1Exchanges | None = None
+    not_http: bool = False
+    cause: RequestRecord | None = None  # the downstream request that made Envoy connect
+    cause_used: bool = False  # its first request was attributed to `cause`
+    requests: int = 0
+    # requests no downstream request was found for: id(request msg) -> (trace id, span id) of their own
+    unpaired: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def end_ns(self) -> int:
+        """Close, or the connect when nothing later was seen."""
+        return self.close_ns if self.close_ns is not None else self.connect_ns
+
+    def close_initiator(self) -> str | None:
+        """'peer' (the upstream) or 'envoy': who ended the connection first."""
+        peer = min((t for t in (self.peer_fin_ns, self.eof_ns) if t), default=None)
+        if peer is not None and (self.envoy_fin_ns is None or peer <= self.envoy_fin_ns):
+            return "peer"
+        if self.envoy_fin_ns is not None or self.close_ns is not None:
+            return "envoy"
+        return None
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """A request Envoy read on a downstream connection, and the upstream requests it caused."""
+
+    conn: ConnectionRecord
+    request: HttpMessage
+    span_id: str
+    context: TraceContext | None  # from the request's own headers
+    upstream: list[tuple[UpstreamRecord, HttpMessage, str]] = field(default_factory=list)  # (conn, req, id)
+    reserved: bool = False  # the cause of a new upstream connection whose request is not written yet
+
+    def placement(self) -> tuple[str, str | None, str]:
+        """``(trace id, parent span id, source)`` of this request's span.
+
+        Its own trace-context headers first; else the trace context Envoy put on the upstream request
+        (Envoy's own tracer: traceparent/b3 on the way out); else a child of the downstream connection.
+        """
+        ctx = self.context
+        if ctx is None:
+            for _, up_req, _ in self.upstream:
+                up_ctx = _upstream_context(up_req)
+                if up_ctx is not None:
+                    ctx = up_ctx
+                    break
+        if ctx is not None:
+            parent = f"{ctx.parent_span_id:016x}" if ctx.parent_span_id is not None else None
+            return f"{ctx.trace_id:032x}", parent, ctx.source
+        return self.conn.trace_id, self.conn.span_id, "connection"
+
+
+def _upstream_context(msg: HttpMessage) -> TraceContext | None:
+    """Trace context Envoy's tracer added to an upstream request (x-request-id alone does not count)."""
+    ctx = trace_context(msg.headers)
+    return ctx if ctx is not None and ctx.source != "x-request-id" else None

@@ -31,6 +31,7 @@ class ProbeConfig:
 
     max_conns: int = 65536
     ringbuf_pages: int = 4096  # 16 MiB with 4 KiB pages
+    http_capture: bool = True  # every read/write of plaintext connections carries bytes (request spans)
 
     def cflags(self) -> list[str]:
         """The -D/-I flags handed to bcc's clang."""
@@ -38,6 +39,7 @@ class ProbeConfig:
             f"-I{BPF_DIR}",
             f"-DMAX_CONNS={int(self.max_conns)}",
             f"-DRINGBUF_PAGES={int(self.ringbuf_pages)}",
+            f"-DHTTP_CAPTURE={int(self.http_capture)}",
             "-Wno-macro-redefined",
             "-Wno-unused-function",
         ]

@@ -32,6 +32,8 @@ KEPT_HEADERS = frozenset({
 #: Requests waiting for their response, per connection; beyond this the oldest is ended unanswered.
 MAX_PENDING = 64
 _MAX_HEADER_VALUE = 512
+_MAX_SYSCALL_BYTES = 0x7FFFF000  # Linux moves at most this much in one read/write (MAX_RW_COUNT)
+_ZEROS = memoryview(bytes(65536))
 
 
 @dataclass(slots=True)
@@ -51,6 +53,8 @@ class HttpMessage:
     error: str | None = None
     tid: int = 0  # thread that moved the first byte
     round: int = 0  # its event-loop round
+    headers_round: int = 0  # the event-loop round in which the header block completed
+    response: HttpMessage | None = None  # requests: the response that answered it, once complete
 
 
 @dataclass(slots=True)
@@ -74,6 +78,7 @@ class _Direction:
         "current",
         "done",
         "failed",
+        "headers_done",
         "upgraded",
     )
 
@@ -82,6 +87,7 @@ class _Direction:
         self._parser = (httptools.HttpRequestParser if is_request else httptools.HttpResponseParser)(self)
         self.current: HttpMessage | None = None
         self.done: list[HttpMessage] = []
+        self.headers_done: list[HttpMessage] = []
         self.failed: str | None = None
         self.upgraded = False
         self._header_name = ""
@@ -91,7 +97,7 @@ class _Direction:
 
     # -- fed by Http1Exchanges
 
-    def feed(self, ts_ns: int, data: bytes, tid: int, round_: int) -> None:
+    def feed(self, ts_ns: int, data: bytes | memoryview, tid: int, round_: int) -> None:
         if self.failed is not None or self.upgraded:
             return
         self._ts, self._tid, self._round = ts_ns, tid, round_
@@ -103,6 +109,12 @@ class _Direction:
             self._fail(f"malformed HTTP/1 {'request' if self._is_request else 'response'}: {exc}")
         except Exception as exc:  # httptools is C: never let a surprise stop the daemon
             self._fail(f"HTTP/1 parser failure: {type(exc).__name__}: {exc}")
+
+    def fail(self, ts_ns: int, reason: str) -> None:
+        """Stop parsing this direction; the message in progress (or a new one) carries ``reason``."""
+        if self.failed is None:
+            self._ts = ts_ns
+            self._fail(reason)
 
     def _fail(self, reason: str) -> None:
         self.failed = reason
@@ -147,6 +159,8 @@ class _Direction:
         if msg is None:
             return
         msg.headers_done_ns = self._ts
+        msg.headers_round = self._round
+        self.headers_done.append(msg)
         p = self._parser
         msg.version = p.get_http_version()
         if self._is_request:
@@ -207,9 +221,15 @@ class Http1Exchanges:
 
     def _feed(self, direction: _Direction, ts_ns: int, data: bytes, total_len: int, tid: int,
               round_: int) -> None:
-        if total_len > len(data):
-            data = data + bytes(total_len - len(data))
-        direction.feed(ts_ns, data, tid, round_)
+        gap = total_len - len(data)
+        if gap > _MAX_SYSCALL_BYTES:
+            direction.fail(ts_ns, f"implausible syscall size {total_len}")
+        else:
+            direction.feed(ts_ns, data, tid, round_)
+            while gap > 0 and direction.failed is None:  # bytes the kernel did not copy: zeros, in slices
+                n = min(gap, len(_ZEROS))
+                direction.feed(ts_ns, _ZEROS[:n], tid, round_)
+                gap -= n
         if self._requests.done:
             for req in self._requests.done:
                 if len(self._pending) >= MAX_PENDING:
@@ -222,9 +242,18 @@ class Http1Exchanges:
                 if resp.status is not None and 100 <= resp.status < 200 and resp.status != 101:
                     continue  # informational (100 Continue): the final response follows
                 if self._pending:
-                    self.completed.append(HttpExchange(self._pending.popleft(), resp))
+                    req = self._pending.popleft()
+                    req.response = resp
+                    self.completed.append(HttpExchange(req, resp))
                 # a response without a request (we attached mid-connection) is not a request span
             self._responses.done.clear()
+
+    def take_new_requests(self) -> list[HttpMessage]:
+        """Requests whose header block completed since the last call (bodies may still be arriving)."""
+        out = self._requests.headers_done
+        if out:
+            self._requests.headers_done = []
+        return out
 
     def in_flight(self) -> HttpMessage | None:
         """The oldest request still waiting for (the end of) its response."""
@@ -247,6 +276,7 @@ class Http1Exchanges:
                 resp, partial_response = partial_response, None
                 resp.error = resp.error or "response incomplete when the connection ended"
                 resp.end_ns = ts_ns
+                req.response = resp
             out.append(HttpExchange(req, resp))
         self._pending.clear()
         req = self._requests.current

@@ -35,6 +35,7 @@ __all__ = ["SCOPE", "ConnectionSpanBuilder"]
 SCOPE = InstrumentationScope("otel-envoy", __version__)
 _ZERO_TRACE_ID, _ONE_TRACE_ID = "0" * 32, "0" * 31 + "1"
 _ZERO_SPAN_ID, _ONE_SPAN_ID = "0" * 16, "0" * 15 + "1"
+_REQUEST_LINK = {"otel_envoy.link": "request"}  # shared, read-only
 _SOCKOPT_NAMES = {
     (socket.IPPROTO_TCP, socket.TCP_NODELAY): "TCP_NODELAY",
     (socket.SOL_SOCKET, socket.SO_KEEPALIVE): "SO_KEEPALIVE",
@@ -89,10 +90,10 @@ class ConnectionSpanBuilder:
                 start = min(start, min(synacks))
         # One draw for the trace id and up to four span ids (all-zero ids are invalid: 1 instead).
         ids = f"{self._bits(384):096x}"
-        trace_id = ids[:32]
+        trace_id = conn.trace_id or ids[:32]  # the correlator names them when requests need a parent
         if trace_id == _ZERO_TRACE_ID:
             trace_id = _ONE_TRACE_ID
-        root_id = ids[32:48]
+        root_id = conn.span_id or ids[32:48]
         if root_id == _ZERO_SPAN_ID:
             root_id = _ONE_SPAN_ID
         peer = conn.peer_address
@@ -126,6 +127,8 @@ class ConnectionSpanBuilder:
             attrs["envoy.connection.socket_options"] = [
                 _SOCKOPT_NAMES.get((lvl, name), f"{lvl}/{name}") for lvl, name, _ in conn.socket_options
             ]
+        if conn.request_count:
+            attrs["envoy.connection.requests"] = conn.request_count
         tls = conn.tls
         hello = tls.client_hello if tls is not None else None
         if hello is not None and hello.server_name:
@@ -143,7 +146,7 @@ class ConnectionSpanBuilder:
                 max(end, start) + offset,
                 attrs,
                 [(m.ts_ns + offset, m.name, {"tcp.state": m.state} if m.state else {}) for m in marks],
-                [],
+                [(t, sid, _REQUEST_LINK) for t, sid in conn.request_links],
                 STATUS_CODE_ERROR if reset else STATUS_CODE_UNSET,
                 f"connection reset by {reset}" if reset else "",
                 *tail,

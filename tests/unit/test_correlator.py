@@ -563,6 +563,7 @@ def test_plain_connection_spans() -> None:
         "envoy.listener.name": "plain_http",
         "envoy.connection.close_initiator": "peer",
         "envoy.connection.socket_options": ["TCP_NODELAY"],
+        "envoy.connection.requests": 1,
     }
     assert dict(q.attributes) == {"tcp.accept_queue.depth": 1, "tcp.accept_queue.depth_on_arrival": 1}
     assert dict(lf.attributes) == {"envoy.listener_filters.peeked_bytes": 0,

@@ -133,12 +133,12 @@ def structure(spans: list[SpanRecord]) -> list[tuple]:
     out = []
     for trace in group_traces(spans).values():
         root = trace.root
+        by_id = {s.span_id: s for s in trace.spans}
         children = []
         for s in trace.spans:
             if s is root:
                 continue
-            assert s.parent_span_id == root.span_id
-            children.append(sig(s))
+            children.append((by_id[s.parent_span_id].name, sig(s)))  # type: ignore[index]
         out.append((sig(root), tuple(sorted(children))))
     return sorted(out)
 
@@ -183,7 +183,11 @@ def test_cli_replay_gives_24_connections(cli_spans: tuple[list[SpanRecord], str]
     m = re.search(r"replayed (\d+) events into (\d+) connections, (\d+) spans", stderr)
     assert m, stderr
     assert int(m.group(2)) == 24 and int(m.group(3)) == len(spans)
-    assert len(group_traces(spans)) == 24 and len(traces) == 24
+    assert len(traces) == 24
+    # the other traces: upstream connections and requests no plaintext downstream request caused (the TLS
+    # clients' requests: encrypted downstream, seen only on the way upstream)
+    others = [t for t in group_traces(spans).values() if t.root.name != "envoy.downstream.connection"]
+    assert others and {t.root.name for t in others} <= {"envoy.upstream.connection", "GET"}
     for port, trace in traces.items():
         trace.assert_nested()
         root = trace.root
@@ -205,15 +209,29 @@ def test_in_process_replay_gives_24_connections(in_process: tuple[EventPipeline,
     assert pipeline.counts["spans"] == len(sink.spans)
     assert pipeline.drops() == {}  # a clean recording decodes and correlates without losses
     assert all(isinstance(s, SpanRecord) for s in sink.spans)  # the builder's records, not SDK spans
-    assert len({s.trace_id for s in sink.spans}) == 24  # type: ignore[union-attr]
+    roots = [s for s in sink.spans if s.parent_span_id is None]  # type: ignore[union-attr]
+    assert sum(r.name == "envoy.downstream.connection" for r in roots) == 24  # type: ignore[union-attr]
+    assert len({s.trace_id for s in sink.spans}) == len(roots)  # type: ignore[union-attr]
     assert all(s.resource_attributes["service.name"] == "replay-test" for s in sink.spans)  # type: ignore[union-attr]
 
 
 def test_plain_connection(traces: dict[int, Trace]) -> None:
     trace = traces[META["plain"]]
     root = trace.root
-    assert sorted(s.name for s in trace.spans) == ["envoy.downstream.connection", "envoy.listener_filters",
-                                                   "tcp.accept_queue"]
+    assert sorted(s.name for s in trace.spans) == [
+        "GET", "GET", "envoy.downstream.connection", "envoy.listener_filters", "envoy.upstream.connection",
+        "tcp.accept_queue", "tcp.connect"]
+    trace.assert_nested()
+    server = next(s for s in trace.spans if s.name == "GET" and s.kind == SERVER)
+    client = next(s for s in trace.spans if s.name == "GET" and s.kind != SERVER)
+    upstream = trace.child("envoy.upstream.connection")
+    assert server.parent_span_id == root.span_id and client.parent_span_id == server.span_id
+    assert upstream.parent_span_id == server.span_id  # this request made Envoy connect
+    assert server.attributes["http.request.method"] == "GET" and server.attributes["url.path"] == "/"
+    assert server.attributes["http.response.status_code"] == 200
+    assert client.attributes["server.port"] == upstream.attributes["network.peer.port"]
+    assert server.start_ns <= client.start_ns <= client.end_ns <= server.end_ns
+    assert root.attributes["envoy.connection.requests"] == 1
     a = root.attributes
     assert a["network.local.port"] == META["http_port"] and a["network.local.address"] == "127.0.0.1"
     assert a["envoy.connection.bytes_received"] > 50 and a["envoy.connection.bytes_sent"] > 50
@@ -287,7 +305,7 @@ def test_replaying_twice_gives_the_same_structure(tmp_path: Path, cli_spans: tup
     first = cli_spans[0]
     second, _ = replay_cli(tmp_path, "again.jsonl")
     assert structure(first) == structure(second)
-    assert len(structure(first)) == 24
+    assert sum(root[0] == "envoy.downstream.connection" for root, _ in structure(first)) == 24
     assert {s.trace_id for s in first}.isdisjoint({s.trace_id for s in second})  # ids are fresh
     # the in-process replay builds the same spans (its resource differs; structure() ignores resources)
     assert structure(records_of(in_process[1])) == structure(first)

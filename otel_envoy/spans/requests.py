@@ -1,0 +1,226 @@
+"""Requests and upstream connections -> spans.
+
+Trace shapes (a contract, like the connection spans'):
+
+  a downstream request without trace context, in its connection's trace:
+    envoy.downstream.connection
+      GET                          (SERVER: first request byte read -> last response byte written)
+        envoy.upstream.connection  (CLIENT: connect -> close, when this request made Envoy connect)
+          tcp.connect              (SYN_SENT -> ESTABLISHED)
+        GET                        (CLIENT: the request Envoy wrote upstream -> last response byte read)
+
+  with traceparent / b3 / x-b3-* / x-request-id on the request, the same request subtree lives in *that*
+  trace (parent: the span the header names) and links to the connection span, which links back. When only
+  the upstream request carries trace context (Envoy's own tracer started the trace), the request subtree
+  joins Envoy's trace; an upstream request span always sits under the trace context it carried.
+
+HTTP semantic conventions: span name is the method, attributes http.request.method, url.path,
+http.response.status_code, http.request.body.size, http.response.body.size, network.protocol.version,
+user_agent.original, http.request.header.x-request-id. SERVER spans are errors for 5xx and parse errors,
+CLIENT spans for 4xx/5xx, connect failures and missing responses.
+"""
+
+from __future__ import annotations
+
+from ..correlate.addresses import network_type
+from ..correlate.model import RequestRecord, UpstreamRecord
+from ..export.records import (
+    SPAN_KIND_CLIENT,
+    SPAN_KIND_INTERNAL,
+    SPAN_KIND_SERVER,
+    STATUS_CODE_ERROR,
+    STATUS_CODE_UNSET,
+    SpanRecord,
+)
+from ..protocols.http1 import HttpExchange, HttpMessage
+from ..protocols.tracecontext import trace_context
+from .connection import ConnectionSpanBuilder
+
+__all__ = ["RequestSpanBuilder", "upstream_placement"]
+
+_LINK_CONNECTION = {"otel_envoy.link": "downstream_connection"}
+_LINK_UPSTREAM = {"otel_envoy.link": "upstream_connection"}
+
+
+def upstream_placement(up: UpstreamRecord) -> tuple[str, str | None]:
+    """``(trace id, parent span id)`` of an upstream connection's span: under the request that caused it."""
+    if up.cause is not None:
+        trace_id, _, _ = up.cause.placement()
+        return trace_id, up.cause.span_id
+    return up.trace_id, None
+
+
+def _http_attributes(req: HttpMessage, resp: HttpMessage | None) -> dict[str, object]:
+    attrs: dict[str, object] = {"network.protocol.name": "http"}
+    if req.method:
+        attrs["http.request.method"] = req.method
+    if req.path is not None:
+        attrs["url.path"] = req.path
+    if req.version:
+        attrs["network.protocol.version"] = req.version
+    ua = req.headers.get("user-agent")
+    if ua:
+        attrs["user_agent.original"] = ua
+    rid = req.headers.get("x-request-id")
+    if rid:
+        attrs["http.request.header.x-request-id"] = [rid]
+    attrs["http.request.body.size"] = req.body_bytes
+    if resp is not None:
+        if resp.status is not None:
+            attrs["http.response.status_code"] = resp.status
+        attrs["http.response.body.size"] = resp.body_bytes
+    return attrs
+
+
+def _events(req: HttpMessage, resp: HttpMessage | None, offset: int, sent: bool) -> list:
+    events = []
+    if req.end_ns is not None:
+        events.append((req.end_ns + offset, "http.request.sent" if sent else "http.request.received", {}))
+    if resp is not None:
+        events.append((resp.start_ns + offset, "http.response.first_byte", {}))
+    return events
+
+
+def _status(req: HttpMessage, resp: HttpMessage | None, client: bool) -> tuple[int, str, str | None]:
+    """(status code, message, error.type)."""
+    if req.error:
+        return STATUS_CODE_ERROR, req.error, "malformed_request"
+    if resp is None:
+        return STATUS_CODE_ERROR, "no response", "no_response"
+    if resp.error:
+        return STATUS_CODE_ERROR, resp.error, "malformed_response"
+    code = resp.status or 0
+    if code >= 500 or (client and code >= 400):
+        return STATUS_CODE_ERROR, "", str(code)
+    return STATUS_CODE_UNSET, "", None
+
+
+class RequestSpanBuilder:
+    """Builds request and upstream-connection spans; shares resource, scope and clock with the connection
+    builder."""
+
+    def __init__(self, base: ConnectionSpanBuilder) -> None:
+        self.clock = base.clock
+        self._tail = base._tail
+
+    def downstream(self, rr: RequestRecord, exchange: HttpExchange) -> list[SpanRecord]:
+        """The request span and the spans of the upstream requests it caused."""
+        offset = self.clock.offset_ns
+        conn = rr.conn
+        req, resp = exchange.request, exchange.response
+        trace_id, parent, source = rr.placement()
+        start = req.start_ns
+        end = max(start, resp.end_ns if resp is not None and resp.end_ns is not None else req.end_ns or start)
+        attrs = _http_attributes(req, resp)
+        attrs["url.scheme"] = "http"
+        attrs["client.address"] = conn.peer_address
+        attrs["client.port"] = conn.peer_port
+        attrs["thread.id"] = req.tid
+        attrs["thread.name"] = conn.thread_name
+        attrs["envoy.event_loop.round"] = req.headers_round or req.round
+        attrs["otel_envoy.trace_context"] = source
+        if conn.listener_name:
+            attrs["envoy.listener.name"] = conn.listener_name
+        code, message, error_type = _status(req, resp, client=False)
+        if error_type:
+            attrs["error.type"] = error_type
+        links = [] if trace_id == conn.trace_id else [(conn.trace_id, conn.span_id, _LINK_CONNECTION)]
+        spans = [SpanRecord(trace_id, rr.span_id, parent, req.method or "HTTP", SPAN_KIND_SERVER,
+                            start + offset, end + offset, attrs, _events(req, resp, offset, sent=False),
+                            links, code, message, *self._tail)]
+        for up, up_req, span_id in rr.upstream:
+            spans.append(self.upstream_request(up, up_req, up_req.response, span_id,
+                                               default_parent=(trace_id, rr.span_id)))
+        return spans
+
+    def upstream_request(self, up: UpstreamRecord, req: HttpMessage, resp: HttpMessage | None, span_id: str,
+                         default_parent: tuple[str, str | None] | None = None,
+                         own_trace_id: str = "") -> SpanRecord:
+        """A request Envoy wrote upstream: under the trace context it carried, else ``default_parent``,
+        else its upstream connection's span (when that is a trace of its own), else a root in
+        ``own_trace_id``."""
+        offset = self.clock.offset_ns
+        ctx = trace_context(req.headers)
+        up_trace, _ = upstream_placement(up)
+        if ctx is not None and ctx.source != "x-request-id":
+            trace_id = f"{ctx.trace_id:032x}"
+            parent = f"{ctx.parent_span_id:016x}" if ctx.parent_span_id is not None else None
+        elif default_parent is not None:
+            trace_id, parent = default_parent
+        elif up.cause is None:  # a connection of its own: the request is its child
+            trace_id, parent = up_trace, up.span_id
+        else:  # the connection sits in another request's trace: this one gets a trace of its own
+            trace_id, parent = own_trace_id or up.trace_id, None
+        start = req.start_ns
+        end = max(start, resp.end_ns if resp is not None and resp.end_ns is not None else req.end_ns or start)
+        attrs = _http_attributes(req, resp)
+        attrs["server.address"] = up.peer_address
+        attrs["server.port"] = up.peer_port
+        attrs["network.peer.address"] = up.peer_address
+        attrs["network.peer.port"] = up.peer_port
+        attrs["thread.id"] = req.tid
+        attrs["envoy.event_loop.round"] = req.headers_round or req.round
+        code, message, error_type = _status(req, resp, client=True)
+        if error_type:
+            attrs["error.type"] = error_type
+        links = [] if parent == up.span_id else [(up_trace, up.span_id, _LINK_UPSTREAM)]
+        return SpanRecord(trace_id, span_id, parent, req.method or "HTTP", SPAN_KIND_CLIENT, start + offset,
+                          end + offset, attrs, _events(req, resp, offset, sent=True), links, code, message,
+                          *self._tail)
+
+    def unpaired_upstream_request(self, up: UpstreamRecord, exchange: HttpExchange,
+                                  ids: tuple[str, str]) -> list[SpanRecord]:
+        """An upstream request no downstream request could be found for (``ids``: its trace and span id)."""
+        span = self.upstream_request(up, exchange.request, exchange.response, ids[1], own_trace_id=ids[0])
+        span.attributes["otel_envoy.partial"] = ["downstream_request_not_found"]
+        return [span]
+
+    def upstream_connection(self, up: UpstreamRecord) -> list[SpanRecord]:
+        """envoy.upstream.connection (connect -> close) and its tcp.connect child."""
+        offset = self.clock.offset_ns
+        trace_id, parent = upstream_placement(up)
+        start = min(up.connect_ns, up.syn_sent_ns or up.connect_ns)
+        end = max(up.end_ns, start)
+        attrs: dict[str, object] = {
+            "network.transport": "tcp",
+            "network.type": network_type(up.peer_address),
+            "network.peer.address": up.peer_address,
+            "network.peer.port": up.peer_port,
+            "server.address": up.peer_address,
+            "server.port": up.peer_port,
+            "process.pid": up.tgid,
+            "thread.id": up.tid,
+            "thread.name": up.thread_name,
+            "envoy.connection.fd": up.fd,
+            "envoy.connection.bytes_received": up.bytes_received,
+            "envoy.connection.bytes_sent": up.bytes_sent,
+            "envoy.upstream.requests": up.requests,
+        }
+        if up.local_address:
+            attrs["network.local.address"] = up.local_address
+            attrs["network.local.port"] = up.local_port
+        if up.still_open:
+            attrs["envoy.connection.still_open"] = True
+        else:
+            initiator = up.close_initiator()
+            if initiator:
+                attrs["envoy.connection.close_initiator"] = initiator
+        code, message = STATUS_CODE_UNSET, ""
+        resets = [m for m in up.tcp_marks if m.name == "tcp.reset_received"]
+        if up.failed_state_ns is not None and up.established_ns is None:
+            code, message = STATUS_CODE_ERROR, "connect failed"
+            attrs["error.type"] = "connect_failed"
+        elif resets and up.peer_fin_ns is None and up.envoy_fin_ns is None:
+            code, message = STATUS_CODE_ERROR, "connection reset by peer"
+        events = [(m.ts_ns + offset, m.name, {"tcp.state": m.state} if m.state else {}) for m in up.tcp_marks]
+        spans = [SpanRecord(trace_id, up.span_id, parent, "envoy.upstream.connection", SPAN_KIND_CLIENT,
+                            start + offset, end + offset, attrs, events, [], code, message, *self._tail)]
+        if up.syn_sent_ns is not None:
+            done = up.established_ns if up.established_ns is not None else up.failed_state_ns
+            connect_code = STATUS_CODE_UNSET if up.established_ns is not None else STATUS_CODE_ERROR
+            spans.append(SpanRecord(
+                trace_id, up.connect_span_id or f"{int(up.span_id, 16) ^ 1 or 2:016x}", up.span_id,
+                "tcp.connect", SPAN_KIND_INTERNAL, up.syn_sent_ns + offset,
+                max(done if done is not None else end, up.syn_sent_ns) + offset, {}, [], [], connect_code,
+                "" if connect_code == STATUS_CODE_UNSET else "no SYN-ACK before close", *self._tail))
+        return spans
