@@ -12,8 +12,9 @@ Envoy writes upstream is attributed to the downstream request that caused it by 
 worker thread, the connect() of a new upstream connection happens in the same round as the downstream
 request's header block (the seeds' part-4 trick), and a request for a pooled connection is written in that
 round or the next (Envoy flushes codec writes from a deferred callback, which runs after one more
-epoll_wait). The oldest unpaired request within that window wins. When that fails, a client-sent
-x-request-id that Envoy forwarded pairs them.
+epoll_wait). Within that window the request line decides between concurrent requests (Envoy forwards
+method and path unless a route rewrites them), else the oldest unpaired request wins. When that fails, a
+client-sent x-request-id that Envoy forwarded pairs them.
 A closed connection lingers for ``linger_ns`` (events of the close itself, like Envoy's FIN or a reset,
 arrive right after the close syscall; CPUs may deliver slightly out of order) and is then emitted.
 Everything is bounded: when a table is full the oldest entry is evicted and counted in ``drops``.
@@ -68,6 +69,7 @@ OnRequest = Callable[[RequestRecord, HttpExchange], None]
 OnUpstreamRequest = Callable[[UpstreamRecord, HttpExchange, tuple[str, str]], None]  # (trace id, span id)
 MAX_REQUEST_IDS = 4096
 RECENT_REQUESTS = 16  # per thread: candidates for the next upstream request
+MATCHED_DELAY = 8  # rounds a request with the same request line may wait for its upstream write
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +114,10 @@ class ConnectionCorrelator:
         self.http = http
         self._bits = (rng or random.Random()).getrandbits
         self.upstream_open: dict[tuple[int, int], UpstreamRecord] = {}  # (tgid, fd) -> upstream
-        self.up_by_tuple: dict[TupleKey, UpstreamRecord] = {}  # (remote address, port, local port)
+        self.up_by_sock: dict[int, UpstreamRecord] = {}  # kernel socket address -> upstream
         self.upstream_closing: deque[UpstreamRecord] = deque()
-        # tid -> [ts, local address, local port, peer, peer port, ESTABLISHED ts]: SYN_SENT inside connect()
+        # tid -> [ts, socket, local address, local port, ESTABLISHED ts, CLOSE ts]: a SYN_SENT inside
+        # connect(). The socket address ties later events to it: at SYN_SENT no local port is chosen yet.
         self.syn_sent: dict[int, list] = {}
         self.recent_requests: dict[int, deque[RequestRecord]] = {}  # tid -> newest request header blocks
         self.by_request_id: OrderedDict[str, RequestRecord] = OrderedDict()  # client-sent x-request-id
@@ -305,7 +308,8 @@ class ConnectionCorrelator:
         http = conn.http
         assert http is not None
         for msg in http.take_new_requests():
-            rr = RequestRecord(conn, msg, self._new_id(), trace_context(msg.headers))
+            rr = RequestRecord(conn, msg, self._new_id(), trace_context(msg.headers),
+                               active_round=msg.headers_round)
             conn.requests_pending[id(msg)] = rr
             conn.request_count += 1
             recent = self.recent_requests.get(ev.tid)
@@ -320,6 +324,9 @@ class ConnectionCorrelator:
         if http.completed:
             for exchange in http.take_completed():
                 self._request_done(conn, exchange)
+            # HTTP/1 pipelining: Envoy starts on the next buffered request only after this response
+            for rr in conn.requests_pending.values():
+                rr.active_round = max(rr.active_round, ev.round)
 
     def _request_done(self, conn: ConnectionRecord, exchange: HttpExchange) -> None:
         msg = exchange.request
@@ -343,40 +350,62 @@ class ConnectionCorrelator:
                 self._request_done(conn, exchange)
         conn.requests_pending.clear()
 
-    def _request_candidate(self, tgid: int, tid: int, round_: int, max_delay: int) -> RequestRecord | None:
-        """The oldest unpaired downstream request whose header block this thread finished at most
-        ``max_delay`` event-loop rounds ago."""
+    def _request_candidate(self, tgid: int, tid: int, round_: int, max_delay: int,
+                           like: HttpMessage | None = None) -> RequestRecord | None:
+        """A downstream request this thread started on at most ``max_delay`` event-loop rounds ago that
+        has no upstream request yet: the first with the same method and path as ``like`` (within
+        MATCHED_DELAY rounds: a pool may hold a request back until a connection is free), else the oldest
+        one not reserved by a new connection, else the oldest reserved one (Envoy's pool may have given
+        that request an older connection that became free)."""
+        unreserved = reserved = None
         for rr in self.recent_requests.get(tid, ()):
-            if not rr.upstream and not rr.reserved and rr.conn.tgid == tgid and \
-                    0 <= round_ - rr.request.headers_round <= max_delay:
+            delay = round_ - rr.active_round
+            if rr.upstream or rr.conn.tgid != tgid or not 0 <= delay <= max(max_delay, MATCHED_DELAY):
+                continue
+            if like is not None and rr.request.method == like.method and rr.request.path == like.path:
                 return rr
-        return None
+            if delay > max_delay:
+                continue
+            if rr.reserved:
+                reserved = reserved or rr
+            else:
+                unreserved = unreserved or rr
+        return unreserved or reserved
 
     def _pair_upstream_request(self, up: UpstreamRecord, msg: HttpMessage, ev: DataEvent) -> None:
         rr: RequestRecord | None = None
-        if up.cause is not None and not up.cause_used:
-            rr, up.cause_used = up.cause, True
-            rr.reserved = False
+        cause = up.cause if not up.cause_used else None
+        up.cause_used = True
+        if cause is not None and not cause.upstream and \
+                (cause.request.method, cause.request.path) == (msg.method, msg.path):
+            rr = cause
             self.stats["upstream_paired_by_connect_round"] += 1
         else:
-            rr = self._request_candidate(ev.tgid, ev.tid, ev.round, 1)
+            rr = self._request_candidate(ev.tgid, ev.tid, ev.round, 1, like=msg)
+            if rr is None and cause is not None and not cause.upstream:
+                rr = cause  # the path was rewritten by a route
             if rr is not None:
                 self.stats["upstream_paired_by_round"] += 1
+        if cause is not None:
+            cause.reserved = False
         if rr is None:
             request_id = msg.headers.get("x-request-id")
             rr = self.by_request_id.get(request_id) if request_id else None
+            if rr is not None and rr.upstream:
+                rr = None
             if rr is not None:
                 self.stats["upstream_paired_by_request_id"] += 1
         if rr is None:
             self.stats["upstream_unpaired"] += 1
             up.unpaired[id(msg)] = (self._new_id(128), self._new_id())
             return
+        rr.reserved = False
         rr.upstream.append((up, msg, self._new_id()))
 
     # ------------------------------------------------------------------ upstream connections
 
     def _on_connect(self, ev: ConnectEvent) -> None:
-        if ev.ret not in (0, -EINPROGRESS) or not ev.family:
+        if not ev.family:
             return
         key = (ev.tgid, ev.fd)
         stale = self.upstream_open.pop(key, None)
@@ -398,13 +427,18 @@ class ConnectionCorrelator:
             trace_id=self._new_id(128), span_id=self._new_id(), connect_span_id=self._new_id(),
         )
         syn = self.syn_sent.pop(ev.tid, None)
-        if syn is not None and syn[3] == peer and syn[4] == ev.peer_port:
-            up.syn_sent_ns, up.local_address, up.local_port = syn[0], syn[1], syn[2]
-            up.established_ns = syn[5]
-            self.up_by_tuple[(peer, ev.peer_port, up.local_port)] = up
+        if syn is not None:
+            up.syn_sent_ns, up.sock, up.local_address, up.local_port = syn[0], syn[1], syn[2], syn[3]
+            up.established_ns, up.failed_state_ns = syn[4], syn[5]
+            self.up_by_sock[up.sock] = up
         cause = self._request_candidate(ev.tgid, ev.tid, ev.round, 0)
         if cause is not None:
             up.cause, cause.reserved = cause, True
+        if ev.ret not in (0, -EINPROGRESS):  # refused at once: nothing more will happen on it
+            up.failed_state_ns = up.failed_state_ns or ev.ts_ns
+            up.close_ns = ev.ts_ns
+            self._close_upstream(up)
+            return
         self.upstream_open[key] = up
 
     def _on_upstream_data(self, ev: DataEvent) -> None:
@@ -450,9 +484,8 @@ class ConnectionCorrelator:
         self.upstream_closing.append(up)
 
     def _finish_upstream(self, up: UpstreamRecord) -> None:
-        tkey = (up.peer_address, up.peer_port, up.local_port)
-        if self.up_by_tuple.get(tkey) is up:
-            del self.up_by_tuple[tkey]
+        if self.up_by_sock.get(up.sock) is up:
+            del self.up_by_sock[up.sock]
         self.stats["upstream_connections"] += 1
         if self.on_upstream is not None:
             self.on_upstream(up)
@@ -508,18 +541,22 @@ class ConnectionCorrelator:
         tkey = (peer, ev.dport, ev.sport)
         new = ev.newstate
         if new == TCP_SYN_SENT:  # inside the target's connect(): its exit names the fd
-            self.syn_sent[ev.tid] = [ev.ts_ns, local, ev.sport, peer, ev.dport, None]
+            self.syn_sent[ev.tid] = [ev.ts_ns, ev.skaddr, local, ev.sport, None, None]
             if len(self.syn_sent) > self.max_queued:
                 self.syn_sent.pop(next(iter(self.syn_sent)))
             return
-        if new == TCP_ESTABLISHED and ev.oldstate == TCP_SYN_SENT:
-            # over loopback the handshake completes inside connect(), before its exit names the fd
+        if ev.oldstate == TCP_SYN_SENT and new in (TCP_ESTABLISHED, TCP_CLOSE):
+            # over loopback the handshake completes (or is refused) inside connect(), before its exit
+            # names the fd
             pending = self.syn_sent.get(ev.tid)
-            if pending is not None and pending[2:5] == [ev.sport, peer, ev.dport]:
-                pending[5] = ev.ts_ns
+            if pending is not None and pending[1] == ev.skaddr:
+                pending[2], pending[3] = local, ev.sport
+                pending[4 if new == TCP_ESTABLISHED else 5] = ev.ts_ns
                 return
-        up = self.up_by_tuple.get(tkey)
+        up = self.up_by_sock.get(ev.skaddr)
         if up is not None:
+            if not up.local_port:
+                up.local_address, up.local_port = local, ev.sport
             if new == TCP_ESTABLISHED and up.established_ns is None:
                 up.established_ns = ev.ts_ns
             elif new == TCP_CLOSE and ev.oldstate == TCP_SYN_SENT:
@@ -567,7 +604,7 @@ class ConnectionCorrelator:
         if name is None:
             return
         tkey = (format_ip(ev.family, ev.daddr), ev.dport, ev.sport)
-        conn = self.by_tuple.get(tkey) or self.up_by_tuple.get(tkey)
+        conn = self.by_tuple.get(tkey) or self.up_by_sock.get(ev.skaddr)
         if conn is not None:
             if len(conn.tcp_marks) < 64:
                 conn.tcp_marks.append(TcpMark(ev.ts_ns, name, ev.state))

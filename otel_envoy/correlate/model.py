@@ -120,6 +120,7 @@ class UpstreamRecord:
     trace_id: str
     span_id: str
     connect_span_id: str = ""  # tcp.connect child
+    sock: int = 0  # kernel socket address (ties TCP events to it)
     local_address: str | None = None
     local_port: int = 0
     syn_sent_ns: int | None = None
@@ -166,6 +167,7 @@ class RequestRecord:
     context: TraceContext | None  # from the request's own headers
     upstream: list[tuple[UpstreamRecord, HttpMessage, str]] = field(default_factory=list)  # (conn, req, id)
     reserved: bool = False  # the cause of a new upstream connection whose request is not written yet
+    active_round: int = 0  # when Envoy started on it: its header block, or the previous pipelined response
 
     def placement(self) -> tuple[str, str | None, str]:
         """``(trace id, parent span id, source)`` of this request's span.

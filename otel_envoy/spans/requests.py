@@ -33,7 +33,7 @@ from ..export.records import (
     SpanRecord,
 )
 from ..protocols.http1 import HttpExchange, HttpMessage
-from ..protocols.tracecontext import trace_context
+from ..protocols.tracecontext import TraceContext, trace_context
 from .connection import ConnectionSpanBuilder
 
 __all__ = ["RequestSpanBuilder", "upstream_placement"]
@@ -48,6 +48,10 @@ def upstream_placement(up: UpstreamRecord) -> tuple[str, str | None]:
         trace_id, _, _ = up.cause.placement()
         return trace_id, up.cause.span_id
     return up.trace_id, None
+
+
+def _same_span(a: TraceContext, b: TraceContext | None) -> bool:
+    return b is not None and a.trace_id == b.trace_id and a.parent_span_id == b.parent_span_id
 
 
 def _http_attributes(req: HttpMessage, resp: HttpMessage | None) -> dict[str, object]:
@@ -130,19 +134,21 @@ class RequestSpanBuilder:
                             links, code, message, *self._tail)]
         for up, up_req, span_id in rr.upstream:
             spans.append(self.upstream_request(up, up_req, up_req.response, span_id,
-                                               default_parent=(trace_id, rr.span_id)))
+                                               default_parent=(trace_id, rr.span_id),
+                                               forwarded=rr.context))
         return spans
 
     def upstream_request(self, up: UpstreamRecord, req: HttpMessage, resp: HttpMessage | None, span_id: str,
                          default_parent: tuple[str, str | None] | None = None,
-                         own_trace_id: str = "") -> SpanRecord:
-        """A request Envoy wrote upstream: under the trace context it carried, else ``default_parent``,
-        else its upstream connection's span (when that is a trace of its own), else a root in
-        ``own_trace_id``."""
+                         own_trace_id: str = "", forwarded: TraceContext | None = None) -> SpanRecord:
+        """A request Envoy wrote upstream: under the trace context it carried (unless that is just
+        ``forwarded``, the downstream request's own, passed through by an Envoy without a tracer), else
+        ``default_parent``, else its upstream connection's span (when that is a trace of its own), else a
+        root in ``own_trace_id``."""
         offset = self.clock.offset_ns
         ctx = trace_context(req.headers)
         up_trace, _ = upstream_placement(up)
-        if ctx is not None and ctx.source != "x-request-id":
+        if ctx is not None and ctx.source != "x-request-id" and not _same_span(ctx, forwarded):
             trace_id = f"{ctx.trace_id:032x}"
             parent = f"{ctx.parent_span_id:016x}" if ctx.parent_span_id is not None else None
         elif default_parent is not None:

@@ -1,0 +1,224 @@
+"""HTTP request spans, upstream attribution and trace context from a real Envoy (real BPF, real clients)."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from otel_envoy.lab.lab import EnvoyLab
+from tests.support.daemon import DaemonProcess
+from tests.support.traces import Trace, connection_traces, group_traces
+
+pytestmark = pytest.mark.root
+
+SERVER, CLIENT, ERROR = 2, 3, 2
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+def _wait_conn(receiver, port: int, local_port: int, n_requests: int = 0, timeout: float = 15.0) -> Trace:
+    def found(spans):
+        trace = connection_traces(spans, local_port).get(port)
+        return trace is not None and trace.root.attributes.get("envoy.connection.requests", 0) >= n_requests
+    receiver.wait_for(found, timeout)
+    return connection_traces(receiver.spans(), local_port)[port]
+
+
+def _keep_alive(port: int, requests: list[tuple[str, str, dict[str, str]]]) -> tuple[int, list[int]]:
+    """Send requests over one connection; returns (client port, statuses). The client closes first."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    statuses = []
+    try:
+        for method, path, headers in requests:
+            conn.request(method, path, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+        local_port = conn.sock.getsockname()[1]
+    finally:
+        conn.close()
+    return local_port, statuses
+
+
+def _raw(port: int, payload: bytes, responses: int = 1, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Send raw bytes; read until ``responses`` complete responses (Content-Length ones) or EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        local = s.getsockname()[1]
+        s.sendall(payload)
+        data = b""
+        while _complete_responses(data) < responses:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return local, data
+
+
+def _complete_responses(data: bytes) -> int:
+    n, pos = 0, 0
+    while True:
+        end = data.find(b"\r\n\r\n", pos)
+        if end < 0:
+            return n
+        head = data[pos:end].lower()
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        if len(data) < end + 4 + length:
+            return n
+        n, pos = n + 1, end + 4 + length
+
+
+def _servers(trace: Trace) -> list:
+    return sorted((s for s in trace.spans if s.kind == SERVER and s.name != "envoy.downstream.connection"),
+                  key=lambda s: s.start_ns)
+
+
+def _clients_of(spans, parent) -> list:
+    return [s for s in spans if s.kind == CLIENT and s.name != "envoy.upstream.connection"
+            and s.parent_span_id == parent.span_id]
+
+
+def test_keep_alive_requests_each_get_a_span_with_their_upstream_request(lab, receiver, traced):
+    port, statuses = _keep_alive(lab.http_port, [
+        ("GET", "/", {"User-Agent": "keepalive-test/1"}),
+        ("GET", "/bytes/1234?secret=x", {"Authorization": "Bearer topsecret", "Cookie": "c=1"}),
+        ("GET", "/status/404", {}),
+    ])
+    assert statuses == [200, 200, 404]
+    trace = _wait_conn(receiver, port, lab.http_port, 3)
+    trace.assert_nested()
+    root = trace.root
+    assert root.attributes["envoy.connection.requests"] == 3
+    servers = _servers(trace)
+    assert [s.attributes["url.path"] for s in servers] == ["/", "/bytes/1234", "/status/404"]
+    assert [s.attributes["http.response.status_code"] for s in servers] == [200, 200, 404]
+    assert all(s.parent_span_id == root.span_id and s.name == "GET" for s in servers)
+    first, second, third = servers
+    assert first.attributes["user_agent.original"] == "keepalive-test/1"
+    assert first.attributes["network.protocol.version"] == "1.1"
+    assert second.attributes["http.response.body.size"] == 1234
+    assert third.status_code != ERROR  # a 404 is not a server error
+    for s in servers:
+        (client,) = _clients_of(trace.spans, s)
+        assert client.attributes["url.path"] == s.attributes["url.path"]
+        assert client.attributes["server.port"] == lab.backend_port
+        assert s.start_ns <= client.start_ns <= client.end_ns <= s.end_ns
+        assert client.attributes["http.response.status_code"] == s.attributes["http.response.status_code"]
+    # header values other than the allowed ones never leave the daemon
+    everything = repr([s.attributes for s in trace.spans]) + repr([s.events for s in trace.spans])
+    assert "topsecret" not in everything and "c=1" not in everything and "secret=x" not in everything
+
+
+def test_traceparent_puts_the_request_in_the_callers_trace(lab, receiver, traced):
+    port, statuses = _keep_alive(lab.http_port, [
+        ("GET", "/", {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "x-request-id": "req-e2e-1"})])
+    assert statuses == [200]
+    trace = _wait_conn(receiver, port, lab.http_port, 1)
+    assert not _servers(trace)  # the request span left the connection's trace ...
+    receiver.wait_for(lambda spans: TRACE_ID in group_traces(spans), 15)
+    app_trace = group_traces(receiver.spans())[TRACE_ID]
+    (server,) = [s for s in app_trace.spans if s.kind == SERVER]
+    assert server.parent_span_id == PARENT_ID  # ... for the caller's trace, under the caller's span
+    assert server.attributes["otel_envoy.trace_context"] == "traceparent"
+    assert server.attributes["http.request.header.x-request-id"] == ["req-e2e-1"]
+    assert [(lk[0], lk[1]) for lk in server.links] == [(trace.trace_id, trace.root.span_id)]
+    assert (TRACE_ID, server.span_id) in [(lk[0], lk[1]) for lk in trace.root.links]  # and back
+    (client,) = _clients_of(app_trace.spans, server)
+    assert client.trace_id == TRACE_ID
+
+
+def test_pipelined_requests_each_get_a_span(lab, receiver, traced):
+    req = b"GET /bytes/%d HTTP/1.1\r\nHost: lab\r\n\r\n"
+    port, data = _raw(lab.http_port, req % 11 + req % 22 + req % 33, responses=3)
+    assert data.count(b"HTTP/1.1 200") == 3
+    trace = _wait_conn(receiver, port, lab.http_port, 3)
+    servers = _servers(trace)
+    assert [s.attributes["http.response.body.size"] for s in servers] == [11, 22, 33]
+    for s in servers:
+        (client,) = _clients_of(trace.spans, s)
+        assert client.attributes["url.path"] == s.attributes["url.path"]
+
+
+def test_chunked_request_body_is_counted(lab, receiver, traced):
+    body = b"5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n"
+    head = b"POST / HTTP/1.1\r\nHost: lab\r\nTransfer-Encoding: chunked\r\n\r\n"
+    port, data = _raw(lab.http_port, head + body)
+    assert data.startswith(b"HTTP/1.1 ")
+    trace = _wait_conn(receiver, port, lab.http_port, 1)
+    (server,) = _servers(trace)
+    assert server.name == "POST" and server.attributes["http.request.body.size"] == 12
+
+
+def test_malformed_request_line_is_a_span_error_and_tracing_goes_on(lab, receiver, traced):
+    port, data = _raw(lab.http_port, b"GE\x01T / HTTP/1.1\r\nHost: lab\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400")
+    trace = _wait_conn(receiver, port, lab.http_port, 1)
+    (server,) = _servers(trace)
+    assert server.status_code == ERROR and server.attributes["error.type"] == "malformed_request"
+    assert server.attributes["http.response.status_code"] == 400
+    port2, statuses = _keep_alive(lab.http_port, [("GET", "/", {})])  # the daemon is alive and tracing
+    assert statuses == [200]
+    assert _servers(_wait_conn(receiver, port2, lab.http_port, 1))
+
+
+def test_concurrent_clients_every_upstream_request_pairs_with_its_downstream_request(lab, receiver, traced):
+    clients, per_client = 20, 5
+    ports: list[int] = []
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            p, st = _keep_alive(lab.http_port, [("GET", f"/bytes/{1000 + i * per_client + j}", {})
+                                                for j in range(per_client)])
+            assert st == [200] * per_client
+            ports.append(p)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(ports) == clients
+    receiver.wait_for(lambda spans: all(
+        (t := connection_traces(spans, lab.http_port).get(p)) is not None
+        and t.root.attributes.get("envoy.connection.requests") == per_client for p in ports), 30)
+    traces = connection_traces(receiver.spans(), lab.http_port)
+    paired = 0
+    for p in ports:
+        servers = _servers(traces[p])
+        assert len(servers) == per_client
+        for s in servers:
+            clients_ = _clients_of(traces[p].spans, s)
+            assert len(clients_) == 1, (s.attributes["url.path"], len(clients_))
+            assert clients_[0].attributes["url.path"] == s.attributes["url.path"]
+            paired += 1
+    assert paired == clients * per_client
+
+
+def test_dead_upstream_gives_an_error_span_and_a_failed_upstream_connection(receiver, tmp_path):
+    with EnvoyLab(concurrency=1) as lab:
+        os.kill(lab.backend_pid, signal.SIGKILL)
+        time.sleep(0.3)
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+                                "--otlp-protocol", "grpc"], tmp_path).start()
+        try:
+            port, statuses = _keep_alive(lab.http_port, [("GET", "/", {})])
+            assert statuses[0] >= 500
+            trace = _wait_conn(receiver, port, lab.http_port, 1)
+        finally:
+            daemon.stop()
+    (server,) = _servers(trace)
+    assert server.status_code == ERROR and server.attributes["http.response.status_code"] >= 500
+    ups = [s for s in trace.spans if s.name == "envoy.upstream.connection"]
+    assert ups and all(u.status_code == ERROR for u in ups)
+    assert all(u.parent_span_id == server.span_id for u in ups)
