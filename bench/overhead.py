@@ -5,8 +5,9 @@ what is measured. The load generator (wrk) and the daemon share CPU 1. For every
 throughput, Envoy's CPU time per request (its BPF programs run in its context: the steadiest figure on a
 noisy machine), and for traced runs the daemon's CPU per traced connection, spans per second and drops.
 
-  workloads:  keepalive  - HTTP/1.1 keep-alive, wrk -c 32
-              tls_new    - a new TLS connection per request (wrk over https with Connection: close)
+  workloads:  keepalive          - HTTP/1.1 keep-alive, wrk -c 32, connection spans only (--no-requests)
+              keepalive_requests - the same with request capture on: a span for every request
+              tls_new            - a new TLS connection per request (wrk over https with Connection: close)
 
 Usage (root, after scripts/setup.sh):  .venv/bin/python bench/overhead.py [--rounds 3] [--seconds 8]
 Writes bench/results/overhead-<timestamp>.json and prints a table of medians and ratios.
@@ -76,7 +77,7 @@ def wrk(url: str, seconds: float, connections: int, extra: list[str]) -> dict:
 class Daemon:
     """The real daemon, pinned to CPU 1, writing spans to a file."""
 
-    def __init__(self, lab: EnvoyLab, workdir: Path) -> None:
+    def __init__(self, lab: EnvoyLab, workdir: Path, requests: bool = True) -> None:
         self.ready = workdir / f"ready-{time.monotonic_ns()}"
         self.summary = workdir / f"summary-{time.monotonic_ns()}.json"
         self.output = workdir / f"spans-{time.monotonic_ns()}.jsonl"
@@ -96,6 +97,7 @@ class Daemon:
             str(self.ready),
             "--summary-json",
             str(self.summary),
+            *([] if requests else ["--no-requests"]),
         ]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 180
@@ -118,9 +120,9 @@ class Daemon:
 
 
 def one_run(lab: EnvoyLab, workload: str, traced: bool, seconds: float, workdir: Path) -> dict:
-    daemon = Daemon(lab, workdir) if traced else None
+    daemon = Daemon(lab, workdir, requests=workload != "keepalive") if traced else None
     time.sleep(0.5)
-    if workload == "keepalive":
+    if workload in ("keepalive", "keepalive_requests"):
         url, conns, extra = f"http://127.0.0.1:{lab.http_port}/", 32, []
     else:
         url, conns, extra = f"https://127.0.0.1:{lab.tls_port}/", 16, ["-H", "Connection: close"]
@@ -137,6 +139,7 @@ def one_run(lab: EnvoyLab, workload: str, traced: bool, seconds: float, workdir:
         result["connections_traced"] = conns_traced
         result["spans"] = summary["counts"].get("spans", 0)
         result["spans_per_s"] = result["spans"] / result["seconds"]
+        result["requests_traced"] = summary["counts"].get("requests", 0)
         result["events"] = summary["counts"].get("events", 0)
         result["drops"] = summary["drops"]
         result["daemon_cpu_us_per_conn"] = (
@@ -152,7 +155,7 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="baseline/traced pairs per workload")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of one wrk run")
-    parser.add_argument("--workloads", default="keepalive,tls_new")
+    parser.add_argument("--workloads", default="keepalive,keepalive_requests,tls_new")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: must run as root", file=sys.stderr)
@@ -221,6 +224,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         "daemon_cpu_us_per_req": med("traced", "daemon_cpu_us_per_req"),
         "spans_per_s": med("traced", "spans_per_s"),
         "connections_traced_per_run": med("traced", "connections_traced"),
+        "requests_traced_per_run": med("traced", "requests_traced"),
+        "requests_per_run": med("traced", "requests"),
         "drops_total": drops,
     }
 

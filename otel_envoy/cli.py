@@ -32,6 +32,8 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--summary-json", metavar="FILE", help="write counts and drops as JSON at exit")
     p.add_argument("--any-process", action="store_true",
                    help="allow targets that do not look like Envoy (testing)")
+    p.add_argument("--no-requests", dest="requests", action="store_false",
+                   help="connection spans only: do not capture and parse plaintext HTTP requests")
 
 
 def _add_export_args(p: argparse.ArgumentParser, default_output: bool) -> None:
@@ -92,6 +94,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         pids=args.pid, comm=args.comm, envoy_admin=args.envoy_admin, otlp=otlp, output=output,
         record=args.events if record_only else args.record, duration=args.duration,
         require_envoy=not args.any_process, ready_file=args.ready_file, summary_json=args.summary_json,
+        requests=args.requests,
     )
     return asyncio.run(run_daemon(opts))
 

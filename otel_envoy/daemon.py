@@ -59,6 +59,7 @@ class DaemonOptions:
     duration: float | None = None
     require_envoy: bool = True
     max_conns: int = 65536
+    requests: bool = True  # capture and parse plaintext HTTP: request and upstream request spans
     ready_file: str | None = None  # written once probes are attached (tests and scripts wait on it)
     summary_json: str | None = None  # written at exit: counts, drops, export stats (bench, tests)
 
@@ -128,9 +129,9 @@ async def run_daemon(opts: DaemonOptions) -> int:
     rescan_now = asyncio.Event()
     pipeline = EventPipeline(
         spans_out, make_resource(), clock, recorder=recorder,
-        on_listen=lambda _tgid: loop.call_soon_threadsafe(rescan_now.set),
+        on_listen=lambda _tgid: loop.call_soon_threadsafe(rescan_now.set), http=opts.requests,
     )
-    probes = ConnectionProbes(ProbeConfig(max_conns=opts.max_conns))
+    probes = ConnectionProbes(ProbeConfig(max_conns=opts.max_conns, http_capture=opts.requests))
     ring = _RingThread(probes, pipeline)
     try:
         probes.add_targets(t.pid for t in targets)
