@@ -57,7 +57,23 @@ SPAN_HIGHLIGHTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("depth", ("tcp.accept_queue.depth", "envoy.accept_queue.depth", "tcp.backlog.depth")),
         ("depth_on_arrival", ("tcp.accept_queue.depth_on_arrival",)),
     ),
+    "envoy.upstream.connection": (
+        ("peer", ("server.port",)),
+        ("requests", ("envoy.upstream.requests",)),
+        ("closed_by", ("envoy.connection.close_initiator",)),
+        ("error", ("error.type",)),
+    ),
 }
+#: Request spans are named after their method: highlighted by these keys whatever the name.
+HTTP_HIGHLIGHTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("path", ("url.path",)),
+    ("status", ("http.response.status_code",)),
+    ("upstream", ("server.port",)),
+    ("thread", ("thread.name",)),
+    ("round", ("envoy.event_loop.round",)),
+    ("trace_from", ("otel_envoy.trace_context",)),
+    ("error", ("error.type",)),
+)
 
 # Shown for any span when present (after the curated ones).
 _COMMON_HIGHLIGHTS: tuple[tuple[str, tuple[str, ...]], ...] = (("error", ("error.type",)),)
@@ -164,7 +180,8 @@ def _highlights(rec: SpanRecord, skip: dict[str, Any]) -> list[tuple[str, str]]:
     attrs = rec.attributes
     out: list[tuple[str, str]] = []
     used: set[str] = set()
-    for label, keys in SPAN_HIGHLIGHTS.get(rec.name, ()) + _COMMON_HIGHLIGHTS:
+    named = HTTP_HIGHLIGHTS if "http.request.method" in attrs else SPAN_HIGHLIGHTS.get(rec.name, ())
+    for label, keys in named + _COMMON_HIGHLIGHTS:
         for key in keys:
             if key in attrs and key not in used:
                 out.append((label, _fmt_value(attrs[key])))
