@@ -1,0 +1,100 @@
+"""What does attaching syscall probes cost Envoy, before our program does anything? (root, after setup.sh)
+
+Alternates, on one direct-response Envoy (1 worker on CPU 0, wrk keep-alive on CPU 1), minimal BPF programs:
+  none             nothing attached
+  empty_io_tp      syscalls:sys_{enter,exit}_{read,...,sendmsg} programs that return at once
+  filter_io_tp     the same with a pid-filter hash lookup
+  raw_enter_exit   one raw_syscalls sys_enter + sys_exit pair with a pid-filter lookup
+  epoll_exit_only  syscalls:sys_exit_epoll_wait, empty
+  full             the real conn.bpf.c (ConnectionProbes, connection spans only), its ring drained
+and prints Envoy's CPU per request for each (medians of --rounds rounds).
+
+Usage:  .venv/bin/python bench/probe_cost.py [--variants none,full] [--rounds 3] [--seconds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from overhead import cpu_seconds, wrk
+
+from otel_envoy.lab.lab import EnvoyLab
+
+IO_SYSCALLS = ("read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg")
+FILTER = "u32 t = bpf_get_current_pid_tgid() >> 32; if (!targets.lookup(&t)) return 0; return 0;"
+TABLE = "BPF_HASH(targets, u32, u8, 64);\n"
+VARIANTS: dict[str, str | None] = {
+    "none": None,
+    "empty_io_tp": "".join(
+        f"TRACEPOINT_PROBE(syscalls, sys_enter_{s}) {{ return 0; }}\n"
+        f"TRACEPOINT_PROBE(syscalls, sys_exit_{s}) {{ return 0; }}\n" for s in IO_SYSCALLS),
+    "filter_io_tp": TABLE + "".join(
+        f"TRACEPOINT_PROBE(syscalls, sys_enter_{s}) {{ {FILTER} }}\n"
+        f"TRACEPOINT_PROBE(syscalls, sys_exit_{s}) {{ {FILTER} }}\n" for s in IO_SYSCALLS),
+    "raw_enter_exit": TABLE + f"RAW_TRACEPOINT_PROBE(sys_enter) {{ {FILTER} }}\n"
+                              f"RAW_TRACEPOINT_PROBE(sys_exit) {{ {FILTER} }}\n",
+    "epoll_exit_only": "TRACEPOINT_PROBE(syscalls, sys_exit_epoll_wait) { return 0; }\n",
+    "full": "",
+}
+
+
+def attach(name: str, lab: EnvoyLab) -> object | None:
+    """Load one variant; returns what must be cleaned up (a bcc BPF object or ConnectionProbes)."""
+    src = VARIANTS[name]
+    if src is None:
+        return None
+    if name == "full":
+        from otel_envoy.probes.loader import ConnectionProbes, ProbeConfig
+
+        probes = ConnectionProbes(ProbeConfig(http_capture=False))
+        probes.add_targets([lab.pid])
+        probes.set_listen_ports([lab.http_port, lab.tls_port])
+        probes.open_ring_buffer(lambda _raw: None)
+        return probes
+    from bcc import BPF  # Debian's python3-bpfcc
+
+    bpf = BPF(text=src)
+    if "targets" in src:
+        bpf[b"targets"][ctypes.c_uint32(lab.pid)] = ctypes.c_uint8(1)
+    return bpf
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    with EnvoyLab(concurrency=1, direct_response=True, cpu=0, log_level="error") as lab:
+        url = f"http://127.0.0.1:{lab.http_port}/"
+        wrk(url, 2, 8, [])  # warm-up
+        for _ in range(args.rounds):
+            for name in names:
+                loaded = attach(name, lab)
+                try:
+                    before = cpu_seconds(lab.pid)
+                    r = wrk(url, args.seconds, 32, [])
+                    us = (cpu_seconds(lab.pid) - before) / r["requests"] * 1e6
+                finally:
+                    if loaded is not None:
+                        (loaded.close if hasattr(loaded, "close") else loaded.cleanup)()  # type: ignore[attr-defined]
+                results[name].append((r["rps"], us))
+                print(f"{name:16s} {r['rps']:9.0f} req/s  {us:5.2f} us/req", flush=True)
+    for name, runs in results.items():
+        rps = statistics.median(x[0] for x in runs)
+        us = statistics.median(x[1] for x in runs)
+        print(f"median {name:16s} {rps:9.0f} req/s  {us:5.2f} us/req")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
