@@ -72,14 +72,7 @@ def collect_connections(path: Path = RECORDING) -> tuple[list[ConnectionRecord],
         raise SystemExit(f"{path}: does not start with its clock record")
     clock = MonotonicClock(int(first["offset_ns"]))
     pipeline = _CollectingPipeline(clock)
-    last = 0
-    for kind, payload in items:
-        if kind == "kernel":
-            pipeline.on_record(payload)  # type: ignore[arg-type]
-            last = max(last, pipeline.correlator.latest_ns)
-        else:
-            pipeline.on_context(payload)  # type: ignore[arg-type]
-    pipeline.finish(last)
+    pipeline.replay(items)
     pipeline._sink_pipeline.shutdown(1.0)
     return pipeline.connections, clock
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from opentelemetry.sdk.resources import Resource
 
@@ -92,6 +92,19 @@ class EventPipeline:
             self.correlator.set_listen_sockets(sockets)
         elif kind == "listener_names":
             self.correlator.set_listener_names({(a, int(p)): n for a, p, n in obj["names"]})
+
+    def replay(self, items: Iterable[tuple[str, object]]) -> int:
+        """Feed recorded kernel and context records (after the clock record), then finish at the last event
+        time, as `otel-envoy replay` does; returns that time."""
+        last = 0
+        for kind, payload in items:
+            if kind == "kernel":
+                self.on_record(payload)  # type: ignore[arg-type]
+                last = max(last, self.correlator.latest_ns)
+            else:
+                self.on_context(payload)  # type: ignore[arg-type]
+        self.finish(last)
+        return last
 
     def tick(self, now_mono_ns: int) -> None:
         """Periodic: emit connections whose linger time passed."""

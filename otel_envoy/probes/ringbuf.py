@@ -275,29 +275,22 @@ class MmapRingBuffer:
         """Deliver what is available; only if nothing is, wait up to ``timeout_ms`` for records, then
         deliver those (as :meth:`consume`). ``timeout_ms < 0`` waits without a time limit. Returns how
         many records were delivered (0 on timeout)."""
-        n = self.consume(on_record, limit)
-        if n or timeout_ms == 0:
-            return n
-        deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms > 0 else None
-        while True:
-            ready = self._wait(deadline)
-            n = self.consume(on_record, limit)
-            if n or (deadline is not None and time.monotonic() >= deadline):
-                return n
-            if ready and self._busy_head():
-                time.sleep(_BUSY_BACKOFF_S)
+        return self._poll(lambda: self.consume(on_record, limit), timeout_ms)
 
     def poll_batch(
         self, on_batch: Callable[[list[bytes]], None], timeout_ms: int, limit: int = DEFAULT_LIMIT
     ) -> int:
         """:meth:`poll` delivering lists of records as :meth:`consume_batch` does."""
-        n = self.consume_batch(on_batch, limit)
+        return self._poll(lambda: self.consume_batch(on_batch, limit), timeout_ms)
+
+    def _poll(self, consume: Callable[[], int], timeout_ms: int) -> int:
+        n = consume()
         if n or timeout_ms == 0:
             return n
         deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms > 0 else None
         while True:
             ready = self._wait(deadline)
-            n = self.consume_batch(on_batch, limit)
+            n = consume()
             if n or (deadline is not None and time.monotonic() >= deadline):
                 return n
             if ready and self._busy_head():

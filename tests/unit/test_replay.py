@@ -99,14 +99,7 @@ def replay_in_process(records: list[tuple[str, object]] | None = None
     spans_out = SpanPipeline([sink])
     pipeline = EventPipeline(spans_out, Resource.create({"service.name": "replay-test"}),
                              MonotonicClock(int(clock["offset_ns"])))  # type: ignore[index]
-    last = 0
-    for kind, payload in items[1:]:
-        if kind == "kernel":
-            pipeline.on_record(payload)  # type: ignore[arg-type]
-            last = max(last, pipeline.correlator.latest_ns)
-        else:
-            pipeline.on_context(payload)  # type: ignore[arg-type]
-    pipeline.finish(last)
+    pipeline.replay(items[1:])
     spans_out.shutdown(30.0)
     return pipeline, sink
 

@@ -48,14 +48,7 @@ def collect_connections() -> tuple[list[ConnectionRecord], MonotonicClock]:
     items = list(RecordingReader(RECORDING))
     clock = MonotonicClock(int(items[0][1]["offset_ns"]))  # type: ignore[index]
     pipeline = _Collector(clock)
-    last = 0
-    for kind, payload in items[1:]:
-        if kind == "kernel":
-            pipeline.on_record(payload)  # type: ignore[arg-type]
-            last = max(last, pipeline.correlator.latest_ns)
-        else:
-            pipeline.on_context(payload)  # type: ignore[arg-type]
-    pipeline.finish(last)
+    pipeline.replay(items[1:])
     pipeline.spans_out.shutdown(1.0)
     return pipeline.connections, clock
 
