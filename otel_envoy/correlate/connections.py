@@ -285,13 +285,15 @@ class ConnectionCorrelator:
                     conn.tls = TlsHandshakeTracker()
                 else:  # plaintext; HTTP/1.x if it parses as such
                     conn.not_tls = True
-                    if self.http and conn.first_io_ns == ev.ts_ns:  # seen from its first byte
-                        conn.http = Http1Exchanges(requests_read=True)
             if conn.tls is not None:
                 conn.tls.on_client_data(ev.ts_ns, ev.data, ev.ret, peek=bool(peek))
-            elif conn.http is not None and not peek:
-                conn.http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
-                self._after_http(conn, ev)
+            elif not peek:
+                # requests are parsed from the connection's first real read (listener filters may peek first)
+                if conn.http is None and self.http and conn.first_io_ns == ev.ts_ns:
+                    conn.http = Http1Exchanges(requests_read=True)
+                if conn.http is not None:
+                    conn.http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
+                    self._after_http(conn, ev)
         else:
             if ev.ret <= 0:
                 return
