@@ -295,9 +295,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
 TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tgid = pid_tgid >> 32;
-    if (!is_target(tgid))
-        return 0;
-    __u64 key = conn_key(tgid, (__s32)args->fd);
+    __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
     struct conn_state *cs = conns.lookup(&key);
     if (!cs)
         return 0;
@@ -542,9 +540,7 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
 TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tgid = pid_tgid >> 32;
-    if (!is_target(tgid))
-        return 0;
-    __u64 key = conn_key(tgid, (__s32)args->fd);
+    __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
     struct conn_state *cs = conns.lookup(&key);
     /* Only registrations (ADD), and only until the first real I/O: the listener filters register the fd
      * once to wait for its first bytes; a second ADD (after a DEL, which is implied and not sent) is the
@@ -568,9 +564,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {
 TRACEPOINT_PROBE(syscalls, sys_enter_setsockopt) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tgid = pid_tgid >> 32;
-    if (!is_target(tgid))
-        return 0;
-    __u64 key = conn_key(tgid, (__s32)args->fd);
+    __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
     if (!conns.lookup(&key))
         return 0;
     struct setsockopt_event ev = {};
