@@ -219,14 +219,8 @@ class MmapRingBuffer:
                 if self._pos == before:
                     break
                 continue  # a chunk of discarded records only
-            n += len(chunk)
-            it = iter(chunk)
-            try:
-                for rec in it:
-                    on_record(rec)
-            except BaseException:
-                self._pending = list(it)
-                raise
+            self._pending = chunk
+            n += self._deliver_pending(on_record)
         return n
 
     def consume_batch(self, on_batch: Callable[[list[bytes]], None], limit: int = DEFAULT_LIMIT) -> int:

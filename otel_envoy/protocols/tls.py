@@ -409,6 +409,22 @@ _CH_PARSED_EXTENSIONS = frozenset((
 ))
 
 
+def _hello_session_id_length(buf: bytes, version_field: str) -> int:
+    """Checks a Client/ServerHello's fixed part (version 2, random 32, session_id length 1, session_id) is
+    all there; returns the session_id length."""
+    end = len(buf)
+    if end < 35:
+        if end < 2:
+            raise _truncated(version_field, 2, end)
+        if end < 34:
+            raise _truncated("random", 32, end - 2)
+        raise _truncated("session_id", 1, 0)
+    n = buf[34]
+    if 35 + n > end:
+        raise _truncated("session_id", n, end - 35)
+    return n
+
+
 def parse_client_hello(handshake_body: bytes) -> ClientHello:
     """Decode a ClientHello handshake body (after the 4-byte handshake header).
 
@@ -416,16 +432,7 @@ def parse_client_hello(handshake_body: bytes) -> ClientHello:
     """
     buf = bytes(handshake_body)
     end = len(buf)
-    # fixed part: version (2), random (32), session_id length (1)
-    if end < 35:
-        if end < 2:
-            raise _truncated("client_version", 2, end)
-        if end < 34:
-            raise _truncated("random", 32, end - 2)
-        raise _truncated("session_id", 1, 0)
-    n = buf[34]
-    if 35 + n > end:
-        raise _truncated("session_id", n, end - 35)
+    n = _hello_session_id_length(buf, "client_version")
     if n > 32:
         raise TlsParseError(f"session_id of {n} bytes")
     p = 35 + n
@@ -503,16 +510,8 @@ def parse_server_hello(handshake_body: bytes) -> ServerHello:
     """
     buf = bytes(handshake_body)
     end = len(buf)
-    if end < 35:
-        if end < 2:
-            raise _truncated("server_version", 2, end)
-        if end < 34:
-            raise _truncated("random", 32, end - 2)
-        raise _truncated("session_id", 1, 0)
+    n = _hello_session_id_length(buf, "server_version")
     legacy = (buf[0] << 8) | buf[1]
-    n = buf[34]
-    if 35 + n > end:
-        raise _truncated("session_id", n, end - 35)
     if n > 32:
         raise TlsParseError(f"session_id of {n} bytes")
     p = 35 + n
