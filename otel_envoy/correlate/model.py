@@ -77,14 +77,7 @@ class ConnectionRecord:
 
     def close_initiator(self) -> str | None:
         """'peer' or 'envoy': who ended the connection first (FIN, EOF, or reset)."""
-        peer = min((t for t in (self.peer_fin_ns, self.eof_ns, self._first("tcp.reset_received")) if t),
-                   default=None)
-        envoy = min((t for t in (self.envoy_fin_ns, self._first("tcp.reset_sent")) if t), default=None)
-        if peer is not None and (envoy is None or peer <= envoy):
-            return "peer"
-        if envoy is not None or self.close_ns is not None:
-            return "envoy"
-        return None
+        return _close_initiator(self)
 
     def aborted(self) -> str | None:
         """'peer' or 'envoy' when a reset ended the connection before any orderly FIN, else None.
@@ -101,8 +94,6 @@ class ConnectionRecord:
                     return "envoy"
         return None
 
-    def _first(self, name: str) -> int | None:
-        return next((m.ts_ns for m in self.tcp_marks if m.name == name), None)
 
 
 @dataclass(slots=True)
@@ -119,7 +110,7 @@ class UpstreamRecord:
     connect_ret: int
     trace_id: str
     span_id: str
-    connect_span_id: str = ""  # tcp.connect child
+    connect_span_id: str  # tcp.connect child
     sock: int = 0  # kernel socket address (ties TCP events to it)
     local_address: str | None = None
     local_port: int = 0
@@ -148,13 +139,8 @@ class UpstreamRecord:
         return self.close_ns if self.close_ns is not None else self.connect_ns
 
     def close_initiator(self) -> str | None:
-        """'peer' (the upstream) or 'envoy': who ended the connection first."""
-        peer = min((t for t in (self.peer_fin_ns, self.eof_ns) if t), default=None)
-        if peer is not None and (self.envoy_fin_ns is None or peer <= self.envoy_fin_ns):
-            return "peer"
-        if self.envoy_fin_ns is not None or self.close_ns is not None:
-            return "envoy"
-        return None
+        """'peer' (the upstream) or 'envoy': who ended the connection first (FIN, EOF, or reset)."""
+        return _close_initiator(self)
 
 
 @dataclass(slots=True)
@@ -186,6 +172,22 @@ class RequestRecord:
             parent = f"{ctx.parent_span_id:016x}" if ctx.parent_span_id is not None else None
             return f"{ctx.trace_id:032x}", parent, ctx.source
         return self.conn.trace_id, self.conn.span_id, "connection"
+
+
+def _close_initiator(conn: ConnectionRecord | UpstreamRecord) -> str | None:
+    """'peer' if the peer's FIN, an EOF read or a received reset came first, else 'envoy' (FIN or reset
+    sent, or at least a close); None when nothing ended the connection."""
+
+    def first(name: str) -> int | None:
+        return next((m.ts_ns for m in conn.tcp_marks if m.name == name), None)
+
+    peer = min((t for t in (conn.peer_fin_ns, conn.eof_ns, first("tcp.reset_received")) if t), default=None)
+    envoy = min((t for t in (conn.envoy_fin_ns, first("tcp.reset_sent")) if t), default=None)
+    if peer is not None and (envoy is None or peer <= envoy):
+        return "peer"
+    if envoy is not None or conn.close_ns is not None:
+        return "envoy"
+    return None
 
 
 def _upstream_context(msg: HttpMessage) -> TraceContext | None:

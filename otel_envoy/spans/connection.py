@@ -57,8 +57,8 @@ class ConnectionSpanBuilder:
         self._bits = (rng or random.Random()).getrandbits
         # Shared by every record (read-only): the encoders encode it once per batch, by identity.
         self._resource_attributes = dict(resource.attributes)
-        # The trailing SpanRecord fields, the same for every span.
-        self._tail = (
+        # The trailing SpanRecord fields, the same for every span (shared with the request builder).
+        self.span_tail = (
             self._resource_attributes,
             SCOPE.name,
             SCOPE.version or "",
@@ -134,7 +134,7 @@ class ConnectionSpanBuilder:
         if hello is not None and hello.server_name:
             attrs["tls.client.server_name"] = hello.server_name
         reset = conn.aborted()
-        tail = self._tail
+        tail = self.span_tail
         spans = [
             SpanRecord(
                 trace_id,
@@ -248,5 +248,5 @@ class ConnectionSpanBuilder:
             [],
             code,
             message,
-            *self._tail,
+            *self.span_tail,
         )

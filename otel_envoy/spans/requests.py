@@ -105,7 +105,7 @@ class RequestSpanBuilder:
 
     def __init__(self, base: ConnectionSpanBuilder) -> None:
         self.clock = base.clock
-        self._tail = base._tail
+        self._tail = base.span_tail
 
     def downstream(self, rr: RequestRecord, exchange: HttpExchange) -> list[SpanRecord]:
         """The request span and the spans of the upstream requests it caused."""
@@ -225,7 +225,7 @@ class RequestSpanBuilder:
             done = up.established_ns if up.established_ns is not None else up.failed_state_ns
             connect_code = STATUS_CODE_UNSET if up.established_ns is not None else STATUS_CODE_ERROR
             spans.append(SpanRecord(
-                trace_id, up.connect_span_id or f"{int(up.span_id, 16) ^ 1 or 2:016x}", up.span_id,
+                trace_id, up.connect_span_id, up.span_id,
                 "tcp.connect", SPAN_KIND_INTERNAL, up.syn_sent_ns + offset,
                 max(done if done is not None else end, up.syn_sent_ns) + offset, {}, [], [], connect_code,
                 "" if connect_code == STATUS_CODE_UNSET else "no SYN-ACK before close", *self._tail))
