@@ -59,6 +59,16 @@ enum sk_rst_reason { SK_RST_REASON_STANDIN = 0 };
 /* Stops clang from re-deriving a clamped length from its unclamped source, which the verifier rejects. */
 #define BARRIER_VAR(v) asm volatile("" : "+r"(v))
 
+/* One direction of a TLS connection's record framing: where the next 5-byte record header starts. */
+struct tls_framing {
+    __u32 skip;        /* bytes of the current record's body still to come */
+    __u32 records;     /* complete record headers seen */
+    __u32 app_records; /* of which application_data */
+    __u32 max_len;     /* largest record body */
+    __u8 hdr_got;      /* bytes of the next header already seen (it straddled two syscalls) */
+    __u8 hdr[8];       /* those bytes: type, version (2), length (2); 8 for masked indexing */
+};
+
 struct conn_state {
     __u64 open_ts_ns;
     __u64 bytes_rx;
@@ -70,11 +80,24 @@ struct conn_state {
     __u32 epoll_events;   /* EV_EPOLL_CTL records sent so far */
     __u32 role;
     __u32 flags;          /* CONN_* below */
-    __u32 _pad;
+    __u32 tls_flags;      /* TLS_FRAMING_* (events.h) */
+    struct tls_framing tls[2]; /* indexed by enum io_direction */
 };
 
-#define CONN_SAW_IO 1 /* a non-peek read or write happened: the listener-filter hand-off is settled */
-#define CONN_TLS 2    /* the first bytes read were a TLS handshake record */
+#define CONN_SAW_IO 1   /* a non-peek read or write happened: the listener-filter hand-off is settled */
+#define CONN_TLS 2      /* the first bytes read were a TLS handshake record */
+#define CONN_TLS_APP 4  /* TLS handshake over: reads carry no bytes (ciphertext), only their round */
+/* Record headers walked per syscall; a read or write holding more records loses the framing. */
+#define TLS_WALK_MAX 48
+#define TLS_MAX_RECORD (16384 + 2048) /* TLSCiphertext.length bound (RFC 5246 6.2.3) */
+
+/* The buffers of one read/write as (base, length) segments, for reading the stream at an offset. */
+struct io_segments {
+    __u64 base[MAX_IOV];
+    __u64 len[MAX_IOV];
+    __u32 n;
+    __u32 _pad;
+};
 
 /* What a syscall's enter saw, for its exit (one per thread: a thread is in one syscall at a time). */
 struct inflight {
@@ -112,6 +135,7 @@ struct data_scratch_t {
     __u8 spill[CAPTURE_MAX];
 };
 BPF_PERCPU_ARRAY(data_scratch, struct data_scratch_t, 1);
+BPF_PERCPU_ARRAY(segment_scratch, struct io_segments, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 static __always_inline void count_drop(int reason) {
@@ -308,6 +332,13 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     ev.bytes_tx = cs->bytes_tx;
     ev.reads = cs->reads;
     ev.writes = cs->writes;
+    ev.tls_records_rx = cs->tls[DIR_READ].records;
+    ev.tls_records_tx = cs->tls[DIR_WRITE].records;
+    ev.tls_app_records_rx = cs->tls[DIR_READ].app_records;
+    ev.tls_app_records_tx = cs->tls[DIR_WRITE].app_records;
+    ev.tls_max_record_rx = cs->tls[DIR_READ].max_len;
+    ev.tls_max_record_tx = cs->tls[DIR_WRITE].max_len;
+    ev.tls_flags = cs->tls_flags;
     conns.delete(&key);
     emit(&ev, sizeof(ev));
     return 0;
@@ -415,6 +446,171 @@ static __always_inline __u32 capture_iov(struct data_event *e, const struct iove
     return off > want ? want : off;
 }
 
+/* Sends the EV_DATA record of one read/write (its first bytes, unless the connection is TLS past its
+ * handshake) and updates the capture budget. */
+static __always_inline void emit_data(struct conn_state *cs, struct thread_state *t, __u64 pid_tgid,
+                                      const struct inflight *req, long ret, __u8 is_write, __u8 peek) {
+    __u32 seq = cs->data_events;
+    cs->data_events = seq + 1;
+    __u8 first_io = ret > 0 && !peek && !(cs->flags & CONN_SAW_IO);
+    if (first_io)
+        cs->flags |= CONN_SAW_IO;
+
+    __u32 zero = 0;
+    struct data_scratch_t *scratch = data_scratch.lookup(&zero);
+    if (!scratch)
+        return;
+    struct data_event *e = &scratch->ev;
+    fill_header_of(&e->hdr, EV_DATA, pid_tgid, t);
+    e->fd = req->fd;
+    e->direction = is_write ? DIR_WRITE : DIR_READ;
+    e->syscall = req->syscall;
+    e->flags = peek ? DATA_FLAG_PEEK : 0;
+    e->role = cs->role;
+    e->ret = ret;
+    e->msg_seq = seq;
+    e->captured = 0;
+    if (ret > 0 && !(cs->flags & CONN_TLS_APP)) {
+        __u32 want = (__u32)ret;
+        if (req->syscall == IO_READV || req->syscall == IO_WRITEV) {
+            e->captured = capture_iov(e, (const struct iovec *)req->buf, req->len, want);
+        } else if (req->syscall == IO_RECVMSG || req->syscall == IO_SENDMSG) {
+            struct user_msghdr mh = {};
+            if (bpf_probe_read_user(&mh, sizeof(mh), (void *)req->buf) == 0)
+                e->captured = capture_iov(e, mh.msg_iov, (__u32)mh.msg_iovlen, want);
+        } else {
+            e->captured = capture_flat(e, (const void *)req->buf, want);
+        }
+    }
+    /* Plaintext from its first byte (not a TLS handshake record): with request capture on, every read
+     * and write of the connection carries its first bytes, for the HTTP parser in user space. */
+    if (HTTP_CAPTURE && first_io && e->captured >= 1 && e->data[0] != 0x16)
+        cs->capture_budget = CAPTURE_UNLIMITED;
+    if (e->captured >= 3 && !is_write && !peek) {
+        if (first_io && e->data[0] == 0x16)
+            cs->flags |= CONN_TLS;
+        /* A TLS application-data record header from the client (17 03 0x) on a TLS connection: the
+         * handshake is over (TLS 1.3: the encrypted Finished; 1.2: the first request). Stop capturing
+         * bytes: the rest of the connection is ciphertext. With request capture on, later reads still
+         * send a record without bytes: its thread and round tie the upstream requests they cause to this
+         * connection. The 3-byte check makes a false stop on a ciphertext read ~1 in 16M. */
+        if ((cs->flags & CONN_TLS) && e->data[0] == 0x17 && e->data[1] == 0x03 && e->data[2] <= 0x04) {
+            cs->flags |= CONN_TLS_APP;
+            cs->capture_budget = HTTP_CAPTURE ? CAPTURE_UNLIMITED : 0;
+        }
+    }
+    __u32 size = offsetof(struct data_event, data) + (e->captured & (2 * CAPTURE_MAX - 1));
+    if (size > sizeof(struct data_event))
+        size = sizeof(struct data_event);
+    emit(e, size);
+}
+
+/* The byte at offset `pos` of the segments; 0 on success. */
+static __always_inline int segment_byte(const struct io_segments *s, __u64 pos, __u8 *out) {
+#pragma unroll
+    for (int i = 0; i < MAX_IOV; i++) {
+        if (i >= s->n)
+            return -1;
+        if (pos < s->len[i])
+            return bpf_probe_read_user(out, 1, (void *)(s->base[i] + pos));
+        pos -= s->len[i];
+    }
+    return -1;
+}
+
+/* Fills `s` with the buffers of a read/write that moved `n` bytes. */
+static __always_inline void load_segments(struct io_segments *s, const struct inflight *req, __u64 n) {
+    s->n = 0;
+    const struct iovec *iov = 0;
+    __u32 cnt = 0;
+    if (req->syscall == IO_READV || req->syscall == IO_WRITEV) {
+        iov = (const struct iovec *)req->buf;
+        cnt = req->len;
+    } else if (req->syscall == IO_RECVMSG || req->syscall == IO_SENDMSG) {
+        struct user_msghdr mh = {};
+        if (bpf_probe_read_user(&mh, sizeof(mh), (void *)req->buf) != 0)
+            return;
+        iov = mh.msg_iov;
+        cnt = (__u32)mh.msg_iovlen;
+    } else {
+        s->base[0] = req->buf;
+        s->len[0] = n;
+        s->n = 1;
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_IOV; i++) {
+        if (i >= cnt)
+            break;
+        struct iovec v = {};
+        if (bpf_probe_read_user(&v, sizeof(v), &iov[i]) != 0)
+            break;
+        s->base[i] = (__u64)v.iov_base;
+        s->len[i] = v.iov_len;
+        s->n = i + 1;
+    }
+}
+
+/* Walks the TLS record headers in the `n` bytes one read/write moved, counting records. A header may
+ * straddle two syscalls; bytes that do not parse as a record header stop the walk for good (counted in
+ * tls_flags), as does a syscall with more than TLS_WALK_MAX records. */
+static __always_inline void walk_tls_records(struct conn_state *cs, const struct inflight *req, __u64 n,
+                                             __u8 dir) {
+    __u32 lost = dir == DIR_READ ? TLS_FRAMING_LOST_RX : TLS_FRAMING_LOST_TX;
+    if (cs->tls_flags & lost)
+        return;
+    struct tls_framing *f = &cs->tls[dir & 1];
+    cs->tls_flags |= TLS_FRAMING_SEEN;
+    if (f->skip >= n) { /* inside one record's body: the common case for bulk data */
+        f->skip -= n;
+        return;
+    }
+    __u32 zero = 0;
+    struct io_segments *s = segment_scratch.lookup(&zero);
+    if (!s)
+        return;
+    load_segments(s, req, n);
+    __u64 pos = f->skip;
+    f->skip = 0;
+    for (int i = 0; i < TLS_WALK_MAX; i++) {
+        if (pos >= n)
+            return;
+#pragma unroll
+        for (int j = 0; j < 5; j++) {
+            if (f->hdr_got < 5 && pos < n) {
+                __u8 b = 0;
+                if (segment_byte(s, pos, &b) != 0) {
+                    cs->tls_flags |= lost;
+                    return;
+                }
+                f->hdr[f->hdr_got & 7] = b;
+                f->hdr_got++;
+                pos++;
+            }
+        }
+        if (f->hdr_got < 5)
+            return; /* the header continues in the next syscall */
+        f->hdr_got = 0;
+        __u32 len = ((__u32)f->hdr[3] << 8) | f->hdr[4];
+        if (f->hdr[0] < 20 || f->hdr[0] > 24 || f->hdr[1] != 3 || len > TLS_MAX_RECORD) {
+            cs->tls_flags |= lost;
+            return;
+        }
+        f->records++;
+        if (f->hdr[0] == 23)
+            f->app_records++;
+        if (len > f->max_len)
+            f->max_len = len;
+        if (pos + len > n) {
+            f->skip = (__u32)(pos + len - n);
+            return;
+        }
+        pos += len;
+    }
+    if (pos < n)
+        cs->tls_flags |= lost;
+}
+
 static __always_inline int on_io_exit(long ret) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tid = (__u32)pid_tgid;
@@ -442,59 +638,12 @@ static __always_inline int on_io_exit(long ret) {
         }
     }
     /* Data, EOF and errors are reported within the capture budget only: the close initiator also comes
-     * from TCP state changes, so nothing is lost when the budget ran out. */
-    if (cs->data_events >= cs->capture_budget)
-        return 0;
-    __u32 seq = cs->data_events;
-    cs->data_events = seq + 1;
-    __u8 first_io = ret > 0 && !peek && !(cs->flags & CONN_SAW_IO);
-    if (first_io)
-        cs->flags |= CONN_SAW_IO;
-
-    __u32 zero = 0;
-    struct data_scratch_t *scratch = data_scratch.lookup(&zero);
-    if (!scratch)
-        return 0;
-    struct data_event *e = &scratch->ev;
-    fill_header_of(&e->hdr, EV_DATA, pid_tgid, t);
-    e->fd = req.fd;
-    e->direction = is_write ? DIR_WRITE : DIR_READ;
-    e->syscall = req.syscall;
-    e->flags = peek ? DATA_FLAG_PEEK : 0;
-    e->role = cs->role;
-    e->ret = ret;
-    e->msg_seq = seq;
-    e->captured = 0;
-    if (ret > 0) {
-        __u32 want = (__u32)ret;
-        if (req.syscall == IO_READV || req.syscall == IO_WRITEV) {
-            e->captured = capture_iov(e, (const struct iovec *)req.buf, req.len, want);
-        } else if (req.syscall == IO_RECVMSG || req.syscall == IO_SENDMSG) {
-            struct user_msghdr mh = {};
-            if (bpf_probe_read_user(&mh, sizeof(mh), (void *)req.buf) == 0)
-                e->captured = capture_iov(e, mh.msg_iov, (__u32)mh.msg_iovlen, want);
-        } else {
-            e->captured = capture_flat(e, (const void *)req.buf, want);
-        }
-    }
-    /* Plaintext from its first byte (not a TLS handshake record): with request capture on, every read
-     * and write of the connection carries its first bytes, for the HTTP parser in user space. */
-    if (HTTP_CAPTURE && first_io && e->captured >= 1 && e->data[0] != 0x16)
-        cs->capture_budget = CAPTURE_UNLIMITED;
-    if (e->captured >= 3 && !is_write && !peek) {
-        if (first_io && e->data[0] == 0x16)
-            cs->flags |= CONN_TLS;
-        /* A TLS application-data record header from the client (17 03 0x) on a TLS connection: the
-         * handshake is over (TLS 1.3: the encrypted Finished; 1.2: the first request). Stop capturing:
-         * the rest of the connection is ciphertext. The 3-byte check makes a false stop on a ciphertext
-         * read ~1 in 16M. */
-        if ((cs->flags & CONN_TLS) && e->data[0] == 0x17 && e->data[1] == 0x03 && e->data[2] <= 0x04)
-            cs->capture_budget = 0;
-    }
-    __u32 size = offsetof(struct data_event, data) + (e->captured & (2 * CAPTURE_MAX - 1));
-    if (size > sizeof(struct data_event))
-        size = sizeof(struct data_event);
-    emit(e, size);
+     * from TCP state changes, so nothing is lost when the budget ran out. Past a TLS handshake only
+     * reads are reported (without bytes). */
+    if (cs->data_events < cs->capture_budget && !(is_write && (cs->flags & CONN_TLS_APP)))
+        emit_data(cs, t, pid_tgid, &req, ret, is_write, peek);
+    if ((cs->flags & CONN_TLS) && ret > 0 && !peek)
+        walk_tls_records(cs, &req, (__u64)ret, is_write ? DIR_WRITE : DIR_READ);
     return 0;
 }
 

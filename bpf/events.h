@@ -123,7 +123,20 @@ struct close_event {
     __u64 bytes_tx;   /* bytes written */
     __u32 reads;      /* read-family calls that returned data */
     __u32 writes;     /* write-family calls that sent data */
+    /* TLS connections (first byte read 0x16): record framing walked in the kernel, per direction. */
+    __u32 tls_records_rx;     /* complete record headers read */
+    __u32 tls_records_tx;     /* complete record headers written */
+    __u32 tls_app_records_rx; /* of which application_data (content type 23) */
+    __u32 tls_app_records_tx;
+    __u32 tls_max_record_rx;  /* largest record body (bytes after the 5-byte header) */
+    __u32 tls_max_record_tx;
+    __u32 tls_flags;          /* TLS_FRAMING_* below */
+    __u32 _pad0;
 };
+
+#define TLS_FRAMING_LOST_RX 1 /* a read did not parse as TLS records (or had too many): counting stopped */
+#define TLS_FRAMING_LOST_TX 2
+#define TLS_FRAMING_SEEN 4    /* the connection was walked as TLS */
 
 struct data_event {
     struct event_header hdr;

@@ -43,7 +43,14 @@ from ..protocols.http1 import Http1Exchanges, HttpExchange, HttpMessage
 from ..protocols.tls import TlsHandshakeTracker
 from ..protocols.tracecontext import trace_context
 from .addresses import format_ip
-from .model import MAX_REQUEST_LINKS, ConnectionRecord, RequestRecord, TcpMark, UpstreamRecord
+from .model import (
+    MAX_REQUEST_LINKS,
+    ConnectionRecord,
+    RequestRecord,
+    TcpMark,
+    TlsRecordCounts,
+    UpstreamRecord,
+)
 
 __all__ = ["ConnectionCorrelator", "ListenSocket"]
 
@@ -53,6 +60,8 @@ EV_EPOLL_CTL, EV_SETSOCKOPT, EV_SOCK_STATE, EV_TCP = (
     _C["EV_EPOLL_CTL"], _C["EV_SETSOCKOPT"], _C["EV_SOCK_STATE"], _C["EV_TCP"])
 ROLE_DOWNSTREAM, DIR_READ, DATA_FLAG_PEEK = _C["ROLE_DOWNSTREAM"], _C["DIR_READ"], _C["DATA_FLAG_PEEK"]
 TCP_SYN_SENT = _C["TCP_SYN_SENT"]
+TLS_FRAMING_SEEN, TLS_FRAMING_LOST_RX, TLS_FRAMING_LOST_TX = (
+    _C["TLS_FRAMING_SEEN"], _C["TLS_FRAMING_LOST_RX"], _C["TLS_FRAMING_LOST_TX"])
 EINPROGRESS = 115
 TCP_ESTABLISHED, TCP_SYN_RECV, TCP_FIN_WAIT1 = _C["TCP_ESTABLISHED"], _C["TCP_SYN_RECV"], _C["TCP_FIN_WAIT1"]
 TCP_CLOSE, TCP_CLOSE_WAIT = _C["TCP_CLOSE"], _C["TCP_CLOSE_WAIT"]
@@ -70,6 +79,7 @@ OnUpstreamRequest = Callable[[UpstreamRecord, HttpExchange, tuple[str, str]], No
 MAX_REQUEST_IDS = 4096
 RECENT_REQUESTS = 16  # per thread: candidates for the next upstream request
 MATCHED_DELAY = 8  # rounds a request with the same request line may wait for its upstream write
+MAX_TLS_DEMAND = 1024  # per thread: TLS reads of new requests waiting for their upstream write
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +130,10 @@ class ConnectionCorrelator:
         # connect(). The socket address ties later events to it: at SYN_SENT no local port is chosen yet.
         self.syn_sent: dict[int, list] = {}
         self.recent_requests: dict[int, deque[RequestRecord]] = {}  # tid -> newest request header blocks
+        # tid -> newest (round, connection) reads of TLS downstream connections (their requests are
+        # encrypted: the round is what ties an upstream request to them)
+        self.recent_tls_reads: dict[int, deque[tuple[int, ConnectionRecord]]] = {}
+        self.tls_demand: dict[int, deque[tuple[int, ConnectionRecord]]] = {}  # tid -> reads of new requests
         self.by_request_id: OrderedDict[str, RequestRecord] = OrderedDict()  # client-sent x-request-id
         self.max_connections = max_connections
         self.max_queued = max_queued
@@ -286,7 +300,14 @@ class ConnectionCorrelator:
                 else:  # plaintext; HTTP/1.x if it parses as such
                     conn.not_tls = True
             if conn.tls is not None:
-                conn.tls.on_client_data(ev.ts_ns, ev.data, ev.ret, peek=bool(peek))
+                tls = conn.tls
+                if ev.data or not tls.established:  # past the handshake reads carry no bytes
+                    was_established = tls.established
+                    tls.on_client_data(ev.ts_ns, ev.data, ev.ret, peek=bool(peek))
+                    if tls.established and not was_established:
+                        conn.tls_ready_round = ev.round
+                if not peek:
+                    self._note_tls_read(conn, ev)
             elif not peek:
                 # requests are parsed from the connection's first real read (listener filters may peek first)
                 if conn.http is None and self.http and conn.first_io_ns == ev.ts_ns:
@@ -303,6 +324,60 @@ class ConnectionCorrelator:
             elif conn.http is not None:
                 conn.http.on_write(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
                 self._after_http(conn, ev)
+
+    def _note_tls_read(self, conn: ConnectionRecord, ev: DataEvent) -> None:
+        """A TLS downstream connection was read: its requests are ciphertext, so the round is the clue.
+
+        Envoy connects upstream inside the read's callback (same round) and writes a request to a pooled
+        connection from a deferred callback (the next round), in the order the reads happened. So each
+        read that starts a new request joins a per-thread queue that upstream writes consume in order. A
+        read starts a new request when it comes after the handshake's round, and the connection has no
+        request queued or upstream (HTTP/1.1 sends the next request after the response)."""
+        reads = self.recent_tls_reads.get(ev.tid)
+        if reads is None:
+            reads = self.recent_tls_reads[ev.tid] = deque(maxlen=RECENT_REQUESTS)
+        if not reads or reads[-1][0] != ev.round or reads[-1][1] is not conn:
+            reads.append((ev.round, conn))
+        if conn.tls_ready_round < 0 or ev.round <= conn.tls_ready_round or conn.tls_demand \
+                or conn.tls_upstream_busy:
+            return
+        demand = self.tls_demand.get(ev.tid)
+        if demand is None:
+            demand = self.tls_demand[ev.tid] = deque()
+        if len(demand) >= MAX_TLS_DEMAND:
+            demand.popleft()[1].tls_demand = False
+            self.drops["tls_demand_queue_full"] += 1
+        demand.append((ev.round, conn))
+        conn.tls_demand = True
+
+    def _take_tls_demand(self, tgid: int, tid: int, round_: int, conn: ConnectionRecord | None = None
+                         ) -> ConnectionRecord | None:
+        """The oldest queued TLS read on this thread at most two rounds old (or ``conn``'s own entry)."""
+        demand = self.tls_demand.get(tid)
+        if conn is not None:
+            if conn.tls_demand and demand:
+                for i, (_, queued) in enumerate(demand):
+                    if queued is conn:
+                        del demand[i]
+                        break
+            conn.tls_demand = False
+            return conn
+        while demand:
+            read_round, queued = demand.popleft()
+            queued.tls_demand = False
+            if round_ - read_round <= 2 and queued.close_ns is None and queued.tgid == tgid:
+                return queued
+        return None
+
+    def _tls_cause(self, tgid: int, tid: int, round_: int, max_delay: int) -> ConnectionRecord | None:
+        """The TLS downstream connection this thread read from most recently, at most ``max_delay`` rounds
+        before ``round_`` (and still open)."""
+        for read_round, conn in reversed(self.recent_tls_reads.get(tid, ())):
+            if round_ - read_round > max_delay:
+                return None
+            if conn.tgid == tgid and conn.close_ns is None and round_ - read_round >= 0:
+                return conn
+        return None
 
     # ------------------------------------------------------------------ HTTP requests
 
@@ -398,8 +473,28 @@ class ConnectionCorrelator:
             if rr is not None:
                 self.stats["upstream_paired_by_request_id"] += 1
         if rr is None:
+            conn = None
+            if not up.cause_used_conn and up.cause_conn is not None and up.cause_conn.close_ns is None:
+                conn = self._take_tls_demand(ev.tgid, ev.tid, ev.round, up.cause_conn)
+            up.cause_used_conn = True
+            if conn is None:
+                conn = self._take_tls_demand(ev.tgid, ev.tid, ev.round)
+            if conn is None:  # e.g. the request came in the handshake's last read: the latest read then
+                conn = self._tls_cause(ev.tgid, ev.tid, ev.round, 1)
+            if conn is not None:
+                self.stats["upstream_paired_to_tls_connection"] += 1
+                conn.upstream_requests += 1
+                conn.tls_upstream_busy += 1
+                up.tls_causes[id(msg)] = conn
+                span_id = self._new_id()
+                up.unpaired[id(msg)] = (conn.trace_id, span_id, conn.span_id)
+                ctx = trace_context(msg.headers)
+                if ctx is not None and ctx.source != "x-request-id" \
+                        and len(conn.request_links) < MAX_REQUEST_LINKS:
+                    conn.request_links.append((f"{ctx.trace_id:032x}", span_id))
+                return
             self.stats["upstream_unpaired"] += 1
-            up.unpaired[id(msg)] = (self._new_id(128), self._new_id())
+            up.unpaired[id(msg)] = (self._new_id(128), self._new_id(), None)
             return
         rr.reserved = False
         rr.upstream.append((up, msg, self._new_id()))
@@ -436,6 +531,8 @@ class ConnectionCorrelator:
         cause = self._request_candidate(ev.tgid, ev.tid, ev.round, 0)
         if cause is not None:
             up.cause, cause.reserved = cause, True
+        else:
+            up.cause_conn = self._tls_cause(ev.tgid, ev.tid, ev.round, 0)
         if ev.ret not in (0, -EINPROGRESS):  # refused at once: nothing more will happen on it
             up.failed_state_ns = up.failed_state_ns or ev.ts_ns
             up.close_ns = ev.ts_ns
@@ -471,6 +568,9 @@ class ConnectionCorrelator:
                 self._upstream_request_done(up, exchange)
 
     def _upstream_request_done(self, up: UpstreamRecord, exchange: HttpExchange) -> None:
+        conn = up.tls_causes.pop(id(exchange.request), None)
+        if conn is not None:
+            conn.tls_upstream_busy -= 1
         ids = up.unpaired.pop(id(exchange.request), None)
         if ids is not None and self.on_upstream_request is not None:
             self.on_upstream_request(up, exchange, ids)
@@ -532,6 +632,11 @@ class ConnectionCorrelator:
         conn.close_ns = ev.ts_ns
         conn.bytes_received = ev.bytes_rx
         conn.bytes_sent = ev.bytes_tx
+        if ev.tls_flags & TLS_FRAMING_SEEN:
+            conn.tls_records = TlsRecordCounts(
+                ev.tls_records_rx, ev.tls_records_tx, ev.tls_app_records_rx, ev.tls_app_records_tx,
+                ev.tls_max_record_rx, ev.tls_max_record_tx, bool(ev.tls_flags & TLS_FRAMING_LOST_RX),
+                bool(ev.tls_flags & TLS_FRAMING_LOST_TX))
         if conn.handoff_ns is None and conn.first_epoll_add_ns is not None and not conn.saw_epoll_del:
             conn.handoff_ns = conn.first_epoll_add_ns
         self._end_requests(conn, ev.ts_ns)

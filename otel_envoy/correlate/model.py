@@ -12,7 +12,7 @@ from ..protocols.http1 import Http1Exchanges, HttpMessage
 from ..protocols.tls import TlsHandshakeTracker
 from ..protocols.tracecontext import TraceContext, trace_context
 
-__all__ = ["ConnectionRecord", "RequestRecord", "TcpMark", "UpstreamRecord"]
+__all__ = ["ConnectionRecord", "RequestRecord", "TcpMark", "TlsRecordCounts", "UpstreamRecord"]
 
 #: Span links from a connection to its requests that live in other traces, at most.
 MAX_REQUEST_LINKS = 32
@@ -25,6 +25,22 @@ class TcpMark:
     ts_ns: int
     name: str  # tcp.retransmit | tcp.reset_sent | tcp.reset_received | tcp.synack_retransmit
     state: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TlsRecordCounts:
+    """TLS records of one connection, counted in the kernel by walking the record headers (the payload is
+    ciphertext: this is what is left to see without symbols). ``*_lost``: the framing was lost (bytes that
+    were not a record header, or a syscall with too many records); the counts stop there."""
+
+    received: int
+    sent: int
+    application_data_received: int
+    application_data_sent: int
+    max_received: int  # largest record body, bytes
+    max_sent: int
+    received_lost: bool
+    sent_lost: bool
 
 
 @dataclass(slots=True)
@@ -61,6 +77,7 @@ class ConnectionRecord:
     tcp_marks: list[TcpMark] = field(default_factory=list)
     socket_options: list[tuple[int, int, int]] = field(default_factory=list)  # (level, optname, value)
     tls: TlsHandshakeTracker | None = None
+    tls_records: TlsRecordCounts | None = None  # from the close: TLS connections only
     not_tls: bool = False
     partial: list[str] = field(default_factory=list)  # what we know we missed
     trace_id: str = ""  # this connection's own trace and root span (set by the correlator)
@@ -69,6 +86,10 @@ class ConnectionRecord:
     requests_pending: dict[int, RequestRecord] = field(default_factory=dict)  # id(request msg) -> record
     request_count: int = 0
     request_links: list[tuple[str, str]] = field(default_factory=list)  # requests in other traces
+    upstream_requests: int = 0  # TLS: upstream requests attributed to this connection by event-loop round
+    tls_ready_round: int = -1  # TLS: the event-loop round in which the handshake completed
+    tls_demand: bool = False  # TLS: a read of a new request waits in the correlator's queue for its upstream
+    tls_upstream_busy: int = 0  # TLS: upstream requests attributed to it that have not completed
 
     @property
     def start_ns(self) -> int:
@@ -128,10 +149,14 @@ class UpstreamRecord:
     http: Http1Exchanges | None = None
     not_http: bool = False
     cause: RequestRecord | None = None  # the downstream request that made Envoy connect
+    cause_conn: ConnectionRecord | None = None  # else: the TLS downstream connection read in that round
+    cause_used_conn: bool = False  # its first request went to `cause_conn` (or elsewhere)
     cause_used: bool = False  # its first request was attributed to `cause`
     requests: int = 0
-    # requests no downstream request was found for: id(request msg) -> (trace id, span id) of their own
-    unpaired: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # requests no downstream request was found for: id(request msg) -> (trace id, span id, parent span id):
+    # under the TLS downstream connection read in the same event-loop round, else a trace of their own
+    unpaired: dict[int, tuple[str, str, str | None]] = field(default_factory=dict)
+    tls_causes: dict[int, ConnectionRecord] = field(default_factory=dict)  # id(request msg) -> TLS downstream
 
     @property
     def end_ns(self) -> int:
@@ -161,16 +186,18 @@ class RequestRecord:
         Its own trace-context headers first; else the trace context Envoy put on the upstream request
         (Envoy's own tracer: traceparent/b3 on the way out); else a child of the downstream connection.
         """
-        ctx = self.context
-        if ctx is None:
+        ctx, source = self.context, ""
+        if ctx is not None:
+            source = ctx.source
+        else:
             for _, up_req, _ in self.upstream:
                 up_ctx = _upstream_context(up_req)
                 if up_ctx is not None:
-                    ctx = up_ctx
+                    ctx, source = up_ctx, f"envoy:{up_ctx.source}"  # Envoy's tracer started the trace
                     break
         if ctx is not None:
             parent = f"{ctx.parent_span_id:016x}" if ctx.parent_span_id is not None else None
-            return f"{ctx.trace_id:032x}", parent, ctx.source
+            return f"{ctx.trace_id:032x}", parent, source
         return self.conn.trace_id, self.conn.span_id, "connection"
 
 

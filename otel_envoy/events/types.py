@@ -69,6 +69,13 @@ class CloseEvent(NamedTuple):
     bytes_tx: int
     reads: int
     writes: int
+    tls_records_rx: int
+    tls_records_tx: int
+    tls_app_records_rx: int
+    tls_app_records_tx: int
+    tls_max_record_rx: int
+    tls_max_record_tx: int
+    tls_flags: int
 
 
 class DataEvent(NamedTuple):

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -28,10 +28,13 @@ from typing import Any
 from otel_envoy.lab.certs import LabCerts, generate_certs
 from otel_envoy.lab.envoy_config import (
     LISTENER_NAMES,
+    OTEL_FAST_FLUSH_RUNTIME,
     PLAIN_LISTENER,
     TLS_LISTENER,
     LabPorts,
     free_ports,
+    otel_collector_cluster,
+    otel_tracing,
     render_envoy_config,
     write_envoy_config,
 )
@@ -95,8 +98,16 @@ class EnvoyLab:
     """A running lab: Envoy with listeners ``plain_http`` and ``tls_sni`` in front of the lab backend.
 
     Use as a context manager (or call :meth:`start`/:meth:`stop`). ``cpu`` pins Envoy (all its threads) to
-    the given CPU(s); ``backend_cpu`` does the same for the backend. ``tracing``/``extra_clusters`` are passed
-    to :func:`render_envoy_config`.
+    the given CPU(s); ``backend_cpu`` does the same for the backend. ``tracing``, ``extra_clusters`` and
+    ``runtime`` are passed to :func:`render_envoy_config`.
+
+    ``otel_collector_port`` turns on Envoy's OpenTelemetry tracer (every request sampled, service name
+    ``otel_service_name``) exporting OTLP/gRPC to 127.0.0.1:that port, flushing every finished span quickly;
+    it cannot be combined with ``tracing``.
+
+    ``backend_command`` replaces the lab backend with another server: its arguments, where ``{port}`` stands
+    for the port it must listen on (127.0.0.1); it must print ``ready`` on stdout once listening. It runs in
+    the lab's workdir with the project root on ``PYTHONPATH`` and ``backend_env`` added to the environment.
     """
 
     def __init__(
@@ -112,11 +123,25 @@ class EnvoyLab:
         startup_timeout: float = 30.0,
         keep_workdir: bool = False,
         extra_args: Iterable[str] = (),
+        runtime: dict[str, Any] | None = None,
+        otel_collector_port: int | None = None,
+        otel_service_name: str = "envoy-lab",
+        backend_command: Sequence[str] | None = None,
+        backend_env: Mapping[str, str] | None = None,
     ) -> None:
+        if otel_collector_port is not None:
+            if tracing is not None:
+                raise ValueError("pass either tracing or otel_collector_port, not both")
+            tracing = otel_tracing(otel_service_name)
+            extra_clusters = [*(extra_clusters or []), otel_collector_cluster(otel_collector_port)]
+            runtime = {**OTEL_FAST_FLUSH_RUNTIME, **(runtime or {})}
         self.concurrency = concurrency
         self.direct_response = direct_response
         self.tracing = tracing
         self.extra_clusters = extra_clusters
+        self.runtime = runtime
+        self.backend_command = list(backend_command) if backend_command is not None else None
+        self.backend_env = dict(backend_env or {})
         self.cpus = self._cpu_set(cpu)
         self.backend_cpus = self._cpu_set(backend_cpu)
         self.envoy_binary = Path(envoy_binary) if envoy_binary else find_envoy_binary()
@@ -200,10 +225,12 @@ class EnvoyLab:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
-        self._backend = self._popen(
-            [sys.executable, "-m", "otel_envoy.lab.backend", "--port", str(self.backend_port)],
-            self.backend_cpus, out, err, env,
-        )
+        env.update(self.backend_env)
+        if self.backend_command is not None:
+            cmd = [arg.replace("{port}", str(self.backend_port)) for arg in self.backend_command]
+        else:
+            cmd = [sys.executable, "-m", "otel_envoy.lab.backend", "--port", str(self.backend_port)]
+        self._backend = self._popen(cmd, self.backend_cpus, out, err, env)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if out.exists() and "ready" in out.read_text(errors="replace").split():
@@ -223,6 +250,7 @@ class EnvoyLab:
         self.config = render_envoy_config(
             self.ports, self.certs, self.backend_port, concurrency=self.concurrency,
             direct_response=self.direct_response, tracing=self.tracing, extra_clusters=self.extra_clusters,
+            runtime=self.runtime,
         )
         self.config_path = write_envoy_config(self.config, self.workdir / "envoy.json")
         log = self.workdir / "envoy.log"

@@ -133,6 +133,18 @@ class ConnectionSpanBuilder:
         hello = tls.client_hello if tls is not None else None
         if hello is not None and hello.server_name:
             attrs["tls.client.server_name"] = hello.server_name
+        records = conn.tls_records
+        if records is not None:
+            attrs["envoy.tls.records_received"] = records.received
+            attrs["envoy.tls.records_sent"] = records.sent
+            attrs["envoy.tls.application_data_records_received"] = records.application_data_received
+            attrs["envoy.tls.application_data_records_sent"] = records.application_data_sent
+            attrs["envoy.tls.max_record_size_received"] = records.max_received
+            attrs["envoy.tls.max_record_size_sent"] = records.max_sent
+            if records.received_lost or records.sent_lost:
+                attrs["envoy.tls.record_framing_lost"] = [
+                    side for side, lost in (("received", records.received_lost), ("sent", records.sent_lost))
+                    if lost]
         reset = conn.aborted()
         tail = self.span_tail
         spans = [

@@ -12,7 +12,9 @@ Trace shapes (a contract, like the connection spans'):
   with traceparent / b3 / x-b3-* / x-request-id on the request, the same request subtree lives in *that*
   trace (parent: the span the header names) and links to the connection span, which links back. When only
   the upstream request carries trace context (Envoy's own tracer started the trace), the request subtree
-  joins Envoy's trace; an upstream request span always sits under the trace context it carried.
+  joins Envoy's trace; an upstream request span always sits under the trace context it carried. When that
+  is another trace than its downstream request's (a b3 client in front of Envoy's W3C-only OpenTelemetry
+  tracer, which starts a trace of its own), the two spans link to each other.
 
 HTTP semantic conventions: span name is the method, attributes http.request.method, url.path,
 http.response.status_code, http.request.body.size, http.response.body.size, network.protocol.version,
@@ -40,6 +42,8 @@ __all__ = ["RequestSpanBuilder", "upstream_placement"]
 
 _LINK_CONNECTION = {"otel_envoy.link": "downstream_connection"}
 _LINK_UPSTREAM = {"otel_envoy.link": "upstream_connection"}
+_LINK_DOWNSTREAM_REQUEST = {"otel_envoy.link": "downstream_request"}
+_LINK_UPSTREAM_REQUEST = {"otel_envoy.link": "upstream_request"}
 
 
 def upstream_placement(up: UpstreamRecord) -> tuple[str, str | None]:
@@ -47,6 +51,8 @@ def upstream_placement(up: UpstreamRecord) -> tuple[str, str | None]:
     if up.cause is not None:
         trace_id, _, _ = up.cause.placement()
         return trace_id, up.cause.span_id
+    if up.cause_conn is not None:  # TLS downstream: the request is encrypted, the connection is the cause
+        return up.cause_conn.trace_id, up.cause_conn.span_id
     return up.trace_id, None
 
 
@@ -133,9 +139,12 @@ class RequestSpanBuilder:
                             start + offset, end + offset, attrs, _events(req, resp, offset, sent=False),
                             links, code, message, *self._tail)]
         for up, up_req, span_id in rr.upstream:
-            spans.append(self.upstream_request(up, up_req, up_req.response, span_id,
-                                               default_parent=(trace_id, rr.span_id),
-                                               forwarded=rr.context))
+            client = self.upstream_request(up, up_req, up_req.response, span_id,
+                                           default_parent=(trace_id, rr.span_id), forwarded=rr.context)
+            if client.trace_id != trace_id:  # Envoy's tracer did not continue the request's trace
+                client.links.append((trace_id, rr.span_id, _LINK_DOWNSTREAM_REQUEST))
+                spans[0].links.append((client.trace_id, span_id, _LINK_UPSTREAM_REQUEST))
+            spans.append(client)
         return spans
 
     def upstream_request(self, up: UpstreamRecord, req: HttpMessage, resp: HttpMessage | None, span_id: str,
@@ -175,10 +184,19 @@ class RequestSpanBuilder:
                           *self._tail)
 
     def unpaired_upstream_request(self, up: UpstreamRecord, exchange: HttpExchange,
-                                  ids: tuple[str, str]) -> list[SpanRecord]:
-        """An upstream request no downstream request could be found for (``ids``: its trace and span id)."""
-        span = self.upstream_request(up, exchange.request, exchange.response, ids[1], own_trace_id=ids[0])
-        span.attributes["otel_envoy.partial"] = ["downstream_request_not_found"]
+                                  ids: tuple[str, str, str | None]) -> list[SpanRecord]:
+        """An upstream request no downstream request could be found for. ``ids``: its trace and span id,
+        and the parent: a TLS downstream connection read in the same event-loop round (the request itself
+        is encrypted there), or None (then a trace of its own)."""
+        trace_id, span_id, parent = ids
+        if parent is not None:
+            span = self.upstream_request(up, exchange.request, exchange.response, span_id,
+                                         default_parent=(trace_id, parent))
+            span.attributes["otel_envoy.attribution"] = "tls_connection_round"
+        else:
+            span = self.upstream_request(up, exchange.request, exchange.response, span_id,
+                                         own_trace_id=trace_id)
+            span.attributes["otel_envoy.partial"] = ["downstream_request_not_found"]
         return [span]
 
     def upstream_connection(self, up: UpstreamRecord) -> list[SpanRecord]:

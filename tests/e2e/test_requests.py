@@ -6,6 +6,7 @@ import http.client
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 
@@ -222,3 +223,116 @@ def test_dead_upstream_gives_an_error_span_and_a_failed_upstream_connection(rece
     ups = [s for s in trace.spans if s.name == "envoy.upstream.connection"]
     assert ups and all(u.status_code == ERROR for u in ups)
     assert all(u.parent_span_id == server.span_id for u in ups)
+
+
+def test_request_split_across_many_reads(lab, receiver, traced):
+    """A request trickled a few bytes at a time: Envoy reads it in many reads; one span, whole path."""
+    payload = (b"GET /bytes/77?q=1 HTTP/1.1\r\nHost: lab\r\nUser-Agent: trickle/1\r\n"
+               b"X-Request-Id: trickle-1\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", lab.http_port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        port = s.getsockname()[1]
+        for i in range(0, len(payload), 3):
+            s.sendall(payload[i:i + 3])
+            time.sleep(0.01)
+        data = b""
+        while _complete_responses(data) < 1:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200")
+    trace = _wait_conn(receiver, port, lab.http_port, 1)
+    (server,) = _servers(trace)
+    a = server.attributes
+    assert a["url.path"] == "/bytes/77" and a["user_agent.original"] == "trickle/1"
+    assert a["http.request.header.x-request-id"] == ["trickle-1"]
+    assert a["http.response.body.size"] == 77
+    # the span starts at the first byte read, ~30 sends of 10 ms before the header block completed
+    received = next(ts for ts, name, _ in server.events if name == "http.request.received")
+    assert received - server.start_ns >= 200_000_000
+    (client,) = _clients_of(trace.spans, server)
+    assert client.start_ns >= received
+
+
+def _tls_keep_alive(port: int, ca: str, paths: list[str]) -> tuple[int, list[int]]:
+    """HTTP/1.1 over TLS 1.3 (SNI a.example.com), several requests on one connection."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_alpn_protocols(["http/1.1"])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    local_port = raw.getsockname()[1]
+    conn.sock = ctx.wrap_socket(raw, server_hostname="a.example.com")
+    statuses = []
+    try:
+        for path in paths:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+    finally:
+        conn.close()
+    return local_port, statuses
+
+
+def test_tls_connection_counts_records_and_holds_its_upstream_requests(lab, receiver, traced):
+    """Without symbols the TLS request layer is ciphertext: the connection span counts its records, and
+    the requests appear where Envoy writes them upstream in plaintext, under the connection whose read
+    caused them (same worker thread, same event-loop round)."""
+    paths = ["/bytes/100000", "/bytes/10", "/status/404"]
+    port, statuses = _tls_keep_alive(lab.tls_port, str(lab.ca_path), paths)
+    assert statuses == [200, 200, 404]
+
+    def found(spans):
+        t = connection_traces(spans, lab.tls_port).get(port)
+        return t is not None and len([s for s in t.spans if s.kind == CLIENT and s.name == "GET"]) == 3
+    receiver.wait_for(found, 15)
+    trace = connection_traces(receiver.spans(), lab.tls_port)[port]
+    trace.assert_nested()
+    a = trace.root.attributes
+    # 100000 response bytes need >= 7 full 16 KiB records; TLS 1.3 AEAD adds 1 + 16 bytes to each body
+    assert a["envoy.tls.max_record_size_sent"] == 16384 + 1 + 16
+    assert a["envoy.tls.application_data_records_sent"] >= 7 + 3
+    assert a["envoy.tls.application_data_records_received"] >= 3  # Finished + 3 requests
+    assert a["envoy.tls.records_received"] >= a["envoy.tls.application_data_records_received"] + 1
+    assert 5 * a["envoy.tls.records_sent"] + 100000 <= a["envoy.connection.bytes_sent"]
+    assert "envoy.tls.record_framing_lost" not in a
+    ups = sorted((s for s in trace.spans if s.kind == CLIENT and s.name == "GET"), key=lambda s: s.start_ns)
+    assert [s.attributes["url.path"] for s in ups] == paths
+    assert [s.attributes["http.response.status_code"] for s in ups] == [200, 200, 404]
+    for s in ups:
+        assert s.parent_span_id == trace.root.span_id
+        assert s.attributes["otel_envoy.attribution"] == "tls_connection_round"
+
+
+def test_concurrent_tls_clients_each_hold_their_own_upstream_requests(lab, receiver, traced):
+    n_clients, per_client = 10, 3
+    results: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        paths = [f"/bytes/{2000 + i * per_client + j}" for j in range(per_client)]
+        try:
+            p, st = _tls_keep_alive(lab.tls_port, str(lab.ca_path), paths)
+            assert st == [200] * per_client
+            results[p] = paths
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == n_clients
+
+    def ups(trace: Trace) -> list[str]:
+        return sorted(s.attributes["url.path"] for s in trace.spans if s.kind == CLIENT and s.name == "GET")
+
+    receiver.wait_for(lambda spans: all(
+        (t := connection_traces(spans, lab.tls_port).get(p)) is not None and len(ups(t)) >= per_client
+        for p in results), 30)
+    traces = connection_traces(receiver.spans(), lab.tls_port)
+    for p, paths in results.items():
+        assert ups(traces[p]) == sorted(paths), p

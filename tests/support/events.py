@@ -156,10 +156,12 @@ def setsockopt(ts: int, fd: int, level: int, optname: int, optval: int = 1, *,
 
 
 def close(ts: int, fd: int, rx: int = 0, tx: int = 0, *, tgid: int = TGID, tid: int = TID,
-          role: int | None = None, open_ts: int = 0, reads: int = 0, writes: int = 0) -> CloseEvent:
-    """Envoy closed ``fd``; the kernel's byte totals come with it."""
+          role: int | None = None, open_ts: int = 0, reads: int = 0, writes: int = 0,
+          tls: tuple[int, int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0, 0)) -> CloseEvent:
+    """Envoy closed ``fd``; the kernel's byte totals (and TLS record counts, in CloseEvent order) come
+    with it."""
     return CloseEvent(ts, C["EV_CLOSE"], tgid, tid, 1, fd, C["ROLE_DOWNSTREAM"] if role is None else role,
-                      open_ts, rx, tx, reads, writes)
+                      open_ts, rx, tx, reads, writes, *tls)
 
 
 _STRUCTS = {

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from otel_envoy.export.records import SpanRecord
 
-__all__ = ["Trace", "connection_traces", "group_traces"]
+__all__ = ["Trace", "connection_traces", "format_traces", "group_traces", "service_of"]
 
 
 @dataclass
@@ -74,3 +74,44 @@ def connection_traces(spans: list[SpanRecord], local_port: int | None = None) ->
             continue
         out[attrs["network.peer.port"]] = trace
     return out
+
+
+_KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
+
+
+def service_of(span: SpanRecord) -> str:
+    """The ``service.name`` of the span's resource ("" when none)."""
+    return str(span.resource_attributes.get("service.name", ""))
+
+
+def _span_lines(trace: Trace) -> list[str]:
+    by_id = {s.span_id: s for s in trace.spans}
+    children: dict[str | None, list[SpanRecord]] = defaultdict(list)
+    for s in trace.spans:
+        children[s.parent_span_id if s.parent_span_id in by_id else None].append(s)
+    lines: list[str] = []
+    stack = [(top, 1) for top in sorted(children[None], key=lambda c: c.start_ns, reverse=True)]
+    while stack:
+        span, depth = stack.pop()
+        pad = "  " * depth
+        outside = "" if span.parent_span_id in by_id else f" (parent {span.parent_span_id})"
+        kind = _KINDS.get(span.kind, str(span.kind))
+        lines.append(f"{pad}- [{service_of(span)}] {span.name} {kind} {span.span_id}{outside}")
+        for t, sid, attrs in span.links:
+            lines.append(f"{pad}    link -> {t}/{sid} {attrs.get('otel_envoy.link', '')}".rstrip())
+        kids = sorted(children.get(span.span_id, []), key=lambda c: c.start_ns, reverse=True)
+        stack.extend((k, depth + 1) for k in kids)
+    return lines
+
+
+def format_traces(spans: list[SpanRecord], trace_ids: list[str] | None = None) -> str:
+    """The spans as indented trees, one per trace (only ``trace_ids``, in that order, when given). Each line:
+    ``[service] name KIND span_id``, then its links; a span whose parent is absent shows that parent's id."""
+    traces = group_traces(spans)
+    lines: list[str] = []
+    for trace_id in trace_ids if trace_ids is not None else list(traces):
+        trace = traces.get(trace_id)
+        lines.append(f"trace {trace_id}" + ("" if trace else ": no spans"))
+        if trace is not None:
+            lines.extend(_span_lines(trace))
+    return "\n".join(lines)
