@@ -40,6 +40,7 @@ from ..events.types import (
     TcpEvent,
 )
 from ..protocols.http1 import Http1Exchanges, HttpExchange, HttpMessage
+from ..protocols.http2 import Http2Exchanges, is_h2_preface
 from ..protocols.tls import TlsHandshakeTracker
 from ..protocols.tracecontext import trace_context
 from .addresses import format_ip
@@ -51,6 +52,7 @@ from .model import (
     TlsRecordCounts,
     UpstreamRecord,
 )
+from .rounds import RoundRecord, RoundTracker, WaitRecord
 
 __all__ = ["ConnectionCorrelator", "ListenSocket"]
 
@@ -58,6 +60,7 @@ _C = load_layout().constants
 EV_ACCEPT, EV_CLOSE, EV_DATA, EV_CONNECT = _C["EV_ACCEPT"], _C["EV_CLOSE"], _C["EV_DATA"], _C["EV_CONNECT"]
 EV_EPOLL_CTL, EV_SETSOCKOPT, EV_SOCK_STATE, EV_TCP = (
     _C["EV_EPOLL_CTL"], _C["EV_SETSOCKOPT"], _C["EV_SOCK_STATE"], _C["EV_TCP"])
+EV_OFFCPU, EV_ROUND = _C["EV_OFFCPU"], _C["EV_ROUND"]
 ROLE_DOWNSTREAM, DIR_READ, DATA_FLAG_PEEK = _C["ROLE_DOWNSTREAM"], _C["DIR_READ"], _C["DATA_FLAG_PEEK"]
 TCP_SYN_SENT = _C["TCP_SYN_SENT"]
 TLS_FRAMING_SEEN, TLS_FRAMING_LOST_RX, TLS_FRAMING_LOST_TX = (
@@ -111,6 +114,8 @@ class ConnectionCorrelator:
         on_request: OnRequest | None = None,
         on_upstream: Callable[[UpstreamRecord], None] | None = None,
         on_upstream_request: OnUpstreamRequest | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        on_wait: Callable[[WaitRecord], None] | None = None,
         http: bool = True,
         max_connections: int = 65536,
         max_queued: int = 65536,
@@ -123,6 +128,9 @@ class ConnectionCorrelator:
         self.on_upstream_request = on_upstream_request
         self.http = http
         self._bits = (rng or random.Random()).getrandbits
+        # event-loop rounds and off-CPU waits (issue 4): which connections each reported round handled
+        self.rounds = RoundTracker(on_round, on_wait) if on_round is not None else None
+        self.accepts_by_thread: Counter[tuple[int, int, str]] = Counter()  # (tgid, tid, name) -> accepts
         self.upstream_open: dict[tuple[int, int], UpstreamRecord] = {}  # (tgid, fd) -> upstream
         self.up_by_sock: dict[int, UpstreamRecord] = {}  # kernel socket address -> upstream
         self.upstream_closing: deque[UpstreamRecord] = deque()
@@ -158,6 +166,9 @@ class ConnectionCorrelator:
             EV_SOCK_STATE: self._on_sock_state,  # type: ignore[dict-item]
             EV_TCP: self._on_tcp,  # type: ignore[dict-item]
         }
+        if self.rounds is not None:
+            self._dispatch[EV_OFFCPU] = self.rounds.on_offcpu  # type: ignore[assignment]
+            self._dispatch[EV_ROUND] = self.rounds.on_round  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ context from user space
 
@@ -269,6 +280,7 @@ class ConnectionCorrelator:
             conn.listener_name = listen.listener_name or self._listener_name(listen.address, listen.port)
         self.open[key] = conn
         self.by_tuple[tkey] = conn
+        self.accepts_by_thread[(ev.tgid, ev.tid, conn.thread_name)] += 1
 
     def _listener_name(self, address: str, port: int) -> str | None:
         names = self.listener_names
@@ -281,6 +293,8 @@ class ConnectionCorrelator:
         conn = self.open.get((ev.tgid, ev.fd))
         if conn is None:
             return
+        if self.rounds is not None:
+            self.rounds.touch(ev.tid, ev.round, conn.trace_id, conn.span_id, conn.fd)
         peek = ev.flags & DATA_FLAG_PEEK
         if ev.direction == DIR_READ:
             if ev.ret == 0:
@@ -311,7 +325,8 @@ class ConnectionCorrelator:
             elif not peek:
                 # requests are parsed from the connection's first real read (listener filters may peek first)
                 if conn.http is None and self.http and conn.first_io_ns == ev.ts_ns:
-                    conn.http = Http1Exchanges(requests_read=True)
+                    conn.http = (Http2Exchanges(requests_read=True) if is_h2_preface(ev.data)
+                                 else Http1Exchanges(requests_read=True, h2c_handoff=True))
                 if conn.http is not None:
                     conn.http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
                     self._after_http(conn, ev)
@@ -384,6 +399,11 @@ class ConnectionCorrelator:
     def _after_http(self, conn: ConnectionRecord, ev: DataEvent) -> None:
         http = conn.http
         assert http is not None
+        if http.upgraded and isinstance(http, Http1Exchanges) and http.h2c_request is not None:
+            h2 = Http2Exchanges.from_upgrade(http)  # 101 to h2c: the rest of the connection is HTTP/2
+            if h2 is not None:
+                conn.http = http = h2
+                self.stats["h2c_upgrades"] += 1
         for msg in http.take_new_requests():
             rr = RequestRecord(conn, msg, self._new_id(), trace_context(msg.headers),
                                active_round=msg.headers_round)
@@ -401,9 +421,10 @@ class ConnectionCorrelator:
         if http.completed:
             for exchange in http.take_completed():
                 self._request_done(conn, exchange)
-            # HTTP/1 pipelining: Envoy starts on the next buffered request only after this response
-            for rr in conn.requests_pending.values():
-                rr.active_round = max(rr.active_round, ev.round)
+            if isinstance(http, Http1Exchanges):
+                # HTTP/1 pipelining: Envoy starts on the next buffered request only after this response
+                for rr in conn.requests_pending.values():
+                    rr.active_round = max(rr.active_round, ev.round)
 
     def _request_done(self, conn: ConnectionRecord, exchange: HttpExchange) -> None:
         msg = exchange.request
@@ -549,9 +570,11 @@ class ConnectionCorrelator:
                 up.eof_ns = ev.ts_ns
             return
         if up.http is None and not up.not_http:
-            if self.http and ev.direction != DIR_READ and ev.data[:1] not in (b"\x16", b"P", b""):
+            if self.http and ev.direction != DIR_READ and is_h2_preface(ev.data) and len(ev.data) >= 3:
+                up.http = Http2Exchanges(requests_read=False)  # Envoy speaks HTTP/2 to this upstream
+            elif self.http and ev.direction != DIR_READ and ev.data[:1] not in (b"\x16", b""):
                 up.http = Http1Exchanges(requests_read=False)  # HTTP/1.x request first
-            else:  # TLS, HTTP/2 (preface "PRI * HTTP/2.0") or a server-first protocol
+            else:  # TLS or a server-first protocol
                 up.not_http = True
         http = up.http
         if http is None:

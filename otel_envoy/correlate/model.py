@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..protocols.http1 import Http1Exchanges, HttpMessage
+from ..protocols.http2 import Http2Exchanges
 from ..protocols.tls import TlsHandshakeTracker
 from ..protocols.tracecontext import TraceContext, trace_context
 
@@ -82,7 +83,7 @@ class ConnectionRecord:
     partial: list[str] = field(default_factory=list)  # what we know we missed
     trace_id: str = ""  # this connection's own trace and root span (set by the correlator)
     span_id: str = ""
-    http: Http1Exchanges | None = None  # plaintext HTTP/1.x seen from the connection's start
+    http: Http1Exchanges | Http2Exchanges | None = None  # plaintext HTTP seen from the connection's start
     requests_pending: dict[int, RequestRecord] = field(default_factory=dict)  # id(request msg) -> record
     request_count: int = 0
     request_links: list[tuple[str, str]] = field(default_factory=list)  # requests in other traces
@@ -146,7 +147,7 @@ class UpstreamRecord:
     bytes_sent: int = 0
     still_open: bool = False
     tcp_marks: list[TcpMark] = field(default_factory=list)
-    http: Http1Exchanges | None = None
+    http: Http1Exchanges | Http2Exchanges | None = None
     not_http: bool = False
     cause: RequestRecord | None = None  # the downstream request that made Envoy connect
     cause_conn: ConnectionRecord | None = None  # else: the TLS downstream connection read in that round

@@ -13,16 +13,25 @@ Capture gaps (a syscall moved more bytes than the kernel copied) are filled with
 that keeps the byte count right; inside headers it makes the parser fail, which is recorded on the message.
 Malformed bytes never raise out of this module: the message records the error and the direction stops
 parsing.
+
+A connection that switches protocols (``101``) stops HTTP/1 parsing. With ``h2c_handoff=True`` an h2c
+upgrade (RFC 7540 3.2) is kept ready for :meth:`Http2Exchanges.from_upgrade
+<otel_envoy.protocols.http2.Http2Exchanges.from_upgrade>`: the upgrade request stays pending (its response
+comes as HTTP/2 on stream 1) and each direction keeps the bytes that followed the switch, bounded.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import httptools
 
-__all__ = ["KEPT_HEADERS", "MAX_PENDING", "Http1Exchanges", "HttpExchange", "HttpMessage"]
+__all__ = [
+    "KEPT_HEADERS", "MAX_PENDING", "H2cUpgrade", "Http1Exchanges", "HttpExchange", "HttpMessage", "IoChunk",
+    "lists_h2c", "request_path",
+]
 
 #: Header names (lower case) whose values are kept. Everything else is dropped while parsing.
 KEPT_HEADERS = frozenset({
@@ -34,6 +43,8 @@ MAX_PENDING = 64
 _MAX_HEADER_VALUE = 512
 _MAX_SYSCALL_BYTES = 0x7FFFF000  # Linux moves at most this much in one read/write (MAX_RW_COUNT)
 _ZEROS = memoryview(bytes(65536))
+_MAX_LEFTOVER_CHUNKS = 16  # syscalls kept per direction after an h2c switch, waiting for the hand-off
+_MAX_LEFTOVER_BYTES = 256 * 1024  # beyond either bound, further bytes are kept as a capture gap only
 
 
 @dataclass(slots=True)
@@ -57,12 +68,46 @@ class HttpMessage:
     response: HttpMessage | None = None  # requests: the response that answered it, once complete
 
 
+class IoChunk(NamedTuple):
+    """One syscall's bytes as they were fed in (``total_len`` > len(data): the rest was not captured)."""
+
+    ts_ns: int
+    data: bytes
+    total_len: int
+    tid: int
+    round: int
+
+
 @dataclass(slots=True)
 class HttpExchange:
     """A request and the response that answered it (None when it never came)."""
 
     request: HttpMessage
     response: HttpMessage | None
+
+
+@dataclass(slots=True)
+class H2cUpgrade:
+    """An accepted h2c upgrade, detached from its :class:`Http1Exchanges` for the HTTP/2 parser."""
+
+    request: HttpMessage  # the HTTP/1.1 request that asked for h2c: HTTP/2 stream 1 carries its response
+    switch: HttpMessage  # the 101 Switching Protocols response
+    request_side: list[IoChunk]  # what the client sent after the upgrade request (preface, frames)
+    response_side: list[IoChunk]  # what the server sent after the 101 (SETTINGS, frames)
+
+
+def request_path(target: str) -> str:
+    """A request target without query or fragment; absolute-form (proxy requests) keeps the path part."""
+    cut = min((i for i in (target.find("?"), target.find("#")) if i >= 0), default=len(target))
+    path = target[:cut]
+    if "://" in path:
+        path = "/" + path.split("://", 1)[1].partition("/")[2]
+    return path[:_MAX_HEADER_VALUE]
+
+
+def lists_h2c(headers: dict[str, str]) -> bool:
+    """The (kept) ``Upgrade`` header names h2c."""
+    return any(t.strip().lower() == "h2c" for t in headers.get("upgrade", "").split(","))
 
 
 class _Direction:
@@ -79,10 +124,13 @@ class _Direction:
         "done",
         "failed",
         "headers_done",
+        "keep_h2c",
+        "leftover",
+        "leftover_bytes",
         "upgraded",
     )
 
-    def __init__(self, is_request: bool) -> None:
+    def __init__(self, is_request: bool, keep_h2c: bool = False) -> None:
         self._is_request = is_request
         self._parser = (httptools.HttpRequestParser if is_request else httptools.HttpResponseParser)(self)
         self.current: HttpMessage | None = None
@@ -90,6 +138,9 @@ class _Direction:
         self.headers_done: list[HttpMessage] = []
         self.failed: str | None = None
         self.upgraded = False
+        self.keep_h2c = keep_h2c  # after an h2c switch, keep what follows (else it is dropped)
+        self.leftover: list[IoChunk] = []
+        self.leftover_bytes = 0
         self._header_name = ""
         self._ts = 0
         self._tid = 0
@@ -98,17 +149,44 @@ class _Direction:
     # -- fed by Http1Exchanges
 
     def feed(self, ts_ns: int, data: bytes | memoryview, tid: int, round_: int) -> None:
-        if self.failed is not None or self.upgraded:
+        if self.failed is not None:
+            return
+        if self.upgraded:
+            if self.keep_h2c:
+                self.keep(IoChunk(ts_ns, bytes(data), len(data), tid, round_))
             return
         self._ts, self._tid, self._round = ts_ns, tid, round_
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             self.upgraded = True
+            msg = self.current or (self.done[-1] if self.done else None)
+            self.keep_h2c = self.keep_h2c and msg is not None and lists_h2c(msg.headers)
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            rest = bytes(data[offset:])
+            self.keep(IoChunk(ts_ns, rest, len(rest), tid, round_))
         except httptools.HttpParserError as exc:
             self._fail(f"malformed HTTP/1 {'request' if self._is_request else 'response'}: {exc}")
         except Exception as exc:  # httptools is C: never let a surprise stop the daemon
             self._fail(f"HTTP/1 parser failure: {type(exc).__name__}: {exc}")
+
+    def keep(self, chunk: IoChunk) -> None:
+        """After an h2c switch: keep a syscall's bytes for the HTTP/2 parser (past the bounds, its size)."""
+        if not self.keep_h2c:
+            return
+        kept = self.leftover
+        if len(kept) < _MAX_LEFTOVER_CHUNKS and self.leftover_bytes + len(chunk.data) <= _MAX_LEFTOVER_BYTES:
+            kept.append(chunk)
+            self.leftover_bytes += len(chunk.data)
+        elif kept:  # uncaptured from here on: the HTTP/2 parser sees a capture gap
+            kept[-1] = kept[-1]._replace(total_len=kept[-1].total_len + chunk.total_len)
+        else:
+            kept.append(chunk._replace(data=b""))
+
+    def keep_gap(self, n: int) -> None:
+        """After an h2c switch: the last syscall moved ``n`` more bytes than were captured."""
+        if self.keep_h2c and self.leftover:
+            self.leftover[-1] = self.leftover[-1]._replace(total_len=self.leftover[-1].total_len + n)
 
     def fail(self, ts_ns: int, reason: str) -> None:
         """Stop parsing this direction; the message in progress (or a new one) carries ``reason``."""
@@ -165,12 +243,7 @@ class _Direction:
         msg.version = p.get_http_version()
         if self._is_request:
             msg.method = p.get_method().decode("latin-1")
-            target = msg.path or ""
-            cut = min((i for i in (target.find("?"), target.find("#")) if i >= 0), default=len(target))
-            path = target[:cut]
-            if "://" in path:  # absolute-form (proxy requests): keep the path part
-                path = "/" + path.split("://", 1)[1].partition("/")[2]
-            msg.path = path[:_MAX_HEADER_VALUE]
+            msg.path = request_path(msg.path or "")
         else:
             msg.status = p.get_status_code()
         msg.upgrade = bool(p.should_upgrade()) if hasattr(p, "should_upgrade") else "upgrade" in msg.headers
@@ -189,15 +262,23 @@ class _Direction:
 
 
 class Http1Exchanges:
-    """Pairs the requests and responses of one HTTP/1.x connection."""
+    """Pairs the requests and responses of one HTTP/1.x connection.
 
-    def __init__(self, *, requests_read: bool) -> None:
+    ``h2c_handoff=True``: a ``101`` answering ``Upgrade: h2c`` does not complete the upgrade request; it stays
+    pending for :meth:`take_h2c_upgrade` (see ``Http2Exchanges.from_upgrade``). Without it, or for other
+    protocols (websocket...), the 101 is the request's response.
+    """
+
+    def __init__(self, *, requests_read: bool, h2c_handoff: bool = False) -> None:
         self.requests_read = requests_read
-        self._requests = _Direction(is_request=True)
-        self._responses = _Direction(is_request=False)
+        self.h2c_handoff = h2c_handoff
+        self._requests = _Direction(is_request=True, keep_h2c=h2c_handoff)
+        self._responses = _Direction(is_request=False, keep_h2c=h2c_handoff)
         self._pending: deque[HttpMessage] = deque()
         self.completed: list[HttpExchange] = []
         self.unanswered_dropped = 0
+        self.h2c_request: HttpMessage | None = None  # the pending request a 101 switched to h2c
+        self.h2c_switch: HttpMessage | None = None  # that 101 response
 
     @property
     def error(self) -> str | None:
@@ -208,6 +289,24 @@ class Http1Exchanges:
     def upgraded(self) -> bool:
         """The connection switched protocols (101): HTTP/1 parsing has stopped."""
         return self._requests.upgraded and self._responses.upgraded
+
+    def upgrade_leftover(self, *, requests: bool) -> list[IoChunk]:
+        """Bytes of the request (or response) side that followed the protocol switch, kept for an h2c
+        hand-off (empty unless ``h2c_handoff``); past the bounds only their sizes (a capture gap)."""
+        return (self._requests if requests else self._responses).leftover
+
+    def take_h2c_upgrade(self) -> H2cUpgrade | None:
+        """Once both sides switched to h2c: detach the pending upgrade request, the 101 and the bytes that
+        followed (this object then holds neither); None when there is no such switch (again)."""
+        req, switch = self.h2c_request, self.h2c_switch
+        if req is None or switch is None or not self.upgraded:
+            return None
+        self._pending = deque(m for m in self._pending if m is not req)  # (dataclass == compares fields)
+        self.h2c_request = self.h2c_switch = None
+        out = H2cUpgrade(req, switch, self._requests.leftover, self._responses.leftover)
+        for d in (self._requests, self._responses):
+            d.leftover, d.leftover_bytes, d.keep_h2c = [], 0, False
+        return out
 
     def on_read(self, ts_ns: int, data: bytes, total_len: int, tid: int = 0, round_: int = 0) -> None:
         """Bytes Envoy read from this connection (``total_len`` >= len(data): the rest was not captured)."""
@@ -227,6 +326,9 @@ class Http1Exchanges:
         else:
             direction.feed(ts_ns, data, tid, round_)
             while gap > 0 and direction.failed is None:  # bytes the kernel did not copy: zeros, in slices
+                if direction.upgraded:  # not HTTP/1 any more: kept (for an h2c hand-off) as a gap
+                    direction.keep_gap(gap)
+                    break
                 n = min(gap, len(_ZEROS))
                 direction.feed(ts_ns, _ZEROS[:n], tid, round_)
                 gap -= n
@@ -241,6 +343,9 @@ class Http1Exchanges:
             for resp in self._responses.done:
                 if resp.status is not None and 100 <= resp.status < 200 and resp.status != 101:
                     continue  # informational (100 Continue): the final response follows
+                if resp.status == 101 and self.h2c_handoff and self._pending and lists_h2c(resp.headers):
+                    self.h2c_request, self.h2c_switch = self._pending[0], resp  # answered on h2 stream 1
+                    continue
                 if self._pending:
                     req = self._pending.popleft()
                     req.response = resp
