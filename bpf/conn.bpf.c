@@ -56,6 +56,20 @@ enum sk_rst_reason { SK_RST_REASON_STANDIN = 0 };
 #define NR_EPOLL_WAIT 232
 #define NR_EPOLL_PWAIT 281
 #define NR_EPOLL_PWAIT2 441
+#define NR_FUTEX 202
+#define NR_FUTEX_WAITV 449
+
+#ifndef OFFCPU
+#define OFFCPU 1 /* 0: no scheduler probes (no off-CPU waits, no round events) */
+#endif
+#ifndef OFFCPU_MIN_NS
+#define OFFCPU_MIN_NS 1000000ULL /* waits at least this long become EV_OFFCPU records */
+#endif
+#ifndef ROUND_MIN_NS
+#define ROUND_MIN_NS 10000000ULL /* rounds at least this long (or holding such a wait) become EV_ROUND */
+#endif
+#define TASK_REPORT_MAX 0x100 /* sched_switch prev_state bit for a preempted task ("R+") */
+#define STACK_ENTRIES 16384
 /* Stops clang from re-deriving a clamped length from its unclamped source, which the verifier rejects. */
 #define BARRIER_VAR(v) asm volatile("" : "+r"(v))
 
@@ -120,6 +134,26 @@ struct thread_state {
     __u32 ready;
     __u64 round_start_ns;
     struct inflight in;
+    /* off-CPU accounting (sched_switch / sched_waking) */
+    __u64 off_start_ns;     /* switched out at; 0 while on CPU */
+    __u64 runnable_ns;      /* became runnable at (woken or preempted); 0 while blocked */
+    __s64 prev_state;
+    __s32 sys_nr;           /* futex / epoll_wait family while inside one, else -1 (0 at creation) */
+    __u32 off_reason;       /* enum offcpu_reason of the current wait */
+    __s32 kstack_id;
+    __s32 ustack_id;
+    __s32 waker_kstack_id;
+    __u32 other_pid;
+    __u32 other_tgid;
+    __u32 cpu;
+    char other_comm[COMM_LEN];
+    /* the current round's totals */
+    __u64 round_offcpu_ns;
+    __u64 round_runnable_ns;
+    __u32 round_waits;
+    __u8 in_round;          /* between an epoll_wait return and the next call */
+    __u8 round_flagged;     /* an EV_OFFCPU was sent for a wait inside it */
+    __u8 _pad[2];
 };
 
 BPF_HASH(targets, __u32, __u8, 1024);
@@ -128,6 +162,25 @@ BPF_TABLE("lru_hash", __u64, struct conn_state, conns, MAX_CONNS);
 BPF_TABLE("lru_hash", __u64, __u8, upstream_socks, MAX_CONNS);
 BPF_TABLE("lru_hash", __u32, struct thread_state, threads, 16384);
 BPF_PERCPU_ARRAY(drops, __u64, DROP_REASONS);
+/* Per target thread and reason: off-CPU totals, aggregated here (one record per context switch would
+ * flood user space). Read by the metrics exporter. */
+struct offcpu_key {
+    __u32 tid;
+    __u32 reason;
+};
+struct offcpu_total {
+    __u64 ns;
+    __u64 runnable_ns;
+    __u64 count;
+};
+BPF_TABLE("lru_hash", struct offcpu_key, struct offcpu_total, offcpu_totals, 16384);
+/* Per target thread: log2 histogram of round durations in microseconds (slot = log2(us), 0..31). */
+struct round_hist_key {
+    __u32 tid;
+    __u32 slot;
+};
+BPF_TABLE("lru_hash", struct round_hist_key, __u64, round_hist, 32768);
+BPF_STACK_TRACE(stacks, STACK_ENTRIES);
 /* An EV_DATA record is built here (too big for the stack). The spill area lets the verifier accept
  * copies at masked offsets: off < CAPTURE_MAX and n <= CAPTURE_MAX always fit. */
 struct data_scratch_t {
@@ -228,8 +281,184 @@ static __always_inline int on_epoll_wait_exit(long ret) {
     t->round++;
     t->ready = ret > 0 ? (__u32)ret : 0;
     t->round_start_ns = bpf_ktime_get_ns();
+    t->sys_nr = -1;
+    t->in_round = ret > 0; /* a timeout (0) or EINTR runs timers or nothing: not a round of fd work */
+    t->round_offcpu_ns = 0;
+    t->round_runnable_ns = 0;
+    t->round_waits = 0;
+    t->round_flagged = 0;
     return 0;
 }
+
+static __always_inline __u32 log2_u64(__u64 v) {
+    __u32 r = 0;
+#pragma unroll
+    for (int i = 5; i >= 0; i--) {
+        __u32 shift = 1u << i;
+        if (v >> shift) {
+            v >>= shift;
+            r += shift;
+        }
+    }
+    return r;
+}
+
+/* A target thread calls epoll_wait: its round (if any) ends here. */
+static __always_inline int on_epoll_wait_enter(long nr) {
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    struct thread_state *t = threads.lookup(&tid); /* only target threads have state */
+    if (!t)
+        return 0;
+    t->sys_nr = (__s32)nr;
+    if (!t->in_round)
+        return 0;
+    t->in_round = 0;
+    __u64 now = bpf_ktime_get_ns();
+    __u64 took = now - t->round_start_ns;
+    struct round_hist_key hk = {.tid = tid, .slot = log2_u64(took / 1000)};
+    __u64 one = 1;
+    __u64 *slot = round_hist.lookup(&hk);
+    if (slot)
+        __sync_fetch_and_add(slot, 1);
+    else
+        round_hist.update(&hk, &one);
+    if (took < ROUND_MIN_NS && !t->round_flagged)
+        return 0;
+    struct round_event ev = {};
+    fill_header_of(&ev.hdr, EV_ROUND, bpf_get_current_pid_tgid(), t);
+    ev.hdr.ts_ns = now;
+    ev.start_ns = t->round_start_ns;
+    ev.offcpu_ns = t->round_offcpu_ns;
+    ev.runnable_ns = t->round_runnable_ns;
+    ev.ready = t->ready;
+    ev.waits = t->round_waits;
+    ev.cpu = bpf_get_smp_processor_id();
+    emit(&ev, sizeof(ev));
+    return 0;
+}
+
+/* A target thread enters or leaves futex: a block in between is a lock wait. */
+static __always_inline int on_futex(long nr) {
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    struct thread_state *t = threads.lookup(&tid);
+    if (t)
+        t->sys_nr = (__s32)nr;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- off-CPU waits */
+
+#if OFFCPU
+TRACEPOINT_PROBE(sched, sched_switch) {
+    __u64 now = 0;
+    __u32 prev = args->prev_pid;
+    struct thread_state *t = threads.lookup(&prev);
+    if (t && prev != 0) { /* a target thread leaves the CPU */
+        now = bpf_ktime_get_ns();
+        long state = args->prev_state;
+        __u32 reason;
+        if (state == 0 || (state & TASK_REPORT_MAX))
+            reason = OFFCPU_PREEMPTED;
+        else if (t->sys_nr == NR_EPOLL_WAIT || t->sys_nr == NR_EPOLL_PWAIT || t->sys_nr == NR_EPOLL_PWAIT2)
+            reason = OFFCPU_IDLE;
+        else if (t->sys_nr == NR_FUTEX || t->sys_nr == NR_FUTEX_WAITV)
+            reason = OFFCPU_LOCK;
+        else if (t->in.active && t->in.syscall)
+            reason = OFFCPU_IO;
+        else
+            reason = OFFCPU_OTHER;
+        t->off_start_ns = now;
+        t->prev_state = state;
+        t->off_reason = reason;
+        t->cpu = bpf_get_smp_processor_id();
+        t->waker_kstack_id = -1;
+        t->other_tgid = 0;
+        if (reason == OFFCPU_PREEMPTED) {
+            t->runnable_ns = now;
+            t->other_pid = args->next_pid;
+            bpf_probe_read_kernel(&t->other_comm, sizeof(t->other_comm), args->next_comm);
+        } else {
+            t->runnable_ns = 0;
+            t->other_pid = 0;
+            t->other_comm[0] = 0;
+        }
+        if (reason != OFFCPU_IDLE) { /* idle waits are only aggregated: no stacks */
+            t->kstack_id = stacks.get_stackid(args, 0);
+            t->ustack_id = stacks.get_stackid(args, BPF_F_USER_STACK);
+        } else {
+            t->kstack_id = -1;
+            t->ustack_id = -1;
+        }
+    }
+    __u32 next = args->next_pid;
+    struct thread_state *n = threads.lookup(&next);
+    if (!n || next == 0 || !n->off_start_ns)
+        return 0;
+    if (!now)
+        now = bpf_ktime_get_ns();
+    __u64 off = now - n->off_start_ns;
+    __u64 runnable = n->runnable_ns ? now - n->runnable_ns : 0;
+    __u32 reason = n->off_reason;
+    n->off_start_ns = 0;
+    struct offcpu_key key = {.tid = next, .reason = reason};
+    struct offcpu_total *tot = offcpu_totals.lookup(&key);
+    if (tot) {
+        __sync_fetch_and_add(&tot->ns, off);
+        __sync_fetch_and_add(&tot->runnable_ns, runnable);
+        __sync_fetch_and_add(&tot->count, 1);
+    } else {
+        struct offcpu_total first = {.ns = off, .runnable_ns = runnable, .count = 1};
+        offcpu_totals.update(&key, &first);
+    }
+    if (reason == OFFCPU_IDLE)
+        return 0;
+    if (n->in_round) {
+        n->round_offcpu_ns += off;
+        n->round_runnable_ns += runnable;
+        n->round_waits++;
+    }
+    if (off < OFFCPU_MIN_NS)
+        return 0;
+    if (n->in_round)
+        n->round_flagged = 1;
+    struct offcpu_event ev = {};
+    ev.hdr.ts_ns = now;
+    ev.hdr.kind = EV_OFFCPU;
+    ev.hdr.tid = next;
+    ev.hdr.tgid = 0; /* sched_switch names threads only; user space knows each thread's process */
+    ev.hdr.round = n->in_round ? n->round : 0;
+    ev.start_ns = now - off;
+    ev.runnable_ns = runnable;
+    ev.prev_state = n->prev_state;
+    ev.reason = reason;
+    ev.syscall = reason == OFFCPU_IO ? 0 : n->sys_nr;
+    ev.kstack_id = n->kstack_id;
+    ev.ustack_id = n->ustack_id;
+    ev.waker_kstack_id = n->waker_kstack_id;
+    ev.other_pid = n->other_pid;
+    ev.other_tgid = n->other_tgid;
+    ev.cpu = n->cpu;
+    __builtin_memcpy(ev.other_comm, n->other_comm, sizeof(ev.other_comm));
+    emit(&ev, sizeof(ev));
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_waking) {
+    __u32 pid = args->pid;
+    struct thread_state *t = threads.lookup(&pid);
+    if (!t || !t->off_start_ns || t->runnable_ns)
+        return 0;
+    t->runnable_ns = bpf_ktime_get_ns();
+    if (t->off_reason == OFFCPU_IDLE) /* only aggregated: who woke an idle loop is not recorded */
+        return 0;
+    __u64 waker = bpf_get_current_pid_tgid();
+    t->other_pid = (__u32)waker;
+    t->other_tgid = waker >> 32;
+    bpf_get_current_comm(&t->other_comm, sizeof(t->other_comm));
+    t->waker_kstack_id = stacks.get_stackid(args, 0);
+    return 0;
+}
+#endif
 
 
 /* ---------------------------------------------------------------- accept / connect / close / listen */
@@ -649,6 +878,13 @@ static __always_inline int on_io_exit(long ret) {
 
 RAW_TRACEPOINT_PROBE(sys_enter) {
     switch (ctx->args[1]) {
+    case NR_EPOLL_WAIT:
+    case NR_EPOLL_PWAIT:
+    case NR_EPOLL_PWAIT2:
+        return on_epoll_wait_enter(ctx->args[1]);
+    case NR_FUTEX:
+    case NR_FUTEX_WAITV:
+        return OFFCPU ? on_futex(ctx->args[1]) : 0;
     case NR_READ: return on_io_enter(IO_READ, (struct pt_regs *)ctx->args[0]);
     case NR_READV: return on_io_enter(IO_READV, (struct pt_regs *)ctx->args[0]);
     case NR_RECVFROM: return on_io_enter(IO_RECVFROM, (struct pt_regs *)ctx->args[0]);
@@ -671,6 +907,9 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     case NR_EPOLL_PWAIT:
     case NR_EPOLL_PWAIT2:
         return on_epoll_wait_exit(ret);
+    case NR_FUTEX:
+    case NR_FUTEX_WAITV:
+        return OFFCPU ? on_futex(-1) : 0;
     case NR_READ:
     case NR_READV:
     case NR_RECVFROM:

@@ -28,6 +28,18 @@ enum event_kind {
     EV_SOCK_STATE = 7, /* sock:inet_sock_set_state on a target listening port or a target's socket */
     EV_TCP = 8,        /* retransmit / reset / SYN-ACK retransmit on a target listening port */
     EV_LISTEN = 9,     /* the target called listen(): user space rescans its listening ports */
+    EV_OFFCPU = 10,    /* a target thread was off CPU for at least OFFCPU_MIN_NS (not idle in epoll_wait) */
+    EV_ROUND = 11,     /* an event-loop round that lasted ROUND_MIN_NS or held an EV_OFFCPU wait */
+};
+
+/* Why a target thread left the CPU (sched_switch prev_state plus the syscall it was in). */
+enum offcpu_reason {
+    OFFCPU_PREEMPTED = 1, /* involuntary: still runnable (prev_state R / R+) */
+    OFFCPU_LOCK = 2,      /* blocked in futex (mutexes, condition variables) */
+    OFFCPU_IO = 3,        /* blocked inside a read/write-family syscall on a connection */
+    OFFCPU_IDLE = 4,      /* in epoll_wait: between rounds, waiting for work */
+    OFFCPU_OTHER = 5,     /* any other blocking (nanosleep, other syscalls, page faults) */
+    OFFCPU_REASONS = 6,
 };
 
 /* Which read or write syscall produced an EV_DATA record. */
@@ -197,6 +209,36 @@ struct listen_event {
     struct event_header hdr;
     __s32 fd;
     __s32 backlog;
+};
+
+/* hdr.ts_ns: back on CPU; hdr.round: the event-loop round the wait interrupted (0: outside a round). */
+struct offcpu_event {
+    struct event_header hdr;
+    __u64 start_ns;       /* switched out */
+    __u64 runnable_ns;    /* became runnable (woken, or preempted) until back on CPU: the run-queue delay */
+    __s64 prev_state;     /* sched_switch prev_state */
+    __u32 reason;         /* enum offcpu_reason */
+    __s32 syscall;        /* x86-64 syscall number it was in when known (futex, epoll, I/O), else -1 */
+    __s32 kstack_id;      /* its kernel stack in `stacks` (negative: not captured) */
+    __s32 ustack_id;      /* its user stack in `stacks` */
+    __s32 waker_kstack_id; /* the waker's kernel stack (voluntary waits) */
+    __u32 other_pid;      /* voluntary: the waker's thread; preempted: the task that took the CPU */
+    __u32 other_tgid;     /* the waker's process (0 for preemption: sched_switch names only the thread) */
+    __u32 cpu;            /* CPU it ran on before the wait */
+    char other_comm[COMM_LEN];
+};
+
+/* One event-loop round of a target thread: epoll_wait returned (start) -> the next epoll_wait call
+ * (hdr.ts_ns). hdr.round is its number, as in the data events of the fds it handled. */
+struct round_event {
+    struct event_header hdr;
+    __u64 start_ns;
+    __u64 offcpu_ns;   /* off CPU inside the round (all waits, any length) */
+    __u64 runnable_ns; /* of which runnable but waiting for a CPU */
+    __u32 ready;       /* fds epoll_wait returned */
+    __u32 waits;       /* off-CPU waits inside the round */
+    __u32 cpu;
+    __u32 _pad0;
 };
 
 #endif /* OTEL_ENVOY_EVENTS_H */

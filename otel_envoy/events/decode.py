@@ -16,6 +16,8 @@ from .types import (
     EpollCtlEvent,
     Event,
     ListenEvent,
+    OffcpuEvent,
+    RoundEvent,
     SetsockoptEvent,
     SockStateEvent,
     TcpEvent,
@@ -34,6 +36,8 @@ _KINDS: dict[str, tuple[str, type]] = {
     "EV_SOCK_STATE": ("sock_state_event", SockStateEvent),
     "EV_TCP": ("tcp_event", TcpEvent),
     "EV_LISTEN": ("listen_event", ListenEvent),
+    "EV_OFFCPU": ("offcpu_event", OffcpuEvent),
+    "EV_ROUND": ("round_event", RoundEvent),
 }
 
 _KIND_OFFSET = 8  # event_header.kind; checked against the layout in Decoder.__init__

@@ -16,6 +16,8 @@ __all__ = [
     "EpollCtlEvent",
     "Event",
     "ListenEvent",
+    "OffcpuEvent",
+    "RoundEvent",
     "SetsockoptEvent",
     "SockStateEvent",
     "TcpEvent",
@@ -173,6 +175,45 @@ class ListenEvent(NamedTuple):
     backlog: int
 
 
+class OffcpuEvent(NamedTuple):
+    """A target thread was off CPU from ``start_ns`` to ``ts_ns`` (one wait above the kernel's threshold)."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    start_ns: int
+    runnable_ns: int
+    prev_state: int
+    reason: int
+    syscall: int
+    kstack_id: int
+    ustack_id: int
+    waker_kstack_id: int
+    other_pid: int
+    other_tgid: int
+    cpu: int
+    other_comm: bytes
+
+
+class RoundEvent(NamedTuple):
+    """One event-loop round of a target thread: epoll_wait returned at ``start_ns``, was called again at
+    ``ts_ns``."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    start_ns: int
+    offcpu_ns: int
+    runnable_ns: int
+    ready: int
+    waits: int
+    cpu: int
+
+
 Event = (
     AcceptEvent
     | ConnectEvent
@@ -183,4 +224,6 @@ Event = (
     | SockStateEvent
     | TcpEvent
     | ListenEvent
+    | OffcpuEvent
+    | RoundEvent
 )

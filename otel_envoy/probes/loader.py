@@ -34,6 +34,9 @@ class ProbeConfig:
     max_conns: int = 65536
     ringbuf_pages: int = 4096  # 16 MiB with 4 KiB pages
     http_capture: bool = True  # every read/write of plaintext connections carries bytes (request spans)
+    offcpu: bool = True  # sched_switch / sched_waking probes: off-CPU waits of the targets' threads
+    offcpu_min_ns: int = 1_000_000  # waits at least this long are sent (shorter ones only aggregated)
+    round_min_ns: int = 10_000_000  # event-loop rounds at least this long are sent (or holding such a wait)
 
     def cflags(self) -> list[str]:
         """The -D/-I flags handed to bcc's clang."""
@@ -42,6 +45,9 @@ class ProbeConfig:
             f"-DMAX_CONNS={int(self.max_conns)}",
             f"-DRINGBUF_PAGES={int(self.ringbuf_pages)}",
             f"-DHTTP_CAPTURE={int(self.http_capture)}",
+            f"-DOFFCPU={int(self.offcpu)}",
+            f"-DOFFCPU_MIN_NS={int(self.offcpu_min_ns)}ULL",
+            f"-DROUND_MIN_NS={int(self.round_min_ns)}ULL",
             "-Wno-macro-redefined",
             "-Wno-unused-function",
         ]
