@@ -7,6 +7,8 @@ decoder and the correlator. Finished spans leave through ``SpanPipeline.submit``
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 
@@ -14,6 +16,7 @@ from opentelemetry.sdk.resources import Resource
 
 from .correlate.connections import ConnectionCorrelator, ListenSocket
 from .correlate.model import ConnectionRecord, RequestRecord, UpstreamRecord
+from .correlate.rounds import RoundRecord, WaitRecord
 from .events.decode import Decoder
 from .events.layout import load_layout
 from .events.recording import RecordingWriter
@@ -22,6 +25,7 @@ from .protocols.http1 import HttpExchange
 from .spans.clock import MonotonicClock
 from .spans.connection import ConnectionSpanBuilder
 from .spans.requests import RequestSpanBuilder
+from .spans.rounds import RoundSpanBuilder, StackSource
 
 __all__ = ["EventPipeline", "listen_sockets_from_context", "listen_sockets_to_context"]
 
@@ -52,16 +56,23 @@ class EventPipeline:
         recorder: RecordingWriter | None = None,
         on_listen: Callable[[int], None] | None = None,
         http: bool = True,
+        rounds: bool = True,
+        stacks: StackSource | None = None,
+        threaded_rounds: bool = False,
     ) -> None:
         self.decoder = Decoder()
         self.spans_out = spans_out
         self.builder = ConnectionSpanBuilder(resource, clock)
         self.request_builder = RequestSpanBuilder(self.builder)
+        self.round_builder = RoundSpanBuilder(self.builder, stacks)
+        self.round_worker = RoundWorker(self, threaded=threaded_rounds) if rounds else None
         self.correlator = ConnectionCorrelator(
             self._on_connection,
             on_request=self._on_request,
             on_upstream=self._on_upstream,
             on_upstream_request=self._on_upstream_request,
+            on_round=self.round_worker.submit_round if self.round_worker else None,
+            on_wait=self.round_worker.submit_wait if self.round_worker else None,
             http=http,
         )
         self.recorder = recorder
@@ -113,6 +124,8 @@ class EventPipeline:
     def finish(self, now_mono_ns: int) -> None:
         """End of run: emit everything, still-open connections ended at ``now_mono_ns``."""
         self.correlator.flush(now_mono_ns)
+        if self.round_worker is not None:
+            self.round_worker.stop()
 
     def _on_connection(self, conn: ConnectionRecord) -> None:
         self._submit("connections", self.builder.build_records, conn)
@@ -144,4 +157,60 @@ class EventPipeline:
         out.update({f"correlate.{k}": v for k, v in self.correlator.drops.items()})
         out.update({f"export.{k}": v for k, v in self.spans_out.stats().get("drops", {}).items()})
         out["span_build_errors"] = self.counts["span_build_errors"]
+        if self.round_worker is not None:
+            out["rounds.queue_full"] = self.round_worker.dropped
         return {k: v for k, v in out.items() if v}
+
+
+class RoundWorker:
+    """Builds round and off-CPU wait spans off the event path: resolving their stacks reads ELF files and
+    /proc. Live runs use a thread behind a bounded queue (a full queue drops, counted); replays build
+    inline (deterministic)."""
+
+    def __init__(self, pipeline: EventPipeline, *, threaded: bool, max_queue: int = 8192) -> None:
+        self._pipeline = pipeline
+        self.dropped = 0
+        self._queue: queue.Queue[tuple[str, object] | None] | None = None
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._queue = queue.Queue(max_queue)
+            self._thread = threading.Thread(target=self._run, name="otel-envoy-rounds", daemon=True)
+            self._thread.start()
+
+    def submit_round(self, rec: RoundRecord) -> None:
+        """A reported round (called on the event path: never blocks)."""
+        self._put("rounds", rec)
+
+    def submit_wait(self, wait: WaitRecord) -> None:
+        """A wait outside any round."""
+        self._put("waits", wait)
+
+    def _put(self, what: str, item: object) -> None:
+        if self._queue is None:
+            self._build(what, item)
+            return
+        try:
+            self._queue.put_nowait((what, item))
+        except queue.Full:
+            self.dropped += 1
+
+    def _build(self, what: str, item: object) -> None:
+        builder = self._pipeline.round_builder
+        if what == "rounds":
+            self._pipeline._submit("rounds", builder.round_spans, item)
+        else:
+            self._pipeline._submit("offcpu_waits", builder.wait_spans, item)
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            self._build(*item)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Build what is queued, then end the thread."""
+        if self._queue is not None and self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)

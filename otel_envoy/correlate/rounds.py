@@ -84,8 +84,8 @@ class RoundTracker:
 
     def __init__(self, on_round: Callable[[RoundRecord], None],
                  on_wait: Callable[[WaitRecord], None] | None = None) -> None:
-        self.on_round = on_round
-        self.on_wait = on_wait
+        self.emit_round = on_round
+        self.emit_wait = on_wait
         self._threads: dict[int, _Current] = {}
         self.stats: dict[str, int] = {"rounds": 0, "waits": 0, "waits_outside_rounds": 0}
 
@@ -120,8 +120,8 @@ class RoundTracker:
             other_comm=ev.other_comm.split(b"\0", 1)[0].decode(errors="replace"), cpu=ev.cpu)
         if not ev.round:
             self.stats["waits_outside_rounds"] += 1
-            if self.on_wait is not None:
-                self.on_wait(wait)
+            if self.emit_wait is not None:
+                self.emit_wait(wait)
             return
         cur = self._current(ev.tid, ev.round)
         if len(cur.waits) < MAX_ROUND_WAITS:
@@ -133,7 +133,7 @@ class RoundTracker:
         cur = self._threads.pop(ev.tid, None)
         if cur is None or cur.round != ev.round:
             cur = _Current(ev.round)
-        self.on_round(RoundRecord(
+        self.emit_round(RoundRecord(
             tgid=ev.tgid, tid=ev.tid, round=ev.round, start_ns=ev.start_ns, end_ns=ev.ts_ns, ready=ev.ready,
             offcpu_ns=ev.offcpu_ns, runnable_ns=ev.runnable_ns, waits_in_kernel=ev.waits, cpu=ev.cpu,
             connections=cur.connections, waits=cur.waits))

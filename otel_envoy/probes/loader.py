@@ -132,6 +132,27 @@ class ConnectionProbes:
             out[name] = int(sum(per_cpu))
         return out
 
+    def stack_addresses(self, stack_id: int) -> list[int]:
+        """Instruction addresses of a stack the kernel recorded (innermost first; [] when gone)."""
+        if stack_id < 0:
+            return []
+        try:
+            return [int(a) for a in self.bpf[b"stacks"].walk(stack_id)]
+        except (KeyError, OSError):
+            return []
+
+    def offcpu_totals(self) -> dict[tuple[int, int], tuple[int, int, int]]:
+        """Off-CPU time aggregated in the kernel: (tid, reason) -> (ns, runnable ns, waits)."""
+        return {(int(k.tid), int(k.reason)): (int(v.ns), int(v.runnable_ns), int(v.count))
+                for k, v in self.bpf[b"offcpu_totals"].items()}
+
+    def round_histograms(self) -> dict[int, dict[int, int]]:
+        """Event-loop round durations: tid -> {log2(microseconds) slot: rounds}."""
+        out: dict[int, dict[int, int]] = {}
+        for k, v in self.bpf[b"round_hist"].items():
+            out.setdefault(int(k.tid), {})[int(k.slot)] = int(v.value)
+        return out
+
     def close(self) -> None:
         """Detach and free everything."""
         if self._mmap_ring is not None:

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["CxxServerBuild", "RunningServer", "build_cxx_server", "have_toolchain", "run_server"]
+__all__ = ["CxxServerBuild", "RunningServer", "build_cxx_server", "build_epoll_server", "have_toolchain",
+           "run_epoll_server", "run_server"]
 
 SOURCE = Path(__file__).resolve().parent / "cxx_server" / "server.cpp"
 _TOOLS = ("g++", "strip", "objcopy")
@@ -93,5 +94,35 @@ def run_server(binary: Path, timeout: float = 10.0) -> Iterator[RunningServer]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+EPOLL_SOURCE = SOURCE.parent / "epoll_server.cpp"
+
+
+def build_epoll_server(out_dir: Path) -> CxxServerBuild:
+    """Compile the epoll server (an event loop like an Envoy worker) the same three ways into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    build = CxxServerBuild(out_dir / "epoll-server", out_dir / "epoll-server-stripped",
+                           out_dir / "epoll-server.debug")
+    _run("g++", *CXXFLAGS, "-o", build.unstripped, EPOLL_SOURCE)
+    _run("strip", "--strip-all", "-o", build.stripped, build.unstripped)
+    _run("objcopy", "--only-keep-debug", build.unstripped, build.debug)
+    return build
+
+
+@contextlib.contextmanager
+def run_epoll_server(binary: Path, port: int, timeout: float = 10.0) -> Iterator[subprocess.Popen[bytes]]:
+    """Start the epoll server on 127.0.0.1:``port``; yield once it printed ``ready``; then kill it."""
+    proc = subprocess.Popen([str(binary), str(port)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"{binary} did not start (rc={proc.poll()})")
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout)
         if proc.stdout is not None:
             proc.stdout.close()

@@ -1,0 +1,191 @@
+"""Event-loop rounds and off-CPU waits -> spans.
+
+Trace shape (in each connection's own trace; a round that served several connections appears in each):
+
+    envoy.downstream.connection
+      envoy.event_loop.round        (INTERNAL: epoll_wait returned -> next epoll_wait call)
+        offcpu.wait                 (INTERNAL: switched out -> back on CPU, one per wait >= the threshold)
+
+A wait outside any round (the thread was not handling fds) is a root span of its own: it delayed no
+connection. Idle waits (inside epoll_wait) never become spans: the kernel only aggregates them (metrics).
+
+Stacks are resolved here, never on the event path: whoever drives this builder runs it off the ring-buffer
+thread (see pipeline.RoundWorker). ``StackSource`` reads the kernel's stack table; without one (replays)
+stack attributes are left out.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from ..correlate.rounds import RoundRecord, WaitRecord
+from ..export.records import SPAN_KIND_INTERNAL, STATUS_CODE_UNSET, SpanRecord
+from .connection import ConnectionSpanBuilder
+
+__all__ = ["RoundSpanBuilder", "StackSource", "classify_waker", "thread_identity"]
+
+#: x86-64 syscall numbers the kernel side reports for a wait (futex, epoll).
+SYSCALL_NAMES = {0: "read_or_write", 202: "futex", 232: "epoll_wait", 281: "epoll_pwait", 441: "epoll_pwait2",
+                 449: "futex_waitv"}
+
+# The seeds' wake-up vocabulary, recognised by functions on the waker's kernel stack (first match wins).
+_WAKER_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("futex", ("futex_wake", "futex_requeue", "wake_up_q")),
+    ("eventfd", ("eventfd_write", "eventfd_signal")),  # Envoy's internal thread posts (dispatcher.post)
+    ("unix_socket", ("unix_stream_sendmsg", "unix_dgram_sendmsg", "unix_stream_connect")),  # xDS agent
+    ("udp", ("udp_queue_rcv", "__udp4_lib_rcv", "__udp6_lib_rcv", "udp_rcv", "udpv6_rcv")),  # DNS
+    ("tcp", ("tcp_data_queue", "tcp_rcv_established", "tcp_fin", "tcp_v4_rcv", "tcp_v6_rcv",
+             "tcp_rcv_state_process", "tcp_done")),  # downstream / upstream data or FIN
+    ("pipe", ("pipe_write",)),
+    ("signal", ("complete_signal", "signal_wake_up")),
+    ("timer", ("hrtimer_wakeup", "hrtimer_interrupt", "__hrtimer_run_queues", "tick_sched", "call_timer_fn",
+               "process_timeout")),
+)
+
+
+def classify_waker(kernel_frames: Sequence[str]) -> str:
+    """The seeds' category of a wake-up, from the waker's kernel stack (innermost first)."""
+    for kind, needles in _WAKER_KINDS:
+        for frame in kernel_frames:
+            name = frame.split("+", 1)[0]
+            if any(name.startswith(n) for n in needles):
+                return kind
+    return "other"
+
+
+class StackSource(Protocol):
+    """Resolves the kernel's stack ids to frame strings (see otel_envoy.stacks)."""
+
+    def kernel(self, stack_id: int) -> list[str]:
+        """Frames of a kernel stack, innermost first ([] when unknown)."""
+
+    def user(self, stack_id: int, tgid: int) -> list[str]:
+        """Frames of a user stack of process ``tgid``, innermost first ([] when unknown)."""
+
+    def user_build_ids(self, stack_id: int, tgid: int) -> list[str]:
+        """``module=build-id`` for the modules of that stack whose frames could not be named."""
+
+
+def thread_identity(tid: int, proc: str = "/proc") -> tuple[int, str]:
+    """(tgid, thread name) of a live thread from /proc, (0, "") when it is gone."""
+    base = Path(proc) / str(tid)
+    try:
+        name = (base / "comm").read_text().strip()
+        tgid = 0
+        for line in (base / "status").read_text().splitlines():
+            if line.startswith("Tgid:"):
+                tgid = int(line.split()[1])
+                break
+        return tgid, name
+    except (OSError, ValueError):
+        return 0, ""
+
+
+class RoundSpanBuilder:
+    """Builds round and wait spans; shares resource, scope, clock and ids with the connection builder."""
+
+    def __init__(self, base: ConnectionSpanBuilder, stacks: StackSource | None = None,
+                 identity: Callable[[int], tuple[int, str]] | None = None,
+                 new_id: Callable[[], str] | None = None) -> None:
+        self.clock = base.clock
+        self._tail = base.span_tail
+        self.stacks = stacks
+        self._identity = identity or thread_identity
+        self._names: dict[int, tuple[int, str]] = {}
+        bits = random.Random().getrandbits
+        self._new_id = new_id or (lambda: f"{bits(64) or 1:016x}")
+
+    def _thread(self, tid: int) -> tuple[int, str]:
+        known = self._names.get(tid)
+        if known is None or not known[1]:
+            known = self._identity(tid)
+            if len(self._names) > 65536:
+                self._names.clear()
+            self._names[tid] = known
+        return known
+
+    def round_spans(self, rec: RoundRecord) -> list[SpanRecord]:
+        """One envoy.event_loop.round per connection it handled, each with its waits as children."""
+        if not rec.connections:
+            return [s for w in rec.waits for s in self.wait_spans(w, rec.tgid)]
+        offset = self.clock.offset_ns
+        tgid = rec.tgid or self._thread(rec.tid)[0]
+        name = self._thread(rec.tid)[1]
+        took = max(rec.end_ns - rec.start_ns, 0)
+        attrs: dict[str, object] = {
+            "thread.id": rec.tid,
+            "thread.name": name,
+            "process.pid": tgid,
+            "envoy.event_loop.round": rec.round,
+            "envoy.event_loop.ready_fds": rec.ready,
+            "envoy.event_loop.connections": len(rec.connections),
+            "envoy.event_loop.on_cpu_ns": max(took - rec.offcpu_ns, 0),
+            "envoy.event_loop.off_cpu_ns": rec.offcpu_ns,
+            "envoy.event_loop.runnable_ns": rec.runnable_ns,
+            "envoy.event_loop.waits": rec.waits_in_kernel,
+            "cpu.id": rec.cpu,
+        }
+        wait_attrs = [{**self._wait_attributes(w, tgid), "thread.name": name, "process.pid": tgid}
+                      for w in rec.waits]
+        spans: list[SpanRecord] = []
+        for trace_id, conn_span_id, fd in rec.connections:
+            round_id = self._new_id()
+            spans.append(SpanRecord(trace_id, round_id, conn_span_id, "envoy.event_loop.round",
+                                    SPAN_KIND_INTERNAL, rec.start_ns + offset, rec.end_ns + offset,
+                                    {**attrs, "envoy.connection.fd": fd}, [], [], STATUS_CODE_UNSET, "",
+                                    *self._tail))
+            for w, wa in zip(rec.waits, wait_attrs, strict=True):
+                start = max(w.start_ns, rec.start_ns)
+                spans.append(SpanRecord(trace_id, self._new_id(), round_id, "offcpu.wait", SPAN_KIND_INTERNAL,
+                                        start + offset, max(w.end_ns, start) + offset, wa, [], [],
+                                        STATUS_CODE_UNSET, "", *self._tail))
+        return spans
+
+    def wait_spans(self, w: WaitRecord, tgid: int = 0) -> list[SpanRecord]:
+        """A wait no round (and so no connection) holds: a root span of its own."""
+        offset = self.clock.offset_ns
+        tgid = tgid or self._thread(w.tid)[0]
+        attrs = self._wait_attributes(w, tgid)
+        attrs["thread.name"] = self._thread(w.tid)[1]
+        attrs["process.pid"] = tgid
+        trace_id = f"{self._new_id()}{self._new_id()}"
+        return [SpanRecord(trace_id, self._new_id(), None, "offcpu.wait", SPAN_KIND_INTERNAL,
+                           w.start_ns + offset, max(w.end_ns, w.start_ns) + offset, attrs, [], [],
+                           STATUS_CODE_UNSET, "", *self._tail)]
+
+    def _wait_attributes(self, w: WaitRecord, tgid: int) -> dict[str, object]:
+        attrs: dict[str, object] = {
+            "offcpu.reason": w.reason,
+            "offcpu.duration_ns": max(w.end_ns - w.start_ns, 0),
+            "offcpu.runqueue_delay_ns": w.runnable_ns,
+            "thread.id": w.tid,
+            "cpu.id": w.cpu,
+        }
+        if w.syscall in SYSCALL_NAMES and w.reason in ("lock", "idle"):
+            attrs["offcpu.syscall"] = SYSCALL_NAMES[w.syscall]
+        if w.reason == "preempted":
+            attrs["offcpu.preempted_by.pid"] = w.other_pid
+            attrs["offcpu.preempted_by.comm"] = w.other_comm
+        elif w.other_pid:
+            attrs["offcpu.waker.pid"] = w.other_tgid or w.other_pid
+            attrs["offcpu.waker.tid"] = w.other_pid
+            attrs["offcpu.waker.comm"] = w.other_comm
+        stacks = self.stacks
+        if stacks is not None:
+            if w.kstack_id >= 0:
+                attrs["offcpu.stack.kernel"] = stacks.kernel(w.kstack_id)
+            if w.ustack_id >= 0 and tgid:
+                attrs["offcpu.stack.user"] = stacks.user(w.ustack_id, tgid)
+                build_ids = stacks.user_build_ids(w.ustack_id, tgid)
+                if build_ids:
+                    attrs["offcpu.stack.user.build_ids"] = build_ids
+            if w.waker_kstack_id >= 0:
+                waker = stacks.kernel(w.waker_kstack_id)
+                attrs["offcpu.waker.stack.kernel"] = waker
+                attrs["offcpu.waker.kind"] = classify_waker(waker)
+        if w.reason == "preempted":
+            attrs["offcpu.waker.kind"] = "preempted"
+        return attrs

@@ -1,0 +1,172 @@
+"""Event-loop rounds and off-CPU waits from real scheduler probes (real BPF, real Envoy, a real CPU hog)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+
+import pytest
+
+from otel_envoy.export.otlp_json import decode_request_json
+from otel_envoy.lab.envoy_config import free_ports
+from otel_envoy.lab.lab import EnvoyLab, find_envoy_binary
+from otel_envoy.stacks import read_build_id
+from tests.support.cxx_build import build_epoll_server, have_toolchain, run_epoll_server
+from tests.support.daemon import DaemonProcess
+
+pytestmark = pytest.mark.root
+
+HOG = ["taskset", "-c", "0", "perl", "-e", "$0 = 'cpuhog'; 1 while 1"]
+
+
+def _wrk(port: int, seconds: int) -> None:
+    subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c4", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
+                   check=True, capture_output=True, timeout=seconds + 30)
+
+
+def _read(path) -> list:
+    lines = [line for line in path.read_text().splitlines() if line]
+    return [s for line in lines for s in decode_request_json(json.loads(line))]
+
+
+def _by_id(spans) -> dict:
+    return {s.span_id: s for s in spans}
+
+
+def test_cpu_hog_preempts_the_worker_inside_the_rounds_of_its_connections(tmp_path):
+    output, summary = tmp_path / "traces.jsonl", tmp_path / "summary.json"
+    with EnvoyLab(concurrency=1, cpu=0, direct_response=True) as lab:
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--output", str(output),
+                                "--summary-json", str(summary)], tmp_path).start()
+        try:
+            t0 = time.time_ns()
+            _wrk(lab.http_port, 2)
+            t1 = time.time_ns()
+            hog = subprocess.Popen(HOG)
+            try:
+                _wrk(lab.http_port, 2)
+            finally:
+                hog.kill()
+                hog.wait()
+            t2 = time.time_ns()
+        finally:
+            assert daemon.stop() == 0, daemon.stderr()
+        envoy_pid = lab.pid
+    assert not json.loads(summary.read_text())["drops"]  # every span of the run is in the file
+    everything = _read(output)
+    spans = [s for s in everything if s.attributes.get("process.pid") == envoy_pid]
+    by_id = _by_id(everything)
+    hog_waits = [s for s in spans if s.name == "offcpu.wait"
+                 and s.attributes.get("offcpu.preempted_by.comm") == "cpuhog"]
+    attributed = 0
+    for w in hog_waits:
+        a = w.attributes
+        assert a["offcpu.reason"] == "preempted" and a["offcpu.waker.kind"] == "preempted"
+        assert a["offcpu.runqueue_delay_ns"] == a["offcpu.duration_ns"] >= 1_000_000  # runnable throughout
+        assert a["offcpu.preempted_by.pid"] > 0
+        rnd = by_id.get(w.parent_span_id)
+        if rnd is None:  # preempted outside a round: a root of its own, in no connection's trace
+            assert w.parent_span_id is None
+            continue
+        assert rnd.name == "envoy.event_loop.round" and rnd.trace_id == w.trace_id
+        assert rnd.start_ns <= w.start_ns and w.end_ns <= rnd.end_ns + 1000
+        assert rnd.attributes["envoy.event_loop.off_cpu_ns"] >= a["offcpu.duration_ns"]
+        assert rnd.attributes["thread.name"].startswith("wrk:worker_")
+        conn = by_id[rnd.parent_span_id]
+        assert conn.name == "envoy.downstream.connection" and conn.trace_id == rnd.trace_id
+        attributed += 1
+    assert attributed >= 1, [w.attributes for w in hog_waits][:3]
+    # round durations grow: with the hog, rounds of 10 ms and more (or holding a wait) appear
+    rounds = [s for s in spans if s.name == "envoy.event_loop.round"]
+    calm = [r for r in rounds if t0 <= r.start_ns < t1]
+    hogged = [r for r in rounds if t1 <= r.start_ns < t2]
+    assert len(hogged) > 2 * len(calm) + 2, (len(calm), len(hogged))
+    assert max(r.end_ns - r.start_ns for r in hogged) > max([r.end_ns - r.start_ns for r in calm] or [0])
+    # the stripped Envoy: user frames as module+ELF address, with the build-id to symbolize them later
+    build_id = read_build_id(find_envoy_binary())
+    stacks = [w.attributes.get("offcpu.stack.user", []) for w in hog_waits]
+    assert any(f.startswith("envoy+0x") for st in stacks for f in st)
+    assert any(f"envoy={build_id}" in w.attributes.get("offcpu.stack.user.build_ids", []) for w in hog_waits)
+    assert any(w.attributes.get("offcpu.stack.kernel") for w in hog_waits)
+
+
+def test_idle_envoy_waits_are_aggregated_never_attributed(receiver, tmp_path):
+    summary = tmp_path / "summary.json"
+    with EnvoyLab(concurrency=2) as lab:
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+                                "--otlp-protocol", "grpc", "--summary-json", str(summary),
+                                "--round-threshold", "0", "--offcpu-threshold", "0"], tmp_path).start()
+        time.sleep(3)
+        assert daemon.stop() == 0
+        envoy_pid = lab.pid
+    idle = json.loads(summary.read_text())["offcpu"]["idle"]
+    assert idle["waits"] >= 2 and idle["ns"] >= 2 * 2_000_000_000  # both workers waited in epoll_wait
+    assert idle["runnable_ns"] < idle["ns"] / 10  # woken, then on CPU quickly: an idle machine
+    ours = [s for s in receiver.spans() if s.attributes.get("process.pid") == envoy_pid]
+    assert not [s for s in ours if s.attributes.get("offcpu.reason") == "idle"]
+    assert not [s for s in ours if s.name == "envoy.event_loop.round"]  # nothing served: no rounds
+
+
+@pytest.fixture(scope="module")
+def epoll_builds(tmp_path_factory):
+    if not have_toolchain():
+        pytest.skip("g++/strip/objcopy missing")
+    return build_epoll_server(tmp_path_factory.mktemp("cxx"))
+
+
+def _offcpu_of_cxx_server(binary, tmp_path, extra: list[str]) -> list:
+    """Run the epoll server, trace it, send two lines on one connection; the waits of its handler."""
+    (port,) = free_ports(1)
+    output = tmp_path / f"traces-{time.monotonic_ns()}.jsonl"
+    with run_epoll_server(binary, port) as server:
+        daemon = DaemonProcess(["--pid", str(server.pid), "--any-process", "--output", str(output),
+                                "--offcpu-threshold", "5", *extra], tmp_path).start()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                for _ in range(2):
+                    s.sendall(b"hello\n")
+                    assert s.recv(16) == b"done\n"
+            time.sleep(0.3)
+        finally:
+            assert daemon.stop() == 0, daemon.stderr()
+    spans = _read(output)
+    by_id = _by_id(spans)
+    waits = [s for s in spans if s.name == "offcpu.wait" and s.attributes.get("offcpu.reason") == "other"]
+    assert len(waits) >= 2, [s.name for s in spans]
+    for w in waits:  # the 20 ms usleep inside the handler, in the round, in the connection's trace
+        assert w.attributes["offcpu.duration_ns"] >= 15_000_000
+        rnd = by_id[w.parent_span_id]
+        assert rnd.name == "envoy.event_loop.round"
+        assert by_id[rnd.parent_span_id].name == "envoy.downstream.connection"
+        assert any(f.startswith(("hrtimer_nanosleep", "do_nanosleep", "common_nsleep"))
+                   for f in w.attributes["offcpu.stack.kernel"])
+        assert w.attributes["offcpu.waker.kind"] == "timer"  # the hrtimer ended the sleep
+    return waits
+
+
+def test_user_stacks_are_symbolized_and_demangled(epoll_builds, tmp_path):
+    waits = _offcpu_of_cxx_server(epoll_builds.unstripped, tmp_path, [])
+    frames = waits[0].attributes["offcpu.stack.user"]
+    assert any(f.startswith("demo::handle_client(int, int)+0x") for f in frames), frames
+    assert any(f.startswith("demo::EventLoop::run()+0x") for f in frames), frames
+    assert "offcpu.stack.user.build_ids" not in waits[0].attributes or not any(
+        b.startswith("epoll-server=") for b in waits[0].attributes["offcpu.stack.user.build_ids"])
+
+
+def test_stripped_binary_gives_module_offsets_with_its_build_id(epoll_builds, tmp_path):
+    waits = _offcpu_of_cxx_server(epoll_builds.stripped, tmp_path, [])
+    frames = waits[0].attributes["offcpu.stack.user"]
+    assert not any(f.startswith("demo::") for f in frames)
+    assert any(f.startswith("epoll-server-stripped+0x") for f in frames), frames
+    build_id = read_build_id(epoll_builds.unstripped)
+    assert f"epoll-server-stripped={build_id}" in waits[0].attributes["offcpu.stack.user.build_ids"]
+
+
+@pytest.mark.parametrize("which", ["unstripped", "debug"])
+def test_symbols_file_symbolizes_the_stripped_binary(epoll_builds, tmp_path, which):
+    waits = _offcpu_of_cxx_server(epoll_builds.stripped, tmp_path,
+                                  ["--symbols", str(getattr(epoll_builds, which))])
+    frames = waits[0].attributes["offcpu.stack.user"]
+    assert any(f.startswith("demo::handle_client(int, int)+0x") for f in frames), frames

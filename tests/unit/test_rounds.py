@@ -1,0 +1,159 @@
+"""Event-loop rounds and off-CPU waits: correlation (replayed kernel events) and span building."""
+
+from __future__ import annotations
+
+from opentelemetry.sdk.resources import Resource
+
+from otel_envoy.correlate.connections import ConnectionCorrelator
+from otel_envoy.correlate.rounds import RoundRecord, WaitRecord
+from otel_envoy.events.types import OffcpuEvent, RoundEvent
+from otel_envoy.spans.clock import MonotonicClock
+from otel_envoy.spans.connection import ConnectionSpanBuilder
+from otel_envoy.spans.rounds import RoundSpanBuilder, classify_waker
+from tests.support.events import (
+    LISTEN_FD,
+    LPORT,
+    TGID,
+    TID,
+    C,
+    accept,
+    listen_sockets,
+    read,
+    write,
+)
+
+RESOURCE = Resource.create({"service.name": "envoy-test"})
+OFFSET = 1_700_000_000_000_000_000
+
+
+def _offcpu(ts: int, start: int, round_: int, reason: str, *, runnable: int = 0, other: str = "cpuhog",
+            kstack: int = -1, ustack: int = -1, waker_kstack: int = -1) -> OffcpuEvent:
+    code = C[f"OFFCPU_{reason.upper()}"]
+    return OffcpuEvent(ts, C["EV_OFFCPU"], 0, TID, round_, start, runnable, 0, code, -1, kstack, ustack,
+                       waker_kstack, 4242, 0 if reason == "preempted" else 4240, 0, other.encode())
+
+
+def _round(ts: int, start: int, round_: int, offcpu: int = 0, waits: int = 0) -> RoundEvent:
+    return RoundEvent(ts, C["EV_ROUND"], TGID, TID, round_, start, offcpu, offcpu, 3, waits, 0)
+
+
+class _Harness:
+    def __init__(self) -> None:
+        self.rounds: list[RoundRecord] = []
+        self.waits: list[WaitRecord] = []
+        self.c = ConnectionCorrelator(lambda _c: None, on_round=self.rounds.append, on_wait=self.waits.append,
+                                      http=False)
+        self.c.set_listen_sockets(listen_sockets((TGID, LISTEN_FD, "0.0.0.0", LPORT, None)))
+
+    def feed(self, *events) -> None:
+        for ev in events:
+            self.c.handle(ev)
+
+
+def test_a_round_holds_the_connections_it_served_and_the_waits_inside_it() -> None:
+    h = _Harness()
+    h.feed(accept(1_000, 30, 40001), accept(1_100, 31, 40002))
+    a, b = h.c.open[(TGID, 30)], h.c.open[(TGID, 31)]
+    h.feed(read(2_000, 30, b"GET / HTTP/1.1\r\n\r\n")._replace(round=7),
+           read(2_100, 31, b"GET / HTTP/1.1\r\n\r\n")._replace(round=7),
+           _offcpu(5_000_000, 2_200, 7, "preempted", runnable=4_997_800),
+           write(5_100_000, 30, b"HTTP/1.1 200 OK\r\n\r\n")._replace(round=7),
+           _round(5_200_000, 1_900, 7, offcpu=4_997_800, waits=1))
+    (rec,) = h.rounds
+    assert rec.round == 7 and rec.tid == TID and rec.ready == 3
+    assert [(t, s) for t, s, _ in rec.connections] == [(a.trace_id, a.span_id), (b.trace_id, b.span_id)]
+    (w,) = rec.waits
+    assert w.reason == "preempted" and w.other_comm == "cpuhog" and w.end_ns - w.start_ns == 4_997_800
+
+
+def test_a_round_the_kernel_did_not_report_is_forgotten_and_waits_outside_rounds_stand_alone() -> None:
+    h = _Harness()
+    h.feed(accept(1_000, 30, 40001))
+    h.feed(read(2_000, 30, b"x")._replace(round=3),  # round 3: short, never reported
+           read(3_000, 30, b"y")._replace(round=4),
+           _round(4_000, 2_900, 4))
+    (rec,) = h.rounds
+    assert rec.round == 4 and len(rec.connections) == 1 and rec.waits == []
+    h.feed(_offcpu(9_000_000, 1_000_000, 0, "lock", other="envoy"))
+    (w,) = h.waits
+    assert w.reason == "lock" and w.round == 0 and w.other_comm == "envoy"
+
+
+class _Stacks:
+    def kernel(self, stack_id: int) -> list[str]:
+        return {1: ["__schedule+0x618", "schedule+0x23", "futex_wait_queue+0x60"],
+                2: ["try_to_wake_up+0x1f0", "wake_up_q+0x4a", "futex_wake+0x15d", "do_futex+0x10e"]}[stack_id]
+
+    def user(self, stack_id: int, tgid: int) -> list[str]:
+        return ["envoy+0x20b896d", "pthread_mutex_lock+0x24 (libc.so.6)"]
+
+    def user_build_ids(self, stack_id: int, tgid: int) -> list[str]:
+        return ["envoy=9e5580933739775e8bce696a57a2e1bc99368f23"]
+
+
+def _builder(stacks=None) -> RoundSpanBuilder:
+    ids = iter(f"{i:016x}" for i in range(1, 1000))
+    return RoundSpanBuilder(ConnectionSpanBuilder(RESOURCE, MonotonicClock(OFFSET)), stacks,
+                            identity=lambda tid: (TGID, "wrk:worker_0"), new_id=lambda: next(ids))
+
+
+def _wait(reason: str, **kw) -> WaitRecord:
+    base = dict(tid=TID, round=7, start_ns=2_000, end_ns=3_002_000, runnable_ns=1_000, reason=reason,
+                prev_state=0, syscall=202, kstack_id=1, ustack_id=5, waker_kstack_id=2, other_pid=4243,
+                other_tgid=4240, other_comm="envoy", cpu=1)
+    base.update(kw)
+    return WaitRecord(**base)
+
+
+def test_round_spans_sit_in_each_connection_trace_with_their_waits() -> None:
+    rec = RoundRecord(TGID, TID, 7, 1_000, 4_001_000, 2, 3_000_000, 1_000, 2, 1,
+                      connections=[("a" * 32, "1" * 16, 30), ("b" * 32, "2" * 16, 31)],
+                      waits=[_wait("lock")])
+    spans = _builder(_Stacks()).round_spans(rec)
+    rounds = [s for s in spans if s.name == "envoy.event_loop.round"]
+    waits = [s for s in spans if s.name == "offcpu.wait"]
+    assert [(r.trace_id, r.parent_span_id) for r in rounds] == [("a" * 32, "1" * 16), ("b" * 32, "2" * 16)]
+    assert len(waits) == 2 and {w.parent_span_id for w in waits} == {r.span_id for r in rounds}
+    r = rounds[0].attributes
+    assert r["envoy.event_loop.on_cpu_ns"] == 1_000_000 and r["envoy.event_loop.off_cpu_ns"] == 3_000_000
+    assert r["envoy.event_loop.ready_fds"] == 2 and r["thread.name"] == "wrk:worker_0"
+    assert r["envoy.event_loop.connections"] == 2 and rounds[0].start_ns == 1_000 + OFFSET
+    w = waits[0].attributes
+    assert w["offcpu.reason"] == "lock" and w["offcpu.syscall"] == "futex"
+    assert w["offcpu.waker.comm"] == "envoy" and w["offcpu.waker.pid"] == 4240
+    assert w["offcpu.waker.tid"] == 4243
+    assert w["offcpu.waker.kind"] == "futex"
+    assert w["offcpu.stack.kernel"][-1] == "futex_wait_queue+0x60"
+    assert w["offcpu.stack.user.build_ids"] == ["envoy=9e5580933739775e8bce696a57a2e1bc99368f23"]
+    assert "offcpu.preempted_by.comm" not in w
+
+
+def test_preemption_names_the_task_that_took_the_cpu_and_replays_have_no_stacks() -> None:
+    rec = RoundRecord(TGID, TID, 7, 1_000, 4_001_000, 1, 3_000_000, 3_000_000, 1, 0,
+                      connections=[("a" * 32, "1" * 16, 30)],
+                      waits=[_wait("preempted", other_comm="cpuhog", other_pid=999, other_tgid=0,
+                                   runnable_ns=3_000_000)])
+    (_, wait) = _builder(None).round_spans(rec)
+    a = wait.attributes
+    assert a["offcpu.preempted_by.comm"] == "cpuhog" and a["offcpu.preempted_by.pid"] == 999
+    assert a["offcpu.waker.kind"] == "preempted" and "offcpu.waker.comm" not in a
+    assert a["offcpu.runqueue_delay_ns"] == 3_000_000
+    assert not [k for k in a if k.startswith("offcpu.stack")]
+
+
+def test_a_round_without_connections_leaves_its_waits_as_roots() -> None:
+    rec = RoundRecord(TGID, TID, 9, 0, 5_000_000, 1, 2_000_000, 0, 1, 0, waits=[_wait("io")])
+    (span,) = _builder(None).round_spans(rec)
+    assert span.name == "offcpu.wait" and span.parent_span_id is None
+    assert span.attributes["process.pid"] == TGID
+
+
+def test_waker_categories_follow_the_seeds_vocabulary() -> None:
+    assert classify_waker(["try_to_wake_up+0x1", "eventfd_write+0x80", "ksys_write+0x9"]) == "eventfd"
+    assert classify_waker(["try_to_wake_up+0x1", "sock_def_readable+0x3", "unix_stream_sendmsg+0x2"]) == \
+        "unix_socket"
+    assert classify_waker(["ep_poll_callback+0x1", "sock_def_readable+0x3", "tcp_data_queue+0x5"]) == "tcp"
+    assert classify_waker(["try_to_wake_up+0x1", "hrtimer_wakeup+0x1e", "__hrtimer_run_queues+0x1"]) \
+        == "timer"
+    assert classify_waker(["ep_poll_callback+0x1", "__udp4_lib_rcv+0x3"]) == "udp"
+    assert classify_waker(["something_else+0x1"]) == "other"
