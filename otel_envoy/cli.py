@@ -34,6 +34,15 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
                    help="allow targets that do not look like Envoy (testing)")
     p.add_argument("--no-requests", dest="requests", action="store_false",
                    help="connection spans only: do not capture and parse plaintext HTTP requests")
+    p.add_argument("--no-offcpu", dest="offcpu", action="store_false",
+                   help="no scheduler probes: no off-CPU waits inside event-loop rounds")
+    p.add_argument("--offcpu-threshold", type=float, default=1.0, metavar="MS",
+                   help="off-CPU waits at least this long become offcpu.wait spans (default 1 ms)")
+    p.add_argument("--round-threshold", type=float, default=10.0, metavar="MS",
+                   help="event-loop rounds at least this long become spans; rounds holding an off-CPU wait "
+                        "always do (default 10 ms)")
+    p.add_argument("--symbols", action="append", default=[], metavar="FILE",
+                   help="unstripped copy or debug file of a traced binary, matched by build-id (repeatable)")
 
 
 def _add_export_args(p: argparse.ArgumentParser, default_output: bool) -> None:
@@ -57,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_args(run)
     _add_export_args(run, default_output=True)
     run.add_argument("--record", metavar="FILE", help="also save the raw event stream (see replay)")
+    run.add_argument("--metrics-interval", type=float, metavar="SECONDS",
+                     help="export per-worker metrics to the OTLP endpoint this often; 0: no metrics "
+                          "(default OTEL_METRIC_EXPORT_INTERVAL, else 10 s; OTEL_METRICS_EXPORTER=none: off)")
 
     rec = sub.add_parser("record", help="save the raw event stream of a live run (no spans)")
     _add_target_args(rec)
@@ -90,12 +102,22 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
     if os.geteuid() != 0:
         return _fail("must run as root: loading BPF programs needs CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN")
     otlp, output = (None, None) if record_only else _otlp_and_output(args)
+    from .export.metrics import metrics_interval  # per-worker metrics: --metrics-interval
+
+    try:
+        interval = None if record_only else metrics_interval(args.metrics_interval)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     opts = DaemonOptions(
         pids=args.pid, comm=args.comm, envoy_admin=args.envoy_admin, otlp=otlp, output=output,
         record=args.events if record_only else args.record, duration=args.duration,
         require_envoy=not args.any_process, ready_file=args.ready_file, summary_json=args.summary_json,
-        requests=args.requests,
+        requests=args.requests, offcpu=args.offcpu, symbols=args.symbols,
+        offcpu_min_ns=int(args.offcpu_threshold * 1e6), round_min_ns=int(args.round_threshold * 1e6),
+        metrics_interval=interval,
     )
+    if args.offcpu_threshold < 0 or args.round_threshold < 0:
+        return _fail("--offcpu-threshold and --round-threshold must not be negative", EXIT_USAGE)
     return asyncio.run(run_daemon(opts))
 
 

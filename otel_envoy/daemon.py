@@ -4,6 +4,8 @@ Threads and who owns what:
   * the ring-buffer thread polls the kernel and runs the whole event path (decode, correlate, build spans);
     it is the only thread touching the correlator;
   * the export thread (inside SpanPipeline) encodes and sends batches, so slow OTLP never stalls tracing;
+  * with an OTLP endpoint, the metrics reader thread (export/metrics.py) reads the kernel's per-thread
+    tables and the correlator's accept counts every --metrics-interval and exports them;
   * the asyncio loop (this module's ``run_daemon``) handles signals, --duration, periodic /proc rescans of
     listening sockets and admin-API listener names, and hands that context to the ring-buffer thread
     through a queue.
@@ -25,15 +27,19 @@ from dataclasses import dataclass, field
 
 from opentelemetry.sdk.resources import Resource
 
+from .correlate.rounds import OFFCPU_REASONS
 from .envoy.admin import AdminError, fetch_listener_names
 from .envoy.process import EnvoyProcess, listening_sockets, resolve_targets
 from .events.recording import RecordingWriter
+from .export.metrics import DEFAULT_INTERVAL_S, WorkerMetrics
 from .export.otlp import OtlpSettings, check_reachable
 from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline, SpanSink
 from .features import require_tracing
 from .pipeline import EventPipeline, listen_sockets_to_context
 from .probes.loader import ConnectionProbes, ProbeConfig
 from .spans.clock import MonotonicClock
+from .stacks import Symbolizer, SymbolsFileError
+from .stacks.source import SymbolizedStacks
 
 __all__ = ["DaemonOptions", "UsageError", "make_resource", "run_daemon"]
 
@@ -62,6 +68,11 @@ class DaemonOptions:
     requests: bool = True  # capture and parse plaintext HTTP: request and upstream request spans
     ready_file: str | None = None  # written once probes are attached (tests and scripts wait on it)
     summary_json: str | None = None  # written at exit: counts, drops, export stats (bench, tests)
+    offcpu: bool = True  # scheduler probes: event-loop rounds' off-CPU waits
+    offcpu_min_ns: int = 1_000_000  # off-CPU waits at least this long become spans
+    round_min_ns: int = 10_000_000  # event-loop rounds at least this long become spans (and all with a wait)
+    symbols: list[str] = field(default_factory=list)  # --symbols files (unstripped copies / debug files)
+    metrics_interval: float | None = DEFAULT_INTERVAL_S  # seconds between metric exports; None: no metrics
 
 
 def make_resource() -> Resource:
@@ -127,12 +138,21 @@ async def run_daemon(opts: DaemonOptions) -> int:
     recorder = RecordingWriter(opts.record) if opts.record else None
     loop = asyncio.get_running_loop()
     rescan_now = asyncio.Event()
+    try:
+        symbolizer = Symbolizer(symbols=opts.symbols)
+    except SymbolsFileError as exc:
+        raise UsageError(str(exc)) from exc
+    probes = ConnectionProbes(ProbeConfig(
+        max_conns=opts.max_conns, http_capture=opts.requests, offcpu=opts.offcpu,
+        offcpu_min_ns=opts.offcpu_min_ns, round_min_ns=opts.round_min_ns))
     pipeline = EventPipeline(
         spans_out, make_resource(), clock, recorder=recorder,
         on_listen=lambda _tgid: loop.call_soon_threadsafe(rescan_now.set), http=opts.requests,
+        stacks=SymbolizedStacks(probes.stack_addresses, symbolizer), threaded_rounds=True,
     )
-    probes = ConnectionProbes(ProbeConfig(max_conns=opts.max_conns, http_capture=opts.requests))
+    symbolizer.unmatched_symbols_files(t.pid for t in targets)  # warns about each
     ring = _RingThread(probes, pipeline)
+    metrics: WorkerMetrics | None = None  # per-worker metrics (export/metrics.py), with an OTLP endpoint
     try:
         probes.add_targets(t.pid for t in targets)
         known_ports = _rescan(targets, probes, ring, set())
@@ -141,6 +161,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         probes.open_ring_buffer(pipeline.on_record)
         _tune_garbage_collector()
         ring.start()
+        metrics = _start_worker_metrics(opts, probes, pipeline)
         log.info("tracing %s on ports %s", ", ".join(f"{t.pid} ({t.comm})" for t in targets),
                  sorted(known_ports))
         if opts.ready_file:
@@ -152,7 +173,10 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if ring.is_alive():
             await asyncio.to_thread(ring.join, 5.0)
         pipeline.finish(time.monotonic_ns())
+        if metrics is not None:  # last export, while the probes' tables are still open
+            await asyncio.to_thread(metrics.shutdown, 10.0)
         kernel_drops = {f"kernel.{k}": v for k, v in probes.drop_counts().items() if v}
+        offcpu = _offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
         probes.close()
         await asyncio.to_thread(spans_out.shutdown, 10.0)
         if recorder is not None:
@@ -164,7 +188,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
     if opts.summary_json:
         with open(opts.summary_json, "w") as f:
             json.dump({"counts": dict(pipeline.counts), "drops": drops, "export": stats,
-                       "correlator": dict(pipeline.correlator.stats)}, f, default=str)
+                       "correlator": dict(pipeline.correlator.stats), "offcpu": offcpu}, f, default=str)
     print(
         f"otel-envoy: {pipeline.counts['connections']} connections, {pipeline.counts['spans']} spans, "
         f"{pipeline.counts['events']} events, exported {stats.get('exported', {})}, "
@@ -172,6 +196,38 @@ async def run_daemon(opts: DaemonOptions) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _offcpu_by_reason(totals: dict[tuple[int, int], tuple[int, int, int]]) -> dict[str, dict[str, int]]:
+    """Kernel off-CPU totals of all target threads by reason name: ns, runnable ns, waits."""
+    out: dict[str, dict[str, int]] = {}
+    for (_tid, reason), (ns, runnable, waits) in totals.items():
+        agg = out.setdefault(OFFCPU_REASONS.get(reason, str(reason)), {"ns": 0, "runnable_ns": 0, "waits": 0})
+        agg["ns"] += ns
+        agg["runnable_ns"] += runnable
+        agg["waits"] += waits
+    return out
+
+
+# -- per-worker metrics (otel_envoy/export/metrics.py) ---------------------------------------------------
+
+
+def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes,
+                          pipeline: EventPipeline) -> WorkerMetrics | None:
+    """Metrics from the kernel's tables and the correlator, to the spans' OTLP endpoint (if any)."""
+    if opts.otlp is None or not opts.metrics_interval:
+        return None
+    correlator = pipeline.correlator
+    metrics = WorkerMetrics.from_settings(
+        opts.otlp, make_resource(), offcpu_totals=probes.offcpu_totals,
+        round_histograms=probes.round_histograms, accepts=lambda: correlator.accepts_by_thread,
+        interval_s=opts.metrics_interval)
+    metrics.start()
+    log.info("exporting per-worker metrics every %g s", opts.metrics_interval)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 def _tune_garbage_collector() -> None:

@@ -82,8 +82,13 @@ def test_cpu_hog_preempts_the_worker_inside_the_rounds_of_its_connections(tmp_pa
     rounds = [s for s in spans if s.name == "envoy.event_loop.round"]
     calm = [r for r in rounds if t0 <= r.start_ns < t1]
     hogged = [r for r in rounds if t1 <= r.start_ns < t2]
-    assert len(hogged) > 2 * len(calm) + 2, (len(calm), len(hogged))
-    assert max(r.end_ns - r.start_ns for r in hogged) > max([r.end_ns - r.start_ns for r in calm] or [0])
+    def off_cpu(rs) -> int:
+        return sum(r.attributes["envoy.event_loop.off_cpu_ns"] for r in rs)
+
+    assert off_cpu(hogged) > 2 * off_cpu(calm), (len(calm), off_cpu(calm), len(hogged), off_cpu(hogged))
+    for r in hogged:  # a round is its on-CPU time plus the waits inside it
+        a = r.attributes
+        assert a["envoy.event_loop.on_cpu_ns"] + a["envoy.event_loop.off_cpu_ns"] == r.end_ns - r.start_ns
     # the stripped Envoy: user frames as module+ELF address, with the build-id to symbolize them later
     build_id = read_build_id(find_envoy_binary())
     stacks = [w.attributes.get("offcpu.stack.user", []) for w in hog_waits]

@@ -1,4 +1,4 @@
-"""A real, in-process OTLP trace receiver for integration tests (gRPC and HTTP).
+"""A real, in-process OTLP trace and metrics receiver for integration tests (gRPC and HTTP).
 
 Usage::
 
@@ -6,12 +6,17 @@ Usage::
         exporter_endpoint = rx.grpc_endpoint        # "http://127.0.0.1:PORT"
         ...
         spans = rx.wait_for(lambda s: len(s) >= 3, timeout=10)
+        points = rx.wait_for_metrics(lambda p: any(x.name == "m" for x in p), timeout=10)
 
 Both servers listen on 127.0.0.1 with free ports.  The gRPC side implements
-``opentelemetry.proto.collector.trace.v1.TraceService/Export``; the HTTP side accepts
-``POST /v1/traces`` with ``application/x-protobuf`` or ``application/json`` bodies (optionally
-gzip/deflate encoded).  Every accepted request is flattened into :class:`SpanRecord` objects.
-``set_failing(True)`` makes both answer with retryable errors (gRPC UNAVAILABLE, HTTP 503).
+``opentelemetry.proto.collector.trace.v1.TraceService/Export`` and
+``opentelemetry.proto.collector.metrics.v1.MetricsService/Export``; the HTTP side accepts
+``POST /v1/traces`` and ``POST /v1/metrics`` with ``application/x-protobuf`` or ``application/json``
+bodies (optionally gzip/deflate encoded).  Every accepted trace request is flattened into
+:class:`SpanRecord` objects, every metrics request into :class:`MetricPoint` objects (one per data
+point).  ``set_failing(True)`` makes both answer with retryable errors (gRPC UNAVAILABLE, HTTP 503).
+Trace requests are counted in ``requests`` / ``rejected`` / ``bytes_received``, metrics requests
+separately in ``metric_requests`` / ``metric_rejected``.
 """
 
 from __future__ import annotations
@@ -23,16 +28,118 @@ import time
 import zlib
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from otel_envoy.export.otlp_json import decode_request_json
 from otel_envoy.export.records import SpanRecord, records_from_proto
 
-__all__ = ["OtlpReceiver"]
+__all__ = ["MetricPoint", "OtlpReceiver", "metric_points_from_proto"]
+
+
+@dataclass(frozen=True, slots=True)
+class MetricPoint:
+    """One data point of one metric, with its metric's and resource's description.
+
+    ``kind`` is the OTLP data case: ``sum``, ``gauge``, ``histogram``, ``exponential_histogram`` or
+    ``summary``.  ``value`` is set for sums and gauges; ``count``, ``sum`` (``None`` when absent),
+    ``bucket_counts`` and ``explicit_bounds`` for histograms.  ``temporality``: 1 delta, 2 cumulative.
+    """
+
+    name: str
+    unit: str
+    kind: str
+    attributes: dict[str, Any]
+    start_ns: int
+    time_ns: int
+    value: int | float | None = None
+    is_monotonic: bool | None = None
+    temporality: int | None = None
+    count: int | None = None
+    sum: float | None = None
+    bucket_counts: tuple[int, ...] = ()
+    explicit_bounds: tuple[float, ...] = ()
+    description: str = ""
+    resource_attributes: dict[str, Any] = field(default_factory=dict)
+    scope_name: str = ""
+    scope_version: str = ""
+    protocol: str = ""
+
+    @property
+    def series(self) -> tuple[str, tuple[tuple[str, Any], ...]]:
+        """``(name, sorted attribute items)``: what identifies a time series within one resource."""
+        return self.name, tuple(sorted((k, _hashable(v)) for k, v in self.attributes.items()))
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
+    return v
+
+
+def _any_value(v: Any) -> Any:
+    case = v.WhichOneof("value")
+    if case is None:
+        return None
+    if case == "array_value":
+        return [_any_value(x) for x in v.array_value.values]
+    if case == "kvlist_value":
+        return _attrs(v.kvlist_value.values)
+    return getattr(v, case)
+
+
+def _attrs(kvs: Any) -> dict[str, Any]:
+    return {kv.key: _any_value(kv.value) for kv in kvs}
+
+
+def _point_head(p: Any) -> dict[str, Any]:
+    return {"attributes": _attrs(p.attributes), "start_ns": p.start_time_unix_nano,
+            "time_ns": p.time_unix_nano}
+
+
+def _metric_points(m: Any, common: dict[str, Any]) -> list[MetricPoint]:
+    kind = m.WhichOneof("data") or ""
+    head = {"name": m.name, "unit": m.unit, "description": m.description, "kind": kind, **common}
+    if kind == "sum":
+        extra = {"is_monotonic": m.sum.is_monotonic, "temporality": int(m.sum.aggregation_temporality)}
+        return [MetricPoint(value=p.as_int if p.WhichOneof("value") == "as_int" else p.as_double,
+                            **_point_head(p), **extra, **head) for p in m.sum.data_points]
+    if kind == "gauge":
+        return [MetricPoint(value=p.as_int if p.WhichOneof("value") == "as_int" else p.as_double,
+                            **_point_head(p), **head) for p in m.gauge.data_points]
+    if kind in ("histogram", "exponential_histogram"):
+        data = getattr(m, kind)
+        return [MetricPoint(
+            temporality=int(data.aggregation_temporality), count=p.count,
+            sum=p.sum if p.HasField("sum") else None,
+            bucket_counts=tuple(p.bucket_counts) if kind == "histogram" else (),
+            explicit_bounds=tuple(p.explicit_bounds) if kind == "histogram" else (),
+            **_point_head(p), **head) for p in data.data_points]
+    if kind == "summary":
+        return [MetricPoint(count=p.count, sum=p.sum, **_point_head(p), **head)
+                for p in m.summary.data_points]
+    return []
+
+
+def metric_points_from_proto(request: Any, protocol: str = "") -> list[MetricPoint]:
+    """Flatten an ``ExportMetricsServiceRequest`` into :class:`MetricPoint` objects."""
+    out: list[MetricPoint] = []
+    for rm in request.resource_metrics:
+        resource = _attrs(rm.resource.attributes)
+        for sm in rm.scope_metrics:
+            common = {"resource_attributes": resource, "scope_name": sm.scope.name,
+                      "scope_version": sm.scope.version, "protocol": protocol}
+            for m in sm.metrics:
+                out.extend(_metric_points(m, common))
+    return out
 
 
 class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
@@ -44,6 +151,17 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "test receiver is failing on purpose")
         self._rx._add("grpc", records_from_proto(request), request.ByteSize())
         return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self._rx = receiver
+
+    def Export(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if self._rx._count_metrics("grpc"):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "test receiver is failing on purpose")
+        self._rx._add_metrics(metric_points_from_proto(request, "grpc"))
+        return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
 def _make_handler(rx: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
@@ -63,7 +181,8 @@ def _make_handler(rx: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
-            if self.path.split("?", 1)[0] != "/v1/traces":
+            path = self.path.split("?", 1)[0]
+            if path not in ("/v1/traces", "/v1/metrics"):
                 self._reply(404, b"not found", "text/plain")
                 return
             encoding = (self.headers.get("Content-Encoding") or "").lower()
@@ -83,6 +202,9 @@ def _make_handler(rx: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
             else:
                 self._reply(415, f"unsupported content type {ctype!r}".encode(), "text/plain")
                 return
+            if path == "/v1/metrics":
+                self._metrics(protocol, body, ctype)
+                return
             if rx._count(protocol):
                 self._reply(503, b"test receiver is failing on purpose", "text/plain")
                 return
@@ -101,6 +223,26 @@ def _make_handler(rx: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
             rx._add(protocol, records, len(body))
             self._reply(200, reply, ctype)
 
+        def _metrics(self, protocol: str, body: bytes, ctype: str) -> None:
+            if rx._count_metrics(protocol):
+                self._reply(503, b"test receiver is failing on purpose", "text/plain")
+                return
+            request = metrics_service_pb2.ExportMetricsServiceRequest()
+            try:
+                if protocol == "http/protobuf":
+                    request.ParseFromString(body)
+                    reply = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
+                else:
+                    json_format.Parse(body, request, ignore_unknown_fields=True)
+                    reply = b"{}"
+                points = metric_points_from_proto(request, protocol)
+            except Exception as exc:
+                rx._reject_metrics(protocol)
+                self._reply(400, f"cannot decode request: {exc}".encode(), "text/plain")
+                return
+            rx._add_metrics(points)
+            self._reply(200, reply, ctype)
+
     return Handler
 
 
@@ -115,6 +257,9 @@ class OtlpReceiver:
         self._requests: dict[str, int] = {"grpc": 0, "http/protobuf": 0, "http/json": 0}
         self._rejected: dict[str, int] = {"grpc": 0, "http/protobuf": 0, "http/json": 0}
         self._bytes: dict[str, int] = {"grpc": 0, "http/protobuf": 0, "http/json": 0}
+        self._metric_points: list[MetricPoint] = []
+        self._metric_requests: dict[str, int] = {"grpc": 0, "http/protobuf": 0, "http/json": 0}
+        self._metric_rejected: dict[str, int] = {"grpc": 0, "http/protobuf": 0, "http/json": 0}
         self._failing = False
         self._grpc_server: grpc.Server | None = None
         self._http_server: ThreadingHTTPServer | None = None
@@ -128,6 +273,7 @@ class OtlpReceiver:
         """Start both servers on free ports."""
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self), server)
         self.grpc_port = server.add_insecure_port(f"{self._host}:0")
         server.start()
         self._grpc_server = server
@@ -198,11 +344,59 @@ class OtlpReceiver:
         with self._cond:
             return dict(self._bytes)
 
+    def metric_points(self) -> list[MetricPoint]:
+        """A copy of every metric data point received so far, in arrival order."""
+        with self._cond:
+            return list(self._metric_points)
+
+    def latest_metric_points(self, name: str) -> dict[tuple[tuple[str, Any], ...], MetricPoint]:
+        """The newest point of each series of metric ``name``, keyed by its sorted attribute items."""
+        latest: dict[tuple[tuple[str, Any], ...], MetricPoint] = {}
+        for p in self.metric_points():
+            if p.name == name:
+                key = p.series[1]
+                if key not in latest or p.time_ns >= latest[key].time_ns:
+                    latest[key] = p
+        return latest
+
+    @property
+    def metric_requests(self) -> dict[str, int]:
+        """Metrics requests received per protocol, failed included."""
+        with self._cond:
+            return dict(self._metric_requests)
+
+    @property
+    def metric_rejected(self) -> dict[str, int]:
+        """Metrics requests answered with an error per protocol."""
+        with self._cond:
+            return dict(self._metric_rejected)
+
+    def wait_for_metrics(
+        self, predicate: Callable[[list[MetricPoint]], bool], timeout: float = 10.0
+    ) -> list[MetricPoint]:
+        """Wait until ``predicate(points)`` is true and return the points; ``TimeoutError`` otherwise."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                snapshot = list(self._metric_points)
+                if predicate(snapshot):
+                    return snapshot
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"OTLP receiver: metrics condition not met within {timeout:g} s; "
+                        f"{len(snapshot)} points received ({sorted({p.name for p in snapshot})}), "
+                        f"requests={self._metric_requests}, rejected={self._metric_rejected}"
+                    )
+                self._cond.wait(min(remaining, 0.25))
+
     def clear(self) -> None:
-        """Forget received spans and counters."""
+        """Forget received spans, metric points and counters."""
         with self._cond:
             self._spans.clear()
-            for d in (self._requests, self._rejected, self._bytes):
+            self._metric_points.clear()
+            for d in (self._requests, self._rejected, self._bytes,
+                      self._metric_requests, self._metric_rejected):
                 for k in d:
                     d[k] = 0
 
@@ -248,4 +442,21 @@ class OtlpReceiver:
         with self._cond:
             self._spans.extend(records)
             self._bytes[protocol] += size
+            self._cond.notify_all()
+
+    def _count_metrics(self, protocol: str) -> bool:
+        """Count a metrics request; ``True`` if it must be failed."""
+        with self._cond:
+            self._metric_requests[protocol] += 1
+            if self._failing:
+                self._metric_rejected[protocol] += 1
+            return self._failing
+
+    def _reject_metrics(self, protocol: str) -> None:
+        with self._cond:
+            self._metric_rejected[protocol] += 1
+
+    def _add_metrics(self, points: list[MetricPoint]) -> None:
+        with self._cond:
+            self._metric_points.extend(points)
             self._cond.notify_all()

@@ -1,0 +1,530 @@
+"""Per-worker metrics through the OpenTelemetry metrics SDK, on the same OTLP endpoint as the spans.
+
+Everything here is read from tables the kernel already keeps (no work on the event path): a
+``PeriodicExportingMetricReader`` thread wakes every ``--metrics-interval`` seconds, its observable
+instruments' callbacks take one snapshot of the tables, and the SDK's OTLP metric exporter (gRPC or
+HTTP/protobuf, like the spans) sends it.
+
+Metrics (all cumulative since the probes were loaded; attributes ``thread.id``, ``thread.name``,
+``process.pid``):
+
+* ``envoy.worker.offcpu.time`` (``s``, counter): time off CPU, by ``offcpu.reason`` (preempted, lock,
+  io, idle, other);
+* ``envoy.worker.runqueue.delay`` (``s``, counter): of that, the time spent runnable but waiting for a
+  CPU (from the wake-up, or the preemption, until back on CPU), by ``offcpu.reason``;
+* ``envoy.worker.offcpu.waits`` (``{wait}``, counter): number of off-CPU waits, by ``offcpu.reason``;
+* ``envoy.worker.connections.accepted`` (``{connection}``, counter): connections the thread accepted;
+* ``envoy.event_loop.round.duration`` (``s``, histogram): event-loop round durations (``epoll_wait``
+  returned -> the next ``epoll_wait`` call);
+* ``envoy.event_loop.rounds`` (``{round}``, counter): the same rounds counted (the histogram's count as
+  a plain counter: rounds per second is each worker's wake-up rate).
+
+Sources: ``offcpu_totals`` is ``ConnectionProbes.offcpu_totals()`` (kernel-aggregated per thread and
+reason), ``round_histograms`` is ``ConnectionProbes.round_histograms()`` (a log2 histogram per thread)
+and ``accepts`` returns ``ConnectionCorrelator.accepts_by_thread`` (updated on the ring-buffer thread;
+copied here in one step). Thread names and processes come from ``/proc/<tid>``; a thread that is gone
+is reported once more (its totals are final then) and then no longer.
+
+The round histogram is a real OTLP explicit-bucket histogram. The SDK has no observable histogram
+instrument, and replaying every round into a synchronous ``Histogram`` would cost one ``record()`` per
+round; instead the exporter handed to the SDK's reader (:class:`RoundHistogramExporter`, a plain
+``MetricExporter`` wrapping the OTLP one) adds one ``Histogram`` metric, built from the snapshot the
+callbacks of the same collection took, to each batch before the OTLP exporter encodes it. The kernel's
+slot ``s`` counts rounds of ``floor(log2(us))`` == ``s`` microseconds, i.e. durations in
+``[2^s, 2^(s+1))`` us (slot 0: ``[0, 2)`` us); bucket ``s`` of the point has upper bound ``2^(s+1)`` us
+(:data:`ROUND_BOUNDS_S`, 32 bounds from 2 us to 2^32 us, in seconds, plus the overflow bucket), so
+bucket counts are the kernel's counts exactly (OTLP buckets include their upper bound, the kernel's
+their lower one: only a duration of exactly 2^k us could fall on the other side). The kernel keeps no
+sum, minimum or maximum, so the points leave those optional fields unset rather than invent them.
+Temporality follows the OTLP exporter's preference for histograms
+(``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE``: cumulative by default; delta is computed here).
+The histogram rides in the batches the SDK exports, and the SDK exports nothing for a collection
+without data points: ``envoy.event_loop.rounds``, observed from the same table, guarantees a batch
+whenever there are rounds to report.
+
+Callbacks never raise: a failing source yields no observations and is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import Histogram as SdkHistogram
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    PeriodicExportingMetricReader,
+    ResourceMetrics,
+    ScopeMetrics,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from .. import __version__
+from ..correlate.rounds import OFFCPU_REASONS
+from ..spans.rounds import thread_identity
+from .otlp import OtlpSettings
+from .pipeline import _SdkLogFilter
+
+__all__ = [
+    "DEFAULT_INTERVAL_S",
+    "METER_NAME",
+    "ROUND_BOUNDS_S",
+    "ROUND_DURATION",
+    "RoundHistogramExporter",
+    "WorkerMetrics",
+    "make_metric_exporter",
+    "metrics_endpoint",
+    "metrics_interval",
+    "round_bucket_counts",
+]
+
+log = logging.getLogger("otel_envoy.metrics")
+
+METER_NAME = "otel_envoy"
+DEFAULT_INTERVAL_S = 10.0
+ROUND_DURATION = "envoy.event_loop.round.duration"
+#: Kernel slots with their own bucket; later slots (rounds over 2^32 us, 71 minutes) share the last one.
+ROUND_SLOTS = 32
+#: Upper bounds of the round-duration buckets, in seconds: 2^(s+1) microseconds for slot s.
+ROUND_BOUNDS_S: tuple[float, ...] = tuple((1 << (s + 1)) * 1e-6 for s in range(ROUND_SLOTS))
+
+METRICS_PATH = "/v1/metrics"
+_METRICS_ENDPOINT = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
+_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+
+OffcpuSource = Callable[[], Mapping[tuple[int, int], tuple[int, int, int]]]
+RoundSource = Callable[[], Mapping[int, Mapping[int, int]]]
+AcceptSource = Callable[[], Mapping[tuple[int, int, str], int]]
+Identity = Callable[[int], tuple[int, str]]
+
+_SDK_METRIC_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.common.http",
+    "opentelemetry.sdk.metrics._internal.export",
+)
+_sdk_filter = _SdkLogFilter()
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def metrics_interval(cli_seconds: float | None, env: Mapping[str, str] = os.environ) -> float | None:
+    """Export interval in seconds, ``None`` when metrics are off.
+
+    ``--metrics-interval`` wins (0 turns metrics off); else ``OTEL_METRICS_EXPORTER=none`` turns them
+    off and ``OTEL_METRIC_EXPORT_INTERVAL`` (milliseconds) sets the interval; else 10 s.
+    Raises ``ValueError`` for a negative or unusable value.
+    """
+    if cli_seconds is not None:
+        if cli_seconds < 0:
+            raise ValueError("--metrics-interval must not be negative")
+        return float(cli_seconds) or None
+    if env.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "none":
+        return None
+    raw = env.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip()
+    if raw:
+        try:
+            millis = float(raw)
+        except ValueError:
+            raise ValueError(f"OTEL_METRIC_EXPORT_INTERVAL: not a number of milliseconds: {raw!r}") from None
+        if millis <= 0:
+            raise ValueError("OTEL_METRIC_EXPORT_INTERVAL must be positive")
+        return millis / 1000.0
+    return DEFAULT_INTERVAL_S
+
+
+def _metrics_url(base: str) -> str:
+    trimmed = base.rstrip("/")
+    if trimmed.endswith(METRICS_PATH):
+        return trimmed
+    trimmed = trimmed.removesuffix("/v1/traces")
+    return trimmed + METRICS_PATH
+
+
+def metrics_endpoint(settings: OtlpSettings, env: Mapping[str, str] = os.environ) -> str:
+    """Where the metrics of these span settings go: the same collector.
+
+    ``--otlp-endpoint`` (``source == "cli"``) is used for both signals. Otherwise
+    ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` (as-is), else ``OTEL_EXPORTER_OTLP_ENDPOINT``, else the
+    traces endpoint. For ``http/protobuf`` a base endpoint gets ``/v1/metrics``, and a traces URL has
+    its ``/v1/traces`` replaced (a traces URL with another path keeps only its scheme and host).
+    """
+    endpoint = settings.endpoint
+    if settings.source != "cli":
+        if (e := env.get(_METRICS_ENDPOINT, "").strip()):
+            return e
+        if (e := env.get(_ENDPOINT, "").strip()):
+            endpoint = e
+    if settings.protocol == "grpc":
+        return endpoint
+    if settings.source == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" and endpoint == settings.endpoint:
+        path = urlsplit(endpoint).path.rstrip("/")
+        if not path.endswith("/v1/traces"):
+            parts = urlsplit(endpoint)
+            return f"{parts.scheme}://{parts.netloc}{METRICS_PATH}"
+    return _metrics_url(endpoint)
+
+
+def make_metric_exporter(settings: OtlpSettings, timeout: float = 5.0,
+                         env: Mapping[str, str] = os.environ) -> MetricExporter:
+    """The SDK's OTLP metric exporter for the spans' protocol and endpoint.
+
+    Headers, certificates, compression and temporality preference come from the usual
+    ``OTEL_EXPORTER_OTLP_[METRICS_]*`` variables, read by the SDK exporter itself (as for spans).
+    """
+    for name in _SDK_METRIC_LOGGERS:  # one line per message template per 30 s when the collector is down
+        logger = logging.getLogger(name)
+        if _sdk_filter not in logger.filters:
+            logger.addFilter(_sdk_filter)
+    endpoint = metrics_endpoint(settings, env)
+    if settings.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        scheme = urlsplit(endpoint).scheme.lower()
+        insecure = True if scheme == "http" else False if scheme == "https" else None
+        return OTLPMetricExporter(endpoint=endpoint, insecure=insecure, timeout=timeout)
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+
+    return HttpExporter(endpoint=endpoint, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------ histogram
+
+
+def round_bucket_counts(slots: Mapping[int, int]) -> list[int]:
+    """The kernel's log2 slots as the bucket counts of :data:`ROUND_BOUNDS_S` (33 counts)."""
+    counts = [0] * (ROUND_SLOTS + 1)
+    for slot, n in slots.items():
+        if n > 0 and slot >= 0:
+            counts[min(int(slot), ROUND_SLOTS)] += int(n)
+    return counts
+
+
+class RoundHistogramExporter(MetricExporter):
+    """Wraps the OTLP metric exporter: adds the round-duration histogram to every batch.
+
+    ``histogram`` returns the metric for the collection being exported (or ``None``); it runs on the
+    reader's thread, right after the callbacks of that collection.
+    """
+
+    def __init__(self, inner: MetricExporter, histogram: Callable[[AggregationTemporality], Metric | None],
+                 scope: InstrumentationScope) -> None:
+        preferred = getattr(inner, "_preferred_temporality", None)
+        super().__init__(preferred_temporality=preferred,
+                         preferred_aggregation=getattr(inner, "_preferred_aggregation", None))
+        self.inner = inner
+        self.temporality = (preferred or {}).get(SdkHistogram, AggregationTemporality.CUMULATIVE)
+        self._histogram = histogram
+        self._scope = scope
+        self._failed = False
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
+               **kwargs: Any) -> MetricExportResult:
+        """Add the histogram to the batch and hand it to the wrapped exporter."""
+        try:
+            metric = self._histogram(self.temporality)
+        except Exception:  # never lose the batch because of the histogram
+            if not self._failed:
+                self._failed = True
+                log.warning("metrics: the round histogram failed; it is left out", exc_info=True)
+            metric = None
+        if metric is not None:
+            metrics_data = _with_metric(metrics_data, metric, self._scope)
+        return self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        """Flush the wrapped exporter."""
+        return self.inner.force_flush(timeout_millis=timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        """Shut the wrapped exporter down."""
+        self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def _with_metric(data: MetricsData, metric: Metric, scope: InstrumentationScope) -> MetricsData:
+    """A copy of ``data`` with ``metric`` added to the scope ``scope`` of its first resource."""
+    if not data.resource_metrics:
+        return data
+    first, *rest = data.resource_metrics
+    scopes = list(first.scope_metrics)
+    for i, sm in enumerate(scopes):
+        if sm.scope.name == scope.name:
+            scopes[i] = ScopeMetrics(scope=sm.scope, metrics=[*sm.metrics, metric], schema_url=sm.schema_url)
+            break
+    else:
+        scopes.append(ScopeMetrics(scope=scope, metrics=[metric], schema_url=scope.schema_url or ""))
+    return MetricsData(resource_metrics=[
+        ResourceMetrics(resource=first.resource, scope_metrics=scopes, schema_url=first.schema_url), *rest])
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+class _Snapshot:
+    """One collection's view of the kernel tables, thread identities resolved."""
+
+    __slots__ = ("offcpu", "rounds")
+
+    def __init__(self) -> None:
+        # (thread attributes, reason name, ns, runnable ns, waits)
+        self.offcpu: list[tuple[dict[str, Any], str, int, int, int]] = []
+        self.rounds: dict[int, tuple[dict[str, Any], Mapping[int, int]]] = {}  # tid -> (attrs, slots)
+
+
+class WorkerMetrics:
+    """Per-thread metrics of the traced Envoy processes, exported periodically through the SDK.
+
+    ``exporter`` is the real exporter (see :func:`make_metric_exporter` / :meth:`from_settings`);
+    nothing runs until :meth:`start`. ``shutdown`` does a last collection and export. Any source may be
+    ``None`` (its metrics are then empty); ``identity`` maps a tid to ``(tgid, name)``, ``(0, "")`` when
+    the thread is gone.
+    """
+
+    def __init__(
+        self,
+        exporter: MetricExporter,
+        resource: Resource,
+        *,
+        offcpu_totals: OffcpuSource | None = None,
+        round_histograms: RoundSource | None = None,
+        accepts: AcceptSource | None = None,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        export_timeout_s: float = 10.0,
+        identity: Identity = thread_identity,
+    ) -> None:
+        if not interval_s > 0:
+            raise ValueError("the metrics interval must be positive")
+        self.scope = InstrumentationScope(METER_NAME, __version__)
+        self.exporter = RoundHistogramExporter(exporter, self._round_metric, self.scope)
+        self.resource = resource
+        self.interval_s = float(interval_s)
+        self.export_timeout_s = float(export_timeout_s)
+        self._offcpu_source = offcpu_totals
+        self._round_source = round_histograms
+        self._accept_source = accepts
+        self._identity = identity
+        self._lock = threading.Lock()
+        self._provider: MeterProvider | None = None
+        self._reader: PeriodicExportingMetricReader | None = None
+        self._start_ns = time.time_ns()
+        self._snapshot: _Snapshot | None = None
+        self._served: set[str] = set()  # instruments that used the current snapshot
+        self._known: dict[int, tuple[int, str]] = {}  # tid -> (tgid, name) seen alive
+        self._gone: set[int] = set()  # reported once after they were found gone
+        self._retired: set[int] = set()  # gone threads no longer reported
+        self._logged: set[str] = set()
+        self._previous: dict[int, tuple[int, list[int]]] = {}  # tid -> (time ns, buckets) last exported
+        self._reset_ns: dict[int, int] = {}  # tid -> start time after its counts went backwards
+
+    @classmethod
+    def from_settings(cls, settings: OtlpSettings, resource: Resource, **kwargs: Any) -> WorkerMetrics:
+        """Metrics to the collector of the span settings (see :func:`metrics_endpoint`)."""
+        return cls(make_metric_exporter(settings), resource, **kwargs)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the meter provider and instruments; the reader's thread starts exporting."""
+        if self._provider is not None:
+            return
+        self._reader = PeriodicExportingMetricReader(
+            self.exporter, export_interval_millis=self.interval_s * 1000.0,
+            export_timeout_millis=self.export_timeout_s * 1000.0)
+        self._provider = MeterProvider(resource=self.resource, metric_readers=[self._reader],
+                                       shutdown_on_exit=False)
+        meter = self._provider.get_meter(self.scope.name, self.scope.version)
+        meter.create_observable_counter(
+            "envoy.worker.offcpu.time", [self._offcpu_time], unit="s",
+            description="Time the thread was off CPU, by reason (kernel-aggregated).")
+        meter.create_observable_counter(
+            "envoy.worker.runqueue.delay", [self._runqueue_delay], unit="s",
+            description="Time the thread was runnable but waiting for a CPU, within its off-CPU waits.")
+        meter.create_observable_counter(
+            "envoy.worker.offcpu.waits", [self._offcpu_waits], unit="{wait}",
+            description="Number of off-CPU waits of the thread, by reason.")
+        meter.create_observable_counter(
+            "envoy.event_loop.rounds", [self._rounds], unit="{round}",
+            description="Event-loop rounds of the thread (the count of envoy.event_loop.round.duration).")
+        meter.create_observable_counter(
+            "envoy.worker.connections.accepted", [self._accepted], unit="{connection}",
+            description="Downstream connections the thread accepted.")
+
+    def force_flush(self, timeout_s: float = 10.0) -> bool:
+        """Collect and export now (tests)."""
+        if self._provider is None:
+            return False
+        return self._provider.force_flush(timeout_millis=timeout_s * 1000.0)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Last collection and export, then stop the reader thread and the exporter.  Idempotent.
+
+        Call it before the probes' tables are closed.
+        """
+        provider, self._provider = self._provider, None
+        if provider is not None:
+            provider.shutdown(timeout_millis=timeout_s * 1000.0)
+
+    # -- callbacks ------------------------------------------------------------------------------------
+
+    def _offcpu_time(self, _options: CallbackOptions) -> Iterable[Observation]:
+        snap = self._take("offcpu.time")
+        return [Observation(ns / 1e9, {**attrs, "offcpu.reason": reason})
+                for attrs, reason, ns, _r, _w in snap.offcpu]
+
+    def _runqueue_delay(self, _options: CallbackOptions) -> Iterable[Observation]:
+        snap = self._take("runqueue.delay")
+        return [Observation(runnable / 1e9, {**attrs, "offcpu.reason": reason})
+                for attrs, reason, _ns, runnable, _w in snap.offcpu]
+
+    def _offcpu_waits(self, _options: CallbackOptions) -> Iterable[Observation]:
+        snap = self._take("offcpu.waits")
+        return [Observation(waits, {**attrs, "offcpu.reason": reason})
+                for attrs, reason, _ns, _r, waits in snap.offcpu]
+
+    def _rounds(self, _options: CallbackOptions) -> Iterable[Observation]:
+        snap = self._take("rounds")
+        return [Observation(sum(n for n in slots.values() if n > 0), attrs)
+                for attrs, slots in snap.rounds.values()]
+
+    def _accepted(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if self._accept_source is None:
+            return []
+        try:
+            counts = _copy(self._accept_source())
+            return [Observation(int(n), {"thread.id": tid, "thread.name": name, "process.pid": tgid})
+                    for (tgid, tid, name), n in sorted(counts.items()) if n > 0]
+        except Exception as exc:
+            self._log_once("accepts", exc)
+            return []
+
+    # -- snapshot -------------------------------------------------------------------------------------
+
+    def _take(self, instrument: str) -> _Snapshot:
+        """The current collection's snapshot: a new one when this instrument already used the last."""
+        with self._lock:
+            if self._snapshot is None or instrument in self._served:
+                self._snapshot = self._read()
+                self._served.clear()
+            self._served.add(instrument)
+            return self._snapshot
+
+    def _read(self) -> _Snapshot:
+        snap = _Snapshot()
+        offcpu: Mapping[tuple[int, int], tuple[int, int, int]] = {}
+        rounds: Mapping[int, Mapping[int, int]] = {}
+        if self._offcpu_source is not None:
+            try:
+                offcpu = self._offcpu_source()
+            except Exception as exc:
+                self._log_once("offcpu_totals", exc)
+        if self._round_source is not None:
+            try:
+                rounds = self._round_source()
+            except Exception as exc:
+                self._log_once("round_histograms", exc)
+        try:
+            threads = self._threads({tid for tid, _reason in offcpu} | set(rounds))
+        except Exception as exc:
+            self._log_once("threads", exc)
+            return snap
+        for (tid, code), (ns, runnable, waits) in sorted(offcpu.items()):
+            attrs = threads.get(tid)
+            if attrs is not None:
+                snap.offcpu.append((attrs, OFFCPU_REASONS.get(code) or str(code), ns, runnable, waits))
+        for tid, slots in sorted(rounds.items()):
+            attrs = threads.get(tid)
+            if attrs is not None:
+                snap.rounds[tid] = (attrs, slots)
+        return snap
+
+    def _threads(self, tids: set[int]) -> dict[int, dict[str, Any]]:
+        """Attributes of the threads to report: alive ones, and gone ones once (named while alive)."""
+        out: dict[int, dict[str, Any]] = {}
+        for tid in tids:
+            if tid in self._retired:
+                continue
+            tgid, name = self._identity(tid)
+            if name:
+                self._known[tid] = (tgid, name)
+                self._gone.discard(tid)
+            elif tid not in self._known or tid in self._gone:  # never named, or its last report was sent
+                self._known.pop(tid, None)
+                self._gone.discard(tid)
+                if len(self._retired) > 65536:
+                    self._retired.clear()
+                self._retired.add(tid)
+                continue
+            else:
+                self._gone.add(tid)
+                tgid, name = self._known[tid]
+            out[tid] = {"thread.id": tid, "thread.name": name, "process.pid": tgid}
+        return out
+
+    def _round_metric(self, temporality: AggregationTemporality) -> Metric | None:
+        """The round-duration histogram of the latest snapshot (called by the exporter)."""
+        with self._lock:
+            snap = self._snapshot
+            if snap is None:
+                return None
+            now = time.time_ns()
+            points = []
+            delta = temporality == AggregationTemporality.DELTA
+            for tid, (attrs, slots) in snap.rounds.items():
+                counts = round_bucket_counts(slots)
+                prev_ns, prev = self._previous.get(tid, (self._start_ns, None))
+                went_back = prev is not None and any(c < p for c, p in zip(counts, prev, strict=True))
+                self._previous[tid] = (now, counts)
+                if went_back:  # kernel entries evicted and started again: a reset
+                    self._reset_ns[tid] = prev_ns
+                if delta:
+                    start = prev_ns
+                    if prev is not None and not went_back:
+                        counts = [c - p for c, p in zip(counts, prev, strict=True)]
+                else:
+                    start = self._reset_ns.get(tid, self._start_ns)
+                total = sum(counts)
+                if total == 0 and delta:
+                    continue
+                points.append(HistogramDataPoint(
+                    attributes=attrs, start_time_unix_nano=start, time_unix_nano=now, count=total,
+                    sum=None, bucket_counts=counts, explicit_bounds=ROUND_BOUNDS_S,  # type: ignore[arg-type]
+                    min=None, max=None))  # type: ignore[arg-type]
+            for tid in [t for t in self._previous if t not in snap.rounds and t in self._retired]:
+                del self._previous[tid]
+                self._reset_ns.pop(tid, None)
+            if not points:
+                return None
+            return Metric(name=ROUND_DURATION, description="Duration of event-loop rounds (epoll_wait "
+                          "return to the next epoll_wait), from the kernel's log2 histogram.",
+                          unit="s", data=Histogram(data_points=points, aggregation_temporality=temporality))
+
+    def _log_once(self, what: str, exc: BaseException) -> None:
+        if what not in self._logged:
+            self._logged.add(what)
+            log.warning("metrics: reading %s failed (%s: %s); its metrics are left out", what,
+                        type(exc).__name__, exc)
+
+
+def _copy(counts: Mapping[Any, int]) -> dict[Any, int]:
+    """A copy of a mapping another thread may be adding keys to."""
+    for _ in range(5):
+        try:
+            return dict(counts)
+        except RuntimeError:  # changed size during iteration (not with a plain dict / Counter in CPython)
+            continue
+    return {}
