@@ -18,6 +18,7 @@
  * Per connection, only the first CAPTURE_MSGS_DEFAULT reads/writes carry bytes (up to CAPTURE_MAX each);
  * after that I/O is only counted in `conns` and reported once at close. Plaintext connections (HTTP) carry
  * bytes on every read and write when HTTP_CAPTURE is set; TLS ones stop at the first application data.
+ * HTTP/2 connections (prior knowledge) carry their frame headers and non-DATA payloads instead (capture_h2).
  * Never dereference kernel structs here: headers are 6.1, the kernel is newer. Tracepoint fields only.
  */
 #include <uapi/linux/ptrace.h>
@@ -83,6 +84,19 @@ struct tls_framing {
     __u8 hdr[8];       /* those bytes: type, version (2), length (2); 8 for masked indexing */
 };
 
+/* One direction of an HTTP/2 connection's framing (CONN_H2): where the walk of its frames stands. Both
+ * directions are walked from their first byte as a sequence of pieces to copy (the client preface, each
+ * 9-byte frame header, the payload of every frame but DATA, a padded DATA frame's pad length) and to
+ * skip (DATA payloads). A piece may straddle syscalls. */
+struct h2_framing {
+    __u32 copy;   /* bytes of the current piece still to copy; 0: none (skip, then a frame header) */
+    __u32 skip;   /* bytes to skip after it: the rest of a DATA payload */
+    __u8 state;   /* H2_WALK, H2_LOST; 0 on connections that are not HTTP/2 */
+    __u8 in_hdr;  /* the piece being copied is a frame header */
+    __u8 _pad[2];
+    __u8 hdr[32]; /* that header (length, type, flags, stream); 32 for masked offsets and sizes */
+};
+
 struct conn_state {
     __u64 open_ts_ns;
     __u64 bytes_rx;
@@ -96,14 +110,29 @@ struct conn_state {
     __u32 flags;          /* CONN_* below */
     __u32 tls_flags;      /* TLS_FRAMING_* (events.h) */
     struct tls_framing tls[2]; /* indexed by enum io_direction */
+    struct h2_framing h2[2];   /* indexed by enum io_direction (CONN_H2 only) */
 };
 
 #define CONN_SAW_IO 1   /* a non-peek read or write happened: the listener-filter hand-off is settled */
 #define CONN_TLS 2      /* the first bytes read were a TLS handshake record */
 #define CONN_TLS_APP 4  /* TLS handshake over: reads carry no bytes (ciphertext), only their round */
+#define CONN_H2 8       /* HTTP/2 prior knowledge (the client preface came first): records are condensed */
 /* Record headers walked per syscall; a read or write holding more records loses the framing. */
 #define TLS_WALK_MAX 48
 #define TLS_MAX_RECORD (16384 + 2048) /* TLSCiphertext.length bound (RFC 5246 6.2.3) */
+/* HTTP/2 condensed capture (capture_h2): walk steps per syscall (a step copies one run of bytes up to the
+ * end of a buffer, a frame header or a payload, skips one DATA payload, or moves to the next iovec: two or
+ * three per frame, so ~200 frames) and iovecs followed. A syscall needing more, or more than CAPTURE_MAX
+ * condensed bytes, loses the framing. The verifier walks every step of the loop: ~300 instructions each,
+ * so 512 steps cost ~150k of its 1M-instruction budget for sys_exit (which is ~560k in all). */
+#ifndef H2_WALK_MAX
+#define H2_WALK_MAX 512
+#endif
+#define H2_MAX_IOV 1024 /* UIO_MAXIOV: iovecs followed per syscall */
+#define H2_PREFACE_LEN 24
+#define H2_FRAME_HEADER 9
+#define H2_WALK 1
+#define H2_LOST 2
 
 /* The buffers of one read/write as (base, length) segments, for reading the stream at an offset. */
 struct io_segments {
@@ -189,6 +218,21 @@ struct data_scratch_t {
 };
 BPF_PERCPU_ARRAY(data_scratch, struct data_scratch_t, 1);
 BPF_PERCPU_ARRAY(segment_scratch, struct io_segments, 1);
+/* The walk of one HTTP/2 read/write through its buffers (capture_h2). It lives in a map, not in registers,
+ * so that the verifier sees few distinct states in the walk loop (H2_LOAD). */
+struct h2_walk {
+    __u64 pos;       /* offset in the bytes the syscall moved */
+    __u64 n;         /* bytes it moved */
+    __u64 iov;       /* user iovec array; 0 for one flat buffer */
+    __u64 seg_base;  /* the current buffer: user address, length, offset of its first byte in the n */
+    __u64 seg_len;
+    __u64 seg_start;
+    __u32 iovcnt;
+    __u32 seg;       /* index of the current buffer in iov */
+    __u32 out;       /* condensed bytes written to the record */
+    __u32 dir;       /* enum io_direction */
+};
+BPF_PERCPU_ARRAY(h2_scratch, struct h2_walk, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 static __always_inline void count_drop(int reason) {
@@ -675,9 +719,176 @@ static __always_inline __u32 capture_iov(struct data_event *e, const struct iove
     return off > want ? want : off;
 }
 
+/* The record starts with the HTTP/2 client preface (PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n, little-endian words). */
+static __always_inline int is_h2_preface(const struct data_event *e) {
+    if (e->captured < H2_PREFACE_LEN)
+        return 0;
+    const __u64 *w = (const __u64 *)e->data;
+    return w[0] == 0x5448202a20495250ULL && w[1] == 0x0a0d302e322f5054ULL && w[2] == 0x0a0d0a0d4d530a0dULL;
+}
+
+/* A fresh load of a field of the walk state. The walk keeps no value in registers from one step to the
+ * next, and takes no branch it can avoid inside a step: the verifier walks every iteration of the loop,
+ * and inside a loop it prunes only identical states, so each avoidable branch would double the work. */
+#define H2_LOAD(x) (*(volatile typeof(x) *)&(x))
+
+/* min(a, b) for a, b < 2^63, without a branch. */
+static __always_inline __u64 h2_min(__u64 a, __u64 b) {
+    __s64 d = (__s64)(a - b);
+    BARRIER_VAR(d);
+    return b + (__u64)(d & (d >> 63));
+}
+
+/* 1 if x (< 2^32) is not 0, without a branch. */
+static __always_inline __u32 h2_nz(__u64 x) { return (__u32)((x + 0xffffffffULL) >> 32); }
+
+/* A piece of the walk was finished: with nothing left to copy or skip, a frame header comes next. */
+static __always_inline void h2_next(struct h2_framing *f, __u32 copy, __u32 skip, __u32 in_hdr) {
+    __u32 header = 1 - h2_nz(copy | skip);
+    f->copy = copy + header * H2_FRAME_HEADER;
+    f->skip = skip;
+    f->in_hdr = in_hdr | header;
+}
+
+/* One step of the HTTP/2 walk of a read/write (see capture_h2): skip a DATA payload (as far as this syscall
+ * goes), move to the next iovec, or copy one run of the current piece (up to the end of the piece, of the
+ * buffer or of the syscall). Between steps, copy or skip is never 0 (h2_next). -1 when the framing is lost. */
+static __always_inline int h2_step(struct h2_framing *f, struct data_event *e, struct h2_walk *w) {
+    __u64 pos = H2_LOAD(w->pos);
+    __u64 rest = H2_LOAD(w->n) - pos;
+    __u32 copy = H2_LOAD(f->copy);
+    if (!copy) { /* a DATA payload: user space counts it from the frame header */
+        __u32 skip = H2_LOAD(f->skip);
+        __u32 k = (__u32)h2_min(skip, rest);
+        w->pos = pos + k;
+        h2_next(f, 0, skip - k, 0);
+        return 0;
+    }
+    __u64 seg_start = H2_LOAD(w->seg_start);
+    __u64 seg_end = seg_start + H2_LOAD(w->seg_len);
+    if (pos >= seg_end) { /* the bytes are in the next buffer: read its struct iovec into seg_base, seg_len */
+        __u32 seg = H2_LOAD(w->seg) + 1;
+        __u64 iov = H2_LOAD(w->iov);
+        if (!iov || seg >= H2_LOAD(w->iovcnt))
+            return -1;
+        w->seg = seg;
+        w->seg_start = seg_end;
+        if (bpf_probe_read_user(&w->seg_base, 2 * sizeof(__u64), (void *)(iov + (__u64)seg * sizeof(struct iovec))))
+            return -1;
+        return 0;
+    }
+    /* iov_len <= SSIZE_MAX (the syscall succeeded), so all of these are below 2^63 */
+    __u32 k = (__u32)h2_min(copy, h2_min(seg_end - pos, rest));
+    __u32 out = H2_LOAD(w->out);
+    if (out + k > CAPTURE_MAX) /* more than one record holds */
+        return -1;
+    w->out = out + k;
+    w->pos = pos + k;
+    void *src = (void *)(H2_LOAD(w->seg_base) + (pos - seg_start));
+    BARRIER_VAR(k);
+    k &= (2 * CAPTURE_MAX - 1);
+    if (k > CAPTURE_MAX)
+        k = CAPTURE_MAX;
+    BARRIER_VAR(out);
+    out &= (CAPTURE_MAX - 1); /* out + k <= CAPTURE_MAX and k >= 1 */
+    /* data is CAPTURE_MAX bytes; the scratch buffer behind it has room for out + k < 2*CAPTURE_MAX */
+    if (bpf_probe_read_user((__u8 *)e->data + out, k, src) != 0)
+        return -1;
+    /* The state after the run, branch-free. A frame header's bytes also go to f->hdr, at their offset in
+     * the header (it may straddle two syscalls); when the run completes it, the frame's payload is to be
+     * copied (all of it but for DATA frames, of which only a padded one's pad length) and skipped. */
+    copy = H2_LOAD(f->copy); /* reloaded rather than kept across the call (no spill) */
+    __u32 in_hdr = H2_LOAD(f->in_hdr) & 1;
+    __u32 got = H2_FRAME_HEADER - copy;
+    BARRIER_VAR(got);
+    bpf_probe_read_user(f->hdr + (got & 15), (k & 15) * in_hdr, src);
+    __u32 rem = copy - k;
+    __u32 done = in_hdr * (1 - h2_nz(rem));
+    __u32 len = ((__u32)H2_LOAD(f->hdr[0]) << 16) | ((__u32)H2_LOAD(f->hdr[1]) << 8) | H2_LOAD(f->hdr[2]);
+    __u32 not_data = (H2_LOAD(f->hdr[3]) + 255) >> 8;                  /* type != DATA */
+    __u32 pad = (H2_LOAD(f->hdr[4]) >> 3) & 1 & ((len + 0xffffff) >> 24); /* PADDED and len > 0 */
+    __u32 keep = not_data * len + (1 - not_data) * pad;
+    h2_next(f, rem + done * keep, H2_LOAD(f->skip) + done * (len - keep), in_hdr - done);
+    return 0;
+}
+
+/* The record of one read/write of an HTTP/2 connection holds its condensed framing instead of its first
+ * bytes: the client preface, every 9-byte frame header and every payload except DATA ones (of which only
+ * a padded frame's pad length byte), in stream order (struct h2_framing). The walk goes on across syscalls,
+ * per direction. When more than CAPTURE_MAX bytes or H2_WALK_MAX steps would be needed, or a buffer cannot
+ * be read, the record holds what was condensed so far (user space then misses bytes it needs: a capture
+ * gap) and the direction's framing is lost: its later records carry their first bytes, as on any
+ * connection. */
+static __always_inline void capture_h2(struct conn_state *cs, struct data_event *e, const struct inflight *req,
+                                       __u64 n, __u8 dir) {
+    e->flags |= DATA_FLAG_H2_FRAMES;
+    e->captured = 0;
+    __u32 zero = 0;
+    struct h2_walk *w = h2_scratch.lookup(&zero);
+    if (!w) {
+        cs->h2[dir & 1].state = H2_LOST;
+        return;
+    }
+    /* What the walk branches on is reloaded from the map (H2_LOAD): fresh values to the verifier, so
+     * what it learns here does not split the states of the caller's registers and the loop is verified
+     * once, not once per direction or syscall. */
+    w->dir = dir & 1;
+    w->n = n;
+    w->iov = req->buf;
+    w->iovcnt = req->len;
+    struct h2_framing *f = &cs->h2[H2_LOAD(w->dir) & 1];
+    n = H2_LOAD(w->n);
+    if (!f->copy && f->skip >= n) { /* inside a DATA payload, the common case for large bodies */
+        h2_next(f, 0, f->skip - (__u32)n, 0);
+        return;
+    }
+    __u8 sc = H2_LOAD(e->syscall);
+    __u64 buf = H2_LOAD(w->iov);
+    __u64 cnt = H2_LOAD(w->iovcnt);
+    w->pos = 0;
+    w->out = 0;
+    w->seg = 0;
+    w->seg_start = 0;
+    w->iov = 0;
+    w->iovcnt = 1;
+    w->seg_base = buf;
+    w->seg_len = n;
+    if (sc == IO_READV || sc == IO_WRITEV || sc == IO_RECVMSG || sc == IO_SENDMSG) {
+        __u64 iov = buf;
+        if (sc == IO_RECVMSG || sc == IO_SENDMSG) {
+            struct user_msghdr mh = {};
+            cnt = 0;
+            if (bpf_probe_read_user(&mh, sizeof(mh), (void *)buf) == 0) {
+                iov = (__u64)mh.msg_iov;
+                cnt = mh.msg_iovlen;
+            }
+        }
+        struct iovec v = {};
+        if (cnt == 0 || bpf_probe_read_user(&v, sizeof(v), (void *)iov) != 0) {
+            f->state = H2_LOST;
+            return;
+        }
+        w->iov = iov;
+        w->iovcnt = cnt > H2_MAX_IOV ? H2_MAX_IOV : (__u32)cnt;
+        w->seg_base = (__u64)v.iov_base;
+        w->seg_len = v.iov_len;
+    }
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < H2_WALK_MAX; i++) {
+        if (H2_LOAD(w->pos) >= H2_LOAD(w->n))
+            break;
+        if (h2_step(f, e, w) < 0)
+            break;
+    }
+    e->captured = w->out;
+    if (w->pos < w->n)
+        f->state = H2_LOST;
+}
+
 /* Sends the EV_DATA record of one read/write (its first bytes, unless the connection is TLS past its
- * handshake) and updates the capture budget. */
-static __always_inline void emit_data(struct conn_state *cs, struct thread_state *t, __u64 pid_tgid,
+ * handshake, or its condensed framing if it is HTTP/2) and updates the capture budget. Returns 1 on an
+ * HTTP/2 connection whose framing is followed (which is not TLS), else 0. */
+static __always_inline int emit_data(struct conn_state *cs, struct thread_state *t, __u64 pid_tgid,
                                       const struct inflight *req, long ret, __u8 is_write, __u8 peek) {
     __u32 seq = cs->data_events;
     cs->data_events = seq + 1;
@@ -688,7 +899,7 @@ static __always_inline void emit_data(struct conn_state *cs, struct thread_state
     __u32 zero = 0;
     struct data_scratch_t *scratch = data_scratch.lookup(&zero);
     if (!scratch)
-        return;
+        return 0;
     struct data_event *e = &scratch->ev;
     fill_header_of(&e->hdr, EV_DATA, pid_tgid, t);
     e->fd = req->fd;
@@ -699,7 +910,9 @@ static __always_inline void emit_data(struct conn_state *cs, struct thread_state
     e->ret = ret;
     e->msg_seq = seq;
     e->captured = 0;
-    if (ret > 0 && !(cs->flags & CONN_TLS_APP)) {
+    /* HTTP/2 connections whose framing is still followed get a condensed record instead (capture_h2) */
+    __u8 h2 = (cs->flags & CONN_H2) && cs->h2[is_write & 1].state == H2_WALK;
+    if (ret > 0 && !(cs->flags & CONN_TLS_APP) && !h2) {
         __u32 want = (__u32)ret;
         if (req->syscall == IO_READV || req->syscall == IO_WRITEV) {
             e->captured = capture_iov(e, (const struct iovec *)req->buf, req->len, want);
@@ -728,10 +941,24 @@ static __always_inline void emit_data(struct conn_state *cs, struct thread_state
             cs->capture_budget = HTTP_CAPTURE ? CAPTURE_UNLIMITED : 0;
         }
     }
+    /* HTTP/2 with prior knowledge: the client's first bytes are the preface (downstream: the first read;
+     * upstream: the first write). Both directions are walked from here on, this record included. */
+    if (first_io && is_write == (cs->role == ROLE_UPSTREAM) && is_h2_preface(e)) {
+        cs->flags |= CONN_H2;
+        cs->h2[is_write & 1].state = H2_WALK;
+        cs->h2[is_write & 1].copy = H2_PREFACE_LEN; /* copied like the frames: user space agrees */
+        cs->h2[!is_write].state = H2_WALK;
+        cs->h2[!is_write].copy = H2_FRAME_HEADER; /* the server starts with a frame */
+        cs->h2[!is_write].in_hdr = 1;
+        h2 = 1;
+    }
+    if (h2 && ret > 0 && !peek)
+        capture_h2(cs, e, req, (__u64)ret, is_write);
     __u32 size = offsetof(struct data_event, data) + (e->captured & (2 * CAPTURE_MAX - 1));
     if (size > sizeof(struct data_event))
         size = sizeof(struct data_event);
     emit(e, size);
+    return h2;
 }
 
 /* The byte at offset `pos` of the segments; 0 on success. */
@@ -870,7 +1097,8 @@ static __always_inline int on_io_exit(long ret) {
      * from TCP state changes, so nothing is lost when the budget ran out. Past a TLS handshake only
      * reads are reported (without bytes). */
     if (cs->data_events < cs->capture_budget && !(is_write && (cs->flags & CONN_TLS_APP)))
-        emit_data(cs, t, pid_tgid, &req, ret, is_write, peek);
+        if (emit_data(cs, t, pid_tgid, &req, ret, is_write, peek))
+            return 0; /* HTTP/2, so not TLS: the verifier need not walk the TLS walk after the HTTP/2 one */
     if ((cs->flags & CONN_TLS) && ret > 0 && !peek)
         walk_tls_records(cs, &req, (__u64)ret, is_write ? DIR_WRITE : DIR_READ);
     return 0;

@@ -95,6 +95,9 @@ enum drop_reason {
 
 #define MSG_PEEK_FLAG 2 /* MSG_PEEK from sys/socket.h */
 #define DATA_FLAG_PEEK 1
+/* HTTP/2 connection: `data` is the condensed framing of the `ret` bytes moved (preface, frame headers,
+ * non-DATA payloads; DATA payloads left out but a padded one's pad length), not their first bytes. */
+#define DATA_FLAG_H2_FRAMES 2
 
 struct event_header {
     __u64 ts_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, converted to wall clock only at export */
@@ -155,7 +158,7 @@ struct data_event {
     __s32 fd;
     __u8 direction; /* enum io_direction */
     __u8 syscall;   /* enum io_syscall */
-    __u8 flags;     /* DATA_FLAG_PEEK */
+    __u8 flags;     /* DATA_FLAG_PEEK, DATA_FLAG_H2_FRAMES */
     __u8 role;      /* enum conn_role */
     __s64 ret;      /* bytes transferred, 0 at EOF, or -errno */
     __u32 msg_seq;  /* index of this data event on the connection */

@@ -136,7 +136,8 @@ class EventPipeline:
     def _on_upstream(self, up: UpstreamRecord) -> None:
         self._submit("upstream_connections", self.request_builder.upstream_connection, up)
 
-    def _on_upstream_request(self, up: UpstreamRecord, exchange: HttpExchange, ids: tuple[str, str]) -> None:
+    def _on_upstream_request(self, up: UpstreamRecord, exchange: HttpExchange,
+                             ids: tuple[str, str, str | None, str]) -> None:
         self._submit("upstream_requests_unpaired", self.request_builder.unpaired_upstream_request, up,
                      exchange, ids)
 

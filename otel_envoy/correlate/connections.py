@@ -62,6 +62,7 @@ EV_EPOLL_CTL, EV_SETSOCKOPT, EV_SOCK_STATE, EV_TCP = (
     _C["EV_EPOLL_CTL"], _C["EV_SETSOCKOPT"], _C["EV_SOCK_STATE"], _C["EV_TCP"])
 EV_OFFCPU, EV_ROUND = _C["EV_OFFCPU"], _C["EV_ROUND"]
 ROLE_DOWNSTREAM, DIR_READ, DATA_FLAG_PEEK = _C["ROLE_DOWNSTREAM"], _C["DIR_READ"], _C["DATA_FLAG_PEEK"]
+DATA_FLAG_H2_FRAMES = _C["DATA_FLAG_H2_FRAMES"]  # condensed HTTP/2 framing (Http2Exchanges frames_only)
 TCP_SYN_SENT = _C["TCP_SYN_SENT"]
 TLS_FRAMING_SEEN, TLS_FRAMING_LOST_RX, TLS_FRAMING_LOST_TX = (
     _C["TLS_FRAMING_SEEN"], _C["TLS_FRAMING_LOST_RX"], _C["TLS_FRAMING_LOST_TX"])
@@ -78,9 +79,10 @@ TCP_MARK_NAMES = {
 
 TupleKey = tuple[str, int, int]  # (peer address, peer port, local port)
 OnRequest = Callable[[RequestRecord, HttpExchange], None]
-OnUpstreamRequest = Callable[[UpstreamRecord, HttpExchange, tuple[str, str]], None]  # (trace id, span id)
+# (trace id, span id, parent span id or None, how it was attributed)
+OnUpstreamRequest = Callable[[UpstreamRecord, HttpExchange, tuple[str, str, str | None, str]], None]
 MAX_REQUEST_IDS = 4096
-RECENT_REQUESTS = 16  # per thread: candidates for the next upstream request
+RECENT_REQUESTS = 64  # per thread: candidates for the next upstream request (h2: many streams a round)
 MATCHED_DELAY = 8  # rounds a request with the same request line may wait for its upstream write
 MAX_TLS_DEMAND = 1024  # per thread: TLS reads of new requests waiting for their upstream write
 
@@ -328,7 +330,10 @@ class ConnectionCorrelator:
                     conn.http = (Http2Exchanges(requests_read=True) if is_h2_preface(ev.data)
                                  else Http1Exchanges(requests_read=True, h2c_handoff=True))
                 if conn.http is not None:
-                    conn.http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
+                    if not ev.flags & DATA_FLAG_H2_FRAMES:
+                        conn.http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
+                    elif isinstance(conn.http, Http2Exchanges):
+                        conn.http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round, frames_only=True)
                     self._after_http(conn, ev)
         else:
             if ev.ret <= 0:
@@ -337,7 +342,10 @@ class ConnectionCorrelator:
             if conn.tls is not None:
                 conn.tls.on_server_data(ev.ts_ns, ev.data, ev.ret)
             elif conn.http is not None:
-                conn.http.on_write(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
+                if not ev.flags & DATA_FLAG_H2_FRAMES:
+                    conn.http.on_write(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
+                elif isinstance(conn.http, Http2Exchanges):
+                    conn.http.on_write(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round, frames_only=True)
                 self._after_http(conn, ev)
 
     def _note_tls_read(self, conn: ConnectionRecord, ev: DataEvent) -> None:
@@ -494,28 +502,29 @@ class ConnectionCorrelator:
             if rr is not None:
                 self.stats["upstream_paired_by_request_id"] += 1
         if rr is None:
-            conn = None
+            conn, how = None, "tls_connection_connect"  # Envoy connected inside that connection's read
             if not up.cause_used_conn and up.cause_conn is not None and up.cause_conn.close_ns is None:
                 conn = self._take_tls_demand(ev.tgid, ev.tid, ev.round, up.cause_conn)
             up.cause_used_conn = True
-            if conn is None:
+            if conn is None:  # a pooled connection: the read queue's order (approximate under concurrency)
+                how = "tls_connection_round"
                 conn = self._take_tls_demand(ev.tgid, ev.tid, ev.round)
             if conn is None:  # e.g. the request came in the handshake's last read: the latest read then
-                conn = self._tls_cause(ev.tgid, ev.tid, ev.round, 1)
+                conn, how = self._tls_cause(ev.tgid, ev.tid, ev.round, 1), "tls_connection_latest_read"
             if conn is not None:
-                self.stats["upstream_paired_to_tls_connection"] += 1
+                self.stats[f"upstream_paired_by_{how}"] += 1
                 conn.upstream_requests += 1
                 conn.tls_upstream_busy += 1
                 up.tls_causes[id(msg)] = conn
                 span_id = self._new_id()
-                up.unpaired[id(msg)] = (conn.trace_id, span_id, conn.span_id)
+                up.unpaired[id(msg)] = (conn.trace_id, span_id, conn.span_id, how)
                 ctx = trace_context(msg.headers)
                 if ctx is not None and ctx.source != "x-request-id" \
                         and len(conn.request_links) < MAX_REQUEST_LINKS:
                     conn.request_links.append((f"{ctx.trace_id:032x}", span_id))
                 return
             self.stats["upstream_unpaired"] += 1
-            up.unpaired[id(msg)] = (self._new_id(128), self._new_id(), None)
+            up.unpaired[id(msg)] = (self._new_id(128), self._new_id(), None, "")
             return
         rr.reserved = False
         rr.upstream.append((up, msg, self._new_id()))
@@ -579,10 +588,14 @@ class ConnectionCorrelator:
         http = up.http
         if http is None:
             return
+        frames = bool(ev.flags & DATA_FLAG_H2_FRAMES)
+        if frames and not isinstance(http, Http2Exchanges):
+            return  # condensed HTTP/2 framing is for the HTTP/2 parser only
+        feed = {"frames_only": True} if frames else {}
         if ev.direction == DIR_READ:
-            http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
+            http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round, **feed)
         else:
-            http.on_write(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
+            http.on_write(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round, **feed)
             for msg in http.take_new_requests():
                 up.requests += 1
                 self._pair_upstream_request(up, msg, ev)

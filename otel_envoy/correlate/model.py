@@ -154,9 +154,9 @@ class UpstreamRecord:
     cause_used_conn: bool = False  # its first request went to `cause_conn` (or elsewhere)
     cause_used: bool = False  # its first request was attributed to `cause`
     requests: int = 0
-    # requests no downstream request was found for: id(request msg) -> (trace id, span id, parent span id):
-    # under the TLS downstream connection read in the same event-loop round, else a trace of their own
-    unpaired: dict[int, tuple[str, str, str | None]] = field(default_factory=dict)
+    # requests no downstream request was found for: id(request msg) -> (trace id, span id, parent span id,
+    # attribution): under the TLS downstream connection whose read caused it, else a trace of their own
+    unpaired: dict[int, tuple[str, str, str | None, str]] = field(default_factory=dict)
     tls_causes: dict[int, ConnectionRecord] = field(default_factory=dict)  # id(request msg) -> TLS downstream
 
     @property

@@ -17,7 +17,9 @@ parsing.
 A connection that switches protocols (``101``) stops HTTP/1 parsing. With ``h2c_handoff=True`` an h2c
 upgrade (RFC 7540 3.2) is kept ready for :meth:`Http2Exchanges.from_upgrade
 <otel_envoy.protocols.http2.Http2Exchanges.from_upgrade>`: the upgrade request stays pending (its response
-comes as HTTP/2 on stream 1) and each direction keeps the bytes that followed the switch, bounded.
+comes as HTTP/2 on stream 1) and each direction keeps the bytes that followed the switch, bounded. A final
+response other than ``101`` to an upgrade request declines the upgrade (``curl --http2`` to a server that
+does not do h2c): HTTP/1 goes on, from the bytes the request side kept (h2c) or from its next read.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ class _Direction:
         "failed",
         "headers_done",
         "keep_h2c",
+        "keep_h2c_wanted",
         "leftover",
         "leftover_bytes",
         "upgraded",
@@ -139,6 +142,7 @@ class _Direction:
         self.failed: str | None = None
         self.upgraded = False
         self.keep_h2c = keep_h2c  # after an h2c switch, keep what follows (else it is dropped)
+        self.keep_h2c_wanted = keep_h2c
         self.leftover: list[IoChunk] = []
         self.leftover_bytes = 0
         self._header_name = ""
@@ -169,6 +173,17 @@ class _Direction:
             self._fail(f"malformed HTTP/1 {'request' if self._is_request else 'response'}: {exc}")
         except Exception as exc:  # httptools is C: never let a surprise stop the daemon
             self._fail(f"HTTP/1 parser failure: {type(exc).__name__}: {exc}")
+
+    def resume(self) -> list[IoChunk]:
+        """The upgrade was declined: parse HTTP/1 again (a fresh parser: the old one stopped at the
+        upgrade). Returns the bytes kept since the upgrade request, to be fed again."""
+        kept = self.leftover
+        self.upgraded = False
+        self.leftover, self.leftover_bytes, self.keep_h2c = [], 0, self.keep_h2c_wanted
+        self.current = None
+        parser = httptools.HttpRequestParser if self._is_request else httptools.HttpResponseParser
+        self._parser = parser(self)
+        return kept
 
     def keep(self, chunk: IoChunk) -> None:
         """After an h2c switch: keep a syscall's bytes for the HTTP/2 parser (past the bounds, its size)."""
@@ -340,6 +355,7 @@ class Http1Exchanges:
                 self._pending.append(req)
             self._requests.done.clear()
         if self._responses.done:
+            declined = False
             for resp in self._responses.done:
                 if resp.status is not None and 100 <= resp.status < 200 and resp.status != 101:
                     continue  # informational (100 Continue): the final response follows
@@ -350,8 +366,15 @@ class Http1Exchanges:
                     req = self._pending.popleft()
                     req.response = resp
                     self.completed.append(HttpExchange(req, resp))
+                    # an upgrade request answered without 101: the upgrade was declined
+                    declined = declined or (req.upgrade and resp.status != 101 and self._requests.upgraded
+                                            and not self._responses.upgraded and not self._pending)
                 # a response without a request (we attached mid-connection) is not a request span
             self._responses.done.clear()
+            if declined:
+                for chunk in self._requests.resume():
+                    self._feed(self._requests, chunk.ts_ns, chunk.data, chunk.total_len, chunk.tid,
+                               chunk.round)
 
     def take_new_requests(self) -> list[HttpMessage]:
         """Requests whose header block completed since the last call (bodies may still be arriving)."""

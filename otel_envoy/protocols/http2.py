@@ -24,6 +24,20 @@ are just counted; anywhere else they end parsing of that direction. Malformed by
 module: the direction records ``error`` and stops; requests still in flight carry it when ``finish`` ends
 them.
 
+Condensed records (``frames_only=True``). On a connection that starts with the client preface the kernel
+does not send the first bytes of each read and write (a frame header beyond them would be a fatal gap) but
+their *framing* (``DATA_FLAG_H2_FRAMES``, bpf/conn.bpf.c ``capture_h2``): the ``total_len`` bytes the
+syscall moved, in order, with every DATA frame's payload left out, except the first payload byte (the pad
+length) of a PADDED one. So the preface bytes, every 9-byte frame header and the whole payload of every
+other frame (HEADERS, CONTINUATION, PUSH_PROMISE, SETTINGS, RST_STREAM, GOAWAY, PING, WINDOW_UPDATE,
+PRIORITY, unknown types) are there; a DATA frame's body size still comes from its header. The kernel walks
+each direction from its first byte, so a record covers exactly its syscall's bytes and the contract is per
+call: any call may be plain or condensed (the first one, which showed the kernel the preface, is condensed
+too; a direction whose framing the kernel lost goes back to plain records), and a piece (a frame header
+included) may straddle two calls of either kind. A condensed record that ends where the walk still needs
+bytes is the kernel's way of saying it lost the framing (more than ``CAPTURE_MAX`` condensed bytes or too
+many frames in one syscall): the same error as a capture gap in the framing.
+
 An h2c upgrade (HTTP/1.1 ``Upgrade: h2c`` answered by ``101``) continues with :meth:`Http2Exchanges.
 from_upgrade`, which takes over the upgrade request as stream 1 from an :class:`.http1.Http1Exchanges`.
 """
@@ -214,6 +228,45 @@ class _Side:
                 if not self.left:
                     self._end_frame(ts, tid, rnd)
 
+    def feed_frames(self, ts: int, data: bytes | memoryview, total: int, tid: int, rnd: int) -> None:
+        """A condensed record: ``data`` holds the ``total`` bytes the syscall moved but the DATA payloads
+        (the module docstring); those are counted as they would be from a capture gap."""
+        view = memoryview(data)
+        pos, n = 0, len(view)
+        while total > 0 and self.failed is None:
+            if self.pre_body:  # the kernel condenses connections that start with the preface only
+                self.fail("condensed HTTP/2 record inside an h2c upgrade")
+                return
+            elided = self._elided()
+            if elided:
+                k = min(elided, total)
+                self.gap(ts, k, tid, rnd)
+            else:
+                if pos >= n:  # bytes the walk needs are missing: the kernel lost the framing
+                    self.fail(_GAP)
+                    return
+                k = min(self._present(), n - pos, total)
+                self.feed(ts, view[pos:pos + k], tid, rnd)
+                pos += k
+            total -= k
+        if pos < n and self.failed is None:
+            self.fail("condensed HTTP/2 record longer than its framing")
+
+    def _elided(self) -> int:
+        """Bytes from here on that a condensed record leaves out: the rest of a DATA payload (after the pad
+        length of a PADDED frame)."""
+        if self.in_payload and self.type == _DATA and (self.pad_seen or not self.flags & _PADDED):
+            return self.left
+        return 0
+
+    def _present(self) -> int:
+        """Bytes from here on that a condensed record holds, up to where it may leave some out."""
+        if self.preface_left:
+            return self.preface_left
+        if not self.in_payload:
+            return 9 - len(self.head)
+        return 1 if self.type == _DATA else self.left  # a PADDED DATA frame's pad length
+
     def gap(self, ts: int, n: int, tid: int, rnd: int) -> None:
         """``n`` bytes were moved but not captured: fine inside a payload we only count, fatal elsewhere."""
         while n > 0 and self.failed is None:
@@ -387,15 +440,18 @@ class Http2Exchanges:
         """Always False: HTTP/2 does not switch protocols (kept for parity with Http1Exchanges)."""
         return False
 
-    def on_read(self, ts_ns: int, data: bytes, total_len: int, tid: int = 0, round_: int = 0) -> None:
-        """Bytes Envoy read from this connection (``total_len`` >= len(data): the rest was not captured)."""
+    def on_read(self, ts_ns: int, data: bytes, total_len: int, tid: int = 0, round_: int = 0, *,
+                frames_only: bool = False) -> None:
+        """Bytes Envoy read from this connection (``total_len`` >= len(data): the rest was not captured).
+        ``frames_only``: ``data`` is the condensed framing of the ``total_len`` bytes (module docstring)."""
         side = self._client if self.requests_read else self._server
-        self._feed(side, IoChunk(ts_ns, data, total_len, tid, round_))
+        self._feed(side, IoChunk(ts_ns, data, total_len, tid, round_), frames_only)
 
-    def on_write(self, ts_ns: int, data: bytes, total_len: int, tid: int = 0, round_: int = 0) -> None:
-        """Bytes Envoy wrote to this connection."""
+    def on_write(self, ts_ns: int, data: bytes, total_len: int, tid: int = 0, round_: int = 0, *,
+                 frames_only: bool = False) -> None:
+        """Bytes Envoy wrote to this connection (``frames_only`` as in ``on_read``)."""
         side = self._server if self.requests_read else self._client
-        self._feed(side, IoChunk(ts_ns, data, total_len, tid, round_))
+        self._feed(side, IoChunk(ts_ns, data, total_len, tid, round_), frames_only)
 
     def take_new_requests(self) -> list[HttpMessage]:
         """Requests whose header block completed since the last call (bodies may still be arriving)."""
@@ -431,13 +487,16 @@ class Http2Exchanges:
 
     # ------------------------------------------------------------------ fed by the sides
 
-    def _feed(self, side: _Side, chunk: IoChunk) -> None:
+    def _feed(self, side: _Side, chunk: IoChunk, frames_only: bool = False) -> None:
         if side.failed is not None:
             return
         gap = chunk.total_len - len(chunk.data)
         try:
             if gap > _MAX_SYSCALL_BYTES:
                 side.fail(f"implausible syscall size {chunk.total_len}")
+                return
+            if frames_only:
+                side.feed_frames(chunk.ts_ns, chunk.data, chunk.total_len, chunk.tid, chunk.round)
                 return
             side.feed(chunk.ts_ns, chunk.data, chunk.tid, chunk.round)
             if gap > 0:

@@ -184,15 +184,15 @@ class RequestSpanBuilder:
                           *self._tail)
 
     def unpaired_upstream_request(self, up: UpstreamRecord, exchange: HttpExchange,
-                                  ids: tuple[str, str, str | None]) -> list[SpanRecord]:
+                                  ids: tuple[str, str, str | None, str]) -> list[SpanRecord]:
         """An upstream request no downstream request could be found for. ``ids``: its trace and span id,
-        and the parent: a TLS downstream connection read in the same event-loop round (the request itself
-        is encrypted there), or None (then a trace of its own)."""
-        trace_id, span_id, parent = ids
+        the parent (a TLS downstream connection whose read caused it: the request itself is encrypted
+        there), or None (then a trace of its own), and how that connection was found."""
+        trace_id, span_id, parent, how = ids
         if parent is not None:
             span = self.upstream_request(up, exchange.request, exchange.response, span_id,
                                          default_parent=(trace_id, parent))
-            span.attributes["otel_envoy.attribution"] = "tls_connection_round"
+            span.attributes["otel_envoy.attribution"] = how
         else:
             span = self.upstream_request(up, exchange.request, exchange.response, span_id,
                                          own_trace_id=trace_id)

@@ -6,12 +6,16 @@ keeps one), so the bytes are what a real HTTP/2 stack would send; no network is 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import struct
 from collections.abc import Iterable
 
 import hpack
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from otel_envoy.protocols.http1 import Http1Exchanges, HttpExchange
 from otel_envoy.protocols.http2 import MAX_STREAMS, PREFACE, Http2Exchanges, is_h2_preface
@@ -589,6 +593,35 @@ def test_101_refused_or_other_protocols_complete_the_request_as_before() -> None
     assert e.response.status == 101 and Http2Exchanges.from_upgrade(plain) is None
 
 
+def test_declined_h2c_upgrade_goes_on_as_http1() -> None:
+    """curl --http2 to a server without h2c: the answer is a plain 200, and the next requests on the
+    connection (pipelined before that answer, or sent after it) are HTTP/1.1 as before."""
+    h1 = Http1Exchanges(requests_read=True, h2c_handoff=True)
+    read(h1, 1, UPGRADE_REQUEST)
+    read(h1, 2, b"GET /pipelined HTTP/1.1\r\nHost: h\r\n\r\n")  # kept while the upgrade is undecided
+    write(h1, 3, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert not h1.upgraded and Http2Exchanges.from_upgrade(h1) is None and h1.error is None
+    write(h1, 4, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    read(h1, 5, b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n")
+    write(h1, 6, b"HTTP/1.1 204 No Content\r\n\r\n")
+    done = h1.take_completed()
+    assert [(e.request.path, e.response.status) for e in done] == [
+        ("/upgrade", 200), ("/pipelined", 404), ("/after", 204)]
+    assert [m.path for m in h1.take_new_requests()] == ["/upgrade", "/pipelined", "/after"]
+    assert done[0].response.body_bytes == 2 and h1.finish(7) == []
+
+
+def test_declined_websocket_upgrade_goes_on_as_http1() -> None:
+    h1 = Http1Exchanges(requests_read=True, h2c_handoff=True)
+    read(h1, 1, b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    write(h1, 2, b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    read(h1, 3, b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+    write(h1, 4, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    done = h1.take_completed()
+    assert [(e.request.path, e.response.status) for e in done] == [("/ws", 403), ("/next", 200)]
+    assert not h1.upgraded and h1.error is None
+
+
 def test_h2c_leftover_is_bounded() -> None:
     h1 = Http1Exchanges(requests_read=True, h2c_handoff=True)
     read(h1, 1, UPGRADE_REQUEST)
@@ -602,3 +635,203 @@ def test_h2c_leftover_is_bounded() -> None:
     assert h2 is not None and h2.error == "not an HTTP/2 connection preface"
     (e,) = h2.finish(101)
     assert e.request.path == "/upgrade" and e.request.error == "not an HTTP/2 connection preface"
+
+
+# --------------------------------------------------------------------------------------------------
+# Condensed records (DATA_FLAG_H2_FRAMES): the kernel sends a connection's framing, DATA payloads left out
+# --------------------------------------------------------------------------------------------------
+
+
+def kept_bytes(stream: bytes, *, client: bool) -> bytearray:
+    """Which bytes of one direction's stream a condensed record holds (1) or leaves out (0): a model of
+    bpf/conn.bpf.c capture_h2, independent of the parser. The client preface, every frame header, every
+    payload but DATA ones, of which only a PADDED frame's pad length."""
+    keep = bytearray(len(stream))
+    pos = 0
+    if client:
+        keep[0:24] = b"\x01" * min(24, len(stream))
+        pos = 24
+    while pos < len(stream):
+        head = stream[pos:pos + 9]
+        keep[pos:pos + 9] = b"\x01" * len(head)
+        if len(head) < 9:
+            break
+        length, ftype, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
+        kept = (1 if flags & PADDED and length else 0) if ftype == DATA else length
+        keep[pos + 9:pos + 9 + kept] = b"\x01" * kept
+        pos += 9 + length
+    return keep
+
+
+def condensed(pieces: list[tuple[str, bytes]]) -> list[tuple[str, bytes, int]]:
+    """The condensed records of a conversation given as syscall-sized (side, bytes) pieces: (side, data,
+    bytes moved)."""
+    streams = {side: b"".join(raw for sd, raw in pieces if sd == side) for side in "cs"}
+    keep = {side: kept_bytes(stream, client=side == "c") for side, stream in streams.items()}
+    offset = {"c": 0, "s": 0}
+    out = []
+    for side, raw in pieces:
+        o = offset[side]
+        out.append((side, bytes(itertools.compress(raw, keep[side][o:o + len(raw)])), len(raw)))
+        offset[side] = o + len(raw)
+    return out
+
+
+def run_condensed(records: Iterable[tuple[str, bytes, int]], requests_read: bool = True,
+                  plain: Iterable[int] = ()) -> Http2Exchanges:
+    """Feed condensed records (those whose index is in ``plain``: their full bytes, as plain records)."""
+    x = Http2Exchanges(requests_read=requests_read)
+    plain = set(plain)
+    for ts, (side, raw, total) in enumerate(records):
+        fn = x.on_read if (side == "c") == requests_read else x.on_write
+        fn(ts, raw, total, tid=7 if fn == x.on_read else 9, round_=ts, frames_only=ts not in plain)
+    return x
+
+
+def big_conversation() -> list[tuple[str, bytes]]:
+    """Several streams with bodies larger than a capture (4 KiB), padding, CONTINUATION, trailers, a
+    reset, control frames: the condensed form must give the same exchanges as the full bytes."""
+    c, s = Peer(), Peer()
+    one = c.headers(1, get("/one", **{"user-agent": "ua"}), end_stream=True)
+    block = c.block(get("/cont", **{"user-agent": "split-agent"}))
+    post = c.headers(5, [(":method", "POST"), (":path", "/upload"), ("traceparent", TRACEPARENT)])
+    trailers = c.headers(5, [("x-t", "1")], end_stream=True)
+    return [
+        ("c", client_start() + one + frame(HEADERS, END_STREAM, 3, block[:4])
+         + frame(CONTINUATION, END_HEADERS, 3, block[4:])),
+        ("s", server_start() + ping_and_window_update()),
+        ("c", SETTINGS_ACK + post + data(5, b"u" * 15_000, pad=9) + data(5, b"u" * 15_000)
+         + data(5, b"v" * 1000) + trailers),
+        ("s", s.headers(1, status(200)) + data(1, b"x" * 16_000) + data(1, b"y" * 4_000)
+         + data(1, b"", end_stream=True) + s.headers(3, status(404)) + data(3, b"z" * 16_000, pad=0)
+         + data(3, b"z" * 4_000) + rst(3, 8)),
+        ("s", s.headers(5, status(201)) + data(5, b"w" * 9_999, pad=200, end_stream=True)
+         + frame(GOAWAY, 0, 0, struct.pack(">II", 5, 0))),
+    ]
+
+
+def test_condensed_records_give_the_same_exchanges_as_full_ones() -> None:
+    full = run(big_conversation())
+    expected = summary(full.take_completed())
+    assert [e[:3] for e in expected] == [("GET", "/one", 0), ("GET", "/cont", 0), ("POST", "/upload", 31_000)]
+    assert [e[5][:2] for e in expected] == [(200, 20_000), (404, 20_000), (201, 9_999)]
+    assert full.error is None
+    records = condensed(big_conversation())
+    assert sum(len(raw) for _, raw, _ in records) < 1000  # the bodies are left out
+    for requests_read in (True, False):
+        x = run_condensed(records, requests_read=requests_read)
+        done = x.take_completed()
+        assert summary(done) == expected and x.error is None and x.goaway is not None
+        if requests_read:
+            assert [e.response.end_ns for e in done] == [3, 3, 4] and done[2].request.end_ns == 2
+
+
+def test_condensed_frames_split_anywhere() -> None:
+    """A syscall split at every byte of its framing (and every 997th of its DATA payloads): frame headers,
+    header blocks, the preface and pad lengths straddle two records, or a record holds no byte at all."""
+    expected = summary(run(big_conversation()).take_completed())
+    pieces = big_conversation()
+    records = condensed(pieces)
+    tested = 0
+    for i, (side, raw) in enumerate(pieces):
+        o = sum(len(r) for sd, r in pieces[:i] if sd == side)
+        keep = kept_bytes(b"".join(r for sd, r in pieces if sd == side), client=side == "c")[o:o + len(raw)]
+        cuts = {cut for cut in range(1, len(raw)) if keep[cut] or keep[cut - 1] or cut % 997 == 0}
+        for cut in sorted(cuts):
+            first = bytes(itertools.compress(raw[:cut], keep[:cut]))
+            second = bytes(itertools.compress(raw[cut:], keep[cut:]))
+            split = [*records[:i], (side, first, cut), (side, second, len(raw) - cut), *records[i + 1:]]
+            x = run_condensed(split)
+            assert summary(x.take_completed()) == expected and x.error is None, (i, cut)
+            tested += 1
+    assert tested > 400
+
+
+def test_frame_header_straddling_two_condensed_records() -> None:
+    c, s = Peer(), Peer()
+    resp = s.headers(1, status(200)) + data(1, b"d" * 50_000, end_stream=True)
+    cut = len(resp) - 50_000 - 4  # 5 bytes of the DATA frame header in the first syscall, 4 in the next
+    pieces = [("c", PREFACE + settings(max_frame_size=1 << 20) + c.headers(1, get("/s"), end_stream=True)),
+              ("s", server_start() + resp[:cut]), ("s", resp[cut:])]
+    records = condensed(pieces)
+    assert records[2][1:] == (resp[cut:cut + 4], 50_004)  # the rest of the header, no payload
+    x = run_condensed(records)
+    (e,) = x.take_completed()
+    assert (e.response.status, e.response.body_bytes, e.response.end_ns, x.error) == (200, 50_000, 2, None)
+
+
+@hypothesis_settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_any_syscall_sizes_and_any_mix_of_plain_and_condensed_records(draw: st.DataObject) -> None:
+    """The parser keeps its place in the stream whatever the syscall boundaries and whichever records
+    the kernel condensed."""
+    expected = summary(run(big_conversation()).take_completed())
+    streams: dict[str, bytes] = {}
+    pieces = []
+    for side, raw in big_conversation():
+        cuts = sorted(draw.draw(st.lists(st.integers(0, len(raw)), max_size=6)))
+        pieces += [(side, raw[a:b]) for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+        streams[side] = streams.get(side, b"") + raw
+    keep = {side: kept_bytes(stream, client=side == "c") for side, stream in streams.items()}
+    offset, records, plain = {"c": 0, "s": 0}, [], []
+    for i, (side, raw) in enumerate(pieces):
+        o = offset[side]
+        offset[side] += len(raw)
+        if draw.draw(st.booleans()):
+            records.append((side, raw, len(raw)))
+            plain.append(i)
+        else:
+            records.append((side, bytes(itertools.compress(raw, keep[side][o:o + len(raw)])), len(raw)))
+    x = run_condensed(records, plain=plain)
+    assert summary(x.take_completed()) == expected and x.error is None
+
+
+def test_plain_and_condensed_records_mix() -> None:
+    """The kernel may send any record plain: the one that showed it the preface (if it did not condense
+    it), or every record after it lost a direction's framing."""
+    expected = summary(run(big_conversation()).take_completed())
+    records = condensed(big_conversation())
+    full = big_conversation()
+    mixed = [(side, full[i][1], total) if i in (0, 3) else (side, raw, total)
+             for i, (side, raw, total) in enumerate(records)]
+    x = run_condensed(mixed, plain=(0, 3))
+    assert summary(x.take_completed()) == expected and x.error is None
+
+
+def test_lost_framing_is_a_capture_gap() -> None:
+    """The kernel could not condense a syscall (more than CAPTURE_MAX bytes of framing, too many frames):
+    its record ends early, and the streams in flight carry the error."""
+    c, s = Peer(), Peer()
+    pieces = [("c", client_start() + c.headers(1, get("/a"), end_stream=True)
+               + c.headers(3, get("/b"), end_stream=True)),
+              ("s", server_start() + s.headers(1, status(200)) + data(1, b"x" * 9000, end_stream=True)
+               + s.headers(3, status(200)) + data(3, b"y" * 9000, end_stream=True))]
+    records = condensed(pieces)
+    side, raw, total = records[1]
+    cut = raw.index(s.headers(3, status(200))[:9])  # the kernel stopped before stream 3's HEADERS
+    x = run_condensed([records[0], (side, raw[:cut], total)])
+    (first,) = x.take_completed()
+    assert first.request.path == "/a" and first.response.status == 200 and first.response.error is None
+    assert x.error == "capture gap inside HTTP/2 framing"
+    x.on_write(3, b"\x00" * 20, 20)  # the lost direction's later (plain) records change nothing
+    (second,) = x.finish(4)
+    assert second.request.path == "/b" and second.request.error == "capture gap inside HTTP/2 framing"
+
+
+def test_condensed_record_with_more_than_its_framing_is_an_error() -> None:
+    x = Http2Exchanges(requests_read=True)
+    raw = client_start() + Peer().headers(1, get("/x"), end_stream=True)
+    x.on_read(1, raw + b"\x00" * 9, len(raw), frames_only=True)
+    assert x.error == "condensed HTTP/2 record longer than its framing"
+    assert x.take_new_requests() != []  # what came before is kept
+
+
+def test_padded_data_counts_its_body_exactly_from_the_kept_pad_length() -> None:
+    c = Peer()
+    pieces = [("c", client_start() + c.headers(1, [(":method", "POST"), (":path", "/p")])
+               + data(1, b"a" * 5000, pad=255) + data(1, b"", pad=3, end_stream=True)),
+              ("s", server_start() + Peer().headers(1, status(200), end_stream=True))]
+    records = condensed(pieces)
+    assert len(records[0][1]) < 200
+    (e,) = run_condensed(records).take_completed()
+    assert e.request.body_bytes == 5000 and e.request.end_ns == 0
