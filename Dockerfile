@@ -18,12 +18,14 @@ WORKDIR /opt/otel-envoy
 # README* also matches nothing harmlessly: pyproject.toml is always there.
 COPY pyproject.toml README* ./
 COPY otel_envoy ./otel_envoy
+COPY bpf ./bpf
 
 RUN python3 -m venv --system-site-packages /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip \
  && /opt/venv/bin/pip install . \
- && /opt/venv/bin/python -c "import bcc, otel_envoy"
+ && OTEL_ENVOY_BPF_DIR=/opt/otel-envoy/bpf /opt/venv/bin/python -c "import bcc, otel_envoy.events.decode"
 
-ENV PATH=/opt/venv/bin:$PATH
+ENV PATH=/opt/venv/bin:$PATH \
+    OTEL_ENVOY_BPF_DIR=/opt/otel-envoy/bpf
 ENTRYPOINT ["otel-envoy"]
 CMD ["--help"]

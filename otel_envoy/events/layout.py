@@ -12,11 +12,13 @@ import re
 import struct
 from dataclasses import dataclass, field
 from functools import cache
+import os
 from pathlib import Path
 
 __all__ = ["BPF_DIR", "EVENTS_H", "Field", "Layout", "StructLayout", "load_layout"]
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+# The BPF sources live next to the package in a checkout; an installed copy (the container image) names them.
+BPF_DIR = Path(os.environ.get("OTEL_ENVOY_BPF_DIR") or Path(__file__).resolve().parents[2] / "bpf")
 EVENTS_H = BPF_DIR / "events.h"
 
 # C scalar type -> (struct format char, size). Little-endian, natural alignment == size.
