@@ -8,11 +8,11 @@ and enum constants, one per line), so a small parser is enough and C and Python 
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from dataclasses import dataclass, field
 from functools import cache
-import os
 from pathlib import Path
 
 __all__ = ["BPF_DIR", "EVENTS_H", "Field", "Layout", "StructLayout", "load_layout"]
