@@ -12,11 +12,11 @@ import subprocess
 
 import pytest
 
-from tests.support.traces import Trace, connection_traces
+from tests.support.traces import Trace, connection_traces, request_spans, upstream_requests_of
 
 pytestmark = pytest.mark.root
 
-SERVER, CLIENT, ERROR = 2, 3, 2
+ERROR = 2
 GAP = "capture gap inside HTTP/2 framing"
 
 
@@ -27,14 +27,6 @@ def _need(tool: str) -> str:
     return path
 
 
-def _servers(trace: Trace) -> list:
-    return sorted((s for s in trace.spans if s.kind == SERVER and s.name != "envoy.downstream.connection"),
-                  key=lambda s: s.start_ns)
-
-
-def _clients_of(spans, parent) -> list:
-    return [s for s in spans if s.kind == CLIENT and s.name != "envoy.upstream.connection"
-            and s.parent_span_id == parent.span_id]
 
 
 def _requests(trace: Trace) -> int:
@@ -46,7 +38,7 @@ def _traces_serving(receiver, port: int, paths: set[str], timeout: float = 30.0)
     ``len(paths)`` requests have arrived (the client closed its connection)."""
     def found(spans) -> list[Trace]:
         return [t for t in connection_traces(spans, port).values()
-                if any(s.attributes.get("url.path") in paths for s in _servers(t))]
+                if any(s.attributes.get("url.path") in paths for s in request_spans(t))]
 
     receiver.wait_for(lambda spans: sum(_requests(t) for t in found(spans)) >= len(paths), timeout)
     return found(receiver.spans())
@@ -61,7 +53,7 @@ def test_two_streams_on_one_prior_knowledge_connection(lab, receiver, traced):
     assert out.returncode == 0, out.stderr
     (trace,) = _traces_serving(receiver, lab.http_port, {"/bytes/1234", "/status/418"})
     trace.assert_nested()
-    servers = _servers(trace)
+    servers = request_spans(trace)
     assert _requests(trace) == 2 and len(servers) == 2
     by_path = {s.attributes["url.path"]: s for s in servers}
     assert set(by_path) == {"/bytes/1234", "/status/418"}
@@ -71,7 +63,7 @@ def test_two_streams_on_one_prior_knowledge_connection(lab, receiver, traced):
         assert by_path[path].name == "GET" and not by_path[path].status_message
         if size is not None:
             assert a["http.response.body.size"] == size
-        (client,) = _clients_of(trace.spans, by_path[path])
+        (client,) = upstream_requests_of(trace.spans, by_path[path])
         assert client.attributes["url.path"] == path
         assert client.attributes["http.response.status_code"] == status
 
@@ -85,7 +77,7 @@ def test_curl_prior_knowledge_request(lab, receiver, traced):
     assert (code, version) == ("200", "2")
     receiver.wait_for(lambda spans: (t := connection_traces(spans, lab.http_port).get(int(port))) is not None
                       and _requests(t) >= 1, 30)
-    (server,) = _servers(connection_traces(receiver.spans(), lab.http_port)[int(port)])
+    (server,) = request_spans(connection_traces(receiver.spans(), lab.http_port)[int(port)])
     a = server.attributes
     assert (a["url.path"], a["network.protocol.version"], a["http.response.status_code"]) == (
         "/bytes/30000", "2", 200)
@@ -101,7 +93,7 @@ def _h2load(lab, receiver, path: str) -> list[Trace]:
 
     def h2load_traces(spans) -> list[Trace]:
         return [t for t in connection_traces(spans, lab.http_port).values()
-                if any(s.attributes.get("url.path") == path for s in _servers(t))]
+                if any(s.attributes.get("url.path") == path for s in request_spans(t))]
 
     receiver.wait_for(lambda spans: sum(_requests(t) for t in h2load_traces(spans)) >= 100, 60)
     traces = h2load_traces(receiver.spans())
@@ -113,7 +105,7 @@ def test_h2load_large_responses_many_streams_per_write(lab, receiver, traced):
     """Envoy writes several streams' 20 KB responses in one writev, far beyond a 4 KiB capture: every
     request gets its span, complete and without a capture gap."""
     traces = _h2load(lab, receiver, "/bytes/20000")
-    servers = [s for t in traces for s in _servers(t)]
+    servers = [s for t in traces for s in request_spans(t)]
     assert len(servers) == 100
     for s in servers:
         a = s.attributes
@@ -128,8 +120,8 @@ def test_h2load_requests_pair_with_their_upstream_requests(lab, receiver, traced
     traces = _h2load(lab, receiver, "/bytes/20001")
     unpaired = []
     for t in traces:
-        for s in _servers(t):
-            clients = _clients_of(t.spans, s)
+        for s in request_spans(t):
+            clients = upstream_requests_of(t.spans, s)
             assert len(clients) <= 1
             if not clients:
                 unpaired.append(s.attributes["url.path"])
@@ -156,12 +148,12 @@ def test_declined_h2c_upgrade_stays_http1(lab, receiver, traced):
     receiver.wait_for(lambda spans: (t := connection_traces(spans, lab.http_port).get(port)) is not None
                       and _requests(t) >= 2, 30)
     trace = connection_traces(receiver.spans(), lab.http_port)[port]
-    servers = _servers(trace)
+    servers = request_spans(trace)
     assert [(s.attributes["url.path"], s.attributes["network.protocol.version"],
              s.attributes["http.response.status_code"]) for s in servers] == [
         ("/bytes/50", "1.1", 200), ("/status/404", "1.1", 404)]
     assert servers[0].attributes["http.response.body.size"] == 50
     assert all(not s.status_message for s in servers)
     for s in servers:
-        (client,) = _clients_of(trace.spans, s)
+        (client,) = upstream_requests_of(trace.spans, s)
         assert client.attributes["url.path"] == s.attributes["url.path"]

@@ -7,14 +7,20 @@ import os
 import signal
 import socket
 import ssl
-import threading
 import time
 
 import pytest
 
 from otel_envoy.lab.lab import EnvoyLab
 from tests.support.daemon import DaemonProcess
-from tests.support.traces import Trace, connection_traces, group_traces
+from tests.support.parallel import run_in_threads
+from tests.support.traces import (
+    Trace,
+    connection_traces,
+    group_traces,
+    request_spans,
+    upstream_requests_of,
+)
 
 pytestmark = pytest.mark.root
 
@@ -77,14 +83,6 @@ def _complete_responses(data: bytes) -> int:
         n, pos = n + 1, end + 4 + length
 
 
-def _servers(trace: Trace) -> list:
-    return sorted((s for s in trace.spans if s.kind == SERVER and s.name != "envoy.downstream.connection"),
-                  key=lambda s: s.start_ns)
-
-
-def _clients_of(spans, parent) -> list:
-    return [s for s in spans if s.kind == CLIENT and s.name != "envoy.upstream.connection"
-            and s.parent_span_id == parent.span_id]
 
 
 def test_keep_alive_requests_each_get_a_span_with_their_upstream_request(lab, receiver, traced):
@@ -98,7 +96,7 @@ def test_keep_alive_requests_each_get_a_span_with_their_upstream_request(lab, re
     trace.assert_nested()
     root = trace.root
     assert root.attributes["envoy.connection.requests"] == 3
-    servers = _servers(trace)
+    servers = request_spans(trace)
     assert [s.attributes["url.path"] for s in servers] == ["/", "/bytes/1234", "/status/404"]
     assert [s.attributes["http.response.status_code"] for s in servers] == [200, 200, 404]
     assert all(s.parent_span_id == root.span_id and s.name == "GET" for s in servers)
@@ -108,7 +106,7 @@ def test_keep_alive_requests_each_get_a_span_with_their_upstream_request(lab, re
     assert second.attributes["http.response.body.size"] == 1234
     assert third.status_code != ERROR  # a 404 is not a server error
     for s in servers:
-        (client,) = _clients_of(trace.spans, s)
+        (client,) = upstream_requests_of(trace.spans, s)
         assert client.attributes["url.path"] == s.attributes["url.path"]
         assert client.attributes["server.port"] == lab.backend_port
         assert s.start_ns <= client.start_ns <= client.end_ns <= s.end_ns
@@ -123,7 +121,7 @@ def test_traceparent_puts_the_request_in_the_callers_trace(lab, receiver, traced
         ("GET", "/", {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "x-request-id": "req-e2e-1"})])
     assert statuses == [200]
     trace = _wait_conn(receiver, port, lab.http_port, 1)
-    assert not _servers(trace)  # the request span left the connection's trace ...
+    assert not request_spans(trace)  # the request span left the connection's trace ...
     receiver.wait_for(lambda spans: TRACE_ID in group_traces(spans), 15)
     app_trace = group_traces(receiver.spans())[TRACE_ID]
     (server,) = [s for s in app_trace.spans if s.kind == SERVER]
@@ -132,7 +130,7 @@ def test_traceparent_puts_the_request_in_the_callers_trace(lab, receiver, traced
     assert server.attributes["http.request.header.x-request-id"] == ["req-e2e-1"]
     assert [(lk[0], lk[1]) for lk in server.links] == [(trace.trace_id, trace.root.span_id)]
     assert (TRACE_ID, server.span_id) in [(lk[0], lk[1]) for lk in trace.root.links]  # and back
-    (client,) = _clients_of(app_trace.spans, server)
+    (client,) = upstream_requests_of(app_trace.spans, server)
     assert client.trace_id == TRACE_ID
 
 
@@ -141,10 +139,10 @@ def test_pipelined_requests_each_get_a_span(lab, receiver, traced):
     port, data = _raw(lab.http_port, req % 11 + req % 22 + req % 33, responses=3)
     assert data.count(b"HTTP/1.1 200") == 3
     trace = _wait_conn(receiver, port, lab.http_port, 3)
-    servers = _servers(trace)
+    servers = request_spans(trace)
     assert [s.attributes["http.response.body.size"] for s in servers] == [11, 22, 33]
     for s in servers:
-        (client,) = _clients_of(trace.spans, s)
+        (client,) = upstream_requests_of(trace.spans, s)
         assert client.attributes["url.path"] == s.attributes["url.path"]
 
 
@@ -154,7 +152,7 @@ def test_chunked_request_body_is_counted(lab, receiver, traced):
     port, data = _raw(lab.http_port, head + body)
     assert data.startswith(b"HTTP/1.1 ")
     trace = _wait_conn(receiver, port, lab.http_port, 1)
-    (server,) = _servers(trace)
+    (server,) = request_spans(trace)
     assert server.name == "POST" and server.attributes["http.request.body.size"] == 12
 
 
@@ -162,44 +160,34 @@ def test_malformed_request_line_is_a_span_error_and_tracing_goes_on(lab, receive
     port, data = _raw(lab.http_port, b"GE\x01T / HTTP/1.1\r\nHost: lab\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 400")
     trace = _wait_conn(receiver, port, lab.http_port, 1)
-    (server,) = _servers(trace)
+    (server,) = request_spans(trace)
     assert server.status_code == ERROR and server.attributes["error.type"] == "malformed_request"
     assert server.attributes["http.response.status_code"] == 400
     port2, statuses = _keep_alive(lab.http_port, [("GET", "/", {})])  # the daemon is alive and tracing
     assert statuses == [200]
-    assert _servers(_wait_conn(receiver, port2, lab.http_port, 1))
+    assert request_spans(_wait_conn(receiver, port2, lab.http_port, 1))
 
 
 def test_concurrent_clients_every_upstream_request_pairs_with_its_downstream_request(lab, receiver, traced):
     clients, per_client = 20, 5
-    ports: list[int] = []
-    errors: list[BaseException] = []
 
-    def run(i: int) -> None:
-        try:
-            p, st = _keep_alive(lab.http_port, [("GET", f"/bytes/{1000 + i * per_client + j}", {})
-                                                for j in range(per_client)])
-            assert st == [200] * per_client
-            ports.append(p)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+    def client(i: int) -> int:
+        p, st = _keep_alive(lab.http_port, [("GET", f"/bytes/{1000 + i * per_client + j}", {})
+                                            for j in range(per_client)])
+        assert st == [200] * per_client
+        return p
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors and len(ports) == clients
+    ports = run_in_threads(clients, client)
     receiver.wait_for(lambda spans: all(
         (t := connection_traces(spans, lab.http_port).get(p)) is not None
         and t.root.attributes.get("envoy.connection.requests") == per_client for p in ports), 30)
     traces = connection_traces(receiver.spans(), lab.http_port)
     paired = 0
     for p in ports:
-        servers = _servers(traces[p])
+        servers = request_spans(traces[p])
         assert len(servers) == per_client
         for s in servers:
-            clients_ = _clients_of(traces[p].spans, s)
+            clients_ = upstream_requests_of(traces[p].spans, s)
             assert len(clients_) == 1, (s.attributes["url.path"], len(clients_))
             assert clients_[0].attributes["url.path"] == s.attributes["url.path"]
             paired += 1
@@ -218,7 +206,7 @@ def test_dead_upstream_gives_an_error_span_and_a_failed_upstream_connection(rece
             trace = _wait_conn(receiver, port, lab.http_port, 1)
         finally:
             daemon.stop()
-    (server,) = _servers(trace)
+    (server,) = request_spans(trace)
     assert server.status_code == ERROR and server.attributes["http.response.status_code"] >= 500
     ups = [s for s in trace.spans if s.name == "envoy.upstream.connection"]
     assert ups and all(u.status_code == ERROR for u in ups)
@@ -243,7 +231,7 @@ def test_request_split_across_many_reads(lab, receiver, traced):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200")
     trace = _wait_conn(receiver, port, lab.http_port, 1)
-    (server,) = _servers(trace)
+    (server,) = request_spans(trace)
     a = server.attributes
     assert a["url.path"] == "/bytes/77" and a["user_agent.original"] == "trickle/1"
     assert a["http.request.header.x-request-id"] == ["trickle-1"]
@@ -251,7 +239,7 @@ def test_request_split_across_many_reads(lab, receiver, traced):
     # the span starts at the first byte read, ~30 sends of 10 ms before the header block completed
     received = next(ts for ts, name, _ in server.events if name == "http.request.received")
     assert received - server.start_ns >= 200_000_000
-    (client,) = _clients_of(trace.spans, server)
+    (client,) = upstream_requests_of(trace.spans, server)
     assert client.start_ns >= received
 
 
@@ -308,24 +296,14 @@ def test_tls_connection_counts_records_and_holds_its_upstream_requests(lab, rece
 
 def test_concurrent_tls_clients_each_hold_their_own_upstream_requests(lab, receiver, traced):
     n_clients, per_client = 10, 3
-    results: dict[int, list[str]] = {}
-    errors: list[BaseException] = []
 
-    def run(i: int) -> None:
+    def client(i: int) -> tuple[int, list[str]]:
         paths = [f"/bytes/{2000 + i * per_client + j}" for j in range(per_client)]
-        try:
-            p, st = _tls_keep_alive(lab.tls_port, str(lab.ca_path), paths)
-            assert st == [200] * per_client
-            results[p] = paths
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        p, st = _tls_keep_alive(lab.tls_port, str(lab.ca_path), paths)
+        assert st == [200] * per_client
+        return p, paths
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors and len(results) == n_clients
+    results = dict(run_in_threads(n_clients, client))
 
     def ups(trace: Trace) -> list:
         return [s for s in trace.spans if s.kind == CLIENT and s.name == "GET"]

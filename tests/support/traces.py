@@ -121,3 +121,15 @@ def format_traces(spans: list[SpanRecord], trace_ids: list[str] | None = None) -
         if trace is not None:
             lines.extend(_span_lines(trace))
     return "\n".join(lines)
+
+
+def request_spans(trace: Trace) -> list[SpanRecord]:
+    """The downstream request spans (SERVER, not the connection span) of a connection trace, oldest first."""
+    return sorted((s for s in trace.spans if s.kind == 2 and s.name != "envoy.downstream.connection"),
+                  key=lambda s: s.start_ns)
+
+
+def upstream_requests_of(spans: list[SpanRecord], parent: SpanRecord) -> list[SpanRecord]:
+    """The upstream request spans (CLIENT, not the upstream connection span) under ``parent``."""
+    return [s for s in spans if s.kind == 3 and s.name != "envoy.upstream.connection"
+            and s.parent_span_id == parent.span_id]
