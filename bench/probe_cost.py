@@ -7,6 +7,7 @@ Alternates, on one direct-response Envoy (1 worker on CPU 0, wrk keep-alive on C
   raw_enter_exit   one raw_syscalls sys_enter + sys_exit pair with a pid-filter lookup
   epoll_exit_only  syscalls:sys_exit_epoll_wait, empty
   full             the real conn.bpf.c (ConnectionProbes, connection spans only), its ring drained
+  full_no_offcpu   the same without the scheduler probes (--no-offcpu): full vs this is their cost
 and prints Envoy's CPU per request for each (medians of --rounds rounds).
 
 Usage:  .venv/bin/python bench/probe_cost.py [--variants none,full] [--rounds 3] [--seconds 6]
@@ -42,6 +43,7 @@ VARIANTS: dict[str, str | None] = {
                               f"RAW_TRACEPOINT_PROBE(sys_exit) {{ {FILTER} }}\n",
     "epoll_exit_only": "TRACEPOINT_PROBE(syscalls, sys_exit_epoll_wait) { return 0; }\n",
     "full": "",
+    "full_no_offcpu": "",
 }
 
 
@@ -50,10 +52,10 @@ def attach(name: str, lab: EnvoyLab) -> object | None:
     src = VARIANTS[name]
     if src is None:
         return None
-    if name == "full":
+    if name.startswith("full"):
         from otel_envoy.probes.loader import ConnectionProbes, ProbeConfig
 
-        probes = ConnectionProbes(ProbeConfig(http_capture=False))
+        probes = ConnectionProbes(ProbeConfig(http_capture=False, offcpu=name == "full"))
         probes.add_targets([lab.pid])
         probes.set_listen_ports([lab.http_port, lab.tls_port])
         probes.open_ring_buffer(lambda _raw: None)
