@@ -253,7 +253,8 @@ class _Direction:
             return
         msg.headers_done_ns = self._ts
         msg.headers_round = self._round
-        self.headers_done.append(msg)
+        if self._is_request:  # only requests are taken (take_new_requests); responses must not pile up
+            self.headers_done.append(msg)
         p = self._parser
         msg.version = p.get_http_version()
         if self._is_request:

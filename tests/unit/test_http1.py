@@ -120,3 +120,15 @@ def test_upgrade_to_h2c_stops_http1_parsing() -> None:
     (e,) = x.take_completed()
     assert e.request.upgrade and e.response.status == 101
     assert x.upgraded and x.error is None
+
+
+def test_a_long_keep_alive_connection_keeps_nothing_per_finished_request() -> None:
+    """Regression: response header blocks piled up in a list nobody took (570 bytes per request)."""
+    ex = Http1Exchanges(requests_read=True)
+    for i in range(2000):
+        ex.on_read(i * 10, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", 27)
+        ex.take_new_requests()
+        ex.on_write(i * 10 + 5, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 40)
+        assert len(ex.take_completed()) == 1
+    assert ex._requests.headers_done == [] and ex._responses.headers_done == []
+    assert not ex._pending and not ex._requests.done and not ex._responses.done
