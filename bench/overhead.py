@@ -11,6 +11,7 @@ noisy machine), and for traced runs the daemon's CPU per traced connection, span
 
 Usage (root, after scripts/setup.sh):  .venv/bin/python bench/overhead.py [--rounds 3] [--seconds 8]
 Writes bench/results/overhead-<timestamp>.json and prints a table of medians and ratios.
+bench/rate_sweep.py reuses the helpers here for keep-alive requests at fixed offered rates.
 """
 
 from __future__ import annotations
@@ -42,8 +43,108 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def wrk(url: str, seconds: float, connections: int, extra: list[str]) -> dict:
-    """Run wrk pinned to CPU 1; returns requests, seconds, errors."""
+def cpu_ticks() -> dict[str, tuple[int, int]]:
+    """Per CPU (``cpu0``, ``cpu1``, ...): (busy, total) jiffies from /proc/stat."""
+    out: dict[str, tuple[int, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *vals = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
+            out[name] = (sum(v) - v[3] - v[4], sum(v))
+    return out
+
+
+def cpu_busy(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Fraction of each CPU that was busy between two :func:`cpu_ticks` samples."""
+    return {
+        cpu: (after[cpu][0] - b[0]) / max(after[cpu][1] - b[1], 1)
+        for cpu, b in before.items()
+        if cpu in after
+    }
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """Every process's (comm, CPU seconds) now; those that vanish meanwhile are skipped."""
+    out: dict[int, tuple[str, float]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            raw = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw.rsplit(")", 1)[1].split()
+        out[int(d.name)] = (
+            raw[raw.find("(") + 1 : raw.rfind(")")],
+            (int(fields[11]) + int(fields[12])) / CLK_TCK,
+        )
+    return out
+
+
+def other_processes(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], ours: set[int]
+) -> dict[str, float]:
+    """CPU seconds used between two :func:`process_cpu` snapshots by processes not in ``ours`` (10 ms and
+    more; processes that started and ended in between are not seen)."""
+    out: dict[str, float] = {}
+    for pid, (comm, cpu) in after.items():
+        used = cpu - before.get(pid, (comm, 0.0))[1]
+        if pid not in ours and used >= 0.01:
+            out[f"{comm}[{pid}]"] = round(used, 2)
+    return out
+
+
+def forks() -> int:
+    """Processes and threads created since boot (/proc/stat): a burst means other work started meanwhile."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("processes "):
+            return int(line.split()[1])
+    return 0
+
+
+def bpf_program_holders(exclude: set[int]) -> list[str]:
+    """Processes (other than ``exclude``) holding BPF programs: other tracers also tax every syscall."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in exclude:
+            continue
+        try:
+            if any(os.readlink(fd) == "anon_inode:bpf-prog" for fd in (d / "fd").iterdir()):
+                out.append(f"{(d / 'comm').read_text().strip()}[{d.name}]")
+        except OSError:
+            continue
+    return out
+
+
+def envoy_requests(lab: EnvoyLab, listener: str = "plain_http") -> int:
+    """Requests Envoy's HTTP connection manager completed on a listener so far (its own counter).
+
+    Read it while no daemon is attached: admin requests are HTTP too, and would be traced.
+    """
+    key = f"http.{listener}.downstream_rq_completed"
+    return lab.stats(f"^{re.escape(key)}$").get(key, 0)
+
+
+SPAN_NAME = re.compile(rb'"name":"([^"]*)","kind"')
+
+
+def count_span_names(path: Path) -> dict[str, int]:
+    """Spans per name in an OTLP/JSON lines file (a span's name is followed by its kind; scopes have none)."""
+    counts: dict[str, int] = {}
+    if not path.exists():
+        return counts
+    with path.open("rb") as f:
+        for line in f:
+            for m in SPAN_NAME.finditer(line):
+                name = m.group(1).decode()
+                counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def wrk(
+    url: str, seconds: float, connections: int, extra: list[str], script_args: list[str] | None = None
+) -> dict:
+    """Run wrk pinned to CPU 1; returns requests, seconds, errors (``script_args``: a Lua init())."""
     cmd = [
         "taskset",
         "-c",
@@ -55,6 +156,7 @@ def wrk(url: str, seconds: float, connections: int, extra: list[str]) -> dict:
         "--latency",
         *extra,
         url,
+        *(["--", *script_args] if script_args else []),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
@@ -74,10 +176,52 @@ def wrk(url: str, seconds: float, connections: int, extra: list[str]) -> dict:
     }
 
 
-class Daemon:
-    """The real daemon, pinned to CPU 1, writing spans to a file."""
+def daemon_source(rev: str | None, workdir: Path) -> Path | None:
+    """``otel_envoy/`` and ``bpf/`` of a git revision, extracted under ``workdir`` (None: the working tree).
 
-    def __init__(self, lab: EnvoyLab, workdir: Path, requests: bool = True) -> None:
+    Lets a benchmark measure a committed daemon while the working tree is being edited.
+    """
+    if not rev:
+        return None
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dest = workdir / f"daemon-{commit[:12]}"
+    dest.mkdir(exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", commit, "otel_envoy", "bpf"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def daemon_revision(rev: str | None) -> dict:
+    """What a run measured: the commit, and for the working tree whether its daemon files had changes."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()
+
+    out = {"rev": rev or "working tree", "commit": git("rev-parse", f"{rev or 'HEAD'}^{{commit}}")}
+    if not rev:
+        out["uncommitted_changes"] = git("status", "--porcelain", "--", "otel_envoy", "bpf").splitlines()
+    return out
+
+
+class Daemon:
+    """The real daemon, pinned to CPU 1, writing spans to a file.
+
+    ``source``: a directory holding ``otel_envoy/`` and ``bpf/`` to run instead of the working tree's
+    (see :func:`daemon_source`); ``python -m`` finds the package in its working directory first.
+    """
+
+    def __init__(
+        self, lab: EnvoyLab, workdir: Path, requests: bool = True, source: Path | None = None
+    ) -> None:
         self.ready = workdir / f"ready-{time.monotonic_ns()}"
         self.summary = workdir / f"summary-{time.monotonic_ns()}.json"
         self.output = workdir / f"spans-{time.monotonic_ns()}.jsonl"
@@ -99,53 +243,114 @@ class Daemon:
             str(self.summary),
             *([] if requests else ["--no-requests"]),
         ]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        # stderr to a file, not a pipe nobody reads while it runs (a full pipe would stall the daemon)
+        self.log = workdir / f"daemon-{time.monotonic_ns()}.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, stderr=log, cwd=source)
         deadline = time.monotonic() + 180
         while not self.ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"daemon failed: {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
-                )
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait(10)
+                raise RuntimeError(f"daemon failed: {self.log.read_text(errors='replace')}")
             time.sleep(0.05)
 
     def cpu(self) -> float:
         return cpu_seconds(self.proc.pid)
 
-    def stop(self) -> dict:
+    def wait_idle(self, timeout: float = 15.0, interval: float = 0.2) -> float:
+        """Wait until the daemon uses under 10 % of a core over ``interval``; returns the seconds waited.
+
+        After the load stops, the daemon may still be working through the ring buffer and its span queue;
+        the time it takes is its backlog.
+        """
+        start = time.monotonic()
+        last = self.cpu()
+        while time.monotonic() - start < timeout:
+            time.sleep(interval)
+            now = self.cpu()
+            if now - last < 0.1 * interval:
+                break
+            last = now
+        return time.monotonic() - start
+
+    def output_bytes(self) -> int:
+        """Size of the span file so far (spans are written in batches as they are exported)."""
+        try:
+            return self.output.stat().st_size
+        except OSError:
+            return 0
+
+    def kill(self) -> None:
+        """End it without a summary (a benchmark that fails or is interrupted must not leave it attached)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for path in (self.output, self.log):
+            path.unlink(missing_ok=True)
+
+    def stop(self, count_spans: bool = False) -> dict:
+        """SIGTERM, wait; returns the summary JSON (and ``span_names`` counted in the output if asked)."""
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(120)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
         summary = json.loads(self.summary.read_text())
+        if count_spans:
+            summary["span_names"] = count_span_names(self.output)
+        summary["output_bytes"] = self.output.stat().st_size if self.output.exists() else 0
+        summary["stderr_tail"] = self.log.read_text(errors="replace").splitlines()[-5:]
         self.output.unlink(missing_ok=True)
+        self.log.unlink(missing_ok=True)
         return summary
 
 
-def one_run(lab: EnvoyLab, workload: str, traced: bool, seconds: float, workdir: Path) -> dict:
-    daemon = Daemon(lab, workdir, requests=workload != "keepalive") if traced else None
-    time.sleep(0.5)
-    if workload in ("keepalive", "keepalive_requests"):
-        url, conns, extra = f"http://127.0.0.1:{lab.http_port}/", 32, []
-    else:
-        url, conns, extra = f"https://127.0.0.1:{lab.tls_port}/", 16, ["-H", "Connection: close"]
-    envoy0 = cpu_seconds(lab.pid)
-    daemon0 = daemon.cpu() if daemon else 0.0
-    result = wrk(url, seconds, conns, extra)
-    result["envoy_cpu_s"] = cpu_seconds(lab.pid) - envoy0
-    result["envoy_cpu_us_per_req"] = result["envoy_cpu_s"] / max(result["requests"], 1) * 1e6
-    if daemon is not None:
-        time.sleep(0.3)  # let the daemon drain what is in flight before reading its CPU
-        result["daemon_cpu_s"] = daemon.cpu() - daemon0
-        summary = daemon.stop()
-        conns_traced = summary["counts"].get("connections", 0)
-        result["connections_traced"] = conns_traced
-        result["spans"] = summary["counts"].get("spans", 0)
-        result["spans_per_s"] = result["spans"] / result["seconds"]
-        result["requests_traced"] = summary["counts"].get("requests", 0)
-        result["events"] = summary["counts"].get("events", 0)
-        result["drops"] = summary["drops"]
-        result["daemon_cpu_us_per_conn"] = (
-            (result["daemon_cpu_s"] / conns_traced * 1e6) if conns_traced else None
-        )
-        result["daemon_cpu_us_per_req"] = result["daemon_cpu_s"] / max(result["requests"], 1) * 1e6
+def daemon_fields(summary: dict, daemon_cpu_s: float, seconds: float, requests: int) -> dict:
+    """Result fields of a traced run from the daemon's summary JSON and its CPU time."""
+    counts = summary["counts"]
+    conns = counts.get("connections", 0)
+    exported = summary.get("export", {}).get("exported", {})
+    return {
+        "daemon_cpu_s": daemon_cpu_s,
+        "connections_traced": conns,
+        "spans": counts.get("spans", 0),
+        "spans_exported": max(exported.values()) if exported else 0,
+        "spans_per_s": counts.get("spans", 0) / seconds,
+        "requests_traced": counts.get("requests", 0),
+        "events": counts.get("events", 0),
+        "drops": summary["drops"],
+        "daemon_cpu_us_per_conn": (daemon_cpu_s / conns * 1e6) if conns else None,
+        "daemon_cpu_us_per_req": daemon_cpu_s / max(requests, 1) * 1e6,
+    }
+
+
+def one_run(
+    lab: EnvoyLab, workload: str, traced: bool, seconds: float, workdir: Path, source: Path | None = None
+) -> dict:
+    daemon = Daemon(lab, workdir, requests=workload != "keepalive", source=source) if traced else None
+    try:
+        time.sleep(0.5)
+        if workload in ("keepalive", "keepalive_requests"):
+            url, conns, extra = f"http://127.0.0.1:{lab.http_port}/", 32, []
+        else:
+            url, conns, extra = f"https://127.0.0.1:{lab.tls_port}/", 16, ["-H", "Connection: close"]
+        envoy0 = cpu_seconds(lab.pid)
+        daemon0 = daemon.cpu() if daemon else 0.0
+        result = wrk(url, seconds, conns, extra)
+        result["envoy_cpu_s"] = cpu_seconds(lab.pid) - envoy0
+        result["envoy_cpu_us_per_req"] = result["envoy_cpu_s"] / max(result["requests"], 1) * 1e6
+        if daemon is not None:
+            time.sleep(0.3)  # let the daemon drain what is in flight before reading its CPU
+            daemon_cpu_s = daemon.cpu() - daemon0
+            result.update(daemon_fields(daemon.stop(), daemon_cpu_s, result["seconds"], result["requests"]))
+    except BaseException:
+        if daemon is not None:
+            daemon.kill()
+        raise
     return result
 
 
@@ -156,6 +361,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="baseline/traced pairs per workload")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of one wrk run")
     parser.add_argument("--workloads", default="keepalive,keepalive_requests,tls_new")
+    parser.add_argument(
+        "--daemon-rev", help="run the daemon of this git revision (e.g. HEAD) instead of the working tree's"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: must run as root", file=sys.stderr)
@@ -170,18 +378,20 @@ def main() -> int:
         "rounds": args.rounds,
         "seconds": args.seconds,
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+        "daemon": daemon_revision(args.daemon_rev),
         "workloads": {},
     }
     with (
         tempfile.TemporaryDirectory(prefix="otel-envoy-bench-") as tmp,
         EnvoyLab(concurrency=1, direct_response=True, cpu=0, log_level="error") as lab,
     ):
+        source = daemon_source(args.daemon_rev, Path(tmp))
         for workload in args.workloads.split(","):
             runs: dict[str, list[dict]] = {"baseline": [], "traced": []}
             wrk(f"http://127.0.0.1:{lab.http_port}/", 2, 8, [])  # warm-up
             for i in range(args.rounds):
                 for mode in ("baseline", "traced") if i % 2 == 0 else ("traced", "baseline"):
-                    r = one_run(lab, workload, mode == "traced", args.seconds, Path(tmp))
+                    r = one_run(lab, workload, mode == "traced", args.seconds, Path(tmp), source)
                     runs[mode].append(r)
                     print(
                         f"{workload:9s} {mode:8s} round {i}: {r['rps']:9.0f} req/s  envoy "
@@ -231,8 +441,10 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print("\nworkload   baseline req/s  traced req/s  ratio   envoy us/req base->traced  "
-          "daemon us/conn  spans/s  drops")
+    print(
+        "\nworkload   baseline req/s  traced req/s  ratio   envoy us/req base->traced  "
+        "daemon us/conn  spans/s  drops"
+    )
     for name, w in report["workloads"].items():
         s = w["summary"]
 
