@@ -5,7 +5,9 @@ what is measured. The load generator (wrk) and the daemon share CPU 1. For every
 throughput, Envoy's CPU time per request (its BPF programs run in its context: the steadiest figure on a
 noisy machine), and for traced runs the daemon's CPU per traced connection, spans per second and drops.
 
-  workloads:  keepalive          - HTTP/1.1 keep-alive, wrk -c 32, connection spans only (--no-requests)
+  workloads:  keepalive          - HTTP/1.1 keep-alive, wrk -c 32, connection spans only (--no-requests);
+                                   the scheduler probes (rounds, off-CPU waits) are on, as by default
+              keepalive_no_offcpu - the same with --no-offcpu: keepalive vs this is the scheduler probes' cost
               keepalive_requests - the same with request capture on: a span for every request
               tls_new            - a new TLS connection per request (wrk over https with Connection: close)
 
@@ -220,7 +222,8 @@ class Daemon:
     """
 
     def __init__(
-        self, lab: EnvoyLab, workdir: Path, requests: bool = True, source: Path | None = None
+        self, lab: EnvoyLab, workdir: Path, requests: bool = True, source: Path | None = None,
+        offcpu: bool = True,
     ) -> None:
         self.ready = workdir / f"ready-{time.monotonic_ns()}"
         self.summary = workdir / f"summary-{time.monotonic_ns()}.json"
@@ -242,6 +245,7 @@ class Daemon:
             "--summary-json",
             str(self.summary),
             *([] if requests else ["--no-requests"]),
+            *([] if offcpu else ["--no-offcpu"]),
         ]
         # stderr to a file, not a pipe nobody reads while it runs (a full pipe would stall the daemon)
         self.log = workdir / f"daemon-{time.monotonic_ns()}.log"
@@ -331,10 +335,12 @@ def daemon_fields(summary: dict, daemon_cpu_s: float, seconds: float, requests: 
 def one_run(
     lab: EnvoyLab, workload: str, traced: bool, seconds: float, workdir: Path, source: Path | None = None
 ) -> dict:
-    daemon = Daemon(lab, workdir, requests=workload != "keepalive", source=source) if traced else None
+    requests = workload in ("keepalive_requests", "tls_new")
+    daemon = Daemon(lab, workdir, requests=requests, offcpu=workload != "keepalive_no_offcpu",
+                    source=source) if traced else None
     try:
         time.sleep(0.5)
-        if workload in ("keepalive", "keepalive_requests"):
+        if workload.startswith("keepalive"):
             url, conns, extra = f"http://127.0.0.1:{lab.http_port}/", 32, []
         else:
             url, conns, extra = f"https://127.0.0.1:{lab.tls_port}/", 16, ["-H", "Connection: close"]

@@ -258,6 +258,19 @@ def _rescan(targets: list[EnvoyProcess], probes: ConnectionProbes, ring: _RingTh
     return ports
 
 
+def _report_new_drops(probes: ConnectionProbes, before: dict[str, int]) -> dict[str, int]:
+    """Warn (one line per rescan interval at most) when the kernel side dropped records since the last
+    look: above the rate the daemon can follow, request spans go missing and this says so while it runs,
+    not only in the summary at exit."""
+    now = probes.drop_counts()
+    new = {k: v - before.get(k, 0) for k, v in now.items() if v > before.get(k, 0)}
+    if new:
+        log.warning("kernel dropped records in the last %.0f s (%s): the daemon is behind; spans of the "
+                    "connections and requests concerned are incomplete", RESCAN_INTERVAL_S,
+                    ", ".join(f"{k}={v}" for k, v in sorted(new.items())))
+    return now
+
+
 async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now: asyncio.Event,
                 targets: list[EnvoyProcess], probes: ConnectionProbes, ring: _RingThread,
                 known_ports: set[int]) -> None:
@@ -266,6 +279,7 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now
         loop.add_signal_handler(sig, stop.set)
     deadline = loop.time() + opts.duration if opts.duration else None
     next_rescan = loop.time() + RESCAN_INTERVAL_S
+    dropped: dict[str, int] = {}
     try:
         while not stop.is_set() and ring.is_alive():
             now = loop.time()
@@ -282,6 +296,7 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now
                 rescan_now.clear()
                 await asyncio.sleep(0.05)  # listen() returns before /proc shows the socket as LISTEN
                 known_ports = _rescan(targets, probes, ring, known_ports)
+                dropped = _report_new_drops(probes, dropped)
                 if opts.envoy_admin:
                     try:
                         ring.context.put(_names_context(await fetch_listener_names(opts.envoy_admin)))
