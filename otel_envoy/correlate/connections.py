@@ -51,6 +51,7 @@ from .model import (
     TcpMark,
     TlsRecordCounts,
     UpstreamRecord,
+    upstream_context,
 )
 from .rounds import RoundRecord, RoundTracker, WaitRecord
 
@@ -518,9 +519,8 @@ class ConnectionCorrelator:
                 up.tls_causes[id(msg)] = conn
                 span_id = self._new_id()
                 up.unpaired[id(msg)] = (conn.trace_id, span_id, conn.span_id, how)
-                ctx = trace_context(msg.headers)
-                if ctx is not None and ctx.source != "x-request-id" \
-                        and len(conn.request_links) < MAX_REQUEST_LINKS:
+                ctx = upstream_context(msg)
+                if ctx is not None and len(conn.request_links) < MAX_REQUEST_LINKS:
                     conn.request_links.append((f"{ctx.trace_id:032x}", span_id))
                 return
             self.stats["upstream_unpaired"] += 1

@@ -13,7 +13,8 @@ from ..protocols.http2 import Http2Exchanges
 from ..protocols.tls import TlsHandshakeTracker
 from ..protocols.tracecontext import TraceContext, trace_context
 
-__all__ = ["ConnectionRecord", "RequestRecord", "TcpMark", "TlsRecordCounts", "UpstreamRecord"]
+__all__ = ["ConnectionRecord", "RequestRecord", "TcpMark", "TlsRecordCounts", "UpstreamRecord",
+           "upstream_context"]
 
 #: Span links from a connection to its requests that live in other traces, at most.
 MAX_REQUEST_LINKS = 32
@@ -192,7 +193,7 @@ class RequestRecord:
             source = ctx.source
         else:
             for _, up_req, _ in self.upstream:
-                up_ctx = _upstream_context(up_req)
+                up_ctx = upstream_context(up_req)
                 if up_ctx is not None:
                     ctx, source = up_ctx, f"envoy:{up_ctx.source}"  # Envoy's tracer started the trace
                     break
@@ -218,7 +219,7 @@ def _close_initiator(conn: ConnectionRecord | UpstreamRecord) -> str | None:
     return None
 
 
-def _upstream_context(msg: HttpMessage) -> TraceContext | None:
+def upstream_context(msg: HttpMessage) -> TraceContext | None:
     """Trace context Envoy's tracer added to an upstream request (x-request-id alone does not count)."""
     ctx = trace_context(msg.headers)
     return ctx if ctx is not None and ctx.source != "x-request-id" else None

@@ -25,7 +25,7 @@ CLIENT spans for 4xx/5xx, connect failures and missing responses.
 from __future__ import annotations
 
 from ..correlate.addresses import network_type
-from ..correlate.model import RequestRecord, UpstreamRecord
+from ..correlate.model import RequestRecord, UpstreamRecord, upstream_context
 from ..export.records import (
     SPAN_KIND_CLIENT,
     SPAN_KIND_INTERNAL,
@@ -35,7 +35,7 @@ from ..export.records import (
     SpanRecord,
 )
 from ..protocols.http1 import HttpExchange, HttpMessage
-from ..protocols.tracecontext import TraceContext, trace_context
+from ..protocols.tracecontext import TraceContext
 from .connection import ConnectionSpanBuilder
 
 __all__ = ["RequestSpanBuilder", "upstream_placement"]
@@ -155,9 +155,9 @@ class RequestSpanBuilder:
         ``default_parent``, else its upstream connection's span (when that is a trace of its own), else a
         root in ``own_trace_id``."""
         offset = self.clock.offset_ns
-        ctx = trace_context(req.headers)
+        ctx = upstream_context(req)
         up_trace, _ = upstream_placement(up)
-        if ctx is not None and ctx.source != "x-request-id" and not _same_span(ctx, forwarded):
+        if ctx is not None and not _same_span(ctx, forwarded):
             trace_id = f"{ctx.trace_id:032x}"
             parent = f"{ctx.parent_span_id:016x}" if ctx.parent_span_id is not None else None
         elif default_parent is not None:
