@@ -107,6 +107,20 @@ class _Queued:
     synack_retransmits: list[int]
 
 
+def _feed_http(http: Http1Exchanges | Http2Exchanges, ev: DataEvent) -> bool:
+    """Hand one read/write to the connection's HTTP parser; False when it is not for that parser
+    (condensed HTTP/2 framing reaches the HTTP/2 parser only)."""
+    if not ev.flags & DATA_FLAG_H2_FRAMES:
+        feed = http.on_read if ev.direction == DIR_READ else http.on_write
+        feed(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
+        return True
+    if not isinstance(http, Http2Exchanges):
+        return False
+    feed2 = http.on_read if ev.direction == DIR_READ else http.on_write
+    feed2(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round, frames_only=True)
+    return True
+
+
 class ConnectionCorrelator:
     """Builds ConnectionRecords; ``on_finished`` receives each one once, after it ended."""
 
@@ -331,10 +345,7 @@ class ConnectionCorrelator:
                     conn.http = (Http2Exchanges(requests_read=True) if is_h2_preface(ev.data)
                                  else Http1Exchanges(requests_read=True, h2c_handoff=True))
                 if conn.http is not None:
-                    if not ev.flags & DATA_FLAG_H2_FRAMES:
-                        conn.http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
-                    elif isinstance(conn.http, Http2Exchanges):
-                        conn.http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round, frames_only=True)
+                    _feed_http(conn.http, ev)
                     self._after_http(conn, ev)
         else:
             if ev.ret <= 0:
@@ -343,10 +354,7 @@ class ConnectionCorrelator:
             if conn.tls is not None:
                 conn.tls.on_server_data(ev.ts_ns, ev.data, ev.ret)
             elif conn.http is not None:
-                if not ev.flags & DATA_FLAG_H2_FRAMES:
-                    conn.http.on_write(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round)
-                elif isinstance(conn.http, Http2Exchanges):
-                    conn.http.on_write(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round, frames_only=True)
+                _feed_http(conn.http, ev)
                 self._after_http(conn, ev)
 
     def _note_tls_read(self, conn: ConnectionRecord, ev: DataEvent) -> None:
@@ -588,14 +596,9 @@ class ConnectionCorrelator:
         http = up.http
         if http is None:
             return
-        frames = bool(ev.flags & DATA_FLAG_H2_FRAMES)
-        if frames and not isinstance(http, Http2Exchanges):
-            return  # condensed HTTP/2 framing is for the HTTP/2 parser only
-        feed = {"frames_only": True} if frames else {}
-        if ev.direction == DIR_READ:
-            http.on_read(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round, **feed)
-        else:
-            http.on_write(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round, **feed)
+        if not _feed_http(http, ev):
+            return
+        if ev.direction != DIR_READ:
             for msg in http.take_new_requests():
                 up.requests += 1
                 self._pair_upstream_request(up, msg, ev)
