@@ -67,9 +67,10 @@ def make_app() -> web.Application:
     return app
 
 
-async def serve(host: str, port: int) -> None:
-    """Serve until SIGTERM/SIGINT; print ``ready`` on stdout once listening."""
-    runner = web.AppRunner(make_app(), access_log=None)
+async def serve(host: str, port: int, app: web.Application | None = None, name: str = "backend") -> None:
+    """Serve ``app`` (default: the lab backend) until SIGTERM/SIGINT; print ``ready`` on stdout once
+    listening."""
+    runner = web.AppRunner(app if app is not None else make_app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
@@ -77,7 +78,7 @@ async def serve(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"backend: listening on {runner.addresses}", file=sys.stderr, flush=True)
+    print(f"{name}: listening on {runner.addresses}", file=sys.stderr, flush=True)
     print("ready", flush=True)
     try:
         await stop.wait()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -30,6 +29,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from otel_envoy.lab.backend import serve
 
 SERVICE_NAME = "traced-app"
 HELLO = "hello from traced app\n"
@@ -91,24 +92,6 @@ def make_app(provider: TracerProvider) -> web.Application:
     return app
 
 
-async def serve(host: str, port: int, provider: TracerProvider) -> None:
-    """Serve until SIGTERM/SIGINT; print ``ready`` on stdout once listening."""
-    runner = web.AppRunner(make_app(provider), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"traced-app: listening on {runner.addresses}", file=sys.stderr, flush=True)
-    print("ready", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     ap = argparse.ArgumentParser(prog="python -m tests.support.traced_app",
@@ -122,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     provider = make_provider(args.otlp_endpoint, args.schedule_delay_ms)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(args.host, args.port, provider))
+            asyncio.run(serve(args.host, args.port, make_app(provider), "traced-app"))
     finally:
         provider.shutdown()  # exports what is left
     return 0
