@@ -8,6 +8,8 @@ Alternates, on one direct-response Envoy (1 worker on CPU 0, wrk keep-alive on C
   epoll_exit_only  syscalls:sys_exit_epoll_wait, empty
   full             the real conn.bpf.c (ConnectionProbes, connection spans only), its ring drained
   full_no_offcpu   the same without the scheduler probes (--no-offcpu): full vs this is their cost
+  full_base        with --baseline-bpf DIR: `full` compiled from DIR (conn.bpf.c and events.h of another
+                   revision, e.g. `git show REV:bpf/conn.bpf.c`), to compare two kernel sides in one run
 and prints Envoy's CPU per request for each (medians of --rounds rounds).
 
 Usage:  .venv/bin/python bench/probe_cost.py [--variants none,full] [--rounds 3] [--seconds 6]
@@ -44,7 +46,9 @@ VARIANTS: dict[str, str | None] = {
     "epoll_exit_only": "TRACEPOINT_PROBE(syscalls, sys_exit_epoll_wait) { return 0; }\n",
     "full": "",
     "full_no_offcpu": "",
+    "full_base": "",
 }
+BASELINE_BPF: Path | None = None  # --baseline-bpf
 
 
 def attach(name: str, lab: EnvoyLab) -> object | None:
@@ -53,9 +57,18 @@ def attach(name: str, lab: EnvoyLab) -> object | None:
     if src is None:
         return None
     if name.startswith("full"):
+        from otel_envoy.probes import loader
         from otel_envoy.probes.loader import ConnectionProbes, ProbeConfig
 
-        probes = ConnectionProbes(ProbeConfig(http_capture=False, offcpu=name == "full"))
+        saved = loader.CONN_PROGRAM, loader.BPF_DIR
+        if name == "full_base":
+            if BASELINE_BPF is None:
+                raise SystemExit("probe_cost: full_base needs --baseline-bpf DIR")
+            loader.CONN_PROGRAM, loader.BPF_DIR = BASELINE_BPF / "conn.bpf.c", BASELINE_BPF
+        try:
+            probes = ConnectionProbes(ProbeConfig(http_capture=False, offcpu=name != "full_no_offcpu"))
+        finally:
+            loader.CONN_PROGRAM, loader.BPF_DIR = saved
         probes.add_targets([lab.pid])
         probes.set_listen_ports([lab.http_port, lab.tls_port])
         probes.open_ring_buffer(lambda _raw: None)
@@ -70,10 +83,13 @@ def attach(name: str, lab: EnvoyLab) -> object | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "full_base"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--baseline-bpf", type=Path, help="conn.bpf.c and events.h of full_base")
     args = ap.parse_args()
+    global BASELINE_BPF
+    BASELINE_BPF = args.baseline_bpf
     names = args.variants.split(",")
     results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     with EnvoyLab(concurrency=1, direct_response=True, cpu=0, log_level="error") as lab:

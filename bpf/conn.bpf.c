@@ -155,19 +155,22 @@ struct inflight {
     __u8 active; /* set by an enter, cleared by the matching exit */
 };
 
-/* Per target thread: its event-loop round (epoll_wait returns) and the syscall it is in. Keeping the
- * in-flight syscall here costs one lookup per enter and exit, where a separate table cost an insert and a
- * delete per syscall. */
+/* Round durations per thread: log2 histogram of microseconds, slot = log2(us) (0..ROUND_HIST_SLOTS-1). */
+#define ROUND_HIST_SLOTS 32
+
+/* Per target thread: its event-loop round (epoll_wait returns), its off-CPU accounting, and the accept or
+ * connect it is in. Reads and writes keep nothing here: their exit reads the arguments back from the saved
+ * user registers, so a read/write costs one lookup (the connection) and an EAGAIN none. */
 struct thread_state {
     __u32 round;
     __u32 ready;
     __u64 round_start_ns;
-    struct inflight in;
+    struct inflight in;     /* accept / connect only */
     /* off-CPU accounting (sched_switch / sched_waking) */
     __u64 off_start_ns;     /* switched out at; 0 while on CPU */
     __u64 runnable_ns;      /* became runnable at (woken or preempted); 0 while blocked */
     __s64 prev_state;
-    __s32 sys_nr;           /* futex / epoll_wait family while inside one, else -1 (0 at creation) */
+    __s32 sys_nr;           /* the syscall it blocked in (from its saved registers), -1 outside one */
     __u32 off_reason;       /* enum offcpu_reason of the current wait */
     __s32 kstack_id;
     __s32 ustack_id;
@@ -182,7 +185,15 @@ struct thread_state {
     __u32 round_waits;
     __u8 in_round;          /* between an epoll_wait return and the next call */
     __u8 round_flagged;     /* an EV_OFFCPU was sent for a wait inside it */
-    __u8 _pad[2];
+    __u8 waker_taken;       /* sched_waking recorded the current wait's waker (other_*, waker_kstack_id) */
+    __u8 _pad;
+    /* what ended the idle wait before the current round (inside the epoll_wait that started it) */
+    __u64 idle_ns;          /* time asleep in that epoll_wait (all its idle waits) */
+    __s32 wake_kstack_id;   /* the waker's kernel stack: only for a wait >= OFFCPU_MIN_NS, else -1 */
+    __u32 wake_pid;
+    __u32 wake_tgid;
+    char wake_comm[COMM_LEN];
+    __u32 round_hist[ROUND_HIST_SLOTS]; /* rounds per log2(duration in us): read by the metrics */
 };
 
 BPF_HASH(targets, __u32, __u8, 1024);
@@ -191,6 +202,7 @@ BPF_TABLE("lru_hash", __u64, struct conn_state, conns, MAX_CONNS);
 BPF_TABLE("lru_hash", __u64, __u8, upstream_socks, MAX_CONNS);
 BPF_TABLE("lru_hash", __u32, struct thread_state, threads, 16384);
 BPF_PERCPU_ARRAY(drops, __u64, DROP_REASONS);
+BPF_ARRAY(thread_zero, struct thread_state, 1); /* never written: thread_of's initial value */
 /* Per target thread and reason: off-CPU totals, aggregated here (one record per context switch would
  * flood user space). Read by the metrics exporter. */
 struct offcpu_key {
@@ -203,12 +215,21 @@ struct offcpu_total {
     __u64 count;
 };
 BPF_TABLE("lru_hash", struct offcpu_key, struct offcpu_total, offcpu_totals, 16384);
-/* Per target thread: log2 histogram of round durations in microseconds (slot = log2(us), 0..31). */
-struct round_hist_key {
+/* Idle waits (in epoll_wait) of at least OFFCPU_MIN_NS, by waker: what wakes a worker that had no work
+ * (downstream data, an xDS push over a Unix socket, an eventfd post from another Envoy thread, a timer).
+ * Shorter idle waits are only in offcpu_totals: no waker stack is taken for them. */
+struct idle_wake_key {
     __u32 tid;
-    __u32 slot;
+    __u32 waker_tgid;
+    __s32 waker_kstack_id;
+    __u32 _pad;
 };
-BPF_TABLE("lru_hash", struct round_hist_key, __u64, round_hist, 32768);
+struct idle_wake_total {
+    __u64 ns;
+    __u64 count;
+    char waker_comm[COMM_LEN];
+};
+BPF_TABLE("lru_hash", struct idle_wake_key, struct idle_wake_total, idle_wakes, 16384);
 BPF_STACK_TRACE(stacks, STACK_ENTRIES);
 /* An EV_DATA record is built here (too big for the stack). The spill area lets the verifier accept
  * copies at masked offsets: off < CAPTURE_MAX and n <= CAPTURE_MAX always fit. */
@@ -261,8 +282,11 @@ static __always_inline void fill_header(struct event_header *h, __u32 kind, __u6
 
 /* The calling thread's state, created on first use. NULL (counted) only when the table refuses. */
 static __always_inline struct thread_state *thread_of(__u32 tid) {
-    struct thread_state zero = {};
-    struct thread_state *t = threads.lookup_or_try_init(&tid, &zero);
+    __u32 idx = 0;
+    struct thread_state *zero = thread_zero.lookup(&idx); /* too big for the stack: a zeroed map value */
+    if (!zero)
+        return 0;
+    struct thread_state *t = threads.lookup_or_try_init(&tid, zero);
     if (!t)
         count_drop(DROP_INFLIGHT_FULL);
     return t;
@@ -317,15 +341,18 @@ static __always_inline void track_conn(__u32 tgid, __s32 fd, __u64 ts_ns, __u32 
 
 static __always_inline int on_epoll_wait_exit(long ret) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_target(pid_tgid >> 32))
-        return 0;
-    struct thread_state *t = thread_of((__u32)pid_tgid);
-    if (!t)
-        return 0;
+    __u32 tid = (__u32)pid_tgid;
+    struct thread_state *t = threads.lookup(&tid); /* only target threads have state */
+    if (!t) {
+        if (!is_target(pid_tgid >> 32))
+            return 0;
+        t = thread_of(tid);
+        if (!t)
+            return 0;
+    }
     t->round++;
     t->ready = ret > 0 ? (__u32)ret : 0;
     t->round_start_ns = bpf_ktime_get_ns();
-    t->sys_nr = -1;
     t->in_round = ret > 0; /* a timeout (0) or EINTR runs timers or nothing: not a round of fd work */
     t->round_offcpu_ns = 0;
     t->round_runnable_ns = 0;
@@ -348,26 +375,25 @@ static __always_inline __u32 log2_u64(__u64 v) {
 }
 
 /* A target thread calls epoll_wait: its round (if any) ends here. */
-static __always_inline int on_epoll_wait_enter(long nr) {
+static __always_inline int on_epoll_wait_enter(void) {
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
     struct thread_state *t = threads.lookup(&tid); /* only target threads have state */
     if (!t)
         return 0;
-    t->sys_nr = (__s32)nr;
-    if (!t->in_round)
+    if (!t->in_round) {
+        t->idle_ns = 0;
         return 0;
+    }
     t->in_round = 0;
     __u64 now = bpf_ktime_get_ns();
     __u64 took = now - t->round_start_ns;
-    struct round_hist_key hk = {.tid = tid, .slot = log2_u64(took / 1000)};
-    __u64 one = 1;
-    __u64 *slot = round_hist.lookup(&hk);
-    if (slot)
-        __sync_fetch_and_add(slot, 1);
-    else
-        round_hist.update(&hk, &one);
-    if (took < ROUND_MIN_NS && !t->round_flagged)
+    __u32 slot = log2_u64(took / 1000);
+    if (slot < ROUND_HIST_SLOTS)
+        t->round_hist[slot]++;
+    if (took < ROUND_MIN_NS && !t->round_flagged) {
+        t->idle_ns = 0;
         return 0;
+    }
     struct round_event ev = {};
     fill_header_of(&ev.hdr, EV_ROUND, bpf_get_current_pid_tgid(), t);
     ev.hdr.ts_ns = now;
@@ -377,17 +403,51 @@ static __always_inline int on_epoll_wait_enter(long nr) {
     ev.ready = t->ready;
     ev.waits = t->round_waits;
     ev.cpu = bpf_get_smp_processor_id();
+    ev.idle_ns = t->idle_ns;
+    ev.waker_kstack_id = t->idle_ns ? t->wake_kstack_id : -1; /* -1: no waker taken */
+    ev.waker_pid = t->wake_pid;
+    ev.waker_tgid = t->wake_tgid;
+    __builtin_memcpy(ev.waker_comm, t->wake_comm, sizeof(ev.waker_comm));
+    t->idle_ns = 0;
     emit(&ev, sizeof(ev));
     return 0;
 }
 
-/* A target thread enters or leaves futex: a block in between is a lock wait. */
-static __always_inline int on_futex(long nr) {
-    __u32 tid = (__u32)bpf_get_current_pid_tgid();
-    struct thread_state *t = threads.lookup(&tid);
-    if (t)
-        t->sys_nr = (__s32)nr;
-    return 0;
+/* The syscall the current thread is in, from its saved user registers (orig_ax): -1 outside a syscall
+ * (an interrupt); inside a page fault, the fault's error code (a small number, read as a read/write). */
+static __always_inline __s32 current_syscall(void) {
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    long nr = -1;
+    if (regs)
+        bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    return (__s32)nr;
+}
+
+/* Why a thread that blocked voluntarily in syscall `nr` is waiting (x86-64 numbers). */
+static __always_inline __u32 voluntary_reason(__s32 nr) {
+    switch (nr) {
+    case NR_EPOLL_WAIT:
+    case NR_EPOLL_PWAIT:
+    case NR_EPOLL_PWAIT2:
+        return OFFCPU_IDLE;
+    case NR_FUTEX:
+    case NR_FUTEX_WAITV:
+        return OFFCPU_LOCK;
+    case 0 ... 6:    /* read write open close stat fstat lstat (and page faults' error codes) */
+    case 17 ... 20:  /* pread64 pwrite64 readv writev */
+    case 40:         /* sendfile */
+    case 44 ... 47:  /* sendto recvfrom sendmsg recvmsg */
+    case 74 ... 75:  /* fsync fdatasync */
+    case 257:        /* openat */
+    case 262:        /* newfstatat */
+    case 295 ... 296: /* preadv pwritev */
+    case 299:        /* recvmmsg */
+    case 307:        /* sendmmsg */
+    case 327 ... 328: /* preadv2 pwritev2 */
+    case 332:        /* statx */
+        return OFFCPU_IO;
+    }
+    return OFFCPU_OTHER;
 }
 
 /* ---------------------------------------------------------------- off-CPU waits */
@@ -401,21 +461,18 @@ TRACEPOINT_PROBE(sched, sched_switch) {
         now = bpf_ktime_get_ns();
         long state = args->prev_state;
         __u32 reason;
+        __s32 nr = current_syscall(); /* prev is the current task here */
         if (state == 0 || (state & TASK_REPORT_MAX))
             reason = OFFCPU_PREEMPTED;
-        else if (t->sys_nr == NR_EPOLL_WAIT || t->sys_nr == NR_EPOLL_PWAIT || t->sys_nr == NR_EPOLL_PWAIT2)
-            reason = OFFCPU_IDLE;
-        else if (t->sys_nr == NR_FUTEX || t->sys_nr == NR_FUTEX_WAITV)
-            reason = OFFCPU_LOCK;
-        else if (t->in.active && t->in.syscall)
-            reason = OFFCPU_IO;
         else
-            reason = OFFCPU_OTHER;
+            reason = voluntary_reason(nr);
         t->off_start_ns = now;
         t->prev_state = state;
         t->off_reason = reason;
+        t->sys_nr = nr;
         t->cpu = bpf_get_smp_processor_id();
         t->waker_kstack_id = -1;
+        t->waker_taken = 0;
         t->other_tgid = 0;
         if (reason == OFFCPU_PREEMPTED) {
             t->runnable_ns = now;
@@ -426,7 +483,7 @@ TRACEPOINT_PROBE(sched, sched_switch) {
             t->other_pid = 0;
             t->other_comm[0] = 0;
         }
-        if (reason != OFFCPU_IDLE) { /* idle waits are only aggregated: no stacks */
+        if (reason != OFFCPU_IDLE) { /* idle waits are only aggregated: no stacks of the sleeper */
             t->kstack_id = stacks.get_stackid(args, 0);
             t->ustack_id = stacks.get_stackid(args, BPF_F_USER_STACK);
         } else {
@@ -454,8 +511,34 @@ TRACEPOINT_PROBE(sched, sched_switch) {
         struct offcpu_total first = {.ns = off, .runnable_ns = runnable, .count = 1};
         offcpu_totals.update(&key, &first);
     }
-    if (reason == OFFCPU_IDLE)
+    if (reason == OFFCPU_IDLE) {
+        /* Between rounds: no span, but the next round learns how long the thread slept and, for a long
+         * sleep, who woke it; long sleeps are also aggregated by waker. */
+        n->idle_ns += off;
+        if (!n->waker_taken) { /* shorter than OFFCPU_MIN_NS when it was woken: no waker taken */
+            n->wake_kstack_id = -1;
+            n->wake_pid = 0;
+            n->wake_tgid = 0;
+            n->wake_comm[0] = 0;
+            return 0;
+        }
+        n->wake_kstack_id = n->waker_kstack_id;
+        n->wake_pid = n->other_pid;
+        n->wake_tgid = n->other_tgid;
+        __builtin_memcpy(n->wake_comm, n->other_comm, sizeof(n->wake_comm));
+        struct idle_wake_key wk = {.tid = next, .waker_tgid = n->other_tgid,
+                                   .waker_kstack_id = n->waker_kstack_id};
+        struct idle_wake_total *w = idle_wakes.lookup(&wk);
+        if (w) {
+            __sync_fetch_and_add(&w->ns, off);
+            __sync_fetch_and_add(&w->count, 1);
+        } else {
+            struct idle_wake_total first = {.ns = off, .count = 1};
+            __builtin_memcpy(first.waker_comm, n->other_comm, sizeof(first.waker_comm));
+            idle_wakes.update(&wk, &first);
+        }
         return 0;
+    }
     if (n->in_round) {
         n->round_offcpu_ns += off;
         n->round_runnable_ns += runnable;
@@ -475,7 +558,7 @@ TRACEPOINT_PROBE(sched, sched_switch) {
     ev.runnable_ns = runnable;
     ev.prev_state = n->prev_state;
     ev.reason = reason;
-    ev.syscall = reason == OFFCPU_IO ? 0 : n->sys_nr;
+    ev.syscall = n->sys_nr;
     ev.kstack_id = n->kstack_id;
     ev.ustack_id = n->ustack_id;
     ev.waker_kstack_id = n->waker_kstack_id;
@@ -492,14 +575,18 @@ TRACEPOINT_PROBE(sched, sched_waking) {
     struct thread_state *t = threads.lookup(&pid);
     if (!t || !t->off_start_ns || t->runnable_ns)
         return 0;
-    t->runnable_ns = bpf_ktime_get_ns();
-    if (t->off_reason == OFFCPU_IDLE) /* only aggregated: who woke an idle loop is not recorded */
+    __u64 now = bpf_ktime_get_ns();
+    t->runnable_ns = now;
+    /* An idle loop's waker is taken only when it slept long enough to matter (under load a worker sleeps
+     * for microseconds, many times per millisecond: no stack walk for those). */
+    if (t->off_reason == OFFCPU_IDLE && now - t->off_start_ns < OFFCPU_MIN_NS)
         return 0;
     __u64 waker = bpf_get_current_pid_tgid();
     t->other_pid = (__u32)waker;
     t->other_tgid = waker >> 32;
     bpf_get_current_comm(&t->other_comm, sizeof(t->other_comm));
     t->waker_kstack_id = stacks.get_stackid(args, 0);
+    t->waker_taken = 1;
     return 0;
 }
 #endif
@@ -641,32 +728,6 @@ static __always_inline __u64 syscall_arg(struct pt_regs *regs, int i) {
     case 3: bpf_probe_read_kernel(&v, sizeof(v), &regs->r10); break;
     }
     return v;
-}
-
-/* A read/write-family syscall starts: remember its buffer if the fd is a tracked connection. */
-static __always_inline int on_io_enter(__u8 syscall, struct pt_regs *regs) {
-    __u64 pid_tgid = bpf_get_current_pid_tgid();
-    int fd = (int)syscall_arg(regs, 0);
-    /* `conns` holds only the targets' connections: one lookup filters both process and fd. */
-    __u64 key = conn_key(pid_tgid >> 32, fd);
-    if (!conns.lookup(&key))
-        return 0;
-    struct thread_state *t = thread_of((__u32)pid_tgid);
-    if (!t)
-        return 0;
-    struct inflight in = {};
-    in.fd = fd;
-    in.buf = syscall_arg(regs, 1); /* buffer, iovec array or msghdr */
-    if (syscall == IO_READV || syscall == IO_WRITEV)
-        in.len = (__u32)syscall_arg(regs, 2); /* iovcnt */
-    else if (syscall == IO_RECVMSG || syscall == IO_SENDMSG)
-        in.flags = (__u32)syscall_arg(regs, 2);
-    else if (syscall == IO_RECVFROM || syscall == IO_SENDTO)
-        in.flags = (__u32)syscall_arg(regs, 3);
-    in.syscall = syscall;
-    in.active = 1;
-    t->in = in;
-    return 0;
 }
 
 /* Copies up to `want` bytes from a user buffer or iovec array into e->data; returns bytes copied. */
@@ -1067,38 +1128,48 @@ static __always_inline void walk_tls_records(struct conn_state *cs, const struct
         cs->tls_flags |= lost;
 }
 
-static __always_inline int on_io_exit(long ret) {
-    __u64 pid_tgid = bpf_get_current_pid_tgid();
-    __u32 tid = (__u32)pid_tgid;
-    struct thread_state *t = threads.lookup(&tid);
-    struct inflight req;
-    if (!take_inflight(t, &req) || req.syscall == 0)
-        return 0;
+/* A read/write-family syscall returns. Its arguments are read back from the saved user registers (the
+ * kernel leaves rdi/rsi/rdx/r10 as the caller passed them), so nothing is kept between enter and exit:
+ * an EAGAIN costs no lookup, any other return one (the connection), plus the thread for a record. */
+static __always_inline int on_io_exit(__u8 syscall, struct pt_regs *regs, long ret) {
     if (ret == -11 /* EAGAIN */)
         return 0;
-
-    __u32 tgid = pid_tgid >> 32;
-    __u64 key = conn_key(tgid, req.fd);
-    struct conn_state *cs = conns.lookup(&key);
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct inflight req = {};
+    req.fd = (__s32)syscall_arg(regs, 0);
+    __u64 key = conn_key(pid_tgid >> 32, req.fd);
+    struct conn_state *cs = conns.lookup(&key); /* only targets' connections are in `conns` */
     if (!cs)
         return 0;
-    __u8 is_write = req.syscall >= IO_WRITE;
+    req.buf = syscall_arg(regs, 1); /* buffer, iovec array or msghdr */
+    if (syscall == IO_READV || syscall == IO_WRITEV)
+        req.len = (__u32)syscall_arg(regs, 2); /* iovcnt */
+    else if (syscall == IO_RECVMSG || syscall == IO_SENDMSG)
+        req.flags = (__u32)syscall_arg(regs, 2);
+    else if (syscall == IO_RECVFROM || syscall == IO_SENDTO)
+        req.flags = (__u32)syscall_arg(regs, 3);
+    req.syscall = syscall;
+    __u8 is_write = syscall >= IO_WRITE;
     __u8 peek = (!is_write && (req.flags & MSG_PEEK_FLAG)) ? 1 : 0;
     if (ret > 0 && !peek) {
+        /* one thread (the worker owning the connection) writes these: no atomics needed */
         if (is_write) {
-            __sync_fetch_and_add(&cs->bytes_tx, ret);
-            __sync_fetch_and_add(&cs->writes, 1);
+            cs->bytes_tx += ret;
+            cs->writes++;
         } else {
-            __sync_fetch_and_add(&cs->bytes_rx, ret);
-            __sync_fetch_and_add(&cs->reads, 1);
+            cs->bytes_rx += ret;
+            cs->reads++;
         }
     }
     /* Data, EOF and errors are reported within the capture budget only: the close initiator also comes
      * from TCP state changes, so nothing is lost when the budget ran out. Past a TLS handshake only
      * reads are reported (without bytes). */
-    if (cs->data_events < cs->capture_budget && !(is_write && (cs->flags & CONN_TLS_APP)))
+    if (cs->data_events < cs->capture_budget && !(is_write && (cs->flags & CONN_TLS_APP))) {
+        __u32 tid = (__u32)pid_tgid;
+        struct thread_state *t = threads.lookup(&tid);
         if (emit_data(cs, t, pid_tgid, &req, ret, is_write, peek))
             return 0; /* HTTP/2, so not TLS: the verifier need not walk the TLS walk after the HTTP/2 one */
+    }
     if ((cs->flags & CONN_TLS) && ret > 0 && !peek)
         walk_tls_records(cs, &req, (__u64)ret, is_write ? DIR_WRITE : DIR_READ);
     return 0;
@@ -1109,18 +1180,7 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
     case NR_EPOLL_WAIT:
     case NR_EPOLL_PWAIT:
     case NR_EPOLL_PWAIT2:
-        return on_epoll_wait_enter(ctx->args[1]);
-    case NR_FUTEX:
-    case NR_FUTEX_WAITV:
-        return OFFCPU ? on_futex(ctx->args[1]) : 0;
-    case NR_READ: return on_io_enter(IO_READ, (struct pt_regs *)ctx->args[0]);
-    case NR_READV: return on_io_enter(IO_READV, (struct pt_regs *)ctx->args[0]);
-    case NR_RECVFROM: return on_io_enter(IO_RECVFROM, (struct pt_regs *)ctx->args[0]);
-    case NR_RECVMSG: return on_io_enter(IO_RECVMSG, (struct pt_regs *)ctx->args[0]);
-    case NR_WRITE: return on_io_enter(IO_WRITE, (struct pt_regs *)ctx->args[0]);
-    case NR_WRITEV: return on_io_enter(IO_WRITEV, (struct pt_regs *)ctx->args[0]);
-    case NR_SENDTO: return on_io_enter(IO_SENDTO, (struct pt_regs *)ctx->args[0]);
-    case NR_SENDMSG: return on_io_enter(IO_SENDMSG, (struct pt_regs *)ctx->args[0]);
+        return on_epoll_wait_enter();
     }
     return 0;
 }
@@ -1135,20 +1195,20 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     case NR_EPOLL_PWAIT:
     case NR_EPOLL_PWAIT2:
         return on_epoll_wait_exit(ret);
-    case NR_FUTEX:
-    case NR_FUTEX_WAITV:
-        return OFFCPU ? on_futex(-1) : 0;
-    case NR_READ:
-    case NR_READV:
-    case NR_RECVFROM:
-    case NR_RECVMSG:
-    case NR_WRITE:
-    case NR_WRITEV:
-    case NR_SENDTO:
-    case NR_SENDMSG:
-        return on_io_exit(ret);
     }
-    return 0;
+    __u8 io = 0;
+    switch (nr) { /* one inlined on_io_exit (one set of its stack slots), whatever the syscall */
+    case NR_READ: io = IO_READ; break;
+    case NR_READV: io = IO_READV; break;
+    case NR_RECVFROM: io = IO_RECVFROM; break;
+    case NR_RECVMSG: io = IO_RECVMSG; break;
+    case NR_WRITE: io = IO_WRITE; break;
+    case NR_WRITEV: io = IO_WRITEV; break;
+    case NR_SENDTO: io = IO_SENDTO; break;
+    case NR_SENDMSG: io = IO_SENDMSG; break;
+    default: return 0;
+    }
+    return on_io_exit(io, regs, ret);
 }
 
 /* ---------------------------------------------------------------- epoll_ctl / setsockopt */

@@ -36,7 +36,7 @@ enum event_kind {
 enum offcpu_reason {
     OFFCPU_PREEMPTED = 1, /* involuntary: still runnable (prev_state R / R+) */
     OFFCPU_LOCK = 2,      /* blocked in futex (mutexes, condition variables) */
-    OFFCPU_IO = 3,        /* blocked inside a read/write-family syscall on a connection */
+    OFFCPU_IO = 3,        /* blocked inside a read/write/file syscall, or a page fault */
     OFFCPU_IDLE = 4,      /* in epoll_wait: between rounds, waiting for work */
     OFFCPU_OTHER = 5,     /* any other blocking (nanosleep, other syscalls, page faults) */
     OFFCPU_REASONS = 6,
@@ -221,7 +221,7 @@ struct offcpu_event {
     __u64 runnable_ns;    /* became runnable (woken, or preempted) until back on CPU: the run-queue delay */
     __s64 prev_state;     /* sched_switch prev_state */
     __u32 reason;         /* enum offcpu_reason */
-    __s32 syscall;        /* x86-64 syscall number it was in when known (futex, epoll, I/O), else -1 */
+    __s32 syscall;        /* x86-64 syscall number it blocked in (saved orig_ax), -1 outside one */
     __s32 kstack_id;      /* its kernel stack in `stacks` (negative: not captured) */
     __s32 ustack_id;      /* its user stack in `stacks` */
     __s32 waker_kstack_id; /* the waker's kernel stack (voluntary waits) */
@@ -241,7 +241,11 @@ struct round_event {
     __u32 ready;       /* fds epoll_wait returned */
     __u32 waits;       /* off-CPU waits inside the round */
     __u32 cpu;
-    __u32 _pad0;
+    __s32 waker_kstack_id; /* who ended the idle wait before the round (kernel stack); -1: not taken */
+    __u64 idle_ns;     /* asleep in the epoll_wait that started the round (0: it returned at once) */
+    __u32 waker_pid;   /* the waker's thread and process, for an idle wait >= OFFCPU_MIN_NS */
+    __u32 waker_tgid;
+    char waker_comm[COMM_LEN];
 };
 
 #endif /* OTEL_ENVOY_EVENTS_H */

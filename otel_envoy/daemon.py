@@ -38,6 +38,7 @@ from .features import require_tracing
 from .pipeline import EventPipeline, listen_sockets_to_context
 from .probes.loader import ConnectionProbes, ProbeConfig
 from .spans.clock import MonotonicClock
+from .spans.rounds import idle_wakes_by_kind
 from .stacks import Symbolizer, SymbolsFileError
 from .stacks.source import SymbolizedStacks
 
@@ -145,10 +146,11 @@ async def run_daemon(opts: DaemonOptions) -> int:
     probes = ConnectionProbes(ProbeConfig(
         max_conns=opts.max_conns, http_capture=opts.requests, offcpu=opts.offcpu,
         offcpu_min_ns=opts.offcpu_min_ns, round_min_ns=opts.round_min_ns))
+    stacks = SymbolizedStacks(probes.stack_addresses, symbolizer)
     pipeline = EventPipeline(
         spans_out, make_resource(), clock, recorder=recorder,
         on_listen=lambda _tgid: loop.call_soon_threadsafe(rescan_now.set), http=opts.requests,
-        stacks=SymbolizedStacks(probes.stack_addresses, symbolizer), threaded_rounds=True,
+        stacks=stacks, threaded_rounds=True,
     )
     symbolizer.unmatched_symbols_files(t.pid for t in targets)  # warns about each
     ring = _RingThread(probes, pipeline)
@@ -161,7 +163,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         probes.open_ring_buffer(pipeline.on_record)
         _tune_garbage_collector()
         ring.start()
-        metrics = _start_worker_metrics(opts, probes, pipeline)
+        metrics = _start_worker_metrics(opts, probes, pipeline, stacks)
         log.info("tracing %s on ports %s", ", ".join(f"{t.pid} ({t.comm})" for t in targets),
                  sorted(known_ports))
         if opts.ready_file:
@@ -177,6 +179,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
             await asyncio.to_thread(metrics.shutdown, 10.0)
         kernel_drops = {f"kernel.{k}": v for k, v in probes.drop_counts().items() if v}
         offcpu = _offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
+        wakes = _wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
         probes.close()
         await asyncio.to_thread(spans_out.shutdown, 10.0)
         if recorder is not None:
@@ -188,7 +191,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
     if opts.summary_json:
         with open(opts.summary_json, "w") as f:
             json.dump({"counts": dict(pipeline.counts), "drops": drops, "export": stats,
-                       "correlator": dict(pipeline.correlator.stats), "offcpu": offcpu}, f, default=str)
+                       "correlator": dict(pipeline.correlator.stats), "offcpu": offcpu,
+                       "idle_wakeups": wakes}, f, default=str)
     print(
         f"otel-envoy: {pipeline.counts['connections']} connections, {pipeline.counts['spans']} spans, "
         f"{pipeline.counts['events']} events, exported {stats.get('exported', {})}, "
@@ -209,11 +213,21 @@ def _offcpu_by_reason(totals: dict[tuple[int, int], tuple[int, int, int]]) -> di
     return out
 
 
+def _wakes_by_kind(wakes: dict[tuple[int, str], tuple[int, int]]) -> dict[str, dict[str, int]]:
+    """Idle wake-ups of all target threads by waker kind: ns asleep before them, wake-ups."""
+    out: dict[str, dict[str, int]] = {}
+    for (_tid, kind), (ns, count) in wakes.items():
+        agg = out.setdefault(kind, {"ns": 0, "wakeups": 0})
+        agg["ns"] += ns
+        agg["wakeups"] += count
+    return out
+
+
 # -- per-worker metrics (otel_envoy/export/metrics.py) ---------------------------------------------------
 
 
-def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes,
-                          pipeline: EventPipeline) -> WorkerMetrics | None:
+def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipeline: EventPipeline,
+                          stacks: SymbolizedStacks) -> WorkerMetrics | None:
     """Metrics from the kernel's tables and the correlator, to the spans' OTLP endpoint (if any)."""
     if opts.otlp is None or not opts.metrics_interval:
         return None
@@ -221,6 +235,7 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes,
     metrics = WorkerMetrics.from_settings(
         opts.otlp, make_resource(), offcpu_totals=probes.offcpu_totals,
         round_histograms=probes.round_histograms, accepts=lambda: correlator.accepts_by_thread,
+        idle_wakes=lambda: idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel),
         interval_s=opts.metrics_interval)
     metrics.start()
     log.info("exporting per-worker metrics every %g s", opts.metrics_interval)

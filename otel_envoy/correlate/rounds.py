@@ -68,6 +68,11 @@ class RoundRecord:
     cpu: int
     connections: list[tuple[str, str, int]] = field(default_factory=list)  # (trace id, span id, fd)
     waits: list[WaitRecord] = field(default_factory=list)
+    idle_ns: int = 0  # asleep in the epoll_wait that started the round
+    waker_kstack_id: int = -1  # who woke it from there (taken for sleeps >= the off-CPU threshold only)
+    waker_pid: int = 0
+    waker_tgid: int = 0
+    waker_comm: str = ""
 
 
 class _Current:
@@ -136,4 +141,6 @@ class RoundTracker:
         self.emit_round(RoundRecord(
             tgid=ev.tgid, tid=ev.tid, round=ev.round, start_ns=ev.start_ns, end_ns=ev.ts_ns, ready=ev.ready,
             offcpu_ns=ev.offcpu_ns, runnable_ns=ev.runnable_ns, waits_in_kernel=ev.waits, cpu=ev.cpu,
-            connections=cur.connections, waits=cur.waits))
+            connections=cur.connections, waits=cur.waits, idle_ns=ev.idle_ns,
+            waker_kstack_id=ev.waker_kstack_id, waker_pid=ev.waker_pid, waker_tgid=ev.waker_tgid,
+            waker_comm=ev.waker_comm.split(b"\0", 1)[0].decode(errors="replace")))

@@ -212,6 +212,11 @@ class RoundEvent(NamedTuple):
     ready: int
     waits: int
     cpu: int
+    waker_kstack_id: int  # who ended the idle wait before the round (-1: the wait was short, not taken)
+    idle_ns: int  # asleep in the epoll_wait that started the round
+    waker_pid: int
+    waker_tgid: int
+    waker_comm: bytes
 
 
 Event = (

@@ -14,13 +14,20 @@ Metrics (all cumulative since the probes were loaded; attributes ``thread.id``, 
   CPU (from the wake-up, or the preemption, until back on CPU), by ``offcpu.reason``;
 * ``envoy.worker.offcpu.waits`` (``{wait}``, counter): number of off-CPU waits, by ``offcpu.reason``;
 * ``envoy.worker.connections.accepted`` (``{connection}``, counter): connections the thread accepted;
+* ``envoy.worker.wakeups`` (``{wakeup}``, counter): wake-ups from an idle ``epoll_wait`` sleep of at least the
+  off-CPU threshold, by ``offcpu.waker.kind`` (the seeds' categories from the waker's kernel stack: ``tcp``
+  downstream/upstream data, ``unix_socket`` an xDS push, ``eventfd`` a post from another Envoy thread,
+  ``udp`` DNS, ``timer``, ...): what wakes a worker that had nothing to do;
+* ``envoy.worker.wakeup.idle_time`` (``s``, counter): the idle time those wake-ups ended, by the same kind;
 * ``envoy.event_loop.round.duration`` (``s``, histogram): event-loop round durations (``epoll_wait``
   returned -> the next ``epoll_wait`` call);
 * ``envoy.event_loop.rounds`` (``{round}``, counter): the same rounds counted (the histogram's count as
   a plain counter: rounds per second is each worker's wake-up rate).
 
 Sources: ``offcpu_totals`` is ``ConnectionProbes.offcpu_totals()`` (kernel-aggregated per thread and
-reason), ``round_histograms`` is ``ConnectionProbes.round_histograms()`` (a log2 histogram per thread)
+reason), ``round_histograms`` is ``ConnectionProbes.round_histograms()`` (a log2 histogram per thread),
+``idle_wakes`` is ``spans.rounds.idle_wakes_by_kind`` over ``ConnectionProbes.idle_wakes()``
+(kernel-aggregated per thread, waker process and waker stack; the stacks classified off the event path),
 and ``accepts`` returns ``ConnectionCorrelator.accepts_by_thread`` (updated on the ring-buffer thread;
 copied here in one step). Thread names and processes come from ``/proc/<tid>``; a thread that is gone
 is reported once more (its totals are final then) and then no longer.
@@ -109,6 +116,7 @@ _ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 OffcpuSource = Callable[[], Mapping[tuple[int, int], tuple[int, int, int]]]
 RoundSource = Callable[[], Mapping[int, Mapping[int, int]]]
 AcceptSource = Callable[[], Mapping[tuple[int, int, str], int]]
+WakeSource = Callable[[], Mapping[tuple[int, str], tuple[int, int]]]  # (tid, waker kind) -> (ns, wake-ups)
 Identity = Callable[[int], tuple[int, str]]
 
 _SDK_METRIC_LOGGERS = (
@@ -278,9 +286,10 @@ def _with_metric(data: MetricsData, metric: Metric, scope: InstrumentationScope)
 class _Snapshot:
     """One collection's view of the kernel tables, thread identities resolved."""
 
-    __slots__ = ("offcpu", "rounds")
+    __slots__ = ("offcpu", "rounds", "wakes")
 
     def __init__(self) -> None:
+        self.wakes: list[tuple[dict[str, Any], str, int, int]] = []  # (thread attributes, kind, ns, count)
         # (thread attributes, reason name, ns, runnable ns, waits)
         self.offcpu: list[tuple[dict[str, Any], str, int, int, int]] = []
         self.rounds: dict[int, tuple[dict[str, Any], Mapping[int, int]]] = {}  # tid -> (attrs, slots)
@@ -303,6 +312,7 @@ class WorkerMetrics:
         offcpu_totals: OffcpuSource | None = None,
         round_histograms: RoundSource | None = None,
         accepts: AcceptSource | None = None,
+        idle_wakes: WakeSource | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
         export_timeout_s: float = 10.0,
         identity: Identity = thread_identity,
@@ -317,6 +327,7 @@ class WorkerMetrics:
         self._offcpu_source = offcpu_totals
         self._round_source = round_histograms
         self._accept_source = accepts
+        self._wake_source = idle_wakes
         self._identity = identity
         self._lock = threading.Lock()
         self._provider: MeterProvider | None = None
@@ -363,6 +374,13 @@ class WorkerMetrics:
         meter.create_observable_counter(
             "envoy.worker.connections.accepted", [self._accepted], unit="{connection}",
             description="Downstream connections the thread accepted.")
+        meter.create_observable_counter(
+            "envoy.worker.wakeups", [self._wakeups], unit="{wakeup}",
+            description="Wake-ups of the thread from an idle epoll_wait sleep of at least the off-CPU "
+                        "threshold, by the waker's kind.")
+        meter.create_observable_counter(
+            "envoy.worker.wakeup.idle_time", [self._wakeup_idle_time], unit="s",
+            description="Idle time (in epoll_wait) ended by those wake-ups, by the waker's kind.")
 
     def force_flush(self, timeout_s: float = 10.0) -> bool:
         """Collect and export now (tests)."""
@@ -401,6 +419,16 @@ class WorkerMetrics:
         return [Observation(sum(n for n in slots.values() if n > 0), attrs)
                 for attrs, slots in snap.rounds.values()]
 
+    def _wakeups(self, _options: CallbackOptions) -> Iterable[Observation]:
+        snap = self._take("wakeups")
+        return [Observation(count, {**attrs, "offcpu.waker.kind": kind})
+                for attrs, kind, _ns, count in snap.wakes]
+
+    def _wakeup_idle_time(self, _options: CallbackOptions) -> Iterable[Observation]:
+        snap = self._take("wakeup.idle_time")
+        return [Observation(ns / 1e9, {**attrs, "offcpu.waker.kind": kind})
+                for attrs, kind, ns, _c in snap.wakes]
+
     def _accepted(self, _options: CallbackOptions) -> Iterable[Observation]:
         if self._accept_source is None:
             return []
@@ -427,6 +455,7 @@ class WorkerMetrics:
         snap = _Snapshot()
         offcpu: Mapping[tuple[int, int], tuple[int, int, int]] = {}
         rounds: Mapping[int, Mapping[int, int]] = {}
+        wakes: Mapping[tuple[int, str], tuple[int, int]] = {}
         if self._offcpu_source is not None:
             try:
                 offcpu = self._offcpu_source()
@@ -437,8 +466,14 @@ class WorkerMetrics:
                 rounds = self._round_source()
             except Exception as exc:
                 self._log_once("round_histograms", exc)
+        if self._wake_source is not None:
+            try:
+                wakes = self._wake_source()
+            except Exception as exc:
+                self._log_once("idle_wakes", exc)
         try:
-            threads = self._threads({tid for tid, _reason in offcpu} | set(rounds))
+            tids = {tid for tid, _reason in offcpu} | set(rounds) | {tid for tid, _kind in wakes}
+            threads = self._threads(tids)
         except Exception as exc:
             self._log_once("threads", exc)
             return snap
@@ -450,6 +485,10 @@ class WorkerMetrics:
             attrs = threads.get(tid)
             if attrs is not None:
                 snap.rounds[tid] = (attrs, slots)
+        for (tid, kind), (ns, count) in sorted(wakes.items()):
+            attrs = threads.get(tid)
+            if attrs is not None:
+                snap.wakes.append((attrs, kind, ns, count))
         return snap
 
     def _threads(self, tids: set[int]) -> dict[int, dict[str, Any]]:

@@ -149,9 +149,18 @@ class ConnectionProbes:
     def round_histograms(self) -> dict[int, dict[int, int]]:
         """Event-loop round durations: tid -> {log2(microseconds) slot: rounds}."""
         out: dict[int, dict[int, int]] = {}
-        for k, v in self.bpf[b"round_hist"].items():
-            out.setdefault(int(k.tid), {})[int(k.slot)] = int(v.value)
+        for k, v in self.bpf[b"threads"].items():
+            slots = {i: int(n) for i, n in enumerate(v.round_hist) if n}
+            if slots:
+                out[int(k.value)] = slots
         return out
+
+    def idle_wakes(self) -> dict[tuple[int, int, int], tuple[int, int, str]]:
+        """Idle waits of at least the off-CPU threshold by waker, aggregated in the kernel:
+        (tid, waker tgid, waker kernel stack id) -> (ns asleep, wakes, waker comm)."""
+        return {(int(k.tid), int(k.waker_tgid), int(k.waker_kstack_id)):
+                (int(v.ns), int(v.count), bytes(v.waker_comm).split(b"\0", 1)[0].decode(errors="replace"))
+                for k, v in self.bpf[b"idle_wakes"].items()}
 
     def close(self) -> None:
         """Detach and free everything."""

@@ -17,7 +17,7 @@ stack attributes are left out.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -25,11 +25,17 @@ from ..correlate.rounds import RoundRecord, WaitRecord
 from ..export.records import SPAN_KIND_INTERNAL, STATUS_CODE_UNSET, SpanRecord
 from .connection import ConnectionSpanBuilder
 
-__all__ = ["RoundSpanBuilder", "StackSource", "classify_waker", "thread_identity"]
+__all__ = ["RoundSpanBuilder", "StackSource", "classify_waker", "idle_wakes_by_kind", "thread_identity"]
 
-#: x86-64 syscall numbers the kernel side reports for a wait (futex, epoll).
-SYSCALL_NAMES = {0: "read_or_write", 202: "futex", 232: "epoll_wait", 281: "epoll_pwait", 441: "epoll_pwait2",
-                 449: "futex_waitv"}
+#: x86-64 syscall numbers a thread blocks in (the kernel side reads them from its saved registers).
+SYSCALL_NAMES = {
+    0: "read", 1: "write", 2: "open", 3: "close", 4: "stat", 5: "fstat", 6: "lstat", 7: "poll",
+    17: "pread64", 18: "pwrite64", 19: "readv", 20: "writev", 23: "select", 35: "nanosleep", 40: "sendfile",
+    44: "sendto", 45: "recvfrom", 46: "sendmsg", 47: "recvmsg", 61: "wait4", 74: "fsync", 75: "fdatasync",
+    202: "futex", 230: "clock_nanosleep", 232: "epoll_wait", 257: "openat", 262: "newfstatat",
+    270: "pselect6", 271: "ppoll", 281: "epoll_pwait", 295: "preadv", 296: "pwritev", 299: "recvmmsg",
+    307: "sendmmsg", 327: "preadv2", 328: "pwritev2", 332: "statx", 441: "epoll_pwait2", 449: "futex_waitv",
+}
 
 # The seeds' wake-up vocabulary, recognised by functions on the waker's kernel stack (first match wins).
 _WAKER_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -54,6 +60,20 @@ def classify_waker(kernel_frames: Sequence[str]) -> str:
             if any(name.startswith(n) for n in needles):
                 return kind
     return "other"
+
+
+def idle_wakes_by_kind(
+    wakes: Mapping[tuple[int, int, int], tuple[int, int, str]], kernel_frames: Callable[[int], Sequence[str]],
+) -> dict[tuple[int, str], tuple[int, int]]:
+    """The kernel's idle wake-ups ((tid, waker tgid, waker stack id) -> (ns, wakes, comm), see
+    ``ConnectionProbes.idle_wakes``) summed by thread and waker kind: (tid, kind) -> (ns asleep, wakes).
+    A stack the kernel could not take (negative id) counts as ``unknown``."""
+    out: dict[tuple[int, str], tuple[int, int]] = {}
+    for (tid, _tgid, stack_id), (ns, count, _comm) in wakes.items():
+        kind = classify_waker(kernel_frames(stack_id)) if stack_id >= 0 else "unknown"
+        prev_ns, prev_count = out.get((tid, kind), (0, 0))
+        out[tid, kind] = (prev_ns + ns, prev_count + count)
+    return out
 
 
 class StackSource(Protocol):
@@ -128,6 +148,10 @@ class RoundSpanBuilder:
             "envoy.event_loop.waits": rec.waits_in_kernel,
             "cpu.id": rec.cpu,
         }
+        if rec.idle_ns:
+            attrs["envoy.event_loop.idle_before_ns"] = rec.idle_ns
+        if rec.waker_kstack_id >= 0 or rec.waker_pid or rec.waker_comm:
+            attrs.update(self._round_waker_attributes(rec))
         wait_attrs = [{**self._wait_attributes(w, tgid), "thread.name": name, "process.pid": tgid}
                       for w in rec.waits]
         spans: list[SpanRecord] = []
@@ -143,6 +167,19 @@ class RoundSpanBuilder:
                                         start + offset, max(w.end_ns, start) + offset, wa, [], [],
                                         STATUS_CODE_UNSET, "", *self._tail))
         return spans
+
+    def _round_waker_attributes(self, rec: RoundRecord) -> dict[str, object]:
+        """Who woke the thread from the idle epoll_wait that started the round (long sleeps only)."""
+        attrs: dict[str, object] = {
+            "envoy.event_loop.waker.pid": rec.waker_tgid or rec.waker_pid,
+            "envoy.event_loop.waker.tid": rec.waker_pid,
+            "envoy.event_loop.waker.comm": rec.waker_comm,
+        }
+        if self.stacks is not None and rec.waker_kstack_id >= 0:
+            frames = self.stacks.kernel(rec.waker_kstack_id)
+            attrs["envoy.event_loop.waker.stack.kernel"] = frames
+            attrs["envoy.event_loop.waker.kind"] = classify_waker(frames)
+        return attrs
 
     def wait_spans(self, w: WaitRecord, tgid: int = 0) -> list[SpanRecord]:
         """A wait no round (and so no connection) holds: a root span of its own."""
@@ -164,7 +201,7 @@ class RoundSpanBuilder:
             "thread.id": w.tid,
             "cpu.id": w.cpu,
         }
-        if w.syscall in SYSCALL_NAMES and w.reason in ("lock", "idle"):
+        if w.syscall in SYSCALL_NAMES and w.reason != "preempted":
             attrs["offcpu.syscall"] = SYSCALL_NAMES[w.syscall]
         if w.reason == "preempted":
             attrs["offcpu.preempted_by.pid"] = w.other_pid

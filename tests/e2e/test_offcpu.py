@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -119,6 +120,48 @@ def test_idle_envoy_waits_are_aggregated_never_attributed(receiver, tmp_path):
     ours = [s for s in receiver.spans() if s.attributes.get("process.pid") == envoy_pid]
     assert not [s for s in ours if s.attributes.get("offcpu.reason") == "idle"]
     assert not [s for s in ours if s.name == "envoy.event_loop.round"]  # nothing served: no rounds
+
+
+def test_idle_wakeups_name_what_woke_the_worker(receiver, tmp_path):
+    """A worker asleep in epoll_wait, woken by a client's request bytes: the round that reads them says who
+    woke it (this test's process, over TCP) after how long; the metrics and the summary count the wake-up."""
+    summary = tmp_path / "summary.json"
+    requests = 3
+    with EnvoyLab(concurrency=1, direct_response=True) as lab:
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+                                "--otlp-protocol", "grpc", "--summary-json", str(summary),
+                                "--metrics-interval", "1", "--round-threshold", "0",
+                                "--offcpu-threshold", "5"], tmp_path).start()
+        try:
+            (worker_tid,) = lab.worker_threads().values()
+            for _ in range(requests):
+                with socket.create_connection(("127.0.0.1", lab.http_port), timeout=5) as s:
+                    time.sleep(0.1)  # the worker accepts, then sleeps again
+                    s.sendall(b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n")  # wakes it: downstream TCP data
+                    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+
+            def tcp_wakeups(points) -> int:
+                return sum(int(p.value) for p in points.values()
+                           if p.attributes.get("thread.id") == worker_tid
+                           and p.attributes.get("offcpu.waker.kind") == "tcp")
+
+            receiver.wait_for_metrics(
+                lambda _p: tcp_wakeups(receiver.latest_metric_points("envoy.worker.wakeups")) >= requests,
+                timeout=30)
+        finally:
+            assert daemon.stop() == 0, daemon.stderr()
+        envoy_pid = lab.pid
+    wakeups = json.loads(summary.read_text())["idle_wakeups"]
+    assert wakeups["tcp"]["wakeups"] >= requests and wakeups["tcp"]["ns"] >= requests * 5_000_000, wakeups
+    rounds = [s for s in receiver.spans() if s.name == "envoy.event_loop.round"
+              and s.attributes.get("process.pid") == envoy_pid
+              and s.attributes.get("envoy.event_loop.idle_before_ns", 0) >= 5_000_000]
+    woken_by_us = [r for r in rounds if r.attributes.get("envoy.event_loop.waker.kind") == "tcp"
+                   and r.attributes.get("envoy.event_loop.waker.pid") == os.getpid()]
+    assert len(woken_by_us) >= requests, [r.attributes for r in rounds]
+    for r in woken_by_us:
+        assert r.attributes["thread.id"] == worker_tid
+        assert any(f.startswith("tcp_") for f in r.attributes["envoy.event_loop.waker.stack.kernel"])
 
 
 @pytest.fixture(scope="module")

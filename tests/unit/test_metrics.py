@@ -70,6 +70,8 @@ class Sources:
         self.rounds = {4001: {0: 10, 3: 5, 5: 1}, 4002: {1: 7, 40: 1}}
         self.accepts: Counter[tuple[int, int, str]] = Counter(
             {(TGID, 4001, "wrk:worker_0"): 26, (TGID, 4002, "wrk:worker_1"): 24})
+        self.wakes = {(4001, "tcp"): (900_000_000, 30), (4001, "timer"): (1_500_000_000, 15),
+                      (4002, "eventfd"): (40_000_000, 2)}
         self.threads = dict(THREADS)
         self.offcpu_reads = 0
         self.fail: set[str] = set()
@@ -85,6 +87,11 @@ class Sources:
             raise OSError(9, "Bad file descriptor")
         return {tid: dict(slots) for tid, slots in self.rounds.items()}
 
+    def idle_wakes(self):
+        if "wakes" in self.fail:
+            raise OSError(9, "Bad file descriptor")
+        return dict(self.wakes)
+
     def accepts_by_thread(self):
         if "accepts" in self.fail:
             raise RuntimeError("boom")
@@ -99,7 +106,7 @@ def _metrics(sources: Sources, exporter: MemoryExporter, interval_s: float = mat
     wm = WorkerMetrics(
         exporter, Resource.create({"service.name": "envoy-test"}), offcpu_totals=sources.offcpu_totals,
         round_histograms=sources.round_histograms, accepts=sources.accepts_by_thread,
-        interval_s=interval_s, identity=sources.identity)
+        idle_wakes=sources.idle_wakes, interval_s=interval_s, identity=sources.identity)
     wm.start()
     return wm
 
@@ -156,6 +163,22 @@ def test_offcpu_counters_values_units_and_attributes(setup):
     assert r[_key(4002, "lock")].value == pytest.approx(0.0001)
     assert w[_key(4001, "idle")].value == 1000 and w[_key(4002, "lock")].value == 3
     assert isinstance(w[_key(4001, "idle")].value, int)
+
+
+def test_idle_wakeups_by_waker_kind(setup):
+    sources, exporter, wm = setup
+    m = _collect(wm, exporter)
+    wakeups, idle = m["envoy.worker.wakeups"], m["envoy.worker.wakeup.idle_time"]
+    assert (wakeups.unit, idle.unit) == ("{wakeup}", "s") and wakeups.data.is_monotonic
+
+    def by_kind(metric) -> dict[tuple[int, str], float]:
+        return {(p.attributes["thread.id"], p.attributes["offcpu.waker.kind"]): p.value
+                for p in metric.data.data_points}
+
+    assert by_kind(wakeups) == {(4001, "tcp"): 30, (4001, "timer"): 15, (4002, "eventfd"): 2}
+    assert by_kind(idle)[4001, "timer"] == pytest.approx(1.5)
+    sources.wakes[4001, "tcp"] = (1_000_000_000, 31)
+    assert by_kind(_collect(wm, exporter)["envoy.worker.wakeups"])[4001, "tcp"] == 31
 
 
 def test_connections_accepted_per_thread(setup):

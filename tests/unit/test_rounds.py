@@ -9,7 +9,7 @@ from otel_envoy.correlate.rounds import RoundRecord, WaitRecord
 from otel_envoy.events.types import OffcpuEvent, RoundEvent
 from otel_envoy.spans.clock import MonotonicClock
 from otel_envoy.spans.connection import ConnectionSpanBuilder
-from otel_envoy.spans.rounds import RoundSpanBuilder, classify_waker
+from otel_envoy.spans.rounds import RoundSpanBuilder, classify_waker, idle_wakes_by_kind
 from tests.support.events import (
     LISTEN_FD,
     LPORT,
@@ -34,7 +34,8 @@ def _offcpu(ts: int, start: int, round_: int, reason: str, *, runnable: int = 0,
 
 
 def _round(ts: int, start: int, round_: int, offcpu: int = 0, waits: int = 0) -> RoundEvent:
-    return RoundEvent(ts, C["EV_ROUND"], TGID, TID, round_, start, offcpu, offcpu, 3, waits, 0)
+    return RoundEvent(ts, C["EV_ROUND"], TGID, TID, round_, start, offcpu, offcpu, 3, waits, 0,
+                      -1, 0, 0, 0, b"")
 
 
 class _Harness:
@@ -157,3 +158,44 @@ def test_waker_categories_follow_the_seeds_vocabulary() -> None:
         == "timer"
     assert classify_waker(["ep_poll_callback+0x1", "__udp4_lib_rcv+0x3"]) == "udp"
     assert classify_waker(["something_else+0x1"]) == "other"
+
+
+class _WakerStacks(_Stacks):
+    def kernel(self, stack_id: int) -> list[str]:
+        return {3: ["try_to_wake_up+0x1", "ep_poll_callback+0x1", "sock_def_readable+0x3",
+                    "tcp_data_queue+0x5"],
+                4: ["try_to_wake_up+0x1", "hrtimer_wakeup+0x1e"]}.get(stack_id) or super().kernel(stack_id)
+
+
+def test_a_round_after_a_long_sleep_names_who_woke_the_thread() -> None:
+    woken = RoundRecord(TGID, TID, 7, 1_000, 2_000, 1, 0, 0, 0, 0, connections=[("a" * 32, "1" * 16, 30)],
+                        idle_ns=50_000_000, waker_kstack_id=3, waker_pid=777, waker_tgid=770,
+                        waker_comm="curl")
+    (span,) = _builder(_WakerStacks()).round_spans(woken)
+    a = span.attributes
+    assert a["envoy.event_loop.idle_before_ns"] == 50_000_000
+    assert a["envoy.event_loop.waker.kind"] == "tcp" and a["envoy.event_loop.waker.comm"] == "curl"
+    assert a["envoy.event_loop.waker.pid"] == 770 and a["envoy.event_loop.waker.tid"] == 777
+    assert a["envoy.event_loop.waker.stack.kernel"][-1] == "tcp_data_queue+0x5"
+    # a short sleep: the kernel took no waker, so the round names none
+    short = RoundRecord(TGID, TID, 8, 1_000, 2_000, 1, 0, 0, 0, 0, connections=[("a" * 32, "1" * 16, 30)],
+                        idle_ns=200_000)
+    (span,) = _builder(_WakerStacks()).round_spans(short)
+    assert span.attributes["envoy.event_loop.idle_before_ns"] == 200_000
+    assert not [k for k in span.attributes if k.startswith("envoy.event_loop.waker")]
+
+
+def test_idle_wakeups_are_summed_by_thread_and_waker_kind() -> None:
+    wakes = {(TID, 500, 3): (10, 1, "curl"), (TID, 501, 3): (20, 2, "wrk"), (TID, 0, 4): (5, 7, "swapper/0"),
+             (TID + 1, 0, -14): (1, 1, "")}
+    assert idle_wakes_by_kind(wakes, _WakerStacks().kernel) == {
+        (TID, "tcp"): (30, 3), (TID, "timer"): (5, 7), (TID + 1, "unknown"): (1, 1)}
+
+
+def test_the_round_event_carries_the_waker_into_the_record() -> None:
+    h = _Harness()
+    h.feed(RoundEvent(5_000, C["EV_ROUND"], TGID, TID, 3, 1_000, 0, 0, 1, 0, 0, 9, 40_000_000, 61, 60,
+                      b"curl\0\0\0\0\0\0\0\0\0\0\0\0"))
+    (rec,) = h.rounds
+    assert (rec.idle_ns, rec.waker_kstack_id, rec.waker_pid, rec.waker_tgid, rec.waker_comm) == \
+        (40_000_000, 9, 61, 60, "curl")
