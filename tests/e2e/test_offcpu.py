@@ -106,17 +106,33 @@ def test_cpu_hog_preempts_the_worker_inside_the_rounds_of_its_connections(tmp_pa
 
 
 def test_idle_envoy_waits_are_aggregated_never_attributed(receiver, tmp_path):
+    """An idle Envoy: its sleeps in epoll_wait are only counted, never spans; what wakes its idle workers
+    is its own machinery: timers, and the main thread's stats flush (every 5 s) posted to each worker
+    (eventfd)."""
     summary = tmp_path / "summary.json"
     with EnvoyLab(concurrency=2) as lab:
+        workers = set(lab.worker_threads().values())
         daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
                                 "--otlp-protocol", "grpc", "--summary-json", str(summary),
-                                "--round-threshold", "0", "--offcpu-threshold", "0"], tmp_path).start()
-        time.sleep(3)
-        assert daemon.stop() == 0
+                                "--metrics-interval", "1", "--round-threshold", "0",
+                                "--offcpu-threshold", "0"], tmp_path).start()
+        try:
+            def posted_to(points) -> set[int]:
+                return {p.attributes["thread.id"] for p in points.values()
+                        if p.attributes.get("offcpu.waker.kind") == "eventfd" and p.value >= 1}
+
+            receiver.wait_for_metrics(
+                lambda _p: workers <= posted_to(receiver.latest_metric_points("envoy.worker.wakeups")),
+                timeout=30)
+        finally:
+            assert daemon.stop() == 0, daemon.stderr()
         envoy_pid = lab.pid
-    idle = json.loads(summary.read_text())["offcpu"]["idle"]
+    report = json.loads(summary.read_text())
+    idle = report["offcpu"]["idle"]
     assert idle["waits"] >= 2 and idle["ns"] >= 2 * 2_000_000_000  # both workers waited in epoll_wait
     assert idle["runnable_ns"] < idle["ns"] / 10  # woken, then on CPU quickly: an idle machine
+    wakeups = report["idle_wakeups"]
+    assert wakeups["eventfd"]["wakeups"] >= 2 and wakeups["timer"]["wakeups"] >= 2, wakeups
     ours = [s for s in receiver.spans() if s.attributes.get("process.pid") == envoy_pid]
     assert not [s for s in ours if s.attributes.get("offcpu.reason") == "idle"]
     assert not [s for s in ours if s.name == "envoy.event_loop.round"]  # nothing served: no rounds
