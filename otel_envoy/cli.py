@@ -122,7 +122,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from .daemon import make_resource
+    from .daemon import _tune_garbage_collector, make_resource
     from .events.recording import RecordingReader
     from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline
     from .pipeline import EventPipeline
@@ -149,20 +149,20 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         sinks.append(JsonLinesFileSink(output))
     if otlp is not None:
         sinks.append(OtlpSink.from_settings(otlp))
-    spans_out = SpanPipeline(sinks)
+    spans_out = SpanPipeline(sinks, block_when_full=True)  # a replay waits for the sinks, drops nothing
     pipeline = EventPipeline(spans_out, make_resource(), clock)
-    last_ts = 0
+    _tune_garbage_collector()  # as in live runs
+    on_record = pipeline.on_record
     for index, (kind, payload) in enumerate(items, start=1):
         if kind == "kernel":
-            pipeline.on_record(payload)  # type: ignore[arg-type]
-            last_ts = max(last_ts, pipeline.correlator.latest_ns)
+            on_record(payload)  # type: ignore[arg-type]
             continue
         try:
             pipeline.on_context(payload)  # type: ignore[arg-type]
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             spans_out.shutdown(5.0)
             return _fail(f"{args.events}: context record {index} is damaged ({type(exc).__name__}: {exc})")
-    pipeline.finish(last_ts)
+    pipeline.finish(pipeline.correlator.latest_ns)  # the last event time (latest_ns only grows)
     spans_out.shutdown(30.0)
     print(f"otel-envoy: replayed {pipeline.counts['events']} events into {pipeline.counts['connections']} "
           f"connections, {pipeline.counts['spans']} spans" + (f" -> {output}" if output else ""),

@@ -77,7 +77,10 @@ class EventPipeline:
         )
         self.recorder = recorder
         self.on_listen = on_listen
-        self.counts: Counter[str] = Counter()
+        self._decode = self.decoder.decode  # bound once: on_record runs per kernel record
+        self._handle = self.correlator.handle
+        self._counts: Counter[str] = Counter()
+        self._events = 0  # a plain int: counted per kernel record (see the counts property)
         if recorder is not None:
             recorder.context({"type": "clock", "offset_ns": clock.offset_ns})
 
@@ -85,13 +88,20 @@ class EventPipeline:
         """One raw ring-buffer record (hot path)."""
         if self.recorder is not None:
             self.recorder.kernel(raw)
-        event = self.decoder.decode(raw)
+        event = self._decode(raw)
         if event is None:
             return
-        self.counts["events"] += 1
+        self._events += 1
         if event.kind == EV_LISTEN and self.on_listen is not None:
             self.on_listen(event.tgid)
-        self.correlator.handle(event)
+        self._handle(event)
+
+    @property
+    def counts(self) -> Counter[str]:
+        """Events decoded, connections, requests, spans built, span-building errors, ..."""
+        if self._events:
+            self._counts["events"] = self._events
+        return self._counts
 
     def on_context(self, obj: dict) -> None:
         """User-space context (listening sockets, listener names)."""
@@ -107,13 +117,13 @@ class EventPipeline:
     def replay(self, items: Iterable[tuple[str, object]]) -> int:
         """Feed recorded kernel and context records (after the clock record), then finish at the last event
         time, as `otel-envoy replay` does; returns that time."""
-        last = 0
+        on_record = self.on_record
         for kind, payload in items:
             if kind == "kernel":
-                self.on_record(payload)  # type: ignore[arg-type]
-                last = max(last, self.correlator.latest_ns)
+                on_record(payload)  # type: ignore[arg-type]
             else:
                 self.on_context(payload)  # type: ignore[arg-type]
+        last = self.correlator.latest_ns  # the latest event time: it only grows
         self.finish(last)
         return last
 
@@ -145,11 +155,12 @@ class EventPipeline:
         try:
             spans = build(*args)
         except Exception:  # a bug in span building must not stop tracing
-            self.counts["span_build_errors"] += 1
+            self._counts["span_build_errors"] += 1
             log.exception("could not build spans (%s)", what)
             return
-        self.counts[what] += 1
-        self.counts["spans"] += len(spans)
+        counts = self._counts
+        counts[what] += 1
+        counts["spans"] += len(spans)
         self.spans_out.submit(spans)
 
     def drops(self) -> dict[str, int]:

@@ -26,6 +26,7 @@ import random
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..events.layout import load_layout
 from ..events.types import (
@@ -86,6 +87,7 @@ MAX_REQUEST_IDS = 4096
 RECENT_REQUESTS = 64  # per thread: candidates for the next upstream request (h2: many streams a round)
 MATCHED_DELAY = 8  # rounds a request with the same request line may wait for its upstream write
 MAX_TLS_DEMAND = 1024  # per thread: TLS reads of new requests waiting for their upstream write
+TLS_DEMAND_ROUNDS = 2  # rounds after its read an upstream write may still take a queued TLS read
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,25 @@ def _feed_http(http: Http1Exchanges | Http2Exchanges, ev: DataEvent) -> bool:
     feed2 = http.on_read if ev.direction == DIR_READ else http.on_write
     feed2(ev.ts_ns, ev.data, ev.ret, ev.tid, ev.round, frames_only=True)
     return True
+
+
+@lru_cache(maxsize=1024)
+def _thread_name(comm: bytes) -> str:
+    """A thread's name from its NUL-padded comm (a worker's accepts repeat it: cached)."""
+    return comm.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _age_tls_demand(demand: deque[tuple[int, ConnectionRecord]], round_: int) -> None:
+    """Forget the oldest queued TLS reads that no upstream write can take any more: read more than
+    TLS_DEMAND_ROUNDS rounds before ``round_`` (the thread's later writes are in this round or later), or
+    of a connection that closed. Not a loss: with a direct response, or a request Envoy answered itself,
+    no upstream write ever comes."""
+    while demand:
+        read_round, queued = demand[0]
+        if round_ - read_round <= TLS_DEMAND_ROUNDS and queued.close_ns is None:
+            return
+        demand.popleft()
+        queued.tls_demand = False
 
 
 class ConnectionCorrelator:
@@ -200,16 +221,18 @@ class ConnectionCorrelator:
     # ------------------------------------------------------------------ events
 
     def handle(self, event: Event) -> None:
-        """Apply one event. Never raises for odd input; unknown situations are counted."""
-        if event.ts_ns > self.latest_ns:
-            self.latest_ns = event.ts_ns
+        """Apply one event (hot path). Never raises for odd input; unknown situations are counted."""
+        latest = self.latest_ns
+        if event.ts_ns > latest:
+            self.latest_ns = latest = event.ts_ns
         handler = self._dispatch.get(event.kind)
         if handler is not None:
             handler(event)
-        due = self.latest_ns - self.linger_ns
-        if (self.closing and self.closing[0].close_ns <= due) or (  # type: ignore[operator]
-                self.upstream_closing and self.upstream_closing[0].end_ns <= due):
-            self.expire(self.latest_ns)
+        due = latest - self.linger_ns
+        closing, upstream_closing = self.closing, self.upstream_closing
+        if (closing and closing[0].close_ns <= due) or (  # type: ignore[operator]
+                upstream_closing and upstream_closing[0].end_ns <= due):
+            self.expire(latest)
 
     def expire(self, now_ns: int) -> None:
         """Emit connections that closed more than ``linger_ns`` before ``now_ns``."""
@@ -265,7 +288,7 @@ class ConnectionCorrelator:
             tgid=ev.tgid,
             fd=ev.fd,
             tid=ev.tid,
-            thread_name=ev.comm.split(b"\0", 1)[0].decode(errors="replace"),
+            thread_name=_thread_name(ev.comm),
             listen_fd=ev.listen_fd,
             peer_address=peer,
             peer_port=ev.peer_port,
@@ -286,7 +309,8 @@ class ConnectionCorrelator:
             conn.local_address = entry.local_address
             conn.accept_queue_depth = len(queue) + 1  # type: ignore[arg-type]
             conn.accept_queue_depth_on_arrival = entry.depth_on_arrival
-            conn.tcp_marks.extend(TcpMark(ts, "tcp.synack_retransmit") for ts in entry.synack_retransmits)
+            if entry.synack_retransmits:
+                conn.tcp_marks.extend(TcpMark(ts, "tcp.synack_retransmit") for ts in entry.synack_retransmits)
         else:
             early = self.early_synack.pop(tkey, None)
             if early:
@@ -304,6 +328,7 @@ class ConnectionCorrelator:
         return names.get((address, port)) or names.get(("0.0.0.0", port)) or names.get(("::", port))
 
     def _on_data(self, ev: DataEvent) -> None:
+        """A read or write (hot path: most events are these)."""
         if ev.role != ROLE_DOWNSTREAM:
             self._on_upstream_data(ev)
             return
@@ -312,48 +337,54 @@ class ConnectionCorrelator:
             return
         if self.rounds is not None:
             self.rounds.touch(ev.tid, ev.round, conn.trace_id, conn.span_id, conn.fd)
-        peek = ev.flags & DATA_FLAG_PEEK
+        ret = ev.ret
         if ev.direction == DIR_READ:
-            if ev.ret == 0:
-                if conn.eof_ns is None:
-                    conn.eof_ns = ev.ts_ns
-                return
-            if ev.ret < 0:
-                return
-            if peek:
-                conn.peeks += 1
-                conn.peeked_bytes = max(conn.peeked_bytes, ev.ret)
-            else:
-                self._settle_handoff(conn, ev.ts_ns)
-            if conn.tls is None and not conn.not_tls:
-                if ev.data[:1] == b"\x16":  # a TLS handshake record
-                    conn.tls = TlsHandshakeTracker()
-                else:  # plaintext; HTTP/1.x if it parses as such
-                    conn.not_tls = True
-            if conn.tls is not None:
-                tls = conn.tls
-                if ev.data or not tls.established:  # past the handshake reads carry no bytes
-                    was_established = tls.established
-                    tls.on_client_data(ev.ts_ns, ev.data, ev.ret, peek=bool(peek))
-                    if tls.established and not was_established:
-                        conn.tls_ready_round = ev.round
-                if not peek:
-                    self._note_tls_read(conn, ev)
-            elif not peek:
-                # requests are parsed from the connection's first real read (listener filters may peek first)
-                if conn.http is None and self.http and conn.first_io_ns == ev.ts_ns:
-                    conn.http = (Http2Exchanges(requests_read=True) if is_h2_preface(ev.data)
-                                 else Http1Exchanges(requests_read=True, h2c_handoff=True))
-                if conn.http is not None:
-                    _feed_http(conn.http, ev)
-                    self._after_http(conn, ev)
-        else:
-            if ev.ret <= 0:
-                return
+            if ret > 0:
+                self._on_downstream_read(conn, ev)
+            elif ret == 0 and conn.eof_ns is None:
+                conn.eof_ns = ev.ts_ns
+            return
+        if ret <= 0:
+            return
+        if conn.first_io_ns is None:
             self._settle_handoff(conn, ev.ts_ns)
-            if conn.tls is not None:
-                conn.tls.on_server_data(ev.ts_ns, ev.data, ev.ret)
-            elif conn.http is not None:
+        if conn.tls is not None:
+            conn.tls.on_server_data(ev.ts_ns, ev.data, ret)
+        elif conn.http is not None:
+            _feed_http(conn.http, ev)
+            self._after_http(conn, ev)
+
+    def _on_downstream_read(self, conn: ConnectionRecord, ev: DataEvent) -> None:
+        """A read (or MSG_PEEK) that returned bytes on a downstream connection."""
+        peek = ev.flags & DATA_FLAG_PEEK
+        data = ev.data
+        if peek:
+            conn.peeks += 1
+            if ev.ret > conn.peeked_bytes:
+                conn.peeked_bytes = ev.ret
+        elif conn.first_io_ns is None:
+            self._settle_handoff(conn, ev.ts_ns)
+        tls = conn.tls
+        if tls is None and not conn.not_tls:
+            if data[:1] == b"\x16":  # a TLS handshake record
+                tls = conn.tls = TlsHandshakeTracker()
+            else:  # plaintext; HTTP/1.x if it parses as such
+                conn.not_tls = True
+        if tls is not None:
+            # past the handshake, reads carry no bytes: nothing for the tracker then
+            if data or tls.completed_ns is None:
+                was_established = tls.completed_ns is not None
+                tls.on_client_data(ev.ts_ns, data, ev.ret, peek=bool(peek))
+                if not was_established and tls.completed_ns is not None:
+                    conn.tls_ready_round = ev.round
+            if not peek:
+                self._note_tls_read(conn, ev)
+        elif not peek:
+            # requests are parsed from the connection's first real read (listener filters may peek first)
+            if conn.http is None and self.http and conn.first_io_ns == ev.ts_ns:
+                conn.http = (Http2Exchanges(requests_read=True) if is_h2_preface(data)
+                             else Http1Exchanges(requests_read=True, h2c_handoff=True))
+            if conn.http is not None:
                 _feed_http(conn.http, ev)
                 self._after_http(conn, ev)
 
@@ -376,7 +407,8 @@ class ConnectionCorrelator:
         demand = self.tls_demand.get(ev.tid)
         if demand is None:
             demand = self.tls_demand[ev.tid] = deque()
-        if len(demand) >= MAX_TLS_DEMAND:
+        _age_tls_demand(demand, ev.round)
+        if len(demand) >= MAX_TLS_DEMAND:  # that many live reads within TLS_DEMAND_ROUNDS: a real loss
             demand.popleft()[1].tls_demand = False
             self.drops["tls_demand_queue_full"] += 1
         demand.append((ev.round, conn))
@@ -397,7 +429,7 @@ class ConnectionCorrelator:
         while demand:
             read_round, queued = demand.popleft()
             queued.tls_demand = False
-            if round_ - read_round <= 2 and queued.close_ns is None and queued.tgid == tgid:
+            if round_ - read_round <= TLS_DEMAND_ROUNDS and queued.close_ns is None and queued.tgid == tgid:
                 return queued
         return None
 
@@ -557,7 +589,7 @@ class ConnectionCorrelator:
         peer = format_ip(ev.family, ev.peer_addr)
         up = UpstreamRecord(
             tgid=ev.tgid, fd=ev.fd, tid=ev.tid,
-            thread_name=ev.comm.split(b"\0", 1)[0].decode(errors="replace"),
+            thread_name=_thread_name(ev.comm),
             peer_address=peer, peer_port=ev.peer_port, connect_ns=ev.ts_ns, connect_ret=ev.ret,
             trace_id=self._new_id(128), span_id=self._new_id(), connect_span_id=self._new_id(),
         )

@@ -207,16 +207,29 @@ def _close_initiator(conn: ConnectionRecord | UpstreamRecord) -> str | None:
     """'peer' if the peer's FIN, an EOF read or a received reset came first, else 'envoy' (FIN or reset
     sent, or at least a close); None when nothing ended the connection."""
 
-    def first(name: str) -> int | None:
-        return next((m.ts_ns for m in conn.tcp_marks if m.name == name), None)
-
-    peer = min((t for t in (conn.peer_fin_ns, conn.eof_ns, first("tcp.reset_received")) if t), default=None)
-    envoy = min((t for t in (conn.envoy_fin_ns, first("tcp.reset_sent")) if t), default=None)
+    reset_received = reset_sent = None  # the first of each
+    for m in conn.tcp_marks:
+        if m.name == "tcp.reset_received":
+            if reset_received is None:
+                reset_received = m.ts_ns
+        elif m.name == "tcp.reset_sent" and reset_sent is None:
+            reset_sent = m.ts_ns
+    peer = _earliest(conn.peer_fin_ns, conn.eof_ns, reset_received)
+    envoy = _earliest(conn.envoy_fin_ns, reset_sent)
     if peer is not None and (envoy is None or peer <= envoy):
         return "peer"
     if envoy is not None or conn.close_ns is not None:
         return "envoy"
     return None
+
+
+def _earliest(*times: int | None) -> int | None:
+    """The smallest of the times that are set (None and 0 are not), or None."""
+    best = None
+    for t in times:
+        if t and (best is None or t < best):
+            best = t
+    return best
 
 
 def upstream_context(msg: HttpMessage) -> TraceContext | None:

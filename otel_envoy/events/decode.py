@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections import Counter
 from collections.abc import Callable
@@ -41,6 +42,7 @@ _KINDS: dict[str, tuple[str, type]] = {
 }
 
 _KIND_OFFSET = 8  # event_header.kind; checked against the layout in Decoder.__init__
+_KIND = struct.Struct("<I")
 
 
 class Decoder:
@@ -52,8 +54,9 @@ class Decoder:
             raise ValueError("events.h: event_header.kind moved; update _KIND_OFFSET")
         self.layout = layout
         self.errors: Counter[str] = Counter()
-        self._readers: dict[int, Callable[[bytes], Any]] = {}
-        self._min_size: dict[int, int] = {}
+        # kind -> (unpack_from of its fixed part, maker, where a data event's captured bytes start or None):
+        # decode() does the whole job without a Python call per record.
+        self._kinds: dict[int, tuple[Callable[[bytes], tuple], Callable[[tuple], Any], int | None]] = {}
         for const, (struct_name, cls) in _KINDS.items():
             sl = layout.structs[struct_name]
             variable = struct_name == "data_event"
@@ -63,35 +66,27 @@ class Decoder:
                 raise ValueError(
                     f"events.h: struct {struct_name} fields {names} != {cls.__name__} {expected}"
                 )
-            kind = layout.constants[const]
-            self._readers[kind] = self._make_reader(unpacker, cls, variable)
-            self._min_size[kind] = unpacker.size
+            # tuple.__new__ straight from C: the field count is checked above, so NamedTuple._make's
+            # own check (a Python-level call per event) is not needed.
+            make = functools.partial(tuple.__new__, cls)
+            self._kinds[layout.constants[const]] = (
+                unpacker.unpack_from, make, unpacker.size if variable else None)
         self.data_offset = layout.structs["data_event"].offset_of("data")
-
-    @staticmethod
-    def _make_reader(unpacker: struct.Struct, cls: type, variable: bool) -> Callable[[bytes], Any]:
-        unpack_from, make, size = unpacker.unpack_from, cls._make, unpacker.size
-        if not variable:
-            return lambda raw: make(unpack_from(raw))
-
-        def read_data(raw: bytes) -> Any:
-            values = unpack_from(raw)
-            captured = values[-1]
-            return make((*values, raw[size : size + captured]))
-
-        return read_data
 
     def decode(self, raw: bytes) -> Event | None:
         """Return the typed event, or None (counted in ``errors``) for a short or unknown record."""
-        if len(raw) < _KIND_OFFSET + 4:
+        # Short records are rare: struct.error from the unpacking says so, instead of length checks
+        # on every record.
+        try:
+            entry = self._kinds.get(_KIND.unpack_from(raw, _KIND_OFFSET)[0])
+            if entry is None:
+                self.errors["unknown_kind"] += 1
+                return None
+            unpack_from, make, data_start = entry
+            values = unpack_from(raw)
+            if data_start is None:
+                return make(values)
+            return make((*values, raw[data_start : data_start + values[-1]]))  # values[-1]: captured
+        except struct.error:
             self.errors["short_record"] += 1
             return None
-        kind = int.from_bytes(raw[_KIND_OFFSET : _KIND_OFFSET + 4], "little")
-        reader = self._readers.get(kind)
-        if reader is None:
-            self.errors["unknown_kind"] += 1
-            return None
-        if len(raw) < self._min_size[kind]:
-            self.errors["short_record"] += 1
-            return None
-        return reader(raw)

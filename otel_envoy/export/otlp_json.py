@@ -434,6 +434,14 @@ def _int_prefix(key: str) -> str:
 
 def _array_json(values: list[Any] | tuple[Any, ...]) -> str:
     """``{"arrayValue":...}`` for a list or tuple, the same text as ``_JSON.encode(encode_value(values))``."""
+    if values and type(values[0]) is str:
+        # Arrays of strings (cipher suites, ALPN ids, socket options): one join in C. _esc raises
+        # TypeError for anything but a string; a str subclass gets the same text as the loop below gives.
+        try:
+            return '{"arrayValue":{"values":[{"stringValue":' + '},{"stringValue":'.join(map(_esc, values)) \
+                + "}]}}"
+        except TypeError:  # not all strings: element by element
+            pass
     parts = []
     append = parts.append
     for x in values:

@@ -392,13 +392,17 @@ class SpanPipeline:
         max_queue: int = 20000,
         max_batch: int = 1024,
         flush_interval: float = 0.2,
+        *,
+        block_when_full: bool = False,
     ) -> None:
-        """Start the export thread."""
+        """Start the export thread. ``block_when_full``: :meth:`submit` waits for room instead of dropping
+        (for replays, which have no ring buffer to protect and must not lose spans)."""
         if max_queue < 1 or max_batch < 1:
             raise ValueError("max_queue and max_batch must be positive")
         self._sinks: list[SpanSink] = list(sinks)
         self._names = _unique_names(self._sinks)
         self._max_queue = max_queue
+        self._block_when_full = block_when_full
         self._max_batch = max_batch
         self._flush_interval = flush_interval
         self._queue: collections.deque[ExportSpan] = collections.deque()
@@ -431,6 +435,8 @@ class SpanPipeline:
                 self._drops["shutdown"] += n
                 return 0
             queue = self._queue
+            if self._block_when_full and len(queue) + n > self._max_queue:
+                self._wait_for_room(n)
             room = self._max_queue - len(queue)
             if room >= n:
                 queue.extend(spans)
@@ -444,6 +450,14 @@ class SpanPipeline:
             if len(queue) >= self._max_batch:
                 self._work.notify()
         return accepted
+
+    def _wait_for_room(self, n: int) -> None:
+        """With the lock held: wait until ``n`` spans fit (or the queue is empty, or the pipeline stops)."""
+        queue = self._queue
+        self._work.notify()
+        while (len(queue) + n > self._max_queue and queue and not self._stopping
+               and self._thread.is_alive()):
+            self._done.wait(0.1)
 
     # -- control ----------------------------------------------------------------------------------------
 

@@ -577,6 +577,23 @@ def _plausible_header(data: bytes | bytearray | memoryview) -> bool:
             and data[2] <= 4 and ((data[3] << 8) | data[4]) <= MAX_RECORD_LEN)
 
 
+def _first_handshake_message(data: bytes | bytearray | memoryview) -> tuple[int, bytes] | None:
+    """``(msg_type, body)`` of the first handshake message when ``data`` starts with a valid handshake
+    record that was captured whole and holds that whole message; else None (then a TlsRecordReader and a
+    HandshakeReassembler give the answer). The same result as theirs, without building them: a
+    listener filter's peek of a ClientHello is one such record."""
+    n = len(data)
+    if n < 9 or data[0] != CT_HANDSHAKE or data[1] != 3 or data[2] > 4:
+        return None
+    length = (data[3] << 8) | data[4]
+    if length > MAX_RECORD_LEN or 5 + length > n:
+        return None
+    size = (data[6] << 16) | (data[7] << 8) | data[8]
+    if 4 + size > length:
+        return None
+    return data[5], bytes(data[9 : 9 + size])
+
+
 class TlsRecordReader:
     """Reassembles the TLS records of ONE direction from captured messages.
 
@@ -1052,6 +1069,11 @@ class TlsHandshakeTracker:
         if self.started_ns is None or ts_ns < self.started_ns:
             self.started_ns = ts_ns
         if self._ch_done:
+            return
+        first = _first_handshake_message(data)
+        if first is not None:  # the usual peek: one record holding the whole ClientHello
+            if first[0] == HS_CLIENT_HELLO:
+                self._on_client_hello(first[1])
             return
         # Parse from scratch with throw-away state: a peek doesn't consume, the next read shows it again.
         reader = TlsRecordReader(collect_types=_COLLECT_HANDSHAKE)
