@@ -92,11 +92,16 @@ def main() -> int:
     BASELINE_BPF = args.baseline_bpf
     names = args.variants.split(",")
     results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    ratios: dict[str, list[float]] = {n: [] for n in names}
     with EnvoyLab(concurrency=1, direct_response=True, cpu=0, log_level="error") as lab:
         url = f"http://127.0.0.1:{lab.http_port}/"
         wrk(url, 2, 8, [])  # warm-up
-        for _ in range(args.rounds):
-            for name in names:
+        for i in range(args.rounds):
+            # the machine's speed drifts over tens of seconds: rotate the order so no variant always runs
+            # first, and compare each variant with the other runs of its own round
+            order = names[i % len(names):] + names[:i % len(names)]
+            this_round: dict[str, float] = {}
+            for name in order:
                 loaded = attach(name, lab)
                 try:
                     before = cpu_seconds(lab.pid)
@@ -106,11 +111,17 @@ def main() -> int:
                     if loaded is not None:
                         (loaded.close if hasattr(loaded, "close") else loaded.cleanup)()  # type: ignore[attr-defined]
                 results[name].append((r["rps"], us))
+                this_round[name] = us
                 print(f"{name:16s} {r['rps']:9.0f} req/s  {us:5.2f} us/req", flush=True)
+            if "none" in this_round:
+                for name, us in this_round.items():
+                    ratios[name].append(us / this_round["none"])
     for name, runs in results.items():
         rps = statistics.median(x[0] for x in runs)
         us = statistics.median(x[1] for x in runs)
-        print(f"median {name:16s} {rps:9.0f} req/s  {us:5.2f} us/req")
+        extra = f"  Envoy CPU/req vs none in the same round: median {statistics.median(ratios[name]):.3f}" \
+            if ratios[name] else ""
+        print(f"median {name:16s} {rps:9.0f} req/s  {us:5.2f} us/req{extra}")
     return 0
 
 

@@ -26,6 +26,7 @@
 #include <linux/in.h>
 #include <linux/in6.h>
 #include <linux/uio.h>
+#include <linux/signal.h> /* sigset_t, in the epoll_pwait tracepoints' arguments */
 #include "events.h"
 
 /* tcp:tcp_send_reset's format names `enum sk_rst_reason` (kernel 6.10+), which the 6.1 headers bcc
@@ -1175,29 +1176,23 @@ static __always_inline int on_io_exit(__u8 syscall, struct pt_regs *regs, long r
     return 0;
 }
 
-RAW_TRACEPOINT_PROBE(sys_enter) {
-    switch (ctx->args[1]) {
-    case NR_EPOLL_WAIT:
-    case NR_EPOLL_PWAIT:
-    case NR_EPOLL_PWAIT2:
-        return on_epoll_wait_enter();
-    }
-    return 0;
-}
+/* epoll_wait's entry through its own tracepoints: a raw sys_enter program would run on every syscall of
+ * every process (Envoy's reads and writes included) only to find most of them uninteresting. */
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_wait) { return on_epoll_wait_enter(); }
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait) { return on_epoll_wait_enter(); }
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_pwait2) { return on_epoll_wait_enter(); }
 
 RAW_TRACEPOINT_PROBE(sys_exit) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
     long nr = -1;
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    __u8 io = 0;
     switch (nr) {
     case NR_EPOLL_WAIT:
     case NR_EPOLL_PWAIT:
     case NR_EPOLL_PWAIT2:
         return on_epoll_wait_exit(ret);
-    }
-    __u8 io = 0;
-    switch (nr) { /* one inlined on_io_exit (one set of its stack slots), whatever the syscall */
     case NR_READ: io = IO_READ; break;
     case NR_READV: io = IO_READV; break;
     case NR_RECVFROM: io = IO_RECVFROM; break;
@@ -1208,7 +1203,7 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     case NR_SENDMSG: io = IO_SENDMSG; break;
     default: return 0;
     }
-    return on_io_exit(io, regs, ret);
+    return on_io_exit(io, regs, ret); /* one inlined on_io_exit (one set of its stack slots) */
 }
 
 /* ---------------------------------------------------------------- epoll_ctl / setsockopt */
