@@ -1142,16 +1142,21 @@ static __always_inline int on_io_exit(__u8 syscall, struct pt_regs *regs, long r
     struct conn_state *cs = conns.lookup(&key); /* only targets' connections are in `conns` */
     if (!cs)
         return 0;
-    req.buf = syscall_arg(regs, 1); /* buffer, iovec array or msghdr */
-    if (syscall == IO_READV || syscall == IO_WRITEV)
-        req.len = (__u32)syscall_arg(regs, 2); /* iovcnt */
-    else if (syscall == IO_RECVMSG || syscall == IO_SENDMSG)
-        req.flags = (__u32)syscall_arg(regs, 2);
-    else if (syscall == IO_RECVFROM || syscall == IO_SENDTO)
-        req.flags = (__u32)syscall_arg(regs, 3);
     req.syscall = syscall;
     __u8 is_write = syscall >= IO_WRITE;
-    __u8 peek = (!is_write && (req.flags & MSG_PEEK_FLAG)) ? 1 : 0;
+    /* only reads with flags can peek (listener filters); the buffers are read below, when needed */
+    if (syscall == IO_RECVMSG)
+        req.flags = (__u32)syscall_arg(regs, 2);
+    else if (syscall == IO_RECVFROM)
+        req.flags = (__u32)syscall_arg(regs, 3);
+    __u8 peek = (req.flags & MSG_PEEK_FLAG) ? 1 : 0;
+    __u8 report = cs->data_events < cs->capture_budget && !(is_write && (cs->flags & CONN_TLS_APP));
+    __u8 tls_walk = (cs->flags & CONN_TLS) && ret > 0 && !peek;
+    if (report || tls_walk) {
+        req.buf = syscall_arg(regs, 1); /* buffer, iovec array or msghdr */
+        if (syscall == IO_READV || syscall == IO_WRITEV)
+            req.len = (__u32)syscall_arg(regs, 2); /* iovcnt */
+    }
     if (ret > 0 && !peek) {
         /* one thread (the worker owning the connection) writes these: no atomics needed */
         if (is_write) {
@@ -1165,13 +1170,13 @@ static __always_inline int on_io_exit(__u8 syscall, struct pt_regs *regs, long r
     /* Data, EOF and errors are reported within the capture budget only: the close initiator also comes
      * from TCP state changes, so nothing is lost when the budget ran out. Past a TLS handshake only
      * reads are reported (without bytes). */
-    if (cs->data_events < cs->capture_budget && !(is_write && (cs->flags & CONN_TLS_APP))) {
+    if (report) {
         __u32 tid = (__u32)pid_tgid;
         struct thread_state *t = threads.lookup(&tid);
         if (emit_data(cs, t, pid_tgid, &req, ret, is_write, peek))
             return 0; /* HTTP/2, so not TLS: the verifier need not walk the TLS walk after the HTTP/2 one */
     }
-    if ((cs->flags & CONN_TLS) && ret > 0 && !peek)
+    if ((cs->flags & CONN_TLS) && ret > 0 && !peek) /* CONN_TLS may have been set by emit_data just now */
         walk_tls_records(cs, &req, (__u64)ret, is_write ? DIR_WRITE : DIR_READ);
     return 0;
 }
