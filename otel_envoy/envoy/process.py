@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..correlate.connections import ListenSocket
+from .sockdiag import SockDiagError, listening_tcp_sockets
 
-__all__ = ["EnvoyProcess", "TargetError", "find_by_comm", "listening_sockets", "resolve_targets"]
+__all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "find_by_comm", "listening_sockets",
+           "resolve_targets"]
 
 PROC = Path("/proc")
 _TCP_LISTEN = "0A"
@@ -105,8 +107,8 @@ def _parse_addr(hex_addr: str, v6: bool) -> str:
     return text.removeprefix("::ffff:") if text.startswith("::ffff:") and "." in text else text
 
 
-def listening_sockets(pid: int) -> dict[tuple[int, int], ListenSocket]:
-    """(pid, fd) -> ListenSocket for every TCP socket of ``pid`` in LISTEN state."""
+def _listening_sockets_from_proc(pid: int) -> dict[tuple[int, int], ListenSocket]:
+    """The /proc way (parses every TCP socket of the namespace): where sock_diag cannot be used."""
     inodes = _socket_inodes(pid)
     out: dict[tuple[int, int], ListenSocket] = {}
     for name, v6 in (("tcp", False), ("tcp6", True)):
@@ -120,6 +122,57 @@ def listening_sockets(pid: int) -> dict[tuple[int, int], ListenSocket]:
             addr_hex, port_hex = parts[1].split(":")
             out[(pid, fd)] = ListenSocket(_parse_addr(addr_hex, v6), int(port_hex, 16))
     return out
+
+
+def _fd_inode(pid: int, fd: int) -> int | None:
+    try:
+        link = os.readlink(PROC / str(pid) / "fd" / str(fd))
+    except OSError:
+        return None
+    return int(link[8:-1]) if link.startswith("socket:[") else None
+
+
+class ListenerFinder:
+    """Finds the listening TCP sockets of target processes, cheaply enough to do every few seconds.
+
+    The namespace's LISTEN sockets come from sock_diag (the kernel filters by state; see
+    :mod:`.sockdiag`); which of them the target holds, and under which fd, needs a walk of its fds, done
+    again only when the namespace's set of listeners changed: otherwise each known listener fd is checked
+    with one readlink. A busy proxy holds tens of thousands of connection fds; /proc/<pid>/net/tcp lists
+    every connection and TIME_WAIT socket. Falls back to /proc where sock_diag cannot be used.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[frozenset[int], dict[int, int]]] = {}  # pid -> (inodes, inode -> fd)
+
+    def sockets(self, pid: int) -> dict[tuple[int, int], ListenSocket]:
+        """(pid, fd) -> ListenSocket for every TCP socket of ``pid`` in LISTEN state."""
+        try:
+            listeners = listening_tcp_sockets(pid)
+        except SockDiagError:
+            return _listening_sockets_from_proc(pid)
+        by_inode = {inode: ListenSocket(addr, port) for addr, port, inode in listeners}
+        inodes = frozenset(by_inode)
+        seen = self._seen.get(pid)
+        fds: dict[int, int] | None = None
+        if seen is not None and seen[0] == inodes:
+            fds = seen[1]
+            if any(_fd_inode(pid, fd) != inode for inode, fd in fds.items()):
+                fds = None  # an fd was closed or reused: walk again
+        if fds is None:
+            held = _socket_inodes(pid)
+            fds = {inode: held[inode] for inode in inodes if inode in held}
+        self._seen[pid] = (inodes, fds)
+        return {(pid, fd): by_inode[inode] for inode, fd in fds.items()}
+
+    def forget(self, pid: int) -> None:
+        """Drop what is cached about ``pid`` (it exited)."""
+        self._seen.pop(pid, None)
+
+
+def listening_sockets(pid: int) -> dict[tuple[int, int], ListenSocket]:
+    """(pid, fd) -> ListenSocket for every TCP socket of ``pid`` in LISTEN state (no caching)."""
+    return ListenerFinder().sockets(pid)
 
 
 def thread_names(pid: int) -> dict[int, str]:

@@ -1,0 +1,63 @@
+"""Listening sockets of a process: sock_diag (in the process's network namespace) against /proc."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from otel_envoy.envoy.process import ListenerFinder, _listening_sockets_from_proc, listening_sockets
+from otel_envoy.envoy.sockdiag import listening_tcp_sockets
+
+
+def _listen(family: int = socket.AF_INET, host: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket(family)
+    s.bind((host, 0))
+    s.listen()
+    return s
+
+
+def test_sock_diag_lists_our_listeners_with_their_inodes() -> None:
+    with _listen() as v4, _listen(socket.AF_INET6, "::1") as v6, socket.socket() as unbound:
+        found = set(listening_tcp_sockets(os.getpid()))
+        assert ("127.0.0.1", v4.getsockname()[1], os.fstat(v4.fileno()).st_ino) in found
+        assert ("::1", v6.getsockname()[1], os.fstat(v6.fileno()).st_ino) in found
+        assert os.fstat(unbound.fileno()).st_ino not in {inode for _a, _p, inode in found}
+
+
+def test_finder_agrees_with_proc_and_follows_closed_and_new_listeners() -> None:
+    finder = ListenerFinder()
+    with _listen() as a, _listen() as b:
+        pid = os.getpid()
+        assert finder.sockets(pid) == _listening_sockets_from_proc(pid)
+        assert {s.port for s in finder.sockets(pid).values()} >= {a.getsockname()[1], b.getsockname()[1]}
+        port_a = a.getsockname()[1]
+        a.close()
+        assert port_a not in {s.port for s in finder.sockets(pid).values()}
+        with _listen() as c:  # likely on the fd a had
+            now = finder.sockets(pid)
+            assert now == _listening_sockets_from_proc(pid)
+            assert now[(pid, c.fileno())].port == c.getsockname()[1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_listeners_of_a_process_in_another_network_namespace() -> None:
+    code = ("import socket,time; s=socket.socket(); s.bind(('127.0.0.1', 5555)); s.listen(); "
+            "print('up', flush=True); time.sleep(30)")
+    proc = subprocess.Popen(["unshare", "-n", sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        deadline = time.monotonic() + 5
+        found = {}
+        while time.monotonic() < deadline and not found:
+            found = listening_sockets(proc.pid)
+        assert [(s.address, s.port) for s in found.values()] == [("127.0.0.1", 5555)]
+        assert found == _listening_sockets_from_proc(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
