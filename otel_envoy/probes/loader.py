@@ -110,12 +110,13 @@ class ConnectionProbes:
 
         self.bpf[b"events"].open_ring_buffer(_callback)
 
-    def poll(self, timeout_ms: int = 100) -> None:
-        """Drain the ring buffer, waiting up to ``timeout_ms`` for the first record."""
+    def poll(self, timeout_ms: int = 100) -> int:
+        """Drain the ring buffer, waiting up to ``timeout_ms`` for the first record; returns how many records
+        were delivered (-1: not known, bcc's reader)."""
         if self._mmap_ring is not None:
-            self._mmap_ring.poll(self._on_record, timeout_ms)  # type: ignore[arg-type]
-        else:
-            self.bpf.ring_buffer_poll(timeout_ms)
+            return self._mmap_ring.poll(self._on_record, timeout_ms)  # type: ignore[arg-type]
+        self.bpf.ring_buffer_poll(timeout_ms)
+        return -1
 
     def consume(self) -> None:
         """Drain whatever is in the ring buffer without waiting."""
