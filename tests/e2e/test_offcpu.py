@@ -37,7 +37,9 @@ def _by_id(spans) -> dict:
     return {s.span_id: s for s in spans}
 
 
-def test_cpu_hog_preempts_the_worker_inside_the_rounds_of_its_connections(tmp_path):
+def _hog_run(tmp_path):
+    """Load Envoy (1 worker on CPU 0) calm for 2 s, then 3 s with a CPU hog on CPU 0; the spans, the phase
+    boundaries and whether anything was dropped."""
     output, summary = tmp_path / "traces.jsonl", tmp_path / "summary.json"
     with EnvoyLab(concurrency=1, cpu=0, direct_response=True) as lab:
         daemon = DaemonProcess(["--pid", str(lab.pid), "--output", str(output),
@@ -59,9 +61,27 @@ def test_cpu_hog_preempts_the_worker_inside_the_rounds_of_its_connections(tmp_pa
         finally:
             assert daemon.stop() == 0, daemon.stderr()
         envoy_pid = lab.pid
-    assert not json.loads(summary.read_text())["drops"]  # every span of the run is in the file
     everything = _read(output)
     spans = [s for s in everything if s.attributes.get("process.pid") == envoy_pid]
+    return everything, spans, (t0, t1, t2), json.loads(summary.read_text())["drops"]
+
+
+def _round_off_cpu_rate(spans, start: int, end: int) -> float:
+    """Off-CPU time inside the rounds that started in [start, end), per ns of that phase."""
+    return sum(r.attributes["envoy.event_loop.off_cpu_ns"] for r in spans
+               if r.name == "envoy.event_loop.round" and start <= r.start_ns < end) / (end - start)
+
+
+def test_cpu_hog_preempts_the_worker_inside_the_rounds_of_its_connections(tmp_path):
+    # Envoy's CPU must be quiet without the hog for the comparison to mean anything: on a shared machine
+    # other tenants' tasks can take CPU 0 for seconds. Such a run is repeated (twice at most).
+    for attempt in range(3):
+        workdir = tmp_path / f"attempt-{attempt}"
+        workdir.mkdir()
+        everything, spans, (t0, t1, t2), drops = _hog_run(workdir)
+        if _round_off_cpu_rate(spans, t0, t1) < 0.02:  # quiet runs here: 0.000-0.003
+            break
+    assert not drops  # every span of the run is in the file
     by_id = _by_id(everything)
     hog_waits = [s for s in spans if s.name == "offcpu.wait"
                  and s.attributes.get("offcpu.preempted_by.comm") == "cpuhog"]
@@ -85,15 +105,12 @@ def test_cpu_hog_preempts_the_worker_inside_the_rounds_of_its_connections(tmp_pa
     assert attributed >= 1, [w.attributes for w in hog_waits][:3]
     # round durations grow: with the hog, rounds of 10 ms and more (or holding a wait) appear
     rounds = [s for s in spans if s.name == "envoy.event_loop.round"]
-    calm = [r for r in rounds if t0 <= r.start_ns < t1]
     hogged = [r for r in rounds if t1 <= r.start_ns < t2]
-    def off_cpu(rs) -> int:
-        return sum(r.attributes["envoy.event_loop.off_cpu_ns"] for r in rs)
-
     calm_by = sorted({w.attributes.get("offcpu.preempted_by.comm") for w in spans if w.name == "offcpu.wait"
                       and t0 <= w.start_ns < t1})
-    calm_rate, hog_rate = off_cpu(calm) / (t1 - t0), off_cpu(hogged) / (t2 - t1)  # per ns of each phase
-    assert hog_rate > 2 * calm_rate, (off_cpu(calm), off_cpu(hogged), calm_by)
+    calm_rate, hog_rate = _round_off_cpu_rate(spans, t0, t1), _round_off_cpu_rate(spans, t1, t2)
+    print(f"off-CPU share of rounds: calm {calm_rate:.3f}, hog {hog_rate:.3f} (attempt {attempt})")
+    assert hog_rate > 2 * calm_rate, (calm_rate, hog_rate, calm_by)
     for r in hogged:  # a round is its on-CPU time plus the waits inside it
         a = r.attributes
         assert a["envoy.event_loop.on_cpu_ns"] + a["envoy.event_loop.off_cpu_ns"] == r.end_ns - r.start_ns
