@@ -14,6 +14,7 @@ Threads and who owns what:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -34,7 +35,7 @@ from .events.recording import RecordingWriter
 from .export.metrics import DEFAULT_INTERVAL_S, WorkerMetrics
 from .export.otlp import OtlpSettings, check_reachable
 from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline, SpanSink
-from .features import require_tracing
+from .features import has_kernel_btf, require_tracing
 from .pipeline import EventPipeline, listen_sockets_to_context
 from .probes.loader import ConnectionProbes, ProbeConfig
 from .spans.clock import MonotonicClock
@@ -130,6 +131,10 @@ def _build_sinks(opts: DaemonOptions) -> list[SpanSink]:
 async def run_daemon(opts: DaemonOptions) -> int:
     """Run until SIGINT/SIGTERM or --duration; returns the exit code. Raises UsageError for bad input."""
     require_tracing()
+    if opts.offcpu and not has_kernel_btf():
+        log.warning("no kernel BTF (/sys/kernel/btf/vmlinux): tracing without off-CPU waits and rounds, "
+                    "as with --no-offcpu")
+        opts = dataclasses.replace(opts, offcpu=False)
     targets = resolve_targets(opts.pids, opts.comm, require_envoy=opts.require_envoy)
     if opts.otlp is not None:
         problem = check_reachable(opts.otlp)

@@ -17,12 +17,19 @@ REQUIRED_TRACEPOINTS = (
     "syscalls/sys_enter_readv",
     "syscalls/sys_enter_close",
     "syscalls/sys_enter_epoll_ctl",
+    "syscalls/sys_enter_epoll_wait",
+    "raw_syscalls/sys_exit",
     "sock/inet_sock_set_state",
     "tcp/tcp_retransmit_skb",
     "tcp/tcp_send_reset",
     "tcp/tcp_receive_reset",
     "tcp/tcp_retransmit_synack",
 )
+
+
+def has_kernel_btf() -> bool:
+    """Does the kernel describe its types (BTF)? The off-CPU probes need it (bpf_get_current_task_btf)."""
+    return Path("/sys/kernel/btf/vmlinux").exists()
 
 
 class FeatureError(RuntimeError):
@@ -75,9 +82,10 @@ def host_checks() -> list[Check]:
         missing = [tp for tp in REQUIRED_TRACEPOINTS if not (tfs / "events" / tp).is_dir()]
         checks.append(Check("tracepoints", not missing, "all required tracepoints exist" if not missing
                             else "missing: " + ", ".join(missing)))
-    btf = Path("/sys/kernel/btf/vmlinux").exists()
-    checks.append(Check("btf", btf, "/sys/kernel/btf/vmlinux present" if btf else "no kernel BTF",
-                        required=False))
+    btf = has_kernel_btf()
+    checks.append(Check("btf", btf, "/sys/kernel/btf/vmlinux present" if btf else
+                        "no kernel BTF: off-CPU waits and rounds are off (the scheduler probe reads the "
+                        "syscall a thread blocks in through BTF)", required=False))
     build = Path(f"/lib/modules/{platform.release()}/build")
     checks.append(Check("kernel-headers", (build / "include").is_dir(),
                         f"{build} -> {os.path.realpath(build)}" if build.exists() else
