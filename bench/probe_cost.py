@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -57,18 +58,14 @@ def attach(name: str, lab: EnvoyLab) -> object | None:
     if src is None:
         return None
     if name.startswith("full"):
-        from otel_envoy.probes import loader
         from otel_envoy.probes.loader import ConnectionProbes, ProbeConfig
 
-        saved = loader.CONN_PROGRAM, loader.BPF_DIR
+        config = ProbeConfig(http_capture=False, offcpu=name != "full_no_offcpu")
         if name == "full_base":
             if BASELINE_BPF is None:
                 raise SystemExit("probe_cost: full_base needs --baseline-bpf DIR")
-            loader.CONN_PROGRAM, loader.BPF_DIR = BASELINE_BPF / "conn.bpf.c", BASELINE_BPF
-        try:
-            probes = ConnectionProbes(ProbeConfig(http_capture=False, offcpu=name != "full_no_offcpu"))
-        finally:
-            loader.CONN_PROGRAM, loader.BPF_DIR = saved
+            config = dataclasses.replace(config, program_dir=BASELINE_BPF)
+        probes = ConnectionProbes(config)
         probes.add_targets([lab.pid])
         probes.set_listen_ports([lab.http_port, lab.tls_port])
         probes.open_ring_buffer(lambda _raw: None)

@@ -18,6 +18,7 @@ Usage:  .venv/bin/python bench/program_cost.py [--rounds 3] [--seconds 5] [--bas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -47,13 +48,10 @@ def program_stats(probes: loader.ConnectionProbes) -> dict[str, tuple[int, int]]
 
 def load(source: Path | None, offcpu: bool) -> loader.ConnectionProbes:
     """The connection program from the working tree, or from ``source``."""
-    saved = loader.CONN_PROGRAM, loader.BPF_DIR
+    config = loader.ProbeConfig(http_capture=False, offcpu=offcpu)
     if source is not None:
-        loader.CONN_PROGRAM, loader.BPF_DIR = source / "conn.bpf.c", source
-    try:
-        return loader.ConnectionProbes(loader.ProbeConfig(http_capture=False, offcpu=offcpu))
-    finally:
-        loader.CONN_PROGRAM, loader.BPF_DIR = saved
+        config = dataclasses.replace(config, program_dir=source)
+    return loader.ConnectionProbes(config)
 
 
 def one_run(lab: EnvoyLab, source: Path | None, offcpu: bool, seconds: float) -> dict:

@@ -12,6 +12,7 @@ import mmap
 import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..events.layout import BPF_DIR, load_layout
 from . import ringbuf
@@ -20,7 +21,7 @@ __all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError"]
 
 log = logging.getLogger("otel_envoy.probes")
 
-CONN_PROGRAM = BPF_DIR / "conn.bpf.c"
+CONN_PROGRAM = "conn.bpf.c"
 
 
 class ProbeError(RuntimeError):
@@ -37,11 +38,12 @@ class ProbeConfig:
     offcpu: bool = True  # sched_switch / sched_waking probes: off-CPU waits of the targets' threads
     offcpu_min_ns: int = 1_000_000  # waits at least this long are sent (shorter ones only aggregated)
     round_min_ns: int = 10_000_000  # event-loop rounds at least this long are sent (or holding such a wait)
+    program_dir: Path = BPF_DIR  # conn.bpf.c and events.h (benchmarks compare another revision's)
 
     def cflags(self) -> list[str]:
         """The -D/-I flags handed to bcc's clang."""
         return [
-            f"-I{BPF_DIR}",
+            f"-I{self.program_dir}",
             f"-DMAX_CONNS={int(self.max_conns)}",
             f"-DRINGBUF_PAGES={int(self.ringbuf_pages)}",
             f"-DHTTP_CAPTURE={int(self.http_capture)}",
@@ -66,9 +68,10 @@ class ConnectionProbes:
         except ImportError as exc:  # pragma: no cover - environment dependent
             raise ProbeError(f"bcc is not importable ({exc}); install python3-bpfcc") from exc
         try:
-            self.bpf = BPF(src_file=str(CONN_PROGRAM).encode(), cflags=self.config.cflags())
+            program = self.config.program_dir / CONN_PROGRAM
+            self.bpf = BPF(src_file=str(program).encode(), cflags=self.config.cflags())
         except Exception as exc:
-            raise ProbeError(f"could not load {CONN_PROGRAM.name}: {str(exc).splitlines()[-1]}") from exc
+            raise ProbeError(f"could not load {CONN_PROGRAM}: {str(exc).splitlines()[-1]}") from exc
         layout = load_layout()
         self.drop_names = {v: k for k, v in layout.enums["drop_reason"].items() if k != "DROP_REASONS"}
         self._targets = self.bpf[b"targets"]
