@@ -170,7 +170,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
     metrics: WorkerMetrics | None = None  # per-worker metrics (export/metrics.py), with an OTLP endpoint
     try:
         probes.add_targets(t.pid for t in targets)
-        known_ports = _rescan(targets, probes, ring, set())
+        listeners = ListenerFinder()  # caches which fds hold the listeners, between rescans
+        known_ports = _rescan(targets, listeners, probes, ring, set())
         if names:
             ring.context.put(_names_context(names))
         probes.open_ring_buffer(pipeline.on_record)
@@ -182,7 +183,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if opts.ready_file:
             with open(opts.ready_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
-        await _wait(opts, loop, rescan_now, targets, probes, ring, known_ports)
+        await _wait(opts, loop, rescan_now, targets, listeners, probes, ring, known_ports)
     finally:
         ring.stop_requested.set()
         if ring.is_alive():
@@ -274,14 +275,11 @@ def _names_context(names: dict[tuple[str, int], str]) -> dict:
     return {"type": "listener_names", "names": [[a, p, n] for (a, p), n in sorted(names.items())]}
 
 
-_LISTENERS = ListenerFinder()  # caches which fds hold the listeners, between rescans
-
-
-def _rescan(targets: list[EnvoyProcess], probes: ConnectionProbes, ring: _RingThread,
-            known_ports: set[int]) -> set[int]:
+def _rescan(targets: list[EnvoyProcess], listeners: ListenerFinder, probes: ConnectionProbes,
+            ring: _RingThread, known_ports: set[int]) -> set[int]:
     sockets = {}
     for t in targets:
-        sockets.update(_LISTENERS.sockets(t.pid))
+        sockets.update(listeners.sockets(t.pid))
     ports = {s.port for s in sockets.values()}
     if ports != known_ports:
         probes.set_listen_ports(ports)
@@ -303,8 +301,8 @@ def _report_new_drops(probes: ConnectionProbes, before: dict[str, int]) -> dict[
 
 
 async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now: asyncio.Event,
-                targets: list[EnvoyProcess], probes: ConnectionProbes, ring: _RingThread,
-                known_ports: set[int]) -> None:
+                targets: list[EnvoyProcess], listeners: ListenerFinder, probes: ConnectionProbes,
+                ring: _RingThread, known_ports: set[int]) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -326,7 +324,7 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now
             if rescan_now.is_set() or loop.time() >= next_rescan:
                 rescan_now.clear()
                 await asyncio.sleep(0.05)  # listen() returns before /proc shows the socket as LISTEN
-                known_ports = _rescan(targets, probes, ring, known_ports)
+                known_ports = _rescan(targets, listeners, probes, ring, known_ports)
                 dropped = _report_new_drops(probes, dropped)
                 if opts.envoy_admin:
                     try:

@@ -79,21 +79,26 @@ def resolve_targets(pids: list[int], comm: str | None, *, require_envoy: bool = 
     return [found[p] for p in sorted(found)]
 
 
+def _socket_inode(fd_path: str | Path) -> int | None:
+    """The socket inode an fd (``/proc/<pid>/fd/<n>``) refers to; None for other files and closed fds."""
+    try:
+        link = os.readlink(fd_path)
+    except OSError:
+        return None
+    return int(link[8:-1]) if link.startswith("socket:[") else None
+
+
 def _socket_inodes(pid: int) -> dict[int, int]:
     """inode -> fd for the socket fds of ``pid``."""
     out: dict[int, int] = {}
-    fd_dir = PROC / str(pid) / "fd"
     try:
-        entries = list(os.scandir(fd_dir))
+        entries = list(os.scandir(PROC / str(pid) / "fd"))
     except OSError:
         return out
     for entry in entries:
-        try:
-            link = os.readlink(entry.path)
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            out[int(link[8:-1])] = int(entry.name)
+        inode = _socket_inode(entry.path)
+        if inode is not None:
+            out[inode] = int(entry.name)
     return out
 
 
@@ -124,14 +129,6 @@ def _listening_sockets_from_proc(pid: int) -> dict[tuple[int, int], ListenSocket
     return out
 
 
-def _fd_inode(pid: int, fd: int) -> int | None:
-    try:
-        link = os.readlink(PROC / str(pid) / "fd" / str(fd))
-    except OSError:
-        return None
-    return int(link[8:-1]) if link.startswith("socket:[") else None
-
-
 class ListenerFinder:
     """Finds the listening TCP sockets of target processes, cheaply enough to do every few seconds.
 
@@ -157,17 +154,13 @@ class ListenerFinder:
         fds: dict[int, int] | None = None
         if seen is not None and seen[0] == inodes:
             fds = seen[1]
-            if any(_fd_inode(pid, fd) != inode for inode, fd in fds.items()):
+            if any(_socket_inode(PROC / str(pid) / "fd" / str(fd)) != inode for inode, fd in fds.items()):
                 fds = None  # an fd was closed or reused: walk again
         if fds is None:
             held = _socket_inodes(pid)
             fds = {inode: held[inode] for inode in inodes if inode in held}
         self._seen[pid] = (inodes, fds)
         return {(pid, fd): by_inode[inode] for inode, fd in fds.items()}
-
-    def forget(self, pid: int) -> None:
-        """Drop what is cached about ``pid`` (it exited)."""
-        self._seen.pop(pid, None)
 
 
 def listening_sockets(pid: int) -> dict[tuple[int, int], ListenSocket]:
