@@ -381,20 +381,18 @@ static __always_inline int on_epoll_wait_enter(void) {
     struct thread_state *t = threads.lookup(&tid); /* only target threads have state */
     if (!t)
         return 0;
-    if (!t->in_round) {
-        t->idle_ns = 0;
+    __u64 idle = t->idle_ns; /* the sleep that started the round ending now; the next one starts here */
+    t->idle_ns = 0;
+    if (!t->in_round)
         return 0;
-    }
     t->in_round = 0;
     __u64 now = bpf_ktime_get_ns();
     __u64 took = now - t->round_start_ns;
     __u32 slot = log2_u64(took / 1000);
     if (slot < ROUND_HIST_SLOTS)
         t->round_hist[slot]++;
-    if (took < ROUND_MIN_NS && !t->round_flagged) {
-        t->idle_ns = 0;
+    if (took < ROUND_MIN_NS && !t->round_flagged)
         return 0;
-    }
     struct round_event ev = {};
     fill_header_of(&ev.hdr, EV_ROUND, bpf_get_current_pid_tgid(), t);
     ev.hdr.ts_ns = now;
@@ -404,12 +402,11 @@ static __always_inline int on_epoll_wait_enter(void) {
     ev.ready = t->ready;
     ev.waits = t->round_waits;
     ev.cpu = bpf_get_smp_processor_id();
-    ev.idle_ns = t->idle_ns;
-    ev.waker_kstack_id = t->idle_ns ? t->wake_kstack_id : -1; /* -1: no waker taken */
+    ev.idle_ns = idle;
+    ev.waker_kstack_id = idle ? t->wake_kstack_id : -1; /* -1: no waker taken */
     ev.waker_pid = t->wake_pid;
     ev.waker_tgid = t->wake_tgid;
     __builtin_memcpy(ev.waker_comm, t->wake_comm, sizeof(ev.waker_comm));
-    t->idle_ns = 0;
     emit(&ev, sizeof(ev));
     return 0;
 }
@@ -516,17 +513,14 @@ TRACEPOINT_PROBE(sched, sched_switch) {
         /* Between rounds: no span, but the next round learns how long the thread slept and, for a long
          * sleep, who woke it; long sleeps are also aggregated by waker. */
         n->idle_ns += off;
-        if (!n->waker_taken) { /* shorter than OFFCPU_MIN_NS when it was woken: no waker taken */
-            n->wake_kstack_id = -1;
-            n->wake_pid = 0;
-            n->wake_tgid = 0;
-            n->wake_comm[0] = 0;
-            return 0;
-        }
+        /* kept for the round (other_* are reused by the next wait); without a waker taken (the sleep was
+         * shorter than OFFCPU_MIN_NS when it was woken) they are still as the switch-out left them: none */
         n->wake_kstack_id = n->waker_kstack_id;
         n->wake_pid = n->other_pid;
         n->wake_tgid = n->other_tgid;
         __builtin_memcpy(n->wake_comm, n->other_comm, sizeof(n->wake_comm));
+        if (!n->waker_taken)
+            return 0;
         struct idle_wake_key wk = {.tid = next, .waker_tgid = n->other_tgid,
                                    .waker_kstack_id = n->waker_kstack_id};
         struct idle_wake_total *w = idle_wakes.lookup(&wk);

@@ -7,7 +7,8 @@ Trace shape (in each connection's own trace; a round that served several connect
         offcpu.wait                 (INTERNAL: switched out -> back on CPU, one per wait >= the threshold)
 
 A wait outside any round (the thread was not handling fds) is a root span of its own: it delayed no
-connection. Idle waits (inside epoll_wait) never become spans: the kernel only aggregates them (metrics).
+connection. Idle waits (inside epoll_wait) never become spans: the kernel only aggregates them (metrics),
+by waker for the long ones, and the round that follows a long one names its waker (envoy.event_loop.waker.*).
 
 Stacks are resolved here, never on the event path: whoever drives this builder runs it off the ring-buffer
 thread (see pipeline.RoundWorker). ``StackSource`` reads the kernel's stack table; without one (replays)
