@@ -157,14 +157,18 @@ def test_idle_envoy_waits_are_aggregated_never_attributed(receiver, tmp_path):
 
 def test_idle_wakeups_name_what_woke_the_worker(receiver, tmp_path):
     """A worker asleep in epoll_wait, woken by a client's request bytes: the round that reads them says who
-    woke it (this test's process, over TCP) after how long; the metrics and the summary count the wake-up."""
+    woke it (this test's process, over TCP) after how long; the metrics and the summary count the wake-up.
+
+    The waker is taken for every sleep (--offcpu-threshold 0): Envoy's own timers wake the worker every few
+    tens of ms, so the sleep the request ends can be a millisecond or two even with 100 ms between connect
+    and send (with a 5 ms threshold, 1 request in 3 went unnamed in one CI run)."""
     summary = tmp_path / "summary.json"
     requests = 3
     with EnvoyLab(concurrency=1, direct_response=True) as lab:
         daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
                                 "--otlp-protocol", "grpc", "--summary-json", str(summary),
                                 "--metrics-interval", "1", "--round-threshold", "0",
-                                "--offcpu-threshold", "5"], tmp_path).start()
+                                "--offcpu-threshold", "0"], tmp_path).start()
         try:
             (worker_tid,) = lab.worker_threads().values()
             for _ in range(requests):
@@ -185,10 +189,10 @@ def test_idle_wakeups_name_what_woke_the_worker(receiver, tmp_path):
             assert daemon.stop() == 0, daemon.stderr()
         envoy_pid = lab.pid
     wakeups = json.loads(summary.read_text())["idle_wakeups"]
-    assert wakeups["tcp"]["wakeups"] >= requests and wakeups["tcp"]["ns"] >= requests * 5_000_000, wakeups
+    assert wakeups["tcp"]["wakeups"] >= requests and wakeups["tcp"]["ns"] > 0, wakeups
     rounds = [s for s in receiver.spans() if s.name == "envoy.event_loop.round"
               and s.attributes.get("process.pid") == envoy_pid
-              and s.attributes.get("envoy.event_loop.idle_before_ns", 0) >= 5_000_000]
+              and s.attributes.get("envoy.event_loop.idle_before_ns", 0) > 0]
     woken_by_us = [r for r in rounds if r.attributes.get("envoy.event_loop.waker.kind") == "tcp"
                    and r.attributes.get("envoy.event_loop.waker.pid") == os.getpid()]
     assert len(woken_by_us) >= requests, [r.attributes for r in rounds]
