@@ -110,6 +110,9 @@ struct conn_state {
     __u32 role;
     __u32 flags;          /* CONN_* below */
     __u32 tls_flags;      /* TLS_FRAMING_* (events.h) */
+    __u8 held_data[8];    /* CONN_HELD: the first bytes of the held TLS record header read */
+    __u32 held_captured;  /* how many of them were captured */
+    __u32 _pad_held;
     struct tls_framing tls[2]; /* indexed by enum io_direction */
     struct h2_framing h2[2];   /* indexed by enum io_direction (CONN_H2 only) */
 };
@@ -118,8 +121,10 @@ struct conn_state {
 #define CONN_TLS 2      /* the first bytes read were a TLS handshake record */
 #define CONN_TLS_APP 4  /* TLS handshake over: reads carry no bytes (ciphertext), only their round */
 #define CONN_H2 8       /* HTTP/2 prior knowledge (the client preface came first): records are condensed */
+#define CONN_HELD 16    /* a read of a lone TLS record header waits to ride on the next read's record */
 /* Record headers walked per syscall; a read or write holding more records loses the framing. */
 #define TLS_WALK_MAX 48
+#define TLS_RECORD_HEADER 5
 #define TLS_MAX_RECORD (16384 + 2048) /* TLSCiphertext.length bound (RFC 5246 6.2.3) */
 /* HTTP/2 condensed capture (capture_h2): walk steps per syscall (a step copies one run of bytes up to the
  * end of a buffer, a frame header or a payload, skips one DATA payload, or moves to the next iovec: two or
@@ -966,6 +971,17 @@ static __always_inline int emit_data(struct conn_state *cs, struct thread_state 
     e->ret = ret;
     e->msg_seq = seq;
     e->captured = 0;
+    e->held = 0;
+    e->held_captured = 0;
+    __builtin_memset(e->held_data, 0, sizeof(e->held_data));
+    if (!is_write && !peek && (cs->flags & CONN_HELD)) {
+        cs->flags &= ~CONN_HELD;
+        e->held = TLS_RECORD_HEADER;
+        e->held_captured = cs->held_captured;
+        __builtin_memcpy(e->held_data, cs->held_data, sizeof(e->held_data));
+        if (ret > 0)
+            e->ret = ret + TLS_RECORD_HEADER;
+    }
     /* HTTP/2 connections whose framing is still followed get a condensed record instead (capture_h2) */
     __u8 h2 = (cs->flags & CONN_H2) && cs->h2[is_write & 1].state == H2_WALK;
     if (ret > 0 && !(cs->flags & CONN_TLS_APP) && !h2) {
@@ -996,6 +1012,17 @@ static __always_inline int emit_data(struct conn_state *cs, struct thread_state 
             cs->flags |= CONN_TLS_APP;
             cs->capture_budget = HTTP_CAPTURE ? CAPTURE_UNLIMITED : 0;
         }
+    }
+    /* A read of just a TLS record header (BoringSSL reads the header, then the body): held back, to ride
+     * on this connection's next read record (e->held), one record instead of two, while one more record
+     * is due (with --no-requests none is after the handshake's end: that header goes out alone). */
+    if (ret == TLS_RECORD_HEADER && !is_write && !peek && (cs->flags & CONN_TLS) && !e->held &&
+        cs->data_events < cs->capture_budget) {
+        cs->flags |= CONN_HELD;
+        cs->held_captured = e->captured;
+        __builtin_memcpy(cs->held_data, e->data, sizeof(cs->held_data));
+        cs->data_events = seq; /* not sent */
+        return 0;
     }
     /* HTTP/2 with prior knowledge: the client's first bytes are the preface (downstream: the first read;
      * upstream: the first write). Both directions are walked from here on, this record included. */

@@ -162,6 +162,14 @@ struct data_event {
     __u8 role;      /* enum conn_role */
     __s64 ret;      /* bytes transferred, 0 at EOF, or -errno */
     __u32 msg_seq;  /* index of this data event on the connection */
+    /* A read of just a TLS record header (BoringSSL reads a record's 5-byte header, then its body) is not
+     * sent on its own: it rides on the connection's next read record. `held` is how many bytes it read
+     * (0 or 5; included in `ret` when this read returned bytes), `held_captured` how many of them are in
+     * `held_data` (0 past the handshake, when reads carry no bytes). They come before `data`. */
+    __u8 held;
+    __u8 held_captured;
+    __u8 _pad0[2];
+    __u8 held_data[8];
     __u32 captured; /* bytes of `data` that follow (the record is cut right after them) */
     __u8 data[CAPTURE_MAX];
 };

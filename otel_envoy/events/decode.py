@@ -72,6 +72,10 @@ class Decoder:
             self._kinds[layout.constants[const]] = (
                 unpacker.unpack_from, make, unpacker.size if variable else None)
         self.data_offset = layout.structs["data_event"].offset_of("data")
+        self._data_kind = layout.constants["EV_DATA"]
+        fields = DataEvent._fields
+        self._held = fields.index("held")
+        self._ret, self._captured = fields.index("ret"), fields.index("captured")
 
     def decode(self, raw: bytes) -> Event | None:
         """Return the typed event, or None (counted in ``errors``) for a short or unknown record."""
@@ -86,7 +90,21 @@ class Decoder:
             values = unpack_from(raw)
             if data_start is None:
                 return make(values)
-            return make((*values, raw[data_start : data_start + values[-1]]))  # values[-1]: captured
+            data = raw[data_start : data_start + values[-1]]  # values[-1]: captured
+            if values[self._held]:
+                return make(self._with_held(values, data))
+            return make((*values, data))
         except struct.error:
             self.errors["short_record"] += 1
             return None
+
+    def _with_held(self, values: tuple, data: bytes) -> tuple:
+        """A data record carrying a held TLS record header read: its bytes go in front of ``data``, its
+        size into ``ret`` (the kernel added it when the read returned bytes) and ``captured``."""
+        out = list(values)
+        held_data = values[self._held + 2][: values[self._held + 1]]  # held_data[:held_captured]
+        if len(held_data) < values[self._held]:
+            data = b""  # the header's bytes were not captured: neither are the body's (past the handshake)
+        out[self._captured] = len(held_data) + len(data)
+        out.append(held_data + data)
+        return tuple(out)

@@ -129,7 +129,7 @@ def data(ts: int, fd: int, direction: int, ret: int, payload: bytes = b"", *, pe
         syscall = C["IO_RECVFROM"] if direction == DIR_READ else C["IO_SENDTO"]
     return DataEvent(ts, C["EV_DATA"], tgid, tid, 1, fd, direction, syscall,
                      C["DATA_FLAG_PEEK"] if peek else 0, C["ROLE_DOWNSTREAM"] if role is None else role,
-                     ret, seq, len(payload), payload)
+                     ret, seq, 0, 0, bytes(8), len(payload), payload)
 
 
 def read(ts: int, fd: int, payload: bytes, *, ret: int | None = None, peek: bool = False,

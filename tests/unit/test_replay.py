@@ -264,6 +264,35 @@ def test_tls13_connection(traces: dict[int, Trace]) -> None:
     assert up[0].attributes["otel_envoy.attribution"].startswith("tls_connection_")
 
 
+def test_tls_record_header_reads_ride_on_the_next_read() -> None:
+    """BoringSSL reads each TLS record's 5-byte header, then its body: the kernel sends one record for both
+    (held + data), so a TLS connection's reads cost half the records. No read of a lone header is sent on
+    the TLS connections of the real recording, and their handshake bytes are the stream as read."""
+    from otel_envoy.events.decode import Decoder
+    from otel_envoy.events.types import DataEvent
+
+    c = load_layout().constants
+    decoder = Decoder()
+    conns: list[list[DataEvent]] = []  # each accepted connection's reads
+    current: dict[int, list[DataEvent]] = {}
+    for kind, payload in RecordingReader(RECORDING):
+        ev = decoder.decode(payload) if kind == "kernel" else None
+        if ev is not None and ev.kind == c["EV_ACCEPT"]:
+            current[ev.fd] = []
+            conns.append(current[ev.fd])
+        elif (isinstance(ev, DataEvent) and ev.direction == c["DIR_READ"] and ev.role == c["ROLE_DOWNSTREAM"]
+              and not ev.flags & c["DATA_FLAG_PEEK"] and ev.fd in current):
+            current[ev.fd].append(ev)
+    tls = [evs for evs in conns if evs and evs[0].data[:1] == b"\x16"]
+    assert len(tls) == 2  # the TLS 1.3 and the TLS 1.2 connection
+    for evs in tls:
+        assert all(ev.ret != 5 for ev in evs)
+        held = [ev for ev in evs if ev.held]
+        assert len(held) >= 3 and all(ev.held == 5 for ev in held)
+        hello = evs[0]  # the ClientHello: its header and body, one record
+        assert hello.held == 5 and hello.ret == 5 + int.from_bytes(hello.data[3:5], "big")
+
+
 def test_tls12_connection(traces: dict[int, Trace]) -> None:
     found = [t for t in traces.values() if t.children("tls.handshake")
              and t.child("tls.handshake").attributes.get("tls.protocol.version") == "1.2"]
