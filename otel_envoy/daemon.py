@@ -175,6 +175,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if names:
             ring.context.put(_names_context(names))
         probes.open_ring_buffer(pipeline.on_record)
+        if opts.offcpu:  # waits and wake-ups carry kernel stacks: symbols before the load, not during it
+            symbolizer.load_kernel_symbols()
         _tune_garbage_collector()
         ring.start()
         metrics = _start_worker_metrics(opts, probes, pipeline, stacks)

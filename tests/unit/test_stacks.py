@@ -276,6 +276,16 @@ def test_kernel_address_resolves_to_function_plus_offset(kallsyms: dict[int, set
     assert sym.stats.kallsyms_loads == 1
 
 
+def test_kernel_symbols_can_be_loaded_before_the_first_stack(kallsyms: dict[int, set[str]]) -> None:
+    """The daemon reads kallsyms at start-up: the first stack under load does not pay for it."""
+    addr = next(a for a, names in kallsyms.items() if "schedule" in names)
+    sym = Symbolizer()
+    assert sym.load_kernel_symbols() >= len(kallsyms) // 2  # text symbols only
+    assert sym.stats.kallsyms_loads == 1
+    assert sym.kernel_frames([addr])[0].partition("+")[0] in kallsyms[addr]
+    assert sym.load_kernel_symbols() and sym.stats.kallsyms_loads == 1  # read once
+
+
 def test_kernel_frames_agree_with_bcc(kallsyms: dict[int, set[str]]) -> None:
     bcc = pytest.importorskip("bcc")
     addr = next(a for a, names in kallsyms.items() if "schedule" in names)
