@@ -223,15 +223,13 @@ class Daemon:
 
     def __init__(
         self, lab: EnvoyLab, workdir: Path, requests: bool = True, source: Path | None = None,
-        offcpu: bool = True,
+        offcpu: bool = True, cpus: str = "1",
     ) -> None:
         self.ready = workdir / f"ready-{time.monotonic_ns()}"
         self.summary = workdir / f"summary-{time.monotonic_ns()}.json"
         self.output = workdir / f"spans-{time.monotonic_ns()}.jsonl"
         cmd = [
-            "taskset",
-            "-c",
-            "1",
+            *(["taskset", "-c", cpus] if cpus != "all" else []),
             sys.executable,
             "-m",
             "otel_envoy.cli",
@@ -333,11 +331,12 @@ def daemon_fields(summary: dict, daemon_cpu_s: float, seconds: float, requests: 
 
 
 def one_run(
-    lab: EnvoyLab, workload: str, traced: bool, seconds: float, workdir: Path, source: Path | None = None
+    lab: EnvoyLab, workload: str, traced: bool, seconds: float, workdir: Path, source: Path | None = None,
+    daemon_cpus: str = "1",
 ) -> dict:
     requests = workload in ("keepalive_requests", "tls_new")
     daemon = Daemon(lab, workdir, requests=requests, offcpu=workload != "keepalive_no_offcpu",
-                    source=source) if traced else None
+                    source=source, cpus=daemon_cpus) if traced else None
     try:
         time.sleep(0.5)
         if workload.startswith("keepalive"):
@@ -370,6 +369,10 @@ def main() -> int:
     parser.add_argument(
         "--daemon-rev", help="run the daemon of this git revision (e.g. HEAD) instead of the working tree's"
     )
+    parser.add_argument(
+        "--daemon-cpus", default="1",
+        help="CPUs the daemon may run on (taskset list), or 'all' to leave its placement to the scheduler",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: must run as root", file=sys.stderr)
@@ -385,6 +388,7 @@ def main() -> int:
         "seconds": args.seconds,
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
         "daemon": daemon_revision(args.daemon_rev),
+        "daemon_cpus": args.daemon_cpus,
         "workloads": {},
     }
     with (
@@ -397,7 +401,8 @@ def main() -> int:
             wrk(f"http://127.0.0.1:{lab.http_port}/", 2, 8, [])  # warm-up
             for i in range(args.rounds):
                 for mode in ("baseline", "traced") if i % 2 == 0 else ("traced", "baseline"):
-                    r = one_run(lab, workload, mode == "traced", args.seconds, Path(tmp), source)
+                    r = one_run(lab, workload, mode == "traced", args.seconds, Path(tmp), source,
+                                args.daemon_cpus)
                     runs[mode].append(r)
                     print(
                         f"{workload:9s} {mode:8s} round {i}: {r['rps']:9.0f} req/s  envoy "

@@ -1,4 +1,4 @@
-"""Time spent inside our BPF programs per keep-alive request, from the kernel's own accounting (root).
+"""Time spent inside our BPF programs per request, from the kernel's own accounting (root).
 
 Envoy's CPU per request (bench/probe_cost.py, bench/overhead.py) moves by +-30 % on this shared machine when
 other tenants load the host, which hides a difference of a few percent. The kernel can instead time every
@@ -9,10 +9,15 @@ probes on unless ``--no-offcpu``), drives one direct-response Envoy (1 worker on
 programs add to a request; the tracepoints' own dispatch (and the syscall slow path they switch on) comes on
 top and is not in these counters.
 
+``--workload tls_new`` drives a new TLS connection per request instead (wrk over https with ``Connection:
+close``, 16 connections) with request capture on, as the daemon runs by default: the per-connection path
+(accept, listener filters' peek, TLS records walked and their first bytes captured, close).
+
 ``--baseline-bpf DIR`` loads a second program from DIR (conn.bpf.c + events.h of another revision) and
 alternates the two, so both see the same machine.
 
 Usage:  .venv/bin/python bench/program_cost.py [--rounds 3] [--seconds 5] [--baseline-bpf DIR] [--no-offcpu]
+                                              [--workload keepalive|tls_new]
 """
 
 from __future__ import annotations
@@ -46,23 +51,28 @@ def program_stats(probes: loader.ConnectionProbes) -> dict[str, tuple[int, int]]
     return out
 
 
-def load(source: Path | None, offcpu: bool) -> loader.ConnectionProbes:
+def load(source: Path | None, offcpu: bool, http_capture: bool = False) -> loader.ConnectionProbes:
     """The connection program from the working tree, or from ``source``."""
-    config = loader.ProbeConfig(http_capture=False, offcpu=offcpu)
+    config = loader.ProbeConfig(http_capture=http_capture, offcpu=offcpu)
     if source is not None:
         config = dataclasses.replace(config, program_dir=source)
     return loader.ConnectionProbes(config)
 
 
-def one_run(lab: EnvoyLab, source: Path | None, offcpu: bool, seconds: float) -> dict:
+def one_run(lab: EnvoyLab, source: Path | None, offcpu: bool, seconds: float, workload: str = "keepalive"
+            ) -> dict:
     """Load, run wrk, read the counters, unload."""
-    probes = load(source, offcpu)
+    tls = workload == "tls_new"
+    probes = load(source, offcpu, http_capture=tls)
     try:
         probes.add_targets([lab.pid])
-        probes.set_listen_ports([lab.http_port])
+        probes.set_listen_ports([lab.tls_port if tls else lab.http_port])
         probes.open_ring_buffer(lambda _raw: None)
         before, envoy0 = program_stats(probes), cpu_seconds(lab.pid)
-        r = wrk(f"http://127.0.0.1:{lab.http_port}/", seconds, 32, [])
+        if tls:
+            r = wrk(f"https://127.0.0.1:{lab.tls_port}/", seconds, 16, ["-H", "Connection: close"])
+        else:
+            r = wrk(f"http://127.0.0.1:{lab.http_port}/", seconds, 32, [])
         after, envoy1 = program_stats(probes), cpu_seconds(lab.pid)
         probes.consume()
     finally:
@@ -85,6 +95,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--baseline-bpf", type=Path, help="conn.bpf.c and events.h of the program to compare")
     ap.add_argument("--no-offcpu", dest="offcpu", action="store_false", help="without the scheduler probes")
+    ap.add_argument("--workload", choices=("keepalive", "tls_new"), default="keepalive")
     args = ap.parse_args()
     variants: dict[str, Path | None] = {"current": None}
     if args.baseline_bpf:
@@ -98,7 +109,7 @@ def main() -> int:
             for i in range(args.rounds):
                 names = list(variants) if i % 2 == 0 else list(reversed(variants))
                 for name in names:
-                    r = one_run(lab, variants[name], args.offcpu, args.seconds)
+                    r = one_run(lab, variants[name], args.offcpu, args.seconds, args.workload)
                     runs[name].append(r)
                     top = sorted(r["programs"].items(), key=lambda kv: -kv[1]["ns_per_request"])[:3]
                     print(f"{name:9s} {r['rps']:9.0f} req/s  Envoy {r['envoy_cpu_us_per_req']:5.2f} us/req  "
@@ -115,7 +126,8 @@ def main() -> int:
               f"Envoy {s['envoy_cpu_us_per_req_median']:5.2f} us/request")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"program_cost-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"offcpu": args.offcpu, "seconds": args.seconds, "runs": runs,
+    out.write_text(json.dumps({"workload": args.workload, "offcpu": args.offcpu, "seconds": args.seconds,
+                               "runs": runs,
                                "summary": summary}, indent=2))
     print(f"written: {out}")
     return 0
