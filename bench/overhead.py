@@ -45,18 +45,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def cpu_ticks() -> dict[str, tuple[int, int]]:
-    """Per CPU (``cpu0``, ``cpu1``, ...): (busy, total) jiffies from /proc/stat."""
-    out: dict[str, tuple[int, int]] = {}
+def cpu_ticks() -> dict[str, tuple[int, int, int]]:
+    """Per CPU (``cpu0``, ``cpu1``, ...): (busy, total, steal) jiffies from /proc/stat."""
+    out: dict[str, tuple[int, int, int]] = {}
     for line in Path("/proc/stat").read_text().splitlines():
         name, *vals = line.split()
         if name.startswith("cpu") and name != "cpu":
             v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
-            out[name] = (sum(v) - v[3] - v[4], sum(v))
+            out[name] = (sum(v) - v[3] - v[4], sum(v), v[7])
     return out
 
 
-def cpu_busy(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, float]:
+def cpu_steal(before: dict[str, tuple[int, int, int]], after: dict[str, tuple[int, int, int]]
+              ) -> dict[str, float]:
+    """Fraction of each CPU's time the hypervisor gave to other guests between two :func:`cpu_ticks`
+    samples (this machine is a VM on a shared host: its slow periods)."""
+    return {
+        cpu: (after[cpu][2] - b[2]) / max(after[cpu][1] - b[1], 1)
+        for cpu, b in before.items()
+        if cpu in after
+    }
+
+
+def cpu_busy(before: dict[str, tuple[int, int, int]], after: dict[str, tuple[int, int, int]]
+             ) -> dict[str, float]:
     """Fraction of each CPU that was busy between two :func:`cpu_ticks` samples."""
     return {
         cpu: (after[cpu][0] - b[0]) / max(after[cpu][1] - b[1], 1)
@@ -343,10 +355,12 @@ def one_run(
             url, conns, extra = f"http://127.0.0.1:{lab.http_port}/", 32, []
         else:
             url, conns, extra = f"https://127.0.0.1:{lab.tls_port}/", 16, ["-H", "Connection: close"]
-        envoy0 = cpu_seconds(lab.pid)
+        envoy0, ticks0 = cpu_seconds(lab.pid), cpu_ticks()
         daemon0 = daemon.cpu() if daemon else 0.0
         result = wrk(url, seconds, conns, extra)
         result["envoy_cpu_s"] = cpu_seconds(lab.pid) - envoy0
+        ticks1 = cpu_ticks()
+        result["cpu_busy"], result["cpu_steal"] = cpu_busy(ticks0, ticks1), cpu_steal(ticks0, ticks1)
         result["envoy_cpu_us_per_req"] = result["envoy_cpu_s"] / max(result["requests"], 1) * 1e6
         if daemon is not None:
             time.sleep(0.3)  # let the daemon drain what is in flight before reading its CPU
@@ -406,7 +420,8 @@ def main() -> int:
                     runs[mode].append(r)
                     print(
                         f"{workload:9s} {mode:8s} round {i}: {r['rps']:9.0f} req/s  envoy "
-                        f"{r['envoy_cpu_us_per_req']:6.1f} us/req"
+                        f"{r['envoy_cpu_us_per_req']:6.1f} us/req  steal "
+                        + "/".join(f"{v:.2f}" for v in r["cpu_steal"].values())
                         + (
                             f"  daemon {r['daemon_cpu_us_per_req']:6.1f} us/req, "
                             f"{r['spans_per_s']:7.0f} spans/s, drops {r['drops'] or 0}"
@@ -448,6 +463,10 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         "requests_traced_per_run": med("traced", "requests_traced"),
         "requests_per_run": med("traced", "requests"),
         "drops_total": drops,
+        "cpu_steal_median": {
+            mode: statistics.median(statistics.fmean(r["cpu_steal"].values()) for r in rs)
+            for mode, rs in runs.items() if rs and all(r.get("cpu_steal") for r in rs)
+        },
     }
 
 
