@@ -1121,8 +1121,8 @@ static __always_inline void walk_tls_records(struct conn_state *cs, const struct
         if (pos >= n)
             return;
 #pragma unroll
-        for (int j = 0; j < 5; j++) {
-            if (f->hdr_got < 5 && pos < n) {
+        for (int j = 0; j < TLS_RECORD_HEADER; j++) {
+            if (f->hdr_got < TLS_RECORD_HEADER && pos < n) {
                 __u8 b = 0;
                 if (segment_byte(s, pos, &b) != 0) {
                     cs->tls_flags |= lost;
@@ -1133,7 +1133,7 @@ static __always_inline void walk_tls_records(struct conn_state *cs, const struct
                 pos++;
             }
         }
-        if (f->hdr_got < 5)
+        if (f->hdr_got < TLS_RECORD_HEADER)
             return; /* the header continues in the next syscall */
         f->hdr_got = 0;
         __u32 len = ((__u32)f->hdr[3] << 8) | f->hdr[4];

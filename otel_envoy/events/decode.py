@@ -72,10 +72,9 @@ class Decoder:
             self._kinds[layout.constants[const]] = (
                 unpacker.unpack_from, make, unpacker.size if variable else None)
         self.data_offset = layout.structs["data_event"].offset_of("data")
-        self._data_kind = layout.constants["EV_DATA"]
         fields = DataEvent._fields
-        self._held = fields.index("held")
-        self._ret, self._captured = fields.index("ret"), fields.index("captured")
+        self._held, self._held_captured, self._held_data, self._captured = (
+            fields.index(name) for name in ("held", "held_captured", "held_data", "captured"))
 
     def decode(self, raw: bytes) -> Event | None:
         """Return the typed event, or None (counted in ``errors``) for a short or unknown record."""
@@ -99,10 +98,10 @@ class Decoder:
             return None
 
     def _with_held(self, values: tuple, data: bytes) -> tuple:
-        """A data record carrying a held TLS record header read: its bytes go in front of ``data``, its
-        size into ``ret`` (the kernel added it when the read returned bytes) and ``captured``."""
+        """A data record carrying a held TLS record header read: its bytes go in front of ``data`` and are
+        counted in ``captured`` (the kernel added its size to ``ret`` when the read returned bytes)."""
         out = list(values)
-        held_data = values[self._held + 2][: values[self._held + 1]]  # held_data[:held_captured]
+        held_data = values[self._held_data][: values[self._held_captured]]
         if len(held_data) < values[self._held]:
             data = b""  # the header's bytes were not captured: neither are the body's (past the handshake)
         out[self._captured] = len(held_data) + len(data)

@@ -84,8 +84,9 @@ class DataEvent(NamedTuple):
     """A read/write on a tracked fd returned ``ret``; ``data`` holds its first ``captured`` bytes.
 
     A read of a lone TLS record header rides on the connection's next read record (``held`` bytes, 5): the
-    decoder puts its bytes (``held_data``) in front of ``data`` and adds ``held`` to ``ret`` and
-    ``captured``, so that ``data`` is the connection's byte stream as read, as if one read had read both.
+    decoder puts its bytes (``held_data``) in front of ``data`` and counts them in ``captured`` (the kernel
+    already counted them in ``ret``), so that ``data`` is the connection's byte stream as read, as if one read
+    had read both.
     """
 
     ts_ns: int
