@@ -9,7 +9,15 @@ noisy machine), and for traced runs the daemon's CPU per traced connection, span
                                    the scheduler probes (rounds, off-CPU waits) are on, as by default
               keepalive_no_offcpu - the same with --no-offcpu: keepalive vs this is the scheduler probes' cost
               keepalive_requests - the same with request capture on: a span for every request
-              tls_new            - a new TLS connection per request (wrk over https with Connection: close)
+              tls_new            - a new TLS connection per request (wrk over https with Connection: close),
+                                   EC P-256 certificates. wrk resumes its first session on every later
+                                   connection (TLS 1.3 PSK with ECDHE: no certificate, no signature), and
+                                   its half of that costs more CPU than Envoy's: wrk is the bottleneck
+              tls_full           - the same with session resumption off in Envoy: a full handshake each
+              tls_full_rsa       - full handshakes with RSA 2048 certificates (what most public and many
+                                   mesh certificates use): Envoy's signature (~0.2 ms) makes Envoy the
+                                   bottleneck, and wrk and the daemon fit on CPU 1
+              The tls_full* workloads run on their own Envoy labs (other certificates, other TLS settings).
 
 Usage (root, after scripts/setup.sh):  .venv/bin/python bench/overhead.py [--rounds 3] [--seconds 8]
 Writes bench/results/overhead-<timestamp>.json and prints a table of medians and ratios.
@@ -19,6 +27,7 @@ bench/rate_sweep.py reuses the helpers here for keep-alive requests at fixed off
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -36,6 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from otel_envoy.lab.lab import EnvoyLab
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: workload -> the Envoy lab's TLS settings: (certificate key type, session resumption)
+WORKLOADS: dict[str, tuple[str, bool]] = {
+    "keepalive": ("ec", True),
+    "keepalive_no_offcpu": ("ec", True),
+    "keepalive_requests": ("ec", True),
+    "tls_new": ("ec", True),
+    "tls_full": ("ec", False),
+    "tls_full_rsa": ("rsa", False),
+}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -346,7 +364,7 @@ def one_run(
     lab: EnvoyLab, workload: str, traced: bool, seconds: float, workdir: Path, source: Path | None = None,
     daemon_cpus: str = "1",
 ) -> dict:
-    requests = workload in ("keepalive_requests", "tls_new")
+    requests = workload == "keepalive_requests" or workload.startswith("tls_")
     daemon = Daemon(lab, workdir, requests=requests, offcpu=workload != "keepalive_no_offcpu",
                     source=source, cpus=daemon_cpus) if traced else None
     try:
@@ -388,6 +406,10 @@ def main() -> int:
         help="CPUs the daemon may run on (taskset list), or 'all' to leave its placement to the scheduler",
     )
     args = parser.parse_args()
+    unknown = [w for w in args.workloads.split(",") if w not in WORKLOADS]
+    if unknown:
+        print(f"bench: unknown workload {unknown[0]!r} (known: {', '.join(WORKLOADS)})", file=sys.stderr)
+        return 1
     if os.geteuid() != 0:
         print("bench: must run as root", file=sys.stderr)
         return 1
@@ -407,10 +429,18 @@ def main() -> int:
     }
     with (
         tempfile.TemporaryDirectory(prefix="otel-envoy-bench-") as tmp,
-        EnvoyLab(concurrency=1, direct_response=True, cpu=0, log_level="error") as lab,
+        contextlib.ExitStack() as labs_stack,
     ):
         source = daemon_source(args.daemon_rev, Path(tmp))
+        labs: dict[tuple[str, bool], EnvoyLab] = {}  # by TLS settings, started when first needed
         for workload in args.workloads.split(","):
+            tls_settings = WORKLOADS[workload]
+            key_type, resumption = tls_settings
+            if tls_settings not in labs:
+                labs[tls_settings] = labs_stack.enter_context(EnvoyLab(
+                    concurrency=1, direct_response=True, cpu=0, log_level="error", key_type=key_type,
+                    session_resumption=resumption))
+            lab = labs[tls_settings]
             runs: dict[str, list[dict]] = {"baseline": [], "traced": []}
             wrk(f"http://127.0.0.1:{lab.http_port}/", 2, 8, [])  # warm-up
             for i in range(args.rounds):
@@ -419,7 +449,7 @@ def main() -> int:
                                 args.daemon_cpus)
                     runs[mode].append(r)
                     print(
-                        f"{workload:9s} {mode:8s} round {i}: {r['rps']:9.0f} req/s  envoy "
+                        f"{workload:11s} {mode:8s} round {i}: {r['rps']:9.0f} req/s  envoy "
                         f"{r['envoy_cpu_us_per_req']:6.1f} us/req  steal "
                         + "/".join(f"{v:.2f}" for v in r["cpu_steal"].values())
                         + (
@@ -430,7 +460,8 @@ def main() -> int:
                         ),
                         flush=True,
                     )
-            report["workloads"][workload] = {"runs": runs, "summary": summarize(runs)}
+            report["workloads"][workload] = {"certificate_keys": key_type, "session_resumption": resumption,
+                                             "runs": runs, "summary": summarize(runs)}
     out = RESULTS / f"overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))
     print_table(report)
@@ -482,7 +513,7 @@ def print_table(report: dict) -> None:
             return format(v, spec) if v is not None else "-"
 
         print(
-            f"{name:10s} {f(s['baseline_rps'], '14.0f')} {f(s['traced_rps'], '13.0f')} "
+            f"{name:11s} {f(s['baseline_rps'], '14.0f')} {f(s['traced_rps'], '13.0f')} "
             f"{f(s['throughput_ratio'], '6.3f')}   {f(s['envoy_cpu_us_per_req_baseline'], '6.1f')} -> "
             f"{f(s['envoy_cpu_us_per_req_traced'], '6.1f')}          {f(s['daemon_cpu_us_per_conn'], '8.1f')}"
             f"  {f(s['spans_per_s'], '7.0f')}  {s['drops_total'] or 0}"

@@ -114,11 +114,16 @@ def _hcm(stat_prefix: str, direct_response: bool, tracing: dict[str, Any] | None
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": cfg}
 
 
-def _tls_socket(cert: ServerCert) -> dict[str, Any]:
+def _tls_socket(cert: ServerCert, session_resumption: bool = True) -> dict[str, Any]:
+    resumption = {} if session_resumption else {
+        "disable_stateless_session_resumption": True,  # no session tickets (TLS 1.2 tickets, TLS 1.3 PSKs)
+        "disable_stateful_session_resumption": True,  # no session-id cache (TLS 1.2)
+    }
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": _DOWNSTREAM_TLS_TYPE,
+            **resumption,
             "common_tls_context": {
                 "tls_params": {
                     "tls_minimum_protocol_version": "TLSv1_2",
@@ -137,12 +142,12 @@ def _tls_socket(cert: ServerCert) -> dict[str, Any]:
 
 
 def _tls_chain(name: str, cert: ServerCert, server_name: str | None, direct_response: bool,
-               tracing: dict[str, Any] | None) -> dict[str, Any]:
+               tracing: dict[str, Any] | None, session_resumption: bool = True) -> dict[str, Any]:
     chain: dict[str, Any] = {"name": name}
     if server_name is not None:
         chain["filter_chain_match"] = {"server_names": [server_name]}
     chain["filters"] = [_hcm(name, direct_response, tracing)]
-    chain["transport_socket"] = _tls_socket(cert)
+    chain["transport_socket"] = _tls_socket(cert, session_resumption)
     return chain
 
 
@@ -155,8 +160,13 @@ def render_envoy_config(
     tracing: dict[str, Any] | None = None,
     extra_clusters: list[dict[str, Any]] | None = None,
     runtime: dict[str, Any] | None = None,
+    session_resumption: bool = True,
 ) -> dict[str, Any]:
     """Return the lab's Envoy bootstrap as a dict (dump it as YAML/JSON for ``envoy -c``).
+
+    ``session_resumption=False`` turns off TLS session resumption on every TLS filter chain (tickets and
+    the session cache), so each TLS connection makes a full handshake: clients such as wrk otherwise resume
+    the session of their first connection on every later one.
 
     ``tracing`` is copied verbatim into every HCM's ``tracing`` field (see :func:`otel_tracing`); clusters
     it needs (e.g. :func:`otel_collector_cluster`) go in ``extra_clusters``. ``runtime`` becomes a static
@@ -202,11 +212,13 @@ def render_envoy_config(
                         }
                     ],
                     "filter_chains": [
-                        _tls_chain(CHAIN_A, certs.a, CHAIN_SERVER_NAMES[CHAIN_A], direct_response, tracing),
-                        _tls_chain(CHAIN_B, certs.b, CHAIN_SERVER_NAMES[CHAIN_B], direct_response, tracing),
+                        _tls_chain(CHAIN_A, certs.a, CHAIN_SERVER_NAMES[CHAIN_A], direct_response, tracing,
+                                   session_resumption),
+                        _tls_chain(CHAIN_B, certs.b, CHAIN_SERVER_NAMES[CHAIN_B], direct_response, tracing,
+                                   session_resumption),
                     ],
                     "default_filter_chain": _tls_chain(
-                        CHAIN_DEFAULT, certs.a, None, direct_response, tracing
+                        CHAIN_DEFAULT, certs.a, None, direct_response, tracing, session_resumption
                     ),
                 },
             ],

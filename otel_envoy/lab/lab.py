@@ -108,6 +108,10 @@ class EnvoyLab:
     ``backend_command`` replaces the lab backend with another server: its arguments, where ``{port}`` stands
     for the port it must listen on (127.0.0.1); it must print ``ready`` on stdout once listening. It runs in
     the lab's workdir with the project root on ``PYTHONPATH`` and ``backend_env`` added to the environment.
+
+    ``key_type``: the lab certificates' keys, "ec" (P-256) or "rsa" (2048 bits; see :mod:`.certs`).
+    ``session_resumption=False``: every TLS connection makes a full handshake (see
+    :func:`render_envoy_config`).
     """
 
     def __init__(
@@ -128,6 +132,8 @@ class EnvoyLab:
         otel_service_name: str = "envoy-lab",
         backend_command: Sequence[str] | None = None,
         backend_env: Mapping[str, str] | None = None,
+        key_type: str = "ec",
+        session_resumption: bool = True,
     ) -> None:
         if otel_collector_port is not None:
             if tracing is not None:
@@ -142,6 +148,8 @@ class EnvoyLab:
         self.runtime = runtime
         self.backend_command = list(backend_command) if backend_command is not None else None
         self.backend_env = dict(backend_env or {})
+        self.key_type = key_type
+        self.session_resumption = session_resumption
         self.cpus = self._cpu_set(cpu)
         self.backend_cpus = self._cpu_set(backend_cpu)
         self.envoy_binary = Path(envoy_binary) if envoy_binary else find_envoy_binary()
@@ -185,7 +193,7 @@ class EnvoyLab:
         self.workdir = Path(tempfile.mkdtemp(prefix="otel-envoy-lab-"))
         atexit.register(self.stop)
         try:
-            self.certs = generate_certs(self.workdir / "certs")
+            self.certs = generate_certs(self.workdir / "certs", key_type=self.key_type)
             for attempt in range(1, attempts + 1):
                 try:
                     self._start_backend()
@@ -250,7 +258,7 @@ class EnvoyLab:
         self.config = render_envoy_config(
             self.ports, self.certs, self.backend_port, concurrency=self.concurrency,
             direct_response=self.direct_response, tracing=self.tracing, extra_clusters=self.extra_clusters,
-            runtime=self.runtime,
+            runtime=self.runtime, session_resumption=self.session_resumption,
         )
         self.config_path = write_envoy_config(self.config, self.workdir / "envoy.json")
         log = self.workdir / "envoy.log"

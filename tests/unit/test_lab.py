@@ -72,6 +72,25 @@ def test_generate_certs(tmp_path: Path) -> None:
     assert certs.a.name == "a.example.com" and certs.b.name == "b.example.com"
 
 
+def test_generate_certs_rsa(tmp_path: Path) -> None:
+    certs = generate_certs(tmp_path, names=("a.example.com",), key_type="rsa")
+    sc = certs.a
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(certs.ca_path), str(sc.cert_path)],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert verify.returncode == 0, verify.stderr
+    for pem in (sc.cert_path, certs.ca_path):
+        text = subprocess.run(["openssl", "x509", "-in", str(pem), "-noout", "-text"],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert "rsaEncryption" in text and "2048 bit" in text
+    assert sc.key_path.stat().st_mode & 0o077 == 0
+
+
+def test_generate_certs_rejects_unknown_key_type(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="key_type"):
+        generate_certs(tmp_path, key_type="dsa")
+    assert not any(tmp_path.iterdir())
+
+
 def test_lab_ports_distinct() -> None:
     ports = LabPorts.pick()
     assert len({ports.admin_port, ports.http_port, ports.tls_port}) == 3
@@ -337,6 +356,36 @@ def test_second_lab_direct_response_pinned_and_stopped(lab: EnvoyLab) -> None:
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert lab.running and curl_plain(lab.http_port).ok
+
+
+def _tls12_resumed(port: int, session_file: Path) -> tuple[bool, str]:
+    """Two TLS 1.2 handshakes with openssl s_client, the second offering the first one's session:
+    (was it resumed, the second handshake's output). When the server offered neither a session id nor a
+    ticket, s_client saves no session: (False, the first handshake's output)."""
+    outputs = []
+    for flag in ("-sess_out", "-sess_in"):
+        if flag == "-sess_in" and not session_file.exists():
+            return False, outputs[0]
+        proc = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername",
+                               "a.example.com", "-tls1_2", flag, str(session_file)],
+                              input="", capture_output=True, text=True, timeout=20, check=False)  # fmt: skip
+        assert "Cipher is" in proc.stdout, proc.stdout + proc.stderr
+        outputs.append(proc.stdout)
+    return "Reused, TLSv1.2" in outputs[1], outputs[1]
+
+
+@root
+def test_lab_rsa_without_session_resumption(lab: EnvoyLab, tmp_path: Path) -> None:
+    """key_type="rsa" serves RSA 2048 certificates; session_resumption=False makes every handshake full
+    (the module's lab, with the defaults, resumes)."""
+    resumed, out = _tls12_resumed(lab.tls_port, tmp_path / "default.session")
+    assert resumed, out
+    with EnvoyLab(concurrency=1, direct_response=True, key_type="rsa", session_resumption=False) as other:
+        resumed, out = _tls12_resumed(other.tls_port, tmp_path / "full.session")
+        assert not resumed and "New, TLSv1.2" in out and "TLS session ticket:" not in out, out
+        assert "Server public key is 2048 bit" in out
+        t = curl_tls(other.tls_port, "b.example.com", "h2", "1.3", other.ca_path)
+        assert t.ok and t.body == "ok"
 
 
 @root
