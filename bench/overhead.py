@@ -19,7 +19,12 @@ noisy machine), and for traced runs the daemon's CPU per traced connection, span
                                    bottleneck, and wrk and the daemon fit on CPU 1
               The tls_full* workloads run on their own Envoy labs (other certificates, other TLS settings).
 
+wrk keeps retrying a TLS handshake while it waits for the server (it spins at 100 % of CPU 1 whenever Envoy
+is the slower side), so with wrk CPU 1 always looks saturated; ``--tls-client h2load`` drives the tls_*
+workloads with h2load instead, which waits, and records every client's own CPU per request either way.
+
 Usage (root, after scripts/setup.sh):  .venv/bin/python bench/overhead.py [--rounds 3] [--seconds 8]
+                                           [--workloads ...] [--tls-client wrk|h2load]
 Writes bench/results/overhead-<timestamp>.json and prints a table of medians and ratios.
 bench/rate_sweep.py reuses the helpers here for keep-alive requests at fixed offered rates.
 """
@@ -31,6 +36,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -61,6 +67,13 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a whole process (all threads), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU of this process's waited-for children (a client run's CPU: the difference around
+    it; the daemon and Envoy are waited for only after their runs)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def cpu_ticks() -> dict[str, tuple[int, int, int]]:
@@ -190,7 +203,9 @@ def wrk(
         url,
         *(["--", *script_args] if script_args else []),
     ]
+    cpu0 = children_cpu_seconds()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    client_cpu = children_cpu_seconds() - cpu0
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     if not m:
         raise RuntimeError(f"wrk output not understood:\n{out}")
@@ -205,6 +220,45 @@ def wrk(
         "socket_errors": sum(int(x) for x in errors.groups()) if errors else 0,
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
         "p99": p99.group(0).split()[-1] if p99 else None,
+        "client": "wrk",
+        "client_cpu_s": client_cpu,
+    }
+
+
+def h2load(url: str, requests: int, connections: int, headers: list[str]) -> dict:
+    """Run h2load (HTTP/1.1, one thread) pinned to CPU 1 for ``requests`` requests; returns requests,
+    seconds, rps, errors and the client's own CPU seconds (``client_cpu_s``).
+
+    Unlike wrk, h2load waits for the server during a TLS handshake instead of retrying it in a loop (wrk
+    keeps the socket's writable event armed until the handshake is done, so it spins at 100 % of its CPU
+    whenever Envoy is the slower side). Its ``-D`` (duration) mode does not end with ``Connection: close``
+    here, so runs are a request count.
+    """
+    cmd = ["taskset", "-c", "1", "h2load", "-t1", f"-c{connections}", "-n", str(requests), "--h1"]
+    for h in headers:
+        cmd += ["-H", h]
+    cmd.append(url)
+    start, cpu0 = time.monotonic(), children_cpu_seconds()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=600)
+    elapsed, client_cpu = time.monotonic() - start, children_cpu_seconds() - cpu0
+    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored",
+                  out)
+    fin = re.search(r"finished in ([\d.]+)(\w+),", out)
+    if not m or not fin:
+        raise RuntimeError(f"h2load output not understood:\n{out}")
+    dur = float(fin.group(1)) * {"s": 1, "ms": 1e-3, "us": 1e-6}[fin.group(2)]
+    done = int(m.group(1))
+    return {
+        "requests": done,
+        "seconds": dur,
+        "wall_seconds": elapsed,
+        "rps": done / dur,
+        "socket_errors": int(m.group(2)) + int(m.group(3)),
+        "non_2xx": 0,
+        "p99": None,
+        "client": "h2load",
+        "client_cpu_s": client_cpu,
     }
 
 
@@ -362,8 +416,10 @@ def daemon_fields(summary: dict, daemon_cpu_s: float, seconds: float, requests: 
 
 def one_run(
     lab: EnvoyLab, workload: str, traced: bool, seconds: float, workdir: Path, source: Path | None = None,
-    daemon_cpus: str = "1",
+    daemon_cpus: str = "1", h2load_requests: int | None = None,
 ) -> dict:
+    """One baseline or traced run. TLS workloads use h2load for ``h2load_requests`` requests when given,
+    else wrk for ``seconds``."""
     requests = workload == "keepalive_requests" or workload.startswith("tls_")
     daemon = Daemon(lab, workdir, requests=requests, offcpu=workload != "keepalive_no_offcpu",
                     source=source, cpus=daemon_cpus) if traced else None
@@ -375,7 +431,11 @@ def one_run(
             url, conns, extra = f"https://127.0.0.1:{lab.tls_port}/", 16, ["-H", "Connection: close"]
         envoy0, ticks0 = cpu_seconds(lab.pid), cpu_ticks()
         daemon0 = daemon.cpu() if daemon else 0.0
-        result = wrk(url, seconds, conns, extra)
+        if h2load_requests and url.startswith("https"):
+            result = h2load(url, h2load_requests, conns, ["Connection: close"])
+        else:
+            result = wrk(url, seconds, conns, extra)
+        result["client_cpu_us_per_req"] = result["client_cpu_s"] / max(result["requests"], 1) * 1e6
         result["envoy_cpu_s"] = cpu_seconds(lab.pid) - envoy0
         ticks1 = cpu_ticks()
         result["cpu_busy"], result["cpu_steal"] = cpu_busy(ticks0, ticks1), cpu_steal(ticks0, ticks1)
@@ -397,9 +457,15 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="baseline/traced pairs per workload")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of one wrk run")
-    parser.add_argument("--workloads", default="keepalive,keepalive_requests,tls_new")
+    parser.add_argument("--workloads", default="keepalive,keepalive_requests,tls_new,tls_full_rsa",
+                        help=f"comma-separated, of: {', '.join(WORKLOADS)}")
     parser.add_argument(
         "--daemon-rev", help="run the daemon of this git revision (e.g. HEAD) instead of the working tree's"
+    )
+    parser.add_argument(
+        "--tls-client", choices=("wrk", "h2load"), default="wrk",
+        help="load generator of the tls_* workloads (h2load: a request count sized by a calibration run to "
+             "last about --seconds)",
     )
     parser.add_argument(
         "--daemon-cpus", default="1",
@@ -413,7 +479,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: must run as root", file=sys.stderr)
         return 1
-    for tool in ("wrk", "taskset"):
+    for tool in ("wrk", "taskset", *(["h2load"] if args.tls_client == "h2load" else [])):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed", file=sys.stderr)
             return 1
@@ -425,6 +491,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
         "daemon": daemon_revision(args.daemon_rev),
         "daemon_cpus": args.daemon_cpus,
+        "tls_client": args.tls_client,
         "workloads": {},
     }
     with (
@@ -443,14 +510,19 @@ def main() -> int:
             lab = labs[tls_settings]
             runs: dict[str, list[dict]] = {"baseline": [], "traced": []}
             wrk(f"http://127.0.0.1:{lab.http_port}/", 2, 8, [])  # warm-up
+            h2load_requests = None
+            if args.tls_client == "h2load" and workload.startswith("tls_"):
+                calibration = h2load(f"https://127.0.0.1:{lab.tls_port}/", 2000, 16, ["Connection: close"])
+                h2load_requests = max(1000, int(calibration["rps"] * args.seconds))
             for i in range(args.rounds):
                 for mode in ("baseline", "traced") if i % 2 == 0 else ("traced", "baseline"):
                     r = one_run(lab, workload, mode == "traced", args.seconds, Path(tmp), source,
-                                args.daemon_cpus)
+                                args.daemon_cpus, h2load_requests)
                     runs[mode].append(r)
                     print(
                         f"{workload:11s} {mode:8s} round {i}: {r['rps']:9.0f} req/s  envoy "
-                        f"{r['envoy_cpu_us_per_req']:6.1f} us/req  steal "
+                        f"{r['envoy_cpu_us_per_req']:6.1f} us/req  {r['client']} "
+                        f"{r['client_cpu_us_per_req']:6.1f} us/req  steal "
                         + "/".join(f"{v:.2f}" for v in r["cpu_steal"].values())
                         + (
                             f"  daemon {r['daemon_cpu_us_per_req']:6.1f} us/req, "
@@ -487,6 +559,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         "envoy_cpu_us_per_req_baseline": base_cpu,
         "envoy_cpu_us_per_req_traced": traced_cpu,
         "envoy_cpu_ratio": traced_cpu / base_cpu if base_cpu and traced_cpu else None,
+        "client_cpu_us_per_req_baseline": med("baseline", "client_cpu_us_per_req"),
+        "client_cpu_us_per_req_traced": med("traced", "client_cpu_us_per_req"),
         "daemon_cpu_us_per_conn": med("traced", "daemon_cpu_us_per_conn"),
         "daemon_cpu_us_per_req": med("traced", "daemon_cpu_us_per_req"),
         "spans_per_s": med("traced", "spans_per_s"),

@@ -10,8 +10,9 @@ programs add to a request; the tracepoints' own dispatch (and the syscall slow p
 top and is not in these counters.
 
 ``--workload tls_new`` drives a new TLS connection per request instead (wrk over https with ``Connection:
-close``, 16 connections) with request capture on, as the daemon runs by default: the per-connection path
-(accept, listener filters' peek, TLS records walked and their first bytes captured, close).
+close``, 16 connections; wrk resumes its first TLS session on the later ones) with request capture on, as
+the daemon runs by default: the per-connection path (accept, listener filters' peek, TLS records walked and
+their first bytes captured, close).
 
 ``--baseline-bpf DIR`` loads a second program from DIR (conn.bpf.c + events.h of another revision) and
 alternates the two, so both see the same machine.
