@@ -329,6 +329,23 @@ def _pb_head(tag: bytes, key: str, m: int) -> bytes:
     return head
 
 
+#: The encoding of tuples that many spans share, by identity (see otlp_json._SHARED_ARRAY_JSON).
+_SHARED_ARRAY_PB: dict[int, tuple[tuple[Any, ...], bytes]] = {}
+_SHARED_ARRAY_MAX = 1024
+
+
+def _pb_tuple(values: tuple[Any, ...]) -> bytes:
+    """``_pb_array`` of a tuple, cached by identity (tuples are immutable, so the bytes stay right)."""
+    hit = _SHARED_ARRAY_PB.get(id(values))
+    if hit is not None and hit[0] is values:
+        return hit[1]
+    body = _pb_array(values)
+    if len(_SHARED_ARRAY_PB) >= _SHARED_ARRAY_MAX:
+        _SHARED_ARRAY_PB.clear()
+    _SHARED_ARRAY_PB[id(values)] = (values, body)
+    return body
+
+
 def _pb_array(values: list[Any] | tuple[Any, ...]) -> bytes:
     """An ``AnyValue`` body holding ``array_value`` for a list or tuple."""
     parts = []
@@ -365,7 +382,9 @@ def _pb_attrs(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
                 value = bytes((0x18, v & 0x7F | 0x80, (v >> 7) & 0x7F | 0x80, v >> 14))
         elif t is bool:
             value = _BOOL_TRUE if v else _BOOL_FALSE
-        elif t is list or t is tuple:
+        elif t is tuple:
+            value = _pb_tuple(v)
+        elif t is list:
             value = _pb_array(v)
         else:
             value = _pb_value(v)

@@ -368,13 +368,14 @@ def _cache_put(cache: dict[tuple[object, ...], _V], key: tuple[object, ...], val
     return value
 
 
-def _client_fingerprints(ch: ClientHello) -> tuple[list[str], str, str]:
-    """(cipher suite names, JA3, JA4) of ``ch``, cached by content."""
+def _client_fingerprints(ch: ClientHello) -> tuple[tuple[str, ...], str, str]:
+    """(cipher suite names, JA3, JA4) of ``ch``, cached by content. The names tuple is the cached object
+    itself: the exporters encode a tuple they have seen before only once (by identity)."""
     ciphers = ch.cipher_suites
     extensions = ch.extensions
     if (len(ciphers) + len(extensions) + len(ch.supported_groups) + len(ch.signature_algorithms)
             + len(ch.ec_point_formats) + len(ch.supported_versions) > _FP_KEY_MAX):
-        return [cipher_suite_name(c) for c in ciphers], ch.ja3(), ch.ja4()
+        return tuple([cipher_suite_name(c) for c in ciphers]), ch.ja3(), ch.ja4()
     key = (ch.legacy_version, ch.max_version(), tuple(ciphers), tuple(extensions),
            tuple(ch.supported_groups), tuple(ch.ec_point_formats), tuple(ch.signature_algorithms),
            ch.alpn_raw[0] if ch.alpn_raw else None)
@@ -388,7 +389,7 @@ def _client_fingerprints(ch: ClientHello) -> tuple[list[str], str, str]:
             names = tuple([_CIPHER_SUITE_NAMES.get(c) or f"0x{c:04X}" for c in ciphers])
             hit4 = _cache_put(_ja4_cache, key4, (names, ch.ja4()))
         hit = _cache_put(_hello_cache, key, (hit4[0], ch.ja3(), hit4[1]))
-    return list(hit[0]), hit[1], hit[2]
+    return hit[0], hit[1], hit[2]
 
 
 def _server_fingerprint(sh: ServerHello) -> str:

@@ -548,3 +548,28 @@ def test_bad_record_ids_fail_the_protobuf_encoding(ids: dict[str, str]) -> None:
         setattr(record, field, value)
     with pytest.raises(ValueError):  # rather than a malformed request
         encode_request_proto([record])
+
+
+def test_shared_tuples_are_encoded_once_and_stay_right() -> None:
+    """Tuple attribute values are cached by identity (both encoders); a tuple's text is its own, the cache
+    is bounded, and a tuple keeps its entry alive so its id cannot be reused for other contents."""
+    from otel_envoy.export import otlp_json, records
+
+    shared = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384")
+    other = ("h2", "http/1.1")
+    for _ in range(2):
+        assert otlp_json._tuple_json(shared) == otlp_json._array_json(list(shared))
+        assert otlp_json._tuple_json(other) == otlp_json._array_json(list(other))
+        assert records._pb_tuple(shared) == records._pb_array(list(shared))
+        assert records._pb_tuple(other) == records._pb_array(list(other))
+    assert otlp_json._SHARED_ARRAY_JSON[id(shared)][0] is shared
+    for i in range(otlp_json._SHARED_ARRAY_MAX + 10):
+        t = (f"v{i}",)
+        assert otlp_json._tuple_json(t) == '{"arrayValue":{"values":[{"stringValue":"v' + str(i) + '"}]}}'
+        assert records._pb_tuple(t) == records._pb_array([f"v{i}"])
+    assert len(otlp_json._SHARED_ARRAY_JSON) <= otlp_json._SHARED_ARRAY_MAX
+    assert len(records._SHARED_ARRAY_PB) <= records._SHARED_ARRAY_MAX
+    span = SpanRecord("0" * 31 + "1", "0" * 15 + "1", None, "s", 1, 1, 2, {"a": shared, "b": list(other)},
+                      [], [], 0, "", {}, "scope", "", "", 0, "")
+    decoded = decode_request_json(json.loads(encode_request_json([span, span])))
+    assert [d.attributes for d in decoded] == [{"a": list(shared), "b": list(other)}] * 2
