@@ -25,7 +25,7 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
-from otel_envoy.export.records import ConstantCache, SpanRecord, group_records
+from otel_envoy.export.records import ConstantCache, SharedTupleCache, SpanRecord, group_records
 
 __all__ = [
     "OTLP_SPAN_KIND",
@@ -432,24 +432,6 @@ def _int_prefix(key: str) -> str:
     return prefix
 
 
-#: The text of tuples that many spans share (the same object: a client's cipher-suite names come from the TLS
-#: fingerprint cache), by identity. Each entry keeps its tuple alive, so its id is not reused while cached.
-_SHARED_ARRAY_JSON: dict[int, tuple[tuple[Any, ...], str]] = {}
-_SHARED_ARRAY_MAX = 1024
-
-
-def _tuple_json(values: tuple[Any, ...]) -> str:
-    """``_array_json`` of a tuple, cached by identity (tuples are immutable, so the text stays right)."""
-    hit = _SHARED_ARRAY_JSON.get(id(values))
-    if hit is not None and hit[0] is values:
-        return hit[1]
-    text = _array_json(values)
-    if len(_SHARED_ARRAY_JSON) >= _SHARED_ARRAY_MAX:
-        _SHARED_ARRAY_JSON.clear()
-    _SHARED_ARRAY_JSON[id(values)] = (values, text)
-    return text
-
-
 def _array_json(values: list[Any] | tuple[Any, ...]) -> str:
     """``{"arrayValue":...}`` for a list or tuple, the same text as ``_JSON.encode(encode_value(values))``."""
     if values and type(values[0]) is str:
@@ -473,6 +455,9 @@ def _array_json(values: list[Any] | tuple[Any, ...]) -> str:
         else:
             append(_JSON.encode(encode_value(x)))
     return '{"arrayValue":{"values":[' + ",".join(parts) + "]}}"
+
+
+_tuple_json: SharedTupleCache[str] = SharedTupleCache(_array_json)
 
 
 def _attrs_json(attrs: Mapping[str, Any]) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+_Encoded = TypeVar("_Encoded", str, bytes)
 
 __all__ = [
     "SPAN_FLAGS_LOCAL",
@@ -329,21 +331,36 @@ def _pb_head(tag: bytes, key: str, m: int) -> bytes:
     return head
 
 
-#: The encoding of tuples that many spans share, by identity (see otlp_json._SHARED_ARRAY_JSON).
-_SHARED_ARRAY_PB: dict[int, tuple[tuple[Any, ...], bytes]] = {}
-_SHARED_ARRAY_MAX = 1024
+class SharedTupleCache(Generic[_Encoded]):
+    """An encoder of tuple attribute values that remembers its results by the tuple's identity.
 
+    For tuples that many spans share (the same object: a client's cipher-suite names come from the TLS
+    fingerprint cache). Each entry keeps its tuple alive, so its id is not reused while cached, and tuples
+    are immutable, so an encoding stays right. At most ``max_entries`` (all dropped when full).
+    """
 
-def _pb_tuple(values: tuple[Any, ...]) -> bytes:
-    """``_pb_array`` of a tuple, cached by identity (tuples are immutable, so the bytes stay right)."""
-    hit = _SHARED_ARRAY_PB.get(id(values))
-    if hit is not None and hit[0] is values:
-        return hit[1]
-    body = _pb_array(values)
-    if len(_SHARED_ARRAY_PB) >= _SHARED_ARRAY_MAX:
-        _SHARED_ARRAY_PB.clear()
-    _SHARED_ARRAY_PB[id(values)] = (values, body)
-    return body
+    __slots__ = ("_encode", "_entries", "max_entries")
+
+    def __init__(self, encode: Callable[[tuple[Any, ...]], _Encoded], max_entries: int = 1024) -> None:
+        """Cache what ``encode`` returns for each tuple."""
+        self._encode = encode
+        self._entries: dict[int, tuple[tuple[Any, ...], _Encoded]] = {}
+        self.max_entries = max_entries
+
+    def __call__(self, values: tuple[Any, ...]) -> _Encoded:
+        """The encoding of ``values``, from the cache when this very tuple was encoded before."""
+        hit = self._entries.get(id(values))
+        if hit is not None and hit[0] is values:
+            return hit[1]
+        encoded = self._encode(values)
+        entries = self._entries
+        if len(entries) >= self.max_entries:
+            entries.clear()
+        entries[id(values)] = (values, encoded)
+        return encoded
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _pb_array(values: list[Any] | tuple[Any, ...]) -> bytes:
@@ -359,6 +376,9 @@ def _pb_array(values: list[Any] | tuple[Any, ...]) -> bytes:
                 continue
         append(_ld(_T1_LD, _pb_value(x)))
     return _ld(b"\x2a", b"".join(parts))
+
+
+_pb_tuple: SharedTupleCache[bytes] = SharedTupleCache(_pb_array)
 
 
 def _pb_attrs(tag: bytes, attrs: Mapping[str, Any]) -> bytes:

@@ -562,13 +562,16 @@ def test_shared_tuples_are_encoded_once_and_stay_right() -> None:
         assert otlp_json._tuple_json(other) == otlp_json._array_json(list(other))
         assert records._pb_tuple(shared) == records._pb_array(list(shared))
         assert records._pb_tuple(other) == records._pb_array(list(other))
-    assert otlp_json._SHARED_ARRAY_JSON[id(shared)][0] is shared
-    for i in range(otlp_json._SHARED_ARRAY_MAX + 10):
+    calls: list[tuple] = []
+    counted = records.SharedTupleCache(lambda t: calls.append(t) or str(t), max_entries=4)
+    assert counted(shared) == counted(shared) == str(shared) and calls == [shared]
+    assert counted(tuple(list(shared))) == str(shared) and len(calls) == 2  # equal, but another object
+    for i in range(10):
         t = (f"v{i}",)
+        assert counted(t) == str(t)
         assert otlp_json._tuple_json(t) == '{"arrayValue":{"values":[{"stringValue":"v' + str(i) + '"}]}}'
         assert records._pb_tuple(t) == records._pb_array([f"v{i}"])
-    assert len(otlp_json._SHARED_ARRAY_JSON) <= otlp_json._SHARED_ARRAY_MAX
-    assert len(records._SHARED_ARRAY_PB) <= records._SHARED_ARRAY_MAX
+        assert len(counted) <= 4
     span = SpanRecord("0" * 31 + "1", "0" * 15 + "1", None, "s", 1, 1, 2, {"a": shared, "b": list(other)},
                       [], [], 0, "", {}, "scope", "", "", 0, "")
     decoded = decode_request_json(json.loads(encode_request_json([span, span])))
