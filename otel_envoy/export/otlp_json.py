@@ -19,13 +19,13 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
-from otel_envoy.export.records import ConstantCache, SharedTupleCache, SpanRecord, group_records
+from otel_envoy.export.records import ConstantCache, SpanRecord, group_records
 
 __all__ = [
     "OTLP_SPAN_KIND",
@@ -457,7 +457,7 @@ def _array_json(values: list[Any] | tuple[Any, ...]) -> str:
     return '{"arrayValue":{"values":[' + ",".join(parts) + "]}}"
 
 
-_tuple_json: SharedTupleCache[str] = SharedTupleCache(_array_json)
+_tuple_json: Callable[[tuple[Any, ...]], str] = ConstantCache(_array_json, limit=1024, snapshot=None).get
 
 
 def _attrs_json(attrs: Mapping[str, Any]) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-
-_Encoded = TypeVar("_Encoded", str, bytes)
 
 __all__ = [
     "SPAN_FLAGS_LOCAL",
@@ -166,30 +164,38 @@ def group_records(records: Sequence[SpanRecord]) -> list[ResourceGroup]:
 
 
 class ConstantCache:
-    """Encodings of resource-attribute dicts, computed once per dict (a dict changed since is re-encoded).
+    """Encodings of objects that many spans share, computed once per object, keyed by its identity.
 
-    Keyed by the dict's identity and checked against a shallow snapshot; holds a reference to each dict
-    so its id cannot be reused while cached.  Bounded: cleared when ``limit`` dicts are cached.
+    Holds a reference to each object so its id cannot be reused while cached. Dicts (resource attributes)
+    are mutable: each entry keeps a shallow snapshot (``snapshot``, by default ``dict``), and a dict changed
+    since is re-encoded. Immutable objects (the tuple of a client's cipher-suite names, shared by every
+    connection it makes) need none: ``snapshot=None``. Bounded: cleared when ``limit`` objects are cached.
     """
 
-    __slots__ = ("_encode", "_entries", "_limit")
+    __slots__ = ("_encode", "_entries", "_limit", "_snapshot")
 
-    def __init__(self, encode: Callable[[dict[str, Any]], Any], limit: int = 64) -> None:
-        """``encode(attrs)`` computes the value cached for ``attrs``."""
+    def __init__(self, encode: Callable[[Any], Any], limit: int = 64,
+                 snapshot: Callable[[Any], Any] | None = dict) -> None:
+        """``encode(obj)`` computes the value cached for ``obj``."""
         self._encode = encode
-        self._entries: dict[int, tuple[dict[str, Any], dict[str, Any], Any]] = {}
+        self._entries: dict[int, tuple[Any, Any, Any]] = {}
         self._limit = limit
+        self._snapshot = snapshot
 
-    def get(self, attrs: dict[str, Any]) -> Any:
-        """The cached encoding of ``attrs`` (computed on a miss)."""
-        entry = self._entries.get(id(attrs))
-        if entry is not None and entry[0] is attrs and entry[1] == attrs:
+    def get(self, obj: Any) -> Any:
+        """The cached encoding of ``obj`` (computed on a miss)."""
+        entry = self._entries.get(id(obj))
+        if entry is not None and entry[0] is obj and (entry[1] is None or entry[1] == obj):
             return entry[2]
-        value = self._encode(attrs)
+        value = self._encode(obj)
         if len(self._entries) >= self._limit:
             self._entries.clear()
-        self._entries[id(attrs)] = (attrs, dict(attrs), value)
+        snapshot = self._snapshot
+        self._entries[id(obj)] = (obj, None if snapshot is None else snapshot(obj), value)
         return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 # --------------------------------------------------------------------------------------------- protobuf
@@ -331,38 +337,6 @@ def _pb_head(tag: bytes, key: str, m: int) -> bytes:
     return head
 
 
-class SharedTupleCache(Generic[_Encoded]):
-    """An encoder of tuple attribute values that remembers its results by the tuple's identity.
-
-    For tuples that many spans share (the same object: a client's cipher-suite names come from the TLS
-    fingerprint cache). Each entry keeps its tuple alive, so its id is not reused while cached, and tuples
-    are immutable, so an encoding stays right. At most ``max_entries`` (all dropped when full).
-    """
-
-    __slots__ = ("_encode", "_entries", "max_entries")
-
-    def __init__(self, encode: Callable[[tuple[Any, ...]], _Encoded], max_entries: int = 1024) -> None:
-        """Cache what ``encode`` returns for each tuple."""
-        self._encode = encode
-        self._entries: dict[int, tuple[tuple[Any, ...], _Encoded]] = {}
-        self.max_entries = max_entries
-
-    def __call__(self, values: tuple[Any, ...]) -> _Encoded:
-        """The encoding of ``values``, from the cache when this very tuple was encoded before."""
-        hit = self._entries.get(id(values))
-        if hit is not None and hit[0] is values:
-            return hit[1]
-        encoded = self._encode(values)
-        entries = self._entries
-        if len(entries) >= self.max_entries:
-            entries.clear()
-        entries[id(values)] = (values, encoded)
-        return encoded
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
 def _pb_array(values: list[Any] | tuple[Any, ...]) -> bytes:
     """An ``AnyValue`` body holding ``array_value`` for a list or tuple."""
     parts = []
@@ -378,7 +352,7 @@ def _pb_array(values: list[Any] | tuple[Any, ...]) -> bytes:
     return _ld(b"\x2a", b"".join(parts))
 
 
-_pb_tuple: SharedTupleCache[bytes] = SharedTupleCache(_pb_array)
+_pb_tuple: Callable[[tuple[Any, ...]], bytes] = ConstantCache(_pb_array, limit=1024, snapshot=None).get
 
 
 def _pb_attrs(tag: bytes, attrs: Mapping[str, Any]) -> bytes:

@@ -563,7 +563,8 @@ def test_shared_tuples_are_encoded_once_and_stay_right() -> None:
         assert records._pb_tuple(shared) == records._pb_array(list(shared))
         assert records._pb_tuple(other) == records._pb_array(list(other))
     calls: list[tuple] = []
-    counted = records.SharedTupleCache(lambda t: calls.append(t) or str(t), max_entries=4)
+    cache = records.ConstantCache(lambda t: calls.append(t) or str(t), limit=4, snapshot=None)
+    counted = cache.get
     assert counted(shared) == counted(shared) == str(shared) and calls == [shared]
     assert counted(tuple(list(shared))) == str(shared) and len(calls) == 2  # equal, but another object
     for i in range(10):
@@ -571,7 +572,7 @@ def test_shared_tuples_are_encoded_once_and_stay_right() -> None:
         assert counted(t) == str(t)
         assert otlp_json._tuple_json(t) == '{"arrayValue":{"values":[{"stringValue":"v' + str(i) + '"}]}}'
         assert records._pb_tuple(t) == records._pb_array([f"v{i}"])
-        assert len(counted) <= 4
+        assert len(cache) <= 4
     span = SpanRecord("0" * 31 + "1", "0" * 15 + "1", None, "s", 1, 1, 2, {"a": shared, "b": list(other)},
                       [], [], 0, "", {}, "scope", "", "", 0, "")
     decoded = decode_request_json(json.loads(encode_request_json([span, span])))
