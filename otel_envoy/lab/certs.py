@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SERVER_NAMES: tuple[str, ...] = ("a.example.com", "b.example.com")
-KEY_TYPES: tuple[str, ...] = ("ec", "rsa")
+#: key type -> ``openssl genpkey`` algorithm and its option
+_KEY_ALGORITHMS: dict[str, tuple[str, str]] = {
+    "ec": ("EC", "ec_paramgen_curve:P-256"),
+    "rsa": ("RSA", "rsa_keygen_bits:2048"),
+}
+KEY_TYPES: tuple[str, ...] = tuple(_KEY_ALGORITHMS)
 
 
 @dataclass(frozen=True)
@@ -55,12 +60,8 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def _private_key(path: Path, cwd: Path, key_type: str) -> None:
-    if key_type == "rsa":
-        _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(path),
-                 cwd=cwd)
-    else:
-        _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(path),
-                 cwd=cwd)
+    algorithm, option = _KEY_ALGORITHMS[key_type]
+    _openssl("genpkey", "-algorithm", algorithm, "-pkeyopt", option, "-out", str(path), cwd=cwd)
     path.chmod(0o600)
 
 
