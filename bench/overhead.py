@@ -262,6 +262,15 @@ def h2load(url: str, requests: int, connections: int, headers: list[str]) -> dic
     }
 
 
+def tls_load(lab: EnvoyLab, seconds: float, h2load_requests: int | None = None) -> dict:
+    """A new TLS connection per request (``Connection: close``, 16 connections) to the lab's TLS listener:
+    h2load for ``h2load_requests`` requests when given, else wrk for ``seconds``."""
+    url, connections = f"https://127.0.0.1:{lab.tls_port}/", 16
+    if h2load_requests:
+        return h2load(url, h2load_requests, connections, ["Connection: close"])
+    return wrk(url, seconds, connections, ["-H", "Connection: close"])
+
+
 def daemon_source(rev: str | None, workdir: Path) -> Path | None:
     """``otel_envoy/`` and ``bpf/`` of a git revision, extracted under ``workdir`` (None: the working tree).
 
@@ -420,21 +429,18 @@ def one_run(
 ) -> dict:
     """One baseline or traced run. TLS workloads use h2load for ``h2load_requests`` requests when given,
     else wrk for ``seconds``."""
-    requests = workload == "keepalive_requests" or workload.startswith("tls_")
+    tls = workload.startswith("tls_")
+    requests = tls or workload == "keepalive_requests"
     daemon = Daemon(lab, workdir, requests=requests, offcpu=workload != "keepalive_no_offcpu",
                     source=source, cpus=daemon_cpus) if traced else None
     try:
         time.sleep(0.5)
-        if workload.startswith("keepalive"):
-            url, conns, extra = f"http://127.0.0.1:{lab.http_port}/", 32, []
-        else:
-            url, conns, extra = f"https://127.0.0.1:{lab.tls_port}/", 16, ["-H", "Connection: close"]
         envoy0, ticks0 = cpu_seconds(lab.pid), cpu_ticks()
         daemon0 = daemon.cpu() if daemon else 0.0
-        if h2load_requests and url.startswith("https"):
-            result = h2load(url, h2load_requests, conns, ["Connection: close"])
+        if tls:
+            result = tls_load(lab, seconds, h2load_requests)
         else:
-            result = wrk(url, seconds, conns, extra)
+            result = wrk(f"http://127.0.0.1:{lab.http_port}/", seconds, 32, [])
         result["client_cpu_us_per_req"] = result["client_cpu_s"] / max(result["requests"], 1) * 1e6
         result["envoy_cpu_s"] = cpu_seconds(lab.pid) - envoy0
         ticks1 = cpu_ticks()
@@ -512,7 +518,7 @@ def main() -> int:
             wrk(f"http://127.0.0.1:{lab.http_port}/", 2, 8, [])  # warm-up
             h2load_requests = None
             if args.tls_client == "h2load" and workload.startswith("tls_"):
-                calibration = h2load(f"https://127.0.0.1:{lab.tls_port}/", 2000, 16, ["Connection: close"])
+                calibration = tls_load(lab, args.seconds, 2000)
                 h2load_requests = max(1000, int(calibration["rps"] * args.seconds))
             for i in range(args.rounds):
                 for mode in ("baseline", "traced") if i % 2 == 0 else ("traced", "baseline"):
