@@ -1,9 +1,9 @@
 """A canonical form of the spans a replay writes, so two replays can be compared for equality.
 
-Span and trace ids are random per run; the canonical form names each id by its place in a stable order of the
-spans (sorted by everything but ids), drops the resource's per-run `service.instance.id`, and keeps every other
-field of every span as the OTLP/JSON line had it. Works on the raw JSON, not on the package's decoder, so a change
-of the decoder cannot hide a change of the output.
+Span and trace ids are random per run; the canonical form names each id by its place in a stable order
+of the spans (sorted by everything but ids), drops the resource's per-run `service.instance.id`, and keeps
+every other field of every span as the OTLP/JSON line had it. Works on the raw JSON, not on the package's
+decoder, so a change of the decoder cannot hide a change of the output.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ _PER_RUN_RESOURCE_KEYS = frozenset({"service.instance.id"})
 
 def _sort_key(span: dict[str, Any]) -> str:
     without_ids = {k: v for k, v in span.items() if k not in ("traceId", "spanId", "parentSpanId", "links")}
-    links = [{k: v for k, v in link.items() if k not in ("traceId", "spanId")} for link in span.get("links", [])]
+    links = [{k: v for k, v in link.items() if k not in ("traceId", "spanId")}
+             for link in span.get("links", [])]
     return json.dumps([without_ids, links], sort_keys=True)
 
 

@@ -30,5 +30,6 @@ def test_replay_matches_the_committed_spans(tmp_path: Path) -> None:
     got = dumps(canonical_spans(out.read_text()))
     want = (DATA / "lab.spans.canonical").read_text()
     assert got.count("\n") > 100  # the recording holds 24 connections: an empty replay must not pass
-    diff = "".join(difflib.unified_diff(want.splitlines(True), got.splitlines(True), "committed", "replayed", n=1))
+    diff = "".join(difflib.unified_diff(want.splitlines(True), got.splitlines(True),
+                                        "committed", "replayed", n=1))
     assert got == want, diff[:20000]
