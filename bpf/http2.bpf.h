@@ -31,6 +31,17 @@ static __always_inline int is_h2_preface(const struct data_event *e) {
     return w[0] == 0x5448202a20495250ULL && w[1] == 0x0a0d302e322f5054ULL && w[2] == 0x0a0d0a0d4d530a0dULL;
 }
 
+/* The client preface was seen (HTTP/2 with prior knowledge): both directions are walked from here on, the
+ * record holding the preface included. */
+static __always_inline void h2_start(struct conn_state *cs, __u8 is_write) {
+    cs->flags |= CONN_H2;
+    cs->h2[is_write & 1].state = H2_WALK;
+    cs->h2[is_write & 1].copy = H2_PREFACE_LEN; /* copied like the frames: user space agrees */
+    cs->h2[!is_write].state = H2_WALK;
+    cs->h2[!is_write].copy = H2_FRAME_HEADER; /* the server starts with a frame */
+    cs->h2[!is_write].in_hdr = 1;
+}
+
 /* A fresh load of a field of the walk state. The walk keeps no value in registers from one step to the
  * next, and takes no branch it can avoid inside a step: the verifier walks every iteration of the loop,
  * and inside a loop it prunes only identical states, so each avoidable branch would double the work. */

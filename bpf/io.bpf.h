@@ -102,16 +102,7 @@ static __always_inline int emit_data(struct conn_state *cs, struct thread_state 
     e->held = 0;
     e->held_captured = 0;
     __builtin_memset(e->held_data, 0, sizeof(e->held_data));
-#if HTTP_CAPTURE /* without it, the extra branches put sys_exit over the verifier's 1M-instruction budget */
-    if (!is_write && !peek && (cs->flags & CONN_HELD)) {
-        cs->flags &= ~CONN_HELD;
-        e->held = TLS_RECORD_HEADER;
-        e->held_captured = cs->held_captured;
-        __builtin_memcpy(e->held_data, cs->held_data, sizeof(e->held_data));
-        if (ret > 0)
-            e->ret = ret + TLS_RECORD_HEADER;
-    }
-#endif
+    tls_attach_held(cs, e, ret, is_write, peek); /* a held TLS record header rides on this read */
     /* HTTP/2 connections whose framing is still followed get a condensed record instead (capture_h2) */
     __u8 h2 = (cs->flags & CONN_H2) && cs->h2[is_write & 1].state == H2_WALK;
     if (ret > 0 && !(cs->flags & CONN_TLS_APP) && !h2) {
@@ -143,30 +134,12 @@ static __always_inline int emit_data(struct conn_state *cs, struct thread_state 
             cs->capture_budget = HTTP_CAPTURE ? CAPTURE_UNLIMITED : 0;
         }
     }
-#if HTTP_CAPTURE
-    /* A read of just a TLS record header (BoringSSL reads the header, then the body): held back, to ride
-     * on this connection's next read record (e->held), one record instead of two, while one more record
-     * is due. Only with request capture (the default): with --no-requests no record is sent past the
-     * handshake, so little is saved, and these branches put sys_exit over the verifier's budget of 1M
-     * instructions (it is near it: a variation of this test failed to load in one build or the other). */
-    if (ret == TLS_RECORD_HEADER && !is_write && !peek && (cs->flags & CONN_TLS) && !e->held &&
-        cs->data_events < cs->capture_budget) {
-        cs->flags |= CONN_HELD;
-        cs->held_captured = e->captured;
-        __builtin_memcpy(cs->held_data, e->data, sizeof(cs->held_data));
-        cs->data_events = seq; /* not sent */
+    if (tls_hold_header(cs, e, ret, is_write, peek, seq)) /* a lone TLS record header waits for the next */
         return 0;
-    }
-#endif
     /* HTTP/2 with prior knowledge: the client's first bytes are the preface (downstream: the first read;
-     * upstream: the first write). Both directions are walked from here on, this record included. */
+     * upstream: the first write). */
     if (first_io && is_write == (cs->role == ROLE_UPSTREAM) && is_h2_preface(e)) {
-        cs->flags |= CONN_H2;
-        cs->h2[is_write & 1].state = H2_WALK;
-        cs->h2[is_write & 1].copy = H2_PREFACE_LEN; /* copied like the frames: user space agrees */
-        cs->h2[!is_write].state = H2_WALK;
-        cs->h2[!is_write].copy = H2_FRAME_HEADER; /* the server starts with a frame */
-        cs->h2[!is_write].in_hdr = 1;
+        h2_start(cs, is_write);
         h2 = 1;
     }
     if (h2 && ret > 0 && !peek)

@@ -1,6 +1,7 @@
 /* tls.bpf.h: the TLS record framing of a TLS connection, walked through the bytes each read/write moved, per
  * direction: records counted and sized for the close event, and the walk given up for good when the bytes
- * do not parse as record headers.
+ * do not parse as record headers. Also the held record header: a read of just a record's header rides on
+ * the connection's next read record.
  */
 /* Record headers walked per syscall; a read or write holding more records loses the framing. */
 #define TLS_WALK_MAX 48
@@ -120,4 +121,42 @@ static __always_inline void walk_tls_records(struct conn_state *cs, const struct
     }
     if (pos < n)
         cs->tls_flags |= lost;
+}
+
+/* A read of just a TLS record header (BoringSSL reads the header, then the body) is held back, to ride on
+ * this connection's next read record (data_event.held): one record instead of two, while one more record
+ * is due. Only with request capture (the default): with --no-requests no record is sent past the
+ * handshake, so little is saved, and these branches put sys_exit over the verifier's budget of 1M
+ * instructions (it is near it: a variation of this logic failed to load in one build or the other). */
+
+/* The held header, if any, rides on the read record `e` (its bytes counted in e->ret). */
+static __always_inline void tls_attach_held(struct conn_state *cs, struct data_event *e, long ret,
+                                            __u8 is_write, __u8 peek) {
+#if HTTP_CAPTURE
+    if (!is_write && !peek && (cs->flags & CONN_HELD)) {
+        cs->flags &= ~CONN_HELD;
+        e->held = TLS_RECORD_HEADER;
+        e->held_captured = cs->held_captured;
+        __builtin_memcpy(e->held_data, cs->held_data, sizeof(e->held_data));
+        if (ret > 0)
+            e->ret = ret + TLS_RECORD_HEADER;
+    }
+#endif
+}
+
+/* Holds back the record `e` (message `seq` of the connection) if it is a read of just a record header;
+ * returns 1 when held: not to be sent, its number goes to the next record. */
+static __always_inline int tls_hold_header(struct conn_state *cs, const struct data_event *e, long ret,
+                                           __u8 is_write, __u8 peek, __u32 seq) {
+#if HTTP_CAPTURE
+    if (ret == TLS_RECORD_HEADER && !is_write && !peek && (cs->flags & CONN_TLS) && !e->held &&
+        cs->data_events < cs->capture_budget) {
+        cs->flags |= CONN_HELD;
+        cs->held_captured = e->captured;
+        __builtin_memcpy(cs->held_data, e->data, sizeof(cs->held_data));
+        cs->data_events = seq; /* not sent */
+        return 1;
+    }
+#endif
+    return 0;
 }
