@@ -24,6 +24,7 @@ __all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError", "program_text"]
 log = logging.getLogger("otel_envoy.probes")
 
 CONN_PROGRAM = "conn.bpf.c"
+# An #include of one of the program's own units (bpf/*.bpf.h): spliced by program_text, never left to clang.
 UNIT_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.bpf\.h)"[ \t]*$', re.MULTILINE)
 
 
