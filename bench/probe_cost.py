@@ -8,8 +8,9 @@ Alternates, on one direct-response Envoy (1 worker on CPU 0, wrk keep-alive on C
   epoll_exit_only  syscalls:sys_exit_epoll_wait, empty
   full             the real conn.bpf.c (ConnectionProbes, connection spans only), its ring drained
   full_no_offcpu   the same without the scheduler probes (--no-offcpu): full vs this is their cost
-  full_base        with --baseline-bpf DIR: `full` compiled from DIR (conn.bpf.c and events.h of another
-                   revision, e.g. `git show REV:bpf/conn.bpf.c`), to compare two kernel sides in one run
+  full_base        with --baseline-bpf DIR: `full` compiled from DIR (the bpf/ directory of another revision:
+                   conn.bpf.c, its *.bpf.h units and events.h, e.g. from `git archive REV bpf | tar -x -C DIR
+                   --strip-components=1`), to compare two kernel sides in one run
 and prints Envoy's CPU per request for each (medians of --rounds rounds).
 
 Usage:  .venv/bin/python bench/probe_cost.py [--variants none,full] [--rounds 3] [--seconds 6]
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import cpu_seconds, wrk
 
 from otel_envoy.lab.lab import EnvoyLab
+from otel_envoy.probes.loader import program_text
 
 IO_SYSCALLS = ("read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg")
 FILTER = "u32 t = bpf_get_current_pid_tgid() >> 32; if (!targets.lookup(&t)) return 0; return 0;"
@@ -83,10 +85,12 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "full_base"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=6.0)
-    ap.add_argument("--baseline-bpf", type=Path, help="conn.bpf.c and events.h of full_base")
+    ap.add_argument("--baseline-bpf", type=Path, help="bpf/ directory of full_base (all its units)")
     args = ap.parse_args()
     global BASELINE_BPF
     BASELINE_BPF = args.baseline_bpf
+    if BASELINE_BPF is not None:
+        program_text(BASELINE_BPF)  # every unit is there: fail now, not after starting Envoy
     names = args.variants.split(",")
     results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     ratios: dict[str, list[float]] = {n: [] for n in names}

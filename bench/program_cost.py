@@ -14,7 +14,8 @@ close``, 16 connections; wrk resumes its first TLS session on the later ones) wi
 the daemon runs by default: the per-connection path (accept, listener filters' peek, TLS records walked and
 their first bytes captured, close).
 
-``--baseline-bpf DIR`` loads a second program from DIR (conn.bpf.c + events.h of another revision) and
+``--baseline-bpf DIR`` loads a second program from DIR (the bpf/ directory of another revision: conn.bpf.c,
+its *.bpf.h units and events.h, e.g. from ``git archive REV bpf | tar -x -C DIR --strip-components=1``) and
 alternates the two, so both see the same machine.
 
 Usage:  .venv/bin/python bench/program_cost.py [--rounds 3] [--seconds 5] [--baseline-bpf DIR] [--no-offcpu]
@@ -94,12 +95,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--baseline-bpf", type=Path, help="conn.bpf.c and events.h of the program to compare")
+    ap.add_argument("--baseline-bpf", type=Path, help="bpf/ directory to compare (all its units)")
     ap.add_argument("--no-offcpu", dest="offcpu", action="store_false", help="without the scheduler probes")
     ap.add_argument("--workload", choices=("keepalive", "tls_new"), default="keepalive")
     args = ap.parse_args()
     variants: dict[str, Path | None] = {"current": None}
     if args.baseline_bpf:
+        loader.program_text(args.baseline_bpf)  # every unit is there: fail now, not after starting Envoy
         variants["baseline"] = args.baseline_bpf
     old_stats = STATS.read_text().strip()
     STATS.write_text("1")

@@ -1,7 +1,8 @@
 """Compiles bpf/conn.bpf.c with bcc, attaches its tracepoints, and drains its ring buffer.
 
 Configuration enters as compile-time constants (-D flags), never as pasted C. bcc is imported lazily so the
-rest of the package (replay, show, unit tests) works without it.
+rest of the package (replay, show, unit tests) works without it. The program is split into units
+(bpf/*.bpf.h) that conn.bpf.c includes; ``program_text`` splices them into one text for bcc.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import ctypes
 import logging
 import mmap
 import platform
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,13 @@ from pathlib import Path
 from ..events.layout import BPF_DIR, load_layout
 from . import ringbuf
 
-__all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError"]
+__all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError", "program_text"]
 
 log = logging.getLogger("otel_envoy.probes")
 
 CONN_PROGRAM = "conn.bpf.c"
+# An #include of one of the program's own units (bpf/*.bpf.h): spliced by program_text, never left to clang.
+UNIT_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.bpf\.h)"[ \t]*$', re.MULTILINE)
 
 
 class ProbeError(RuntimeError):
@@ -38,7 +42,7 @@ class ProbeConfig:
     offcpu: bool = True  # sched_switch / sched_waking probes: off-CPU waits of the targets' threads
     offcpu_min_ns: int = 1_000_000  # waits at least this long are sent (shorter ones only aggregated)
     round_min_ns: int = 10_000_000  # event-loop rounds at least this long are sent (or holding such a wait)
-    program_dir: Path = BPF_DIR  # conn.bpf.c and events.h (benchmarks compare another revision's)
+    program_dir: Path = BPF_DIR  # conn.bpf.c, its units and events.h (benchmarks compare another revision's)
 
     def cflags(self) -> list[str]:
         """The -D/-I flags handed to bcc's clang."""
@@ -55,6 +59,40 @@ class ProbeConfig:
         ]
 
 
+def program_text(program_dir: Path, main: str = CONN_PROGRAM) -> str:
+    """``main`` with every ``#include "x.bpf.h"`` line replaced by that unit of ``program_dir``, once each.
+
+    bcc rewrites only its main file (map method calls, tracepoint arguments, program sections): a unit left
+    to clang's own #include would compile without those rewrites. Each unit is spliced between #line markers,
+    so compiler messages and line info still name the unit and its line. events.h, plain C shared with user
+    space, stays a real #include (found through -I).
+    """
+    spliced: set[str] = set()
+
+    def splice(path: Path) -> str:
+        text = path.read_text()
+        out: list[str] = []
+        pos = 0
+        for m in UNIT_INCLUDE.finditer(text):
+            out.append(text[pos:m.start()])
+            pos = m.end()
+            name = m.group(1)
+            if name in spliced:
+                continue
+            spliced.add(name)
+            resume = text.count("\n", 0, m.end()) + 2  # the line after the #include
+            unit = splice(program_dir / name)
+            out.append(f'#line 1 "{program_dir / name}"\n{unit}')
+            if not unit.endswith("\n"):
+                out.append("\n")
+            out.append(f'#line {resume} "{path}"')
+        out.append(text[pos:])
+        return "".join(out)
+
+    top = program_dir / main
+    return f'#line 1 "{top}"\n' + splice(top)
+
+
 class ConnectionProbes:
     """The loaded connection program: target and port filters, ring buffer, drop counters."""
 
@@ -68,8 +106,8 @@ class ConnectionProbes:
         except ImportError as exc:  # pragma: no cover - environment dependent
             raise ProbeError(f"bcc is not importable ({exc}); install python3-bpfcc") from exc
         try:
-            program = self.config.program_dir / CONN_PROGRAM
-            self.bpf = BPF(src_file=str(program).encode(), cflags=self.config.cflags())
+            text = program_text(self.config.program_dir)
+            self.bpf = BPF(text=text.encode(), cflags=self.config.cflags())
         except Exception as exc:
             raise ProbeError(f"could not load {CONN_PROGRAM}: {str(exc).splitlines()[-1]}") from exc
         layout = load_layout()

@@ -11,14 +11,41 @@ import pytest
 
 from otel_envoy.probes.loader import ConnectionProbes, ProbeConfig
 
+# bcc attaches each program by its name (tracepoint__<category>__<event>, raw_tracepoint__<event>); a probe it
+# did not find, or compiled without its rewrites (outside the text the loader hands it), would be missing.
+PROGRAMS = {
+    "raw_tracepoint__sys_exit",
+    "tracepoint__sock__inet_sock_set_state",
+    "tracepoint__syscalls__sys_enter_accept",
+    "tracepoint__syscalls__sys_enter_accept4",
+    "tracepoint__syscalls__sys_enter_close",
+    "tracepoint__syscalls__sys_enter_connect",
+    "tracepoint__syscalls__sys_enter_epoll_ctl",
+    "tracepoint__syscalls__sys_enter_epoll_pwait",
+    "tracepoint__syscalls__sys_enter_epoll_pwait2",
+    "tracepoint__syscalls__sys_enter_epoll_wait",
+    "tracepoint__syscalls__sys_enter_listen",
+    "tracepoint__syscalls__sys_enter_setsockopt",
+    "tracepoint__syscalls__sys_exit_accept",
+    "tracepoint__syscalls__sys_exit_accept4",
+    "tracepoint__syscalls__sys_exit_connect",
+    "tracepoint__tcp__tcp_receive_reset",
+    "tracepoint__tcp__tcp_retransmit_skb",
+    "tracepoint__tcp__tcp_retransmit_synack",
+    "tracepoint__tcp__tcp_send_reset",
+}
+OFFCPU_PROGRAMS = {"tracepoint__sched__sched_switch", "tracepoint__sched__sched_waking"}
+
 
 @pytest.mark.parametrize("http_capture", [True, False], ids=["requests", "no-requests"])
 @pytest.mark.parametrize("offcpu", [True, False], ids=["offcpu", "no-offcpu"])
 def test_connection_program_loads(http_capture: bool, offcpu: bool) -> None:
     probes = ConnectionProbes(ProbeConfig(http_capture=http_capture, offcpu=offcpu))
     try:
-        names = {name.decode() for name in probes.bpf.funcs}
-        assert "raw_tracepoint__sys_exit" in names  # loaded (verified), not only compiled
-        assert ("tracepoint__sched__sched_switch" in names) == offcpu
+        names = {name.decode() for name in probes.bpf.funcs}  # loaded (verified), not only compiled
+        assert names == PROGRAMS | (OFFCPU_PROGRAMS if offcpu else set())
+        attached = ({"tracepoint__" + tp.decode().replace(":", "__") for tp in probes.bpf.tracepoint_fds}
+                    | {"raw_tracepoint__" + tp.decode() for tp in probes.bpf.raw_tracepoint_fds})
+        assert attached == names
     finally:
         probes.close()

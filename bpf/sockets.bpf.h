@@ -1,0 +1,136 @@
+/* sockets.bpf.h: TCP state changes and TCP events (retransmits, resets) of the targets' sockets. They fire
+ * in softirq context, so they are filtered by socket, not by process: the listening ports user space
+ * watches (`listen_ports`) and the sockets a target connected (`upstream_socks`).
+ */
+
+/* tcp:tcp_send_reset's format names `enum sk_rst_reason` (kernel 6.10+), which the 6.1 headers bcc
+ * compiles against lack; bcc copies the field type verbatim. An int-sized stand-in keeps the layout. */
+enum sk_rst_reason { SK_RST_REASON_STANDIN = 0 };
+
+BPF_HASH(listen_ports, __u16, __u8, 1024);
+BPF_TABLE("lru_hash", __u64, __u8, upstream_socks, MAX_CONNS);
+
+static __always_inline int port_watched(__u16 port) { return listen_ports.lookup(&port) != 0; }
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state) {
+    if (args->protocol != IPPROTO_TCP)
+        return 0;
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u64 sk = (__u64)args->skaddr;
+    int newstate = args->newstate;
+    int oldstate = args->oldstate;
+    int watched = port_watched(args->sport);
+    if (!watched) {
+        if (newstate == TCP_SYN_SENT && is_target(pid_tgid >> 32)) {
+            __u8 one = 1;
+            upstream_socks.update(&sk, &one); /* later transitions of this socket fire in softirq */
+            watched = 1;
+        } else if (upstream_socks.lookup(&sk)) {
+            watched = 1;
+            if (newstate == TCP_CLOSE)
+                upstream_socks.delete(&sk);
+        }
+    }
+    if (!watched)
+        return 0;
+    /* Only the transitions spans need: handshake done, who closed first, aborts. */
+    if (!(newstate == TCP_ESTABLISHED || newstate == TCP_SYN_SENT || newstate == TCP_FIN_WAIT1 ||
+          newstate == TCP_CLOSE_WAIT ||
+          (newstate == TCP_CLOSE && (oldstate == TCP_ESTABLISHED || oldstate == TCP_SYN_RECV ||
+                                     oldstate == TCP_SYN_SENT))))
+        return 0;
+    struct sock_state_event ev = {};
+    fill_header(&ev.hdr, EV_SOCK_STATE, pid_tgid);
+    ev.skaddr = sk;
+    ev.oldstate = oldstate;
+    ev.newstate = newstate;
+    ev.sport = args->sport;
+    ev.dport = args->dport;
+    ev.family = args->family;
+    if (args->family == AF_INET) {
+        __builtin_memcpy(ev.saddr, args->saddr, 4);
+        __builtin_memcpy(ev.daddr, args->daddr, 4);
+    } else {
+        __builtin_memcpy(ev.saddr, args->saddr_v6, 16);
+        __builtin_memcpy(ev.daddr, args->daddr_v6, 16);
+    }
+    emit(&ev, sizeof(ev));
+    return 0;
+}
+
+static __always_inline int watched_sock(__u16 sport, __u64 sk) {
+    return port_watched(sport) || upstream_socks.lookup(&sk) != 0;
+}
+
+#define FILL_TCP_EVENT(ev, typ, a)                                                                    \
+    do {                                                                                              \
+        fill_header(&(ev).hdr, EV_TCP, bpf_get_current_pid_tgid());                                    \
+        (ev).skaddr = (__u64)(a)->skaddr;                                                             \
+        (ev).type = (typ);                                                                            \
+        (ev).sport = (a)->sport;                                                                      \
+        (ev).dport = (a)->dport;                                                                      \
+        (ev).family = (a)->family;                                                                    \
+        if ((a)->family == AF_INET) {                                                                 \
+            __builtin_memcpy((ev).saddr, (a)->saddr, 4);                                              \
+            __builtin_memcpy((ev).daddr, (a)->daddr, 4);                                              \
+        } else {                                                                                      \
+            __builtin_memcpy((ev).saddr, (a)->saddr_v6, 16);                                          \
+            __builtin_memcpy((ev).daddr, (a)->daddr_v6, 16);                                          \
+        }                                                                                             \
+    } while (0)
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
+    if (!watched_sock(args->sport, (__u64)args->skaddr))
+        return 0;
+    struct tcp_event ev = {};
+    FILL_TCP_EVENT(ev, TCP_RETRANSMIT, args);
+    ev.state = args->state;
+    emit(&ev, sizeof(ev));
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
+    if (!watched_sock(args->sport, (__u64)args->skaddr))
+        return 0;
+    struct tcp_event ev = {};
+    FILL_TCP_EVENT(ev, TCP_RESET_RECEIVED, args);
+    emit(&ev, sizeof(ev));
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_synack) {
+    if (!port_watched(args->sport))
+        return 0;
+    struct tcp_event ev = {};
+    FILL_TCP_EVENT(ev, TCP_SYNACK_RETRANSMIT, args);
+    ev.state = TCP_SYN_RECV;
+    emit(&ev, sizeof(ev));
+    return 0;
+}
+
+/* tcp_send_reset carries sockaddr-shaped addresses (family, port in network order, address). */
+TRACEPOINT_PROBE(tcp, tcp_send_reset) {
+    struct sockaddr_in6 src = {}, dst = {};
+    __builtin_memcpy(&src, args->saddr, sizeof(src));
+    __builtin_memcpy(&dst, args->daddr, sizeof(dst));
+    __u16 sport = ntohs(src.sin6_port);
+    if (!watched_sock(sport, (__u64)args->skaddr))
+        return 0;
+    struct tcp_event ev = {};
+    fill_header(&ev.hdr, EV_TCP, bpf_get_current_pid_tgid());
+    ev.skaddr = (__u64)args->skaddr;
+    ev.type = TCP_RESET_SENT;
+    ev.state = args->state;
+    ev.sport = sport;
+    ev.dport = ntohs(dst.sin6_port);
+    ev.family = src.sin6_family;
+    if (src.sin6_family == AF_INET) {
+        __builtin_memcpy(ev.saddr, &((struct sockaddr_in *)&src)->sin_addr, 4);
+        __builtin_memcpy(ev.daddr, &((struct sockaddr_in *)&dst)->sin_addr, 4);
+    } else {
+        __builtin_memcpy(ev.saddr, &src.sin6_addr, 16);
+        __builtin_memcpy(ev.daddr, &dst.sin6_addr, 16);
+    }
+    emit(&ev, sizeof(ev));
+    return 0;
+}

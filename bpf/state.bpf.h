@@ -1,0 +1,176 @@
+/* state.bpf.h: what the units share. The per-connection state (`conns`, keyed by tgid and fd) and the
+ * per-thread state (`threads`), the target filter, the drop counters and the ring buffer, and the helpers
+ * that build and send a record's header. The x86-64 syscall numbers are here too: the syscall exits
+ * (io.bpf.h) dispatch on them and the off-CPU accounting (sched.bpf.h) names waits by them.
+ */
+#define MAX_IOV 8 /* iovecs of one read/write whose bytes are captured or walked as TLS records */
+
+/* x86-64 syscall numbers and argument registers (di, si, dx, r10, r8, r9): the raw syscall tracepoints see
+ * only the number and the registers. The loader refuses other architectures. */
+#define NR_READ 0
+#define NR_WRITE 1
+#define NR_READV 19
+#define NR_WRITEV 20
+#define NR_SENDTO 44
+#define NR_RECVFROM 45
+#define NR_SENDMSG 46
+#define NR_RECVMSG 47
+#define NR_EPOLL_WAIT 232
+#define NR_EPOLL_PWAIT 281
+#define NR_EPOLL_PWAIT2 441
+#define NR_FUTEX 202
+#define NR_FUTEX_WAITV 449
+
+/* Stops clang from re-deriving a clamped length from its unclamped source, which the verifier rejects. */
+#define BARRIER_VAR(v) asm volatile("" : "+r"(v))
+
+/* One direction of a TLS connection's record framing: where the next 5-byte record header starts. */
+struct tls_framing {
+    __u32 skip;        /* bytes of the current record's body still to come */
+    __u32 records;     /* complete record headers seen */
+    __u32 app_records; /* of which application_data */
+    __u32 max_len;     /* largest record body */
+    __u8 hdr_got;      /* bytes of the next header already seen (it straddled two syscalls) */
+    __u8 hdr[8];       /* those bytes: type, version (2), length (2); 8 for masked indexing */
+};
+
+/* One direction of an HTTP/2 connection's framing (CONN_H2): where the walk of its frames stands. Both
+ * directions are walked from their first byte as a sequence of pieces to copy (the client preface, each
+ * 9-byte frame header, the payload of every frame but DATA, a padded DATA frame's pad length) and to
+ * skip (DATA payloads). A piece may straddle syscalls. */
+struct h2_framing {
+    __u32 copy;   /* bytes of the current piece still to copy; 0: none (skip, then a frame header) */
+    __u32 skip;   /* bytes to skip after it: the rest of a DATA payload */
+    __u8 state;   /* H2_WALK, H2_LOST; 0 on connections that are not HTTP/2 */
+    __u8 in_hdr;  /* the piece being copied is a frame header */
+    __u8 _pad[2];
+    __u8 hdr[32]; /* that header (length, type, flags, stream); 32 for masked offsets and sizes */
+};
+
+struct conn_state {
+    __u64 open_ts_ns;
+    __u64 bytes_rx;
+    __u64 bytes_tx;
+    __u32 reads;
+    __u32 writes;
+    __u32 data_events;    /* EV_DATA records sent so far */
+    __u32 capture_budget; /* EV_DATA records allowed */
+    __u32 epoll_events;   /* EV_EPOLL_CTL records sent so far */
+    __u32 role;
+    __u32 flags;          /* CONN_* below */
+    __u32 tls_flags;      /* TLS_FRAMING_* (events.h) */
+    __u8 held_data[8];    /* CONN_HELD: the first bytes of the held TLS record header read */
+    __u32 held_captured;  /* how many of them were captured */
+    __u32 _pad_held;
+    struct tls_framing tls[2]; /* indexed by enum io_direction */
+    struct h2_framing h2[2];   /* indexed by enum io_direction (CONN_H2 only) */
+};
+
+#define CONN_SAW_IO 1   /* a non-peek read or write happened: the listener-filter hand-off is settled */
+#define CONN_TLS 2      /* the first bytes read were a TLS handshake record */
+#define CONN_TLS_APP 4  /* TLS handshake over: reads carry no bytes (ciphertext), only their round */
+#define CONN_H2 8       /* HTTP/2 prior knowledge (the client preface came first): records are condensed */
+#define CONN_HELD 16    /* a read of a lone TLS record header waits to ride on the next read's record */
+
+/* What a syscall's enter saw, for its exit (one per thread: a thread is in one syscall at a time). */
+struct inflight {
+    __u64 buf;   /* user buffer, iovec array or msghdr */
+    __u64 aux;   /* accept: sockaddr length pointer; connect: sockaddr */
+    __s32 fd;
+    __u32 len;   /* iovcnt for readv/writev */
+    __u32 flags; /* recv/send flags */
+    __u8 syscall;
+    __u8 is_accept;
+    __u8 is_connect;
+    __u8 active; /* set by an enter, cleared by the matching exit */
+};
+
+/* Round durations per thread: log2 histogram of microseconds, slot = log2(us) (0..ROUND_HIST_SLOTS-1). */
+#define ROUND_HIST_SLOTS 32
+
+/* Per target thread: its event-loop round (epoll_wait returns), its off-CPU accounting, and the accept or
+ * connect it is in. Reads and writes keep nothing here: their exit reads the arguments back from the saved
+ * user registers, so a read/write costs one lookup (the connection) and an EAGAIN none. */
+struct thread_state {
+    __u32 round;
+    __u32 ready;
+    __u64 round_start_ns;
+    struct inflight in;     /* accept / connect only */
+    /* off-CPU accounting (sched_switch / sched_waking) */
+    __u64 off_start_ns;     /* switched out at; 0 while on CPU */
+    __u64 runnable_ns;      /* became runnable at (woken or preempted); 0 while blocked */
+    __s64 prev_state;
+    __s32 sys_nr;           /* the syscall it blocked in (from its saved registers), -1 outside one */
+    __u32 off_reason;       /* enum offcpu_reason of the current wait */
+    __s32 kstack_id;
+    __s32 ustack_id;
+    __s32 waker_kstack_id;
+    __u32 other_pid;
+    __u32 other_tgid;
+    __u32 cpu;
+    char other_comm[COMM_LEN];
+    /* the current round's totals */
+    __u64 round_offcpu_ns;
+    __u64 round_runnable_ns;
+    __u32 round_waits;
+    __u8 in_round;          /* between an epoll_wait return and the next call */
+    __u8 round_flagged;     /* an EV_OFFCPU was sent for a wait inside it */
+    __u8 waker_taken;       /* sched_waking recorded the current wait's waker (other_*, waker_kstack_id) */
+    __u8 _pad;
+    /* what ended the idle wait before the current round (inside the epoll_wait that started it) */
+    __u64 idle_ns;          /* time asleep in that epoll_wait (all its idle waits) */
+    __s32 wake_kstack_id;   /* the waker's kernel stack: only for a wait >= OFFCPU_MIN_NS, else -1 */
+    __u32 wake_pid;
+    __u32 wake_tgid;
+    char wake_comm[COMM_LEN];
+    __u32 round_hist[ROUND_HIST_SLOTS]; /* rounds per log2(duration in us): read by the metrics */
+};
+
+/* targets: the traced processes (tgids), filled by user space; conns and threads: the state above. */
+BPF_HASH(targets, __u32, __u8, 1024);
+BPF_TABLE("lru_hash", __u64, struct conn_state, conns, MAX_CONNS);
+BPF_TABLE("lru_hash", __u32, struct thread_state, threads, 16384);
+BPF_PERCPU_ARRAY(drops, __u64, DROP_REASONS);
+BPF_ARRAY(thread_zero, struct thread_state, 1); /* never written: thread_of's initial value */
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+static __always_inline void count_drop(int reason) {
+    __u64 *v = drops.lookup(&reason);
+    if (v)
+        (*v)++;
+}
+
+static __always_inline int is_target(__u32 tgid) { return targets.lookup(&tgid) != 0; }
+
+static __always_inline __u64 conn_key(__u32 tgid, __s32 fd) { return ((__u64)tgid << 32) | (__u32)fd; }
+
+static __always_inline void fill_header_of(struct event_header *h, __u32 kind, __u64 pid_tgid,
+                                           const struct thread_state *t) {
+    h->ts_ns = bpf_ktime_get_ns();
+    h->kind = kind;
+    h->tgid = pid_tgid >> 32;
+    h->tid = (__u32)pid_tgid;
+    h->round = t ? t->round : 0;
+}
+
+static __always_inline void fill_header(struct event_header *h, __u32 kind, __u64 pid_tgid) {
+    __u32 tid = (__u32)pid_tgid;
+    fill_header_of(h, kind, pid_tgid, threads.lookup(&tid));
+}
+
+/* The calling thread's state, created on first use. NULL (counted) only when the table refuses. */
+static __always_inline struct thread_state *thread_of(__u32 tid) {
+    __u32 idx = 0;
+    struct thread_state *zero = thread_zero.lookup(&idx); /* too big for the stack: a zeroed map value */
+    if (!zero)
+        return 0;
+    struct thread_state *t = threads.lookup_or_try_init(&tid, zero);
+    if (!t)
+        count_drop(DROP_INFLIGHT_FULL);
+    return t;
+}
+
+static __always_inline void emit(void *ev, __u32 size) {
+    if (events.ringbuf_output(ev, size, 0) != 0)
+        count_drop(DROP_RINGBUF_FULL);
+}

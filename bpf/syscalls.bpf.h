@@ -1,0 +1,212 @@
+/* syscalls.bpf.h: a connection's life outside its reads and writes, from the syscalls:* tracepoints:
+ * accept/accept4 and connect start tracking an fd in `conns` (their enter keeps the arguments in the thread's
+ * state for the exit), close ends it with the connection's totals, and listen, epoll_ctl and setsockopt
+ * are reported as they happen.
+ */
+
+/* Takes the in-flight syscall of this thread (clearing it); returns 0 when there is none. */
+static __always_inline int take_inflight(struct thread_state *t, struct inflight *out) {
+    if (!t || !t->in.active)
+        return 0;
+    *out = t->in;
+    t->in.active = 0;
+    return 1;
+}
+
+/* Reads a user sockaddr into family/port/addr. Returns 0 on success. */
+static __always_inline int read_sockaddr(const void *uaddr, __u16 *family, __u16 *port, __u8 *addr) {
+    struct sockaddr_in6 sa = {};
+    if (!uaddr || bpf_probe_read_user(&sa, sizeof(sa), uaddr) != 0) {
+        count_drop(DROP_CAPTURE_READ);
+        return -1;
+    }
+    *family = sa.sin6_family;
+    *port = ntohs(sa.sin6_port);
+    if (sa.sin6_family == AF_INET) {
+        struct sockaddr_in *s4 = (struct sockaddr_in *)&sa;
+        __builtin_memcpy(addr, &s4->sin_addr, 4);
+    } else if (sa.sin6_family == AF_INET6) {
+        __builtin_memcpy(addr, &sa.sin6_addr, 16);
+    } else {
+        return -1;
+    }
+    return 0;
+}
+
+/* Starts tracking a connection fd of a target: later I/O on it is counted and its first bytes captured. */
+static __always_inline void track_conn(__u32 tgid, __s32 fd, __u64 ts_ns, __u32 role) {
+    __u64 key = conn_key(tgid, fd);
+    struct conn_state cs = {};
+    cs.open_ts_ns = ts_ns;
+    cs.capture_budget = CAPTURE_MSGS_DEFAULT;
+    cs.role = role;
+    if (conns.update(&key, &cs) != 0)
+        count_drop(DROP_CONN_TABLE_FULL);
+}
+
+/* ---------------------------------------------------------------- accept / connect / close / listen */
+
+static __always_inline int on_accept_enter(int fd, void *uaddr, int *uaddrlen) {
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_target(pid_tgid >> 32))
+        return 0;
+    struct thread_state *t = thread_of((__u32)pid_tgid);
+    if (!t)
+        return 0;
+    struct inflight in = {};
+    in.fd = fd;
+    in.buf = (__u64)uaddr;
+    in.aux = (__u64)uaddrlen;
+    in.is_accept = 1;
+    in.active = 1;
+    t->in = in;
+    return 0;
+}
+
+static __always_inline int on_accept_exit(long ret) {
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u32 tid = (__u32)pid_tgid;
+    struct thread_state *t = threads.lookup(&tid);
+    struct inflight in;
+    if (!take_inflight(t, &in) || !in.is_accept || ret < 0)
+        return 0;
+    struct accept_event ev = {};
+    fill_header_of(&ev.hdr, EV_ACCEPT, pid_tgid, t);
+    ev.fd = (__s32)ret;
+    ev.listen_fd = in.fd;
+    read_sockaddr((void *)in.buf, &ev.family, &ev.peer_port, ev.peer_addr);
+    bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+
+    track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM);
+    emit(&ev, sizeof(ev));
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) {
+    return on_accept_enter(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return on_accept_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) {
+    return on_accept_enter(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return on_accept_exit(args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_target(pid_tgid >> 32))
+        return 0;
+    struct thread_state *t = thread_of((__u32)pid_tgid);
+    if (!t)
+        return 0;
+    struct inflight in = {};
+    in.fd = args->fd;
+    in.aux = (__u64)args->uservaddr;
+    in.is_connect = 1;
+    in.active = 1;
+    t->in = in;
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u32 tid = (__u32)pid_tgid;
+    struct thread_state *t = threads.lookup(&tid);
+    struct inflight in;
+    if (!take_inflight(t, &in) || !in.is_connect)
+        return 0;
+    struct connect_event ev = {};
+    fill_header_of(&ev.hdr, EV_CONNECT, pid_tgid, t);
+    ev.fd = in.fd;
+    ev.ret = (__s32)args->ret;
+    int ok = read_sockaddr((void *)in.aux, &ev.family, &ev.peer_port, ev.peer_addr);
+    if (ok != 0)
+        return 0; /* not an inet socket (unix sockets to the xDS agent, ...) */
+    bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+    if (ev.ret == 0 || ev.ret == -115 /* EINPROGRESS */)
+        track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_UPSTREAM);
+    emit(&ev, sizeof(ev));
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close) {
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u32 tgid = pid_tgid >> 32;
+    __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
+    struct conn_state *cs = conns.lookup(&key);
+    if (!cs)
+        return 0;
+    struct close_event ev = {};
+    fill_header(&ev.hdr, EV_CLOSE, pid_tgid);
+    ev.fd = (__s32)args->fd;
+    ev.role = cs->role;
+    ev.open_ts_ns = cs->open_ts_ns;
+    ev.bytes_rx = cs->bytes_rx;
+    ev.bytes_tx = cs->bytes_tx;
+    ev.reads = cs->reads;
+    ev.writes = cs->writes;
+    ev.tls_records_rx = cs->tls[DIR_READ].records;
+    ev.tls_records_tx = cs->tls[DIR_WRITE].records;
+    ev.tls_app_records_rx = cs->tls[DIR_READ].app_records;
+    ev.tls_app_records_tx = cs->tls[DIR_WRITE].app_records;
+    ev.tls_max_record_rx = cs->tls[DIR_READ].max_len;
+    ev.tls_max_record_tx = cs->tls[DIR_WRITE].max_len;
+    ev.tls_flags = cs->tls_flags;
+    conns.delete(&key);
+    emit(&ev, sizeof(ev));
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_listen) {
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_target(pid_tgid >> 32))
+        return 0;
+    struct listen_event ev = {};
+    fill_header(&ev.hdr, EV_LISTEN, pid_tgid);
+    ev.fd = args->fd;
+    ev.backlog = args->backlog;
+    emit(&ev, sizeof(ev));
+    return 0;
+}
+
+/* ---------------------------------------------------------------- epoll_ctl / setsockopt */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u32 tgid = pid_tgid >> 32;
+    __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
+    struct conn_state *cs = conns.lookup(&key);
+    /* Only registrations (ADD), and only until the first real I/O: the listener filters register the fd
+     * once to wait for its first bytes; a second ADD (after a DEL, which is implied and not sent) is the
+     * hand-off to the filter chain. */
+    if (!cs || args->op != 1 /* EPOLL_CTL_ADD */ || cs->epoll_events >= EPOLL_CTL_EVENTS_MAX ||
+        (cs->flags & CONN_SAW_IO))
+        return 0;
+    cs->epoll_events++;
+    struct epoll_ctl_event ev = {};
+    fill_header(&ev.hdr, EV_EPOLL_CTL, pid_tgid);
+    ev.epfd = args->epfd;
+    ev.op = args->op;
+    ev.fd = args->fd;
+    __u32 mask = 0;
+    if (args->event && bpf_probe_read_user(&mask, sizeof(mask), args->event) == 0)
+        ev.events = mask;
+    emit(&ev, sizeof(ev));
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_setsockopt) {
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u32 tgid = pid_tgid >> 32;
+    __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
+    if (!conns.lookup(&key))
+        return 0;
+    struct setsockopt_event ev = {};
+    fill_header(&ev.hdr, EV_SETSOCKOPT, pid_tgid);
+    ev.fd = args->fd;
+    ev.level = args->level;
+    ev.optname = args->optname;
+    if (args->optlen >= 4 && args->optval)
+        bpf_probe_read_user(&ev.optval, sizeof(ev.optval), args->optval);
+    emit(&ev, sizeof(ev));
+    return 0;
+}
