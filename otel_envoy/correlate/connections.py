@@ -42,7 +42,7 @@ from ..events.types import (
 )
 from ..protocols.http1 import Http1Exchanges, HttpExchange, HttpMessage
 from ..protocols.http2 import Http2Exchanges, is_h2_preface
-from ..protocols.tls import TlsHandshakeTracker
+from ..protocols.tls.handshake import TlsHandshakeTracker
 from ..protocols.tracecontext import trace_context
 from .addresses import format_ip
 from .model import (

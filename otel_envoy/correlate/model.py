@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..protocols.http1 import Http1Exchanges, HttpMessage
 from ..protocols.http2 import Http2Exchanges
-from ..protocols.tls import TlsHandshakeTracker
+from ..protocols.tls.handshake import TlsHandshakeTracker
 from ..protocols.tracecontext import TraceContext, trace_context
 
 __all__ = ["ConnectionRecord", "RequestRecord", "TcpMark", "TlsRecordCounts", "UpstreamRecord",
