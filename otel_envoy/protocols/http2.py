@@ -15,7 +15,7 @@ is HPACK-decoded (the dynamic table must follow the encoder, PUSH_PROMISE includ
 direction. A server GOAWAY ends the streams above its last stream id at once, with an error.
 
 What leaves this module is parsed fields only: method, path (never the query), status, body sizes
-(padding excluded), and the values of the headers in :data:`.http1.KEPT_HEADERS`. Other header values,
+(padding excluded), and the values of the headers in :data:`.http.KEPT_HEADERS`. Other header values,
 authorization, cookie and set-cookie included, are never stored; they only pass through the HPACK
 decoder, whose dynamic table (bounded, never exposed) necessarily holds recently indexed fields.
 
@@ -50,7 +50,16 @@ from dataclasses import dataclass
 
 import hpack
 
-from .http1 import KEPT_HEADERS, Http1Exchanges, HttpExchange, HttpMessage, IoChunk, request_path
+from .http import (
+    KEPT_HEADERS,
+    MAX_HEADER_VALUE,
+    MAX_SYSCALL_BYTES,
+    HttpExchange,
+    HttpMessage,
+    IoChunk,
+    request_path,
+)
+from .http1 import Http1Exchanges
 
 __all__ = ["MAX_HEADER_BLOCK", "MAX_STREAMS", "PREFACE", "GoAway", "Http2Exchanges", "is_h2_preface"]
 
@@ -66,8 +75,6 @@ _DEFAULT_FRAME_SIZE = 16384  # SETTINGS_MAX_FRAME_SIZE until the peer announces 
 _MAX_FRAME_SIZE = (1 << 24) - 1  # the frame length field's limit
 _DEFAULT_TABLE_SIZE = 4096  # SETTINGS_HEADER_TABLE_SIZE until the peer announces more
 _MAX_TABLE_SIZE = 65536  # HPACK dynamic table we follow at most (an encoder going beyond is an error)
-_MAX_HEADER_VALUE = 512
-_MAX_SYSCALL_BYTES = 0x7FFFF000
 
 _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _GOAWAY, _CONTINUATION = 0, 1, 3, 4, 5, 7, 9
 _BUFFERED = frozenset({_HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _GOAWAY, _CONTINUATION})
@@ -492,7 +499,7 @@ class Http2Exchanges:
             return
         gap = chunk.total_len - len(chunk.data)
         try:
-            if gap > _MAX_SYSCALL_BYTES:
+            if gap > MAX_SYSCALL_BYTES:
                 side.fail(f"implausible syscall size {chunk.total_len}")
                 return
             if frames_only:
@@ -602,7 +609,7 @@ def _message(fields: Iterable[tuple[bytes, bytes]], start: tuple[int, int, int],
     for name, value in fields:
         if name[:1] == b":":
             if name == b":method":
-                msg.method = value.decode("latin-1")[:_MAX_HEADER_VALUE]
+                msg.method = value.decode("latin-1")[:MAX_HEADER_VALUE]
             elif name == b":path":
                 msg.path = request_path(value.decode("latin-1"))
             elif name == b":status" and len(value) == 3 and value.isdigit():
@@ -610,5 +617,5 @@ def _message(fields: Iterable[tuple[bytes, bytes]], start: tuple[int, int, int],
         else:
             key = name.decode("latin-1").lower()
             if key in KEPT_HEADERS:
-                msg.headers[key] = value.decode("latin-1")[:_MAX_HEADER_VALUE]
+                msg.headers[key] = value.decode("latin-1")[:MAX_HEADER_VALUE]
     return msg

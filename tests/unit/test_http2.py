@@ -17,7 +17,8 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from otel_envoy.protocols.http1 import Http1Exchanges, HttpExchange
+from otel_envoy.protocols.http import HttpExchange
+from otel_envoy.protocols.http1 import Http1Exchanges
 from otel_envoy.protocols.http2 import MAX_STREAMS, PREFACE, Http2Exchanges, is_h2_preface
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
