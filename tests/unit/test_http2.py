@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from otel_envoy.protocols.http import HttpExchange
 from otel_envoy.protocols.http1 import Http1Exchanges
-from otel_envoy.protocols.http2 import MAX_STREAMS, PREFACE, Http2Exchanges, is_h2_preface
+from otel_envoy.protocols.http2 import MAX_STREAMS, Http2Exchanges, is_h2_preface
+from otel_envoy.protocols.http2_frames import PREFACE
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 SECRETS = ("Bearer s3cret-token", "session=c00kie-secret", "sid=set-c00kie-secret", "s3cr3t-query")
