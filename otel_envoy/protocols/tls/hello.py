@@ -199,10 +199,11 @@ class ServerHello:
         return hashlib.md5(self.ja3s_string().encode("ascii"), usedforsecurity=False).hexdigest()
 
 
-# Fingerprints and cipher names for summary(), cached by the hello's content (never by object identity,
-# so a changed ClientHello is never served stale values): connections from the same kind of client share
-# them.  Bounded: at most _FP_CACHE_ENTRIES entries per cache (emptied when full), and hellos with more
-# than _FP_KEY_MAX list values are not cached: ~1 MiB at worst (hostile hellos), a few KiB typically.
+# Fingerprints and cipher names for TlsHandshakeTracker.summary(), cached by the hello's content (never by
+# object identity, so a changed ClientHello is never served stale values): connections from the same kind
+# of client share them.  Bounded: at most _FP_CACHE_ENTRIES entries per cache (emptied when full), and
+# hellos with more than _FP_KEY_MAX list values are not cached: ~1 MiB at worst (hostile hellos), a few KiB
+# typically.
 _FP_CACHE_ENTRIES = 64
 _FP_KEY_MAX = 128
 _hello_cache: dict[tuple[object, ...], tuple[tuple[str, ...], str, str]] = {}
