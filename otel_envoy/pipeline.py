@@ -21,7 +21,7 @@ from .events.decode import Decoder
 from .events.layout import load_layout
 from .events.recording import RecordingWriter
 from .export.pipeline import SpanPipeline
-from .protocols.http1 import HttpExchange
+from .protocols.http import HttpExchange
 from .spans.clock import MonotonicClock
 from .spans.connection import ConnectionSpanBuilder
 from .spans.requests import RequestSpanBuilder

@@ -40,9 +40,10 @@ from ..events.types import (
     SockStateEvent,
     TcpEvent,
 )
-from ..protocols.http1 import Http1Exchanges, HttpExchange, HttpMessage
+from ..protocols.http import HttpExchange, HttpMessage
+from ..protocols.http1 import Http1Exchanges
 from ..protocols.http2 import Http2Exchanges, is_h2_preface
-from ..protocols.tls import TlsHandshakeTracker
+from ..protocols.tls.handshake import TlsHandshakeTracker
 from ..protocols.tracecontext import trace_context
 from .addresses import format_ip
 from .model import (

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..protocols.http1 import Http1Exchanges, HttpMessage
+from ..protocols.http import HttpMessage
+from ..protocols.http1 import Http1Exchanges
 from ..protocols.http2 import Http2Exchanges
-from ..protocols.tls import TlsHandshakeTracker
+from ..protocols.tls.handshake import TlsHandshakeTracker
 from ..protocols.tracecontext import TraceContext, trace_context
 
 __all__ = ["ConnectionRecord", "RequestRecord", "TcpMark", "TlsRecordCounts", "UpstreamRecord",

@@ -25,67 +25,27 @@ does not do h2c): HTTP/1 goes on, from the bytes the request side kept (h2c) or 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import httptools
 
-__all__ = [
-    "KEPT_HEADERS", "MAX_PENDING", "H2cUpgrade", "Http1Exchanges", "HttpExchange", "HttpMessage", "IoChunk",
-    "lists_h2c", "request_path",
-]
+from .http import (
+    KEPT_HEADERS,
+    MAX_HEADER_VALUE,
+    MAX_SYSCALL_BYTES,
+    HttpExchange,
+    HttpMessage,
+    IoChunk,
+    request_path,
+)
 
-#: Header names (lower case) whose values are kept. Everything else is dropped while parsing.
-KEPT_HEADERS = frozenset({
-    "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled",
-    "x-request-id", "user-agent", "content-length", "transfer-encoding", "upgrade",
-})
+__all__ = ["MAX_PENDING", "H2cUpgrade", "Http1Exchanges", "lists_h2c"]
+
 #: Requests waiting for their response, per connection; beyond this the oldest is ended unanswered.
 MAX_PENDING = 64
-_MAX_HEADER_VALUE = 512
-_MAX_SYSCALL_BYTES = 0x7FFFF000  # Linux moves at most this much in one read/write (MAX_RW_COUNT)
 _ZEROS = memoryview(bytes(65536))
 _MAX_LEFTOVER_CHUNKS = 16  # syscalls kept per direction after an h2c switch, waiting for the hand-off
 _MAX_LEFTOVER_BYTES = 256 * 1024  # beyond either bound, further bytes are kept as a capture gap only
-
-
-@dataclass(slots=True)
-class HttpMessage:
-    """One request or response as it crossed the socket."""
-
-    start_ns: int  # the syscall that carried its first byte
-    end_ns: int | None = None  # the syscall that carried its last byte
-    headers_done_ns: int | None = None
-    method: str | None = None  # requests
-    path: str | None = None  # requests: the target without query or fragment
-    status: int | None = None  # responses
-    version: str | None = None  # "1.0" / "1.1"
-    headers: dict[str, str] = field(default_factory=dict)  # only KEPT_HEADERS
-    body_bytes: int = 0
-    upgrade: bool = False
-    error: str | None = None
-    tid: int = 0  # thread that moved the first byte
-    round: int = 0  # its event-loop round
-    headers_round: int = 0  # the event-loop round in which the header block completed
-    response: HttpMessage | None = None  # requests: the response that answered it, once complete
-
-
-class IoChunk(NamedTuple):
-    """One syscall's bytes as they were fed in (``total_len`` > len(data): the rest was not captured)."""
-
-    ts_ns: int
-    data: bytes
-    total_len: int
-    tid: int
-    round: int
-
-
-@dataclass(slots=True)
-class HttpExchange:
-    """A request and the response that answered it (None when it never came)."""
-
-    request: HttpMessage
-    response: HttpMessage | None
 
 
 @dataclass(slots=True)
@@ -96,15 +56,6 @@ class H2cUpgrade:
     switch: HttpMessage  # the 101 Switching Protocols response
     request_side: list[IoChunk]  # what the client sent after the upgrade request (preface, frames)
     response_side: list[IoChunk]  # what the server sent after the 101 (SETTINGS, frames)
-
-
-def request_path(target: str) -> str:
-    """A request target without query or fragment; absolute-form (proxy requests) keeps the path part."""
-    cut = min((i for i in (target.find("?"), target.find("#")) if i >= 0), default=len(target))
-    path = target[:cut]
-    if "://" in path:
-        path = "/" + path.split("://", 1)[1].partition("/")[2]
-    return path[:_MAX_HEADER_VALUE]
 
 
 def lists_h2c(headers: dict[str, str]) -> bool:
@@ -245,7 +196,7 @@ class _Direction:
             prev = msg.headers.get(key)
             if prev is not None and not name:
                 text = prev + text
-            msg.headers[key] = text[:_MAX_HEADER_VALUE]
+            msg.headers[key] = text[:MAX_HEADER_VALUE]
 
     def on_headers_complete(self) -> None:
         msg = self.current
@@ -337,7 +288,7 @@ class Http1Exchanges:
     def _feed(self, direction: _Direction, ts_ns: int, data: bytes, total_len: int, tid: int,
               round_: int) -> None:
         gap = total_len - len(data)
-        if gap > _MAX_SYSCALL_BYTES:
+        if gap > MAX_SYSCALL_BYTES:
             direction.fail(ts_ns, f"implausible syscall size {total_len}")
         else:
             direction.feed(ts_ns, data, tid, round_)

@@ -34,7 +34,7 @@ from ..export.records import (
     STATUS_CODE_UNSET,
     SpanRecord,
 )
-from ..protocols.http1 import HttpExchange, HttpMessage
+from ..protocols.http import HttpExchange, HttpMessage
 from ..protocols.tracecontext import TraceContext
 from .connection import ConnectionSpanBuilder
 

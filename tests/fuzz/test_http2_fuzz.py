@@ -11,8 +11,10 @@ import hpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otel_envoy.protocols.http1 import Http1Exchanges, HttpExchange
-from otel_envoy.protocols.http2 import MAX_HEADER_BLOCK, MAX_STREAMS, PREFACE, Http2Exchanges
+from otel_envoy.protocols.http import HttpExchange
+from otel_envoy.protocols.http1 import Http1Exchanges
+from otel_envoy.protocols.http2 import MAX_STREAMS, Http2Exchanges
+from otel_envoy.protocols.http2_frames import MAX_HEADER_BLOCK, PREFACE
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SECRET = "Bearer fuzz-s3cret"

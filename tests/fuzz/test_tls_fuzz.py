@@ -16,15 +16,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from otel_envoy.protocols.tls import (
+from otel_envoy.protocols.tls.handshake import TlsHandshakeTracker
+from otel_envoy.protocols.tls.hello import TlsParseError, parse_client_hello, parse_server_hello
+from otel_envoy.protocols.tls.record_layer import (
     MAX_HANDSHAKE_MESSAGE,
     MAX_RECORD_LEN,
     HandshakeReassembler,
-    TlsHandshakeTracker,
-    TlsParseError,
     TlsRecordReader,
-    parse_client_hello,
-    parse_server_hello,
 )
 from tests.support.tls_memory import MemoryTls
 

@@ -22,7 +22,7 @@ from opentelemetry.trace.status import StatusCode
 from otel_envoy.correlate.connections import ConnectionCorrelator
 from otel_envoy.correlate.model import ConnectionRecord, RequestRecord, UpstreamRecord
 from otel_envoy.events.types import Event
-from otel_envoy.protocols.http1 import HttpExchange, HttpMessage
+from otel_envoy.protocols.http import HttpExchange, HttpMessage
 from otel_envoy.protocols.tracecontext import trace_context
 from otel_envoy.spans.clock import MonotonicClock
 from otel_envoy.spans.connection import ConnectionSpanBuilder

@@ -16,10 +16,10 @@ from otel_envoy.correlate.model import ConnectionRecord
 from otel_envoy.export.otlp_json import _JSON, _array_json, encode_value
 from otel_envoy.export.pipeline import ExportSpan, SpanPipeline, SpanSink
 from otel_envoy.export.records import SpanRecord
-from otel_envoy.protocols.tls import (
+from otel_envoy.protocols.tls.record_layer import (
     HandshakeReassembler,
     TlsRecordReader,
-    _first_handshake_message,
+    first_handshake_message,
 )
 from tests.support.events import LISTEN_FD, LPORT, PEER, TGID, TID, read
 
@@ -121,9 +121,9 @@ def _variants(hello: bytes) -> list[bytes]:
 
 def test_peek_shortcut_finds_what_the_record_reader_finds() -> None:
     hello = _client_hello_record()
-    assert _first_handshake_message(hello) == _general_first_message(hello) is not None
+    assert first_handshake_message(hello) == _general_first_message(hello) is not None
     for data in _variants(hello):
-        fast = _first_handshake_message(data)
+        fast = first_handshake_message(data)
         if fast is not None:  # None: the general path decides
             assert fast == _general_first_message(data), data[:9].hex()
 

@@ -123,7 +123,8 @@ def test_upgrade_to_h2c_stops_http1_parsing() -> None:
 
 
 def test_a_long_keep_alive_connection_keeps_nothing_per_finished_request() -> None:
-    """Regression: response header blocks piled up in a list nobody took (570 bytes per request)."""
+    """Only requests are handed out when their headers complete: a list of response header blocks that
+    nobody takes would grow by about 570 bytes per request on a keep-alive connection."""
     ex = Http1Exchanges(requests_read=True)
     for i in range(2000):
         ex.on_read(i * 10, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", 27)
