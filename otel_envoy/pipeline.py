@@ -16,7 +16,7 @@ from opentelemetry.sdk.resources import Resource
 
 from .correlate.connections import ConnectionCorrelator, ListenSocket
 from .correlate.model import ConnectionRecord, RequestRecord, UpstreamRecord
-from .correlate.rounds import RoundRecord, WaitRecord
+from .correlate.round_tracker import RoundRecord, WaitRecord
 from .events.decode import Decoder
 from .events.layout import load_layout
 from .events.recording import RecordingWriter

@@ -54,7 +54,7 @@ from .model import (
     UpstreamRecord,
     upstream_context,
 )
-from .rounds import RoundRecord, RoundTracker, WaitRecord
+from .round_tracker import RoundRecord, RoundTracker, WaitRecord
 
 __all__ = ["ConnectionCorrelator", "ListenSocket"]
 

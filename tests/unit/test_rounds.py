@@ -5,7 +5,7 @@ from __future__ import annotations
 from opentelemetry.sdk.resources import Resource
 
 from otel_envoy.correlate.connections import ConnectionCorrelator
-from otel_envoy.correlate.rounds import RoundRecord, WaitRecord
+from otel_envoy.correlate.round_tracker import RoundRecord, WaitRecord
 from otel_envoy.events.types import OffcpuEvent, RoundEvent
 from otel_envoy.spans.clock import MonotonicClock
 from otel_envoy.spans.connection import ConnectionSpanBuilder
