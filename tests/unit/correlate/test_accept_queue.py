@@ -18,10 +18,10 @@ def test_accept_queue_depth_three_established_then_three_accepts() -> None:
     for fd in (31, 32, 33):
         h.c.handle(close(3_000 + fd, fd))
     by_port = {r.peer_port: r for r in h.drain()}
-    assert [by_port[p].accept_queue_depth for p in (40001, 40002, 40003)] == [3, 2, 1]
-    assert [by_port[p].accept_queue_depth_on_arrival for p in (40001, 40002, 40003)] == [1, 2, 3]
-    assert [by_port[p].established_ns for p in (40001, 40002, 40003)] == [1_000, 1_100, 1_200]
-    assert h.c.queued[LPORT] == {}
+    assert [by_port[p].accept_queue.at_accept for p in (40001, 40002, 40003)] == [3, 2, 1]
+    assert [by_port[p].accept_queue.on_arrival for p in (40001, 40002, 40003)] == [1, 2, 3]
+    assert [by_port[p].tcp.established_ns for p in (40001, 40002, 40003)] == [1_000, 1_100, 1_200]
+    assert h.c.accept_queue.queued[LPORT] == {}
 
 
 def test_accept_queue_is_per_listening_port() -> None:
@@ -30,24 +30,24 @@ def test_accept_queue_is_per_listening_port() -> None:
                                           (TGID, 11, "0.0.0.0", 9443, None)))
     h.feed([established(1_000, 40001), established(1_100, 40002, lport=9443),
             accept(2_000, 31, 40001), accept(2_100, 32, 40002, listen_fd=11)])
-    a, b = h.c.open[(TGID, 31)], h.c.open[(TGID, 32)]
-    assert (a.local_port, a.accept_queue_depth) == (LPORT, 1)
-    assert (b.local_port, b.accept_queue_depth, b.established_ns) == (9443, 1, 1_100)
+    a, b = h.c.downstream.open[(TGID, 31)], h.c.downstream.open[(TGID, 32)]
+    assert (a.local_port, a.accept_queue.at_accept) == (LPORT, 1)
+    assert (b.local_port, b.accept_queue.at_accept, b.tcp.established_ns) == (9443, 1, 1_100)
 
 
 def test_duplicate_established_makes_one_queue_entry() -> None:
     h = Harness().feed([established(1_000, 40001), established(1_000, 40001)])
-    assert len(h.c.queued[LPORT]) == 1
+    assert len(h.c.accept_queue.queued[LPORT]) == 1
     h.feed([accept(2_000, 30, 40001), established(2_500, 40002), accept(3_000, 31, 40002)])
-    assert h.c.open[(TGID, 30)].accept_queue_depth == 1
-    assert h.c.open[(TGID, 30)].established_ns == 1_000
-    assert h.c.open[(TGID, 31)].accept_queue_depth == 1
-    assert h.c.queued[LPORT] == {}
+    assert h.c.downstream.open[(TGID, 30)].accept_queue.at_accept == 1
+    assert h.c.downstream.open[(TGID, 30)].tcp.established_ns == 1_000
+    assert h.c.downstream.open[(TGID, 31)].accept_queue.at_accept == 1
+    assert h.c.accept_queue.queued[LPORT] == {}
 
 
 def test_duplicate_established_does_not_change_depth_on_arrival() -> None:
     h = Harness().feed([established(1_000, 40001), established(1_000, 40001), accept(2_000, 30, 40001)])
-    assert h.c.open[(TGID, 30)].accept_queue_depth_on_arrival == 1
+    assert h.c.downstream.open[(TGID, 30)].accept_queue.on_arrival == 1
 
 
 @pytest.mark.parametrize("when", ["after_accept", "while_lingering"])
@@ -57,9 +57,9 @@ def test_duplicate_established_after_the_accept_leaves_no_stale_queue_entry(when
         h.feed([close(2_500, 30)])
     h.feed([established(1_000, 40001)])  # the same event, delivered a second time
     h.feed([established(3_000, 40002), accept(3_100, 31, 40002)])
-    nxt = h.c.open[(TGID, 31)]
-    assert (nxt.accept_queue_depth, nxt.accept_queue_depth_on_arrival) == (1, 1)
-    assert h.c.queued[LPORT] == {}
+    nxt = h.c.downstream.open[(TGID, 31)]
+    assert (nxt.accept_queue.at_accept, nxt.accept_queue.on_arrival) == (1, 1)
+    assert h.c.accept_queue.queued[LPORT] == {}
 
 
 def test_synack_retransmits_before_established_become_marks() -> None:
@@ -73,22 +73,22 @@ def test_synack_retransmits_before_established_become_marks() -> None:
         close(3_000, 30),
     ])
     r = h.only()
-    assert [(m.ts_ns, m.name) for m in r.tcp_marks] == [
+    assert [(m.ts_ns, m.name) for m in r.tcp.marks] == [
         (500, "tcp.synack_retransmit"), (700, "tcp.synack_retransmit"), (1_500, "tcp.synack_retransmit")]
     assert r.aborted() is None
-    assert list(h.c.early_synack) == [(PEER, 40099, LPORT)]
+    assert list(h.c.accept_queue.early_synack) == [(PEER, 40099, LPORT)]
 
 
 def test_synack_retransmit_without_established_reaches_the_accept() -> None:
     r = Harness().feed([tcp(500, "TCP_SYNACK_RETRANSMIT", 40000), accept(2_000, 30, 40000),
                         close(3_000, 30)]).only()
-    assert [m.name for m in r.tcp_marks] == ["tcp.synack_retransmit"]
+    assert [m.name for m in r.tcp.marks] == ["tcp.synack_retransmit"]
 
 
 def test_accept_queue_table_bound_evicts_the_oldest() -> None:
     h = Harness(max_queued=2).feed([established(1_000, 40001), established(1_001, 40002),
                                     established(1_002, 40003)])
     assert h.c.drops["accept_queue_table_full"] == 1
-    assert list(h.c.queued[LPORT]) == [(PEER, 40002), (PEER, 40003)]
+    assert list(h.c.accept_queue.queued[LPORT]) == [(PEER, 40002), (PEER, 40003)]
     h.feed([accept(2_000, 30, 40001), close(2_100, 30)])
-    assert h.only().established_ns is None
+    assert h.only().tcp.established_ns is None

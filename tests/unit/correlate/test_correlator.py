@@ -45,17 +45,17 @@ def test_linger_emits_after_linger_ns_of_event_time_and_applies_late_events() ->
         established(8_999, 40001),  # unrelated traffic moves event time forward
     ])
     assert h.out == []
-    assert h.c.closing and h.c.closing[0].close_ns == 8_000
+    assert h.c.downstream.closing and h.c.downstream.closing[0].close_ns == 8_000
     h.feed([established(9_000, 40002)])  # 8_000 + linger
     assert len(h.out) == 1
     r = h.out[0]
-    assert r.envoy_fin_ns == 8_100
-    assert [(m.name, m.state) for m in r.tcp_marks] == [("tcp.reset_sent", TCP_CLOSE)]
+    assert r.tcp.envoy_fin_ns == 8_100
+    assert [(m.name, m.state) for m in r.tcp.marks] == [("tcp.reset_sent", TCP_CLOSE)]
     assert r.close_initiator() == "envoy"
-    assert (PEER, 40000, LPORT) not in h.c.by_tuple
+    assert (PEER, 40000, LPORT) not in h.c.downstream.by_tuple
     # after it was emitted, events of that 4-tuple no longer touch the record
     h.feed([tcp(9_100, "TCP_RESET_SENT", 40000)])
-    assert len(r.tcp_marks) == 1
+    assert len(r.tcp.marks) == 1
 
 
 def test_expire_uses_the_given_time() -> None:
@@ -76,7 +76,7 @@ def test_flush_ends_open_connections_as_still_open() -> None:
     by_fd = {r.fd: r for r in h.out}
     assert by_fd[30].still_open and by_fd[30].close_ns == 10_000
     assert not by_fd[31].still_open and by_fd[31].close_ns == 4_000
-    assert h.c.open == {} and not h.c.closing
+    assert h.c.downstream.open == {} and not h.c.downstream.closing
     h.c.flush(20_000)
     assert len(h.out) == 2  # nothing is emitted twice
 
@@ -99,8 +99,8 @@ def test_events_for_unknown_fds_are_ignored() -> None:
         close(2_500, 30, role=C["ROLE_UPSTREAM"]),
     ])
     assert h.drain() == []
-    conn = h.c.open[(TGID, 30)]
-    assert conn.first_io_ns is None and conn.close_ns is None and conn.tcp_marks == []
+    conn = h.c.downstream.open[(TGID, 30)]
+    assert conn.listener.first_io_ns is None and conn.close_ns is None and conn.tcp.marks == []
     assert conn.socket_options == []
     h.c.flush(3_000)
     assert [r.fd for r in h.out] == [30] and h.out[0].still_open

@@ -6,6 +6,7 @@ correlator emits: the listener hand-off, TCP timing and resets, fd reuse, the ta
 
 from __future__ import annotations
 
+from otel_envoy.protocols.detect import Protocol
 from tests.support.correlation import (
     CLOSE_WAIT,
     ESTABLISHED,
@@ -47,20 +48,22 @@ def test_plain_connection_gives_one_complete_record() -> None:
     assert (r.tgid, r.fd, r.tid, r.thread_name) == (TGID, 30, TID, "wrk:worker_0")
     assert (r.peer_address, r.peer_port, r.local_port, r.local_address) == (PEER, 40000, LPORT, LOCAL)
     assert r.listen_fd == LISTEN_FD and r.listener_name == "plain_http"
-    assert r.established_ns == 1_000 and r.start_ns == 1_000
+    assert r.tcp.established_ns == 1_000 and r.start_ns == 1_000
     assert r.accept_ns == 2_000
-    assert r.first_epoll_add_ns == 3_000 and r.handoff_ns == 3_000  # no re-registration: the first ADD
-    assert r.first_io_ns == 4_000
-    assert r.peer_fin_ns == 6_000 and r.eof_ns == 7_000 and r.envoy_fin_ns is None
+    # no re-registration: the first ADD was the hand-off
+    assert r.listener.first_epoll_add_ns == 3_000 and r.listener.handoff_ns == 3_000
+    assert r.listener.first_io_ns == 4_000
+    assert r.tcp.peer_fin_ns == 6_000 and r.tcp.eof_ns == 7_000 and r.tcp.envoy_fin_ns is None
     assert r.close_ns == 8_000
-    assert (r.bytes_received, r.bytes_sent) == (len(REQUEST), len(RESPONSE))
-    assert r.accept_queue_depth == 1 and r.accept_queue_depth_on_arrival == 1
+    assert (r.traffic.bytes_received, r.traffic.bytes_sent) == (len(REQUEST), len(RESPONSE))
+    assert r.accept_queue.at_accept == 1 and r.accept_queue.on_arrival == 1
     assert r.close_initiator() == "peer" and r.aborted() is None
     assert r.socket_options == [(6, 1, 1)]
-    assert r.not_tls and r.tls is None
-    assert r.peeks == 0 and r.peeked_bytes == 0
+    assert r.protocol is Protocol.HTTP1 and r.tls.handshake is None
+    assert r.listener.peeks == 0 and r.listener.peeked_bytes == 0
     assert not r.still_open and r.partial == []
-    assert h.c.open == {} and h.c.by_tuple == {} and h.c.queued[LPORT] == {}
+    assert h.c.downstream.open == {} and h.c.downstream.by_tuple == {}
+    assert h.c.accept_queue.queued[LPORT] == {}
     assert h.c.stats["connections"] == 1 and not h.c.drops
 
 
@@ -79,13 +82,13 @@ def test_tls_inspector_sequence_sets_handoff_at_the_second_add() -> None:
         close(8_000, 30, rx=len(hello)),
     ])
     r = h.only()
-    assert r.first_epoll_add_ns == 3_000 and r.saw_epoll_del
-    assert r.handoff_ns == 6_000
-    assert r.first_io_ns == 7_000
-    assert r.peeks == 1 and r.peeked_bytes == len(hello)
-    assert r.tls is not None and r.tls.client_hello is not None
-    assert r.tls.client_hello.server_name == "a.example.com"
-    assert r.tls.started_ns == 4_000  # the handshake started when the ClientHello was first seen
+    assert r.listener.first_epoll_add_ns == 3_000 and r.listener.saw_epoll_del
+    assert r.listener.handoff_ns == 6_000
+    assert r.listener.first_io_ns == 7_000
+    assert r.listener.peeks == 1 and r.listener.peeked_bytes == len(hello)
+    assert r.tls.handshake is not None and r.tls.handshake.client_hello is not None
+    assert r.tls.handshake.client_hello.server_name == "a.example.com"
+    assert r.tls.handshake.started_ns == 4_000  # the handshake started when the ClientHello was first seen
 
 
 def test_second_add_is_the_handoff_when_the_kernel_sends_adds_only() -> None:
@@ -101,8 +104,8 @@ def test_second_add_is_the_handoff_when_the_kernel_sends_adds_only() -> None:
         close(8_000, 30, rx=len(hello)),
     ])
     r = h.only()
-    assert r.first_epoll_add_ns == 3_000 and r.saw_epoll_del
-    assert r.handoff_ns == 6_000 and r.first_io_ns == 7_000
+    assert r.listener.first_epoll_add_ns == 3_000 and r.listener.saw_epoll_del
+    assert r.listener.handoff_ns == 6_000 and r.listener.first_io_ns == 7_000
 
 
 def test_repeated_peeks_count_and_keep_the_largest() -> None:
@@ -115,15 +118,15 @@ def test_repeated_peeks_count_and_keep_the_largest() -> None:
         close(8_000, 30),
     ])
     r = h.only()
-    assert r.peeks == 2 and r.peeked_bytes == len(hello)
-    assert r.handoff_ns == 6_000
+    assert r.listener.peeks == 2 and r.listener.peeked_bytes == len(hello)
+    assert r.listener.handoff_ns == 6_000
 
 
 def test_handoff_is_the_first_add_when_closed_before_any_io() -> None:
     h = Harness().feed([established(1_000, 40000), accept(2_000, 30, 40000), epoll(3_000, 30, EPOLL_CTL_ADD),
                         close(4_000, 30)])
     r = h.only()
-    assert r.handoff_ns == 3_000 and r.first_io_ns is None
+    assert r.listener.handoff_ns == 3_000 and r.listener.first_io_ns is None
 
 
 def test_established_after_the_accept_still_sets_established() -> None:
@@ -132,19 +135,19 @@ def test_established_after_the_accept_still_sets_established() -> None:
     events = plain_story()
     events[0], events[1] = events[1], events[0]
     r = Harness().feed(events).only()
-    assert r.established_ns == 1_000 and r.accept_ns == 2_000
+    assert r.tcp.established_ns == 1_000 and r.accept_ns == 2_000
     assert r.start_ns == 1_000
     assert r.local_address == LOCAL
-    assert r.accept_queue_depth is None  # nobody saw it queued
+    assert r.accept_queue is None  # nobody saw it queued
     assert "established_not_seen" not in r.partial
 
 
 def test_missing_established_is_partial() -> None:
     events = [e for e in plain_story() if not (e.kind == C["EV_SOCK_STATE"] and e.newstate == ESTABLISHED)]
     r = Harness().feed(events).only()
-    assert r.established_ns is None and r.start_ns == r.accept_ns == 2_000
+    assert r.tcp.established_ns is None and r.start_ns == r.accept_ns == 2_000
     assert r.partial == ["established_not_seen"]
-    assert r.accept_queue_depth is None
+    assert r.accept_queue is None
     assert r.local_address is None  # the wildcard listener does not say which local address
     assert r.listener_name == "plain_http"
 
@@ -169,14 +172,14 @@ def test_fd_reuse_without_close_finishes_the_old_connection() -> None:
     assert old.peer_port == 40001 and "close_not_seen" in old.partial
     assert old.close_ns == 4_000
     assert h.c.drops["fd_reused_without_close"] == 1
-    new = h.c.open[(TGID, 30)]
+    new = h.c.downstream.open[(TGID, 30)]
     assert new is not old and new.peer_port == 40002
-    assert new.established_ns == 3_000 and new.first_io_ns is None and new.partial == []
+    assert new.tcp.established_ns == 3_000 and new.listener.first_io_ns is None and new.partial == []
     h.feed([read(5_000, 30, REQUEST), close(6_000, 30, rx=len(REQUEST))])
     done = h.drain()
     assert [r.peer_port for r in done] == [40001, 40002]
-    assert done[1].first_io_ns == 5_000 and done[1].bytes_received == len(REQUEST)
-    assert done[0].first_io_ns == 2_500  # the later I/O did not leak into the old record
+    assert done[1].listener.first_io_ns == 5_000 and done[1].traffic.bytes_received == len(REQUEST)
+    assert done[0].listener.first_io_ns == 2_500  # the later I/O did not leak into the old record
 
 
 def test_reset_received_before_fin_is_a_peer_abort() -> None:
@@ -189,10 +192,10 @@ def test_reset_received_before_fin_is_a_peer_abort() -> None:
         close(6_000, 30, rx=20),
     ])
     r = h.only()
-    assert [m.name for m in r.tcp_marks] == ["tcp.reset_received"]
+    assert [m.name for m in r.tcp.marks] == ["tcp.reset_received"]
     assert r.aborted() == "peer"
     assert r.close_initiator() == "peer"
-    assert r.eof_ns is None and r.peer_fin_ns is None
+    assert r.tcp.eof_ns is None and r.tcp.peer_fin_ns is None
 
 
 def test_reset_after_the_peers_fin_is_not_an_abort() -> None:
@@ -204,7 +207,7 @@ def test_reset_after_the_peers_fin_is_not_an_abort() -> None:
         close(5_000, 30),
     ])
     r = h.only()
-    assert [m.name for m in r.tcp_marks] == ["tcp.reset_received"]
+    assert [m.name for m in r.tcp.marks] == ["tcp.reset_received"]
     assert r.aborted() is None
     assert r.close_initiator() == "peer"
 
@@ -216,7 +219,7 @@ def test_reset_sent_is_an_envoy_abort() -> None:
     ])
     r = h.only()
     assert r.aborted() == "envoy" and r.close_initiator() == "envoy"
-    assert r.tcp_marks[0].state == ESTABLISHED
+    assert r.tcp.marks[0].state == ESTABLISHED
 
 
 def test_connection_table_bound_evicts_the_oldest() -> None:
@@ -229,9 +232,9 @@ def test_connection_table_bound_evicts_the_oldest() -> None:
     victim = h.out[0]
     assert victim.fd == 30 and victim.peer_port == 40001
     assert victim.still_open and "evicted" in victim.partial and victim.close_ns == 2_002
-    assert set(h.c.open) == {(TGID, 31), (TGID, 32)}
+    assert set(h.c.downstream.open) == {(TGID, 31), (TGID, 32)}
     h.feed([tcp(2_100, "TCP_RESET_RECEIVED", 40001)])
-    assert victim.tcp_marks == []  # the evicted record is gone from the 4-tuple index too
+    assert victim.tcp.marks == []  # the evicted record is gone from the 4-tuple index too
 
 
 def test_processes_with_the_same_fd_are_separate() -> None:
@@ -245,12 +248,13 @@ def test_processes_with_the_same_fd_are_separate() -> None:
         read(3_000, 30, REQUEST, tgid=other),
         close(4_000, 30, rx=0),
     ])
-    assert set(h.c.open) == {(other, 30)}
+    assert set(h.c.downstream.open) == {(other, 30)}
     mine = h.drain()[0]
-    assert (mine.tgid, mine.peer_port, mine.local_port, mine.first_io_ns) == (TGID, 40001, LPORT, None)
-    theirs = h.c.open[(other, 30)]
-    assert (theirs.peer_port, theirs.local_port, theirs.established_ns) == (40002, 9090, 1_001)
-    assert theirs.first_io_ns == 3_000
+    assert (mine.tgid, mine.peer_port, mine.local_port, mine.listener.first_io_ns) == (
+        TGID, 40001, LPORT, None)
+    theirs = h.c.downstream.open[(other, 30)]
+    assert (theirs.peer_port, theirs.local_port, theirs.tcp.established_ns) == (40002, 9090, 1_001)
+    assert theirs.listener.first_io_ns == 3_000
     assert h.c.drops["fd_reused_without_close"] == 0
 
 
@@ -267,9 +271,9 @@ def test_ipv6_peers_and_specific_listener_address() -> None:
         close(3_000, 30), close(3_100, 31),
     ])
     a, b = h.drain()
-    assert (a.peer_address, a.local_address, a.listener_name, a.established_ns) == (
+    assert (a.peer_address, a.local_address, a.listener_name, a.tcp.established_ns) == (
         "::1", "::1", "v6_loopback", 1_000)
-    assert (b.peer_address, b.local_address, b.local_port, b.established_ns) == (
+    assert (b.peer_address, b.local_address, b.local_port, b.tcp.established_ns) == (
         "10.0.0.2", "10.0.0.1", 9443, 1_100)
     assert b.listener_name == "v6_any"
     assert build(a)[0].attributes["network.type"] == "ipv6"

@@ -19,4 +19,4 @@ def test_requests_are_parsed_after_a_listener_filter_peeked_the_first_bytes() ->
         read(6_000, 30, req), write(7_000, 30, resp), close(8_000, 30, rx=len(req), tx=len(resp)),
     ])
     assert requests == [("/peeked", 200)]
-    assert h.only().request_count == 1
+    assert h.only().http.count == 1

@@ -3,7 +3,7 @@ connections a reported event-loop round handled, the off-CPU waits inside it and
 
 from __future__ import annotations
 
-from otel_envoy.correlate.connections import ConnectionCorrelator
+from otel_envoy.correlate.correlator import ConnectionCorrelator
 from otel_envoy.correlate.round_tracker import RoundRecord, WaitRecord
 from otel_envoy.events.types import OffcpuEvent, RoundEvent
 from tests.support.events import LISTEN_FD, LPORT, TGID, TID, C, accept, listen_sockets, read, write
@@ -37,7 +37,7 @@ class _Harness:
 def test_a_round_holds_the_connections_it_served_and_the_waits_inside_it() -> None:
     h = _Harness()
     h.feed(accept(1_000, 30, 40001), accept(1_100, 31, 40002))
-    a, b = h.c.open[(TGID, 30)], h.c.open[(TGID, 31)]
+    a, b = h.c.downstream.open[(TGID, 30)], h.c.downstream.open[(TGID, 31)]
     h.feed(read(2_000, 30, b"GET / HTTP/1.1\r\n\r\n")._replace(round=7),
            read(2_100, 31, b"GET / HTTP/1.1\r\n\r\n")._replace(round=7),
            _offcpu(5_000_000, 2_200, 7, "preempted", runnable=4_997_800),

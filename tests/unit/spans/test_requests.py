@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from otel_envoy.correlate.model import ConnectionRecord, RequestRecord, UpstreamRecord
+from otel_envoy.correlate.model import ConnectionRecord, RequestRecord
+from otel_envoy.correlate.upstream_model import TcpConnect, UpstreamRecord
 from otel_envoy.protocols.http1 import HttpExchange, HttpMessage
 from otel_envoy.protocols.tracecontext import trace_context
 from otel_envoy.spans.clock import MonotonicClock
@@ -29,10 +30,10 @@ def _request_spans(down_headers: dict[str, str], up_headers: dict[str, str]) -> 
     up_req = HttpMessage(3_000, 3_100, method="GET", path="/hello", version="1.1", headers=up_headers)
     up_req.response = HttpMessage(4_000, 4_100, status=200, version="1.1", body_bytes=2)
     resp = HttpMessage(5_000, 5_100, status=200, version="1.1", body_bytes=2)
-    up = UpstreamRecord(TGID, 31, TID, "wrk:worker_0", "127.0.0.1", 8080, 2_500, 0, "3" * 32, "4" * 16,
-                        "5" * 16)
+    up = UpstreamRecord(TGID, 31, TID, "wrk:worker_0", "127.0.0.1", 8080, "3" * 32, "4" * 16,
+                        TcpConnect(2_500, 0, "5" * 16))
     rr = RequestRecord(conn, down, "6" * 16, trace_context(down_headers))
-    up.cause = rr
+    up.cause.request = rr
     rr.upstream.append((up, up_req, "7" * 16))
     builder = RequestSpanBuilder(ConnectionSpanBuilder(RESOURCE, MonotonicClock(OFFSET)))
     server, client = builder.downstream(rr, HttpExchange(down, resp))
