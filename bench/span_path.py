@@ -79,7 +79,7 @@ def collect_connections(path: Path = RECORDING) -> tuple[list[ConnectionRecord],
 
 def is_tls(conn: ConnectionRecord) -> bool:
     """A connection whose ClientHello was seen (its trace has a tls.handshake span)."""
-    return conn.tls is not None and conn.tls.client_hello is not None
+    return conn.tls.handshake is not None and conn.tls.handshake.client_hello is not None
 
 
 def time_per_item(

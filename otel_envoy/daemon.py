@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.sdk.resources import Resource
 
-from .correlate.rounds import OFFCPU_REASONS
+from .correlate.round_tracker import OFFCPU_REASONS
 from .envoy.admin import AdminError, fetch_listener_names
 from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets
 from .events.recording import RecordingWriter

@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterable
 
 from opentelemetry.sdk.resources import Resource
 
-from .correlate.connections import ConnectionCorrelator, ListenSocket
-from .correlate.model import ConnectionRecord, RequestRecord, UpstreamRecord
-from .correlate.rounds import RoundRecord, WaitRecord
+from .correlate.correlator import ConnectionCorrelator
+from .correlate.downstream import ListenSocket
+from .correlate.model import ConnectionRecord, RequestRecord
+from .correlate.round_tracker import RoundRecord, WaitRecord
+from .correlate.upstream_model import UpstreamRecord
 from .events.decode import Decoder
 from .events.layout import load_layout
 from .events.recording import RecordingWriter

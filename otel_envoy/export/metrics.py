@@ -81,7 +81,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from .. import __version__
-from ..correlate.rounds import OFFCPU_REASONS
+from ..correlate.round_tracker import OFFCPU_REASONS
 from ..spans.rounds import thread_identity
 from .otlp import OtlpSettings
 from .pipeline import _SdkLogFilter

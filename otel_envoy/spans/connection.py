@@ -79,7 +79,7 @@ class ConnectionSpanBuilder:
         """
         offset = self.clock.offset_ns
         still_open = conn.still_open
-        marks = conn.tcp_marks
+        marks = conn.tcp.marks
         start = conn.start_ns
         end = conn.close_ns if conn.close_ns is not None else start
         if marks:
@@ -106,8 +106,8 @@ class ConnectionSpanBuilder:
             "thread.id": conn.tid,
             "thread.name": conn.thread_name,
             "envoy.connection.fd": conn.fd,
-            "envoy.connection.bytes_received": conn.bytes_received,
-            "envoy.connection.bytes_sent": conn.bytes_sent,
+            "envoy.connection.bytes_received": conn.traffic.bytes_received,
+            "envoy.connection.bytes_sent": conn.traffic.bytes_sent,
         }
         if peer:
             attrs["network.type"] = network_type(peer)
@@ -127,13 +127,13 @@ class ConnectionSpanBuilder:
             attrs["envoy.connection.socket_options"] = [
                 _SOCKOPT_NAMES.get((lvl, name), f"{lvl}/{name}") for lvl, name, _ in conn.socket_options
             ]
-        if conn.request_count:
-            attrs["envoy.connection.requests"] = conn.request_count
-        tls = conn.tls
+        if conn.http.count:
+            attrs["envoy.connection.requests"] = conn.http.count
+        tls = conn.tls.handshake
         hello = tls.client_hello if tls is not None else None
         if hello is not None and hello.server_name:
             attrs["tls.client.server_name"] = hello.server_name
-        records = conn.tls_records
+        records = conn.traffic.tls_records
         if records is not None:
             attrs["envoy.tls.records_received"] = records.received
             attrs["envoy.tls.records_sent"] = records.sent
@@ -158,7 +158,7 @@ class ConnectionSpanBuilder:
                 max(end, start) + offset,
                 attrs,
                 [(m.ts_ns + offset, m.name, {"tcp.state": m.state} if m.state else {}) for m in marks],
-                [(t, sid, _REQUEST_LINK) for t, sid in conn.request_links],
+                [(t, sid, _REQUEST_LINK) for t, sid in conn.http.links],
                 STATUS_CODE_ERROR if reset else STATUS_CODE_UNSET,
                 f"connection reset by {reset}" if reset else "",
                 *tail,
@@ -166,13 +166,12 @@ class ConnectionSpanBuilder:
         ]
         # Children: times clamped into the root's interval (only from below while still open).
         accept = max(conn.accept_ns, start) if still_open else min(max(conn.accept_ns, start), end)
-        established = conn.established_ns
+        established = conn.tcp.established_ns
         if established is not None:
             qattrs: dict[str, object] = {}
-            if conn.accept_queue_depth is not None:
-                qattrs["tcp.accept_queue.depth"] = conn.accept_queue_depth
-            if conn.accept_queue_depth_on_arrival is not None:
-                qattrs["tcp.accept_queue.depth_on_arrival"] = conn.accept_queue_depth_on_arrival
+            if conn.accept_queue is not None:
+                qattrs["tcp.accept_queue.depth"] = conn.accept_queue.at_accept
+                qattrs["tcp.accept_queue.depth_on_arrival"] = conn.accept_queue.on_arrival
             spans.append(
                 SpanRecord(
                     trace_id,
@@ -191,10 +190,10 @@ class ConnectionSpanBuilder:
                 )
             )
         lf_attrs: dict[str, object] = {
-            "envoy.listener_filters.peeked_bytes": conn.peeked_bytes,
-            "envoy.listener_filters.peeks": conn.peeks,
+            "envoy.listener_filters.peeked_bytes": conn.listener.peeked_bytes,
+            "envoy.listener_filters.peeks": conn.listener.peeks,
         }
-        handoff = conn.handoff_ns
+        handoff = conn.listener.handoff_ns
         if handoff is None:
             lf_attrs["otel_envoy.partial"] = ["handoff_not_seen"]
             handoff = end
@@ -226,7 +225,7 @@ class ConnectionSpanBuilder:
     def _tls_span(
         self, conn: ConnectionRecord, trace_id: str, span_id: str, parent_id: str, start: int, end: int
     ) -> SpanRecord:
-        tls = conn.tls
+        tls = conn.tls.handshake
         assert tls is not None and tls.started_ns is not None
         attrs = tls.summary()  # a new dict per call
         code, message = STATUS_CODE_UNSET, ""

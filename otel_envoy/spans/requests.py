@@ -25,7 +25,8 @@ CLIENT spans for 4xx/5xx, connect failures and missing responses.
 from __future__ import annotations
 
 from ..correlate.addresses import network_type
-from ..correlate.model import RequestRecord, UpstreamRecord, upstream_context
+from ..correlate.model import RequestRecord, upstream_context
+from ..correlate.upstream_model import UpstreamRecord
 from ..export.records import (
     SPAN_KIND_CLIENT,
     SPAN_KIND_INTERNAL,
@@ -48,11 +49,11 @@ _LINK_UPSTREAM_REQUEST = {"otel_envoy.link": "upstream_request"}
 
 def upstream_placement(up: UpstreamRecord) -> tuple[str, str | None]:
     """``(trace id, parent span id)`` of an upstream connection's span: under the request that caused it."""
-    if up.cause is not None:
-        trace_id, _, _ = up.cause.placement()
-        return trace_id, up.cause.span_id
-    if up.cause_conn is not None:  # TLS downstream: the request is encrypted, the connection is the cause
-        return up.cause_conn.trace_id, up.cause_conn.span_id
+    if up.cause.request is not None:
+        trace_id, _, _ = up.cause.request.placement()
+        return trace_id, up.cause.request.span_id
+    if up.cause.conn is not None:  # TLS downstream: the request is encrypted, the connection is the cause
+        return up.cause.conn.trace_id, up.cause.conn.span_id
     return up.trace_id, None
 
 
@@ -162,7 +163,7 @@ class RequestSpanBuilder:
             parent = f"{ctx.parent_span_id:016x}" if ctx.parent_span_id is not None else None
         elif default_parent is not None:
             trace_id, parent = default_parent
-        elif up.cause is None:  # a connection of its own: the request is its child
+        elif up.cause.request is None:  # a connection of its own: the request is its child
             trace_id, parent = up_trace, up.span_id
         else:  # the connection sits in another request's trace: this one gets a trace of its own
             trace_id, parent = own_trace_id or up.trace_id, None
@@ -203,7 +204,7 @@ class RequestSpanBuilder:
         """envoy.upstream.connection (connect -> close) and its tcp.connect child."""
         offset = self.clock.offset_ns
         trace_id, parent = upstream_placement(up)
-        start = min(up.connect_ns, up.syn_sent_ns or up.connect_ns)
+        start = min(up.connect.ns, up.connect.syn_sent_ns or up.connect.ns)
         end = max(up.end_ns, start)
         attrs: dict[str, object] = {
             "network.transport": "tcp",
@@ -216,9 +217,9 @@ class RequestSpanBuilder:
             "thread.id": up.tid,
             "thread.name": up.thread_name,
             "envoy.connection.fd": up.fd,
-            "envoy.connection.bytes_received": up.bytes_received,
-            "envoy.connection.bytes_sent": up.bytes_sent,
-            "envoy.upstream.requests": up.requests,
+            "envoy.connection.bytes_received": up.traffic.bytes_received,
+            "envoy.connection.bytes_sent": up.traffic.bytes_sent,
+            "envoy.upstream.requests": up.http.requests,
         }
         if up.local_address:
             attrs["network.local.address"] = up.local_address
@@ -230,21 +231,22 @@ class RequestSpanBuilder:
             if initiator:
                 attrs["envoy.connection.close_initiator"] = initiator
         code, message = STATUS_CODE_UNSET, ""
-        resets = [m for m in up.tcp_marks if m.name == "tcp.reset_received"]
-        if up.failed_state_ns is not None and up.established_ns is None:
+        resets = [m for m in up.tcp.marks if m.name == "tcp.reset_received"]
+        if up.connect.failed_ns is not None and up.tcp.established_ns is None:
             code, message = STATUS_CODE_ERROR, "connect failed"
             attrs["error.type"] = "connect_failed"
-        elif resets and up.peer_fin_ns is None and up.envoy_fin_ns is None:
+        elif resets and up.tcp.peer_fin_ns is None and up.tcp.envoy_fin_ns is None:
             code, message = STATUS_CODE_ERROR, "connection reset by peer"
-        events = [(m.ts_ns + offset, m.name, {"tcp.state": m.state} if m.state else {}) for m in up.tcp_marks]
+        events = [(m.ts_ns + offset, m.name, {"tcp.state": m.state} if m.state else {}) for m in up.tcp.marks]
         spans = [SpanRecord(trace_id, up.span_id, parent, "envoy.upstream.connection", SPAN_KIND_CLIENT,
                             start + offset, end + offset, attrs, events, [], code, message, *self._tail)]
-        if up.syn_sent_ns is not None:
-            done = up.established_ns if up.established_ns is not None else up.failed_state_ns
-            connect_code = STATUS_CODE_UNSET if up.established_ns is not None else STATUS_CODE_ERROR
+        if up.connect.syn_sent_ns is not None:
+            done = up.tcp.established_ns if up.tcp.established_ns is not None else up.connect.failed_ns
+            connect_code = STATUS_CODE_UNSET if up.tcp.established_ns is not None else STATUS_CODE_ERROR
             spans.append(SpanRecord(
-                trace_id, up.connect_span_id, up.span_id,
-                "tcp.connect", SPAN_KIND_INTERNAL, up.syn_sent_ns + offset,
-                max(done if done is not None else end, up.syn_sent_ns) + offset, {}, [], [], connect_code,
-                "" if connect_code == STATUS_CODE_UNSET else "no SYN-ACK before close", *self._tail))
+                trace_id, up.connect.span_id, up.span_id,
+                "tcp.connect", SPAN_KIND_INTERNAL, up.connect.syn_sent_ns + offset,
+                max(done if done is not None else end, up.connect.syn_sent_ns) + offset, {}, [], [],
+                connect_code, "" if connect_code == STATUS_CODE_UNSET else "no SYN-ACK before close",
+                *self._tail))
         return spans

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..correlate.rounds import RoundRecord, WaitRecord
+from ..correlate.round_tracker import RoundRecord, WaitRecord
 from ..export.records import SPAN_KIND_INTERNAL, STATUS_CODE_UNSET, SpanRecord
 from .connection import ConnectionSpanBuilder
 

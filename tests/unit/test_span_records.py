@@ -54,7 +54,7 @@ def collect_connections() -> tuple[list[ConnectionRecord], MonotonicClock]:
 
 
 def is_tls(conn: ConnectionRecord) -> bool:
-    return conn.tls is not None and conn.tls.client_hello is not None
+    return conn.tls.handshake is not None and conn.tls.handshake.client_hello is not None
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,171 @@
+"""The correlator: typed kernel events in, finished connection, request and round records out.
+
+It only dispatches each event to the part that owns the state it changes, and wires the parts together:
+  * :mod:`.downstream`: downstream connections, accept to close (and their listener hand-off, TLS, I/O);
+  * :mod:`.accept_queue`: connections established but not accepted yet, per listening port;
+  * :mod:`.downstream_requests`: requests parsed on plaintext downstream connections;
+  * :mod:`.upstream`: connections Envoy opened, and the requests it wrote on them;
+  * :mod:`.attribution`: which downstream request (or TLS connection) caused an upstream one;
+  * :mod:`.round_tracker`: event-loop rounds and off-CPU waits, tied to the connections they handled.
+Everything is bounded: when a table is full the oldest entry is evicted and counted in ``drops``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable
+
+from ..events.layout import load_layout
+from ..events.types import CloseEvent, DataEvent, Event, SockStateEvent, TcpEvent
+from .accept_queue import AcceptQueue
+from .addresses import format_ip
+from .attribution import UpstreamAttribution
+from .downstream import DownstreamConnections, ListenSocket
+from .downstream_requests import DownstreamRequests, OnRequest
+from .identity import IdSource
+from .model import ConnectionRecord, TcpMark
+from .round_tracker import RoundRecord, RoundTracker, WaitRecord
+from .upstream import OnUpstreamRequest, UpstreamConnections
+from .upstream_model import UpstreamRecord
+
+__all__ = ["ConnectionCorrelator"]
+
+_C = load_layout().constants
+EV_ACCEPT, EV_CLOSE, EV_DATA, EV_CONNECT = _C["EV_ACCEPT"], _C["EV_CLOSE"], _C["EV_DATA"], _C["EV_CONNECT"]
+EV_EPOLL_CTL, EV_SETSOCKOPT, EV_SOCK_STATE, EV_TCP = (
+    _C["EV_EPOLL_CTL"], _C["EV_SETSOCKOPT"], _C["EV_SOCK_STATE"], _C["EV_TCP"])
+EV_OFFCPU, EV_ROUND = _C["EV_OFFCPU"], _C["EV_ROUND"]
+ROLE_DOWNSTREAM = _C["ROLE_DOWNSTREAM"]
+TCP_MARK_NAMES = {
+    _C["TCP_RETRANSMIT"]: "tcp.retransmit",
+    _C["TCP_RESET_SENT"]: "tcp.reset_sent",
+    _C["TCP_RESET_RECEIVED"]: "tcp.reset_received",
+    _C["TCP_SYNACK_RETRANSMIT"]: "tcp.synack_retransmit",
+}
+
+
+class ConnectionCorrelator:
+    """Builds ConnectionRecords; ``on_finished`` receives each one once, after it ended.
+
+    ``on_request`` gets each downstream request when it ended, ``on_upstream`` each upstream connection,
+    ``on_upstream_request`` each upstream request no downstream request was found for; ``on_round`` and
+    ``on_wait`` the event-loop rounds the kernel reported and the off-CPU waits outside them (rounds are
+    not tracked without ``on_round``). ``http=False`` turns HTTP parsing off.
+    """
+
+    def __init__(
+        self,
+        on_finished: Callable[[ConnectionRecord], None],
+        *,
+        on_request: OnRequest | None = None,
+        on_upstream: Callable[[UpstreamRecord], None] | None = None,
+        on_upstream_request: OnUpstreamRequest | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        on_wait: Callable[[WaitRecord], None] | None = None,
+        http: bool = True,
+        max_connections: int = 65536,
+        max_queued: int = 65536,
+        linger_ns: int = 50_000_000,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.linger_ns = linger_ns
+        self.latest_ns = 0
+        self.drops: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()
+        ids = IdSource(rng)
+        # which connections each reported event-loop round handled, and the off-CPU waits inside it
+        self.rounds = RoundTracker(on_round, on_wait) if on_round is not None else None
+        self.accept_queue = AcceptQueue(max_queued=max_queued, drops=self.drops)
+        self.attribution = UpstreamAttribution(ids, self.stats, self.drops)
+        self.requests = DownstreamRequests(self.attribution, ids, self.stats, on_request)
+        self.downstream = DownstreamConnections(
+            on_finished, accept_queue=self.accept_queue, requests=self.requests, attribution=self.attribution,
+            rounds=self.rounds, ids=ids, stats=self.stats, drops=self.drops, http=http,
+            max_connections=max_connections, linger_ns=linger_ns)
+        self.upstream = UpstreamConnections(
+            attribution=self.attribution, ids=ids, stats=self.stats, drops=self.drops,
+            on_upstream=on_upstream, on_upstream_request=on_upstream_request, http=http,
+            max_connections=max_connections, max_pending=max_queued, linger_ns=linger_ns)
+        self.accepts_by_thread = self.downstream.accepts_by_thread  # (tgid, tid, name) -> accepts
+        self._closing, self._upstream_closing = self.downstream.closing, self.upstream.closing
+        self._down_data, self._up_data = self.downstream.on_data, self.upstream.on_data
+        self._dispatch: dict[int, Callable[[Event], None]] = {
+            EV_ACCEPT: self.downstream.on_accept,  # type: ignore[dict-item]
+            EV_CLOSE: self._on_close,  # type: ignore[dict-item]
+            EV_CONNECT: self.upstream.on_connect,  # type: ignore[dict-item]
+            EV_DATA: self._on_data,  # type: ignore[dict-item]
+            EV_EPOLL_CTL: self.downstream.on_epoll_ctl,  # type: ignore[dict-item]
+            EV_SETSOCKOPT: self.downstream.on_setsockopt,  # type: ignore[dict-item]
+            EV_SOCK_STATE: self._on_sock_state,  # type: ignore[dict-item]
+            EV_TCP: self._on_tcp,  # type: ignore[dict-item]
+        }
+        if self.rounds is not None:
+            self._dispatch[EV_OFFCPU] = self.rounds.on_offcpu  # type: ignore[assignment]
+            self._dispatch[EV_ROUND] = self.rounds.on_round  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ context from user space
+
+    def set_listen_sockets(self, sockets: dict[tuple[int, int], ListenSocket]) -> None:
+        """Replace the (tgid, listen fd) -> listening socket table (from /proc)."""
+        self.downstream.listen_sockets = dict(sockets)
+
+    def set_listener_names(self, names: dict[tuple[str, int], str]) -> None:
+        """Replace the (address, port) -> Envoy listener name table (from the admin API)."""
+        self.downstream.listener_names = dict(names)
+
+    # ------------------------------------------------------------------ events
+
+    def handle(self, event: Event) -> None:
+        """Apply one event (hot path). Never raises for odd input; unknown situations are counted."""
+        latest = self.latest_ns
+        if event.ts_ns > latest:
+            self.latest_ns = latest = event.ts_ns
+        handler = self._dispatch.get(event.kind)
+        if handler is not None:
+            handler(event)
+        due = latest - self.linger_ns
+        closing, upstream_closing = self._closing, self._upstream_closing
+        if (closing and closing[0].close_ns <= due) or (  # type: ignore[operator]
+                upstream_closing and upstream_closing[0].end_ns <= due):
+            self.expire(latest)
+
+    def expire(self, now_ns: int) -> None:
+        """Emit connections that closed more than ``linger_ns`` before ``now_ns``."""
+        self.downstream.expire(now_ns)
+        self.upstream.expire(now_ns)
+
+    def flush(self, now_ns: int) -> None:
+        """End everything: closed connections as they are, open ones at ``now_ns`` as still open."""
+        self.downstream.flush(now_ns)
+        self.upstream.flush(now_ns)
+
+    def _on_data(self, ev: DataEvent) -> None:
+        if ev.role == ROLE_DOWNSTREAM:
+            self._down_data(ev)
+        else:
+            self._up_data(ev)
+
+    def _on_close(self, ev: CloseEvent) -> None:
+        if ev.role == ROLE_DOWNSTREAM:
+            self.downstream.on_close(ev)
+        else:
+            self.upstream.on_close(ev)
+
+    def _on_sock_state(self, ev: SockStateEvent) -> None:
+        if not self.upstream.on_sock_state(ev):
+            self.downstream.on_sock_state(ev)
+
+    def _on_tcp(self, ev: TcpEvent) -> None:
+        """A retransmit or reset: a mark on its connection; a SYN-ACK retransmit before the accept waits
+        in the accept queue."""
+        name = TCP_MARK_NAMES.get(ev.type)
+        if name is None:
+            return
+        tkey = (format_ip(ev.family, ev.daddr), ev.dport, ev.sport)
+        conn = self.downstream.find(tkey) or self.upstream.find(ev.skaddr)
+        if conn is not None:
+            conn.tcp.add_mark(TcpMark(ev.ts_ns, name, ev.state))
+            return
+        if name == "tcp.synack_retransmit":  # handshake not complete yet: keep until it is
+            self.accept_queue.synack_retransmit(ev.ts_ns, tkey)

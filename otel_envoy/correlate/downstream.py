@@ -1,0 +1,317 @@
+"""Downstream connections of the target processes, from accept to close (and a linger after it).
+
+How events of one connection find each other:
+  * syscall events (accept, reads, writes, epoll_ctl, setsockopt, close) carry (tgid, fd);
+  * TCP events (state changes, retransmits, resets) fire in softirq context of other processes and carry
+    only the 4-tuple, so connections are also indexed by (peer address, peer port, local port);
+  * the TCP handshake completes before Envoy accepts: the accept takes that from the accept queue.
+The listener hand-off (listener filters done, the fd registered for the filter chain) shows in epoll_ctl:
+a second ADD of the fd, else the first ADD once real I/O started. The first bytes read say whether the
+connection is TLS (its handshake is followed) or plaintext (parsed as HTTP from its first real read).
+A closed connection lingers for ``linger_ns`` (events of the close itself, like Envoy's FIN or a reset,
+arrive right after the close syscall; CPUs may deliver slightly out of order) and is then emitted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..events.layout import load_layout
+from ..events.types import AcceptEvent, CloseEvent, DataEvent, EpollCtlEvent, SetsockoptEvent, SockStateEvent
+from ..protocols.detect import Protocol, detect_protocol
+from ..protocols.tls.handshake import TlsHandshakeTracker
+from .accept_queue import AcceptQueue, TupleKey
+from .addresses import format_ip
+from .attribution import UpstreamAttribution
+from .downstream_requests import DownstreamRequests
+from .http_feed import downstream_parser
+from .identity import IdSource, thread_name
+from .model import AcceptQueueDepth, ConnectionRecord, ListenerHandoff, TcpMark, TlsRecordCounts
+from .round_tracker import RoundTracker
+
+__all__ = ["DownstreamConnections", "ListenSocket"]
+
+_C = load_layout().constants
+DIR_READ, DATA_FLAG_PEEK = _C["DIR_READ"], _C["DATA_FLAG_PEEK"]
+TLS_FRAMING_SEEN, TLS_FRAMING_LOST_RX, TLS_FRAMING_LOST_TX = (
+    _C["TLS_FRAMING_SEEN"], _C["TLS_FRAMING_LOST_RX"], _C["TLS_FRAMING_LOST_TX"])
+TCP_ESTABLISHED, TCP_SYN_RECV, TCP_FIN_WAIT1 = _C["TCP_ESTABLISHED"], _C["TCP_SYN_RECV"], _C["TCP_FIN_WAIT1"]
+TCP_CLOSE, TCP_CLOSE_WAIT = _C["TCP_CLOSE"], _C["TCP_CLOSE_WAIT"]
+EPOLL_CTL_ADD, EPOLL_CTL_DEL = 1, 2
+MAX_SOCKET_OPTIONS = 16
+WILDCARDS = ("0.0.0.0", "::")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSocket:
+    """A listening socket of a target process, found in /proc or the admin API."""
+
+    address: str  # "0.0.0.0" / "::" for wildcards
+    port: int
+    listener_name: str | None = None
+
+
+def _settle_handoff(listener: ListenerHandoff, ts_ns: int) -> None:
+    """First real I/O: if no DEL+ADD re-registration happened, the first ADD was the hand-off."""
+    if listener.first_io_ns is None:
+        listener.first_io_ns = ts_ns
+        if listener.handoff_ns is None:
+            listener.handoff_ns = (listener.first_epoll_add_ns if listener.first_epoll_add_ns is not None
+                                   else ts_ns)
+
+
+class DownstreamConnections:
+    """Open downstream connections by (tgid, fd) and by 4-tuple, and the closed ones lingering.
+
+    ``on_finished`` receives each connection once, after it ended. Bounded: when the table is full the
+    oldest connection is evicted (emitted as still open) and counted in ``drops``.
+    """
+
+    def __init__(self, on_finished: Callable[[ConnectionRecord], None], *, accept_queue: AcceptQueue,
+                 requests: DownstreamRequests, attribution: UpstreamAttribution, rounds: RoundTracker | None,
+                 ids: IdSource, stats: Counter[str], drops: Counter[str], http: bool, max_connections: int,
+                 linger_ns: int) -> None:
+        self.on_finished = on_finished
+        self.accept_queue = accept_queue
+        self.requests = requests
+        self.attribution = attribution
+        self.rounds = rounds
+        self.ids = ids
+        self.stats = stats
+        self.drops = drops
+        self.http = http
+        self.max_connections = max_connections
+        self.linger_ns = linger_ns
+        self.listen_sockets: dict[tuple[int, int], ListenSocket] = {}  # (tgid, listen fd) -> socket
+        self.listener_names: dict[tuple[str, int], str] = {}  # (address, port) -> Envoy listener name
+        self.accepts_by_thread: Counter[tuple[int, int, str]] = Counter()  # (tgid, tid, name) -> accepts
+        self.open: dict[tuple[int, int], ConnectionRecord] = {}  # (tgid, fd) -> connection
+        self.by_tuple: dict[TupleKey, ConnectionRecord] = {}
+        self.closing: deque[ConnectionRecord] = deque()  # closed, lingering; oldest close first
+
+    def find(self, tkey: TupleKey) -> ConnectionRecord | None:
+        """The open or lingering connection of a 4-tuple (peer address, peer port, local port)."""
+        return self.by_tuple.get(tkey)
+
+    # ------------------------------------------------------------------ accept
+
+    def on_accept(self, ev: AcceptEvent) -> None:
+        """accept() returned a new connection's fd to Envoy."""
+        self.stats["accepts"] += 1
+        key = (ev.tgid, ev.fd)
+        stale = self.open.pop(key, None)
+        if stale is not None:  # the close of the previous user of this fd was never seen
+            stale.partial.append("close_not_seen")
+            stale.close_ns = ev.ts_ns
+            self.drops["fd_reused_without_close"] += 1
+            self._finish(stale)
+        if len(self.open) >= self.max_connections:
+            _, victim = next(iter(self.open.items()))
+            self.open.pop((victim.tgid, victim.fd))
+            victim.partial.append("evicted")
+            victim.still_open = True
+            victim.close_ns = ev.ts_ns
+            self.drops["connection_table_full"] += 1
+            self._finish(victim)
+        listen = self.listen_sockets.get((ev.tgid, ev.listen_fd))
+        peer = format_ip(ev.family, ev.peer_addr) if ev.family else ""
+        conn = ConnectionRecord(
+            tgid=ev.tgid,
+            fd=ev.fd,
+            tid=ev.tid,
+            thread_name=thread_name(ev.comm),
+            listen_fd=ev.listen_fd,
+            peer_address=peer,
+            peer_port=ev.peer_port,
+            local_port=listen.port if listen else 0,
+            accept_ns=ev.ts_ns,
+            trace_id=self.ids.trace_id(),
+            span_id=self.ids.span_id(),
+        )
+        if listen is None:
+            conn.partial.append("listener_unknown")
+        elif listen.address not in WILDCARDS:
+            conn.local_address = listen.address
+        entry, depth, synacks = self.accept_queue.accept(peer, ev.peer_port, conn.local_port)
+        if entry is not None:
+            conn.tcp.established_ns = entry.established_ns
+            conn.local_address = entry.local_address
+            conn.accept_queue = AcceptQueueDepth(depth, entry.depth_on_arrival)
+        if synacks:
+            conn.tcp.marks.extend(TcpMark(ts, "tcp.synack_retransmit") for ts in synacks)
+        if conn.local_address is not None:
+            conn.listener_name = self._listener_name(conn.local_address, conn.local_port)
+        elif listen is not None:
+            conn.listener_name = listen.listener_name or self._listener_name(listen.address, listen.port)
+        self.open[key] = conn
+        self.by_tuple[(peer, ev.peer_port, conn.local_port)] = conn
+        self.accepts_by_thread[(ev.tgid, ev.tid, conn.thread_name)] += 1
+
+    def _listener_name(self, address: str, port: int) -> str | None:
+        names = self.listener_names
+        return names.get((address, port)) or names.get(("0.0.0.0", port)) or names.get(("::", port))
+
+    # ------------------------------------------------------------------ I/O
+
+    def on_data(self, ev: DataEvent) -> None:
+        """A read or write (hot path: most events are these)."""
+        conn = self.open.get((ev.tgid, ev.fd))
+        if conn is None:
+            return
+        if self.rounds is not None:
+            self.rounds.touch(ev.tid, ev.round, conn.trace_id, conn.span_id, conn.fd)
+        ret = ev.ret
+        if ev.direction == DIR_READ:
+            if ret > 0:
+                self._on_read(conn, ev)
+            elif ret == 0 and conn.tcp.eof_ns is None:
+                conn.tcp.eof_ns = ev.ts_ns
+            return
+        if ret <= 0:
+            return
+        if conn.listener.first_io_ns is None:
+            _settle_handoff(conn.listener, ev.ts_ns)
+        handshake = conn.tls.handshake
+        if handshake is not None:
+            handshake.on_server_data(ev.ts_ns, ev.data, ret)
+        elif conn.http.parser is not None:
+            self.requests.on_data(conn, ev)
+
+    def _on_read(self, conn: ConnectionRecord, ev: DataEvent) -> None:
+        """A read (or MSG_PEEK) that returned bytes."""
+        peek = ev.flags & DATA_FLAG_PEEK
+        data = ev.data
+        listener = conn.listener
+        if peek:
+            listener.peeks += 1
+            if ev.ret > listener.peeked_bytes:
+                listener.peeked_bytes = ev.ret
+        elif listener.first_io_ns is None:
+            _settle_handoff(listener, ev.ts_ns)
+        tls = conn.tls
+        if conn.protocol is None:
+            conn.protocol = detect_protocol(data)
+            if conn.protocol is Protocol.TLS:
+                tls.handshake = TlsHandshakeTracker()
+        handshake = tls.handshake
+        if handshake is not None:
+            # past the handshake, reads carry no bytes: nothing for the tracker then
+            if data or handshake.completed_ns is None:
+                was_established = handshake.completed_ns is not None
+                handshake.on_client_data(ev.ts_ns, data, ev.ret, peek=bool(peek))
+                if not was_established and handshake.completed_ns is not None:
+                    tls.ready_round = ev.round
+            if not peek:
+                self.attribution.note_tls_read(conn, ev)
+        elif not peek:
+            # requests are parsed from the connection's first real read (listener filters may peek first,
+            # and may have seen less of it)
+            http = conn.http
+            if http.parser is None and self.http and listener.first_io_ns == ev.ts_ns:
+                http.parser = downstream_parser(data)
+            if http.parser is not None:
+                self.requests.on_data(conn, ev)
+
+    def on_epoll_ctl(self, ev: EpollCtlEvent) -> None:
+        """Envoy (de)registered an fd with epoll: before the hand-off, that tells when it happened."""
+        conn = self.open.get((ev.tgid, ev.fd))
+        if conn is None:
+            return
+        listener = conn.listener
+        if listener.handoff_ns is not None:
+            return
+        if ev.op == EPOLL_CTL_ADD:
+            if listener.first_epoll_add_ns is None:
+                listener.first_epoll_add_ns = ev.ts_ns
+            else:  # a second ADD implies a DEL (the kernel side does not send DELs)
+                listener.saw_epoll_del = True
+                listener.handoff_ns = ev.ts_ns  # listener filters done, ConnectionImpl registered the fd
+        elif ev.op == EPOLL_CTL_DEL and listener.first_epoll_add_ns is not None:
+            listener.saw_epoll_del = True
+
+    def on_setsockopt(self, ev: SetsockoptEvent) -> None:
+        """Envoy set a socket option on a connection."""
+        conn = self.open.get((ev.tgid, ev.fd))
+        if conn is not None and len(conn.socket_options) < MAX_SOCKET_OPTIONS:
+            conn.socket_options.append((ev.level, ev.optname, ev.optval))
+
+    # ------------------------------------------------------------------ TCP and close
+
+    def on_sock_state(self, ev: SockStateEvent) -> None:
+        """A TCP state change of a socket that is not an upstream connection's."""
+        local = format_ip(ev.family, ev.saddr)
+        peer = format_ip(ev.family, ev.daddr)
+        tkey = (peer, ev.dport, ev.sport)
+        new = ev.newstate
+        if new == TCP_ESTABLISHED and ev.oldstate == TCP_SYN_RECV:
+            conn = self.by_tuple.get(tkey)
+            if conn is not None:  # already accepted: late (cross-CPU reordering) or a duplicate
+                if conn.tcp.established_ns is None and conn.close_ns is None:
+                    conn.tcp.established_ns = ev.ts_ns
+                    conn.local_address = local
+                return
+            self.accept_queue.established(ev.ts_ns, peer, ev.dport, local, ev.sport)
+            return
+        if new == TCP_CLOSE and ev.oldstate == TCP_SYN_RECV:
+            self.accept_queue.discard(peer, ev.dport, ev.sport)
+            return
+        conn = self.by_tuple.get(tkey)
+        if conn is None:
+            if new == TCP_CLOSE and self.accept_queue.discard(peer, ev.dport, ev.sport):
+                self.stats["died_in_accept_queue"] += 1  # an unaccepted connection died in the queue
+            return
+        if new == TCP_CLOSE_WAIT and conn.tcp.peer_fin_ns is None:
+            conn.tcp.peer_fin_ns = ev.ts_ns
+        elif new == TCP_FIN_WAIT1 and conn.tcp.envoy_fin_ns is None:
+            conn.tcp.envoy_fin_ns = ev.ts_ns
+
+    def on_close(self, ev: CloseEvent) -> None:
+        """Envoy closed a downstream connection's fd: it lingers, then is emitted."""
+        conn = self.open.pop((ev.tgid, ev.fd), None)
+        if conn is None:
+            return
+        conn.close_ns = ev.ts_ns
+        traffic = conn.traffic
+        traffic.bytes_received = ev.bytes_rx
+        traffic.bytes_sent = ev.bytes_tx
+        if ev.tls_flags & TLS_FRAMING_SEEN:
+            traffic.tls_records = TlsRecordCounts(
+                ev.tls_records_rx, ev.tls_records_tx, ev.tls_app_records_rx, ev.tls_app_records_tx,
+                ev.tls_max_record_rx, ev.tls_max_record_tx, bool(ev.tls_flags & TLS_FRAMING_LOST_RX),
+                bool(ev.tls_flags & TLS_FRAMING_LOST_TX))
+        listener = conn.listener
+        if listener.handoff_ns is None and listener.first_epoll_add_ns is not None \
+                and not listener.saw_epoll_del:  # never re-registered: the one ADD was the hand-off
+            listener.handoff_ns = listener.first_epoll_add_ns
+        self.requests.end(conn, ev.ts_ns)
+        self.closing.append(conn)
+
+    # ------------------------------------------------------------------ output
+
+    def expire(self, now_ns: int) -> None:
+        """Emit connections that closed more than ``linger_ns`` before ``now_ns``."""
+        closing, linger = self.closing, self.linger_ns
+        while closing and closing[0].close_ns + linger <= now_ns:  # type: ignore[operator]
+            self._finish(closing.popleft())
+
+    def flush(self, now_ns: int) -> None:
+        """End everything: closed connections as they are, open ones at ``now_ns`` as still open."""
+        while self.closing:
+            self._finish(self.closing.popleft())
+        for conn in list(self.open.values()):
+            conn.still_open = True
+            conn.close_ns = max(now_ns, conn.accept_ns)
+            self.requests.end(conn, conn.close_ns)
+            self._finish(conn)
+        self.open.clear()
+
+    def _finish(self, conn: ConnectionRecord) -> None:
+        tkey = (conn.peer_address, conn.peer_port, conn.local_port)
+        if self.by_tuple.get(tkey) is conn:
+            del self.by_tuple[tkey]
+        if conn.tcp.established_ns is None:
+            conn.partial.append("established_not_seen")
+        self.stats["connections"] += 1
+        self.on_finished(conn)

@@ -1,0 +1,83 @@
+"""Requests on downstream connections: RequestRecords from a connection's HTTP parser, out when they end.
+
+Each request whose header block was read becomes a RequestRecord at once (the attribution needs it to pair
+the upstream request Envoy writes for it); it leaves through ``on_request`` when its response ended, or
+when its connection did.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from ..events.types import DataEvent
+from ..protocols.http import HttpExchange
+from ..protocols.http1 import Http1Exchanges
+from ..protocols.http2 import Http2Exchanges
+from ..protocols.tracecontext import trace_context
+from .attribution import UpstreamAttribution
+from .http_feed import feed_http
+from .identity import IdSource
+from .model import MAX_REQUEST_LINKS, ConnectionRecord, RequestRecord
+
+__all__ = ["DownstreamRequests", "OnRequest"]
+
+OnRequest = Callable[[RequestRecord, HttpExchange], None]
+
+
+class DownstreamRequests:
+    """Feeds downstream connections' parsers and turns what they parse into RequestRecords."""
+
+    def __init__(self, attribution: UpstreamAttribution, ids: IdSource, stats: Counter[str],
+                 on_request: OnRequest | None) -> None:
+        self.attribution = attribution
+        self._new_span_id = ids.span_id
+        self.stats = stats
+        self.on_request = on_request
+
+    def on_data(self, conn: ConnectionRecord, ev: DataEvent) -> None:
+        """A read or write of ``conn``, which has a parser (``conn.http.parser``)."""
+        http = conn.http
+        parser = http.parser
+        assert parser is not None
+        feed_http(parser, ev)
+        if parser.upgraded and isinstance(parser, Http1Exchanges) and parser.h2c_request is not None:
+            h2 = Http2Exchanges.from_upgrade(parser)  # 101 to h2c: the rest of the connection is HTTP/2
+            if h2 is not None:
+                http.parser = parser = h2
+                self.stats["h2c_upgrades"] += 1
+        for msg in parser.take_new_requests():
+            rr = RequestRecord(conn, msg, self._new_span_id(), trace_context(msg.headers),
+                               active_round=msg.headers_round)
+            http.pending[id(msg)] = rr
+            http.count += 1
+            self.attribution.note_request(rr, ev.tid)
+        if parser.completed:
+            for exchange in parser.take_completed():
+                self._request_done(conn, exchange)
+            if isinstance(parser, Http1Exchanges):
+                # HTTP/1 pipelining: Envoy starts on the next buffered request only after this response
+                for rr in http.pending.values():
+                    rr.active_round = max(rr.active_round, ev.round)
+
+    def end(self, conn: ConnectionRecord, ts_ns: int) -> None:
+        """The connection ended: what is still in flight becomes request spans now."""
+        http = conn.http
+        if http.parser is not None:
+            for exchange in http.parser.finish(ts_ns):
+                self._request_done(conn, exchange)
+        http.pending.clear()
+
+    def _request_done(self, conn: ConnectionRecord, exchange: HttpExchange) -> None:
+        msg = exchange.request
+        http = conn.http
+        rr = http.pending.pop(id(msg), None)
+        if rr is None:  # never reached a complete header block (malformed): a record of its own
+            rr = RequestRecord(conn, msg, self._new_span_id(), trace_context(msg.headers))
+            http.count += 1
+        self.attribution.request_done(rr)
+        trace_id, _, _ = rr.placement()
+        if trace_id != conn.trace_id and len(http.links) < MAX_REQUEST_LINKS:
+            http.links.append((trace_id, rr.span_id))
+        if self.on_request is not None:
+            self.on_request(rr, exchange)

@@ -1,0 +1,280 @@
+"""Downstream connections (correlate/downstream.py), driven by typed kernel events (no root, no BPF).
+
+Each test tells a connection's story as the kernel reports it and checks the ConnectionRecord the
+correlator emits: the listener hand-off, TCP timing and resets, fd reuse, the table bound.
+"""
+
+from __future__ import annotations
+
+from otel_envoy.protocols.detect import Protocol
+from tests.support.correlation import (
+    CLOSE_WAIT,
+    ESTABLISHED,
+    REQUEST,
+    RESPONSE,
+    TCP_CLOSE,
+    Harness,
+    build,
+    client_hello,
+    plain_story,
+)
+from tests.support.events import (
+    DIR_READ,
+    EPOLL_CTL_ADD,
+    EPOLL_CTL_DEL,
+    LISTEN_FD,
+    LOCAL,
+    LPORT,
+    PEER,
+    TGID,
+    TID,
+    C,
+    accept,
+    close,
+    data,
+    epoll,
+    established,
+    listen_sockets,
+    read,
+    state,
+    tcp,
+)
+
+
+def test_plain_connection_gives_one_complete_record() -> None:
+    h = Harness().feed(plain_story())
+    assert h.out == []  # closed, but still lingering
+    r = h.only()
+    assert (r.tgid, r.fd, r.tid, r.thread_name) == (TGID, 30, TID, "wrk:worker_0")
+    assert (r.peer_address, r.peer_port, r.local_port, r.local_address) == (PEER, 40000, LPORT, LOCAL)
+    assert r.listen_fd == LISTEN_FD and r.listener_name == "plain_http"
+    assert r.tcp.established_ns == 1_000 and r.start_ns == 1_000
+    assert r.accept_ns == 2_000
+    # no re-registration: the first ADD was the hand-off
+    assert r.listener.first_epoll_add_ns == 3_000 and r.listener.handoff_ns == 3_000
+    assert r.listener.first_io_ns == 4_000
+    assert r.tcp.peer_fin_ns == 6_000 and r.tcp.eof_ns == 7_000 and r.tcp.envoy_fin_ns is None
+    assert r.close_ns == 8_000
+    assert (r.traffic.bytes_received, r.traffic.bytes_sent) == (len(REQUEST), len(RESPONSE))
+    assert r.accept_queue.at_accept == 1 and r.accept_queue.on_arrival == 1
+    assert r.close_initiator() == "peer" and r.aborted() is None
+    assert r.socket_options == [(6, 1, 1)]
+    assert r.protocol is Protocol.HTTP1 and r.tls.handshake is None
+    assert r.listener.peeks == 0 and r.listener.peeked_bytes == 0
+    assert not r.still_open and r.partial == []
+    assert h.c.downstream.open == {} and h.c.downstream.by_tuple == {}
+    assert h.c.accept_queue.queued[LPORT] == {}
+    assert h.c.stats["connections"] == 1 and not h.c.drops
+
+
+def test_tls_inspector_sequence_sets_handoff_at_the_second_add() -> None:
+    hello = client_hello()
+    h = Harness().feed([
+        established(1_000, 40000),
+        accept(2_000, 30, 40000),
+        epoll(3_000, 30, EPOLL_CTL_ADD),  # the listener filter waits for data
+        read(4_000, 30, hello, peek=True),  # tls_inspector peeks the ClientHello
+        epoll(5_000, 30, EPOLL_CTL_DEL),  # listener filters done ...
+        epoll(6_000, 30, EPOLL_CTL_ADD),  # ... ConnectionImpl registers the fd: the hand-off
+        read(7_000, 30, hello),  # BoringSSL reads the ClientHello for real
+        epoll(7_500, 30, EPOLL_CTL_DEL),  # later re-registrations change nothing
+        epoll(7_600, 30, EPOLL_CTL_ADD),
+        close(8_000, 30, rx=len(hello)),
+    ])
+    r = h.only()
+    assert r.listener.first_epoll_add_ns == 3_000 and r.listener.saw_epoll_del
+    assert r.listener.handoff_ns == 6_000
+    assert r.listener.first_io_ns == 7_000
+    assert r.listener.peeks == 1 and r.listener.peeked_bytes == len(hello)
+    assert r.tls.handshake is not None and r.tls.handshake.client_hello is not None
+    assert r.tls.handshake.client_hello.server_name == "a.example.com"
+    assert r.tls.handshake.started_ns == 4_000  # the handshake started when the ClientHello was first seen
+
+
+def test_second_add_is_the_handoff_when_the_kernel_sends_adds_only() -> None:
+    """The kernel side sends only ADDs (a DEL between two ADDs of one fd is implied)."""
+    hello = client_hello()
+    h = Harness().feed([
+        established(1_000, 40000),
+        accept(2_000, 30, 40000),
+        epoll(3_000, 30, EPOLL_CTL_ADD),
+        read(4_000, 30, hello, peek=True),
+        epoll(6_000, 30, EPOLL_CTL_ADD),
+        read(7_000, 30, hello),
+        close(8_000, 30, rx=len(hello)),
+    ])
+    r = h.only()
+    assert r.listener.first_epoll_add_ns == 3_000 and r.listener.saw_epoll_del
+    assert r.listener.handoff_ns == 6_000 and r.listener.first_io_ns == 7_000
+
+
+def test_repeated_peeks_count_and_keep_the_largest() -> None:
+    hello = client_hello()
+    h = Harness().feed([
+        established(1_000, 40000), accept(2_000, 30, 40000), epoll(3_000, 30, EPOLL_CTL_ADD),
+        read(4_000, 30, hello[:100], peek=True),  # only part of the ClientHello had arrived
+        read(4_500, 30, hello, peek=True),
+        epoll(5_000, 30, EPOLL_CTL_DEL), epoll(6_000, 30, EPOLL_CTL_ADD),
+        close(8_000, 30),
+    ])
+    r = h.only()
+    assert r.listener.peeks == 2 and r.listener.peeked_bytes == len(hello)
+    assert r.listener.handoff_ns == 6_000
+
+
+def test_handoff_is_the_first_add_when_closed_before_any_io() -> None:
+    h = Harness().feed([established(1_000, 40000), accept(2_000, 30, 40000), epoll(3_000, 30, EPOLL_CTL_ADD),
+                        close(4_000, 30)])
+    r = h.only()
+    assert r.listener.handoff_ns == 3_000 and r.listener.first_io_ns is None
+
+
+def test_established_after_the_accept_still_sets_established() -> None:
+    # The ESTABLISHED tracepoint fired first (earlier timestamp) on another CPU, but reached user space
+    # after the accept.
+    events = plain_story()
+    events[0], events[1] = events[1], events[0]
+    r = Harness().feed(events).only()
+    assert r.tcp.established_ns == 1_000 and r.accept_ns == 2_000
+    assert r.start_ns == 1_000
+    assert r.local_address == LOCAL
+    assert r.accept_queue is None  # nobody saw it queued
+    assert "established_not_seen" not in r.partial
+
+
+def test_missing_established_is_partial() -> None:
+    events = [e for e in plain_story() if not (e.kind == C["EV_SOCK_STATE"] and e.newstate == ESTABLISHED)]
+    r = Harness().feed(events).only()
+    assert r.tcp.established_ns is None and r.start_ns == r.accept_ns == 2_000
+    assert r.partial == ["established_not_seen"]
+    assert r.accept_queue is None
+    assert r.local_address is None  # the wildcard listener does not say which local address
+    assert r.listener_name == "plain_http"
+
+
+def test_unknown_listening_socket_is_partial() -> None:
+    h = Harness()
+    h.c.set_listen_sockets({})
+    h.feed([accept(2_000, 30, 40000), close(3_000, 30)])
+    r = h.only()
+    assert r.local_port == 0 and r.listener_name is None
+    assert sorted(r.partial) == ["established_not_seen", "listener_unknown"]
+
+
+def test_fd_reuse_without_close_finishes_the_old_connection() -> None:
+    h = Harness().feed([
+        established(1_000, 40001), accept(2_000, 30, 40001), read(2_500, 30, REQUEST),
+        # the close of fd 30 was lost; the fd comes back for another connection
+        established(3_000, 40002), accept(4_000, 30, 40002),
+    ])
+    assert len(h.out) == 1  # the stale one is finished at once (no linger: its close is unknown)
+    old = h.out[0]
+    assert old.peer_port == 40001 and "close_not_seen" in old.partial
+    assert old.close_ns == 4_000
+    assert h.c.drops["fd_reused_without_close"] == 1
+    new = h.c.downstream.open[(TGID, 30)]
+    assert new is not old and new.peer_port == 40002
+    assert new.tcp.established_ns == 3_000 and new.listener.first_io_ns is None and new.partial == []
+    h.feed([read(5_000, 30, REQUEST), close(6_000, 30, rx=len(REQUEST))])
+    done = h.drain()
+    assert [r.peer_port for r in done] == [40001, 40002]
+    assert done[1].listener.first_io_ns == 5_000 and done[1].traffic.bytes_received == len(REQUEST)
+    assert done[0].listener.first_io_ns == 2_500  # the later I/O did not leak into the old record
+
+
+def test_reset_received_before_fin_is_a_peer_abort() -> None:
+    h = Harness().feed([
+        established(1_000, 40000), accept(2_000, 30, 40000), epoll(3_000, 30, EPOLL_CTL_ADD),
+        read(4_000, 30, REQUEST[:20]),
+        tcp(5_000, "TCP_RESET_RECEIVED", 40000),
+        state(5_001, 40000, ESTABLISHED, TCP_CLOSE),
+        data(5_100, 30, DIR_READ, -104),  # ECONNRESET
+        close(6_000, 30, rx=20),
+    ])
+    r = h.only()
+    assert [m.name for m in r.tcp.marks] == ["tcp.reset_received"]
+    assert r.aborted() == "peer"
+    assert r.close_initiator() == "peer"
+    assert r.tcp.eof_ns is None and r.tcp.peer_fin_ns is None
+
+
+def test_reset_after_the_peers_fin_is_not_an_abort() -> None:
+    h = Harness().feed([
+        established(1_000, 40000), accept(2_000, 30, 40000), read(3_000, 30, REQUEST),
+        state(4_000, 40000, ESTABLISHED, CLOSE_WAIT),
+        read(4_100, 30, b""),
+        tcp(4_200, "TCP_RESET_RECEIVED", 40000),
+        close(5_000, 30),
+    ])
+    r = h.only()
+    assert [m.name for m in r.tcp.marks] == ["tcp.reset_received"]
+    assert r.aborted() is None
+    assert r.close_initiator() == "peer"
+
+
+def test_reset_sent_is_an_envoy_abort() -> None:
+    h = Harness().feed([
+        established(1_000, 40000), accept(2_000, 30, 40000), read(3_000, 30, REQUEST),
+        close(4_000, 30), tcp(4_100, "TCP_RESET_SENT", 40000, tcp_state=ESTABLISHED),
+    ])
+    r = h.only()
+    assert r.aborted() == "envoy" and r.close_initiator() == "envoy"
+    assert r.tcp.marks[0].state == ESTABLISHED
+
+
+def test_connection_table_bound_evicts_the_oldest() -> None:
+    h = Harness(max_connections=2).feed([
+        established(1_000, 40001), established(1_001, 40002), established(1_002, 40003),
+        accept(2_000, 30, 40001), accept(2_001, 31, 40002), accept(2_002, 32, 40003),
+    ])
+    assert h.c.drops["connection_table_full"] == 1
+    assert len(h.out) == 1
+    victim = h.out[0]
+    assert victim.fd == 30 and victim.peer_port == 40001
+    assert victim.still_open and "evicted" in victim.partial and victim.close_ns == 2_002
+    assert set(h.c.downstream.open) == {(TGID, 31), (TGID, 32)}
+    h.feed([tcp(2_100, "TCP_RESET_RECEIVED", 40001)])
+    assert victim.tcp.marks == []  # the evicted record is gone from the 4-tuple index too
+
+
+def test_processes_with_the_same_fd_are_separate() -> None:
+    other = TGID + 1000
+    h = Harness()
+    h.c.set_listen_sockets(listen_sockets((TGID, LISTEN_FD, "0.0.0.0", LPORT, None),
+                                          (other, LISTEN_FD, "0.0.0.0", 9090, None)))
+    h.feed([
+        established(1_000, 40001), established(1_001, 40002, lport=9090),
+        accept(2_000, 30, 40001), accept(2_001, 30, 40002, tgid=other),
+        read(3_000, 30, REQUEST, tgid=other),
+        close(4_000, 30, rx=0),
+    ])
+    assert set(h.c.downstream.open) == {(other, 30)}
+    mine = h.drain()[0]
+    assert (mine.tgid, mine.peer_port, mine.local_port, mine.listener.first_io_ns) == (
+        TGID, 40001, LPORT, None)
+    theirs = h.c.downstream.open[(other, 30)]
+    assert (theirs.peer_port, theirs.local_port, theirs.tcp.established_ns) == (40002, 9090, 1_001)
+    assert theirs.listener.first_io_ns == 3_000
+    assert h.c.drops["fd_reused_without_close"] == 0
+
+
+def test_ipv6_peers_and_specific_listener_address() -> None:
+    h = Harness()
+    h.c.set_listen_sockets(listen_sockets((TGID, LISTEN_FD, "::1", LPORT, None),
+                                          (TGID, 11, "::", 9443, None)))
+    h.c.set_listener_names({("::1", LPORT): "v6_loopback", ("::", 9443): "v6_any"})
+    h.feed([
+        established(1_000, 40000, peer="::1", local="::1"), accept(2_000, 30, 40000, peer="::1"),
+        # a v4 client of a dual-stack wildcard listener: IPv4-mapped addresses are shown as IPv4
+        established(1_100, 40001, peer="::ffff:10.0.0.2", local="::ffff:10.0.0.1", lport=9443),
+        accept(2_100, 31, 40001, peer="::ffff:10.0.0.2", listen_fd=11),
+        close(3_000, 30), close(3_100, 31),
+    ])
+    a, b = h.drain()
+    assert (a.peer_address, a.local_address, a.listener_name, a.tcp.established_ns) == (
+        "::1", "::1", "v6_loopback", 1_000)
+    assert (b.peer_address, b.local_address, b.local_port, b.tcp.established_ns) == (
+        "10.0.0.2", "10.0.0.1", 9443, 1_100)
+    assert b.listener_name == "v6_any"
+    assert build(a)[0].attributes["network.type"] == "ipv6"
+    assert build(b)[0].attributes["network.type"] == "ipv4"
