@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from otel_envoy.daemon import _tune_garbage_collector, make_resource  # noqa: E402
+from otel_envoy.event_pipeline import EventPipeline  # noqa: E402
 from otel_envoy.events.recording import RecordingReader  # noqa: E402
 from otel_envoy.export.otlp_json import encode_request_json  # noqa: E402
-from otel_envoy.pipeline import EventPipeline  # noqa: E402
 from otel_envoy.spans.clock import MonotonicClock  # noqa: E402
 
 DEFAULT_RECORDING = Path("/tmp/prof/tls_new.events")

@@ -123,9 +123,9 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .daemon import _tune_garbage_collector, make_resource
+    from .event_pipeline import EventPipeline
     from .events.recording import RecordingReader
     from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline
-    from .pipeline import EventPipeline
     from .spans.clock import MonotonicClock
 
     otlp, output = _otlp_and_output(args)

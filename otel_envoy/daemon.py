@@ -31,12 +31,12 @@ from opentelemetry.sdk.resources import Resource
 from .correlate.rounds import OFFCPU_REASONS
 from .envoy.admin import AdminError, fetch_listener_names
 from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets
+from .event_pipeline import EventPipeline, listen_sockets_to_context
 from .events.recording import RecordingWriter
 from .export.metrics import DEFAULT_INTERVAL_S, WorkerMetrics
 from .export.otlp import OtlpSettings, check_reachable
 from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline, SpanSink
 from .features import has_kernel_btf, require_tracing
-from .pipeline import EventPipeline, listen_sockets_to_context
 from .probes.loader import ConnectionProbes, ProbeConfig
 from .spans.clock import MonotonicClock
 from .spans.rounds import idle_wakes_by_kind

@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.resources import Resource
 
+from otel_envoy.event_pipeline import EventPipeline
 from otel_envoy.events.layout import load_layout
 from otel_envoy.events.recording import MAGIC, RecordingError, RecordingReader, RecordingWriter
 from otel_envoy.export.otlp_json import decode_request_json, encode_request_json
 from otel_envoy.export.pipeline import ExportSpan, SpanPipeline, SpanSink
 from otel_envoy.export.records import STATUS_CODE_ERROR, STATUS_CODE_UNSET, SpanRecord
-from otel_envoy.pipeline import EventPipeline
 from otel_envoy.spans.clock import MonotonicClock
 from tests.support.events import accept, close, encode, established, read
 from tests.support.traces import Trace, connection_traces, group_traces

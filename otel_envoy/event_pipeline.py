@@ -29,7 +29,7 @@ from .spans.rounds import RoundSpanBuilder, StackSource
 
 __all__ = ["EventPipeline", "listen_sockets_from_context", "listen_sockets_to_context"]
 
-log = logging.getLogger("otel_envoy.pipeline")
+log = logging.getLogger("otel_envoy.event_pipeline")
 EV_LISTEN = load_layout().constants["EV_LISTEN"]
 
 
