@@ -43,7 +43,7 @@ from .spans.rounds import idle_wakes_by_kind
 from .stacks import Symbolizer, SymbolsFileError
 from .stacks.source import SymbolizedStacks
 
-__all__ = ["DaemonOptions", "UsageError", "make_resource", "run_daemon"]
+__all__ = ["DaemonOptions", "UsageError", "make_resource", "report_new_drops", "run_daemon"]
 
 log = logging.getLogger("otel_envoy.daemon")
 
@@ -279,7 +279,7 @@ def _rescan(targets: list[EnvoyProcess], listeners: ListenerFinder, probes: Conn
     return ports
 
 
-def _report_new_drops(probes: ConnectionProbes, before: dict[str, int]) -> dict[str, int]:
+def report_new_drops(probes: ConnectionProbes, before: dict[str, int]) -> dict[str, int]:
     """Warn (one line per rescan interval at most) when the kernel side dropped records since the last
     look: above the rate the daemon can follow, request spans go missing and this says so while it runs,
     not only in the summary at exit."""
@@ -317,7 +317,7 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now
                 rescan_now.clear()
                 await asyncio.sleep(0.05)  # listen() returns before /proc shows the socket as LISTEN
                 known_ports = _rescan(targets, listeners, probes, ring, known_ports)
-                dropped = _report_new_drops(probes, dropped)
+                dropped = report_new_drops(probes, dropped)
                 if opts.envoy_admin:
                     try:
                         names = await fetch_listener_names(opts.envoy_admin)
