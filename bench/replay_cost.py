@@ -38,10 +38,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from otel_envoy.daemon import _tune_garbage_collector, make_resource  # noqa: E402
+from otel_envoy.daemon import make_resource  # noqa: E402
+from otel_envoy.event_pipeline import EventPipeline, tune_garbage_collector  # noqa: E402
 from otel_envoy.events.recording import RecordingReader  # noqa: E402
 from otel_envoy.export.otlp_json import encode_request_json  # noqa: E402
-from otel_envoy.pipeline import EventPipeline  # noqa: E402
 from otel_envoy.spans.clock import MonotonicClock  # noqa: E402
 
 DEFAULT_RECORDING = Path("/tmp/prof/tls_new.events")
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     clock, items = load(args.recording)
-    _tune_garbage_collector()  # as the live daemon runs (the recording in memory is frozen with it)
+    tune_garbage_collector()  # as the live daemon runs (the recording in memory is frozen with it)
     if args.output:
         n = write_output(clock, items, args.output, args.batch)
         print(f"wrote {n} spans to {args.output}")

@@ -40,11 +40,11 @@ sys.path.insert(0, str(ROOT))
 
 from otel_envoy.correlate.model import ConnectionRecord  # noqa: E402
 from otel_envoy.daemon import make_resource  # noqa: E402
+from otel_envoy.event_pipeline import EventPipeline  # noqa: E402
 from otel_envoy.events.recording import RecordingReader  # noqa: E402
 from otel_envoy.export.otlp_json import decode_request_json, encode_request_json  # noqa: E402
 from otel_envoy.export.pipeline import SpanPipeline  # noqa: E402
 from otel_envoy.export.records import encode_request_proto, records_from_proto  # noqa: E402
-from otel_envoy.pipeline import EventPipeline  # noqa: E402
 from otel_envoy.spans.clock import MonotonicClock  # noqa: E402
 from otel_envoy.spans.connection import ConnectionSpanBuilder  # noqa: E402
 

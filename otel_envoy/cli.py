@@ -122,10 +122,11 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from .daemon import _tune_garbage_collector, make_resource
+    from .daemon import make_resource
+    from .event_pipeline import DamagedContextError, EventPipeline, tune_garbage_collector
     from .events.recording import RecordingReader
+    from .events.recording_context import recording_clock
     from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline
-    from .pipeline import EventPipeline
     from .spans.clock import MonotonicClock
 
     otlp, output = _otlp_and_output(args)
@@ -135,13 +136,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         problem = check_reachable(otlp)
         if problem:
             return _fail(problem)
-    reader = RecordingReader(args.events)
-    items = iter(reader)
+    items = iter(RecordingReader(args.events))
     first = next(items, None)
     try:
-        if first is None or first[0] != "context" or first[1].get("type") != "clock":  # type: ignore[union-attr]
-            raise ValueError("it does not start with its clock record")
-        clock = MonotonicClock(int(first[1]["offset_ns"]))  # type: ignore[index]
+        clock = MonotonicClock(recording_clock(first).offset_ns)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         return _fail(f"{args.events}: not a usable recording: {exc}")
     sinks = []
@@ -151,18 +149,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         sinks.append(OtlpSink.from_settings(otlp))
     spans_out = SpanPipeline(sinks, block_when_full=True)  # a replay waits for the sinks, drops nothing
     pipeline = EventPipeline(spans_out, make_resource(), clock)
-    _tune_garbage_collector()  # as in live runs
-    on_record = pipeline.on_record
-    for index, (kind, payload) in enumerate(items, start=1):
-        if kind == "kernel":
-            on_record(payload)  # type: ignore[arg-type]
-            continue
-        try:
-            pipeline.on_context(payload)  # type: ignore[arg-type]
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            spans_out.shutdown(5.0)
-            return _fail(f"{args.events}: context record {index} is damaged ({type(exc).__name__}: {exc})")
-    pipeline.finish(pipeline.correlator.latest_ns)  # the last event time (latest_ns only grows)
+    tune_garbage_collector()  # as in live runs
+    try:
+        pipeline.replay(items)
+    except DamagedContextError as exc:
+        spans_out.shutdown(5.0)
+        return _fail(f"{args.events}: {exc}")
     spans_out.shutdown(30.0)
     print(f"otel-envoy: replayed {pipeline.counts['events']} events into {pipeline.counts['connections']} "
           f"connections, {pipeline.counts['spans']} spans" + (f" -> {output}" if output else ""),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -31,19 +30,20 @@ from opentelemetry.sdk.resources import Resource
 from .correlate.round_tracker import OFFCPU_REASONS
 from .envoy.admin import AdminError, fetch_listener_names
 from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets
+from .event_pipeline import EventPipeline, tune_garbage_collector
 from .events.recording import RecordingWriter
+from .events.recording_context import ListenerNamesContext, ListenSocketsContext
 from .export.metrics import DEFAULT_INTERVAL_S, WorkerMetrics
 from .export.otlp import OtlpSettings, check_reachable
 from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline, SpanSink
 from .features import has_kernel_btf, require_tracing
-from .pipeline import EventPipeline, listen_sockets_to_context
 from .probes.loader import ConnectionProbes, ProbeConfig
 from .spans.clock import MonotonicClock
 from .spans.rounds import idle_wakes_by_kind
 from .stacks import Symbolizer, SymbolsFileError
 from .stacks.source import SymbolizedStacks
 
-__all__ = ["DaemonOptions", "UsageError", "make_resource", "run_daemon"]
+__all__ = ["DaemonOptions", "UsageError", "make_resource", "report_new_drops", "run_daemon"]
 
 log = logging.getLogger("otel_envoy.daemon")
 
@@ -179,11 +179,11 @@ async def run_daemon(opts: DaemonOptions) -> int:
         listeners = ListenerFinder()  # caches which fds hold the listeners, between rescans
         known_ports = _rescan(targets, listeners, probes, ring, set())
         if names:
-            ring.context.put(_names_context(names))
+            ring.context.put(ListenerNamesContext(names).to_json())
         probes.open_ring_buffer(pipeline.on_record)
         if opts.offcpu:  # waits and wake-ups carry kernel stacks: symbols before the load, not during it
             symbolizer.load_kernel_symbols()
-        _tune_garbage_collector()
+        tune_garbage_collector()
         ring.start()
         metrics = _start_worker_metrics(opts, probes, pipeline, stacks)
         log.info("tracing %s on ports %s", ", ".join(f"{t.pid} ({t.comm})" for t in targets),
@@ -267,22 +267,6 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipelin
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _tune_garbage_collector() -> None:
-    """Collect cycles rarely: the event path allocates many short-lived objects and makes no cycles.
-
-    With the default thresholds the young generation is collected every 700 allocations, which cost as much
-    as decoding the events themselves. Objects made during start-up (bcc, the SDK) are frozen out of the
-    collector's view.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 1000)
-
-
-def _names_context(names: dict[tuple[str, int], str]) -> dict:
-    return {"type": "listener_names", "names": [[a, p, n] for (a, p), n in sorted(names.items())]}
-
-
 def _rescan(targets: list[EnvoyProcess], listeners: ListenerFinder, probes: ConnectionProbes,
             ring: _RingThread, known_ports: set[int]) -> set[int]:
     sockets = {}
@@ -291,11 +275,11 @@ def _rescan(targets: list[EnvoyProcess], listeners: ListenerFinder, probes: Conn
     ports = {s.port for s in sockets.values()}
     if ports != known_ports:
         probes.set_listen_ports(ports)
-    ring.context.put(listen_sockets_to_context(sockets))
+    ring.context.put(ListenSocketsContext(sockets).to_json())
     return ports
 
 
-def _report_new_drops(probes: ConnectionProbes, before: dict[str, int]) -> dict[str, int]:
+def report_new_drops(probes: ConnectionProbes, before: dict[str, int]) -> dict[str, int]:
     """Warn (one line per rescan interval at most) when the kernel side dropped records since the last
     look: above the rate the daemon can follow, request spans go missing and this says so while it runs,
     not only in the summary at exit."""
@@ -333,10 +317,11 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now
                 rescan_now.clear()
                 await asyncio.sleep(0.05)  # listen() returns before /proc shows the socket as LISTEN
                 known_ports = _rescan(targets, listeners, probes, ring, known_ports)
-                dropped = _report_new_drops(probes, dropped)
+                dropped = report_new_drops(probes, dropped)
                 if opts.envoy_admin:
                     try:
-                        ring.context.put(_names_context(await fetch_listener_names(opts.envoy_admin)))
+                        names = await fetch_listener_names(opts.envoy_admin)
+                        ring.context.put(ListenerNamesContext(names).to_json())
                     except AdminError as exc:
                         log.warning("%s", exc)
                 next_rescan = loop.time() + RESCAN_INTERVAL_S

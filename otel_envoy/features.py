@@ -112,26 +112,34 @@ def host_checks() -> list[Check]:
 
 
 def binary_checks(pid: int) -> list[Check]:
-    """Facts about a target's binary: build-id, symbols, debug link (pyelftools)."""
-    from .envoy.elf import describe_binary
+    """Facts about a target's binary: build-id, symbols, debug link (stacks/elf.py)."""
+    from .stacks.elf import NotElfError, read_debuglink, read_elf_facts
 
     try:
         exe = os.readlink(f"/proc/{pid}/exe")
     except OSError as exc:
         return [Check("target", False, f"pid {pid}: {exc.strerror}")]
-    info = describe_binary(f"/proc/{pid}/exe")
+    path = f"/proc/{pid}/exe"
     out = [Check("target", True, f"pid {pid}: {exe}")]
-    if info.error:
-        out.append(Check("binary", False, info.error, required=False))
+    try:
+        facts = read_elf_facts(path)
+        debuglink = read_debuglink(path)
+    except NotElfError as exc:
+        out.append(Check("binary", False, str(exc), required=False))
         return out
-    out.append(Check("build-id", info.build_id is not None, info.build_id or "no build-id note",
+    except OSError as exc:
+        out.append(Check("binary", False, f"{path}: not a readable ELF file ({exc})", required=False))
+        return out
+    symbols = facts.symtab.count if facts.symtab else 0
+    dynamic_symbols = facts.dynsym.count if facts.dynsym else 0
+    out.append(Check("build-id", facts.build_id is not None, facts.build_id or "no build-id note",
                      required=False))
-    sym_detail = (f"{info.symbols} symbols in .symtab" if info.symbols else
-                  f"stripped (only {info.dynamic_symbols} .dynsym entries): kernel tier only; "
+    sym_detail = (f"{symbols} symbols in .symtab" if symbols else
+                  f"stripped (only {dynamic_symbols} .dynsym entries): kernel tier only; "
                   "--symbols FILE or a debug build adds the uprobe tier")
-    out.append(Check("symbols", info.symbols > 0, sym_detail, required=False))
-    if info.debuglink:
-        out.append(Check("debuglink", True, f".gnu_debuglink -> {info.debuglink}", required=False))
+    out.append(Check("symbols", symbols > 0, sym_detail, required=False))
+    if debuglink:
+        out.append(Check("debuglink", True, f".gnu_debuglink -> {debuglink}", required=False))
     return out
 
 

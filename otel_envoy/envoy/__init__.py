@@ -1,1 +1,1 @@
-"""Facts about the traced Envoy processes: /proc, the ELF binary, the admin API."""
+"""Facts about the traced Envoy processes: /proc, sock_diag (their listening sockets), the admin API."""

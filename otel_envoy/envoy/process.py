@@ -11,7 +11,7 @@ from ..correlate.downstream import ListenSocket
 from .sockdiag import SockDiagError, listening_tcp_sockets
 
 __all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "find_by_comm", "listening_sockets",
-           "resolve_targets"]
+           "listening_sockets_from_proc", "resolve_targets"]
 
 PROC = Path("/proc")
 _TCP_LISTEN = "0A"
@@ -112,8 +112,9 @@ def _parse_addr(hex_addr: str, v6: bool) -> str:
     return text.removeprefix("::ffff:") if text.startswith("::ffff:") and "." in text else text
 
 
-def _listening_sockets_from_proc(pid: int) -> dict[tuple[int, int], ListenSocket]:
-    """The /proc way (parses every TCP socket of the namespace): where sock_diag cannot be used."""
+def listening_sockets_from_proc(pid: int) -> dict[tuple[int, int], ListenSocket]:
+    """(pid, fd) -> ListenSocket for every TCP socket of ``pid`` in LISTEN state, the /proc way: parses every
+    TCP socket of the namespace (/proc/<pid>/net/tcp and tcp6). For where sock_diag cannot be used."""
     inodes = _socket_inodes(pid)
     out: dict[tuple[int, int], ListenSocket] = {}
     for name, v6 in (("tcp", False), ("tcp6", True)):
@@ -147,7 +148,7 @@ class ListenerFinder:
         try:
             listeners = listening_tcp_sockets(pid)
         except SockDiagError:
-            return _listening_sockets_from_proc(pid)
+            return listening_sockets_from_proc(pid)
         by_inode = {inode: ListenSocket(addr, port) for addr, port, inode in listeners}
         inodes = frozenset(by_inode)
         seen = self._seen.get(pid)

@@ -2,8 +2,8 @@
 
 The header is deliberately restricted (fixed-width scalars, char/u8 arrays, nested structs, ``#define``
 and enum constants, one per line), so a small parser is enough and C and Python can never drift apart.
-``tests/unit/test_layout.py`` proves it by compiling the header with the host compiler and comparing every
-``sizeof``/``offsetof`` with what this module computes.
+``tests/unit/events/test_layout.py`` proves it by compiling the header with the host compiler and comparing
+every ``sizeof``/``offsetof`` with what this module computes.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Layout: the magic line, then records of (1-byte type, 4-byte little-endian length, payload).
 Type 1 is a kernel record exactly as the ring buffer delivered it (decoded with the same events.h layout);
 type 2 is a JSON object of context the correlator needs (clock offset, listening sockets, listener
-names), written at the moment it became known, so a replay sees the same world the live run saw.
+names; their schema is :mod:`.recording_context`), written at the moment it became known, so a replay sees
+the same world the live run saw.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _terminate(proc: subprocess.Popen[bytes] | None, grace: float = STOP_GRACE_SECONDS) -> None:
+def terminate_process(proc: subprocess.Popen[bytes] | None, grace: float = STOP_GRACE_SECONDS) -> None:
     """SIGTERM ``proc`` by pid, SIGKILL it after ``grace`` seconds, reap it."""
     if proc is None or proc.poll() is not None:
         return
@@ -315,9 +315,9 @@ class EnvoyLab:
         envoy, backend = self._envoy, self._backend
         self._envoy = self._backend = None
         try:
-            _terminate(envoy)
+            terminate_process(envoy)
         finally:
-            _terminate(backend)
+            terminate_process(backend)
 
     def stop(self) -> None:
         """Stop Envoy and the backend (SIGTERM, SIGKILL after 5 s, by pid); remove the workdir. Idempotent."""

@@ -34,8 +34,8 @@ Protocol, and how this module keeps its side of it:
   item size (one ``mov``). Never ``struct.pack_into`` the consumer position: CPython's pack_into first
   ``memset``s its target to zero, so for a moment ``consumer_pos`` reads 0, and a producer that looks then
   (``new_producer_pos - 0 > mask`` once a ring's worth of data has gone through) fails its reservation with
-  the ring nearly empty -- for milliseconds if the consumer thread is preempted in between. That is what lost
-  records in the reverted reader of commit 6cd73a6.
+  the ring nearly empty -- for milliseconds if the consumer thread is preempted in between. A reader that
+  stored the position with ``pack_into`` lost records to "ring buffer full" that way under load.
 * Memory ordering: on x86-64 (TSO: loads are not reordered with loads, stores not with stores or earlier
   loads) those plain loads and stores act as the acquire loads of ``producer_pos`` and the header, and the
   release store of ``consumer_pos``, that the protocol needs. Weakly ordered CPUs (arm64) need barriers

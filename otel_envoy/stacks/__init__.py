@@ -11,7 +11,7 @@ Modules: ``elf`` (build-id, segments, address convention), ``symtab`` (function 
 (frame text format), ``symbolize`` (the cached :class:`Symbolizer`).
 """
 
-from .elf import ElfFacts, NotElfError, read_build_id, read_elf_facts
+from .elf import ElfFacts, NotElfError, read_build_id, read_debuglink, read_elf_facts
 from .frames import UNKNOWN, UNKNOWN_TEXT, Frame, kernel_frame_text
 from .kernel import KernelSymbols
 from .maps import Mapping, ProcessMaps, parse_maps, read_maps
@@ -39,6 +39,7 @@ __all__ = [
     "load_symbols_file",
     "parse_maps",
     "read_build_id",
+    "read_debuglink",
     "read_elf_facts",
     "read_maps",
 ]

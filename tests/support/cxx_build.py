@@ -19,12 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["CxxServerBuild", "RunningServer", "build_cxx_server", "build_epoll_server", "have_toolchain",
-           "run_epoll_server", "run_server"]
+__all__ = ["WAIT_FOR_CLIENT", "WAIT_MANGLED", "CxxServerBuild", "RunningServer", "build_cxx_server",
+           "build_epoll_server", "have_toolchain", "run_epoll_server", "run_server"]
 
 SOURCE = Path(__file__).resolve().parent / "cxx_server" / "server.cpp"
 _TOOLS = ("g++", "strip", "objcopy")
 CXXFLAGS = ("-g", "-O1", "-fno-omit-frame-pointer", "-U_FORTIFY_SOURCE", "-Wl,--build-id")
+WAIT_FOR_CLIENT = "demo::wait_for_client(int)"  # the server's blocking function, demangled
+WAIT_MANGLED = "_ZN4demo15wait_for_clientEi"  # and as its symbol tables name it
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Every builder returns the NamedTuple the decoder would produce, with the constan
 
 Defaults describe one Envoy (``TGID``/``TID``) listening on ``LOCAL``:``LPORT`` through ``LISTEN_FD``,
 with IPv4 peers. :func:`encode` packs an event back into the raw record layout, so the same stories can be
-fed to :class:`otel_envoy.pipeline.EventPipeline` as bytes.
+fed to :class:`otel_envoy.event_pipeline.EventPipeline` as bytes.
 """
 
 from __future__ import annotations

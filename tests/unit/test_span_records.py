@@ -20,11 +20,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 
 from otel_envoy.correlate.model import ConnectionRecord
+from otel_envoy.event_pipeline import EventPipeline
 from otel_envoy.events.recording import RecordingReader
 from otel_envoy.export.otlp_json import decode_request_json, encode_request_json
 from otel_envoy.export.pipeline import SpanPipeline
 from otel_envoy.export.records import SPAN_FLAGS_LOCAL, SpanRecord, encode_request_proto, records_from_proto
-from otel_envoy.pipeline import EventPipeline
 from otel_envoy.spans.clock import MonotonicClock
 from otel_envoy.spans.connection import SCOPE, ConnectionSpanBuilder
 

@@ -1,4 +1,4 @@
-// A tiny C++ program for the stack symbolization tests (tests/unit/test_stacks.py).
+// A tiny C++ program for the stack symbolization tests (tests/unit/stacks/).
 //
 // It prints the runtime addresses of a few functions (namespaced and templated, so demangling shows),
 // then blocks in demo::wait_for_client() reading stdin until the test closes the pipe.

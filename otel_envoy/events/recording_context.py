@@ -1,0 +1,89 @@
+"""The context records of a recording: what user space knew besides the kernel records, one class per type.
+
+A recording (:mod:`.recording`) interleaves raw kernel records with context records, JSON objects keyed by
+``"type"``:
+
+  clock           ``{"type": "clock", "offset_ns": N}``: wall-clock minus monotonic ns. Always the first
+                  record.
+  listen_sockets  ``{"type": "listen_sockets", "sockets": [[pid, fd, address, port], ...]}``, rows sorted by
+                  (pid, fd): the listening sockets of the traced processes (where an accept came from).
+  listener_names  ``{"type": "listener_names", "names": [[address, port, name], ...]}``, rows sorted: Envoy's
+                  listener names, from its admin API.
+
+The live side writes each record with ``to_json()`` the moment it learns the facts; a replay reads them back
+with ``from_json()`` at the same place in the stream, so it sees the world the live run saw. ``from_json``
+raises KeyError, TypeError, ValueError or AttributeError for a damaged record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..correlate.downstream import ListenSocket
+
+__all__ = ["ClockContext", "ListenSocketsContext", "ListenerNamesContext", "recording_clock"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClockContext:
+    """The monotonic-to-wall-clock offset of the run (the first record of every recording)."""
+
+    TYPE: ClassVar[str] = "clock"
+    offset_ns: int  # wall - monotonic
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a recording holds it."""
+        return {"type": self.TYPE, "offset_ns": self.offset_ns}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ClockContext:
+        """Inverse of :meth:`to_json`."""
+        return cls(int(obj["offset_ns"]))
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSocketsContext:
+    """The listening TCP sockets of the traced processes: (pid, fd) -> socket."""
+
+    TYPE: ClassVar[str] = "listen_sockets"
+    sockets: dict[tuple[int, int], ListenSocket]
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a recording holds it (rows sorted by pid and fd)."""
+        return {"type": self.TYPE,
+                "sockets": [[pid, fd, s.address, s.port] for (pid, fd), s in sorted(self.sockets.items())]}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ListenSocketsContext:
+        """Inverse of :meth:`to_json`."""
+        return cls({(int(pid), int(fd)): ListenSocket(str(addr), int(port))
+                    for pid, fd, addr, port in obj["sockets"]})
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerNamesContext:
+    """Envoy's listener names by local (address, port)."""
+
+    TYPE: ClassVar[str] = "listener_names"
+    names: dict[tuple[str, int], str]
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a recording holds it (rows sorted by address and port)."""
+        return {"type": self.TYPE, "names": [[a, p, n] for (a, p), n in sorted(self.names.items())]}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ListenerNamesContext:
+        """Inverse of :meth:`to_json`."""
+        return cls({(a, int(p)): n for a, p, n in obj["names"]})
+
+
+def recording_clock(first: tuple[str, object] | None) -> ClockContext:
+    """The clock record a recording starts with, from the first item its reader yields (None: no item).
+
+    Raises ValueError when that item is not a clock record, and what :meth:`ClockContext.from_json` raises
+    when it is a damaged one.
+    """
+    if first is None or first[0] != "context" or first[1].get("type") != ClockContext.TYPE:  # type: ignore[attr-defined]
+        raise ValueError("it does not start with its clock record")
+    return ClockContext.from_json(first[1])  # type: ignore[arg-type]

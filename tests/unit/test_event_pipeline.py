@@ -1,0 +1,184 @@
+"""EventPipeline: the committed recording replayed in this process, a recording made through it, and
+malformed kernel and context records."""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.resources import Resource
+
+from otel_envoy.event_pipeline import DamagedContextError, EventPipeline, tune_garbage_collector
+from otel_envoy.events.layout import load_layout
+from otel_envoy.events.recording import RecordingError, RecordingReader, RecordingWriter
+from otel_envoy.export.otlp_json import decode_request_json
+from otel_envoy.export.pipeline import SpanPipeline
+from otel_envoy.export.records import SpanRecord
+from otel_envoy.spans.clock import MonotonicClock
+from tests.support.events import accept, encode, established
+from tests.support.replay import RECORDING, CollectingSink, replay_in_process
+
+
+@pytest.fixture(scope="module")
+def in_process() -> tuple[EventPipeline, CollectingSink]:
+    return replay_in_process()
+
+
+def test_in_process_replay_gives_24_connections(in_process: tuple[EventPipeline, CollectingSink]) -> None:
+    pipeline, sink = in_process
+    assert pipeline.counts["connections"] == 24
+    assert pipeline.counts["spans"] == len(sink.spans)
+    assert pipeline.drops() == {}  # a clean recording decodes and correlates without losses
+    assert all(isinstance(s, SpanRecord) for s in sink.spans)  # the builder's records, not SDK spans
+    roots = [s for s in sink.spans if s.parent_span_id is None]  # type: ignore[union-attr]
+    assert sum(r.name == "envoy.downstream.connection" for r in roots) == 24  # type: ignore[union-attr]
+    assert len({s.trace_id for s in sink.spans}) == len(roots)  # type: ignore[union-attr]
+    assert all(s.resource_attributes["service.name"] == "replay-test" for s in sink.spans)  # type: ignore[union-attr]
+
+
+def test_live_recording_through_event_pipeline_records_what_it_saw(tmp_path: Path) -> None:
+    # EventPipeline(recorder=...) is what `run --record` uses: the clock first, then records in order
+    path = tmp_path / "rec.events"
+    writer = RecordingWriter(path)
+    spans_out = SpanPipeline([CollectingSink()])
+    pipeline = EventPipeline(spans_out, Resource.create({}), MonotonicClock(42), recorder=writer)
+    ctx = {"type": "listen_sockets", "sockets": [[1000, 10, "0.0.0.0", 8080]]}
+    pipeline.on_context(ctx)
+    raws = [encode(established(1_000, 40000)), encode(accept(2_000, 30, 40000)), b"\x01\x02"]
+    for raw in raws:
+        pipeline.on_record(raw)
+    spans_out.shutdown(5.0)
+    writer.close()
+    assert list(RecordingReader(path)) == [("context", {"type": "clock", "offset_ns": 42}), ("context", ctx),
+                                           *[("kernel", r) for r in raws]]
+
+
+def test_context_records_reach_the_correlator_and_unknown_types_are_skipped() -> None:
+    pipeline = EventPipeline(SpanPipeline([CollectingSink()]), Resource.create({}), MonotonicClock(0))
+    pipeline.on_context({"type": "listen_sockets", "sockets": [[1000, 10, "0.0.0.0", 8080]]})
+    pipeline.on_context({"type": "listener_names", "names": [["0.0.0.0", 8080, "plain_http"]]})
+    pipeline.on_context({"type": "from_a_later_version", "anything": [1, 2]})
+    pipeline.on_context({"type": "clock", "offset_ns": 7})  # recorded only: the clock is fixed at start
+    assert [(k, s.address, s.port) for k, s in pipeline.correlator.downstream.listen_sockets.items()] == [
+        ((1000, 10), "0.0.0.0", 8080)]
+    assert pipeline.correlator.downstream.listener_names == {("0.0.0.0", 8080): "plain_http"}
+    pipeline.spans_out.shutdown(5.0)
+
+
+@pytest.mark.parametrize(("context", "error"), [
+    ({"type": "listen_sockets"}, "KeyError: 'sockets'"),
+    ({"type": "listen_sockets", "sockets": [[1, 2]]}, "ValueError: not enough values to unpack"),
+    ({"type": "listener_names", "names": [["::", "x", "n"]]}, "ValueError: invalid literal"),
+    ([1], "AttributeError: 'list' object has no attribute 'get'"),
+])
+def test_replay_names_the_damaged_context_record(context: object, error: str) -> None:
+    pipeline = EventPipeline(SpanPipeline([CollectingSink()]), Resource.create({}), MonotonicClock(0))
+    items: list[tuple[str, object]] = [("kernel", encode(established(1_000, 40000))), ("context", context)]
+    with pytest.raises(DamagedContextError, match=r"^context record 2 is damaged \(") as info:
+        pipeline.replay(items)
+    assert error in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value, RecordingError)  # the CLI's one-line errors for bad recordings
+    pipeline.spans_out.shutdown(5.0)
+
+
+def test_tune_garbage_collector_collects_rarely() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold() == (50_000, 50, 1000)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+# ---------------------------------------------------------------------------------------- malformed records
+
+
+def _expected_error(raw: bytes) -> str | None:
+    """What the decoder must count for ``raw``, derived from events.h independently of the decoder."""
+    layout = load_layout()
+    kinds = {layout.constants[k]: s for k, s in [
+        ("EV_ACCEPT", "accept_event"), ("EV_CONNECT", "connect_event"), ("EV_CLOSE", "close_event"),
+        ("EV_DATA", "data_event"), ("EV_EPOLL_CTL", "epoll_ctl_event"), ("EV_SETSOCKOPT", "setsockopt_event"),
+        ("EV_SOCK_STATE", "sock_state_event"), ("EV_TCP", "tcp_event"), ("EV_LISTEN", "listen_event")]}
+    if len(raw) < 12:
+        return "short_record"
+    kind = int.from_bytes(raw[8:12], "little")
+    if kind not in kinds:
+        return "unknown_kind"
+    sl = layout.structs[kinds[kind]]
+    last = [f for f in sl.fields if f.name != "data" and not f.name.startswith("_")][-1]
+    if len(raw) < last.offset + last.size:
+        return "short_record"
+    return None
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_malformed_records_are_counted_never_raised(seed: int) -> None:
+    rng = random.Random(seed)
+    items = list(RecordingReader(RECORDING))
+    mutated: list[tuple[str, object]] = [items[0]]
+    expected_errors: dict[str, int] = {}
+    changed = 0
+    for kind, payload in items[1:]:
+        if kind == "kernel":
+            raw: bytes = payload  # type: ignore[assignment]
+            r = rng.random()
+            if r < 0.2:  # truncated anywhere
+                raw = raw[: rng.randrange(len(raw))]
+            elif r < 0.3:  # random bytes of random length
+                raw = rng.randbytes(rng.randrange(64))
+            elif r < 0.6:  # a few random bytes changed, the kind kept
+                buf = bytearray(raw)
+                for _ in range(rng.randrange(1, 8)):
+                    i = rng.randrange(len(buf))
+                    if not 8 <= i < 12:
+                        buf[i] = rng.randrange(256)
+                raw = bytes(buf)
+            if raw != payload:
+                changed += 1
+            err = _expected_error(raw)
+            if err:
+                expected_errors[err] = expected_errors.get(err, 0) + 1
+            payload = raw
+        mutated.append((kind, payload))
+    assert changed > 50 and expected_errors.get("short_record", 0) > 0
+
+    pipeline, sink = replay_in_process(mutated)  # must not raise
+
+    assert dict(pipeline.decoder.errors) == expected_errors
+    drops = pipeline.drops()
+    for err, n in expected_errors.items():
+        assert drops[f"decode.{err}"] == n
+    assert pipeline.counts["span_build_errors"] == 0
+    assert pipeline.counts["events"] + sum(expected_errors.values()) == kernel_count(items)
+    assert pipeline.counts["spans"] == len(sink.spans)
+    for line in sink.lines:  # whatever came out is valid OTLP/JSON
+        decode_request_json(json.loads(line))
+
+
+def kernel_count(items: list[tuple[str, object]]) -> int:
+    return sum(1 for k, _ in items if k == "kernel")
+
+
+def test_every_truncation_of_every_record_kind_is_survived() -> None:
+    items = list(RecordingReader(RECORDING))
+    seen_kinds: dict[int, bytes] = {}
+    for kind, payload in items:
+        if kind == "kernel":
+            seen_kinds.setdefault(int.from_bytes(payload[8:12], "little"), payload)  # type: ignore[index]
+    assert len(seen_kinds) >= 6  # accept, close, data, epoll, setsockopt, sock state, tcp, connect
+    records: list[tuple[str, object]] = [items[0], items[1]]
+    n = 0
+    for raw in seen_kinds.values():
+        for cut in range(len(raw) + 1):
+            records.append(("kernel", raw[:cut]))
+            n += 1
+    pipeline, _ = replay_in_process(records)
+    expected = sum(1 for _, r in records[2:] if _expected_error(r))  # type: ignore[arg-type]
+    assert sum(pipeline.decoder.errors.values()) == expected > 0
+    assert pipeline.counts["events"] == n - expected
