@@ -16,12 +16,13 @@ import random
 from collections import Counter
 from collections.abc import Callable
 
+from ..envoy.listen_socket import ListenSocket
 from ..events.layout import load_layout
 from ..events.types import CloseEvent, DataEvent, Event, SockStateEvent, TcpEvent
 from .accept_queue import AcceptQueue
 from .addresses import format_ip
 from .attribution import UpstreamAttribution
-from .downstream import DownstreamConnections, ListenSocket
+from .downstream import DownstreamConnections
 from .downstream_requests import DownstreamRequests, OnRequest
 from .identity import IdSource
 from .model import ConnectionRecord, TcpMark

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from ..envoy.listen_socket import ListenSocket
 from ..events.layout import load_layout
 from ..events.types import AcceptEvent, CloseEvent, DataEvent, EpollCtlEvent, SetsockoptEvent, SockStateEvent
 from ..protocols.detect import Protocol, detect_protocol
@@ -31,7 +31,7 @@ from .identity import IdSource, thread_name
 from .model import AcceptQueueDepth, ConnectionRecord, ListenerHandoff, TcpMark, TlsRecordCounts
 from .round_tracker import RoundTracker
 
-__all__ = ["DownstreamConnections", "ListenSocket"]
+__all__ = ["DownstreamConnections"]
 
 _C = load_layout().constants
 DIR_READ, DATA_FLAG_PEEK = _C["DIR_READ"], _C["DATA_FLAG_PEEK"]
@@ -42,15 +42,6 @@ TCP_CLOSE, TCP_CLOSE_WAIT = _C["TCP_CLOSE"], _C["TCP_CLOSE_WAIT"]
 EPOLL_CTL_ADD, EPOLL_CTL_DEL = 1, 2
 MAX_SOCKET_OPTIONS = 16
 WILDCARDS = ("0.0.0.0", "::")
-
-
-@dataclass(frozen=True, slots=True)
-class ListenSocket:
-    """A listening socket of a target process, found in /proc or the admin API."""
-
-    address: str  # "0.0.0.0" / "::" for wildcards
-    port: int
-    listener_name: str | None = None
 
 
 def _settle_handoff(listener: ListenerHandoff, ts_ns: int) -> None:

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..correlate.downstream import ListenSocket
+from .listen_socket import ListenSocket
 from .sockdiag import SockDiagError, listening_tcp_sockets
 
 __all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "find_by_comm", "listening_sockets",

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..correlate.downstream import ListenSocket
+from ..envoy.listen_socket import ListenSocket
 
 __all__ = ["ClockContext", "ListenSocketsContext", "ListenerNamesContext", "recording_clock"]
 

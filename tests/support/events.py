@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import socket
 
-from otel_envoy.correlate.downstream import ListenSocket
+from otel_envoy.envoy.listen_socket import ListenSocket
 from otel_envoy.events.layout import load_layout
 from otel_envoy.events.types import (
     AcceptEvent,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from otel_envoy.correlate.downstream import ListenSocket
+from otel_envoy.envoy.listen_socket import ListenSocket
 from otel_envoy.events.recording import RecordingReader
 from otel_envoy.events.recording_context import (
     ClockContext,
