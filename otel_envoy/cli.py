@@ -124,7 +124,8 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .daemon import _tune_garbage_collector, make_resource
     from .events.recording import RecordingReader
-    from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline
+    from .export.sinks import JsonLinesFileSink, OtlpSink
+    from .export.span_queue import SpanPipeline
     from .pipeline import EventPipeline
     from .spans.clock import MonotonicClock
 

@@ -34,7 +34,8 @@ from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets
 from .events.recording import RecordingWriter
 from .export.metrics import DEFAULT_INTERVAL_S, WorkerMetrics
 from .export.otlp import OtlpSettings, check_reachable
-from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline, SpanSink
+from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
+from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
 from .pipeline import EventPipeline, listen_sockets_to_context
 from .probes.loader import ConnectionProbes, ProbeConfig

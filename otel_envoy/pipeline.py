@@ -20,7 +20,7 @@ from .correlate.rounds import RoundRecord, WaitRecord
 from .events.decode import Decoder
 from .events.layout import load_layout
 from .events.recording import RecordingWriter
-from .export.pipeline import SpanPipeline
+from .export.span_queue import SpanPipeline
 from .protocols.http1 import HttpExchange
 from .spans.clock import MonotonicClock
 from .spans.connection import ConnectionSpanBuilder

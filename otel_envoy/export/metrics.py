@@ -83,8 +83,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from .. import __version__
 from ..correlate.rounds import OFFCPU_REASONS
 from ..spans.rounds import thread_identity
+from .log_limiter import ExporterLogFilter, install_log_filter
 from .otlp import OtlpSettings
-from .pipeline import _SdkLogFilter
 
 __all__ = [
     "DEFAULT_INTERVAL_S",
@@ -125,7 +125,7 @@ _SDK_METRIC_LOGGERS = (
     "opentelemetry.exporter.otlp.common.http",
     "opentelemetry.sdk.metrics._internal.export",
 )
-_sdk_filter = _SdkLogFilter()
+_sdk_filter = ExporterLogFilter()
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -195,10 +195,7 @@ def make_metric_exporter(settings: OtlpSettings, timeout: float = 5.0,
     Headers, certificates, compression and temporality preference come from the usual
     ``OTEL_EXPORTER_OTLP_[METRICS_]*`` variables, read by the SDK exporter itself (as for spans).
     """
-    for name in _SDK_METRIC_LOGGERS:  # one line per message template per 30 s when the collector is down
-        logger = logging.getLogger(name)
-        if _sdk_filter not in logger.filters:
-            logger.addFilter(_sdk_filter)
+    install_log_filter(_sdk_filter, _SDK_METRIC_LOGGERS)  # one line per template per 30 s: collector down
     endpoint = metrics_endpoint(settings, env)
     if settings.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter

@@ -26,7 +26,10 @@ from __future__ import annotations
 
 from ..correlate.addresses import network_type
 from ..correlate.model import RequestRecord, UpstreamRecord, upstream_context
-from ..export.records import (
+from ..protocols.http1 import HttpExchange, HttpMessage
+from ..protocols.tracecontext import TraceContext
+from .connection import ConnectionSpanBuilder
+from .model import (
     SPAN_KIND_CLIENT,
     SPAN_KIND_INTERNAL,
     SPAN_KIND_SERVER,
@@ -34,9 +37,6 @@ from ..export.records import (
     STATUS_CODE_UNSET,
     SpanRecord,
 )
-from ..protocols.http1 import HttpExchange, HttpMessage
-from ..protocols.tracecontext import TraceContext
-from .connection import ConnectionSpanBuilder
 
 __all__ = ["RequestSpanBuilder", "upstream_placement"]
 

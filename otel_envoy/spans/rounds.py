@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Protocol
 
 from ..correlate.rounds import RoundRecord, WaitRecord
-from ..export.records import SPAN_KIND_INTERNAL, STATUS_CODE_UNSET, SpanRecord
 from .connection import ConnectionSpanBuilder
+from .model import SPAN_KIND_INTERNAL, STATUS_CODE_UNSET, SpanRecord
 
 __all__ = ["RoundSpanBuilder", "StackSource", "classify_waker", "idle_wakes_by_kind", "thread_identity"]
 

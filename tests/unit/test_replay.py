@@ -24,11 +24,13 @@ from opentelemetry.sdk.resources import Resource
 
 from otel_envoy.events.layout import load_layout
 from otel_envoy.events.recording import MAGIC, RecordingError, RecordingReader, RecordingWriter
-from otel_envoy.export.otlp_json import decode_request_json, encode_request_json
-from otel_envoy.export.pipeline import ExportSpan, SpanPipeline, SpanSink
-from otel_envoy.export.records import STATUS_CODE_ERROR, STATUS_CODE_UNSET, SpanRecord
+from otel_envoy.export.otlp_json import encode_request_json
+from otel_envoy.export.otlp_json_decode import decode_request_json
+from otel_envoy.export.sinks import SpanSink
+from otel_envoy.export.span_queue import ExportSpan, SpanPipeline
 from otel_envoy.pipeline import EventPipeline
 from otel_envoy.spans.clock import MonotonicClock
+from otel_envoy.spans.model import STATUS_CODE_ERROR, STATUS_CODE_UNSET, SpanRecord
 from tests.support.events import accept, close, encode, established, read
 from tests.support.traces import Trace, connection_traces, group_traces
 
