@@ -40,7 +40,7 @@ from .features import has_kernel_btf, require_tracing
 from .pipeline import EventPipeline, listen_sockets_to_context
 from .probes.loader import ConnectionProbes, ProbeConfig
 from .spans.clock import MonotonicClock
-from .spans.rounds import idle_wakes_by_kind
+from .spans.round_spans import idle_wakes_by_kind
 from .stacks import Symbolizer, SymbolsFileError
 from .stacks.source import SymbolizedStacks
 

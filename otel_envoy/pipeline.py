@@ -25,7 +25,7 @@ from .protocols.http1 import HttpExchange
 from .spans.clock import MonotonicClock
 from .spans.connection import ConnectionSpanBuilder
 from .spans.requests import RequestSpanBuilder
-from .spans.rounds import RoundSpanBuilder, StackSource
+from .spans.round_spans import RoundSpanBuilder, StackSource
 
 __all__ = ["EventPipeline", "listen_sockets_from_context", "listen_sockets_to_context"]
 

@@ -26,7 +26,7 @@ Metrics (all cumulative since the probes were loaded; attributes ``thread.id``, 
 
 Sources: ``offcpu_totals`` is ``ConnectionProbes.offcpu_totals()`` (kernel-aggregated per thread and
 reason), ``round_histograms`` is ``ConnectionProbes.round_histograms()`` (a log2 histogram per thread),
-``idle_wakes`` is ``spans.rounds.idle_wakes_by_kind`` over ``ConnectionProbes.idle_wakes()``
+``idle_wakes`` is ``spans.round_spans.idle_wakes_by_kind`` over ``ConnectionProbes.idle_wakes()``
 (kernel-aggregated per thread, waker process and waker stack; the stacks classified off the event path),
 and ``accepts`` returns ``ConnectionCorrelator.accepts_by_thread`` (updated on the ring-buffer thread;
 copied here in one step). Thread names and processes come from ``/proc/<tid>``; a thread that is gone
@@ -82,7 +82,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from .. import __version__
 from ..correlate.rounds import OFFCPU_REASONS
-from ..spans.rounds import thread_identity
+from ..envoy.threads import thread_identity
 from .log_limiter import ExporterLogFilter, install_log_filter
 from .otlp import OtlpSettings
 
