@@ -102,7 +102,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
     if os.geteuid() != 0:
         return _fail("must run as root: loading BPF programs needs CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN")
     otlp, output = (None, None) if record_only else _otlp_and_output(args)
-    from .export.metrics import metrics_interval  # per-worker metrics: --metrics-interval
+    from .export.metrics_settings import metrics_interval  # per-worker metrics: --metrics-interval
 
     try:
         interval = None if record_only else metrics_interval(args.metrics_interval)

@@ -32,7 +32,8 @@ from .correlate.rounds import OFFCPU_REASONS
 from .envoy.admin import AdminError, fetch_listener_names
 from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets
 from .events.recording import RecordingWriter
-from .export.metrics import DEFAULT_INTERVAL_S, WorkerMetrics
+from .export.metrics import WorkerMetrics
+from .export.metrics_settings import DEFAULT_INTERVAL_S
 from .export.otlp import OtlpSettings, check_reachable
 from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
 from .export.span_queue import SpanPipeline

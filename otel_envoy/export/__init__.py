@@ -13,7 +13,7 @@ Modules:
   records grouped by resource and scope, encodings of shared objects computed once.
 * :mod:`otel_envoy.export.otlp` -- OTLP endpoint settings from the CLI and the standard
   ``OTEL_EXPORTER_OTLP_*`` environment variables, plus a reachability check.
-* :mod:`otel_envoy.export.metrics` -- per-worker metrics.
+* :mod:`otel_envoy.export.metrics`, :mod:`otel_envoy.export.metrics_settings` -- per-worker metrics.
 * :mod:`otel_envoy.export.log_limiter` -- rate-limited logging of export failures.
 * :mod:`otel_envoy.export.terminal` -- renders a JSON-lines span file as per-trace waterfalls.
 
