@@ -102,7 +102,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
     if os.geteuid() != 0:
         return _fail("must run as root: loading BPF programs needs CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN")
     otlp, output = (None, None) if record_only else _otlp_and_output(args)
-    from .export.metrics import metrics_interval  # per-worker metrics: --metrics-interval
+    from .export.metrics_settings import metrics_interval  # per-worker metrics: --metrics-interval
 
     try:
         interval = None if record_only else metrics_interval(args.metrics_interval)
@@ -126,7 +126,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from .event_pipeline import DamagedContextError, EventPipeline, tune_garbage_collector
     from .events.recording import RecordingReader
     from .events.recording_context import recording_clock
-    from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline
+    from .export.sinks import JsonLinesFileSink, OtlpSink
+    from .export.span_queue import SpanPipeline
     from .spans.clock import MonotonicClock
 
     otlp, output = _otlp_and_output(args)

@@ -33,13 +33,15 @@ from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets
 from .event_pipeline import EventPipeline, tune_garbage_collector
 from .events.recording import RecordingWriter
 from .events.recording_context import ListenerNamesContext, ListenSocketsContext
-from .export.metrics import DEFAULT_INTERVAL_S, WorkerMetrics
+from .export.metrics import WorkerMetrics
+from .export.metrics_settings import DEFAULT_INTERVAL_S
 from .export.otlp import OtlpSettings, check_reachable
-from .export.pipeline import JsonLinesFileSink, OtlpSink, SpanPipeline, SpanSink
+from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
+from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
 from .probes.loader import ConnectionProbes, ProbeConfig
 from .spans.clock import MonotonicClock
-from .spans.rounds import idle_wakes_by_kind
+from .spans.round_spans import idle_wakes_by_kind
 from .stacks import Symbolizer, SymbolsFileError
 from .stacks.source import SymbolizedStacks
 

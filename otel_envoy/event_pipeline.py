@@ -24,12 +24,12 @@ from .events.decode import Decoder
 from .events.layout import load_layout
 from .events.recording import RecordingError, RecordingWriter
 from .events.recording_context import ClockContext, ListenerNamesContext, ListenSocketsContext
-from .export.pipeline import SpanPipeline
+from .export.span_queue import SpanPipeline
 from .protocols.http import HttpExchange
 from .spans.clock import MonotonicClock
 from .spans.connection import ConnectionSpanBuilder
 from .spans.requests import RequestSpanBuilder
-from .spans.rounds import RoundSpanBuilder, StackSource
+from .spans.round_spans import RoundSpanBuilder, StackSource
 
 __all__ = ["DamagedContextError", "EventPipeline", "tune_garbage_collector"]
 

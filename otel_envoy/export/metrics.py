@@ -26,7 +26,7 @@ Metrics (all cumulative since the probes were loaded; attributes ``thread.id``, 
 
 Sources: ``offcpu_totals`` is ``ConnectionProbes.offcpu_totals()`` (kernel-aggregated per thread and
 reason), ``round_histograms`` is ``ConnectionProbes.round_histograms()`` (a log2 histogram per thread),
-``idle_wakes`` is ``spans.rounds.idle_wakes_by_kind`` over ``ConnectionProbes.idle_wakes()``
+``idle_wakes`` is ``spans.round_spans.idle_wakes_by_kind`` over ``ConnectionProbes.idle_wakes()``
 (kernel-aggregated per thread, waker process and waker stack; the stacks classified off the event path),
 and ``accepts`` returns ``ConnectionCorrelator.accepts_by_thread`` (updated on the ring-buffer thread;
 copied here in one step). Thread names and processes come from ``/proc/<tid>``; a thread that is gone
@@ -55,12 +55,10 @@ Callbacks never raise: a failing source yields no observations and is logged onc
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import Histogram as SdkHistogram
@@ -82,36 +80,28 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from .. import __version__
 from ..correlate.round_tracker import OFFCPU_REASONS
-from ..spans.rounds import thread_identity
+from ..envoy.threads import thread_identity
+from .metrics_settings import DEFAULT_INTERVAL_S, MetricPreferences, make_metric_exporter, metric_preferences
 from .otlp import OtlpSettings
-from .pipeline import _SdkLogFilter
 
 __all__ = [
-    "DEFAULT_INTERVAL_S",
     "METER_NAME",
     "ROUND_BOUNDS_S",
     "ROUND_DURATION",
     "RoundHistogramExporter",
     "WorkerMetrics",
-    "make_metric_exporter",
-    "metrics_endpoint",
-    "metrics_interval",
     "round_bucket_counts",
 ]
 
 log = logging.getLogger("otel_envoy.metrics")
 
 METER_NAME = "otel_envoy"
-DEFAULT_INTERVAL_S = 10.0
 ROUND_DURATION = "envoy.event_loop.round.duration"
 #: Kernel slots with their own bucket; later slots (rounds over 2^32 us, 71 minutes) share the last one.
 ROUND_SLOTS = 32
 #: Upper bounds of the round-duration buckets, in seconds: 2^(s+1) microseconds for slot s.
 ROUND_BOUNDS_S: tuple[float, ...] = tuple((1 << (s + 1)) * 1e-6 for s in range(ROUND_SLOTS))
 
-METRICS_PATH = "/v1/metrics"
-_METRICS_ENDPOINT = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
-_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 
 OffcpuSource = Callable[[], Mapping[tuple[int, int], tuple[int, int, int]]]
 RoundSource = Callable[[], Mapping[int, Mapping[int, int]]]
@@ -119,96 +109,6 @@ AcceptSource = Callable[[], Mapping[tuple[int, int, str], int]]
 WakeSource = Callable[[], Mapping[tuple[int, str], tuple[int, int]]]  # (tid, waker kind) -> (ns, wake-ups)
 Identity = Callable[[int], tuple[int, str]]
 
-_SDK_METRIC_LOGGERS = (
-    "opentelemetry.exporter.otlp.proto.grpc.exporter",
-    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
-    "opentelemetry.exporter.otlp.common.http",
-    "opentelemetry.sdk.metrics._internal.export",
-)
-_sdk_filter = _SdkLogFilter()
-
-
-# ------------------------------------------------------------------------------------------ settings
-
-
-def metrics_interval(cli_seconds: float | None, env: Mapping[str, str] = os.environ) -> float | None:
-    """Export interval in seconds, ``None`` when metrics are off.
-
-    ``--metrics-interval`` wins (0 turns metrics off); else ``OTEL_METRICS_EXPORTER=none`` turns them
-    off and ``OTEL_METRIC_EXPORT_INTERVAL`` (milliseconds) sets the interval; else 10 s.
-    Raises ``ValueError`` for a negative or unusable value.
-    """
-    if cli_seconds is not None:
-        if cli_seconds < 0:
-            raise ValueError("--metrics-interval must not be negative")
-        return float(cli_seconds) or None
-    if env.get("OTEL_METRICS_EXPORTER", "").strip().lower() == "none":
-        return None
-    raw = env.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip()
-    if raw:
-        try:
-            millis = float(raw)
-        except ValueError:
-            raise ValueError(f"OTEL_METRIC_EXPORT_INTERVAL: not a number of milliseconds: {raw!r}") from None
-        if millis <= 0:
-            raise ValueError("OTEL_METRIC_EXPORT_INTERVAL must be positive")
-        return millis / 1000.0
-    return DEFAULT_INTERVAL_S
-
-
-def _metrics_url(base: str) -> str:
-    trimmed = base.rstrip("/")
-    if trimmed.endswith(METRICS_PATH):
-        return trimmed
-    trimmed = trimmed.removesuffix("/v1/traces")
-    return trimmed + METRICS_PATH
-
-
-def metrics_endpoint(settings: OtlpSettings, env: Mapping[str, str] = os.environ) -> str:
-    """Where the metrics of these span settings go: the same collector.
-
-    ``--otlp-endpoint`` (``source == "cli"``) is used for both signals. Otherwise
-    ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` (as-is), else ``OTEL_EXPORTER_OTLP_ENDPOINT``, else the
-    traces endpoint. For ``http/protobuf`` a base endpoint gets ``/v1/metrics``, and a traces URL has
-    its ``/v1/traces`` replaced (a traces URL with another path keeps only its scheme and host).
-    """
-    endpoint = settings.endpoint
-    if settings.source != "cli":
-        if (e := env.get(_METRICS_ENDPOINT, "").strip()):
-            return e
-        if (e := env.get(_ENDPOINT, "").strip()):
-            endpoint = e
-    if settings.protocol == "grpc":
-        return endpoint
-    if settings.source == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" and endpoint == settings.endpoint:
-        path = urlsplit(endpoint).path.rstrip("/")
-        if not path.endswith("/v1/traces"):
-            parts = urlsplit(endpoint)
-            return f"{parts.scheme}://{parts.netloc}{METRICS_PATH}"
-    return _metrics_url(endpoint)
-
-
-def make_metric_exporter(settings: OtlpSettings, timeout: float = 5.0,
-                         env: Mapping[str, str] = os.environ) -> MetricExporter:
-    """The SDK's OTLP metric exporter for the spans' protocol and endpoint.
-
-    Headers, certificates, compression and temporality preference come from the usual
-    ``OTEL_EXPORTER_OTLP_[METRICS_]*`` variables, read by the SDK exporter itself (as for spans).
-    """
-    for name in _SDK_METRIC_LOGGERS:  # one line per message template per 30 s when the collector is down
-        logger = logging.getLogger(name)
-        if _sdk_filter not in logger.filters:
-            logger.addFilter(_sdk_filter)
-    endpoint = metrics_endpoint(settings, env)
-    if settings.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-
-        scheme = urlsplit(endpoint).scheme.lower()
-        insecure = True if scheme == "http" else False if scheme == "https" else None
-        return OTLPMetricExporter(endpoint=endpoint, insecure=insecure, timeout=timeout)
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
-
-    return HttpExporter(endpoint=endpoint, timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------------ histogram
@@ -227,16 +127,18 @@ class RoundHistogramExporter(MetricExporter):
     """Wraps the OTLP metric exporter: adds the round-duration histogram to every batch.
 
     ``histogram`` returns the metric for the collection being exported (or ``None``); it runs on the
-    reader's thread, right after the callbacks of that collection.
+    reader's thread, right after the callbacks of that collection.  ``preferences`` are those the wrapped
+    exporter was given (see :func:`otel_envoy.export.metrics_settings.make_metric_exporter`): the reader
+    asks this exporter, and the histogram follows their histogram temporality.
     """
 
     def __init__(self, inner: MetricExporter, histogram: Callable[[AggregationTemporality], Metric | None],
-                 scope: InstrumentationScope) -> None:
-        preferred = getattr(inner, "_preferred_temporality", None)
-        super().__init__(preferred_temporality=preferred,
-                         preferred_aggregation=getattr(inner, "_preferred_aggregation", None))
+                 scope: InstrumentationScope, preferences: MetricPreferences) -> None:
+        """Wrap ``inner``."""
+        super().__init__(preferred_temporality=preferences.temporality,
+                         preferred_aggregation=preferences.aggregation)
         self.inner = inner
-        self.temporality = (preferred or {}).get(SdkHistogram, AggregationTemporality.CUMULATIVE)
+        self.temporality = preferences.temporality.get(SdkHistogram, AggregationTemporality.CUMULATIVE)
         self._histogram = histogram
         self._scope = scope
         self._failed = False
@@ -298,10 +200,11 @@ class _Snapshot:
 class WorkerMetrics:
     """Per-thread metrics of the traced Envoy processes, exported periodically through the SDK.
 
-    ``exporter`` is the real exporter (see :func:`make_metric_exporter` / :meth:`from_settings`);
-    nothing runs until :meth:`start`. ``shutdown`` does a last collection and export. Any source may be
-    ``None`` (its metrics are then empty); ``identity`` maps a tid to ``(tgid, name)``, ``(0, "")`` when
-    the thread is gone.
+    ``exporter`` is the real exporter (see :func:`make_metric_exporter` / :meth:`from_settings`) and
+    ``preferences`` the temporality and aggregation it was made with (by default those of the
+    environment, :func:`metric_preferences`); nothing runs until :meth:`start`. ``shutdown`` does a last
+    collection and export. Any source may be ``None`` (its metrics are then empty); ``identity`` maps a
+    tid to ``(tgid, name)``, ``(0, "")`` when the thread is gone.
     """
 
     def __init__(
@@ -316,11 +219,14 @@ class WorkerMetrics:
         interval_s: float = DEFAULT_INTERVAL_S,
         export_timeout_s: float = 10.0,
         identity: Identity = thread_identity,
+        preferences: MetricPreferences | None = None,
     ) -> None:
+        """Set up; nothing runs before :meth:`start`."""
         if not interval_s > 0:
             raise ValueError("the metrics interval must be positive")
         self.scope = InstrumentationScope(METER_NAME, __version__)
-        self.exporter = RoundHistogramExporter(exporter, self._round_metric, self.scope)
+        self.exporter = RoundHistogramExporter(exporter, self._round_metric, self.scope,
+                                               preferences or metric_preferences())
         self.resource = resource
         self.interval_s = float(interval_s)
         self.export_timeout_s = float(export_timeout_s)
@@ -344,8 +250,11 @@ class WorkerMetrics:
 
     @classmethod
     def from_settings(cls, settings: OtlpSettings, resource: Resource, **kwargs: Any) -> WorkerMetrics:
-        """Metrics to the collector of the span settings (see :func:`metrics_endpoint`)."""
-        return cls(make_metric_exporter(settings), resource, **kwargs)
+        """Metrics to the collector of the span settings (see
+        :func:`otel_envoy.export.metrics_settings.metrics_endpoint`)."""
+        preferences = metric_preferences()
+        return cls(make_metric_exporter(settings, preferences=preferences), resource, preferences=preferences,
+                   **kwargs)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 

@@ -7,29 +7,45 @@ Precedence follows the OpenTelemetry exporter specification, with the command li
   > ``http/protobuf`` (the specification's default).
 
 For ``http/protobuf`` the signal-specific variable is used as-is (it is the full URL), while a base
-endpoint (CLI or ``OTEL_EXPORTER_OTLP_ENDPOINT``) gets ``/v1/traces`` appended.  Headers, timeouts,
-certificates and compression stay with the SDK exporters, which read their usual variables.
+endpoint (CLI or ``OTEL_EXPORTER_OTLP_ENDPOINT``) gets ``/v1/traces`` appended.
+
+Headers, timeouts, certificates and compression come from the usual variables too, read by the OTLP
+senders (:mod:`otel_envoy.export.otlp_grpc`, :mod:`otel_envoy.export.otlp_http`) as the SDK's span
+exporters read them: the ``OTEL_EXPORTER_OTLP_TRACES_*`` variable first, then ``OTEL_EXPORTER_OTLP_*``
+(:func:`otlp_env`, :func:`otlp_headers`, :func:`otlp_timeout`, :func:`credential_provider`).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
 from urllib.parse import urlsplit
+
+from opentelemetry.util.re import parse_env_headers
 
 __all__ = [
     "DEFAULT_PORTS",
+    "DEFAULT_TIMEOUT_S",
     "PROTOCOLS",
     "TRACES_PATH",
     "OtlpSettings",
     "check_reachable",
+    "credential_provider",
     "endpoint_host_port",
+    "otlp_env",
+    "otlp_headers",
+    "otlp_timeout",
     "resolve_otlp_settings",
     "traces_url",
 ]
+
+log = logging.getLogger("otel_envoy.export.otlp")
 
 PROTOCOLS = ("grpc", "http/protobuf")
 TRACES_PATH = "/v1/traces"
@@ -40,6 +56,9 @@ _ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 _TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 _PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
 _TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+#: Seconds one export may take (retries included) when neither the caller nor the environment says.
+DEFAULT_TIMEOUT_S = 10.0
+_CREDENTIAL_PROVIDERS = "opentelemetry_otlp_credential_provider"  # the SDK's entry-point group
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,3 +183,55 @@ def check_reachable(settings: OtlpSettings, timeout: float = 2.0) -> str | None:
     except OSError as exc:
         reason = exc.strerror or (errno.errorcode.get(exc.errno or 0) if exc.errno else None) or str(exc)
         return f"{prefix} is unreachable: {reason}"
+
+
+# --------------------------------------------------------------------------------------------- transport
+
+
+def otlp_env(name: str, env: Mapping[str, str] = os.environ) -> str | None:
+    """``OTEL_EXPORTER_OTLP_TRACES_<name>``, else ``OTEL_EXPORTER_OTLP_<name>``; ``None`` when both are
+    unset or empty."""
+    return env.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or env.get(f"OTEL_EXPORTER_OTLP_{name}") or None
+
+
+def otlp_headers(explicit: Mapping[str, str] | None, env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The headers of every export: ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS`` (W3C baggage format, parsed
+    leniently as the SDK does), with ``explicit`` ones merged over them; keys lower-cased."""
+    parsed = parse_env_headers(otlp_env("HEADERS", env) or "", liberal=True)
+    merged = {k.lower(): v for k, v in parsed.items()}
+    if explicit:
+        merged.update({k.lower(): v for k, v in explicit.items()})
+    return merged
+
+
+def otlp_timeout(env: Mapping[str, str] = os.environ) -> float:
+    """``OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT`` in seconds, else :data:`DEFAULT_TIMEOUT_S` (also for a
+    value that is not a number, with a warning)."""
+    raw = otlp_env("TIMEOUT", env)
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        return float(raw)
+    except ValueError:
+        log.warning("Invalid timeout value %r, using default of %s seconds", raw, DEFAULT_TIMEOUT_S)
+        return DEFAULT_TIMEOUT_S
+
+
+def credential_provider(variable: str, expected: type, env: Mapping[str, str] = os.environ) -> Any | None:
+    """The object the credential provider named by ``variable`` makes, ``None`` when it is unset.
+
+    The SDK exporters' extension point: the variable names an entry point of the group
+    ``opentelemetry_otlp_credential_provider`` whose callable returns ``grpc.ChannelCredentials`` (gRPC)
+    or a ``requests.Session`` (HTTP).  Raises ``RuntimeError`` for an unknown name or a wrong type.
+    """
+    name = env.get(variable)
+    if not name:
+        return None
+    found = entry_points(group=_CREDENTIAL_PROVIDERS, name=name)
+    if not found:
+        raise RuntimeError(f"Requested component '{name}' not found in entry point '{_CREDENTIAL_PROVIDERS}'")
+    made = next(iter(found)).load()()
+    if not isinstance(made, expected):
+        raise RuntimeError(f"Requested component '{name}' is of type {type(made)} must be of type "
+                           f"`{expected.__module__}.{expected.__name__}`.")
+    return made

@@ -1,60 +1,42 @@
-"""OTLP/JSON encoding of spans, and decoding back into :class:`SpanRecord` objects.
+"""OTLP/JSON encoding of span records: the ``ExportTraceServiceRequest`` the JSON-lines file holds.
 
-The output is the ``ExportTraceServiceRequest`` exactly as OTLP/HTTP with
-``Content-Type: application/json`` carries it: the protobuf JSON mapping with lowerCamelCase
-keys, plus OTLP's documented exceptions -- trace and span ids are lowercase hex (not base64) and
-enums (span kind, status code) are integers.  64-bit integers (``intValue``, timestamps) are
-strings, as the protobuf JSON mapping requires.
+The output is the request exactly as OTLP/HTTP with ``Content-Type: application/json`` carries it: the
+protobuf JSON mapping with lowerCamelCase keys, plus OTLP's documented exceptions -- trace and span ids are
+lowercase hex (not base64) and enums (span kind, status code) are integers.  64-bit integers
+(``intValue``, timestamps) are strings, as the protobuf JSON mapping requires.
 
-Spans are :class:`SpanRecord` objects (what the span builder makes; the fast path) or SDK
-``ReadableSpan`` objects.  The encoder is written for the hot export path: it writes text directly,
-walks the spans once, dispatches on exact types first, groups by resource/scope identity (hashing an
-SDK ``Resource`` serialises its attributes, which costs more than encoding a span) and encodes each
-resource, scope and attribute key once.  For the same spans, records and SDK spans give the same line.
+The text encoder (:func:`encode_request_json`) is written for the hot export path: it writes text
+directly, walks the records once, dispatches on exact types first, groups by resource identity and
+encodes each resource, scope and attribute key once.  :func:`encode_request` builds the same request as
+dicts.  The reader is :mod:`otel_envoy.export.otlp_json_decode`.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import SpanKind
-
-from otel_envoy.export.records import ConstantCache, SpanRecord, group_records
+from otel_envoy.export.constant_cache import ConstantCache
+from otel_envoy.export.grouping import ResourceGroup, group_records
+from otel_envoy.spans.model import SpanRecord
 
 __all__ = [
-    "OTLP_SPAN_KIND",
-    "decode_request_json",
+    "JSON_ENCODER",
+    "array_json",
     "encode_request",
     "encode_request_json",
     "encode_value",
 ]
 
-#: SDK ``SpanKind`` -> OTLP proto ``Span.SpanKind`` (the SDK enum starts at INTERNAL=0, OTLP at 1).
-OTLP_SPAN_KIND: dict[SpanKind, int] = {
-    SpanKind.INTERNAL: 1,
-    SpanKind.SERVER: 2,
-    SpanKind.CLIENT: 3,
-    SpanKind.PRODUCER: 4,
-    SpanKind.CONSUMER: 5,
-}
-
-# Span.flags bits (SpanFlags in trace.proto); mirrors what the SDK's protobuf encoder sets.
-_FLAG_HAS_IS_REMOTE = 0x100
-_FLAG_IS_REMOTE = 0x200
-_FLAGS_LOCAL = _FLAG_HAS_IS_REMOTE
-_FLAGS_REMOTE = _FLAG_HAS_IS_REMOTE | _FLAG_IS_REMOTE
-_FLAGS_LOCAL_JSON = f',"flags":{_FLAGS_LOCAL}'
-
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 
-_JSON = json.JSONEncoder(ensure_ascii=True, check_circular=False, allow_nan=False, separators=(",", ":"))
+#: Compact, strict, ASCII-only JSON: what every value the fast paths do not write themselves goes through.
+JSON_ENCODER = json.JSONEncoder(ensure_ascii=True, check_circular=False, allow_nan=False,
+                                separators=(",", ":"))
 
 
 # --------------------------------------------------------------------------------------------- encode
@@ -123,123 +105,16 @@ def _encode_attributes(attrs: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _trace_state(ts: Any) -> str:
-    return ",".join(f"{k}={v}" for k, v in ts.items())
+def encode_request(records: Sequence[SpanRecord]) -> dict[str, Any]:
+    """Encode span records as an OTLP/JSON ``ExportTraceServiceRequest`` (a JSON-ready dict).
 
-
-def _dropped(attrs: Any) -> int:
-    """Dropped-attribute count of an SDK ``BoundedAttributes`` (plain dicts never drop anything)."""
-    if attrs is None or type(attrs) is dict:
-        return 0
-    return getattr(attrs, "dropped", 0) or 0
-
-
-def _encode_span(span: ReadableSpan) -> dict[str, Any]:
-    ctx = span.context
-    out: dict[str, Any] = {"traceId": f"{ctx.trace_id:032x}", "spanId": f"{ctx.span_id:016x}"}
-    ts = ctx.trace_state
-    if ts:
-        out["traceState"] = _trace_state(ts)
-    parent = span.parent
-    if parent is not None:
-        out["parentSpanId"] = f"{parent.span_id:016x}"
-        out["flags"] = _FLAGS_REMOTE if parent.is_remote else _FLAGS_LOCAL
-    else:
-        out["flags"] = _FLAGS_LOCAL
-    out["name"] = span.name
-    out["kind"] = OTLP_SPAN_KIND[span.kind]
-    start = span.start_time
-    if start:
-        out["startTimeUnixNano"] = str(start)
-    end = span.end_time
-    if end:
-        out["endTimeUnixNano"] = str(end)
-    attrs = span._attributes  # the public property wraps it in a MappingProxyType on every access
-    if attrs:
-        out["attributes"] = _encode_attributes(attrs)
-    dropped = _dropped(attrs)
-    if dropped:
-        out["droppedAttributesCount"] = dropped
-    events = span._events
-    if events:
-        enc_events = []
-        for ev in events:
-            e: dict[str, Any] = {"timeUnixNano": str(ev.timestamp), "name": ev.name}
-            ev_attrs = ev.attributes
-            if ev_attrs:
-                e["attributes"] = _encode_attributes(ev_attrs)
-            dropped = _dropped(ev_attrs)
-            if dropped:
-                e["droppedAttributesCount"] = dropped
-            enc_events.append(e)
-        out["events"] = enc_events
-        if span.dropped_events:
-            out["droppedEventsCount"] = span.dropped_events
-    links = span._links
-    if links:
-        enc_links = []
-        for link in links:
-            lctx = link.context
-            lk: dict[str, Any] = {"traceId": f"{lctx.trace_id:032x}", "spanId": f"{lctx.span_id:016x}"}
-            if lctx.trace_state:
-                lk["traceState"] = _trace_state(lctx.trace_state)
-            l_attrs = link.attributes
-            if l_attrs:
-                lk["attributes"] = _encode_attributes(l_attrs)
-            dropped = _dropped(l_attrs)
-            if dropped:
-                lk["droppedAttributesCount"] = dropped
-            lk["flags"] = _FLAGS_REMOTE if lctx.is_remote else _FLAGS_LOCAL
-            enc_links.append(lk)
-        out["links"] = enc_links
-        if span.dropped_links:
-            out["droppedLinksCount"] = span.dropped_links
-    status = span.status
-    if status is not None:
-        st: dict[str, Any] = {}
-        code = status.status_code.value
-        if code:
-            st["code"] = code
-        if status.description:
-            st["message"] = status.description
-        out["status"] = st
-    return out
-
-
-def _encode_scope(scope: Any) -> dict[str, Any]:
-    if scope is None:
-        return {}
-    out: dict[str, Any] = {}
-    if scope.name:
-        out["name"] = scope.name
-    if scope.version:
-        out["version"] = scope.version
-    attrs = getattr(scope, "attributes", None)
-    if attrs:
-        out["attributes"] = _encode_attributes(attrs)
-    return out
-
-
-def _split(spans: Sequence[SpanRecord | ReadableSpan]) -> tuple[list[SpanRecord], list[ReadableSpan]]:
-    records = [s for s in spans if type(s) is SpanRecord]
-    if len(records) == len(spans):
-        return records, []
-    return records, [s for s in spans if type(s) is not SpanRecord]  # type: ignore[misc]
-
-
-def encode_request(spans: Sequence[SpanRecord | ReadableSpan]) -> dict[str, Any]:
-    """Encode finished spans as an OTLP/JSON ``ExportTraceServiceRequest`` (a JSON-ready dict).
-
-    Spans are grouped by resource, then by instrumentation scope, in order of first appearance
-    (the same grouping the SDK's protobuf encoder does).  Records come first in a mixed batch.
+    Records are grouped by resource, then by instrumentation scope, in order of first appearance
+    (the same grouping the SDK's protobuf encoder does).
     """
-    records, sdk_spans = _split(spans)
-    resource_spans = [_record_resource_dict(group) for group in group_records(records)]
-    resource_spans.extend(_sdk_request(sdk_spans))
-    return {"resourceSpans": resource_spans}
+    return {"resourceSpans": [_record_resource_dict(group) for group in group_records(records)]}
 
 
-def _record_resource_dict(group: Any) -> dict[str, Any]:
+def _record_resource_dict(group: ResourceGroup) -> dict[str, Any]:
     attrs, schema, scopes = group
     scope_spans = []
     for (name, version), members in scopes:
@@ -299,110 +174,20 @@ def _record_dict(r: SpanRecord) -> dict[str, Any]:
     return out
 
 
-def _sdk_request(spans: Sequence[ReadableSpan]) -> list[dict[str, Any]]:
-    resource_spans = []
-    for resource, scope_entries in _group(spans):
-        scope_spans = []
-        for scope, members in scope_entries:
-            ss: dict[str, Any] = {
-                "scope": _encode_scope(scope),
-                "spans": [_encode_span(sp) for sp in members],
-            }
-            schema = getattr(scope, "schema_url", None) if scope is not None else None
-            if schema:
-                ss["schemaUrl"] = schema
-            scope_spans.append(ss)
-        resource_obj: dict[str, Any] = {}
-        rs: dict[str, Any] = {"resource": resource_obj, "scopeSpans": scope_spans}
-        if resource is not None:
-            if resource.attributes:
-                resource_obj["attributes"] = _encode_attributes(resource.attributes)
-            if resource.schema_url:
-                rs["schemaUrl"] = resource.schema_url
-        resource_spans.append(rs)
-    return resource_spans
+def encode_request_json(records: Sequence[SpanRecord]) -> str:
+    """Encode span records as a compact OTLP/JSON ``ExportTraceServiceRequest`` string (one line).
 
-
-def encode_request_json(spans: Sequence[SpanRecord | ReadableSpan]) -> str:
-    """Encode finished spans as a compact OTLP/JSON ``ExportTraceServiceRequest`` string (one line).
-
-    Same content as ``json.dumps(encode_request(spans))`` but written straight to text, which is
+    Same content as ``json.dumps(encode_request(records))`` but written straight to text, which is
     several times faster than building the dicts and serialising them.
     """
-    records, sdk_spans = _split(spans)
     out = ['{"resourceSpans":[']
     if records:
         _records_json(records, out)
-    if sdk_spans:
-        if records:
-            out.append(",")
-        out.append(",".join(_sdk_json(sdk_spans)))
     out.append("]}")
     return "".join(out)
 
 
-def _sdk_json(spans: Sequence[ReadableSpan]) -> list[str]:
-    out = []
-    for resource, scope_entries in _group(spans):
-        rs = ['{"resource":{']
-        if resource is not None and resource.attributes:
-            rs.append('"attributes":[' + _attrs_json(resource.attributes) + "]")
-        rs.append('},"scopeSpans":[')
-        scope_parts = []
-        for scope, members in scope_entries:
-            encoded = ",".join([_span_json(sp) for sp in members])
-            schema = getattr(scope, "schema_url", None) if scope is not None else None
-            extra = ',"schemaUrl":' + _esc(schema) if schema else ""
-            scope_parts.append(
-                '{"scope":' + _JSON.encode(_encode_scope(scope)) + ',"spans":[' + encoded + "]" + extra + "}"
-            )
-        rs.append(",".join(scope_parts))
-        rs.append("]")
-        if resource is not None and resource.schema_url:
-            rs.append(',"schemaUrl":' + _esc(resource.schema_url))
-        rs.append("}")
-        out.append("".join(rs))
-    return out
-
-
-def _group(spans: Sequence[ReadableSpan]) -> list[tuple[Any, list[tuple[Any, list[ReadableSpan]]]]]:
-    """Group spans by resource, then scope (by identity first, then merging equal objects)."""
-    by_id: dict[int, tuple[Any, dict[int, tuple[Any, list[ReadableSpan]]]]] = {}
-    for span in spans:
-        resource = span.resource
-        group = by_id.get(id(resource))
-        if group is None:
-            group = by_id[id(resource)] = (resource, {})
-        scope = span.instrumentation_scope
-        entry = group[1].get(id(scope))
-        if entry is None:
-            entry = group[1][id(scope)] = (scope, [])
-        entry[1].append(span)
-    if len(by_id) == 1:
-        ((resource, scopes),) = by_id.values()
-        if len(scopes) == 1:
-            return [(resource, list(scopes.values()))]
-    merged: list[tuple[Any, list[tuple[Any, list[ReadableSpan]]]]] = []
-    for resource, scopes in by_id.values():
-        for m in merged:
-            if m[0] is resource or m[0] == resource:
-                m[1].extend(scopes.values())
-                break
-        else:
-            merged.append((resource, list(scopes.values())))
-    result = []
-    for resource, scope_entries in merged:
-        scope_merged: list[tuple[Any, list[ReadableSpan]]] = []
-        for scope, members in scope_entries:
-            for m in scope_merged:
-                if m[0] is scope or (scope is not None and m[0] is not None and m[0] == scope):
-                    m[1].extend(members)
-                    break
-            else:
-                scope_merged.append((scope, list(members)))
-        result.append((resource, scope_merged))
-    return result
-
+# ------------------------------------------------------------------------------------------ text pieces
 
 _esc = json.encoder.encode_basestring_ascii
 _KEY_PREFIX: dict[str, str] = {}  # key -> '{"key":KEY,"value":'
@@ -432,8 +217,9 @@ def _int_prefix(key: str) -> str:
     return prefix
 
 
-def _array_json(values: list[Any] | tuple[Any, ...]) -> str:
-    """``{"arrayValue":...}`` for a list or tuple, the same text as ``_JSON.encode(encode_value(values))``."""
+def array_json(values: list[Any] | tuple[Any, ...]) -> str:
+    """``{"arrayValue":...}`` for a list or tuple: the text of ``JSON_ENCODER.encode(encode_value(values))``,
+    written directly (arrays of strings in one join)."""
     if values and type(values[0]) is str:
         # Arrays of strings (cipher suites, ALPN ids, socket options): one join in C. _esc raises
         # TypeError for anything but a string; a str subclass gets the same text as the loop below gives.
@@ -453,11 +239,11 @@ def _array_json(values: list[Any] | tuple[Any, ...]) -> str:
         elif t is bool:
             append('{"boolValue":true}' if x else '{"boolValue":false}')
         else:
-            append(_JSON.encode(encode_value(x)))
+            append(JSON_ENCODER.encode(encode_value(x)))
     return '{"arrayValue":{"values":[' + ",".join(parts) + "]}}"
 
 
-_tuple_json: Callable[[tuple[Any, ...]], str] = ConstantCache(_array_json, limit=1024, snapshot=None).get
+_tuple_json: Callable[[tuple[Any, ...]], str] = ConstantCache(array_json, limit=1024, snapshot=None).get
 
 
 def _attrs_json(attrs: Mapping[str, Any]) -> str:
@@ -477,86 +263,11 @@ def _attrs_json(attrs: Mapping[str, Any]) -> str:
         elif t is tuple:
             append((_KEY_PREFIX.get(key) or _key_prefix(key)) + _tuple_json(v) + "}")
         elif t is list:
-            append((_KEY_PREFIX.get(key) or _key_prefix(key)) + _array_json(v) + "}")
+            append((_KEY_PREFIX.get(key) or _key_prefix(key)) + array_json(v) + "}")
         else:
-            append((_KEY_PREFIX.get(key) or _key_prefix(key)) + _JSON.encode(encode_value(v)) + "}")
+            append((_KEY_PREFIX.get(key) or _key_prefix(key)) + JSON_ENCODER.encode(encode_value(v)) + "}")
     return ",".join(parts)
 
-
-def _span_json(span: ReadableSpan) -> str:
-    ctx = span.context
-    parent = span.parent
-    parts = [f'{{"traceId":"{ctx.trace_id:032x}","spanId":"{ctx.span_id:016x}"']
-    append = parts.append
-    ts = ctx.trace_state
-    if ts:
-        append(',"traceState":' + _esc(_trace_state(ts)))
-    if parent is not None:
-        flags = _FLAGS_REMOTE if parent.is_remote else _FLAGS_LOCAL
-        append(f',"parentSpanId":"{parent.span_id:016x}","flags":{flags}')
-    else:
-        append(_FLAGS_LOCAL_JSON)
-    append(f',"name":{_esc(span.name)},"kind":{OTLP_SPAN_KIND[span.kind]}')
-    start = span.start_time
-    if start:
-        append(f',"startTimeUnixNano":"{start}"')
-    end = span.end_time
-    if end:
-        append(f',"endTimeUnixNano":"{end}"')
-    attrs = span._attributes  # the public property wraps it in a MappingProxyType on every access
-    if attrs:
-        append(',"attributes":[' + _attrs_json(attrs) + "]")
-    dropped = _dropped(attrs)
-    if dropped:
-        append(f',"droppedAttributesCount":{dropped}')
-    events = span._events
-    if events:
-        enc = []
-        for ev in events:
-            e = f'{{"timeUnixNano":"{ev.timestamp}","name":{_esc(ev.name)}'
-            ev_attrs = ev.attributes
-            if ev_attrs:
-                e += ',"attributes":[' + _attrs_json(ev_attrs) + "]"
-            dropped = _dropped(ev_attrs)
-            if dropped:
-                e += f',"droppedAttributesCount":{dropped}'
-            enc.append(e + "}")
-        append(',"events":[' + ",".join(enc) + "]")
-        if span.dropped_events:
-            append(f',"droppedEventsCount":{span.dropped_events}')
-    links = span._links
-    if links:
-        enc = []
-        for link in links:
-            lctx = link.context
-            lk = f'{{"traceId":"{lctx.trace_id:032x}","spanId":"{lctx.span_id:016x}"'
-            if lctx.trace_state:
-                lk += ',"traceState":' + _esc(_trace_state(lctx.trace_state))
-            l_attrs = link.attributes
-            if l_attrs:
-                lk += ',"attributes":[' + _attrs_json(l_attrs) + "]"
-            dropped = _dropped(l_attrs)
-            if dropped:
-                lk += f',"droppedAttributesCount":{dropped}'
-            flags = _FLAGS_REMOTE if lctx.is_remote else _FLAGS_LOCAL
-            enc.append(f'{lk},"flags":{flags}}}')
-        append(',"links":[' + ",".join(enc) + "]")
-        if span.dropped_links:
-            append(f',"droppedLinksCount":{span.dropped_links}')
-    status = span.status
-    if status is None:
-        append("}")
-    else:
-        code = status.status_code.value
-        desc = status.description
-        if desc:
-            code_part = f'"code":{code},' if code else ""
-            append(f',"status":{{{code_part}"message":{_esc(desc)}}}}}')
-        elif code:
-            append(f',"status":{{"code":{code}}}}}')
-        else:
-            append(',"status":{}}')
-    return "".join(parts)
 
 
 # ------------------------------------------------------------------------------------- records -> JSON
@@ -583,7 +294,7 @@ def _json_scope(name: str, version: str) -> str:
             scope["name"] = name
         if version:
             scope["version"] = version
-        out = '{"scope":' + _JSON.encode(scope) + ',"spans":['
+        out = '{"scope":' + JSON_ENCODER.encode(scope) + ',"spans":['
         if len(_JSON_SCOPES) < _JSON_CACHE_MAX:
             _JSON_SCOPES[key] = out
     return out
@@ -616,7 +327,7 @@ def _records_json(records: Sequence[SpanRecord], out: list[str]) -> None:
 
 
 def _record_json(r: SpanRecord) -> str:
-    # Keys in the order of the SDK-span path (_span_json), so both give the same text.
+    # The key order is fixed, so the same records always give the same text.
     parent, flags, state = r.parent_span_id, r.flags, r.trace_state
     head = f'{{"traceId":"{r.trace_id}","spanId":"{r.span_id}"'
     if state:
@@ -661,163 +372,3 @@ def _record_json(r: SpanRecord) -> str:
         return s + f',"status":{{"code":{code}}}}}'
     return s + ',"status":{}}'
 
-
-# --------------------------------------------------------------------------------------------- decode
-
-
-def _id(value: Any, nbytes: int, what: str) -> str:
-    """Normalise an id to lowercase hex; accepts OTLP/JSON hex and, leniently, protobuf base64."""
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
-    if len(value) == 2 * nbytes:
-        try:
-            bytes.fromhex(value)
-            return value.lower()
-        except ValueError:
-            pass
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != nbytes:
-        raise ValueError(f"{what} {value!r} is neither {2 * nbytes} hex digits nor base64 of {nbytes} bytes")
-    return raw.hex()
-
-
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer, got a boolean")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            pass
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise ValueError(f"{what} must be an integer, got {value!r}")
-
-
-_KIND_NAMES = {
-    "SPAN_KIND_UNSPECIFIED": 0,
-    "SPAN_KIND_INTERNAL": 1,
-    "SPAN_KIND_SERVER": 2,
-    "SPAN_KIND_CLIENT": 3,
-    "SPAN_KIND_PRODUCER": 4,
-    "SPAN_KIND_CONSUMER": 5,
-}
-_STATUS_NAMES = {"STATUS_CODE_UNSET": 0, "STATUS_CODE_OK": 1, "STATUS_CODE_ERROR": 2}
-
-
-def _enum(value: Any, names: dict[str, int], what: str) -> int:
-    if isinstance(value, str) and value in names:
-        return names[value]
-    return _int(value, what)
-
-
-def _decode_value(v: Any) -> Any:
-    if not isinstance(v, dict):
-        raise ValueError(f"attribute value must be an object, got {v!r}")
-    if not v:
-        return None
-    if "stringValue" in v:
-        return v["stringValue"]
-    if "intValue" in v:
-        return _int(v["intValue"], "intValue")
-    if "boolValue" in v:
-        return bool(v["boolValue"])
-    if "doubleValue" in v:
-        return float(v["doubleValue"])  # float() understands "NaN", "Infinity", "-Infinity"
-    if "arrayValue" in v:
-        return [_decode_value(x) for x in (v["arrayValue"] or {}).get("values", ())]
-    if "kvlistValue" in v:
-        return _decode_attributes((v["kvlistValue"] or {}).get("values"))
-    if "bytesValue" in v:
-        return base64.b64decode(v["bytesValue"])
-    raise ValueError(f"unknown attribute value {v!r}")
-
-
-def _decode_attributes(kvs: Any) -> dict[str, Any]:
-    if not kvs:
-        return {}
-    if not isinstance(kvs, list):
-        raise ValueError(f"attributes must be a list, got {type(kvs).__name__}")
-    return {kv["key"]: _decode_value(kv.get("value", {})) for kv in kvs}
-
-
-def _list(obj: Any, key: str) -> list[Any]:
-    value = obj.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ValueError(f"{key!r} must be a list, got {type(value).__name__}")
-    return value
-
-
-def decode_request_json(obj: dict[str, Any]) -> list[SpanRecord]:
-    """Flatten a parsed OTLP/JSON ``ExportTraceServiceRequest`` into :class:`SpanRecord` objects.
-
-    Raises ``ValueError`` (with a short reason) when ``obj`` is not such a request.
-    """
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if "resourceSpans" not in obj:
-        raise ValueError("missing 'resourceSpans'")
-    try:
-        return _decode(obj)
-    except ValueError:
-        raise
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"malformed request ({type(exc).__name__}: {exc})") from exc
-
-
-def _decode(obj: dict[str, Any]) -> list[SpanRecord]:
-    records: list[SpanRecord] = []
-    for rs in _list(obj, "resourceSpans"):
-        resource_attrs = _decode_attributes((rs.get("resource") or {}).get("attributes"))
-        resource_schema_url = rs.get("schemaUrl", "")
-        for ss in _list(rs, "scopeSpans"):
-            scope = ss.get("scope") or {}
-            scope_name = scope.get("name", "")
-            scope_version = scope.get("version", "")
-            for sp in _list(ss, "spans"):
-                parent = sp.get("parentSpanId")
-                status = sp.get("status") or {}
-                records.append(
-                    SpanRecord(
-                        trace_id=_id(sp["traceId"], 16, "traceId"),
-                        span_id=_id(sp["spanId"], 8, "spanId"),
-                        parent_span_id=_id(parent, 8, "parentSpanId") if parent else None,
-                        name=sp.get("name", ""),
-                        kind=_enum(sp.get("kind", 0), _KIND_NAMES, "kind"),
-                        start_ns=_int(sp.get("startTimeUnixNano", 0), "startTimeUnixNano"),
-                        end_ns=_int(sp.get("endTimeUnixNano", 0), "endTimeUnixNano"),
-                        attributes=_decode_attributes(sp.get("attributes")),
-                        events=[
-                            (
-                                _int(ev.get("timeUnixNano", 0), "timeUnixNano"),
-                                ev.get("name", ""),
-                                _decode_attributes(ev.get("attributes")),
-                            )
-                            for ev in _list(sp, "events")
-                        ],
-                        links=[
-                            (
-                                _id(lk["traceId"], 16, "links.traceId"),
-                                _id(lk["spanId"], 8, "links.spanId"),
-                                _decode_attributes(lk.get("attributes")),
-                            )
-                            for lk in _list(sp, "links")
-                        ],
-                        status_code=_enum(status.get("code", 0), _STATUS_NAMES, "status.code"),
-                        status_message=status.get("message", ""),
-                        resource_attributes=dict(resource_attrs),
-                        scope_name=scope_name,
-                        scope_version=scope_version,
-                        trace_state=sp.get("traceState", ""),
-                        flags=_int(sp.get("flags", 0), "flags"),
-                        resource_schema_url=resource_schema_url,
-                    )
-                )
-    return records

@@ -18,8 +18,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from otel_envoy.export.otlp_json import decode_request_json
-from otel_envoy.export.records import SpanRecord
+from otel_envoy.export.otlp_json_decode import decode_request_json
+from otel_envoy.spans.model import SpanRecord
 
 __all__ = [
     "SPAN_HIGHLIGHTS",

@@ -1,1 +1,2 @@
-"""The only place that builds spans: finished span records (export.records.SpanRecord), built directly."""
+"""The span model (spans.model.SpanRecord) and the only place that builds spans: finished span records, built
+directly from the correlator's records."""

@@ -13,22 +13,20 @@ import random
 import socket
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from .. import __version__
 from ..correlate.addresses import network_type
 from ..correlate.model import ConnectionRecord
-from ..export.records import (
+from .clock import MonotonicClock
+from .model import (
     SPAN_FLAGS_LOCAL,
     SPAN_KIND_INTERNAL,
     SPAN_KIND_SERVER,
     STATUS_CODE_ERROR,
     STATUS_CODE_UNSET,
     SpanRecord,
-    to_readable_spans,
 )
-from .clock import MonotonicClock
 
 __all__ = ["SCOPE", "ConnectionSpanBuilder"]
 
@@ -46,7 +44,7 @@ class ConnectionSpanBuilder:
     """Builds the finished spans of connection records (one shared Resource; ids from a fast PRNG).
 
     :meth:`build_records` is the hot path: plain :class:`SpanRecord` objects, which the export sinks
-    encode directly.  :meth:`build` gives the same spans as SDK ``ReadableSpan`` objects.
+    encode directly.
     """
 
     def __init__(
@@ -66,10 +64,6 @@ class ConnectionSpanBuilder:
             SPAN_FLAGS_LOCAL,
             resource.schema_url or "",
         )
-
-    def build(self, conn: ConnectionRecord) -> list[ReadableSpan]:
-        """The spans of :meth:`build_records` as SDK ``ReadableSpan`` objects (sharing ``self.resource``)."""
-        return to_readable_spans(self.build_records(conn), self.resource, SCOPE)
 
     def build_records(self, conn: ConnectionRecord) -> list[SpanRecord]:
         """Return the root span first, then its children (all inside the root's interval).

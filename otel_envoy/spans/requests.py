@@ -27,7 +27,10 @@ from __future__ import annotations
 from ..correlate.addresses import network_type
 from ..correlate.model import RequestRecord, upstream_context
 from ..correlate.upstream_model import UpstreamRecord
-from ..export.records import (
+from ..protocols.http import HttpExchange, HttpMessage
+from ..protocols.tracecontext import TraceContext
+from .connection import ConnectionSpanBuilder
+from .model import (
     SPAN_KIND_CLIENT,
     SPAN_KIND_INTERNAL,
     SPAN_KIND_SERVER,
@@ -35,9 +38,6 @@ from ..export.records import (
     STATUS_CODE_UNSET,
     SpanRecord,
 )
-from ..protocols.http import HttpExchange, HttpMessage
-from ..protocols.tracecontext import TraceContext
-from .connection import ConnectionSpanBuilder
 
 __all__ = ["RequestSpanBuilder", "upstream_placement"]
 

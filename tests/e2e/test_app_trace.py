@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from otel_envoy.export.records import SPAN_KIND_CLIENT, SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, SpanRecord
 from otel_envoy.lab.lab import EnvoyLab
+from otel_envoy.spans.model import SPAN_KIND_CLIENT, SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, SpanRecord
 from tests.support.daemon import DaemonProcess
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.traces import Trace, connection_traces, format_traces, group_traces, service_of

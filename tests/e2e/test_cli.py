@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from otel_envoy.export.otlp_json import decode_request_json
-from otel_envoy.export.records import SpanRecord
+from otel_envoy.export.otlp_json_decode import decode_request_json
 from otel_envoy.lab import clients
+from otel_envoy.spans.model import SpanRecord
 from tests.support.daemon import DaemonProcess
 from tests.support.traces import connection_traces
 

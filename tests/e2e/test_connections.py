@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from otel_envoy.export.otlp_json import decode_request_json
+from otel_envoy.export.otlp_json_decode import decode_request_json
 from otel_envoy.lab import clients
 from tests.support.traces import connection_traces
 

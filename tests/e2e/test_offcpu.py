@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from otel_envoy.export.otlp_json import decode_request_json
+from otel_envoy.export.otlp_json_decode import decode_request_json
 from otel_envoy.lab.envoy_config import free_ports
 from otel_envoy.lab.lab import EnvoyLab, find_envoy_binary
 from otel_envoy.stacks import read_build_id

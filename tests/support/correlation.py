@@ -36,6 +36,7 @@ from tests.support.events import (
     state,
     write,
 )
+from tests.support.sdk_oracle import readable_connection_spans
 
 __all__ = ["CLOSE_WAIT", "ESTABLISHED", "FIN_WAIT1", "LINGER", "OFFSET", "REQUEST", "RESOURCE", "RESPONSE",
            "SYN_RECV", "TCP_CLOSE", "Harness", "assert_shape", "build", "by_name", "client_hello",
@@ -103,7 +104,8 @@ def client_hello(sni: str = "a.example.com") -> bytes:
 
 
 def build(r: ConnectionRecord) -> list[ReadableSpan]:
-    return ConnectionSpanBuilder(RESOURCE, MonotonicClock(OFFSET), rng=random.Random(7)).build(r)
+    builder = ConnectionSpanBuilder(RESOURCE, MonotonicClock(OFFSET), rng=random.Random(7))
+    return readable_connection_spans(builder, r)
 
 
 def by_name(spans: list[ReadableSpan]) -> dict[str, ReadableSpan]:

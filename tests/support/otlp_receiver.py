@@ -37,8 +37,9 @@ from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from otel_envoy.export.otlp_json import decode_request_json
-from otel_envoy.export.records import SpanRecord, records_from_proto
+from otel_envoy.export.otlp_json_decode import decode_request_json
+from otel_envoy.spans.model import SpanRecord
+from tests.support.sdk_oracle import proto_attributes, records_from_proto
 
 __all__ = ["MetricPoint", "OtlpReceiver", "metric_points_from_proto"]
 
@@ -85,23 +86,8 @@ def _hashable(v: Any) -> Any:
     return v
 
 
-def _any_value(v: Any) -> Any:
-    case = v.WhichOneof("value")
-    if case is None:
-        return None
-    if case == "array_value":
-        return [_any_value(x) for x in v.array_value.values]
-    if case == "kvlist_value":
-        return _attrs(v.kvlist_value.values)
-    return getattr(v, case)
-
-
-def _attrs(kvs: Any) -> dict[str, Any]:
-    return {kv.key: _any_value(kv.value) for kv in kvs}
-
-
 def _point_head(p: Any) -> dict[str, Any]:
-    return {"attributes": _attrs(p.attributes), "start_ns": p.start_time_unix_nano,
+    return {"attributes": proto_attributes(p.attributes), "start_ns": p.start_time_unix_nano,
             "time_ns": p.time_unix_nano}
 
 
@@ -133,7 +119,7 @@ def metric_points_from_proto(request: Any, protocol: str = "") -> list[MetricPoi
     """Flatten an ``ExportMetricsServiceRequest`` into :class:`MetricPoint` objects."""
     out: list[MetricPoint] = []
     for rm in request.resource_metrics:
-        resource = _attrs(rm.resource.attributes)
+        resource = proto_attributes(rm.resource.attributes)
         for sm in rm.scope_metrics:
             common = {"resource_attributes": resource, "scope_name": sm.scope.name,
                       "scope_version": sm.scope.version, "protocol": protocol}

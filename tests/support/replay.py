@@ -21,10 +21,12 @@ from opentelemetry.sdk.resources import Resource
 from otel_envoy.event_pipeline import EventPipeline
 from otel_envoy.events.recording import MAGIC, RecordingReader
 from otel_envoy.events.recording_context import recording_clock
-from otel_envoy.export.otlp_json import decode_request_json, encode_request_json
-from otel_envoy.export.pipeline import ExportSpan, SpanPipeline, SpanSink
-from otel_envoy.export.records import SpanRecord
+from otel_envoy.export.otlp_json import encode_request_json
+from otel_envoy.export.otlp_json_decode import decode_request_json
+from otel_envoy.export.sinks import SpanSink
+from otel_envoy.export.span_queue import ExportSpan, SpanPipeline
 from otel_envoy.spans.clock import MonotonicClock
+from otel_envoy.spans.model import SpanRecord
 from tests.support.traces import group_traces
 
 __all__ = ["CLIENT", "DATA", "META", "RECORDING", "RECORD_HEAD", "RESET_PAYLOAD", "ROOT", "SERVER",

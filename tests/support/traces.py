@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from otel_envoy.export.records import SpanRecord
+from otel_envoy.spans.model import SpanRecord
 
 __all__ = ["Trace", "connection_traces", "format_traces", "group_traces", "service_of"]
 

@@ -12,7 +12,7 @@ import pytest
 
 from otel_envoy.event_pipeline import EventPipeline
 from otel_envoy.events.recording import MAGIC, RecordingWriter
-from otel_envoy.export.records import STATUS_CODE_ERROR, STATUS_CODE_UNSET, SpanRecord
+from otel_envoy.spans.model import STATUS_CODE_ERROR, STATUS_CODE_UNSET, SpanRecord
 from tests.support.events import accept, encode
 from tests.support.replay import (
     CLIENT,

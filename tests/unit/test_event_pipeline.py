@@ -14,10 +14,10 @@ from opentelemetry.sdk.resources import Resource
 from otel_envoy.event_pipeline import DamagedContextError, EventPipeline, tune_garbage_collector
 from otel_envoy.events.layout import load_layout
 from otel_envoy.events.recording import RecordingError, RecordingReader, RecordingWriter
-from otel_envoy.export.otlp_json import decode_request_json
-from otel_envoy.export.pipeline import SpanPipeline
-from otel_envoy.export.records import SpanRecord
+from otel_envoy.export.otlp_json_decode import decode_request_json
+from otel_envoy.export.span_queue import SpanPipeline
 from otel_envoy.spans.clock import MonotonicClock
+from otel_envoy.spans.model import SpanRecord
 from tests.support.events import accept, encode, established
 from tests.support.replay import RECORDING, CollectingSink, replay_in_process
 

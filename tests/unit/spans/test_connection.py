@@ -52,6 +52,7 @@ from tests.support.events import (
     state,
     tcp,
 )
+from tests.support.sdk_oracle import readable_connection_spans
 from tests.support.tls_memory import MemoryTls
 
 
@@ -95,7 +96,7 @@ def test_plain_connection_spans() -> None:
 def test_span_ids_differ_between_connections() -> None:
     builder = ConnectionSpanBuilder(RESOURCE, MonotonicClock(OFFSET))
     h = Harness().feed(plain_story(fd=30, pport=40001) + plain_story(fd=31, pport=40002, t0=20_000))
-    a, b = (builder.build(r) for r in h.drain())
+    a, b = (readable_connection_spans(builder, r) for r in h.drain())
     assert a[0].context.trace_id != b[0].context.trace_id
     assert {s.context.span_id for s in a}.isdisjoint({s.context.span_id for s in b})
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Protocol
 
 from ..correlate.round_tracker import RoundRecord, WaitRecord
-from ..export.records import SPAN_KIND_INTERNAL, STATUS_CODE_UNSET, SpanRecord
+from ..envoy.threads import thread_identity
 from .connection import ConnectionSpanBuilder
+from .model import SPAN_KIND_INTERNAL, STATUS_CODE_UNSET, SpanRecord
 
-__all__ = ["RoundSpanBuilder", "StackSource", "classify_waker", "idle_wakes_by_kind", "thread_identity"]
+__all__ = ["RoundSpanBuilder", "StackSource", "classify_waker", "idle_wakes_by_kind"]
 
 #: x86-64 syscall numbers a thread blocks in (the kernel side reads them from its saved registers).
 SYSCALL_NAMES = {
@@ -88,21 +88,6 @@ class StackSource(Protocol):
 
     def user_build_ids(self, stack_id: int, tgid: int) -> list[str]:
         """``module=build-id`` for the modules of that stack whose frames could not be named."""
-
-
-def thread_identity(tid: int, proc: str = "/proc") -> tuple[int, str]:
-    """(tgid, thread name) of a live thread from /proc, (0, "") when it is gone."""
-    base = Path(proc) / str(tid)
-    try:
-        name = (base / "comm").read_text().strip()
-        tgid = 0
-        for line in (base / "status").read_text().splitlines():
-            if line.startswith("Tgid:"):
-                tgid = int(line.split()[1])
-                break
-        return tgid, name
-    except (OSError, ValueError):
-        return 0, ""
 
 
 class RoundSpanBuilder:

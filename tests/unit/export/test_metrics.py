@@ -21,15 +21,12 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 
 from otel_envoy.export.metrics import (
-    DEFAULT_INTERVAL_S,
     ROUND_BOUNDS_S,
     ROUND_DURATION,
     WorkerMetrics,
-    make_metric_exporter,
-    metrics_endpoint,
-    metrics_interval,
     round_bucket_counts,
 )
+from otel_envoy.export.metrics_settings import MetricPreferences
 from otel_envoy.export.otlp import resolve_otlp_settings
 
 PREEMPTED, LOCK, IO, IDLE, OTHER = 1, 2, 3, 4, 5
@@ -41,7 +38,8 @@ class MemoryExporter(MetricExporter):
     """Keeps every batch it is given."""
 
     def __init__(self, temporality: AggregationTemporality = AggregationTemporality.CUMULATIVE) -> None:
-        super().__init__(preferred_temporality={SdkHistogram: temporality, ObservableCounter: temporality})
+        self.preferences = MetricPreferences({SdkHistogram: temporality, ObservableCounter: temporality}, {})
+        super().__init__(preferred_temporality=self.preferences.temporality)
         self.batches: list[MetricsData] = []
         self.closed = False
 
@@ -106,7 +104,8 @@ def _metrics(sources: Sources, exporter: MemoryExporter, interval_s: float = mat
     wm = WorkerMetrics(
         exporter, Resource.create({"service.name": "envoy-test"}), offcpu_totals=sources.offcpu_totals,
         round_histograms=sources.round_histograms, accepts=sources.accepts_by_thread,
-        idle_wakes=sources.idle_wakes, interval_s=interval_s, identity=sources.identity)
+        idle_wakes=sources.idle_wakes, interval_s=interval_s, identity=sources.identity,
+        preferences=exporter.preferences)
     wm.start()
     return wm
 
@@ -340,61 +339,9 @@ def test_no_sources_no_metrics():
     assert exporter.batches == []
 
 
-def test_interval_resolution():
-    assert metrics_interval(None, {}) == DEFAULT_INTERVAL_S == 10.0
-    assert metrics_interval(2.5, {"OTEL_METRIC_EXPORT_INTERVAL": "1000"}) == 2.5
-    assert metrics_interval(0, {}) is None
-    assert metrics_interval(None, {"OTEL_METRIC_EXPORT_INTERVAL": "1500"}) == 1.5
-    assert metrics_interval(None, {"OTEL_METRICS_EXPORTER": "none"}) is None
-    with pytest.raises(ValueError):
-        metrics_interval(-1, {})
-    with pytest.raises(ValueError):
-        metrics_interval(None, {"OTEL_METRIC_EXPORT_INTERVAL": "soon"})
+def test_the_interval_must_be_positive():
     with pytest.raises(ValueError):
         WorkerMetrics(MemoryExporter(), Resource.create({}), interval_s=0)
-
-
-@pytest.mark.parametrize(("cli", "protocol", "env", "expected"), [
-    ("http://c:4318", "http/protobuf", {}, "http://c:4318/v1/metrics"),
-    ("http://c:4318/", "http/protobuf", {}, "http://c:4318/v1/metrics"),
-    ("http://c:4318/v1/traces", "http/protobuf", {}, "http://c:4318/v1/metrics"),
-    ("http://c:4317", "grpc", {}, "http://c:4317"),
-    # the command line wins over every variable
-    ("http://c:4318", "http/protobuf", {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m/x"},
-     "http://c:4318/v1/metrics"),
-    (None, "http/protobuf", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://b:4318"}, "http://b:4318/v1/metrics"),
-    (None, "http/protobuf", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://b:4318",
-                             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m:9/custom"}, "http://m:9/custom"),
-    (None, "http/protobuf", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4318/v1/traces"},
-     "http://t:4318/v1/metrics"),
-    (None, "http/protobuf", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4318/ingest/spans"},
-     "http://t:4318/v1/metrics"),
-    (None, "http/protobuf", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4318/v1/traces",
-                             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://b:4318"}, "http://b:4318/v1/metrics"),
-    (None, "grpc", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4317"}, "http://t:4317"),
-])
-def test_metrics_endpoint(cli, protocol, env, expected):
-    settings = resolve_otlp_settings(cli, protocol, env)
-    assert settings is not None
-    assert metrics_endpoint(settings, env) == expected
-
-
-def test_make_metric_exporter_matches_the_span_protocol(monkeypatch):
-    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-                 "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"):
-        monkeypatch.delenv(name, raising=False)
-    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
-
-    grpc_exporter = make_metric_exporter(resolve_otlp_settings("http://127.0.0.1:4317", "grpc", {}))
-    http_exporter = make_metric_exporter(resolve_otlp_settings("http://127.0.0.1:4318", "http/protobuf", {}))
-    try:
-        assert isinstance(grpc_exporter, GrpcExporter)
-        assert isinstance(http_exporter, HttpExporter)
-        assert http_exporter._endpoint == "http://127.0.0.1:4318/v1/metrics"
-    finally:
-        grpc_exporter.shutdown()
-        http_exporter.shutdown()
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])

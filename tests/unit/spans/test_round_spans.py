@@ -1,5 +1,5 @@
-"""Event-loop rounds and off-CPU waits: span building (their correlation is in
-tests/unit/correlate/test_round_tracker.py)."""
+"""Event-loop rounds and off-CPU waits -> spans: round spans in each connection's trace, their waits, who
+woke the thread, and the idle wake-ups by waker kind."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from opentelemetry.sdk.resources import Resource
 from otel_envoy.correlate.round_tracker import RoundRecord, WaitRecord
 from otel_envoy.spans.clock import MonotonicClock
 from otel_envoy.spans.connection import ConnectionSpanBuilder
-from otel_envoy.spans.rounds import RoundSpanBuilder, classify_waker, idle_wakes_by_kind
+from otel_envoy.spans.round_spans import RoundSpanBuilder, classify_waker, idle_wakes_by_kind
 from tests.support.events import TGID, TID
 
 RESOURCE = Resource.create({"service.name": "envoy-test"})

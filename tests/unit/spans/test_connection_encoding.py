@@ -1,9 +1,9 @@
 """ConnectionSpanBuilder.build_records on the connections of the real recording tests/data/lab.events.
 
-The records are what the daemon exports; ``build`` gives the same spans as SDK ``ReadableSpan`` objects.  Both
-must encode to the same OTLP/JSON text, and the records' protobuf encoding must be byte-identical to the SDK
-encoder's for the SDK spans.  (The span contents themselves are checked in test_correlator.py and
-test_replay.py.)
+The records are what the daemon exports.  Made into SDK spans (the test oracle,
+:func:`tests.support.sdk_oracle.readable_connection_spans`), they must encode, through the SDK's own encoder,
+to the request our encoders write: the same protobuf bytes, the same OTLP/JSON content.  (The span contents
+themselves are checked in spans/test_connection.py and test_replay_golden.py.)
 """
 
 from __future__ import annotations
@@ -22,14 +22,22 @@ from opentelemetry.sdk.resources import Resource
 from otel_envoy.correlate.model import ConnectionRecord
 from otel_envoy.event_pipeline import EventPipeline
 from otel_envoy.events.recording import RecordingReader
-from otel_envoy.export.otlp_json import decode_request_json, encode_request_json
-from otel_envoy.export.pipeline import SpanPipeline
-from otel_envoy.export.records import SPAN_FLAGS_LOCAL, SpanRecord, encode_request_proto, records_from_proto
+from otel_envoy.export.otlp_json import encode_request_json
+from otel_envoy.export.otlp_json_decode import decode_request_json
+from otel_envoy.export.otlp_proto import encode_request_proto
+from otel_envoy.export.span_queue import SpanPipeline
 from otel_envoy.spans.clock import MonotonicClock
 from otel_envoy.spans.connection import SCOPE, ConnectionSpanBuilder
+from otel_envoy.spans.model import SPAN_FLAGS_LOCAL, SpanRecord
+from tests.support.sdk_oracle import (
+    assert_same_request,
+    parse_otlp_json,
+    readable_connection_spans,
+    records_from_proto,
+)
 
 RESOURCE = Resource.create({"service.name": "records-test"})
-RECORDING = Path(__file__).resolve().parents[1] / "data" / "lab.events"
+RECORDING = Path(__file__).resolve().parents[2] / "data" / "lab.events"
 
 
 class _Collector(EventPipeline):
@@ -72,13 +80,16 @@ def test_records_and_sdk_spans_encode_identically(
     all_spans = []
     for seed, conn in enumerate(conns):
         records = ConnectionSpanBuilder(RESOURCE, clock, rng=random.Random(seed)).build_records(conn)
-        spans = ConnectionSpanBuilder(RESOURCE, clock, rng=random.Random(seed)).build(conn)
+        oracle_builder = ConnectionSpanBuilder(RESOURCE, clock, rng=random.Random(seed))
+        spans = readable_connection_spans(oracle_builder, conn)
         assert [r.name for r in records] == [s.name for s in spans]
-        assert encode_request_json(records) == encode_request_json(spans)
+        assert_same_request(parse_otlp_json(json.loads(encode_request_json(records))), encode_spans(spans))
         assert encode_request_proto(records) == encode_spans(spans).SerializeToString()
         all_records += records
         all_spans += spans
-    assert encode_request_json(all_records) == encode_request_json(all_spans)  # one batch, one resource group
+    # one batch, one resource group
+    all_json = json.loads(encode_request_json(all_records))
+    assert_same_request(parse_otlp_json(all_json), encode_spans(all_spans))
     assert encode_request_proto(all_records) == encode_spans(all_spans).SerializeToString()
     assert len(json.loads(encode_request_json(all_records))["resourceSpans"]) == 1
 

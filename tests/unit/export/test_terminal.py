@@ -13,8 +13,9 @@ from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 from rich.console import Console
 
-from otel_envoy.export.pipeline import JsonLinesFileSink
+from otel_envoy.export.sinks import JsonLinesFileSink
 from otel_envoy.export.terminal import format_duration, load_records, render_file
+from tests.support.sdk_oracle import records_from_sdk_spans
 
 RESOURCE = Resource.create({"service.name": "envoy"})
 SCOPE = InstrumentationScope("otel-envoy", "0.1.0")
@@ -100,7 +101,7 @@ def connection_trace(trace_id: int = TRACE_1, offset_us: int = 0) -> list[Readab
 def _write(path: Path, *batches: list[ReadableSpan]) -> Path:
     sink = JsonLinesFileSink(path)
     for batch in batches:
-        sink.export(batch)
+        sink.export(records_from_sdk_spans(batch))
     sink.shutdown()
     return path
 

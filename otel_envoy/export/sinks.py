@@ -1,0 +1,156 @@
+"""Where batches of finished spans go: a JSON-lines file, an OTLP collector (gRPC or HTTP/protobuf).
+
+Both sinks encode records with otel-envoy's own encoders: OTLP/JSON text for the file
+(:mod:`otel_envoy.export.otlp_json`), and the protobuf request for OTLP
+(:mod:`otel_envoy.export.otlp_proto`), which :class:`OtlpSink` hands to an OTLP sender
+(:mod:`otel_envoy.export.otlp_grpc`, :mod:`otel_envoy.export.otlp_http`: the SDK exporters' settings,
+retries, backoff, timeouts, compression and headers).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import TextIO
+from urllib.parse import urlsplit
+
+from otel_envoy.export.log_limiter import ExporterLogFilter, install_log_filter
+from otel_envoy.export.otlp import PROTOCOLS, OtlpSettings, traces_url
+from otel_envoy.export.otlp_grpc import GrpcTraceSender
+from otel_envoy.export.otlp_http import HttpTraceSender
+from otel_envoy.export.otlp_json import encode_request_json
+from otel_envoy.export.otlp_proto import encode_request_proto
+from otel_envoy.spans.model import SpanRecord
+
+__all__ = ["JsonLinesFileSink", "OtlpSink", "SpanSink"]
+
+#: The senders' per-batch error and retry lines: one per message template per 30 s when the collector is down.
+_SENDER_LOG_FILTER = ExporterLogFilter()
+
+
+class SpanSink(abc.ABC):
+    """Somewhere a batch of finished spans goes.  Called from the pipeline's export thread only."""
+
+    #: Short name used in stats and drop reasons (``export_failed:<name>``).
+    name: str = "sink"
+
+    @abc.abstractmethod
+    def export(self, spans: Sequence[SpanRecord]) -> bool:
+        """Export one batch; ``True`` on success.  May raise; the pipeline counts that as a failure."""
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook, default does nothing
+        """Release resources; called once, after the last :meth:`export`."""
+
+
+class JsonLinesFileSink(SpanSink):
+    """Writes one OTLP/JSON ``ExportTraceServiceRequest`` per line, one line per batch.
+
+    The file is truncated when the sink is created and flushed after every batch, so ``show`` (or
+    ``tail -f``) sees complete lines.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], name: str = "jsonl") -> None:
+        """Create (truncate) ``path`` for writing."""
+        self.path = os.fspath(path)
+        self.name = name
+        self._lock = threading.Lock()
+        self._file: TextIO | None = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - long-lived
+
+    def export(self, spans: Sequence[SpanRecord]) -> bool:
+        """Append one line for ``spans`` and flush."""
+        if not spans:
+            return True
+        line = encode_request_json(spans)  # a batch is ~1 MB: not copied again to append the newline
+        with self._lock:
+            if self._file is None:
+                return False
+            self._file.write(line)
+            self._file.write("\n")
+            self._file.flush()
+        return True
+
+    def shutdown(self) -> None:
+        """Close the file."""
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+class OtlpSink(SpanSink):
+    """Sends batches to an OTLP collector over gRPC or HTTP/protobuf.
+
+    Batches are serialised by :func:`otel_envoy.export.otlp_proto.encode_request_proto` (byte-identical
+    to the SDK's encoding, several times faster) and sent by :class:`GrpcTraceSender` or
+    :class:`HttpTraceSender`, with the SDK exporters' retries.
+
+    ``endpoint=None`` reads ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT``, as the SDK exporters do.  An
+    explicit HTTP endpoint is treated as a base URL and gets ``/v1/traces`` appended (unless it already
+    ends with it, or ``append_traces_path=False``).  For gRPC, an ``http://`` endpoint means plaintext and
+    ``https://`` TLS.  ``headers`` are merged over ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS`` (keys
+    lower-cased); ``timeout`` (seconds) bounds one export including the retries.
+    """
+
+    def __init__(
+        self,
+        protocol: str = "http/protobuf",
+        endpoint: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 5.0,
+        *,
+        append_traces_path: bool = True,
+        name: str | None = None,
+    ) -> None:
+        """Build the sender (no connection is made until the first export)."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown OTLP protocol {protocol!r} (expected grpc or http/protobuf)")
+        self.protocol = protocol
+        self.name = name or ("otlp-grpc" if protocol == "grpc" else "otlp-http")
+        self._closed = False
+        self._lock = threading.Lock()
+        install_log_filter(_SENDER_LOG_FILTER, ("otel_envoy.export.otlp",))
+        self.sender: GrpcTraceSender | HttpTraceSender
+        if protocol == "grpc":
+            insecure: bool | None = None
+            if endpoint is not None:
+                scheme = urlsplit(endpoint).scheme.lower()
+                if scheme == "http":
+                    insecure = True
+                elif scheme == "https":
+                    insecure = False
+            self.endpoint = endpoint
+            self.sender = GrpcTraceSender(endpoint, insecure, headers, timeout)
+        else:
+            if endpoint is not None and append_traces_path:
+                endpoint = traces_url(endpoint)
+            self.endpoint = endpoint
+            self.sender = HttpTraceSender(endpoint, headers, timeout)
+
+    @classmethod
+    def from_settings(
+        cls, settings: OtlpSettings, headers: Mapping[str, str] | None = None, timeout: float = 5.0
+    ) -> OtlpSink:
+        """Build a sink from :func:`otel_envoy.export.otlp.resolve_otlp_settings` output."""
+        return cls(
+            settings.protocol,
+            settings.export_endpoint,
+            headers=headers,
+            timeout=timeout,
+            append_traces_path=False,
+        )
+
+    def export(self, spans: Sequence[SpanRecord]) -> bool:
+        """Export one batch (blocking, through the sender's retries)."""
+        if self._closed:
+            return False
+        return self.sender.send(encode_request_proto(spans))
+
+    def shutdown(self) -> None:
+        """Shut the sender down; aborts a retry sleep in progress.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.sender.shutdown()

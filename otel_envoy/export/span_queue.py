@@ -1,0 +1,267 @@
+"""The span export queue: bounded, never blocking the event path, drained by one background thread.
+
+The hot event path calls :meth:`SpanPipeline.submit` with finished :class:`SpanRecord` objects from the
+span builders; it only appends to a bounded deque under a lock and counts what does not fit.  A daemon
+thread takes batches (up to ``max_batch`` spans, or whatever arrived within ``flush_interval``) and hands
+each batch to every sink (:mod:`otel_envoy.export.sinks`) in turn.  Sinks may block (the OTLP senders
+retry with sleeps up to their timeout): that only delays this thread, while the queue in front of it
+absorbs or drops spans.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from otel_envoy.export.log_limiter import LogRateLimiter
+from otel_envoy.spans.model import SpanRecord
+
+if TYPE_CHECKING:
+    from otel_envoy.export.sinks import SpanSink
+
+__all__ = ["ExportSpan", "SpanPipeline"]
+
+#: What the queue carries and the sinks export.
+ExportSpan: TypeAlias = SpanRecord
+
+log = logging.getLogger("otel_envoy.export")
+
+
+class SpanPipeline:
+    """Bounded span queue plus one daemon thread exporting batches to every sink.
+
+    :meth:`submit` never blocks (beyond a short lock) and never raises for a full queue: spans that
+    do not fit are dropped and counted under ``drops["queue_full"]``.  Sink failures (``False`` or
+    an exception) are counted as ``drops["export_failed:<sink name>"]`` and logged, rate-limited,
+    to the ``otel_envoy.export`` logger.
+    """
+
+    def __init__(
+        self,
+        sinks: Sequence[SpanSink],
+        max_queue: int = 20000,
+        max_batch: int = 1024,
+        flush_interval: float = 0.2,
+        *,
+        block_when_full: bool = False,
+    ) -> None:
+        """Start the export thread. ``block_when_full``: :meth:`submit` waits for room instead of dropping
+        (for replays, which have no ring buffer to protect and must not lose spans)."""
+        if max_queue < 1 or max_batch < 1:
+            raise ValueError("max_queue and max_batch must be positive")
+        self._sinks: list[SpanSink] = list(sinks)
+        self._names = _unique_names(self._sinks)
+        self._max_queue = max_queue
+        self._block_when_full = block_when_full
+        self._max_batch = max_batch
+        self._flush_interval = flush_interval
+        self._queue: collections.deque[ExportSpan] = collections.deque()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # wakes the export thread
+        self._done = threading.Condition(self._lock)  # wakes flush() waiters
+        self._accepted = 0  # spans ever put in the queue
+        self._processed = 0  # spans taken out of the queue and handled (exported, failed or dropped)
+        self._in_flight = 0
+        self._flush_waiters = 0
+        self._stopping = False
+        self._abandon = False
+        self._closed = False
+        self._drops: collections.Counter[str] = collections.Counter()
+        self._exported: dict[str, int] = dict.fromkeys(self._names, 0)
+        self._batches: dict[str, int] = dict.fromkeys(self._names, 0)
+        self._warn = LogRateLimiter()
+        self._thread = threading.Thread(target=self._run, name="otel-envoy-export", daemon=True)
+        self._thread.start()
+
+    # -- hot path ---------------------------------------------------------------------------------------
+
+    def submit(self, spans: Sequence[ExportSpan]) -> int:
+        """Queue finished spans for export without blocking; returns how many were accepted."""
+        n = len(spans)
+        if not n:
+            return 0
+        with self._lock:
+            if self._stopping:
+                self._drops["shutdown"] += n
+                return 0
+            queue = self._queue
+            if self._block_when_full and len(queue) + n > self._max_queue:
+                self._wait_for_room(n)
+            room = self._max_queue - len(queue)
+            if room >= n:
+                queue.extend(spans)
+                accepted = n
+            else:
+                accepted = max(room, 0)
+                if accepted:
+                    queue.extend(spans[:accepted])
+                self._drops["queue_full"] += n - accepted
+            self._accepted += accepted
+            if len(queue) >= self._max_batch:
+                self._work.notify()
+        return accepted
+
+    def _wait_for_room(self, n: int) -> None:
+        """With the lock held: wait until ``n`` spans fit (or the queue is empty, or the pipeline stops)."""
+        queue = self._queue
+        self._work.notify()
+        while (len(queue) + n > self._max_queue and queue and not self._stopping
+               and self._thread.is_alive()):
+            self._done.wait(0.1)
+
+    # -- control ----------------------------------------------------------------------------------------
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything submitted so far has been handed to the sinks; ``False`` on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            target = self._accepted
+            self._flush_waiters += 1
+            try:
+                self._work.notify()
+                while self._processed < target:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._thread.is_alive():
+                        return self._processed >= target
+                    self._done.wait(remaining)
+                return True
+            finally:
+                self._flush_waiters -= 1
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop accepting spans, drain the queue within ``timeout``, then shut the sinks down.
+
+        Spans still queued when the time is up are dropped (``drops["shutdown"]``) and sinks are shut
+        down early, which makes the OTLP senders abandon their retries.  Idempotent.
+        """
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping = True
+            self._work.notify()
+        # Leave a little of the budget for the sinks' own shutdown.
+        self._thread.join(max(0.0, deadline - time.monotonic()) * 0.8)
+        if self._thread.is_alive():
+            with self._lock:
+                self._abandon = True
+                self._work.notify()
+            # Abort blocking exports (retry sleeps) so the thread can finish.
+            self._shutdown_sinks()
+            self._thread.join(max(0.05, deadline - time.monotonic()))
+            if self._thread.is_alive():
+                log.warning("span export thread still busy after shutdown timeout of %.1f s", timeout)
+        else:
+            self._shutdown_sinks()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``exported``/``batches`` per sink, ``drops`` by reason, ``queue_depth``, ..."""
+        with self._lock:
+            return {
+                "submitted": self._accepted + self._drops["queue_full"],
+                "accepted": self._accepted,
+                "queue_depth": len(self._queue),
+                "in_flight": self._in_flight,
+                "max_queue": self._max_queue,
+                "exported": dict(self._exported),
+                "batches": dict(self._batches),
+                "drops": {k: v for k, v in self._drops.items() if v},
+            }
+
+    @property
+    def sinks(self) -> list[SpanSink]:
+        """The sinks, in export order."""
+        return list(self._sinks)
+
+    def __enter__(self) -> SpanPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- export thread ----------------------------------------------------------------------------------
+
+    def _shutdown_sinks(self) -> None:
+        for sink, name in zip(self._sinks, self._names, strict=True):
+            try:
+                sink.shutdown()
+            except Exception as exc:  # a broken sink must not break shutdown
+                log.warning("shutting down span sink %s failed: %s", name, exc)
+
+    def _take_batch(self) -> list[ExportSpan] | None:
+        """Wait for a batch; ``None`` when the pipeline is stopping and the queue is empty."""
+        with self._lock:
+            deadline = time.monotonic() + self._flush_interval
+            queue = self._queue
+            while len(queue) < self._max_batch and not self._stopping and not (self._flush_waiters and queue):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._work.wait(remaining)
+            if self._abandon and queue:
+                self._drops["shutdown"] += len(queue)
+                self._processed += len(queue)
+                queue.clear()
+                self._done.notify_all()
+            if not queue:
+                return None if self._stopping else []
+            n = min(self._max_batch, len(queue))
+            batch = [queue.popleft() for _ in range(n)]
+            self._in_flight = n
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            results = [
+                self._export_one(sink, name, batch)
+                for sink, name in zip(self._sinks, self._names, strict=True)
+            ]
+            with self._lock:
+                for name, ok in zip(self._names, results, strict=True):
+                    if ok:
+                        self._exported[name] += len(batch)
+                        self._batches[name] += 1
+                    else:
+                        self._drops[f"export_failed:{name}"] += len(batch)
+                self._in_flight = 0
+                self._processed += len(batch)
+                self._done.notify_all()
+
+    def _export_one(self, sink: SpanSink, name: str, batch: list[ExportSpan]) -> bool:
+        try:
+            ok = bool(sink.export(batch))
+            reason = "export returned failure"
+        except Exception as exc:
+            ok = False
+            reason = f"{type(exc).__name__}: {exc}"
+            kind = type(exc).__name__
+        else:
+            kind = "failure"
+        if ok:
+            return True
+        allowed, suppressed = self._warn.allow(f"{name}:{kind}")
+        if allowed:
+            more = f" ({suppressed} similar failures suppressed)" if suppressed else ""
+            log.warning("span sink %s dropped a batch of %d spans: %s%s", name, len(batch), reason, more)
+        return False
+
+
+def _unique_names(sinks: Sequence[SpanSink]) -> list[str]:
+    names: list[str] = []
+    for sink in sinks:
+        base = getattr(sink, "name", None) or type(sink).__name__
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}#{i}", i + 1
+        names.append(name)
+    return names

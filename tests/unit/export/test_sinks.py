@@ -1,0 +1,253 @@
+"""The sinks: OTLP (gRPC and HTTP, against a real in-process OTLP receiver) and the JSON-lines file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from otel_envoy.export.otlp import resolve_otlp_settings
+from otel_envoy.export.otlp_grpc import GrpcTraceSender
+from otel_envoy.export.otlp_http import HttpTraceSender
+from otel_envoy.export.otlp_json_decode import decode_request_json
+from otel_envoy.export.sinks import JsonLinesFileSink, OtlpSink
+from otel_envoy.export.span_queue import SpanPipeline
+from otel_envoy.spans.model import SpanRecord
+from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.span_samples import BATCH_TRACE, batch_records, check_batch_records
+
+TRACE = BATCH_TRACE
+
+
+@pytest.fixture(autouse=True)
+def _clean_otel_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as rx:
+        yield rx
+
+
+@pytest.fixture
+def rx(receiver: OtlpReceiver) -> OtlpReceiver:
+    receiver.set_failing(False)
+    receiver.clear()
+    return receiver
+
+
+def _by_id(records: list[SpanRecord]) -> list[SpanRecord]:
+    return sorted(records, key=lambda r: r.span_id)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------- OTLP
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_records_arrive_intact(rx: OtlpReceiver, protocol: str) -> None:
+    endpoint = rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint  # http: base URL
+    sink = OtlpSink(protocol, endpoint, timeout=5.0)
+    # Our own encoder and sender, not the SDK's exporter.
+    assert type(sink.sender) is (GrpcTraceSender if protocol == "grpc" else HttpTraceSender)
+    records = batch_records(5)
+    pipeline = SpanPipeline([sink], flush_interval=0.05)
+    try:
+        assert pipeline.submit(records) == 5
+        assert pipeline.flush(10.0)
+        received = rx.wait_for(lambda s: len(s) >= 5, timeout=10.0)
+    finally:
+        pipeline.shutdown(5.0)
+    check_batch_records(received, 5)
+    assert _by_id(received) == _by_id(records)
+    key = "grpc" if protocol == "grpc" else "http/protobuf"
+    assert rx.requests[key] >= 1
+    stats = pipeline.stats()
+    assert stats["exported"] == {sink.name: 5}
+    assert stats["drops"] == {}
+    assert stats["queue_depth"] == 0
+
+
+def test_http_endpoint_gets_traces_path() -> None:
+    assert OtlpSink("http/protobuf", "http://127.0.0.1:4318").endpoint == "http://127.0.0.1:4318/v1/traces"
+    assert OtlpSink("http/protobuf", "http://h:4318/").endpoint == "http://h:4318/v1/traces"
+    assert OtlpSink("http/protobuf", "http://h:4318/v1/traces").endpoint == "http://h:4318/v1/traces"
+    sink = OtlpSink("http/protobuf", "http://h/custom", append_traces_path=False)
+    assert sink.endpoint == "http://h/custom"
+
+
+
+def test_from_settings_uses_env_endpoint(rx: OtlpReceiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.http_endpoint)
+    settings = resolve_otlp_settings(None, None)
+    assert settings is not None and settings.protocol == "http/protobuf"
+    sink = OtlpSink.from_settings(settings, timeout=5.0)
+    assert sink.export(batch_records(3))
+    check_batch_records(rx.wait_for(lambda s: len(s) >= 3), 3)
+    sink.shutdown()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_env_endpoint_when_endpoint_is_none(rx: OtlpReceiver, protocol: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    sink = OtlpSink(protocol, None, timeout=5.0)
+    try:
+        assert sink.export(batch_records(3))
+    finally:
+        sink.shutdown()
+    assert len(rx.wait_for(lambda s: len(s) >= 3)) == 3
+
+
+@pytest.mark.parametrize(("protocol", "compression"),  # OTLP/gRPC compresses with gzip only
+                         [("grpc", "gzip"), ("http/protobuf", "gzip"), ("http/protobuf", "deflate")])
+def test_compression_from_the_environment(rx: OtlpReceiver, protocol: str, compression: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", compression)
+    sink = OtlpSink(protocol, rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint, timeout=5.0)
+    try:
+        assert sink.export(batch_records(4))
+    finally:
+        sink.shutdown()
+    check_batch_records(rx.wait_for(lambda s: len(s) >= 4), 4)
+
+
+def test_many_batches(rx: OtlpReceiver) -> None:
+    pipeline = SpanPipeline([OtlpSink("grpc", rx.grpc_endpoint)], max_batch=64, flush_interval=0.05)
+    try:
+        for i in range(20):
+            pipeline.submit(batch_records(10, trace_id=TRACE + i))
+        assert pipeline.flush(15.0)
+    finally:
+        pipeline.shutdown(5.0)
+    assert len(rx.wait_for(lambda s: len(s) >= 200)) == 200
+    stats = pipeline.stats()
+    assert stats["exported"]["otlp-grpc"] == 200
+    assert stats["batches"]["otlp-grpc"] >= 4  # 200 spans in batches of at most 64
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_failing_receiver_counts_export_failures(
+    rx: OtlpReceiver, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    endpoint = rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint
+    # A short timeout: the sender gives up instead of sleeping through its exponential backoff.
+    sink = OtlpSink(protocol, endpoint, timeout=0.5)
+    rx.set_failing(True)
+    pipeline = SpanPipeline([sink], flush_interval=0.05)
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_envoy.export"):
+            assert pipeline.submit(batch_records(4)) == 4
+            assert pipeline.flush(15.0)
+            assert pipeline.submit(batch_records(3, first_id=100)) == 3
+            assert pipeline.flush(15.0)
+        stats = pipeline.stats()
+        assert stats["drops"] == {f"export_failed:{sink.name}": 7}
+        assert stats["exported"][sink.name] == 0
+        key = "grpc" if protocol == "grpc" else "http/protobuf"
+        assert rx.rejected[key] >= 2
+        ours = [r for r in caplog.records if r.name == "otel_envoy.export"]
+        assert len(ours) == 1  # rate-limited: one line per failure kind
+        assert sink.name in ours[0].getMessage()
+        sender_lines = [r for r in caplog.records if r.name == "otel_envoy.export.otlp"]
+        assert len(sender_lines) <= 1  # the sender's own error line: once per template within 30 s
+
+        # The receiver recovers: the next batch goes through.
+        rx.set_failing(False)
+        pipeline.submit(batch_records(2, first_id=200))
+        assert pipeline.flush(15.0)
+        assert pipeline.stats()["exported"][sink.name] == 2
+    finally:
+        pipeline.shutdown(5.0)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_failing_receiver_counts_record_export_failures(rx: OtlpReceiver, protocol: str) -> None:
+    endpoint = rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint
+    # Room for exactly one retry: the backoff is 0.8-1.2 s after a first failure, 1.6-2.4 s after a second.
+    sink = OtlpSink(protocol, endpoint, timeout=2.3)
+    rx.set_failing(True)
+    pipeline = SpanPipeline([sink], flush_interval=0.05)
+    try:
+        assert pipeline.submit(batch_records(4)) == 4
+        assert pipeline.flush(15.0)
+        assert pipeline.stats()["drops"] == {f"export_failed:{sink.name}": 4}
+        key = "grpc" if protocol == "grpc" else "http/protobuf"
+        assert rx.rejected[key] == 2  # the retry sent the same request again
+        if protocol == "grpc":  # UNAVAILABLE made the sender build a new channel
+            assert isinstance(sink.sender, GrpcTraceSender) and sink.sender.reconnects == 1
+        rx.set_failing(False)
+        pipeline.submit(batch_records(2, first_id=200))
+        assert pipeline.flush(15.0)
+        assert pipeline.stats()["exported"][sink.name] == 2
+    finally:
+        pipeline.shutdown(5.0)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_unreachable_endpoint_never_raises_and_shutdown_is_bounded(protocol: str) -> None:
+    port = _closed_port()
+    sink = OtlpSink(protocol, f"http://127.0.0.1:{port}", timeout=5.0)
+    pipeline = SpanPipeline([sink], flush_interval=0.05)
+    for _ in range(5):
+        pipeline.submit(batch_records(3))
+    pipeline.shutdown(1.0)  # must not hang on the sender's retries
+    stats = pipeline.stats()
+    assert stats["exported"][sink.name] == 0
+    assert sum(stats["drops"].values()) == 15
+    assert set(stats["drops"]) <= {f"export_failed:{sink.name}", "shutdown"}
+    assert pipeline.submit(batch_records(1)) == 0
+    assert pipeline.stats()["drops"]["shutdown"] >= 1
+
+
+def test_a_shut_down_sink_exports_nothing(rx: OtlpReceiver) -> None:
+    sink = OtlpSink("http/protobuf", rx.http_endpoint, timeout=5.0)
+    sink.shutdown()
+    sink.shutdown()  # idempotent
+    assert sink.export(batch_records(1)) is False
+    assert rx.requests["http/protobuf"] == 0
+
+
+# --------------------------------------------------------------------------------------------- JSON lines
+
+
+def test_jsonl_sink_truncates_and_writes_one_line_per_batch(tmp_path: Path) -> None:
+    path = tmp_path / "spans.jsonl"
+    path.write_text("old content\n")
+    sink = JsonLinesFileSink(path)
+    assert path.read_text() == ""
+    assert sink.export(batch_records(3))
+    assert sink.export([])  # empty batch: no line
+    assert sink.export(batch_records(2, trace_id=TRACE + 1))
+    # Flushed after every batch: readable before shutdown.
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    assert [len(decode_request_json(json.loads(line))) for line in lines] == [3, 2]
+    sink.shutdown()
+    sink.shutdown()
+    assert sink.export(batch_records(1)) is False
+
+
+def test_jsonl_sink_writes_records(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    sink = JsonLinesFileSink(path)
+    records = batch_records(4)
+    assert sink.export(records)
+    sink.shutdown()
+    (first,) = path.read_text().splitlines()
+    assert _by_id(decode_request_json(json.loads(first))) == _by_id(records)
