@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from opentelemetry.sdk.resources import Resource
 
 from .correlate.correlator import ConnectionCorrelator
-from .correlate.model import ConnectionRecord, RequestRecord
+from .correlate.downstream_model import ConnectionRecord, RequestRecord
 from .correlate.round_tracker import RoundRecord, WaitRecord
 from .correlate.upstream_model import UpstreamRecord
 from .events.decode import Decoder

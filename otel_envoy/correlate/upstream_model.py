@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from ..protocols.http1 import Http1Exchanges
 from ..protocols.http2 import Http2Exchanges
-from .model import ConnectionRecord, RequestRecord, TcpTimeline, Traffic
+from .downstream_model import ConnectionRecord, RequestRecord, TcpTimeline, Traffic
 
 __all__ = ["TcpConnect", "UnpairedRequest", "UpstreamCause", "UpstreamHttp", "UpstreamRecord"]
 

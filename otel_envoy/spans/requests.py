@@ -25,7 +25,7 @@ CLIENT spans for 4xx/5xx, connect failures and missing responses.
 from __future__ import annotations
 
 from ..correlate.addresses import network_type
-from ..correlate.model import RequestRecord, upstream_context
+from ..correlate.downstream_model import RequestRecord, upstream_context
 from ..correlate.upstream_model import UpstreamRecord
 from ..protocols.http import HttpExchange, HttpMessage
 from ..protocols.tracecontext import TraceContext
