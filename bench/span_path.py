@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from otel_envoy.correlate.downstream_model import ConnectionRecord  # noqa: E402
+from otel_envoy.correlate.records import ConnectionRecord  # noqa: E402
 from otel_envoy.daemon import make_resource  # noqa: E402
 from otel_envoy.event_pipeline import EventPipeline  # noqa: E402
 from otel_envoy.events.recording import RecordingReader  # noqa: E402

@@ -17,9 +17,8 @@ from collections.abc import Callable, Iterable
 from opentelemetry.sdk.resources import Resource
 
 from .correlate.correlator import ConnectionCorrelator
-from .correlate.downstream_model import ConnectionRecord, RequestRecord
+from .correlate.records import ConnectionRecord, RequestRecord, UpstreamRecord
 from .correlate.round_tracker import RoundRecord, WaitRecord
-from .correlate.upstream_model import UpstreamRecord
 from .events.decode import Decoder
 from .events.layout import load_layout
 from .events.recording import RecordingError, RecordingWriter

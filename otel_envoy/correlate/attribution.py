@@ -18,9 +18,15 @@ from collections import Counter, OrderedDict, deque
 
 from ..events.types import ConnectEvent, DataEvent
 from ..protocols.http import HttpExchange, HttpMessage
-from .downstream_model import MAX_REQUEST_LINKS, ConnectionRecord, RequestRecord, upstream_context
 from .identity import IdSource
-from .upstream_model import UnpairedRequest, UpstreamRecord
+from .records import (
+    MAX_REQUEST_LINKS,
+    ConnectionRecord,
+    RequestRecord,
+    UnpairedRequest,
+    UpstreamRecord,
+    upstream_context,
+)
 
 __all__ = ["MAX_TLS_DEMAND", "TLS_DEMAND_ROUNDS", "UpstreamAttribution"]
 

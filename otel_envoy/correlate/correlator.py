@@ -23,12 +23,11 @@ from .accept_queue import AcceptQueue
 from .addresses import format_ip
 from .attribution import UpstreamAttribution
 from .downstream import DownstreamConnections
-from .downstream_model import ConnectionRecord, TcpMark
 from .downstream_requests import DownstreamRequests, OnRequest
 from .identity import IdSource
+from .records import ConnectionRecord, TcpMark, UpstreamRecord
 from .round_tracker import RoundRecord, RoundTracker, WaitRecord
 from .upstream import OnUpstreamRequest, UpstreamConnections
-from .upstream_model import UpstreamRecord
 
 __all__ = ["ConnectionCorrelator"]
 

@@ -25,10 +25,10 @@ from ..protocols.tls.handshake import TlsHandshakeTracker
 from .accept_queue import AcceptQueue, TupleKey
 from .addresses import format_ip
 from .attribution import UpstreamAttribution
-from .downstream_model import AcceptQueueDepth, ConnectionRecord, ListenerHandoff, TcpMark, TlsRecordCounts
 from .downstream_requests import DownstreamRequests
 from .http_feed import downstream_parser
 from .identity import IdSource, thread_name
+from .records import AcceptQueueDepth, ConnectionRecord, ListenerHandoff, TcpMark, TlsRecordCounts
 from .round_tracker import RoundTracker
 
 __all__ = ["DownstreamConnections"]

@@ -16,9 +16,9 @@ from ..protocols.http1 import Http1Exchanges
 from ..protocols.http2 import Http2Exchanges
 from ..protocols.tracecontext import trace_context
 from .attribution import UpstreamAttribution
-from .downstream_model import MAX_REQUEST_LINKS, ConnectionRecord, RequestRecord
 from .http_feed import feed_http
 from .identity import IdSource
+from .records import MAX_REQUEST_LINKS, ConnectionRecord, RequestRecord
 
 __all__ = ["DownstreamRequests", "OnRequest"]
 

@@ -19,7 +19,7 @@ from .addresses import format_ip
 from .attribution import UpstreamAttribution
 from .http_feed import feed_http, upstream_parser
 from .identity import IdSource, thread_name
-from .upstream_model import TcpConnect, UnpairedRequest, UpstreamRecord
+from .records import TcpConnect, UnpairedRequest, UpstreamRecord
 
 __all__ = ["OnUpstreamRequest", "SynSent", "UpstreamConnections"]
 

@@ -17,7 +17,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from .. import __version__
 from ..correlate.addresses import network_type
-from ..correlate.downstream_model import ConnectionRecord
+from ..correlate.records import ConnectionRecord
 from .clock import MonotonicClock
 from .model import (
     SPAN_FLAGS_LOCAL,

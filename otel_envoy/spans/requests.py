@@ -25,8 +25,7 @@ CLIENT spans for 4xx/5xx, connect failures and missing responses.
 from __future__ import annotations
 
 from ..correlate.addresses import network_type
-from ..correlate.downstream_model import RequestRecord, upstream_context
-from ..correlate.upstream_model import UpstreamRecord
+from ..correlate.records import RequestRecord, UpstreamRecord, upstream_context
 from ..protocols.http import HttpExchange, HttpMessage
 from ..protocols.tracecontext import TraceContext
 from .connection import ConnectionSpanBuilder

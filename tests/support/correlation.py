@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
 from otel_envoy.correlate.correlator import ConnectionCorrelator
-from otel_envoy.correlate.downstream_model import ConnectionRecord
+from otel_envoy.correlate.records import ConnectionRecord
 from otel_envoy.events.types import Event
 from otel_envoy.spans.clock import MonotonicClock
 from otel_envoy.spans.connection import ConnectionSpanBuilder

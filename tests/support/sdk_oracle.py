@@ -26,7 +26,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
-from otel_envoy.correlate.downstream_model import ConnectionRecord
+from otel_envoy.correlate.records import ConnectionRecord
 from otel_envoy.spans.connection import SCOPE, ConnectionSpanBuilder
 from otel_envoy.spans.model import (
     SPAN_FLAGS_REMOTE,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 
 from otel_envoy.correlate.attribution import MAX_TLS_DEMAND, TLS_DEMAND_ROUNDS, UpstreamAttribution
-from otel_envoy.correlate.downstream_model import ConnectionRecord, DownstreamTls
 from otel_envoy.correlate.identity import IdSource
+from otel_envoy.correlate.records import ConnectionRecord, DownstreamTls
 from tests.support.events import LISTEN_FD, LPORT, PEER, TGID, TID, read
 
 

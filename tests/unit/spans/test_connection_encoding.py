@@ -19,7 +19,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 
-from otel_envoy.correlate.downstream_model import ConnectionRecord
+from otel_envoy.correlate.records import ConnectionRecord
 from otel_envoy.event_pipeline import EventPipeline
 from otel_envoy.events.recording import RecordingReader
 from otel_envoy.export.otlp_json import encode_request_json

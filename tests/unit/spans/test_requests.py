@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from otel_envoy.correlate.downstream_model import ConnectionRecord, RequestRecord
-from otel_envoy.correlate.upstream_model import TcpConnect, UpstreamRecord
+from otel_envoy.correlate.records import ConnectionRecord, RequestRecord, TcpConnect, UpstreamRecord
 from otel_envoy.protocols.http import HttpExchange, HttpMessage
 from otel_envoy.protocols.tracecontext import trace_context
 from otel_envoy.spans.clock import MonotonicClock
