@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
-import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
@@ -37,15 +35,14 @@ from google.rpc.error_details_pb2 import RetryInfo
 from opentelemetry.exporter.otlp.proto.grpc.version import __version__ as _sdk_exporter_version
 
 from otel_envoy.export.otlp import credential_provider, otlp_env, otlp_headers, otlp_timeout
+from otel_envoy.export.retry import RetryWindow, backoff_s
 
-__all__ = ["EXPORT_METHOD", "MAX_ATTEMPTS", "RETRYABLE_CODES", "GrpcTraceSender"]
+__all__ = ["EXPORT_METHOD", "RETRYABLE_CODES", "GrpcTraceSender"]
 
 log = logging.getLogger("otel_envoy.export.otlp")
 
 #: The OTLP trace service's method.
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-#: Attempts per export (the first one and its retries).
-MAX_ATTEMPTS = 6
 #: Status codes worth another attempt.
 RETRYABLE_CODES = frozenset({
     grpc.StatusCode.CANCELLED,
@@ -137,29 +134,27 @@ class GrpcTraceSender:
         if self._shutdown.is_set():
             log.warning("Exporter already shutdown, ignoring batch")
             return False
-        deadline = time.time() + self.timeout
-        for attempt in range(MAX_ATTEMPTS):
+        window = RetryWindow(self.timeout, self._shutdown)
+        for attempt in window.attempts():
             try:
-                self._export(payload, metadata=self.metadata, timeout=deadline - time.time())
+                self._export(payload, metadata=self.metadata, timeout=window.left_s())
                 return True
             except grpc.RpcError as error:
                 code, details = error.code(), error.details()  # type: ignore[attr-defined]
-                backoff = 2**attempt * random.uniform(0.8, 1.2)
+                backoff = backoff_s(attempt)
                 retry_info = dict(error.trailing_metadata() or ()).get("google.rpc.retryinfo-bin")  # type: ignore[attr-defined]
                 if retry_info is not None:
                     delay = RetryInfo.FromString(retry_info).retry_delay
                     backoff = delay.seconds + delay.nanos / 1e9
                 if code == grpc.StatusCode.UNAVAILABLE and attempt == 0:
                     self._reconnect()
-                if (code not in self.retryable or attempt + 1 == MAX_ATTEMPTS
-                        or backoff > deadline - time.time() or self._shutdown.is_set()):
+                if code not in self.retryable or not window.may_retry(attempt, backoff):
                     log.error("Failed to export traces to %s, error code: %s, error details: %s",
                               self.target, code, details, exc_info=code == grpc.StatusCode.UNKNOWN)
                     return False
                 log.warning("Transient error %s encountered while exporting traces to %s, retrying in %.2fs. "
                             "Error details: %s", code, self.target, backoff, details)
-            if self._shutdown.wait(backoff):
-                log.warning("Shutdown in progress, aborting retry.")
+            if not window.wait(backoff):
                 return False
         return False
 

@@ -26,7 +26,6 @@ import gzip
 import logging
 import math
 import os
-import random
 import threading
 import time
 import zlib
@@ -38,13 +37,12 @@ import requests
 from opentelemetry.exporter.otlp.proto.http.version import __version__ as _sdk_exporter_version
 
 from otel_envoy.export.otlp import TRACES_PATH, credential_provider, otlp_env, otlp_headers, otlp_timeout
+from otel_envoy.export.retry import RetryWindow, backoff_s
 
-__all__ = ["MAX_ATTEMPTS", "MAX_REQUEST_BYTES", "RETRYABLE_STATUSES", "HttpTraceSender"]
+__all__ = ["MAX_REQUEST_BYTES", "RETRYABLE_STATUSES", "HttpTraceSender"]
 
 log = logging.getLogger("otel_envoy.export.otlp")
 
-#: Attempts per export (the first one and its retries).
-MAX_ATTEMPTS = 6
 #: HTTP statuses worth another attempt.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 #: Serialised requests larger than this (before compression) are dropped, as the SDK does by default.
@@ -107,10 +105,10 @@ class HttpTraceSender:
                         len(payload), MAX_REQUEST_BYTES)
             return False
         data = _compress(payload, self.compression)
-        deadline = time.time() + self.timeout
-        for attempt in range(MAX_ATTEMPTS):
-            backoff = 2**attempt * random.uniform(0.8, 1.2)
-            response, error = self._post(data, max(deadline - time.time(), 0.0))
+        window = RetryWindow(self.timeout, self._shutdown)
+        for attempt in window.attempts():
+            backoff = backoff_s(attempt)
+            response, error = self._post(data, window.left_s())
             status = response.status_code if response is not None else None
             reason = response.reason if response is not None else None
             if status is not None and 200 <= status < 400:
@@ -124,13 +122,12 @@ class HttpTraceSender:
                 log.error("Failed to export spans batch code: %s, reason: %s", status,
                           reason or error or "unknown")
                 return False
-            if attempt + 1 == MAX_ATTEMPTS or backoff > deadline - time.time() or self._shutdown.is_set():
+            if not window.may_retry(attempt, backoff):
                 log.error("Failed to export spans batch due to timeout, max retries or shutdown.")
                 return False
             log.warning("Transient error %s encountered while exporting spans batch, retrying in %.2fs.",
                         reason or error, backoff)
-            if self._shutdown.wait(backoff):
-                log.warning("Shutdown in progress, aborting retry.")
+            if not window.wait(backoff):
                 return False
         return False
 
