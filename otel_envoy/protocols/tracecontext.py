@@ -3,11 +3,15 @@
 :func:`trace_context` picks the first usable one in that order and returns the trace id and the span id
 the header names (the span our request span becomes a child of). ``x-request-id`` names no span: when it
 is a UUID (as Envoy generates), its 128 bits are the trace id, so every hop that sees the same request id
-lands in the same trace. Invalid values (wrong length, not hex, all zeros) are ignored, never raised.
+lands in the same trace. Values are checked strictly and an invalid one is ignored (as if absent), never
+raised: an id is exactly its length of hex digits (lowercase in traceparent, as W3C Trace Context requires),
+with no sign, prefix, underscore or inner space (which Python's ``int(text, 16)`` would accept), and not all
+zeros; traceparent's version and flags are two hex digits each.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,27 +28,30 @@ class TraceContext:
     source: str  # "traceparent" | "b3" | "x-b3" | "x-request-id"
 
 
-def _hex(text: str, digits: tuple[int, ...]) -> int | None:
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_LOWER_HEX = re.compile(r"[0-9a-f]+")
+
+
+def _hex(text: str, digits: tuple[int, ...], *, lowercase: bool = False) -> int | None:
+    """The value of an id of exactly one of ``digits`` hex digits (surrounding blanks allowed), not zero."""
     text = text.strip()
-    if len(text) not in digits:
+    if len(text) not in digits or not (_LOWER_HEX if lowercase else _HEX).fullmatch(text):
         return None
-    try:
-        value = int(text, 16)
-    except ValueError:
-        return None
-    return value or None
+    return int(text, 16) or None
 
 
 def _traceparent(value: str) -> TraceContext | None:
     parts = value.strip().split("-")
-    if len(parts) < 4 or len(parts[0]) != 2 or parts[0].lower() == "ff":
+    if len(parts) < 4 or not _LOWER_HEX.fullmatch(parts[0]) or len(parts[0]) != 2 or parts[0] == "ff":
         return None
     if parts[0] == "00" and len(parts) != 4:
         return None
-    trace_id, span_id, flags = _hex(parts[1], (32,)), _hex(parts[2], (16,)), _hex(parts[3], (2,))
+    if len(parts[3]) != 2 or not _HEX.fullmatch(parts[3]):
+        return None
+    trace_id, span_id = _hex(parts[1], (32,), lowercase=True), _hex(parts[2], (16,), lowercase=True)
     if trace_id is None or span_id is None:
         return None
-    return TraceContext(trace_id, span_id, bool((flags or 0) & 1), "traceparent")
+    return TraceContext(trace_id, span_id, bool(int(parts[3], 16) & 1), "traceparent")
 
 
 def _b3_single(value: str) -> TraceContext | None:

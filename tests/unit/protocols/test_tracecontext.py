@@ -53,3 +53,48 @@ def test_invalid_or_missing_context_is_none(headers: dict[str, str]) -> None:
 
 def test_future_traceparent_version_with_more_fields_is_accepted() -> None:
     assert trace_context({"traceparent": f"01-{TID}-{SID}-01-future"}) is not None
+
+
+@pytest.mark.parametrize("headers", [
+    {"x-b3-traceid": "-000000000000001", "x-b3-spanid": SID},  # int(x, 16) accepts a sign
+    {"x-b3-traceid": "+00000000000000a", "x-b3-spanid": SID},
+    {"x-b3-traceid": "0x0000000000000a", "x-b3-spanid": SID},  # ... and a prefix
+    {"x-b3-traceid": "0000_0000_00000a", "x-b3-spanid": SID},  # ... and underscores
+    {"x-b3-traceid": TID, "x-b3-spanid": "-b7ad6b716920333"},
+    {"b3": f"-{TID[1:]}-{SID}-1"},
+    {"traceparent": f"00-{TID}-{SID}-zz"},  # flags must be two hex digits
+    {"traceparent": f"00-{TID}-{SID}-1"},
+    {"traceparent": f"00-{TID.upper()}-{SID}-01"},  # W3C ids are lowercase hex
+    {"traceparent": f"0g-{TID}-{SID}-01"},
+    {"traceparent": f"00-{TID[:-1]}--{SID}-01"},
+    {"traceparent": f"00-{'0' * 32}-{SID}-01"},
+    {"traceparent": f"00-{TID}-{'0' * 16}-01"},
+    {"x-request-id": "-5e6f1a36-4b5c-4f6e-9a8b-0c1d2e3f4a5"},
+])
+def test_invalid_values_are_treated_as_absent(headers: dict[str, str]) -> None:
+    assert trace_context(headers) is None
+
+
+def test_an_invalid_traceparent_falls_through_to_the_next_header() -> None:
+    ctx = trace_context({"traceparent": f"00-{TID}-{SID}-zz", "x-b3-traceid": TID, "x-b3-spanid": SID})
+    assert ctx is not None and ctx.source == "x-b3"
+
+
+def test_every_id_it_returns_fits_its_field() -> None:
+    """Whatever the header, a trace id is 1..2^128-1 and a span id 1..2^64-1 (the encoders' ranges)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    alphabet = st.sampled_from("0123456789abcdefABCDEF-+_x ")
+    value = st.text(alphabet, max_size=60)
+
+    @settings(max_examples=3000, deadline=None)
+    @given(st.dictionaries(st.sampled_from(["traceparent", "b3", "x-b3-traceid", "x-b3-spanid",
+                                            "x-request-id"]), value))
+    def check(headers: dict[str, str]) -> None:
+        ctx = trace_context(headers)
+        if ctx is not None:
+            assert 0 < ctx.trace_id < 2**128
+            assert ctx.parent_span_id is None or 0 < ctx.parent_span_id < 2**64
+
+    check()
