@@ -20,11 +20,17 @@ noisy machine), and for traced runs the daemon's CPU per traced connection, span
               The tls_full* workloads run on their own Envoy labs (other certificates, other TLS settings).
 
 wrk keeps retrying a TLS handshake while it waits for the server (it spins at 100 % of CPU 1 whenever Envoy
-is the slower side), so with wrk CPU 1 always looks saturated; ``--tls-client h2load`` drives the tls_*
-workloads with h2load instead, which waits, and records every client's own CPU per request either way.
+is the slower side), so with wrk CPU 1 always looks saturated; ``--client h2load`` drives every workload
+with h2load instead (keep-alive: 16 connections; ``--tls-client`` is the same flag's older name), which
+waits, and records every client's own CPU per request either way. The ratios reported are medians of the
+per-round (baseline, traced) pairs' ratios. Each run also counts IRQ-work interrupts per CPU (the ring
+buffer's reader wake-ups) per 1000 requests.
+
+The method the cost targets are judged by: ``--client h2load --daemon-cpus all --workloads
+keepalive_requests,tls_new --rounds 5`` (default daemon flags, the daemon left to the scheduler).
 
 Usage (root, after scripts/setup.sh):  .venv/bin/python bench/overhead.py [--rounds 3] [--seconds 8]
-                                           [--workloads ...] [--tls-client wrk|h2load]
+                                           [--workloads ...] [--client wrk|h2load] [--daemon-cpus 1|all]
 Writes bench/results/overhead-<timestamp>.json and prints a table of medians and ratios.
 bench/rate_sweep.py reuses the helpers here for keep-alive requests at fixed offered rates.
 """
@@ -225,9 +231,11 @@ def wrk(
     }
 
 
-def h2load(url: str, requests: int, connections: int, headers: list[str]) -> dict:
+def h2load(url: str, requests: int, connections: int, headers: list[str], rps_per_client: int | None = None
+           ) -> dict:
     """Run h2load (HTTP/1.1, one thread) pinned to CPU 1 for ``requests`` requests; returns requests,
-    seconds, rps, errors and the client's own CPU seconds (``client_cpu_s``).
+    seconds, rps, errors and the client's own CPU seconds (``client_cpu_s``). ``rps_per_client``: each
+    connection sends at that rate (h2load's ``--rps``), for a fixed total rate below saturation.
 
     Unlike wrk, h2load waits for the server during a TLS handshake instead of retrying it in a loop (wrk
     keeps the socket's writable event armed until the handshake is done, so it spins at 100 % of its CPU
@@ -235,6 +243,8 @@ def h2load(url: str, requests: int, connections: int, headers: list[str]) -> dic
     here, so runs are a request count.
     """
     cmd = ["taskset", "-c", "1", "h2load", "-t1", f"-c{connections}", "-n", str(requests), "--h1"]
+    if rps_per_client:
+        cmd.append(f"--rps={rps_per_client}")
     for h in headers:
         cmd += ["-H", h]
     cmd.append(url)
@@ -260,6 +270,25 @@ def h2load(url: str, requests: int, connections: int, headers: list[str]) -> dic
         "client": "h2load",
         "client_cpu_s": client_cpu,
     }
+
+
+def keepalive_load(lab: EnvoyLab, seconds: float, h2load_requests: int | None = None) -> dict:
+    """HTTP/1.1 keep-alive to the lab's plain listener: h2load (16 connections) for ``h2load_requests``
+    requests when given, else wrk (32 connections) for ``seconds``."""
+    url = f"http://127.0.0.1:{lab.http_port}/"
+    if h2load_requests:
+        return h2load(url, h2load_requests, 16, [])
+    return wrk(url, seconds, 32, [])
+
+
+def irq_work_interrupts() -> list[int]:
+    """Per CPU, the IRQ-work interrupts so far (/proc/interrupts IWI): a BPF ring buffer wakes its reader
+    through one, so their count during a run bounds what the ring's wake-ups cost."""
+    for line in Path("/proc/interrupts").read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0] == "IWI:":
+            return [int(x) for x in fields[1:] if x.isdigit()]
+    return []
 
 
 def tls_load(lab: EnvoyLab, seconds: float, h2load_requests: int | None = None) -> dict:
@@ -427,20 +456,22 @@ def one_run(
     lab: EnvoyLab, workload: str, traced: bool, seconds: float, workdir: Path, source: Path | None = None,
     daemon_cpus: str = "1", h2load_requests: int | None = None,
 ) -> dict:
-    """One baseline or traced run. TLS workloads use h2load for ``h2load_requests`` requests when given,
-    else wrk for ``seconds``."""
+    """One baseline or traced run, with h2load for ``h2load_requests`` requests when given, else wrk for
+    ``seconds``."""
     tls = workload.startswith("tls_")
     requests = tls or workload == "keepalive_requests"
     daemon = Daemon(lab, workdir, requests=requests, offcpu=workload != "keepalive_no_offcpu",
                     source=source, cpus=daemon_cpus) if traced else None
     try:
         time.sleep(0.5)
-        envoy0, ticks0 = cpu_seconds(lab.pid), cpu_ticks()
+        envoy0, ticks0, iwi0 = cpu_seconds(lab.pid), cpu_ticks(), irq_work_interrupts()
         daemon0 = daemon.cpu() if daemon else 0.0
         if tls:
             result = tls_load(lab, seconds, h2load_requests)
         else:
-            result = wrk(f"http://127.0.0.1:{lab.http_port}/", seconds, 32, [])
+            result = keepalive_load(lab, seconds, h2load_requests)
+        result["irq_work_per_1k_req"] = [(b - a) * 1000 / max(result["requests"], 1)
+                                         for a, b in zip(iwi0, irq_work_interrupts(), strict=False)]
         result["client_cpu_us_per_req"] = result["client_cpu_s"] / max(result["requests"], 1) * 1e6
         result["envoy_cpu_s"] = cpu_seconds(lab.pid) - envoy0
         ticks1 = cpu_ticks()
@@ -469,9 +500,9 @@ def main() -> int:
         "--daemon-rev", help="run the daemon of this git revision (e.g. HEAD) instead of the working tree's"
     )
     parser.add_argument(
-        "--tls-client", choices=("wrk", "h2load"), default="wrk",
-        help="load generator of the tls_* workloads (h2load: a request count sized by a calibration run to "
-             "last about --seconds)",
+        "--client", "--tls-client", dest="client", choices=("wrk", "h2load"), default="wrk",
+        help="load generator of every workload (h2load: a request count sized by a calibration run to last "
+             "about --seconds)",
     )
     parser.add_argument(
         "--daemon-cpus", default="1",
@@ -485,7 +516,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: must run as root", file=sys.stderr)
         return 1
-    for tool in ("wrk", "taskset", *(["h2load"] if args.tls_client == "h2load" else [])):
+    for tool in ("wrk", "taskset", *(["h2load"] if args.client == "h2load" else [])):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed", file=sys.stderr)
             return 1
@@ -497,7 +528,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
         "daemon": daemon_revision(args.daemon_rev),
         "daemon_cpus": args.daemon_cpus,
-        "tls_client": args.tls_client,
+        "client": args.client,
         "workloads": {},
     }
     with (
@@ -517,8 +548,9 @@ def main() -> int:
             runs: dict[str, list[dict]] = {"baseline": [], "traced": []}
             wrk(f"http://127.0.0.1:{lab.http_port}/", 2, 8, [])  # warm-up
             h2load_requests = None
-            if args.tls_client == "h2load" and workload.startswith("tls_"):
-                calibration = tls_load(lab, args.seconds, 2000)
+            if args.client == "h2load":
+                load = tls_load if workload.startswith("tls_") else keepalive_load
+                calibration = load(lab, args.seconds, 2000 if workload.startswith("tls_") else 50000)
                 h2load_requests = max(1000, int(calibration["rps"] * args.seconds))
             for i in range(args.rounds):
                 for mode in ("baseline", "traced") if i % 2 == 0 else ("traced", "baseline"):
@@ -547,13 +579,26 @@ def main() -> int:
     return 0
 
 
+def med_list(rs: list[dict], key: str) -> list[float] | None:
+    """Element-wise medians of a per-CPU list field over runs."""
+    lists = [r[key] for r in rs if r.get(key)]
+    return [statistics.median(col) for col in zip(*lists, strict=False)] if lists else None
+
+
 def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Medians per mode; the ratios are medians of the per-round (baseline, traced) pairs' ratios."""
     def med(mode: str, key: str) -> float | None:
         vals = [r[key] for r in runs[mode] if r.get(key) is not None]
         return statistics.median(vals) if vals else None
 
     base_rps, traced_rps = med("baseline", "rps"), med("traced", "rps")
     base_cpu, traced_cpu = med("baseline", "envoy_cpu_us_per_req"), med("traced", "envoy_cpu_us_per_req")
+    pairs = list(zip(runs["baseline"], runs["traced"], strict=False))  # run i of each mode: one round
+
+    def pair_ratio(key: str) -> float | None:
+        ratios = [t[key] / b[key] for b, t in pairs if b.get(key) and t.get(key)]
+        return statistics.median(ratios) if ratios else None
+
     drops: dict[str, int] = {}
     for r in runs["traced"]:
         for k, v in (r.get("drops") or {}).items():
@@ -561,10 +606,12 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     return {
         "baseline_rps": base_rps,
         "traced_rps": traced_rps,
-        "throughput_ratio": traced_rps / base_rps if base_rps and traced_rps else None,
+        "throughput_ratio": pair_ratio("rps"),
+        "throughput_ratio_of_medians": traced_rps / base_rps if base_rps and traced_rps else None,
         "envoy_cpu_us_per_req_baseline": base_cpu,
         "envoy_cpu_us_per_req_traced": traced_cpu,
-        "envoy_cpu_ratio": traced_cpu / base_cpu if base_cpu and traced_cpu else None,
+        "envoy_cpu_ratio": pair_ratio("envoy_cpu_us_per_req"),
+        "envoy_cpu_ratio_of_medians": traced_cpu / base_cpu if base_cpu and traced_cpu else None,
         "client_cpu_us_per_req_baseline": med("baseline", "client_cpu_us_per_req"),
         "client_cpu_us_per_req_traced": med("traced", "client_cpu_us_per_req"),
         "daemon_cpu_us_per_conn": med("traced", "daemon_cpu_us_per_conn"),
@@ -574,6 +621,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         "requests_traced_per_run": med("traced", "requests_traced"),
         "requests_per_run": med("traced", "requests"),
         "drops_total": drops,
+        "irq_work_per_1k_req_traced": med_list(runs["traced"], "irq_work_per_1k_req"),
         "cpu_steal_median": {
             mode: statistics.median(statistics.fmean(r["cpu_steal"].values()) for r in rs)
             for mode, rs in runs.items() if rs and all(r.get("cpu_steal") for r in rs)
@@ -583,8 +631,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 
 def print_table(report: dict) -> None:
     print(
-        "\nworkload   baseline req/s  traced req/s  ratio   envoy us/req base->traced  "
-        "daemon us/conn  spans/s  drops"
+        "\nworkload   baseline req/s  traced req/s  ratio   envoy us/req base->traced (ratio)  "
+        "daemon us/conn us/req  spans/s  drops"
     )
     for name, w in report["workloads"].items():
         s = w["summary"]
@@ -595,7 +643,8 @@ def print_table(report: dict) -> None:
         print(
             f"{name:11s} {f(s['baseline_rps'], '14.0f')} {f(s['traced_rps'], '13.0f')} "
             f"{f(s['throughput_ratio'], '6.3f')}   {f(s['envoy_cpu_us_per_req_baseline'], '6.1f')} -> "
-            f"{f(s['envoy_cpu_us_per_req_traced'], '6.1f')}          {f(s['daemon_cpu_us_per_conn'], '8.1f')}"
+            f"{f(s['envoy_cpu_us_per_req_traced'], '6.1f')} ({f(s['envoy_cpu_ratio'], '5.3f')})  "
+            f"{f(s['daemon_cpu_us_per_conn'], '8.1f')} {f(s['daemon_cpu_us_per_req'], '6.1f')}"
             f"  {f(s['spans_per_s'], '7.0f')}  {s['drops_total'] or 0}"
         )
 

@@ -18,8 +18,12 @@ their first bytes captured, close).
 its *.bpf.h units and events.h, e.g. from ``git archive REV bpf | tar -x -C DIR --strip-components=1``) and
 alternates the two, so both see the same machine.
 
+``--rate N`` drives a fixed N requests/s with h2load (``--rps``, 20 connections) instead of saturating wrk:
+below saturation the worker sleeps in epoll_wait between requests, so context switches (and the scheduler
+probes) come per request. ``--capture`` turns request capture on for the keep-alive workload.
+
 Usage:  .venv/bin/python bench/program_cost.py [--rounds 3] [--seconds 5] [--baseline-bpf DIR] [--no-offcpu]
-                                              [--workload keepalive|tls_new]
+                                              [--workload keepalive|tls_new] [--rate N] [--capture]
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import RESULTS, cpu_seconds, wrk
+from overhead import RESULTS, cpu_seconds, h2load, wrk
 
 from otel_envoy.lab.lab import EnvoyLab
 from otel_envoy.probes import loader
@@ -61,17 +65,24 @@ def load(source: Path | None, offcpu: bool, http_capture: bool = False) -> loade
     return loader.ConnectionProbes(config)
 
 
-def one_run(lab: EnvoyLab, source: Path | None, offcpu: bool, seconds: float, workload: str = "keepalive"
-            ) -> dict:
-    """Load, run wrk, read the counters, unload."""
+RATE_CLIENTS = 20  # h2load connections of a fixed-rate run
+
+
+def one_run(lab: EnvoyLab, source: Path | None, offcpu: bool, seconds: float, workload: str = "keepalive",
+            rate: int | None = None, capture: bool = False) -> dict:
+    """Load, run the client (wrk; h2load at a fixed ``rate``), read the counters, unload."""
     tls = workload == "tls_new"
-    probes = load(source, offcpu, http_capture=tls)
+    probes = load(source, offcpu, http_capture=tls or capture)
     try:
         probes.add_targets([lab.pid])
         probes.set_listen_ports([lab.tls_port if tls else lab.http_port])
         probes.open_ring_buffer(lambda _raw: None)
         before, envoy0 = program_stats(probes), cpu_seconds(lab.pid)
-        if tls:
+        if rate:
+            url = f"https://127.0.0.1:{lab.tls_port}/" if tls else f"http://127.0.0.1:{lab.http_port}/"
+            r = h2load(url, int(rate * seconds), RATE_CLIENTS, ["Connection: close"] if tls else [],
+                       rps_per_client=max(1, rate // RATE_CLIENTS))
+        elif tls:
             r = wrk(f"https://127.0.0.1:{lab.tls_port}/", seconds, 16, ["-H", "Connection: close"])
         else:
             r = wrk(f"http://127.0.0.1:{lab.http_port}/", seconds, 32, [])
@@ -98,6 +109,10 @@ def main() -> int:
     ap.add_argument("--baseline-bpf", type=Path, help="bpf/ directory to compare (all its units)")
     ap.add_argument("--no-offcpu", dest="offcpu", action="store_false", help="without the scheduler probes")
     ap.add_argument("--workload", choices=("keepalive", "tls_new"), default="keepalive")
+    ap.add_argument("--rate", type=int, help="a fixed request rate (h2load --rps over 20 connections) "
+                    "instead of saturating wrk: below saturation the worker sleeps between requests")
+    ap.add_argument("--capture", action="store_true",
+                    help="keepalive with request capture on (the daemon's default build)")
     args = ap.parse_args()
     variants: dict[str, Path | None] = {"current": None}
     if args.baseline_bpf:
@@ -112,7 +127,8 @@ def main() -> int:
             for i in range(args.rounds):
                 names = list(variants) if i % 2 == 0 else list(reversed(variants))
                 for name in names:
-                    r = one_run(lab, variants[name], args.offcpu, args.seconds, args.workload)
+                    r = one_run(lab, variants[name], args.offcpu, args.seconds, args.workload, args.rate,
+                                args.capture)
                     runs[name].append(r)
                     top = sorted(r["programs"].items(), key=lambda kv: -kv[1]["ns_per_request"])[:3]
                     print(f"{name:9s} {r['rps']:9.0f} req/s  Envoy {r['envoy_cpu_us_per_req']:5.2f} us/req  "
@@ -130,6 +146,7 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"program_cost-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"workload": args.workload, "offcpu": args.offcpu, "seconds": args.seconds,
+                               "rate": args.rate, "capture": args.capture,
                                "runs": runs,
                                "summary": summary}, indent=2))
     print(f"written: {out}")

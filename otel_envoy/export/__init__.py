@@ -5,7 +5,8 @@ Modules:
 * :mod:`otel_envoy.export.span_queue` -- the non-blocking span queue with its background export thread.
 * :mod:`otel_envoy.export.sinks` -- what the queue feeds: a JSON-lines file, an OTLP collector.
 * :mod:`otel_envoy.export.otlp_grpc`, :mod:`otel_envoy.export.otlp_http` -- send serialised trace requests
-  to a collector, with the SDK exporters' settings and retries.
+  to a collector, with the SDK exporters' settings; :mod:`otel_envoy.export.retry` -- their shared retry
+  schedule.
 * :mod:`otel_envoy.export.otlp_proto` -- writes the OTLP protobuf request of span records directly.
 * :mod:`otel_envoy.export.otlp_json` -- a fast OTLP/JSON encoder of span records;
   :mod:`otel_envoy.export.otlp_json_decode` reads such requests back.
