@@ -61,6 +61,9 @@
  * three per frame, so ~200 frames) and iovecs followed. A syscall needing more, or more than CAPTURE_MAX
  * condensed bytes, loses the framing. The verifier walks every step of the loop: ~300 instructions each,
  * so 512 steps cost ~150k of its 1M-instruction budget for sys_exit (which is ~900k in all). */
+#ifndef SAMPLING
+#define SAMPLING 0 /* 1: head sampling of plaintext HTTP/1.x requests (sampling.bpf.h) */
+#endif
 #ifndef H2_WALK_MAX
 #define H2_WALK_MAX 512
 #endif
@@ -72,3 +75,6 @@
 #include "tls.bpf.h"
 #include "http2.bpf.h"
 #include "io.bpf.h"
+#if SAMPLING
+#include "sampling.bpf.h"
+#endif

@@ -2,7 +2,6 @@
  * start a round (sched.bpf.h), read/write-family exits on a tracked fd are counted in `conns` and, within
  * the connection's capture budget, sent as EV_DATA records with their first bytes.
  */
-#define CAPTURE_UNLIMITED 0xffffffff
 
 /* An EV_DATA record is built here (too big for the stack). The spill area lets the verifier accept
  * copies at masked offsets: off < CAPTURE_MAX and n <= CAPTURE_MAX always fit. */
@@ -203,7 +202,12 @@ static __always_inline int on_io_exit(__u8 syscall, struct pt_regs *regs, long r
     return 0;
 }
 
+#if SAMPLING
+/* attached by the loader after sample_sys_exit (sampling.bpf.h), which decides before it runs */
+int io_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
+#else
 RAW_TRACEPOINT_PROBE(sys_exit) {
+#endif
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
     long nr = -1;

@@ -72,6 +72,12 @@ struct conn_state {
 #define CONN_H2 8       /* HTTP/2 prior knowledge (the client preface came first): records are condensed */
 #define CONN_HELD 16    /* a read of a lone TLS record header waits to ride on the next read's record */
 
+#define CONN_AWAIT 32    /* SAMPLING: a request was read, its answer not yet written */
+#define CONN_SKIP 64     /* SAMPLING: the current request was not sampled */
+#define CONN_SUSPENDED 128 /* SAMPLING: capture_budget is 0 for this transfer only (restored at the next) */
+
+#define CAPTURE_UNLIMITED 0xffffffff /* conn_state.capture_budget of a plaintext connection (request capture) */
+
 /* What a syscall's enter saw, for its exit (one per thread: a thread is in one syscall at a time). */
 struct inflight {
     __u64 buf;   /* user buffer, iovec array or msghdr */

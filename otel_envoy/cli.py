@@ -43,6 +43,11 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
                         "always do (default 10 ms)")
     p.add_argument("--symbols", action="append", default=[], metavar="FILE",
                    help="unstripped copy or debug file of a traced binary, matched by build-id (repeatable)")
+    p.add_argument("--sampler", metavar="NAME",
+                   help="which requests are traced: always_on (default), always_off, traceidratio "
+                        "(else OTEL_TRACES_SAMPLER)")
+    p.add_argument("--sampler-arg", metavar="RATIO",
+                   help="traceidratio's ratio, 0 to 1 (else OTEL_TRACES_SAMPLER_ARG; default 1)")
 
 
 def _add_export_args(p: argparse.ArgumentParser, default_output: bool) -> None:
@@ -98,7 +103,12 @@ def _otlp_and_output(args: argparse.Namespace):
 
 def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
     from .daemon import DaemonOptions, run_daemon
+    from .sampling import SamplerError, sampler_settings
 
+    try:
+        sampler = sampler_settings(args.sampler, args.sampler_arg)
+    except SamplerError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     if os.geteuid() != 0:
         return _fail("must run as root: loading BPF programs needs CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN")
     otlp, output = (None, None) if record_only else _otlp_and_output(args)
@@ -114,7 +124,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         require_envoy=not args.any_process, ready_file=args.ready_file, summary_json=args.summary_json,
         requests=args.requests, offcpu=args.offcpu, symbols=args.symbols,
         offcpu_min_ns=int(args.offcpu_threshold * 1e6), round_min_ns=int(args.round_threshold * 1e6),
-        metrics_interval=interval,
+        metrics_interval=interval, sampler=sampler,
     )
     if args.offcpu_threshold < 0 or args.round_threshold < 0:
         return _fail("--offcpu-threshold and --round-threshold must not be negative", EXIT_USAGE)

@@ -32,7 +32,7 @@ from .envoy.admin import AdminError, fetch_listener_names
 from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets
 from .event_pipeline import EventPipeline, tune_garbage_collector
 from .events.recording import RecordingWriter
-from .events.recording_context import ListenerNamesContext, ListenSocketsContext
+from .events.recording_context import ListenerNamesContext, ListenSocketsContext, SamplerContext
 from .export.metrics import WorkerMetrics
 from .export.metrics_settings import DEFAULT_INTERVAL_S
 from .export.otlp import OtlpSettings, check_reachable
@@ -40,6 +40,7 @@ from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
 from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
 from .probes.loader import ConnectionProbes, ProbeConfig
+from .sampling import SamplerSettings
 from .spans.clock import MonotonicClock
 from .spans.round_spans import idle_wakes_by_kind
 from .stacks import Symbolizer, SymbolsFileError
@@ -86,6 +87,7 @@ class DaemonOptions:
     round_min_ns: int = 10_000_000  # event-loop rounds at least this long become spans (and all with a wait)
     symbols: list[str] = field(default_factory=list)  # --symbols files (unstripped copies / debug files)
     metrics_interval: float | None = DEFAULT_INTERVAL_S  # seconds between metric exports; None: no metrics
+    sampler: SamplerSettings = field(default_factory=lambda: SamplerSettings("always_on", 1.0))
 
 
 def make_resource() -> Resource:
@@ -164,17 +166,23 @@ async def run_daemon(opts: DaemonOptions) -> int:
         symbolizer = Symbolizer(symbols=opts.symbols)
     except SymbolsFileError as exc:
         raise UsageError(str(exc)) from exc
+    requests = opts.requests and opts.sampler.ratio > 0.0  # always_off: no request capture at all
+    sampling = requests and opts.sampler.in_kernel
     probes = ConnectionProbes(ProbeConfig(
-        max_conns=opts.max_conns, http_capture=opts.requests, offcpu=opts.offcpu,
-        offcpu_min_ns=opts.offcpu_min_ns, round_min_ns=opts.round_min_ns))
+        max_conns=opts.max_conns, http_capture=requests, offcpu=opts.offcpu,
+        offcpu_min_ns=opts.offcpu_min_ns, round_min_ns=opts.round_min_ns, sampling=sampling))
+    if sampling:
+        probes.set_sample_threshold(opts.sampler.kernel_threshold())
     stacks = SymbolizedStacks(probes.stack_addresses, symbolizer)
     pipeline = EventPipeline(
         spans_out, make_resource(), clock, recorder=recorder,
-        on_listen=lambda _tgid: loop.call_soon_threadsafe(rescan_now.set), http=opts.requests,
+        on_listen=lambda _tgid: loop.call_soon_threadsafe(rescan_now.set), http=requests,
         stacks=stacks, threaded_rounds=True,
     )
     symbolizer.unmatched_symbols_files(t.pid for t in targets)  # warns about each
     ring = _RingThread(probes, pipeline)
+    if sampling:  # before any record: it decides what becomes of upstream requests no traced one caused
+        ring.context.put(SamplerContext(opts.sampler.name, opts.sampler.ratio).to_json())
     metrics: WorkerMetrics | None = None  # per-worker metrics (export/metrics.py), with an OTLP endpoint
     try:
         probes.add_targets(t.pid for t in targets)
@@ -202,6 +210,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if metrics is not None:  # last export, while the probes' tables are still open
             await asyncio.to_thread(metrics.shutdown, 10.0)
         kernel_drops = {f"kernel.{k}": v for k, v in probes.drop_counts().items() if v}
+        sampled = probes.sample_counts()
         offcpu = _offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
         wakes = _wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
         probes.close()
@@ -216,11 +225,14 @@ async def run_daemon(opts: DaemonOptions) -> int:
         with open(opts.summary_json, "w") as f:
             json.dump({"counts": dict(pipeline.counts), "drops": drops, "export": stats,
                        "correlator": dict(pipeline.correlator.stats), "offcpu": offcpu,
-                       "idle_wakeups": wakes}, f, default=str)
+                       "idle_wakeups": wakes,
+                       "sampler": {"name": opts.sampler.name, "ratio": opts.sampler.ratio,
+                                   "requests": sampled}}, f, default=str)
     print(
         f"otel-envoy: {pipeline.counts['connections']} connections, {pipeline.counts['spans']} spans, "
         f"{pipeline.counts['events']} events, exported {stats.get('exported', {})}, "
-        f"drops {drops or 'none'}",
+        f"drops {drops or 'none'}"
+        + (f", requests sampled {sampled['sampled']}, not {sampled['not_sampled']}" if sampled else ""),
         file=sys.stderr,
     )
     return 0

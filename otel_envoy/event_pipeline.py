@@ -22,7 +22,7 @@ from .correlate.round_tracker import RoundRecord, WaitRecord
 from .events.decode import Decoder
 from .events.layout import load_layout
 from .events.recording import RecordingError, RecordingWriter
-from .events.recording_context import ClockContext, ListenerNamesContext, ListenSocketsContext
+from .events.recording_context import ClockContext, ListenerNamesContext, ListenSocketsContext, SamplerContext
 from .export.span_queue import SpanPipeline
 from .protocols.http import HttpExchange
 from .spans.clock import MonotonicClock
@@ -89,6 +89,9 @@ class EventPipeline:
         self._handle = self.correlator.handle
         self._counts: Counter[str] = Counter()
         self._events = 0  # a plain int: counted per kernel record (see the counts property)
+        # The kernel samples requests (a sampler context record): an upstream request or connection that no
+        # traced request caused belongs, most likely, to a request that was not sampled, so it is left out.
+        self.requests_sampled = False
         if recorder is not None:
             recorder.context(ClockContext(clock.offset_ns).to_json())
 
@@ -122,6 +125,9 @@ class EventPipeline:
             self.correlator.set_listen_sockets(ListenSocketsContext.from_json(obj).sockets)
         elif kind == ListenerNamesContext.TYPE:
             self.correlator.set_listener_names(ListenerNamesContext.from_json(obj).names)
+        elif kind == SamplerContext.TYPE:
+            self.requests_sampled = SamplerContext.from_json(obj).ratio < 1.0
+            self.correlator.attribution.exact_only = self.requests_sampled
 
     def replay(self, items: Iterable[tuple[str, object]]) -> int:
         """Feed recorded kernel and context records (those after the clock record), then finish at the last
@@ -161,10 +167,16 @@ class EventPipeline:
         self._submit("requests", self.request_builder.downstream, rr, exchange)
 
     def _on_upstream(self, up: UpstreamRecord) -> None:
+        if self.requests_sampled and up.cause.request is None and up.cause.conn is None:
+            self._counts["upstream_connections_not_sampled"] += 1
+            return
         self._submit("upstream_connections", self.request_builder.upstream_connection, up)
 
     def _on_upstream_request(self, up: UpstreamRecord, exchange: HttpExchange,
                              ids: tuple[str, str, str | None, str]) -> None:
+        if self.requests_sampled and ids[2] is None:  # no downstream request, no TLS connection found
+            self._counts["upstream_requests_not_sampled"] += 1
+            return
         self._submit("upstream_requests_unpaired", self.request_builder.unpaired_upstream_request, up,
                      exchange, ids)
 

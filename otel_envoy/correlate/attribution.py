@@ -10,6 +10,10 @@ pairs them.
 
 A TLS downstream connection's requests are ciphertext: there the round of the connection's reads is the
 clue. Each read that starts a new request joins a per-thread queue that upstream writes take in order.
+
+When the kernel samples requests (``exact_only``), most downstream requests are never seen, so "the oldest
+request of the window" would often be the wrong one: then only a request with the same request line is
+taken, and an upstream request or connection without one is left unattributed (and not exported).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class UpstreamAttribution:
         self.recent_tls_reads: dict[int, TlsReads] = {}
         self.tls_demand: dict[int, TlsReads] = {}  # tid -> reads of new requests, oldest first
         self.by_request_id: OrderedDict[str, RequestRecord] = OrderedDict()  # client-sent x-request-id
+        self.exact_only = False  # requests are sampled: pair by request line (or x-request-id) only
 
     # ------------------------------------------------------------------ what downstream connections did
 
@@ -158,7 +163,7 @@ class UpstreamAttribution:
                 continue
             if like is not None and rr.request.method == like.method and rr.request.path == like.path:
                 return rr
-            if delay > max_delay:
+            if delay > max_delay or self.exact_only:
                 continue
             if rr.reserved:
                 reserved = reserved or rr
@@ -189,6 +194,8 @@ class UpstreamAttribution:
             rr = cause
             self.stats["upstream_paired_by_connect_round"] += 1
         else:
+            if cause is not None and self.exact_only:  # the connection was made for another request
+                found.request = cause = None
             rr = self.request_candidate(ev.tgid, ev.tid, ev.round, 1, like=msg)
             if rr is None and cause is not None and not cause.upstream:
                 rr = cause  # the path was rewritten by a route

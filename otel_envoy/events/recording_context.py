@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 
 from ..envoy.listen_socket import ListenSocket
 
-__all__ = ["ClockContext", "ListenSocketsContext", "ListenerNamesContext", "recording_clock"]
+__all__ = ["ClockContext", "ListenSocketsContext", "ListenerNamesContext", "SamplerContext",
+           "recording_clock"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,28 @@ class ListenerNamesContext:
     def from_json(cls, obj: dict[str, Any]) -> ListenerNamesContext:
         """Inverse of :meth:`to_json`."""
         return cls({(a, int(p)): n for a, p, n in obj["names"]})
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerContext:
+    """The request sampler of the run, when the kernel sampled requests (its ratio below 1): upstream
+    requests that belong to no traced request are then left out (otel_envoy/sampling.py)."""
+
+    TYPE: ClassVar[str] = "sampler"
+    name: str
+    ratio: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a recording holds it."""
+        return {"type": self.TYPE, "name": self.name, "ratio": self.ratio}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> SamplerContext:
+        """Inverse of :meth:`to_json`."""
+        ratio = float(obj["ratio"])
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"sampler ratio {ratio} out of range")
+        return cls(str(obj["name"]), ratio)
 
 
 def recording_clock(first: tuple[str, object] | None) -> ClockContext:

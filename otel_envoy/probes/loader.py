@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import platform
 import re
 from collections.abc import Callable, Iterable
@@ -42,6 +43,7 @@ class ProbeConfig:
     offcpu: bool = True  # sched_switch / sched_waking probes: off-CPU waits of the targets' threads
     offcpu_min_ns: int = 1_000_000  # waits at least this long are sent (shorter ones only aggregated)
     round_min_ns: int = 10_000_000  # event-loop rounds at least this long are sent (or holding such a wait)
+    sampling: bool = False  # plaintext HTTP/1.x requests sampled in the kernel (set_sample_ratio)
     program_dir: Path = BPF_DIR  # conn.bpf.c, its units and events.h (benchmarks compare another revision's)
 
     def cflags(self) -> list[str]:
@@ -54,6 +56,7 @@ class ProbeConfig:
             f"-DOFFCPU={int(self.offcpu)}",
             f"-DOFFCPU_MIN_NS={int(self.offcpu_min_ns)}ULL",
             f"-DROUND_MIN_NS={int(self.round_min_ns)}ULL",
+            f"-DSAMPLING={int(self.sampling)}",
             "-Wno-macro-redefined",
             "-Wno-unused-function",
         ]
@@ -108,6 +111,9 @@ class ConnectionProbes:
         try:
             text = program_text(self.config.program_dir)
             self.bpf = BPF(text=text.encode(), cflags=self.config.cflags())
+            self._extra_links: list[int] = []
+            if self.config.sampling:
+                self._attach_sampling()
         except Exception as exc:
             raise ProbeError(f"could not load {CONN_PROGRAM}: {str(exc).splitlines()[-1]}") from exc
         layout = load_layout()
@@ -166,6 +172,37 @@ class ConnectionProbes:
         else:
             self.bpf.ring_buffer_consume()
 
+    def _attach_sampling(self) -> None:
+        """sample_sys_exit, then io_sys_exit, on raw_syscalls:sys_exit: programs of one raw tracepoint run
+        in the order they were attached, and io_sys_exit reads the mark sample_sys_exit leaves. bcc keeps
+        one program per raw tracepoint, so the second is attached through libbpf's call directly."""
+        from bcc import BPF
+        from bcc.libbcc import lib
+
+        self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"sample_sys_exit")
+        fn = self.bpf.load_func(b"io_sys_exit", BPF.RAW_TRACEPOINT)
+        link = lib.bpf_attach_raw_tracepoint(fn.fd, b"sys_exit")
+        if link < 0:
+            raise ProbeError(f"could not attach io_sys_exit to raw_syscalls:sys_exit: {os.strerror(-link)}")
+        self._extra_links.append(link)
+
+    def set_sample_threshold(self, threshold: int) -> None:
+        """Trace a plaintext HTTP/1.x request when a 32-bit random number is below ``threshold``
+        (0: none, 2**32: all). Needs a build with ``sampling``."""
+        if not self.config.sampling:
+            raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
+        table = self.bpf[b"sample_threshold"]
+        table[ctypes.c_int(0)] = ctypes.c_uint64(max(0, min(int(threshold), 2**32)))
+
+    def sample_counts(self) -> dict[str, int]:
+        """Downstream requests the kernel sampled and did not sample (summed over CPUs; empty without
+        ``sampling``)."""
+        if not self.config.sampling:
+            return {}
+        per_cpu = self.bpf[b"sample_counts"]
+        sampled, not_sampled = (int(sum(per_cpu[ctypes.c_int(i)])) for i in (0, 1))
+        return {"sampled": sampled, "not_sampled": not_sampled}
+
     def drop_counts(self) -> dict[str, int]:
         """Kernel-side drops by reason, summed over CPUs."""
         out: dict[str, int] = {}
@@ -209,4 +246,7 @@ class ConnectionProbes:
         if self._mmap_ring is not None:
             self._mmap_ring.close()
             self._mmap_ring = None
+        for link in self._extra_links:
+            os.close(link)
+        self._extra_links.clear()
         self.bpf.cleanup()

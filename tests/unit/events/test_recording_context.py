@@ -71,3 +71,13 @@ def test_the_committed_recordings_context_records_parse_back_to_themselves() -> 
     assert {c["type"] for c in contexts} >= {"clock", "listen_sockets"}  # type: ignore[index]
     for obj in contexts:
         assert parsers[obj["type"]](obj).to_json() == obj  # type: ignore[index]
+
+
+def test_the_sampler_record_round_trips_and_refuses_a_bad_ratio() -> None:
+    from otel_envoy.events.recording_context import SamplerContext
+
+    rec = SamplerContext("traceidratio", 0.25)
+    assert SamplerContext.from_json(rec.to_json()) == rec
+    assert rec.to_json() == {"type": "sampler", "name": "traceidratio", "ratio": 0.25}
+    with pytest.raises(ValueError, match="out of range"):
+        SamplerContext.from_json({"type": "sampler", "name": "x", "ratio": 3})

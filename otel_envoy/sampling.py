@@ -1,0 +1,76 @@
+"""Which requests are traced: the OpenTelemetry sampler settings, turned into the kernel's decision.
+
+Configured the OpenTelemetry way: ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, or ``--sampler`` /
+``--sampler-arg`` (flags win). Supported so far:
+
+* ``always_on`` (the default): every request is traced, as before sampling existed;
+* ``always_off``: no request is traced (connection traces are kept);
+* ``traceidratio`` with a ratio in [0, 1] (default 1.0): each plaintext HTTP/1.x request is traced with
+  that probability, decided in the kernel at its first read (bpf/sampling.bpf.h), so a request that is not
+  traced costs no ring record. The decision is random rather than a function of the trace id, because the
+  kernel decides before any header is parsed; over many requests it keeps the same share.
+
+The ``parentbased_*`` samplers need the kernel to read a request's ``traceparent`` before it decides; that
+is not built yet, so they are refused with a clear message rather than silently treated as another sampler.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["SAMPLERS", "SamplerError", "SamplerSettings", "sampler_settings"]
+
+#: Sampler names this build accepts.
+SAMPLERS = ("always_on", "always_off", "traceidratio")
+_NOT_YET = ("parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio")
+
+
+class SamplerError(ValueError):
+    """An unknown sampler name or a ratio out of range (message is one line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerSettings:
+    """The sampler chosen and its ratio of requests traced (1.0 for always_on, 0.0 for always_off)."""
+
+    name: str
+    ratio: float
+
+    @property
+    def in_kernel(self) -> bool:
+        """Whether the kernel has to decide per request (anything but tracing them all)."""
+        return self.ratio < 1.0
+
+    def kernel_threshold(self) -> int:
+        """The threshold the kernel compares a 32-bit random number with: sampled when below it."""
+        return round(self.ratio * 2**32)
+
+
+def _ratio(text: str) -> float:
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise SamplerError(f"sampler argument {text!r} is not a number (a ratio from 0 to 1)") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise SamplerError(f"sampler argument {text} is out of range (a ratio from 0 to 1)")
+    return ratio
+
+
+def sampler_settings(name: str | None = None, arg: str | None = None,
+                     env: Mapping[str, str] | None = None) -> SamplerSettings:
+    """The sampler from the flags (``name``, ``arg``) over the environment's ``OTEL_TRACES_SAMPLER(_ARG)``."""
+    env = os.environ if env is None else env
+    chosen = (name if name is not None else env.get("OTEL_TRACES_SAMPLER", "always_on")).strip().lower()
+    arg = arg if arg is not None else env.get("OTEL_TRACES_SAMPLER_ARG")
+    if chosen in _NOT_YET:
+        raise SamplerError(f"sampler {chosen!r} is not supported yet (it needs the kernel to read "
+                           f"traceparent); use one of {', '.join(SAMPLERS)}")
+    if chosen not in SAMPLERS:
+        raise SamplerError(f"unknown sampler {chosen!r}; use one of {', '.join(SAMPLERS)}")
+    if chosen == "always_on":
+        return SamplerSettings(chosen, 1.0)
+    if chosen == "always_off":
+        return SamplerSettings(chosen, 0.0)
+    return SamplerSettings(chosen, _ratio(arg) if arg not in (None, "") else 1.0)

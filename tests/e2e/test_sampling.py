@@ -1,0 +1,93 @@
+"""Requests sampled in the kernel (--sampler), on a real Envoy proxying to a real backend (real BPF)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from pathlib import Path
+
+import pytest
+
+from otel_envoy.export.otlp_json_decode import decode_request_json
+from otel_envoy.lab.lab import EnvoyLab
+from otel_envoy.spans.model import SpanRecord
+from tests.support.daemon import DaemonProcess
+from tests.support.parallel import run_in_threads
+
+pytestmark = pytest.mark.root
+
+SERVER, CLIENT = 2, 3
+CONNECTIONS, PER_CONNECTION = 4, 100
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with EnvoyLab(concurrency=1) as lab:
+        yield lab
+
+
+def _keep_alive(port: int, paths: list[str]) -> list[int]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    statuses = []
+    try:
+        for path in paths:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+    finally:
+        conn.close()
+    return statuses
+
+
+def _traced_run(lab: EnvoyLab, workdir: Path, sampler: list[str]) -> tuple[list[SpanRecord], dict, list[str]]:
+    """The daemon with ``sampler`` flags while 4 keep-alive clients send 100 requests each (distinct
+    paths)."""
+    output, summary = workdir / "spans.jsonl", workdir / "summary.json"
+    daemon = DaemonProcess(["--pid", str(lab.pid), "--output", str(output), "--summary-json", str(summary),
+                            "--no-offcpu", *sampler], workdir).start()
+    paths = [[f"/bytes/{1000 + c * PER_CONNECTION + i}" for i in range(PER_CONNECTION)]
+             for c in range(CONNECTIONS)]
+    results = run_in_threads(CONNECTIONS, lambda c: _keep_alive(lab.http_port, paths[c]))
+    assert all(st == [200] * PER_CONNECTION for st in results)
+    assert daemon.stop() == 0, daemon.stderr()
+    spans = [s for line in output.read_text().splitlines() if line.strip()
+             for s in decode_request_json(json.loads(line))]
+    return spans, json.loads(summary.read_text()), [p for ps in paths for p in ps]
+
+
+def test_a_ratio_traces_that_share_of_requests_whole_and_counts_the_rest(lab, tmp_path) -> None:
+    spans, summary, paths = _traced_run(lab, tmp_path, ["--sampler", "traceidratio", "--sampler-arg", "0.3"])
+    counts = summary["sampler"]["requests"]
+    decided = len(paths) - CONNECTIONS  # a connection's first request is always traced (names its protocol)
+    assert counts["sampled"] + counts["not_sampled"] == decided
+    assert 0.18 * decided < counts["sampled"] < 0.42 * decided  # binomial(396, 0.3): mean 119, sd 9
+    servers = [s for s in spans if s.kind == SERVER and s.name != "envoy.downstream.connection"
+               and s.attributes.get("url.path", "").startswith("/bytes/")]
+    clients = [s for s in spans if s.kind == CLIENT and s.name != "envoy.upstream.connection"]
+    assert len(servers) == counts["sampled"] + CONNECTIONS
+    # every traced request is whole (its response, its upstream request under it), and nothing else is there
+    assert all(s.attributes["http.response.status_code"] == 200 for s in servers)
+    by_parent = {c.parent_span_id: c for c in clients}
+    assert len(clients) == len(servers)
+    for s in servers:
+        up = by_parent[s.span_id]
+        assert up.attributes["url.path"] == s.attributes["url.path"]
+        assert up.attributes["http.response.status_code"] == 200
+    assert not [c for c in clients
+                if "downstream_request_not_found" in c.attributes.get("otel_envoy.partial", [])]
+    assert len([s for s in spans if s.name == "envoy.downstream.connection"]) >= CONNECTIONS
+
+
+def test_always_off_traces_no_request_but_keeps_the_connections(lab, tmp_path) -> None:
+    spans, summary, _ = _traced_run(lab, tmp_path, ["--sampler", "always_off"])
+    assert summary["sampler"]["name"] == "always_off"
+    assert not [s for s in spans if s.name == "GET"]
+    assert len([s for s in spans if s.name == "envoy.downstream.connection"]) >= CONNECTIONS
+
+
+def test_without_a_sampler_every_request_is_traced(lab, tmp_path) -> None:
+    spans, summary, paths = _traced_run(lab, tmp_path, [])
+    assert summary["sampler"] == {"name": "always_on", "ratio": 1.0, "requests": {}}
+    servers = {s.attributes.get("url.path") for s in spans if s.kind == SERVER and s.name == "GET"}
+    assert servers >= set(paths)

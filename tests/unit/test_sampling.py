@@ -1,0 +1,55 @@
+"""The sampler settings (otel_envoy/sampling.py): OpenTelemetry names and variables, flags, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from otel_envoy.sampling import SamplerError, SamplerSettings, sampler_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_always_on_by_default_and_everything_is_traced() -> None:
+    s = sampler_settings(env={})
+    assert s == SamplerSettings("always_on", 1.0) and not s.in_kernel and s.kernel_threshold() == 2**32
+
+
+def test_the_environment_names_the_sampler_and_flags_win() -> None:
+    env = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
+    s = sampler_settings(env=env)
+    assert s == SamplerSettings("traceidratio", 0.25) and s.in_kernel and s.kernel_threshold() == 2**30
+    assert sampler_settings("always_off", None, env) == SamplerSettings("always_off", 0.0)
+    assert sampler_settings(None, "0.5", env).ratio == 0.5
+    assert sampler_settings("TraceIdRatio", "1", {}).ratio == 1.0  # names are case-insensitive
+
+
+def test_traceidratio_without_a_ratio_traces_everything() -> None:
+    assert sampler_settings("traceidratio", None, {}).ratio == 1.0
+    assert sampler_settings("traceidratio", "", {}).ratio == 1.0
+
+
+@pytest.mark.parametrize(("name", "arg", "message"), [
+    ("sometimes", None, "unknown sampler 'sometimes'"),
+    ("traceidratio", "1.5", "out of range"),
+    ("traceidratio", "-0.1", "out of range"),
+    ("traceidratio", "half", "is not a number"),
+    ("parentbased_traceidratio", "0.1", "not supported yet"),
+])
+def test_bad_input_is_one_clear_error(name: str, arg: str | None, message: str) -> None:
+    with pytest.raises(SamplerError, match=message):
+        sampler_settings(name, arg, {})
+
+
+def test_the_cli_refuses_a_bad_sampler_with_exit_2_and_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["OTEL_TRACES_SAMPLER"] = "traceidratio"
+    env["OTEL_TRACES_SAMPLER_ARG"] = "2"
+    proc = subprocess.run([sys.executable, "-m", "otel_envoy.cli", "run", "--pid", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "out of range" in proc.stderr and "Traceback" not in proc.stderr
