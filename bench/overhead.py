@@ -345,7 +345,7 @@ class Daemon:
 
     def __init__(
         self, lab: EnvoyLab, workdir: Path, requests: bool = True, source: Path | None = None,
-        offcpu: bool = True, cpus: str = "1",
+        offcpu: bool = True, cpus: str = "1", extra_args: list[str] | None = None,
     ) -> None:
         self.ready = workdir / f"ready-{time.monotonic_ns()}"
         self.summary = workdir / f"summary-{time.monotonic_ns()}.json"
@@ -366,6 +366,7 @@ class Daemon:
             str(self.summary),
             *([] if requests else ["--no-requests"]),
             *([] if offcpu else ["--no-offcpu"]),
+            *(extra_args or []),
         ]
         # stderr to a file, not a pipe nobody reads while it runs (a full pipe would stall the daemon)
         self.log = workdir / f"daemon-{time.monotonic_ns()}.log"
@@ -447,6 +448,7 @@ def daemon_fields(summary: dict, daemon_cpu_s: float, seconds: float, requests: 
         "requests_traced": counts.get("requests", 0),
         "events": counts.get("events", 0),
         "drops": summary["drops"],
+        "requests_sampled": (summary.get("sampler") or {}).get("requests") or None,
         "daemon_cpu_us_per_conn": (daemon_cpu_s / conns * 1e6) if conns else None,
         "daemon_cpu_us_per_req": daemon_cpu_s / max(requests, 1) * 1e6,
     }
@@ -454,14 +456,14 @@ def daemon_fields(summary: dict, daemon_cpu_s: float, seconds: float, requests: 
 
 def one_run(
     lab: EnvoyLab, workload: str, traced: bool, seconds: float, workdir: Path, source: Path | None = None,
-    daemon_cpus: str = "1", h2load_requests: int | None = None,
+    daemon_cpus: str = "1", h2load_requests: int | None = None, daemon_args: list[str] | None = None,
 ) -> dict:
     """One baseline or traced run, with h2load for ``h2load_requests`` requests when given, else wrk for
     ``seconds``."""
     tls = workload.startswith("tls_")
     requests = tls or workload == "keepalive_requests"
     daemon = Daemon(lab, workdir, requests=requests, offcpu=workload != "keepalive_no_offcpu",
-                    source=source, cpus=daemon_cpus) if traced else None
+                    source=source, cpus=daemon_cpus, extra_args=daemon_args) if traced else None
     try:
         time.sleep(0.5)
         envoy0, ticks0, iwi0 = cpu_seconds(lab.pid), cpu_ticks(), irq_work_interrupts()
@@ -508,6 +510,10 @@ def main() -> int:
         "--daemon-cpus", default="1",
         help="CPUs the daemon may run on (taskset list), or 'all' to leave its placement to the scheduler",
     )
+    parser.add_argument(
+        "--daemon-args", default="",
+        help="more daemon flags, space-separated (e.g. '--sampler traceidratio --sampler-arg 0.01')",
+    )
     args = parser.parse_args()
     unknown = [w for w in args.workloads.split(",") if w not in WORKLOADS]
     if unknown:
@@ -528,6 +534,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
         "daemon": daemon_revision(args.daemon_rev),
         "daemon_cpus": args.daemon_cpus,
+        "daemon_args": args.daemon_args,
         "client": args.client,
         "workloads": {},
     }
@@ -555,7 +562,7 @@ def main() -> int:
             for i in range(args.rounds):
                 for mode in ("baseline", "traced") if i % 2 == 0 else ("traced", "baseline"):
                     r = one_run(lab, workload, mode == "traced", args.seconds, Path(tmp), source,
-                                args.daemon_cpus, h2load_requests)
+                                args.daemon_cpus, h2load_requests, args.daemon_args.split())
                     runs[mode].append(r)
                     print(
                         f"{workload:11s} {mode:8s} round {i}: {r['rps']:9.0f} req/s  envoy "
