@@ -13,6 +13,7 @@ import pytest
 
 from otel_envoy.lab.lab import EnvoyLab
 from tests.support.daemon import DaemonProcess
+from tests.support.keepalive import get_all
 from tests.support.parallel import run_in_threads
 from tests.support.traces import (
     Trace,
@@ -252,16 +253,7 @@ def _tls_keep_alive(port: int, ca: str, paths: list[str]) -> tuple[int, list[int
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     local_port = raw.getsockname()[1]
     conn.sock = ctx.wrap_socket(raw, server_hostname="a.example.com")
-    statuses = []
-    try:
-        for path in paths:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            resp.read()
-            statuses.append(resp.status)
-    finally:
-        conn.close()
-    return local_port, statuses
+    return local_port, get_all(conn, paths)
 
 
 def test_tls_connection_counts_records_and_holds_its_upstream_requests(lab, receiver, traced):

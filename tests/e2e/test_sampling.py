@@ -12,6 +12,7 @@ from otel_envoy.export.otlp_json_decode import decode_request_json
 from otel_envoy.lab.lab import EnvoyLab
 from otel_envoy.spans.model import SpanRecord
 from tests.support.daemon import DaemonProcess
+from tests.support.keepalive import get_all
 from tests.support.parallel import run_in_threads
 
 pytestmark = pytest.mark.root
@@ -27,17 +28,7 @@ def lab():
 
 
 def _keep_alive(port: int, paths: list[str]) -> list[int]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    statuses = []
-    try:
-        for path in paths:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            resp.read()
-            statuses.append(resp.status)
-    finally:
-        conn.close()
-    return statuses
+    return get_all(http.client.HTTPConnection("127.0.0.1", port, timeout=10), paths)
 
 
 def _traced_run(lab: EnvoyLab, workdir: Path, sampler: list[str]) -> tuple[list[SpanRecord], dict, list[str]]:
