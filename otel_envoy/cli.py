@@ -48,6 +48,9 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
                         "(else OTEL_TRACES_SAMPLER)")
     p.add_argument("--sampler-arg", metavar="RATIO",
                    help="traceidratio's ratio, 0 to 1 (else OTEL_TRACES_SAMPLER_ARG; default 1)")
+    p.add_argument("--cpu-budget", type=float, default=None, metavar="SHARE",
+                   help="share of one CPU the daemon may use; past it fewer plaintext requests are traced "
+                        "(default 0.5; 0: no budget)")
 
 
 def _add_export_args(p: argparse.ArgumentParser, default_output: bool) -> None:
@@ -109,6 +112,12 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         sampler = sampler_settings(args.sampler, args.sampler_arg)
     except SamplerError as exc:
         return _fail(str(exc), EXIT_USAGE)
+    from .sampling import DEFAULT_CPU_BUDGET
+
+    cpu_budget = DEFAULT_CPU_BUDGET if args.cpu_budget is None else args.cpu_budget
+    if not 0.0 <= cpu_budget <= os.cpu_count() or cpu_budget != cpu_budget:  # NaN is not a budget
+        return _fail(f"--cpu-budget {args.cpu_budget} is out of range (0 to {os.cpu_count()} CPUs)",
+                     EXIT_USAGE)
     if os.geteuid() != 0:
         return _fail("must run as root: loading BPF programs needs CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN")
     otlp, output = (None, None) if record_only else _otlp_and_output(args)
@@ -124,7 +133,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         require_envoy=not args.any_process, ready_file=args.ready_file, summary_json=args.summary_json,
         requests=args.requests, offcpu=args.offcpu, symbols=args.symbols,
         offcpu_min_ns=int(args.offcpu_threshold * 1e6), round_min_ns=int(args.round_threshold * 1e6),
-        metrics_interval=interval, sampler=sampler,
+        metrics_interval=interval, sampler=sampler, cpu_budget=cpu_budget,
     )
     if args.offcpu_threshold < 0 or args.round_threshold < 0:
         return _fail("--offcpu-threshold and --round-threshold must not be negative", EXIT_USAGE)

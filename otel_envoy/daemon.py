@@ -40,7 +40,7 @@ from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
 from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
 from .probes.loader import ConnectionProbes, ProbeConfig
-from .sampling import SamplerSettings
+from .sampling import DEFAULT_CPU_BUDGET, CpuBudget, SamplerSettings
 from .spans.clock import MonotonicClock
 from .spans.round_spans import idle_wakes_by_kind
 from .stacks import Symbolizer, SymbolsFileError
@@ -88,6 +88,7 @@ class DaemonOptions:
     symbols: list[str] = field(default_factory=list)  # --symbols files (unstripped copies / debug files)
     metrics_interval: float | None = DEFAULT_INTERVAL_S  # seconds between metric exports; None: no metrics
     sampler: SamplerSettings = field(default_factory=lambda: SamplerSettings("always_on", 1.0))
+    cpu_budget: float = DEFAULT_CPU_BUDGET  # share of one CPU; past it fewer requests are traced (0: none)
 
 
 def make_resource() -> Resource:
@@ -167,7 +168,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
     except SymbolsFileError as exc:
         raise UsageError(str(exc)) from exc
     requests = opts.requests and opts.sampler.ratio > 0.0  # always_off: no request capture at all
-    sampling = requests and opts.sampler.in_kernel
+    budget = CpuBudget(opts.cpu_budget, opts.sampler.ratio) if requests and opts.cpu_budget > 0 else None
+    sampling = requests and (opts.sampler.in_kernel or budget is not None)
     probes = ConnectionProbes(ProbeConfig(
         max_conns=opts.max_conns, http_capture=requests, offcpu=opts.offcpu,
         offcpu_min_ns=opts.offcpu_min_ns, round_min_ns=opts.round_min_ns, sampling=sampling))
@@ -201,7 +203,13 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if opts.ready_file:
             with open(opts.ready_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
-        await _wait(opts, loop, rescan_now, targets, listeners, probes, ring, known_ports)
+        budget_task = asyncio.ensure_future(_keep_to_budget(budget, probes, ring, opts.sampler.name)) \
+            if budget is not None else None
+        try:
+            await _wait(opts, loop, rescan_now, targets, listeners, probes, ring, known_ports)
+        finally:
+            if budget_task is not None:
+                budget_task.cancel()
     finally:
         ring.stop_requested.set()
         if ring.is_alive():
@@ -227,7 +235,9 @@ async def run_daemon(opts: DaemonOptions) -> int:
                        "correlator": dict(pipeline.correlator.stats), "offcpu": offcpu,
                        "idle_wakeups": wakes,
                        "sampler": {"name": opts.sampler.name, "ratio": opts.sampler.ratio,
-                                   "requests": sampled}}, f, default=str)
+                                   "requests": sampled,
+                                   "cpu_budget": budget.summary() if budget is not None else None}},
+                      f, default=str)
     print(
         f"otel-envoy: {pipeline.counts['connections']} connections, {pipeline.counts['spans']} spans, "
         f"{pipeline.counts['events']} events, exported {stats.get('exported', {})}, "
@@ -304,6 +314,24 @@ def report_new_drops(probes: ConnectionProbes, before: dict[str, int]) -> dict[s
                     "connections and requests concerned are incomplete", RESCAN_INTERVAL_S,
                     ", ".join(f"{k}={v}" for k, v in sorted(new.items())))
     return now
+
+
+BUDGET_INTERVAL_S = 1.0
+
+
+async def _keep_to_budget(budget: CpuBudget, probes: ConnectionProbes, ring: _RingThread, name: str) -> None:
+    """Once a second: the daemon's share of a CPU (all its threads) to the budget, and a changed ratio to
+    the kernel's threshold and (as a sampler context record) to the pipeline."""
+    wall, cpu = time.monotonic(), time.process_time()
+    while True:
+        await asyncio.sleep(BUDGET_INTERVAL_S)
+        now_wall, now_cpu = time.monotonic(), time.process_time()
+        ratio = budget.observe((now_cpu - cpu) / max(now_wall - wall, 1e-3))
+        wall, cpu = now_wall, now_cpu
+        if ratio is not None:
+            probes.set_sample_threshold(round(ratio * 2**32))
+            ring.context.put(SamplerContext(name, ratio).to_json())
+            log.info("CPU budget %.2f: tracing %.4g of plaintext requests", budget.budget, ratio)
 
 
 async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now: asyncio.Event,

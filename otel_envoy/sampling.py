@@ -10,6 +10,9 @@ Configured the OpenTelemetry way: ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLE
   traced costs no ring record. The decision is random rather than a function of the trace id, because the
   kernel decides before any header is parsed; over many requests it keeps the same share.
 
+A CPU budget (``--cpu-budget``, :class:`CpuBudget`) lowers the ratio while the daemon uses more than its
+share of a CPU, and raises it back when it can.
+
 The ``parentbased_*`` samplers need the kernel to read a request's ``traceparent`` before it decides; that
 is not built yet, so they are refused with a clear message rather than silently treated as another sampler.
 """
@@ -20,7 +23,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["SAMPLERS", "SamplerError", "SamplerSettings", "sampler_settings"]
+__all__ = ["DEFAULT_CPU_BUDGET", "MIN_BUDGET_RATIO", "SAMPLERS", "CpuBudget", "SamplerError",
+           "SamplerSettings", "sampler_settings"]
 
 #: Sampler names this build accepts.
 SAMPLERS = ("always_on", "always_off", "traceidratio")
@@ -74,3 +78,43 @@ def sampler_settings(name: str | None = None, arg: str | None = None,
     if chosen == "always_off":
         return SamplerSettings(chosen, 0.0)
     return SamplerSettings(chosen, _ratio(arg) if arg not in (None, "") else 1.0)
+
+
+#: Default share of one CPU the daemon may use before it traces fewer requests (``--cpu-budget``).
+DEFAULT_CPU_BUDGET = 0.5
+#: The lowest share of requests the budget lowers the ratio to.
+MIN_BUDGET_RATIO = 1 / 65536
+
+
+class CpuBudget:
+    """Keeps the daemon within ``budget`` of one CPU by lowering the share of requests traced.
+
+    Once a second the daemon reports the share of a CPU it used (:meth:`observe`). Above the budget the ratio
+    is halved (down to :data:`MIN_BUDGET_RATIO`); below half of it the ratio doubles back, never above the
+    sampler's own. Requests the kernel did not sample are counted there, so what was not traced is known.
+    """
+
+    def __init__(self, budget: float, ratio: float) -> None:
+        self.budget = budget
+        self.configured = ratio
+        self.ratio = ratio
+        self.lowest = ratio
+        self.changes = 0
+        self.highest_share = 0.0
+
+    def observe(self, share: float) -> float | None:
+        """The CPU share of the last interval; the new ratio when it changes, else None."""
+        self.highest_share = max(self.highest_share, share)
+        if share > self.budget and self.ratio > MIN_BUDGET_RATIO:
+            new = max(self.ratio / 2, MIN_BUDGET_RATIO)
+        elif share < self.budget / 2 and self.ratio < self.configured:
+            new = min(self.ratio * 2, self.configured)
+        else:
+            return None
+        self.ratio, self.lowest, self.changes = new, min(self.lowest, new), self.changes + 1
+        return new
+
+    def summary(self) -> dict[str, float | int]:
+        """What the budget did, for the run's summary."""
+        return {"budget": self.budget, "ratio_now": self.ratio, "ratio_lowest": self.lowest,
+                "changes": self.changes, "highest_share": round(self.highest_share, 3)}

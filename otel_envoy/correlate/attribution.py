@@ -163,7 +163,7 @@ class UpstreamAttribution:
                 continue
             if like is not None and rr.request.method == like.method and rr.request.path == like.path:
                 return rr
-            if delay > max_delay or self.exact_only:
+            if delay > max_delay or (self.exact_only and like is not None):
                 continue
             if rr.reserved:
                 reserved = reserved or rr

@@ -79,6 +79,32 @@ def test_always_off_traces_no_request_but_keeps_the_connections(lab, tmp_path) -
 
 def test_without_a_sampler_every_request_is_traced(lab, tmp_path) -> None:
     spans, summary, paths = _traced_run(lab, tmp_path, [])
-    assert summary["sampler"] == {"name": "always_on", "ratio": 1.0, "requests": {}}
+    sampler = summary["sampler"]
+    assert (sampler["name"], sampler["ratio"], sampler["cpu_budget"]["budget"]) == ("always_on", 1.0, 0.5)
+    assert sampler["requests"] == {"sampled": len(paths) - CONNECTIONS, "not_sampled": 0}  # within budget
     servers = {s.attributes.get("url.path") for s in spans if s.kind == SERVER and s.name == "GET"}
     assert servers >= set(paths)
+
+
+def test_a_cpu_budget_lowers_the_share_traced_under_load_and_counts_the_rest(tmp_path) -> None:
+    """Saturating keep-alive load (h2load) with every request to be traced and a budget of 5 % of a CPU:
+    the daemon halves the share traced each second it is over, and what it did not trace is counted."""
+    import shutil
+    import subprocess
+
+    with EnvoyLab(concurrency=1, direct_response=True) as lab:
+        output, summary = tmp_path / "spans.jsonl", tmp_path / "summary.json"
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--output", str(output), "--summary-json",
+                                str(summary), "--no-offcpu", "--cpu-budget", "0.05"], tmp_path).start()
+        h2load = shutil.which("h2load")
+        assert h2load, "h2load (nghttp2-client) is needed"
+        proc = subprocess.run([h2load, "--h1", "-c", "8", "-n", "200000", "-D", "6",
+                               f"http://127.0.0.1:{lab.http_port}/"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert daemon.stop() == 0, daemon.stderr()
+    s = json.loads(summary.read_text())["sampler"]
+    budget, counts = s["cpu_budget"], s["requests"]
+    assert budget["budget"] == 0.05 and budget["changes"] >= 2 and budget["ratio_lowest"] <= 0.25
+    assert budget["highest_share"] > 0.05  # it was over, which is why it adapted
+    assert counts["not_sampled"] > counts["sampled"] > 0

@@ -53,3 +53,27 @@ def test_the_cli_refuses_a_bad_sampler_with_exit_2_and_one_line() -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "out of range" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_cpu_budget_halves_the_ratio_while_over_and_doubles_it_back_while_well_under() -> None:
+    from otel_envoy.sampling import MIN_BUDGET_RATIO, CpuBudget
+
+    b = CpuBudget(0.5, 1.0)
+    assert b.observe(0.4) is None  # within the budget: nothing changes
+    assert b.observe(0.9) == 0.5 and b.observe(0.8) == 0.25
+    assert b.observe(0.3) is None  # between half the budget and the budget: it holds
+    assert b.observe(0.1) == 0.5 and b.observe(0.1) == 1.0
+    assert b.observe(0.0) is None  # never above the sampler's own ratio
+    assert b.summary() == {"budget": 0.5, "ratio_now": 1.0, "ratio_lowest": 0.25, "changes": 4,
+                           "highest_share": 0.9}
+    low = CpuBudget(0.1, 0.01)
+    for _ in range(40):
+        low.observe(1.0)
+    assert low.ratio == MIN_BUDGET_RATIO  # bounded below: a trickle of requests stays traced
+
+
+def test_the_cli_refuses_a_budget_out_of_range() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    proc = subprocess.run([sys.executable, "-m", "otel_envoy.cli", "run", "--pid", "1", "--cpu-budget", "-1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--cpu-budget" in proc.stderr
