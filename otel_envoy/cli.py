@@ -50,7 +50,7 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
                    help="traceidratio's ratio, 0 to 1 (else OTEL_TRACES_SAMPLER_ARG; default 1)")
     p.add_argument("--cpu-budget", type=float, default=None, metavar="SHARE",
                    help="share of one CPU the daemon may use; past it fewer plaintext requests are traced "
-                        "(default 0.5; 0: no budget)")
+                        "(default 0.1; 0: no budget)")
 
 
 def _add_export_args(p: argparse.ArgumentParser, default_output: bool) -> None:

@@ -81,7 +81,7 @@ def sampler_settings(name: str | None = None, arg: str | None = None,
 
 
 #: Default share of one CPU the daemon may use before it traces fewer requests (``--cpu-budget``).
-DEFAULT_CPU_BUDGET = 0.5
+DEFAULT_CPU_BUDGET = 0.1
 #: The lowest share of requests the budget lowers the ratio to.
 MIN_BUDGET_RATIO = 1 / 65536
 

@@ -10,6 +10,7 @@ import pytest
 
 from otel_envoy.export.otlp_json_decode import decode_request_json
 from otel_envoy.lab.lab import EnvoyLab
+from otel_envoy.sampling import DEFAULT_CPU_BUDGET
 from otel_envoy.spans.model import SpanRecord
 from tests.support.daemon import DaemonProcess
 from tests.support.keepalive import get_all
@@ -80,7 +81,8 @@ def test_always_off_traces_no_request_but_keeps_the_connections(lab, tmp_path) -
 def test_without_a_sampler_every_request_is_traced(lab, tmp_path) -> None:
     spans, summary, paths = _traced_run(lab, tmp_path, [])
     sampler = summary["sampler"]
-    assert (sampler["name"], sampler["ratio"], sampler["cpu_budget"]["budget"]) == ("always_on", 1.0, 0.5)
+    assert (sampler["name"], sampler["ratio"]) == ("always_on", 1.0)
+    assert sampler["cpu_budget"]["budget"] == DEFAULT_CPU_BUDGET
     assert sampler["requests"] == {"sampled": len(paths) - CONNECTIONS, "not_sampled": 0}  # within budget
     servers = {s.attributes.get("url.path") for s in spans if s.kind == SERVER and s.name == "GET"}
     assert servers >= set(paths)
