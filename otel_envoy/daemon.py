@@ -242,7 +242,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
         f"otel-envoy: {pipeline.counts['connections']} connections, {pipeline.counts['spans']} spans, "
         f"{pipeline.counts['events']} events, exported {stats.get('exported', {})}, "
         f"drops {drops or 'none'}"
-        + (f", requests sampled {sampled['sampled']}, not {sampled['not_sampled']}" if sampled else ""),
+        + (f", requests sampled {sampled['sampled']}, not {sampled['not_sampled']}"
+           if sampled and any(sampled.values()) else ""),
         file=sys.stderr,
     )
     return 0
