@@ -115,7 +115,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
     from .sampling import DEFAULT_CPU_BUDGET
 
     cpu_budget = DEFAULT_CPU_BUDGET if args.cpu_budget is None else args.cpu_budget
-    if not 0.0 <= cpu_budget <= os.cpu_count() or cpu_budget != cpu_budget:  # NaN is not a budget
+    if not 0.0 <= cpu_budget <= os.cpu_count():  # false for NaN too
         return _fail(f"--cpu-budget {args.cpu_budget} is out of range (0 to {os.cpu_count()} CPUs)",
                      EXIT_USAGE)
     if os.geteuid() != 0:

@@ -89,9 +89,6 @@ class EventPipeline:
         self._handle = self.correlator.handle
         self._counts: Counter[str] = Counter()
         self._events = 0  # a plain int: counted per kernel record (see the counts property)
-        # The kernel samples requests (a sampler context record): an upstream request or connection that no
-        # traced request caused belongs, most likely, to a request that was not sampled, so it is left out.
-        self.requests_sampled = False
         if recorder is not None:
             recorder.context(ClockContext(clock.offset_ns).to_json())
 
@@ -126,8 +123,7 @@ class EventPipeline:
         elif kind == ListenerNamesContext.TYPE:
             self.correlator.set_listener_names(ListenerNamesContext.from_json(obj).names)
         elif kind == SamplerContext.TYPE:
-            self.requests_sampled = SamplerContext.from_json(obj).ratio < 1.0
-            self.correlator.attribution.exact_only = self.requests_sampled
+            self.correlator.attribution.exact_only = SamplerContext.from_json(obj).ratio < 1.0
 
     def replay(self, items: Iterable[tuple[str, object]]) -> int:
         """Feed recorded kernel and context records (those after the clock record), then finish at the last
@@ -149,6 +145,13 @@ class EventPipeline:
         last = self.correlator.latest_ns  # the latest event time: it only grows
         self.finish(last)
         return last
+
+    @property
+    def requests_sampled(self) -> bool:
+        """The kernel samples requests (the last sampler context record said so): an upstream request or
+        connection that no traced request caused belongs, most likely, to a request that was not sampled,
+        so it is left out, and attribution pairs by request line only."""
+        return self.correlator.attribution.exact_only
 
     def tick(self, now_mono_ns: int) -> None:
         """Periodic: emit connections whose linger time passed."""
