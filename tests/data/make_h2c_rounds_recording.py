@@ -8,31 +8,17 @@ After regenerating, regenerate tests/data/h2c_rounds.spans.canonical as tests/un
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from otel_envoy.lab import clients
-from otel_envoy.lab.lab import EnvoyLab
-
-HERE = Path(__file__).resolve().parent
+from tests.data.make_recording import HERE, recording
 
 
 def main() -> None:
-    out = HERE / "h2c_rounds.events"
-    with tempfile.TemporaryDirectory() as tmp, EnvoyLab(concurrency=2) as lab:
-        ready = Path(tmp) / "ready"
-        proc = subprocess.Popen([sys.executable, "-m", "otel_envoy.cli", "record", "--pid", str(lab.pid),
-                                 "--events", str(out), "--ready-file", str(ready),
-                                 "--offcpu-threshold", "0", "--round-threshold", "0"])
-        while not ready.exists():
-            assert proc.poll() is None, "record failed"
-            time.sleep(0.1)
-        time.sleep(0.2)
+    with recording(HERE / "h2c_rounds.events", "--offcpu-threshold", "0", "--round-threshold", "0") as lab:
         for path in ("/", "/bytes/100", "/status/500", "/status/404"):
             clients.curl_plain(lab.http_port, path)
             clients.curl_plain(lab.http_port, path, http2_prior_knowledge=True)
@@ -40,9 +26,6 @@ def main() -> None:
         clients.curl_tls(lab.tls_port, "b.example.com", alpn="http/1.1", tls_version="1.2", ca=lab.ca_path)
         clients.reset_client(lab.http_port)
         clients.burst(lab.http_port, 5)
-        time.sleep(0.5)
-        proc.send_signal(2)
-        proc.wait(30)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ The client ports are written to tests/data/lab.events.json so tests can find eac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -23,16 +25,27 @@ from otel_envoy.lab.lab import EnvoyLab
 HERE = Path(__file__).resolve().parent
 
 
-def main() -> None:
-    out = HERE / "lab.events"
+@contextlib.contextmanager
+def recording(out: Path, *flags: str) -> Iterator[EnvoyLab]:
+    """A lab Envoy (2 workers) under `otel-envoy record --events out FLAGS` while the body drives traffic;
+    the recorder is stopped after it and must exit 0."""
     with tempfile.TemporaryDirectory() as tmp, EnvoyLab(concurrency=2) as lab:
         ready = Path(tmp) / "ready"
         proc = subprocess.Popen([sys.executable, "-m", "otel_envoy.cli", "record", "--pid", str(lab.pid),
-                                 "--events", str(out), "--ready-file", str(ready)])
+                                 "--events", str(out), "--ready-file", str(ready), *flags])
         while not ready.exists():
             assert proc.poll() is None, "record failed"
             time.sleep(0.1)
         time.sleep(0.2)
+        yield lab
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+
+
+def main() -> None:
+    out = HERE / "lab.events"
+    with recording(out) as lab:
         meta = {"pid": lab.pid, "http_port": lab.http_port, "tls_port": lab.tls_port}
         meta["plain"] = clients.curl_plain(lab.http_port).local_port
         meta["tls13"] = clients.curl_tls(lab.tls_port, "a.example.com", alpn="h2", tls_version="1.3",
@@ -40,9 +53,6 @@ def main() -> None:
         clients.openssl_s_client(lab.tls_port, "b.example.com", alpn="http/1.1", tls_version="1.2")
         meta["reset"] = clients.reset_client(lab.http_port).local_port
         meta["burst"] = clients.burst(lab.http_port, 20, concurrency=5).local_ports
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
     (HERE / "lab.events.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"wrote {out} ({out.stat().st_size} bytes)")
 
