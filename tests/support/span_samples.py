@@ -7,6 +7,7 @@ the SDK's spans, so SDK spans made from them encode to the same bytes.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -291,3 +292,18 @@ def check_batch_records(records: list[SpanRecord], n: int) -> None:
     assert child.events == [(BATCH_T0 + 2500, "evt", {"n": 2})]
     assert child.links == [(f"{BATCH_TRACE:032x}", "0000000000000001", {"why": "x"})]
     assert child.start_ns == BATCH_T0 + 2000 and child.end_ns == BATCH_T0 + 2900
+
+
+def special_values_record() -> SpanRecord:
+    """A record whose attributes JSON and int64 cannot hold as they are: NaN, -inf, integers beyond 64 bits,
+    None."""
+    return record("special", 1, attributes={"nan": float("nan"), "inf": float("-inf"), "huge": 2**70,
+                                            "neg.huge": -(2**64), "none": None})
+
+
+def strict_json_loads(text: str) -> Any:
+    """json.loads that fails on NaN/Infinity tokens (standard JSON has none)."""
+    def reject(token: str) -> Any:
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=reject)

@@ -15,6 +15,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
 
 from otel_envoy.export.otlp_grpc import RETRYABLE_CODES, GrpcTraceSender
+from tests.support.senders import assert_shutdown_ends_a_backoff
 
 PAYLOAD = b"\x0a\x00"  # one empty ResourceSpans
 
@@ -168,15 +169,4 @@ def test_no_retry_past_the_deadline(server: ScriptedServer) -> None:
 def test_shutdown_ends_a_backoff_and_later_sends(server: ScriptedServer) -> None:
     server.script = [(grpc.StatusCode.UNAVAILABLE, 5.0)]
     sender = _sender(server, timeout=10.0)
-    results: list[bool] = []
-    thread = threading.Thread(target=lambda: results.append(sender.send(PAYLOAD)))
-    started = time.monotonic()
-    thread.start()
-    while not server.calls:
-        time.sleep(0.01)
-    time.sleep(0.1)
-    sender.shutdown()
-    thread.join(3.0)
-    assert results == [False] and time.monotonic() - started < 2.0
-    assert not sender.send(PAYLOAD)
-    assert len(server.calls) == 1
+    assert_shutdown_ends_a_backoff(sender, server.calls, PAYLOAD)

@@ -17,6 +17,7 @@ import pytest
 
 from otel_envoy.export import otlp_http
 from otel_envoy.export.otlp_http import HttpTraceSender
+from tests.support.senders import assert_shutdown_ends_a_backoff
 
 PAYLOAD = b"\x0a\x00"  # one empty ResourceSpans
 
@@ -175,15 +176,4 @@ def test_too_large_requests_are_dropped_before_sending(server: ScriptedServer,
 def test_shutdown_ends_a_backoff_and_later_sends(server: ScriptedServer) -> None:
     server.script = [(503, {"Retry-After": "5"})]
     sender = HttpTraceSender(server.url, timeout=10.0, env={})
-    results: list[bool] = []
-    thread = threading.Thread(target=lambda: results.append(sender.send(PAYLOAD)))
-    started = time.monotonic()
-    thread.start()
-    while not server.calls:
-        time.sleep(0.01)
-    time.sleep(0.1)
-    sender.shutdown()
-    thread.join(3.0)
-    assert results == [False] and time.monotonic() - started < 2.0
-    assert not sender.send(PAYLOAD)
-    assert len(server.calls) == 1
+    assert_shutdown_ends_a_backoff(sender, server.calls, PAYLOAD)

@@ -8,7 +8,6 @@ encoder gives for those spans.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -30,20 +29,21 @@ from tests.support.sdk_oracle import (
     to_readable_spans,
     without_record_gaps,
 )
-from tests.support.span_samples import T0, TRACE_B, record, sample_records, sample_spans
-
-
-def _strict_loads(text: str) -> Any:
-    def reject(token: str) -> Any:
-        raise AssertionError(f"non-standard JSON token {token}")
-
-    return json.loads(text, parse_constant=reject)
+from tests.support.span_samples import (
+    T0,
+    TRACE_B,
+    record,
+    sample_records,
+    sample_spans,
+    special_values_record,
+    strict_json_loads,
+)
 
 
 def test_json_string_matches_sdk_protobuf_encoding() -> None:
     spans = sample_spans()
     records = records_from_sdk_spans(spans)
-    assert_same_request(parse_otlp_json(_strict_loads(encode_request_json(records))),
+    assert_same_request(parse_otlp_json(strict_json_loads(encode_request_json(records))),
                         without_record_gaps(encode_spans(spans)))
 
 
@@ -55,13 +55,13 @@ def test_dict_matches_sdk_protobuf_encoding() -> None:
 
 def test_json_string_and_dict_paths_agree() -> None:
     records = records_from_sdk_spans(sample_spans())
-    assert _strict_loads(encode_request_json(records)) == encode_request(records)
+    assert strict_json_loads(encode_request_json(records)) == encode_request(records)
 
 
 def test_each_span_alone_matches_sdk() -> None:
     for span in sample_spans():
         records = records_from_sdk_spans([span])
-        assert_same_request(parse_otlp_json(_strict_loads(encode_request_json(records))),
+        assert_same_request(parse_otlp_json(strict_json_loads(encode_request_json(records))),
                             without_record_gaps(encode_spans([span])))
 
 
@@ -80,7 +80,7 @@ def test_the_oracle_comparison_can_fail() -> None:
 
 def test_otlp_json_conventions() -> None:
     records = records_from_sdk_spans(sample_spans())
-    obj = _strict_loads(encode_request_json(records))
+    obj = strict_json_loads(encode_request_json(records))
     resource_spans = obj["resourceSpans"]
     assert len(resource_spans) == 2  # RESOURCE (and its equal copy) + OTHER_RESOURCE
     assert resource_spans[1]["schemaUrl"] == "https://opentelemetry.io/schemas/1.21.0"
@@ -151,15 +151,16 @@ def test_records_encode_exactly_like_the_same_sdk_spans() -> None:
     records = sample_records()
     spans = to_readable_spans(records)
     expected = encode_spans(spans)
-    assert_same_request(parse_otlp_json(_strict_loads(encode_request_json(records))), expected)
+    assert_same_request(parse_otlp_json(strict_json_loads(encode_request_json(records))), expected)
     assert_same_request(parse_otlp_json(encode_request(records)), expected)
-    assert _strict_loads(encode_request_json(records)) == encode_request(records)
+    assert strict_json_loads(encode_request_json(records)) == encode_request(records)
     for r, span in zip(records, spans, strict=True):
-        assert_same_request(parse_otlp_json(_strict_loads(encode_request_json([r]))), encode_spans([span]))
+        ours = parse_otlp_json(strict_json_loads(encode_request_json([r])))
+        assert_same_request(ours, encode_spans([span]))
 
 
 def test_record_grouping() -> None:
-    obj = _strict_loads(encode_request_json(sample_records()))
+    obj = strict_json_loads(encode_request_json(sample_records()))
     groups = [
         (rs.get("schemaUrl"), [(ss["scope"], [s["name"] for s in ss["spans"]]) for ss in rs["scopeSpans"]])
         for rs in obj["resourceSpans"]
@@ -184,18 +185,8 @@ def test_record_grouping() -> None:
 
 
 def test_record_special_values() -> None:
-    r = record(
-        "special",
-        1,
-        attributes={
-            "nan": float("nan"),
-            "inf": float("-inf"),
-            "huge": 2**70,
-            "neg.huge": -(2**64),
-            "none": None,
-        },
-    )
-    obj = _strict_loads(encode_request_json([r]))  # still strict JSON
+    r = special_values_record()
+    obj = strict_json_loads(encode_request_json([r]))  # still strict JSON
     (span,) = obj["resourceSpans"][0]["scopeSpans"][0]["spans"]
     assert {kv["key"]: kv["value"] for kv in span["attributes"]} == {
         "nan": {"doubleValue": "NaN"}, "inf": {"doubleValue": "-Infinity"},

@@ -14,18 +14,19 @@ from otel_envoy.export.otlp_json import encode_request_json
 from otel_envoy.export.otlp_json_decode import decode_request_json
 from otel_envoy.spans.model import SpanRecord
 from tests.support.sdk_oracle import records_from_proto, records_from_sdk_spans
-from tests.support.span_samples import T0, TRACE_A, TRACE_B, record, sample_records, sample_spans
+from tests.support.span_samples import (
+    T0,
+    TRACE_A,
+    TRACE_B,
+    sample_records,
+    sample_spans,
+    special_values_record,
+    strict_json_loads,
+)
 
 
 def _normalise(records: list[SpanRecord]) -> list[SpanRecord]:
     return sorted(records, key=lambda r: (r.trace_id, r.span_id))
-
-
-def _strict_loads(text: str) -> Any:
-    def reject(token: str) -> Any:
-        raise AssertionError(f"non-standard JSON token {token}")
-
-    return json.loads(text, parse_constant=reject)
 
 
 def test_empty_batch() -> None:
@@ -113,23 +114,13 @@ def test_records_round_trip_through_json() -> None:
     records[2].flags = 0  # a record without flags keeps none
     records[2].status_message = "message without an error code"
     records[3].attributes = {"nested": {"kv": [1, {"x": b"\x01"}]}}
-    from_json = decode_request_json(_strict_loads(encode_request_json(records)))
+    from_json = decode_request_json(strict_json_loads(encode_request_json(records)))
     assert _normalise(from_json) == _normalise(records)
 
 
 def test_record_special_values() -> None:
-    r = record(
-        "special",
-        1,
-        attributes={
-            "nan": float("nan"),
-            "inf": float("-inf"),
-            "huge": 2**70,
-            "neg.huge": -(2**64),
-            "none": None,
-        },
-    )
-    (decoded,) = decode_request_json(_strict_loads(encode_request_json([r])))  # still strict JSON
+    r = special_values_record()
+    (decoded,) = decode_request_json(strict_json_loads(encode_request_json([r])))  # still strict JSON
     assert math.isnan(decoded.attributes["nan"])
     assert decoded.attributes["inf"] == float("-inf")
     assert decoded.attributes["huge"] == str(2**70)  # not representable as int64: a string

@@ -12,7 +12,7 @@ from otel_envoy.export import otlp_proto
 from otel_envoy.export.otlp_proto import encode_request_proto
 from otel_envoy.spans.model import SpanRecord
 from tests.support.sdk_oracle import records_from_proto, to_readable_spans
-from tests.support.span_samples import TRACE_B, record, sample_records
+from tests.support.span_samples import TRACE_B, record, sample_records, special_values_record
 
 
 def _normalise(records: list[SpanRecord]) -> list[SpanRecord]:
@@ -55,17 +55,7 @@ def test_records_round_trip_through_protobuf() -> None:
 
 
 def test_record_special_values() -> None:
-    r = record(
-        "special",
-        1,
-        attributes={
-            "nan": float("nan"),
-            "inf": float("-inf"),
-            "huge": 2**70,
-            "neg.huge": -(2**64),
-            "none": None,
-        },
-    )
+    r = special_values_record()
     (pb,) = _decode(encode_request_proto([r]))
     assert math.isnan(pb.attributes["nan"])
     assert pb.attributes["inf"] == float("-inf")
