@@ -40,7 +40,7 @@ from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
 from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
 from .probes.loader import ConnectionProbes, ProbeConfig
-from .sampling import DEFAULT_CPU_BUDGET, CpuBudget, SamplerSettings
+from .sampling import DEFAULT_CPU_BUDGET, CpuBudget, SamplerSettings, kernel_threshold
 from .spans.clock import MonotonicClock
 from .spans.round_spans import idle_wakes_by_kind
 from .stacks import Symbolizer, SymbolsFileError
@@ -330,7 +330,7 @@ async def _keep_to_budget(budget: CpuBudget, probes: ConnectionProbes, ring: _Ri
         ratio = budget.observe((now_cpu - cpu) / max(now_wall - wall, 1e-3))
         wall, cpu = now_wall, now_cpu
         if ratio is not None:
-            probes.set_sample_threshold(round(ratio * 2**32))
+            probes.set_sample_threshold(kernel_threshold(ratio))
             ring.context.put(SamplerContext(name, ratio).to_json())
             log.info("CPU budget %.2f: tracing %.4g of plaintext requests", budget.budget, ratio)
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = ["DEFAULT_CPU_BUDGET", "MIN_BUDGET_RATIO", "SAMPLERS", "CpuBudget", "SamplerError",
-           "SamplerSettings", "sampler_settings"]
+           "SamplerSettings", "kernel_threshold", "sampler_settings"]
 
 #: Sampler names this build accepts.
 SAMPLERS = ("always_on", "always_off", "traceidratio")
@@ -48,8 +48,13 @@ class SamplerSettings:
         return self.ratio < 1.0
 
     def kernel_threshold(self) -> int:
-        """The threshold the kernel compares a 32-bit random number with: sampled when below it."""
-        return round(self.ratio * 2**32)
+        """The kernel's threshold for this sampler's ratio (:func:`kernel_threshold`)."""
+        return kernel_threshold(self.ratio)
+
+
+def kernel_threshold(ratio: float) -> int:
+    """The threshold the kernel compares a 32-bit random number with: a request is sampled when below it."""
+    return round(ratio * 2**32)
 
 
 def _ratio(text: str) -> float:
