@@ -150,6 +150,30 @@ static __always_inline int emit_data(struct conn_state *cs, struct thread_state 
     return h2;
 }
 
+/* The read/write-family syscall (enum io_syscall) a syscall number is, or 0 for any other. */
+static __always_inline __u8 io_syscall(long nr) {
+    switch (nr) {
+    case NR_READ: return IO_READ;
+    case NR_READV: return IO_READV;
+    case NR_RECVFROM: return IO_RECVFROM;
+    case NR_RECVMSG: return IO_RECVMSG;
+    case NR_WRITE: return IO_WRITE;
+    case NR_WRITEV: return IO_WRITEV;
+    case NR_SENDTO: return IO_SENDTO;
+    case NR_SENDMSG: return IO_SENDMSG;
+    default: return 0;
+    }
+}
+
+/* The flags a recv-family call passed (MSG_PEEK marks a listener filter's peek); 0 for the others. */
+static __always_inline __u32 io_recv_flags(__u8 syscall, struct pt_regs *regs) {
+    if (syscall == IO_RECVMSG)
+        return (__u32)syscall_arg(regs, 2);
+    if (syscall == IO_RECVFROM)
+        return (__u32)syscall_arg(regs, 3);
+    return 0;
+}
+
 /* A read/write-family syscall returns. Its arguments are read back from the saved user registers (the
  * kernel leaves rdi/rsi/rdx/r10 as the caller passed them), so nothing is kept between enter and exit:
  * an EAGAIN costs no lookup, any other return one (the connection), plus the thread for a record. */
@@ -166,10 +190,7 @@ static __always_inline int on_io_exit(__u8 syscall, struct pt_regs *regs, long r
     req.syscall = syscall;
     __u8 is_write = syscall >= IO_WRITE;
     /* only reads with flags can peek (listener filters); the buffers are read below, when needed */
-    if (syscall == IO_RECVMSG)
-        req.flags = (__u32)syscall_arg(regs, 2);
-    else if (syscall == IO_RECVFROM)
-        req.flags = (__u32)syscall_arg(regs, 3);
+    req.flags = io_recv_flags(syscall, regs);
     __u8 peek = (req.flags & MSG_PEEK_FLAG) ? 1 : 0;
     __u8 report = cs->data_events < cs->capture_budget && !(is_write && (cs->flags & CONN_TLS_APP));
     __u8 tls_walk = (cs->flags & CONN_TLS) && ret > 0 && !peek;
@@ -212,21 +233,10 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     long ret = (long)ctx->args[1];
     long nr = -1;
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
-    __u8 io = 0;
-    switch (nr) {
-    case NR_EPOLL_WAIT:
-    case NR_EPOLL_PWAIT:
-    case NR_EPOLL_PWAIT2:
+    if (nr == NR_EPOLL_WAIT || nr == NR_EPOLL_PWAIT || nr == NR_EPOLL_PWAIT2)
         return on_epoll_wait_exit(ret);
-    case NR_READ: io = IO_READ; break;
-    case NR_READV: io = IO_READV; break;
-    case NR_RECVFROM: io = IO_RECVFROM; break;
-    case NR_RECVMSG: io = IO_RECVMSG; break;
-    case NR_WRITE: io = IO_WRITE; break;
-    case NR_WRITEV: io = IO_WRITEV; break;
-    case NR_SENDTO: io = IO_SENDTO; break;
-    case NR_SENDMSG: io = IO_SENDMSG; break;
-    default: return 0;
-    }
+    __u8 io = io_syscall(nr);
+    if (!io)
+        return 0;
     return on_io_exit(io, regs, ret); /* one inlined on_io_exit (one set of its stack slots) */
 }

@@ -49,15 +49,9 @@ int sample_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     long ret = (long)ctx->args[1];
     long nr = -1;
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
-    __u8 is_write = 0;
-    __u64 peek_flags = 0;
-    switch (nr) {
-    case NR_READ: case NR_READV: break;
-    case NR_RECVFROM: peek_flags = syscall_arg(regs, 3); break;
-    case NR_RECVMSG: peek_flags = syscall_arg(regs, 2); break;
-    case NR_WRITE: case NR_WRITEV: case NR_SENDTO: case NR_SENDMSG: is_write = 1; break;
-    default: return 0;
-    }
+    __u8 io = io_syscall(nr);
+    if (!io)
+        return 0;
     if (ret == -11 /* EAGAIN: io_sys_exit returns before looking */)
         return 0;
     __u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -71,10 +65,10 @@ int sample_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         cs->flags = flags;
         cs->capture_budget = CAPTURE_UNLIMITED;
     }
-    if (ret <= 0 || (peek_flags & MSG_PEEK_FLAG) || (flags & (CONN_TLS | CONN_H2)) ||
+    if (ret <= 0 || (io_recv_flags(io, regs) & MSG_PEEK_FLAG) || (flags & (CONN_TLS | CONN_H2)) ||
         cs->role != ROLE_DOWNSTREAM || cs->capture_budget != CAPTURE_UNLIMITED)
         return 0;
-    if (skip_transfer(cs, flags, is_write)) {
+    if (skip_transfer(cs, flags, io >= IO_WRITE)) {
         cs->flags |= CONN_SUSPENDED;
         cs->capture_budget = 0; /* io_sys_exit: counted on the connection, not reported */
     }

@@ -43,7 +43,7 @@ class ProbeConfig:
     offcpu: bool = True  # sched_switch / sched_waking probes: off-CPU waits of the targets' threads
     offcpu_min_ns: int = 1_000_000  # waits at least this long are sent (shorter ones only aggregated)
     round_min_ns: int = 10_000_000  # event-loop rounds at least this long are sent (or holding such a wait)
-    sampling: bool = False  # plaintext HTTP/1.x requests sampled in the kernel (set_sample_ratio)
+    sampling: bool = False  # plaintext HTTP/1.x requests sampled in the kernel (set_sample_threshold)
     program_dir: Path = BPF_DIR  # conn.bpf.c, its units and events.h (benchmarks compare another revision's)
 
     def cflags(self) -> list[str]:
