@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from otel_envoy.export.otlp_json_decode import decode_request_json
 from otel_envoy.lab.lab import EnvoyLab
 from otel_envoy.sampling import DEFAULT_CPU_BUDGET
 from otel_envoy.spans.model import SpanRecord
 from tests.support.daemon import DaemonProcess
 from tests.support.keepalive import get_all
+from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.parallel import run_in_threads
 
 pytestmark = pytest.mark.root
@@ -33,18 +33,19 @@ def _keep_alive(port: int, paths: list[str]) -> list[int]:
 
 
 def _traced_run(lab: EnvoyLab, workdir: Path, sampler: list[str]) -> tuple[list[SpanRecord], dict, list[str]]:
-    """The daemon with ``sampler`` flags while 4 keep-alive clients send 100 requests each (distinct
-    paths)."""
-    output, summary = workdir / "spans.jsonl", workdir / "summary.json"
-    daemon = DaemonProcess(["--pid", str(lab.pid), "--output", str(output), "--summary-json", str(summary),
-                            "--no-offcpu", *sampler], workdir).start()
-    paths = [[f"/bytes/{1000 + c * PER_CONNECTION + i}" for i in range(PER_CONNECTION)]
-             for c in range(CONNECTIONS)]
-    results = run_in_threads(CONNECTIONS, lambda c: _keep_alive(lab.http_port, paths[c]))
-    assert all(st == [200] * PER_CONNECTION for st in results)
-    assert daemon.stop() == 0, daemon.stderr()
-    spans = [s for line in output.read_text().splitlines() if line.strip()
-             for s in decode_request_json(json.loads(line))]
+    """The daemon with ``sampler`` flags, exporting over OTLP/gRPC to a real receiver, while 4 keep-alive
+    clients send 100 requests each (distinct paths): what the receiver got, the summary, the paths."""
+    summary = workdir / "summary.json"
+    with OtlpReceiver() as receiver:
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+                                "--otlp-protocol", "grpc", "--summary-json", str(summary), "--no-offcpu",
+                                *sampler], workdir).start()
+        paths = [[f"/bytes/{1000 + c * PER_CONNECTION + i}" for i in range(PER_CONNECTION)]
+                 for c in range(CONNECTIONS)]
+        results = run_in_threads(CONNECTIONS, lambda c: _keep_alive(lab.http_port, paths[c]))
+        assert all(st == [200] * PER_CONNECTION for st in results)
+        assert daemon.stop() == 0, daemon.stderr()  # the daemon exports everything before it exits
+        spans = receiver.spans()
     return spans, json.loads(summary.read_text()), [p for ps in paths for p in ps]
 
 
