@@ -24,6 +24,7 @@ probes) come per request. ``--capture`` turns request capture on for the keep-al
 
 Usage:  .venv/bin/python bench/program_cost.py [--rounds 3] [--seconds 5] [--baseline-bpf DIR] [--no-offcpu]
                                               [--workload keepalive|tls_new] [--rate N] [--capture]
+                                              [--sample-ratio R]
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from overhead import RESULTS, cpu_seconds, h2load, wrk
 
 from otel_envoy.lab.lab import EnvoyLab
 from otel_envoy.probes import loader
+from otel_envoy.sampling import kernel_threshold
 
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
@@ -57,22 +59,28 @@ def program_stats(probes: loader.ConnectionProbes) -> dict[str, tuple[int, int]]
     return out
 
 
-def load(source: Path | None, offcpu: bool, http_capture: bool = False) -> loader.ConnectionProbes:
-    """The connection program from the working tree, or from ``source``."""
-    config = loader.ProbeConfig(http_capture=http_capture, offcpu=offcpu)
+def load(source: Path | None, offcpu: bool, http_capture: bool = False,
+         sample_ratio: float | None = None) -> loader.ConnectionProbes:
+    """The connection program from the working tree, or from ``source``; with ``sample_ratio``, the
+    sampling build (the daemon's default) sampling that share of requests."""
+    config = loader.ProbeConfig(http_capture=http_capture, offcpu=offcpu, sampling=sample_ratio is not None)
     if source is not None:
         config = dataclasses.replace(config, program_dir=source)
-    return loader.ConnectionProbes(config)
+    probes = loader.ConnectionProbes(config)
+    if sample_ratio is not None:
+        probes.set_sample_threshold(kernel_threshold(sample_ratio))
+    return probes
 
 
 RATE_CLIENTS = 20  # h2load connections of a fixed-rate run
 
 
 def one_run(lab: EnvoyLab, source: Path | None, offcpu: bool, seconds: float, workload: str = "keepalive",
-            rate: int | None = None, capture: bool = False) -> dict:
+            rate: int | None = None, capture: bool = False, sample_ratio: float | None = None) -> dict:
     """Load, run the client (wrk; h2load at a fixed ``rate``), read the counters, unload."""
     tls = workload == "tls_new"
-    probes = load(source, offcpu, http_capture=tls or capture)
+    probes = load(source, offcpu, http_capture=tls or capture or sample_ratio is not None,
+                  sample_ratio=sample_ratio)
     try:
         probes.add_targets([lab.pid])
         probes.set_listen_ports([lab.tls_port if tls else lab.http_port])
@@ -113,6 +121,8 @@ def main() -> int:
                     "instead of saturating wrk: below saturation the worker sleeps between requests")
     ap.add_argument("--capture", action="store_true",
                     help="keepalive with request capture on (the daemon's default build)")
+    ap.add_argument("--sample-ratio", type=float,
+                    help="the sampling build (request capture on), sampling this share of requests")
     args = ap.parse_args()
     variants: dict[str, Path | None] = {"current": None}
     if args.baseline_bpf:
@@ -128,7 +138,7 @@ def main() -> int:
                 names = list(variants) if i % 2 == 0 else list(reversed(variants))
                 for name in names:
                     r = one_run(lab, variants[name], args.offcpu, args.seconds, args.workload, args.rate,
-                                args.capture)
+                                args.capture, args.sample_ratio)
                     runs[name].append(r)
                     top = sorted(r["programs"].items(), key=lambda kv: -kv[1]["ns_per_request"])[:3]
                     print(f"{name:9s} {r['rps']:9.0f} req/s  Envoy {r['envoy_cpu_us_per_req']:5.2f} us/req  "
@@ -146,7 +156,7 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"program_cost-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"workload": args.workload, "offcpu": args.offcpu, "seconds": args.seconds,
-                               "rate": args.rate, "capture": args.capture,
+                               "rate": args.rate, "capture": args.capture, "sample_ratio": args.sample_ratio,
                                "runs": runs,
                                "summary": summary}, indent=2))
     print(f"written: {out}")

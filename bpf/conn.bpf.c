@@ -62,13 +62,16 @@
  * condensed bytes, loses the framing. The verifier walks every step of the loop: ~300 instructions each,
  * so 512 steps cost ~150k of its 1M-instruction budget for sys_exit (which is ~900k in all). */
 #ifndef SAMPLING
-#define SAMPLING 0 /* 1: head sampling of plaintext HTTP/1.x requests (sampling.bpf.h) */
+#define SAMPLING 0 /* 1: head sampling and exact metrics of plaintext HTTP/1.x requests (sampling.bpf.h) */
 #endif
 #ifndef H2_WALK_MAX
 #define H2_WALK_MAX 512
 #endif
 
 #include "state.bpf.h"
+#if SAMPLING
+#include "http_metrics.bpf.h"
+#endif
 #include "sockets.bpf.h"
 #include "syscalls.bpf.h"
 #include "sched.bpf.h"

@@ -77,7 +77,41 @@ enum drop_reason {
     DROP_CONN_TABLE_FULL = 1, /* the connection table refused an insert */
     DROP_INFLIGHT_FULL = 2,   /* the syscall enter->exit table refused an insert */
     DROP_CAPTURE_READ = 3,    /* bpf_probe_read_user of payload or address failed */
-    DROP_REASONS = 4,
+    DROP_TAIL_CALL = 4,       /* SAMPLING: front_sys_exit's tail call into io_sys_exit failed */
+    DROP_METRICS_FULL = 5,    /* SAMPLING: the request-metrics table refused a new series */
+    DROP_REASONS = 6,
+};
+
+/* The method of an HTTP/1.x request as the kernel's request metrics key it (http_metrics.bpf.h); names
+ * follow the OpenTelemetry http.request.method values (_OTHER for any other token). */
+enum http_method {
+    HTTP_METHOD_NONE = 0, /* not an HTTP/1.x request line */
+    HTTP_METHOD_GET = 1,
+    HTTP_METHOD_HEAD = 2,
+    HTTP_METHOD_POST = 3,
+    HTTP_METHOD_PUT = 4,
+    HTTP_METHOD_DELETE = 5,
+    HTTP_METHOD_CONNECT = 6,
+    HTTP_METHOD_OPTIONS = 7,
+    HTTP_METHOD_TRACE = 8,
+    HTTP_METHOD_PATCH = 9,
+    HTTP_METHOD_OTHER = 10,
+};
+
+/* The kernel's request metrics (http_metrics.bpf.h): one series per process, listening socket, method and
+ * status code (0: the connection closed before a response), with a log2 histogram of durations. */
+#define HTTP_HIST_SLOTS 26 /* slot s: durations of [2^s, 2^(s+1)) us; the last one also takes longer */
+struct http_metric_key {
+    __u32 tgid;
+    __s32 listen_fd;
+    __u16 status;
+    __u8 method; /* enum http_method */
+    __u8 _pad;
+};
+struct http_metric {
+    __u64 count;
+    __u64 sum_ns;
+    __u64 slots[HTTP_HIST_SLOTS];
 };
 
 /* Linux TCP states, as in include/net/tcp_states.h (stable ABI: exposed by /proc/net/tcp). */

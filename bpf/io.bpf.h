@@ -224,7 +224,7 @@ static __always_inline int on_io_exit(__u8 syscall, struct pt_regs *regs, long r
 }
 
 #if SAMPLING
-/* attached by the loader after sample_sys_exit (sampling.bpf.h), which decides before it runs */
+/* tail-called by front_sys_exit (sampling.bpf.h) for the transfers to report and nothing else */
 int io_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
 #else
 RAW_TRACEPOINT_PROBE(sys_exit) {

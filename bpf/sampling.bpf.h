@@ -1,4 +1,10 @@
-/* sampling.bpf.h: head sampling of plaintext HTTP/1.x requests, decided in the kernel (SAMPLING builds).
+/* sampling.bpf.h: the front of raw_syscalls:sys_exit in SAMPLING builds. Head sampling of plaintext
+ * HTTP/1.x requests and their exact metrics (http_metrics.bpf.h), decided in the kernel.
+ *
+ * front_sys_exit is the one program on raw_syscalls:sys_exit. It tail-calls io_sys_exit (io.bpf.h,
+ * unchanged: any branch added to it puts it over the verifier's 1M-instruction budget) only for the
+ * transfers to report, so an unsampled request, a non-target's read or write and any other syscall cost
+ * one short program, not two. epoll_wait exits (event-loop rounds) are handled here directly.
  *
  * A request whose first read is not sampled costs no ring record: neither its reads nor the writes of its
  * response are reported (their bytes and calls are still counted on the connection). Request boundaries
@@ -9,17 +15,14 @@
  *
  * Not decided here: upstream connections (the kernel cannot tell which downstream request an upstream one
  * serves; user space drops the upstream requests it cannot attribute to a traced request), TLS
- * connections (their requests are encrypted), HTTP/2 (streams share one connection), and the first read
- * of a connection, which is always reported (it tells TLS, HTTP/2 and HTTP/1.x apart).
- *
- * The decision is a program of its own on raw_syscalls:sys_exit, attached before io_sys_exit (io.bpf.h),
- * which is unchanged: any branch added to it puts it over the verifier's 1M-instruction budget. A transfer
- * not to report gets a capture budget of 0 for that transfer only (CONN_SUSPENDED), so io_sys_exit counts
- * its bytes and sends nothing; the next transfer's decision restores the budget first.
+ * connections (their requests are encrypted), HTTP/2 (streams share one connection), and the first
+ * request of a connection, which is always reported (its first read tells TLS, HTTP/2 and HTTP/1.x
+ * apart, in io_sys_exit).
  */
 
 BPF_ARRAY(sample_threshold, __u64, 1);     /* a request is sampled when a 32-bit random number is below it */
 BPF_PERCPU_ARRAY(sample_counts, __u64, 2); /* downstream requests: [0] sampled, [1] not sampled */
+BPF_PROG_ARRAY(io_exit_prog, 1);           /* [0]: io_sys_exit, set by the loader */
 
 static __always_inline void count_sampled(__u32 skipped) {
     __u64 *v = sample_counts.lookup(&skipped);
@@ -27,50 +30,102 @@ static __always_inline void count_sampled(__u32 skipped) {
         (*v)++;
 }
 
-/* The request decision for one transfer of a plaintext HTTP/1.x downstream connection: 1 when it is not
- * reported. */
-static __always_inline __u32 skip_transfer(struct conn_state *cs, __u32 flags, __u8 is_write) {
-    if (is_write) { /* the answer */
-        cs->flags = flags & ~CONN_AWAIT;
+/* The first `n` (<= 12) bytes a read/write moved, into dst (zero-filled); 0 when they could not be read.
+ * The iovec forms are read from their first iovec. */
+static __always_inline __u32 first_bytes(__u8 io, struct pt_regs *regs, long ret, __u8 *dst, __u32 n) {
+    const void *src = (const void *)syscall_arg(regs, 1);
+    __u64 avail = (__u64)ret;
+    if (io == IO_READV || io == IO_WRITEV || io == IO_RECVMSG || io == IO_SENDMSG) {
+        const struct iovec *iov = src;
+        if (io == IO_RECVMSG || io == IO_SENDMSG) {
+            struct user_msghdr mh = {};
+            if (bpf_probe_read_user(&mh, sizeof(mh), src) != 0)
+                return 0;
+            iov = mh.msg_iov;
+        }
+        struct iovec v = {};
+        if (bpf_probe_read_user(&v, sizeof(v), iov) != 0)
+            return 0;
+        src = v.iov_base;
+        if (v.iov_len < avail)
+            avail = v.iov_len;
+    }
+    if (avail < n)
+        n = (__u32)avail;
+    n &= 15;
+    if (n == 0 || n > 12 || bpf_probe_read_user(dst, n, src) != 0)
+        return 0;
+    return n;
+}
+
+/* The sampling decision for a new request: 1 when it is not traced. */
+static __always_inline __u32 decide_request(void) {
+    __u32 zero = 0;
+    __u64 *threshold = sample_threshold.lookup(&zero);
+    __u32 skip = threshold && (__u64)bpf_get_prandom_u32() >= *threshold;
+    count_sampled(skip);
+    return skip;
+}
+
+/* One read (ret > 0, not a peek) or write of a plaintext downstream connection: request boundaries, the
+ * metrics, and whether io_sys_exit should see it (0) or not (1: the current request is not traced). */
+static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u32 tgid, __u8 io, struct pt_regs *regs,
+                                                long ret) {
+    __u32 flags = cs->flags;
+    __u8 b[16] = {};
+    if (io >= IO_WRITE) {
+        if (!(flags & CONN_AWAIT))
+            return (flags & CONN_SKIP) ? 1 : 0; /* more of the same answer */
+        cs->flags = flags & ~CONN_AWAIT;          /* the answer's first bytes: the status line */
+        if (cs->req_method) {
+            __u16 status = first_bytes(io, regs, ret, b, 12) == 12 ? http_status_of(b) : 0;
+            record_request(tgid, cs, status, bpf_ktime_get_ns());
+        }
         return (flags & CONN_SKIP) ? 1 : 0;
     }
     if (flags & CONN_AWAIT) /* the same request goes on */
         return (flags & CONN_SKIP) ? 1 : 0;
-    __u32 zero = 0; /* a new request */
-    __u64 *threshold = sample_threshold.lookup(&zero);
-    __u32 skip = threshold && (__u64)bpf_get_prandom_u32() >= *threshold;
-    count_sampled(skip);
-    cs->flags = (flags & ~CONN_SKIP) | CONN_AWAIT | (skip ? CONN_SKIP : 0);
-    return skip;
+    /* a new request (or the connection's first bytes) */
+    cs->req_method = http_method_of(b, first_bytes(io, regs, ret, b, 8));
+    cs->req_start_ns = bpf_ktime_get_ns();
+    flags |= CONN_AWAIT;
+    flags &= ~CONN_SKIP;
+    /* the first request is always reported: its first read has not set the budget yet */
+    if (cs->req_method && cs->capture_budget == CAPTURE_UNLIMITED && decide_request())
+        flags |= CONN_SKIP;
+    cs->flags = flags;
+    return (flags & CONN_SKIP) ? 1 : 0;
 }
 
-int sample_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
+int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
     long nr = -1;
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    if (nr == NR_EPOLL_WAIT || nr == NR_EPOLL_PWAIT || nr == NR_EPOLL_PWAIT2)
+        return on_epoll_wait_exit(ret);
     __u8 io = io_syscall(nr);
-    if (!io)
-        return 0;
-    if (ret == -11 /* EAGAIN: io_sys_exit returns before looking */)
+    if (!io || ret == -11 /* EAGAIN: io_sys_exit returns before looking */)
         return 0;
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u64 key = conn_key(pid_tgid >> 32, (__s32)syscall_arg(regs, 0));
     struct conn_state *cs = conns.lookup(&key);
     if (!cs)
+        return 0; /* io_sys_exit would find nothing either */
+    if (ret > 0 && cs->role == ROLE_DOWNSTREAM && !(cs->flags & (CONN_TLS | CONN_H2)) &&
+        !(io_recv_flags(io, regs) & MSG_PEEK_FLAG) &&
+        on_plain_transfer(cs, pid_tgid >> 32, io, regs, ret)) {
+        /* not traced: counted on the connection as io_sys_exit would, and not reported */
+        if (io >= IO_WRITE) {
+            cs->bytes_tx += ret;
+            cs->writes++;
+        } else {
+            cs->bytes_rx += ret;
+            cs->reads++;
+        }
         return 0;
-    __u32 flags = cs->flags;
-    if (flags & CONN_SUSPENDED) { /* the previous transfer was not reported: the budget comes back */
-        flags &= ~CONN_SUSPENDED;
-        cs->flags = flags;
-        cs->capture_budget = CAPTURE_UNLIMITED;
     }
-    if (ret <= 0 || (io_recv_flags(io, regs) & MSG_PEEK_FLAG) || (flags & (CONN_TLS | CONN_H2)) ||
-        cs->role != ROLE_DOWNSTREAM || cs->capture_budget != CAPTURE_UNLIMITED)
-        return 0;
-    if (skip_transfer(cs, flags, io >= IO_WRITE)) {
-        cs->flags |= CONN_SUSPENDED;
-        cs->capture_budget = 0; /* io_sys_exit: counted on the connection, not reported */
-    }
+    io_exit_prog.call(ctx, 0);
+    count_drop(DROP_TAIL_CALL); /* reached only when the tail call failed */
     return 0;
 }

@@ -59,19 +59,6 @@ static __always_inline int on_epoll_wait_exit(long ret) {
     return 0;
 }
 
-static __always_inline __u32 log2_u64(__u64 v) {
-    __u32 r = 0;
-#pragma unroll
-    for (int i = 5; i >= 0; i--) {
-        __u32 shift = 1u << i;
-        if (v >> shift) {
-            v >>= shift;
-            r += shift;
-        }
-    }
-    return r;
-}
-
 /* A target thread calls epoll_wait: its round (if any) ends here. */
 static __always_inline int on_epoll_wait_enter(void) {
     __u32 tid = (__u32)bpf_get_current_pid_tgid();

@@ -64,6 +64,10 @@ struct conn_state {
     __u32 _pad_held;
     struct tls_framing tls[2]; /* indexed by enum io_direction */
     struct h2_framing h2[2];   /* indexed by enum io_direction (CONN_H2 only) */
+    __u64 req_start_ns;        /* SAMPLING: when the current HTTP/1.x request's first read returned */
+    __s32 listen_fd;           /* downstream: the listening socket it was accepted on (-1: upstream) */
+    __u8 req_method;           /* SAMPLING: the current request's enum http_method (0: not HTTP/1.x) */
+    __u8 _pad_req[3];
 };
 
 #define CONN_SAW_IO 1   /* a non-peek read or write happened: the listener-filter hand-off is settled */
@@ -74,7 +78,6 @@ struct conn_state {
 
 #define CONN_AWAIT 32    /* SAMPLING: a request was read, its answer not yet written */
 #define CONN_SKIP 64     /* SAMPLING: the current request was not sampled */
-#define CONN_SUSPENDED 128 /* SAMPLING: capture_budget is 0 for this transfer only (restored at the next) */
 
 #define CAPTURE_UNLIMITED 0xffffffff /* conn_state.capture_budget of a plaintext connection (request capture) */
 
@@ -144,6 +147,20 @@ static __always_inline void count_drop(int reason) {
     __u64 *v = drops.lookup(&reason);
     if (v)
         (*v)++;
+}
+
+/* floor(log2(v)), 0 for v < 2: the slot of a log2 histogram. */
+static __always_inline __u32 log2_u64(__u64 v) {
+    __u32 r = 0;
+#pragma unroll
+    for (int i = 5; i >= 0; i--) {
+        __u32 shift = 1u << i;
+        if (v >> shift) {
+            v >>= shift;
+            r += shift;
+        }
+    }
+    return r;
 }
 
 static __always_inline int is_target(__u32 tgid) { return targets.lookup(&tgid) != 0; }

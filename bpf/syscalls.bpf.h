@@ -34,12 +34,13 @@ static __always_inline int read_sockaddr(const void *uaddr, __u16 *family, __u16
 }
 
 /* Starts tracking a connection fd of a target: later I/O on it is counted and its first bytes captured. */
-static __always_inline void track_conn(__u32 tgid, __s32 fd, __u64 ts_ns, __u32 role) {
+static __always_inline void track_conn(__u32 tgid, __s32 fd, __u64 ts_ns, __u32 role, __s32 listen_fd) {
     __u64 key = conn_key(tgid, fd);
     struct conn_state cs = {};
     cs.open_ts_ns = ts_ns;
     cs.capture_budget = CAPTURE_MSGS_DEFAULT;
     cs.role = role;
+    cs.listen_fd = listen_fd;
     if (conns.update(&key, &cs) != 0)
         count_drop(DROP_CONN_TABLE_FULL);
 }
@@ -77,7 +78,7 @@ static __always_inline int on_accept_exit(long ret) {
     read_sockaddr((void *)in.buf, &ev.family, &ev.peer_port, ev.peer_addr);
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
 
-    track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM);
+    track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd);
     emit(&ev, sizeof(ev));
     return 0;
 }
@@ -123,7 +124,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
         return 0; /* not an inet socket (unix sockets to the xDS agent, ...) */
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
     if (ev.ret == 0 || ev.ret == -115 /* EINPROGRESS */)
-        track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_UPSTREAM);
+        track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_UPSTREAM, -1);
     emit(&ev, sizeof(ev));
     return 0;
 }
@@ -151,6 +152,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     ev.tls_max_record_rx = cs->tls[DIR_READ].max_len;
     ev.tls_max_record_tx = cs->tls[DIR_WRITE].max_len;
     ev.tls_flags = cs->tls_flags;
+#if SAMPLING
+    if ((cs->flags & CONN_AWAIT) && cs->req_method) /* a request closed before its answer */
+        record_request(tgid, cs, 0, ev.hdr.ts_ns);
+#endif
     conns.delete(&key);
     emit(&ev, sizeof(ev));
     return 0;

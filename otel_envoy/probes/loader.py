@@ -10,12 +10,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-import os
 import platform
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..events.layout import BPF_DIR, load_layout
 from . import ringbuf
@@ -27,6 +27,23 @@ log = logging.getLogger("otel_envoy.probes")
 CONN_PROGRAM = "conn.bpf.c"
 # An #include of one of the program's own units (bpf/*.bpf.h): spliced by program_text, never left to clang.
 UNIT_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.bpf\.h)"[ \t]*$', re.MULTILINE)
+
+
+class RequestSeries(NamedTuple):
+    """One series of the kernel's request metrics."""
+
+    tgid: int
+    listen_fd: int
+    method: str  # http.request.method ("_OTHER" for other tokens)
+    status: int  # 0: the connection closed before an answer (or its status line was not readable)
+
+
+class RequestTotals(NamedTuple):
+    """A series' totals: requests, the sum of their durations, and log2 slots of microseconds."""
+
+    count: int
+    sum_ns: int
+    slots: dict[int, int]
 
 
 class ProbeError(RuntimeError):
@@ -111,13 +128,15 @@ class ConnectionProbes:
         try:
             text = program_text(self.config.program_dir)
             self.bpf = BPF(text=text.encode(), cflags=self.config.cflags())
-            self._extra_links: list[int] = []
             if self.config.sampling:
                 self._attach_sampling()
         except Exception as exc:
             raise ProbeError(f"could not load {CONN_PROGRAM}: {str(exc).splitlines()[-1]}") from exc
         layout = load_layout()
         self.drop_names = {v: k for k, v in layout.enums["drop_reason"].items() if k != "DROP_REASONS"}
+        #: enum http_method -> http.request.method (HTTP_METHOD_OTHER -> "_OTHER", as the conventions say)
+        self.method_names = {v: ("_OTHER" if k == "HTTP_METHOD_OTHER" else k.removeprefix("HTTP_METHOD_"))
+                             for k, v in layout.enums["http_method"].items() if k != "HTTP_METHOD_NONE"}
         self._targets = self.bpf[b"targets"]
         self._ports = self.bpf[b"listen_ports"]
         self._drops = self.bpf[b"drops"]
@@ -173,18 +192,13 @@ class ConnectionProbes:
             self.bpf.ring_buffer_consume()
 
     def _attach_sampling(self) -> None:
-        """sample_sys_exit, then io_sys_exit, on raw_syscalls:sys_exit: programs of one raw tracepoint run
-        in the order they were attached, and io_sys_exit reads the mark sample_sys_exit leaves. bcc keeps
-        one program per raw tracepoint, so the second is attached through libbpf's call directly."""
+        """front_sys_exit on raw_syscalls:sys_exit, with io_sys_exit in its tail-call slot: the front decides
+        (sampling, request metrics) and hands io_sys_exit only the transfers to report."""
         from bcc import BPF
-        from bcc.libbcc import lib
 
-        self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"sample_sys_exit")
-        fn = self.bpf.load_func(b"io_sys_exit", BPF.RAW_TRACEPOINT)
-        link = lib.bpf_attach_raw_tracepoint(fn.fd, b"sys_exit")
-        if link < 0:
-            raise ProbeError(f"could not attach io_sys_exit to raw_syscalls:sys_exit: {os.strerror(-link)}")
-        self._extra_links.append(link)
+        io_program = self.bpf.load_func(b"io_sys_exit", BPF.RAW_TRACEPOINT)
+        self.bpf[b"io_exit_prog"][ctypes.c_int(0)] = ctypes.c_int(io_program.fd)
+        self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"front_sys_exit")
 
     def set_sample_threshold(self, threshold: int) -> None:
         """Trace a plaintext HTTP/1.x request when a 32-bit random number is below ``threshold``
@@ -202,6 +216,20 @@ class ConnectionProbes:
         per_cpu = self.bpf[b"sample_counts"]
         sampled, not_sampled = (int(sum(per_cpu[ctypes.c_int(i)])) for i in (0, 1))
         return {"sampled": sampled, "not_sampled": not_sampled}
+
+    def http_request_metrics(self) -> dict[RequestSeries, RequestTotals]:
+        """The kernel's exact request metrics (plaintext HTTP/1.x downstream requests, whatever was
+        sampled; empty without ``sampling``): one entry per process, listening fd, method and status
+        code (0: closed before an answer)."""
+        if not self.config.sampling:
+            return {}
+        out: dict[RequestSeries, RequestTotals] = {}
+        for k, v in self.bpf[b"http_metrics"].items():
+            method = self.method_names.get(int(k.method), "_OTHER")
+            series = RequestSeries(int(k.tgid), int(k.listen_fd), method, int(k.status))
+            out[series] = RequestTotals(int(v.count), int(v.sum_ns),
+                                        {i: int(n) for i, n in enumerate(v.slots) if n})
+        return out
 
     def drop_counts(self) -> dict[str, int]:
         """Kernel-side drops by reason, summed over CPUs."""
@@ -246,7 +274,4 @@ class ConnectionProbes:
         if self._mmap_ring is not None:
             self._mmap_ring.close()
             self._mmap_ring = None
-        for link in self._extra_links:
-            os.close(link)
-        self._extra_links.clear()
         self.bpf.cleanup()

@@ -52,17 +52,20 @@ def test_connection_program_loads(http_capture: bool, offcpu: bool) -> None:
 
 
 @pytest.mark.parametrize("offcpu", [True, False], ids=["offcpu", "no-offcpu"])
-def test_the_sampling_build_loads_both_sys_exit_programs_decision_first(offcpu: bool) -> None:
-    """With request sampling, sys_exit carries two programs: sample_sys_exit (the decision, attached first,
-    so it runs first) and io_sys_exit (the unchanged io path); every other program is as without it."""
+def test_the_sampling_build_puts_the_front_program_on_sys_exit_and_tail_calls_io(offcpu: bool) -> None:
+    """With request sampling, sys_exit carries one program, front_sys_exit (the decision and the request
+    metrics); io_sys_exit (the unchanged io path) is loaded into its tail-call slot, not attached. Every
+    other program is as without it."""
     probes = ConnectionProbes(ProbeConfig(http_capture=True, offcpu=offcpu, sampling=True))
     try:
         names = {name.decode() for name in probes.bpf.funcs}
-        expected = (PROGRAMS - {"raw_tracepoint__sys_exit"}) | {"sample_sys_exit", "io_sys_exit"}
+        expected = (PROGRAMS - {"raw_tracepoint__sys_exit"}) | {"front_sys_exit", "io_sys_exit"}
         assert names == expected | (OFFCPU_PROGRAMS if offcpu else set())
-        assert {tp.decode() for tp in probes.bpf.raw_tracepoint_fds} == {"sys_exit"}  # bcc's: the decision
-        assert len(probes._extra_links) == 1  # io_sys_exit, attached after it
+        assert {tp.decode() for tp in probes.bpf.raw_tracepoint_fds} == {"sys_exit"}
+        slot = probes.bpf[b"io_exit_prog"]
+        assert len(list(slot.items())) == 1
         probes.set_sample_threshold(2**31)
         assert probes.sample_counts() == {"sampled": 0, "not_sampled": 0}
+        assert probes.http_request_metrics() == {}
     finally:
         probes.close()

@@ -1,0 +1,91 @@
+/* http_metrics.bpf.h: exact request metrics of plaintext HTTP/1.x downstream connections (SAMPLING builds),
+ * kept whatever the sampler decides.
+ *
+ * A request begins with a read that follows a write (or the connection's start) whose first bytes are a
+ * method token (front_sys_exit, sampling.bpf.h); the first write after it carries the status line. Its
+ * duration runs from the first read's return to that write's: for a response written in several calls,
+ * until its first bytes (headers) leave. A request still unanswered when its connection closes is counted
+ * with status 0. Pipelined requests read before their response count once.
+ *
+ * One series per (process, listening socket, method, status), each with a count, a sum and a log2
+ * histogram of microseconds; user space turns the listening socket into the listener's address and the
+ * series into http.server.request.duration. Updates are atomic: workers on several CPUs share a series.
+ */
+#define HTTP_METRIC_SERIES 4096
+
+BPF_HASH(http_metrics, struct http_metric_key, struct http_metric, HTTP_METRIC_SERIES);
+BPF_ARRAY(http_metric_zero, struct http_metric, 1); /* never written: a new series' initial value */
+
+#define W4(a, b, c, d) ((__u32)(a) | ((__u32)(b) << 8) | ((__u32)(c) << 16) | ((__u32)(d) << 24))
+
+/* The enum http_method of a request's first bytes (n of them, at most 8, zero-filled past n). */
+static __always_inline __u8 http_method_of(const __u8 *b, __u32 n) {
+    __u32 w0 = W4(b[0], b[1], b[2], b[3]);
+    __u32 w1 = W4(b[4], b[5], b[6], b[7]);
+    if (w0 == W4('G', 'E', 'T', ' '))
+        return HTTP_METHOD_GET;
+    if (w0 == W4('P', 'O', 'S', 'T') && b[4] == ' ')
+        return HTTP_METHOD_POST;
+    if (w0 == W4('H', 'E', 'A', 'D') && b[4] == ' ')
+        return HTTP_METHOD_HEAD;
+    if (w0 == W4('P', 'U', 'T', ' '))
+        return HTTP_METHOD_PUT;
+    if (w0 == W4('D', 'E', 'L', 'E') && (w1 & 0xffffff) == W4('T', 'E', ' ', 0))
+        return HTTP_METHOD_DELETE;
+    if (w0 == W4('P', 'A', 'T', 'C') && b[4] == 'H' && b[5] == ' ')
+        return HTTP_METHOD_PATCH;
+    if (w0 == W4('O', 'P', 'T', 'I') && w1 == W4('O', 'N', 'S', ' '))
+        return HTTP_METHOD_OPTIONS;
+    if (w0 == W4('C', 'O', 'N', 'N') && w1 == W4('E', 'C', 'T', ' '))
+        return HTTP_METHOD_CONNECT;
+    if (w0 == W4('T', 'R', 'A', 'C') && b[4] == 'E' && b[5] == ' ')
+        return HTTP_METHOD_TRACE;
+    if (w0 == W4('P', 'R', 'I', ' ')) /* the HTTP/2 client preface */
+        return HTTP_METHOD_NONE;
+    /* any other token: upper-case letters up to a space (or up to the end of a short first read) */
+    if (n == 0 || b[0] < 'A' || b[0] > 'Z')
+        return HTTP_METHOD_NONE;
+#pragma unroll
+    for (int i = 1; i < 8; i++) {
+        if (i >= n || b[i] == ' ')
+            return HTTP_METHOD_OTHER;
+        if (b[i] < 'A' || b[i] > 'Z')
+            return HTTP_METHOD_NONE;
+    }
+    return HTTP_METHOD_NONE;
+}
+
+/* The status code of a response's first bytes ("HTTP/1.x NNN"), or 0. */
+static __always_inline __u16 http_status_of(const __u8 *b) {
+    if (W4(b[0], b[1], b[2], b[3]) != W4('H', 'T', 'T', 'P') || b[4] != '/' || b[8] != ' ')
+        return 0;
+    __u8 d0 = b[9] - '0', d1 = b[10] - '0', d2 = b[11] - '0';
+    if (d0 > 9 || d1 > 9 || d2 > 9)
+        return 0;
+    return (__u16)d0 * 100 + (__u16)d1 * 10 + d2;
+}
+
+/* Counts the connection's current request with `status`, ending now. */
+static __always_inline void record_request(__u32 tgid, const struct conn_state *cs, __u16 status, __u64 now) {
+    struct http_metric_key key = {};
+    key.tgid = tgid;
+    key.listen_fd = cs->listen_fd;
+    key.status = status;
+    key.method = cs->req_method;
+    __u32 zero = 0;
+    struct http_metric *init = http_metric_zero.lookup(&zero);
+    if (!init)
+        return;
+    struct http_metric *m = http_metrics.lookup_or_try_init(&key, init);
+    if (!m) {
+        count_drop(DROP_METRICS_FULL);
+        return;
+    }
+    __u64 took = now > cs->req_start_ns ? now - cs->req_start_ns : 0;
+    __u32 slot = log2_u64(took / 1000);
+    if (slot >= HTTP_HIST_SLOTS)
+        slot = HTTP_HIST_SLOTS - 1;
+    __sync_fetch_and_add(&m->count, 1);
+    __sync_fetch_and_add(&m->sum_ns, took);
+    __sync_fetch_and_add(&m->slots[slot], 1);
+}
