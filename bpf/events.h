@@ -102,7 +102,7 @@ enum http_method {
  * status code (0: the connection closed before a response), with a log2 histogram of durations. */
 #define HTTP_HIST_SLOTS 26 /* slot s: durations of [2^s, 2^(s+1)) us; the last one also takes longer */
 struct http_metric_key {
-    __u32 tgid;
+    __u32 pid; /* the process (tgid) */
     __s32 listen_fd;
     __u16 status;
     __u8 method; /* enum http_method */

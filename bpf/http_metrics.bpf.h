@@ -68,7 +68,7 @@ static __always_inline __u16 http_status_of(const __u8 *b) {
 /* Counts the connection's current request with `status`, ending now. */
 static __always_inline void record_request(__u32 tgid, const struct conn_state *cs, __u16 status, __u64 now) {
     struct http_metric_key key = {};
-    key.tgid = tgid;
+    key.pid = tgid;
     key.listen_fd = cs->listen_fd;
     key.status = status;
     key.method = cs->req_method;

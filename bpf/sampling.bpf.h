@@ -15,9 +15,9 @@
  *
  * Not decided here: upstream connections (the kernel cannot tell which downstream request an upstream one
  * serves; user space drops the upstream requests it cannot attribute to a traced request), TLS
- * connections (their requests are encrypted), HTTP/2 (streams share one connection), and the first
- * request of a connection, which is always reported (its first read tells TLS, HTTP/2 and HTTP/1.x
- * apart, in io_sys_exit).
+ * connections (their requests are encrypted) and HTTP/2 (streams share one connection). A connection's
+ * first request is decided like the others: its method token tells plaintext HTTP/1.x from TLS and HTTP/2
+ * (which io_sys_exit learns from the same bytes when they are reported).
  */
 
 BPF_ARRAY(sample_threshold, __u64, 1);     /* a request is sampled when a 32-bit random number is below it */
@@ -90,9 +90,18 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u32 tgid
     cs->req_start_ns = bpf_ktime_get_ns();
     flags |= CONN_AWAIT;
     flags &= ~CONN_SKIP;
-    /* the first request is always reported: its first read has not set the budget yet */
-    if (cs->req_method && cs->capture_budget == CAPTURE_UNLIMITED && decide_request())
+    /* Only requests of plaintext connections whose every transfer may be reported are decided. The first
+     * bytes of a connection are the first request's: a method token means plaintext HTTP/1.x, and when that
+     * request is not traced, what io_sys_exit would have learnt from them is recorded here. */
+    __u8 first = !(flags & CONN_SAW_IO);
+    if (HTTP_CAPTURE && cs->req_method && (first || cs->capture_budget == CAPTURE_UNLIMITED) &&
+        decide_request()) {
         flags |= CONN_SKIP;
+        if (first) {
+            flags |= CONN_SAW_IO;
+            cs->capture_budget = CAPTURE_UNLIMITED;
+        }
+    }
     cs->flags = flags;
     return (flags & CONN_SKIP) ? 1 : 0;
 }

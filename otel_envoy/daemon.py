@@ -23,7 +23,10 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 
@@ -36,10 +39,11 @@ from .events.recording_context import ListenerNamesContext, ListenSocketsContext
 from .export.metrics import WorkerMetrics
 from .export.metrics_settings import DEFAULT_INTERVAL_S
 from .export.otlp import OtlpSettings, check_reachable
+from .export.request_metrics import RequestMetrics
 from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
 from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
-from .probes.loader import ConnectionProbes, ProbeConfig
+from .probes.loader import ConnectionProbes, ProbeConfig, RequestSeries, RequestTotals
 from .sampling import DEFAULT_CPU_BUDGET, CpuBudget, SamplerSettings, kernel_threshold
 from .spans.clock import MonotonicClock
 from .spans.round_spans import idle_wakes_by_kind
@@ -167,9 +171,11 @@ async def run_daemon(opts: DaemonOptions) -> int:
         symbolizer = Symbolizer(symbols=opts.symbols)
     except SymbolsFileError as exc:
         raise UsageError(str(exc)) from exc
-    requests = opts.requests and opts.sampler.ratio > 0.0  # always_off: no request capture at all
-    budget = CpuBudget(opts.cpu_budget, opts.sampler.ratio) if requests and opts.cpu_budget > 0 else None
-    sampling = requests and (opts.sampler.in_kernel or budget is not None)
+    requests = opts.requests
+    budget = CpuBudget(opts.cpu_budget, opts.sampler.ratio) \
+        if requests and opts.cpu_budget > 0 and opts.sampler.ratio > 0 else None
+    # the kernel decides which requests are traced and counts them all (http.server.request.duration)
+    sampling = requests
     probes = ConnectionProbes(ProbeConfig(
         max_conns=opts.max_conns, http_capture=requests, offcpu=opts.offcpu,
         offcpu_min_ns=opts.offcpu_min_ns, round_min_ns=opts.round_min_ns, sampling=sampling))
@@ -219,6 +225,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
             await asyncio.to_thread(metrics.shutdown, 10.0)
         kernel_drops = {f"kernel.{k}": v for k, v in probes.drop_counts().items() if v}
         sampled = probes.sample_counts()
+        http_requests = _request_totals(probes.http_request_metrics())
         offcpu = _offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
         wakes = _wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
         probes.close()
@@ -233,7 +240,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         with open(opts.summary_json, "w") as f:
             json.dump({"counts": dict(pipeline.counts), "drops": drops, "export": stats,
                        "correlator": dict(pipeline.correlator.stats), "offcpu": offcpu,
-                       "idle_wakeups": wakes,
+                       "idle_wakeups": wakes, "http_requests": http_requests,
                        "sampler": {"name": opts.sampler.name, "ratio": opts.sampler.ratio,
                                    "requests": sampled,
                                    "cpu_budget": budget.summary() if budget is not None else None}},
@@ -247,6 +254,17 @@ async def run_daemon(opts: DaemonOptions) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _request_totals(series: Mapping[RequestSeries, RequestTotals]) -> dict[str, Any]:
+    """The kernel's request counts for the summary: in all, by status code and by method."""
+    by_status: Counter[str] = Counter()
+    by_method: Counter[str] = Counter()
+    for key, totals in series.items():
+        by_status[str(key.status)] += totals.count
+        by_method[key.method] += totals.count
+    return {"total": sum(by_status.values()), "by_status": dict(sorted(by_status.items())),
+            "by_method": dict(sorted(by_method.items()))}
 
 
 def _offcpu_by_reason(totals: dict[tuple[int, int], tuple[int, int, int]]) -> dict[str, dict[str, int]]:
@@ -283,6 +301,8 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipelin
         opts.otlp, make_resource(), offcpu_totals=probes.offcpu_totals,
         round_histograms=probes.round_histograms, accepts=lambda: correlator.accepts_by_thread,
         idle_wakes=lambda: idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel),
+        requests=RequestMetrics(probes.http_request_metrics, lambda: correlator.downstream.listen_sockets)
+        if probes.config.sampling else None,
         interval_s=opts.metrics_interval)
     metrics.start()
     log.info("exporting per-worker metrics every %g s", opts.metrics_interval)

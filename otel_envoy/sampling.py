@@ -42,11 +42,6 @@ class SamplerSettings:
     name: str
     ratio: float
 
-    @property
-    def in_kernel(self) -> bool:
-        """Whether the kernel has to decide per request (anything but tracing them all)."""
-        return self.ratio < 1.0
-
     def kernel_threshold(self) -> int:
         """The kernel's threshold for this sampler's ratio (:func:`kernel_threshold`)."""
         return kernel_threshold(self.ratio)

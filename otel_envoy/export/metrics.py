@@ -34,7 +34,7 @@ is reported once more (its totals are final then) and then no longer.
 
 The round histogram is a real OTLP explicit-bucket histogram. The SDK has no observable histogram
 instrument, and replaying every round into a synchronous ``Histogram`` would cost one ``record()`` per
-round; instead the exporter handed to the SDK's reader (:class:`RoundHistogramExporter`, a plain
+round; instead the exporter handed to the SDK's reader (:class:`KernelHistogramExporter`, a plain
 ``MetricExporter`` wrapping the OTLP one) adds one ``Histogram`` metric, built from the snapshot the
 callbacks of the same collection took, to each batch before the OTLP exporter encodes it. The kernel's
 slot ``s`` counts rounds of ``floor(log2(us))`` == ``s`` microseconds, i.e. durations in
@@ -66,7 +66,6 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Histogram,
-    HistogramDataPoint,
     Metric,
     MetricExporter,
     MetricExportResult,
@@ -81,14 +80,16 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from .. import __version__
 from ..correlate.round_tracker import OFFCPU_REASONS
 from ..envoy.threads import thread_identity
+from .kernel_histograms import HistogramPoints, log2_bounds_s, slot_bucket_counts
 from .metrics_settings import DEFAULT_INTERVAL_S, MetricPreferences, make_metric_exporter, metric_preferences
 from .otlp import OtlpSettings
+from .request_metrics import RequestMetrics
 
 __all__ = [
     "METER_NAME",
     "ROUND_BOUNDS_S",
     "ROUND_DURATION",
-    "RoundHistogramExporter",
+    "KernelHistogramExporter",
     "WorkerMetrics",
     "round_bucket_counts",
 ]
@@ -100,7 +101,7 @@ ROUND_DURATION = "envoy.event_loop.round.duration"
 #: Kernel slots with their own bucket; later slots (rounds over 2^32 us, 71 minutes) share the last one.
 ROUND_SLOTS = 32
 #: Upper bounds of the round-duration buckets, in seconds: 2^(s+1) microseconds for slot s.
-ROUND_BOUNDS_S: tuple[float, ...] = tuple((1 << (s + 1)) * 1e-6 for s in range(ROUND_SLOTS))
+ROUND_BOUNDS_S: tuple[float, ...] = log2_bounds_s(ROUND_SLOTS)
 
 
 OffcpuSource = Callable[[], Mapping[tuple[int, int], tuple[int, int, int]]]
@@ -116,44 +117,40 @@ Identity = Callable[[int], tuple[int, str]]
 
 def round_bucket_counts(slots: Mapping[int, int]) -> list[int]:
     """The kernel's log2 slots as the bucket counts of :data:`ROUND_BOUNDS_S` (33 counts)."""
-    counts = [0] * (ROUND_SLOTS + 1)
-    for slot, n in slots.items():
-        if n > 0 and slot >= 0:
-            counts[min(int(slot), ROUND_SLOTS)] += int(n)
-    return counts
+    return slot_bucket_counts(slots, ROUND_SLOTS)
 
 
-class RoundHistogramExporter(MetricExporter):
-    """Wraps the OTLP metric exporter: adds the round-duration histogram to every batch.
+class KernelHistogramExporter(MetricExporter):
+    """Wraps the OTLP metric exporter: adds the kernel's histograms (rounds, requests) to every batch.
 
-    ``histogram`` returns the metric for the collection being exported (or ``None``); it runs on the
+    ``histograms`` returns the metrics for the collection being exported (maybe none); it runs on the
     reader's thread, right after the callbacks of that collection.  ``preferences`` are those the wrapped
     exporter was given (see :func:`otel_envoy.export.metrics_settings.make_metric_exporter`): the reader
     asks this exporter, and the histogram follows their histogram temporality.
     """
 
-    def __init__(self, inner: MetricExporter, histogram: Callable[[AggregationTemporality], Metric | None],
+    def __init__(self, inner: MetricExporter, histograms: Callable[[AggregationTemporality], list[Metric]],
                  scope: InstrumentationScope, preferences: MetricPreferences) -> None:
         """Wrap ``inner``."""
         super().__init__(preferred_temporality=preferences.temporality,
                          preferred_aggregation=preferences.aggregation)
         self.inner = inner
         self.temporality = preferences.temporality.get(SdkHistogram, AggregationTemporality.CUMULATIVE)
-        self._histogram = histogram
+        self._histograms = histograms
         self._scope = scope
         self._failed = False
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
                **kwargs: Any) -> MetricExportResult:
-        """Add the histogram to the batch and hand it to the wrapped exporter."""
+        """Add the histograms to the batch and hand it to the wrapped exporter."""
         try:
-            metric = self._histogram(self.temporality)
-        except Exception:  # never lose the batch because of the histogram
+            metrics = self._histograms(self.temporality)
+        except Exception:  # never lose the batch because of the histograms
             if not self._failed:
                 self._failed = True
-                log.warning("metrics: the round histogram failed; it is left out", exc_info=True)
-            metric = None
-        if metric is not None:
+                log.warning("metrics: the kernel histograms failed; they are left out", exc_info=True)
+            metrics = []
+        for metric in metrics:
             metrics_data = _with_metric(metrics_data, metric, self._scope)
         return self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
 
@@ -216,6 +213,7 @@ class WorkerMetrics:
         round_histograms: RoundSource | None = None,
         accepts: AcceptSource | None = None,
         idle_wakes: WakeSource | None = None,
+        requests: RequestMetrics | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
         export_timeout_s: float = 10.0,
         identity: Identity = thread_identity,
@@ -225,8 +223,8 @@ class WorkerMetrics:
         if not interval_s > 0:
             raise ValueError("the metrics interval must be positive")
         self.scope = InstrumentationScope(METER_NAME, __version__)
-        self.exporter = RoundHistogramExporter(exporter, self._round_metric, self.scope,
-                                               preferences or metric_preferences())
+        self.exporter = KernelHistogramExporter(exporter, self._kernel_histograms, self.scope,
+                                                preferences or metric_preferences())
         self.resource = resource
         self.interval_s = float(interval_s)
         self.export_timeout_s = float(export_timeout_s)
@@ -245,8 +243,8 @@ class WorkerMetrics:
         self._gone: set[int] = set()  # reported once after they were found gone
         self._retired: set[int] = set()  # gone threads no longer reported
         self._logged: set[str] = set()
-        self._previous: dict[int, tuple[int, list[int]]] = {}  # tid -> (time ns, buckets) last exported
-        self._reset_ns: dict[int, int] = {}  # tid -> start time after its counts went backwards
+        self._round_points = HistogramPoints(self._start_ns)  # per tid
+        self._requests = requests
 
     @classmethod
     def from_settings(cls, settings: OtlpSettings, resource: Resource, **kwargs: Any) -> WorkerMetrics:
@@ -423,38 +421,34 @@ class WorkerMetrics:
             out[tid] = {"thread.id": tid, "thread.name": name, "process.pid": tgid}
         return out
 
+    def _kernel_histograms(self, temporality: AggregationTemporality) -> list[Metric]:
+        """The kernel histograms of this collection (called by the exporter)."""
+        out = [m for m in (self._round_metric(temporality),) if m is not None]
+        if self._requests is not None:
+            try:
+                metric = self._requests.metric(temporality)
+            except Exception as exc:
+                self._log_once("http_request_metrics", exc)
+                metric = None
+            if metric is not None:
+                out.append(metric)
+        return out
+
     def _round_metric(self, temporality: AggregationTemporality) -> Metric | None:
-        """The round-duration histogram of the latest snapshot (called by the exporter)."""
+        """The round-duration histogram of the latest snapshot."""
         with self._lock:
             snap = self._snapshot
             if snap is None:
                 return None
             now = time.time_ns()
             points = []
-            delta = temporality == AggregationTemporality.DELTA
             for tid, (attrs, slots) in snap.rounds.items():
-                counts = round_bucket_counts(slots)
-                prev_ns, prev = self._previous.get(tid, (self._start_ns, None))
-                went_back = prev is not None and any(c < p for c, p in zip(counts, prev, strict=True))
-                self._previous[tid] = (now, counts)
-                if went_back:  # kernel entries evicted and started again: a reset
-                    self._reset_ns[tid] = prev_ns
-                if delta:
-                    start = prev_ns
-                    if prev is not None and not went_back:
-                        counts = [c - p for c, p in zip(counts, prev, strict=True)]
-                else:
-                    start = self._reset_ns.get(tid, self._start_ns)
-                total = sum(counts)
-                if total == 0 and delta:
-                    continue
-                points.append(HistogramDataPoint(
-                    attributes=attrs, start_time_unix_nano=start, time_unix_nano=now, count=total,
-                    sum=None, bucket_counts=counts, explicit_bounds=ROUND_BOUNDS_S,  # type: ignore[arg-type]
-                    min=None, max=None))  # type: ignore[arg-type]
-            for tid in [t for t in self._previous if t not in snap.rounds and t in self._retired]:
-                del self._previous[tid]
-                self._reset_ns.pop(tid, None)
+                point = self._round_points.point(tid, attrs, round_bucket_counts(slots), None, ROUND_BOUNDS_S,
+                                                 now, temporality)
+                if point is not None:
+                    points.append(point)
+            self._round_points.forget({t for t in self._round_points.series()
+                                       if t not in snap.rounds and t in self._retired})
             if not points:
                 return None
             return Metric(name=ROUND_DURATION, description="Duration of event-loop rounds (epoll_wait "

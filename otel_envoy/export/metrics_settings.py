@@ -3,7 +3,7 @@
 The metrics go to the collector of the spans, over the spans' protocol, through the SDK's public
 ``OTLPMetricExporter`` (gRPC or HTTP/protobuf).  Its temporality and aggregation preferences are computed
 here (:func:`metric_preferences`, as the SDK's OTLP exporters compute them from the environment) and handed
-to it explicitly, so that :class:`otel_envoy.export.metrics.RoundHistogramExporter` can follow the same ones.
+to it explicitly, so that :class:`otel_envoy.export.metrics.KernelHistogramExporter` can follow the same ones.
 """
 
 from __future__ import annotations

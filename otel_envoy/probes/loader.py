@@ -32,7 +32,7 @@ UNIT_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.bpf\.h)"[ \t]*$', re.MULT
 class RequestSeries(NamedTuple):
     """One series of the kernel's request metrics."""
 
-    tgid: int
+    pid: int
     listen_fd: int
     method: str  # http.request.method ("_OTHER" for other tokens)
     status: int  # 0: the connection closed before an answer (or its status line was not readable)
@@ -226,7 +226,7 @@ class ConnectionProbes:
         out: dict[RequestSeries, RequestTotals] = {}
         for k, v in self.bpf[b"http_metrics"].items():
             method = self.method_names.get(int(k.method), "_OTHER")
-            series = RequestSeries(int(k.tgid), int(k.listen_fd), method, int(k.status))
+            series = RequestSeries(int(k.pid), int(k.listen_fd), method, int(k.status))
             out[series] = RequestTotals(int(v.count), int(v.sum_ns),
                                         {i: int(n) for i, n in enumerate(v.slots) if n})
         return out

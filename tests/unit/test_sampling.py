@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_always_on_by_default_and_everything_is_traced() -> None:
     s = sampler_settings(env={})
-    assert s == SamplerSettings("always_on", 1.0) and not s.in_kernel and s.kernel_threshold() == 2**32
+    assert s == SamplerSettings("always_on", 1.0) and s.kernel_threshold() == 2**32
 
 
 def test_the_environment_names_the_sampler_and_flags_win() -> None:
     env = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
     s = sampler_settings(env=env)
-    assert s == SamplerSettings("traceidratio", 0.25) and s.in_kernel and s.kernel_threshold() == 2**30
+    assert s == SamplerSettings("traceidratio", 0.25) and s.kernel_threshold() == 2**30
     assert sampler_settings("always_off", None, env) == SamplerSettings("always_off", 0.0)
     assert sampler_settings(None, "0.5", env).ratio == 0.5
     assert sampler_settings("TraceIdRatio", "1", {}).ratio == 1.0  # names are case-insensitive

@@ -1,0 +1,95 @@
+"""``http.server.request.duration`` from the kernel's exact request metrics.
+
+The kernel counts every plaintext HTTP/1.x downstream request, sampled or not (bpf/http_metrics.bpf.h),
+in one series per process, listening socket, method and status code, with a count, a sum and a log2
+histogram of microseconds. Each collection reads the table once and turns every series into a point of the
+OpenTelemetry semantic conventions' server request duration histogram (unit ``s``), with attributes:
+
+* ``http.request.method`` (``_OTHER`` for other tokens) and ``http.response.status_code`` (left out for a
+  request whose connection closed before an answer; those carry ``error.type=connection_closed``);
+* ``network.protocol.name=http``, ``server.address`` / ``server.port`` of the listening socket, and
+  ``envoy.listener.name`` when Envoy's admin API named it, ``process.pid``.
+
+A series whose listening socket is not known (yet) is reported with ``server.port`` left out rather than
+dropped: counts stay exact. Buckets are the kernel's log2 slots (:mod:`.kernel_histograms`); the sum is
+exact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import AggregationTemporality, Histogram, Metric
+
+from ..envoy.listen_socket import ListenSocket
+from ..events.layout import load_layout
+from ..probes.loader import RequestSeries, RequestTotals
+from .kernel_histograms import HistogramPoints, log2_bounds_s, slot_bucket_counts
+
+__all__ = ["HTTP_SERVER_REQUEST_DURATION", "REQUEST_BOUNDS_S", "RequestMetrics", "request_attributes"]
+
+HTTP_SERVER_REQUEST_DURATION = "http.server.request.duration"
+#: The kernel's slots (HTTP_HIST_SLOTS in bpf/events.h): the last one also takes longer durations.
+REQUEST_SLOTS = load_layout().constants["HTTP_HIST_SLOTS"] - 1
+REQUEST_BOUNDS_S: tuple[float, ...] = log2_bounds_s(REQUEST_SLOTS)
+
+RequestSource = Callable[[], Mapping[RequestSeries, RequestTotals]]
+ListenerSource = Callable[[], Mapping[tuple[int, int], ListenSocket]]
+
+
+def request_attributes(series: RequestSeries, listen: ListenSocket | None) -> dict[str, Any]:
+    """The attributes of one kernel series."""
+    attrs: dict[str, Any] = {"http.request.method": series.method, "network.protocol.name": "http",
+                             "process.pid": series.pid}
+    if series.status:
+        attrs["http.response.status_code"] = series.status
+    else:
+        attrs["error.type"] = "connection_closed"
+    if listen is not None:
+        attrs["server.address"] = listen.address
+        attrs["server.port"] = listen.port
+        if listen.listener_name:
+            attrs["envoy.listener.name"] = listen.listener_name
+    return attrs
+
+
+class RequestMetrics:
+    """Builds the request-duration histogram of each collection from the kernel's table."""
+
+    def __init__(self, source: RequestSource, listeners: ListenerSource) -> None:
+        """``source`` reads the kernel's series (``ConnectionProbes.http_request_metrics``); ``listeners``
+        maps (pid, listening fd) to the socket (the correlator's, replaced whole on each rescan)."""
+        self._source = source
+        self._listeners = listeners
+        self._points = HistogramPoints(time.time_ns())
+
+    def metric(self, temporality: AggregationTemporality) -> Metric | None:
+        """This collection's histogram, or ``None`` when there is no point to send."""
+        series = self._source()
+        listeners = self._listeners()
+        now = time.time_ns()
+        merged: dict[tuple, tuple[dict[str, Any], list[int], int]] = {}
+        for key, totals in series.items():
+            attrs = request_attributes(key, listeners.get((key.pid, key.listen_fd)))
+            ident = tuple(sorted(attrs.items()))  # two fds of one listener (SO_REUSEPORT): one series
+            counts = slot_bucket_counts(totals.slots, REQUEST_SLOTS)
+            if ident in merged:
+                _attrs, prev, total = merged[ident]
+                counts = [a + b for a, b in zip(prev, counts, strict=True)]
+                merged[ident] = (attrs, counts, total + totals.sum_ns)
+            else:
+                merged[ident] = (attrs, counts, totals.sum_ns)
+        points = []
+        for ident, (attrs, counts, sum_ns) in sorted(merged.items(), key=lambda kv: repr(kv[0])):
+            point = self._points.point(ident, attrs, counts, sum_ns / 1e9, REQUEST_BOUNDS_S, now, temporality)
+            if point is not None:
+                points.append(point)
+        if not points:
+            return None
+        return Metric(name=HTTP_SERVER_REQUEST_DURATION, unit="s",
+                      description="Duration of HTTP server requests (plaintext HTTP/1.x, every request, "
+                                  "counted in the kernel): first read of the request to the first bytes "
+                                  "of its response.",
+                      data=Histogram(data_points=points, aggregation_temporality=temporality))

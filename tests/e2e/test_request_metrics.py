@@ -1,0 +1,85 @@
+"""Exact request metrics counted in the kernel, against Envoy's own counters (real Envoy, real BPF, real
+clients at saturation, a real OTLP/gRPC receiver)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+from otel_envoy.export.request_metrics import HTTP_SERVER_REQUEST_DURATION, REQUEST_BOUNDS_S
+from otel_envoy.lab.lab import EnvoyLab
+from tests.support.daemon import DaemonProcess
+from tests.support.otlp_receiver import OtlpReceiver
+
+pytestmark = pytest.mark.root
+
+
+def _h2load(url: str, requests: int, connections: int) -> None:
+    h2load = shutil.which("h2load")
+    assert h2load, "h2load (nghttp2-client) is needed"
+    proc = subprocess.run([h2load, "--h1", "-c", str(connections), "-n", str(requests), url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{requests} done" in proc.stdout, proc.stdout
+
+
+def test_every_request_is_counted_whatever_the_sampler_and_the_totals_equal_envoys(tmp_path) -> None:
+    """Two workers, a 2 % sampler, h2load saturating them with 200s while other clients ask for 503s and
+    404s through the backend: the histogram's counts by status equal Envoy's downstream_rq_* counters over
+    the same run, although only a few requests were traced."""
+    summary = tmp_path / "summary.json"
+    admin = r"^http\.admin\.downstream_rq_total$"
+    with EnvoyLab(concurrency=2) as lab, OtlpReceiver() as receiver:
+        admin_before = lab.stats(admin)["http.admin.downstream_rq_total"]  # this request included
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+                                "--otlp-protocol", "grpc", "--metrics-interval", "1", "--summary-json",
+                                str(summary), "--sampler", "traceidratio", "--sampler-arg", "0.02"],
+                               tmp_path).start()
+        before = lab.stats(r"^http\.plain_http\.downstream_rq_(total|5xx|4xx|2xx)$")
+        base = f"http://127.0.0.1:{lab.http_port}"
+        errors = [threading.Thread(target=_h2load, args=(f"{base}/status/503", 300, 4)),
+                  threading.Thread(target=_h2load, args=(f"{base}/status/404", 200, 2))]
+        for t in errors:
+            t.start()
+        _h2load(f"{base}/", 6000, 32)
+        for t in errors:
+            t.join()
+        after = lab.stats(r"^http\.plain_http\.downstream_rq_(total|5xx|4xx|2xx)$")
+        envoy = {k.rsplit("_", 1)[-1]: after[k] - before.get(k, 0) for k in after}
+        assert envoy["total"] == 6500 and envoy["5xx"] == 300 and envoy["4xx"] == 200, envoy
+
+        def by_status(points) -> dict[int, int]:
+            out: dict[int, int] = {}
+            for p in points:
+                if p.attributes.get("server.port") == lab.http_port:
+                    status = int(p.attributes.get("http.response.status_code", 0))
+                    out[status] = out.get(status, 0) + int(p.count or 0)
+            return out
+
+        def latest() -> dict[int, int]:
+            return by_status(receiver.latest_metric_points(HTTP_SERVER_REQUEST_DURATION).values())
+
+        receiver.wait_for_metrics(lambda _p: sum(latest().values()) >= envoy["total"], timeout=30)
+        got = latest()
+        assert got == {200: envoy["2xx"], 503: envoy["5xx"], 404: envoy["4xx"]}, (got, envoy)
+        points = list(receiver.latest_metric_points(HTTP_SERVER_REQUEST_DURATION).values())
+        assert all(p.kind == "histogram" and p.unit == "s" for p in points)
+        assert all(p.explicit_bounds == pytest.approx(REQUEST_BOUNDS_S) for p in points)
+        assert all(sum(p.bucket_counts) == p.count and p.sum > 0 for p in points)
+        assert {p.attributes["http.request.method"] for p in points} == {"GET"}
+        assert all(p.attributes["server.address"] and p.attributes["network.protocol.name"] == "http"
+                   for p in points)
+        assert daemon.stop() == 0, daemon.stderr()
+        # the admin listener is traced too: its requests while the daemon ran (this one is the next)
+        admin_during = lab.stats(admin)["http.admin.downstream_rq_total"] - 1 - admin_before
+    s = json.loads(summary.read_text())
+    assert admin_during == 2  # the two stats reads above
+    assert s["http_requests"]["total"] == envoy["total"] + admin_during
+    assert s["http_requests"]["by_status"] == {"200": envoy["2xx"] + admin_during, "404": envoy["4xx"],
+                                               "503": envoy["5xx"]}
+    sampled = s["sampler"]["requests"]
+    assert sampled["sampled"] < 0.1 * envoy["total"] < sampled["not_sampled"]  # most were never traced
