@@ -79,5 +79,6 @@
 #include "http2.bpf.h"
 #include "io.bpf.h"
 #if SAMPLING
+#include "traceparent.bpf.h"
 #include "sampling.bpf.h"
 #endif

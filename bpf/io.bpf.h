@@ -174,6 +174,28 @@ static __always_inline __u32 io_recv_flags(__u8 syscall, struct pt_regs *regs) {
     return 0;
 }
 
+/* Where the bytes a read/write moved begin in user memory: the buffer, or the base of the first iovec of
+ * the iovec forms (readv/writev, recvmsg/sendmsg); *avail is lowered to what that piece holds. 0 when the
+ * iovec could not be read. */
+static __always_inline const void *transfer_start(__u8 io, struct pt_regs *regs, __u64 *avail) {
+    const void *src = (const void *)syscall_arg(regs, 1);
+    if (io != IO_READV && io != IO_WRITEV && io != IO_RECVMSG && io != IO_SENDMSG)
+        return src;
+    const struct iovec *iov = src;
+    if (io == IO_RECVMSG || io == IO_SENDMSG) {
+        struct user_msghdr mh = {};
+        if (bpf_probe_read_user(&mh, sizeof(mh), src) != 0)
+            return 0;
+        iov = mh.msg_iov;
+    }
+    struct iovec v = {};
+    if (bpf_probe_read_user(&v, sizeof(v), iov) != 0)
+        return 0;
+    if (v.iov_len < *avail)
+        *avail = v.iov_len;
+    return v.iov_base;
+}
+
 /* A read/write-family syscall returns. Its arguments are read back from the saved user registers (the
  * kernel leaves rdi/rsi/rdx/r10 as the caller passed them), so nothing is kept between enter and exit:
  * an EAGAIN costs no lookup, any other return one (the connection), plus the thread for a record. */

@@ -21,11 +21,14 @@
  */
 
 BPF_ARRAY(sample_threshold, __u64, 1);     /* a request is sampled when a 32-bit random number is below it */
-BPF_PERCPU_ARRAY(sample_counts, __u64, 2); /* downstream requests: [0] sampled, [1] not sampled */
+BPF_ARRAY(sample_parent_based, __u32, 1);  /* 1: a valid traceparent's sampled flag decides (parentbased_*) */
+/* downstream requests: [0] sampled, [1] not sampled (by the ratio); [2] sampled, [3] not sampled (by their
+ * traceparent) */
+BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
 BPF_PROG_ARRAY(io_exit_prog, 1);           /* [0]: io_sys_exit, set by the loader */
 
-static __always_inline void count_sampled(__u32 skipped) {
-    __u64 *v = sample_counts.lookup(&skipped);
+static __always_inline void count_sampled(__u32 slot) {
+    __u64 *v = sample_counts.lookup(&slot);
     if (v)
         (*v)++;
 }
@@ -33,34 +36,27 @@ static __always_inline void count_sampled(__u32 skipped) {
 /* The first `n` (<= 12) bytes a read/write moved, into dst (zero-filled); 0 when they could not be read.
  * The iovec forms are read from their first iovec. */
 static __always_inline __u32 first_bytes(__u8 io, struct pt_regs *regs, long ret, __u8 *dst, __u32 n) {
-    const void *src = (const void *)syscall_arg(regs, 1);
     __u64 avail = (__u64)ret;
-    if (io == IO_READV || io == IO_WRITEV || io == IO_RECVMSG || io == IO_SENDMSG) {
-        const struct iovec *iov = src;
-        if (io == IO_RECVMSG || io == IO_SENDMSG) {
-            struct user_msghdr mh = {};
-            if (bpf_probe_read_user(&mh, sizeof(mh), src) != 0)
-                return 0;
-            iov = mh.msg_iov;
-        }
-        struct iovec v = {};
-        if (bpf_probe_read_user(&v, sizeof(v), iov) != 0)
-            return 0;
-        src = v.iov_base;
-        if (v.iov_len < avail)
-            avail = v.iov_len;
-    }
+    const void *src = transfer_start(io, regs, &avail);
     if (avail < n)
         n = (__u32)avail;
     n &= 15;
-    if (n == 0 || n > 12 || bpf_probe_read_user(dst, n, src) != 0)
+    if (!src || n == 0 || n > 12 || bpf_probe_read_user(dst, n, src) != 0)
         return 0;
     return n;
 }
 
-/* The sampling decision for a new request: 1 when it is not traced. */
-static __always_inline __u32 decide_request(void) {
+/* The sampling decision for a new request (its first read): 1 when it is not traced. */
+static __always_inline __u32 decide_request(__u8 io, struct pt_regs *regs, long ret) {
     __u32 zero = 0;
+    __u32 *parent_based = sample_parent_based.lookup(&zero);
+    if (parent_based && *parent_based) {
+        int sampled = request_traceparent(io, regs, ret);
+        if (sampled >= 0) {
+            count_sampled(sampled ? 2 : 3);
+            return !sampled;
+        }
+    }
     __u64 *threshold = sample_threshold.lookup(&zero);
     __u32 skip = threshold && (__u64)bpf_get_prandom_u32() >= *threshold;
     count_sampled(skip);
@@ -95,7 +91,7 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u32 tgid
      * request is not traced, what io_sys_exit would have learnt from them is recorded here. */
     __u8 first = !(flags & CONN_SAW_IO);
     if (HTTP_CAPTURE && cs->req_method && (first || cs->capture_budget == CAPTURE_UNLIMITED) &&
-        decide_request()) {
+        decide_request(io, regs, ret)) {
         flags |= CONN_SKIP;
         if (first) {
             flags |= CONN_SAW_IO;

@@ -44,10 +44,12 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--symbols", action="append", default=[], metavar="FILE",
                    help="unstripped copy or debug file of a traced binary, matched by build-id (repeatable)")
     p.add_argument("--sampler", metavar="NAME",
-                   help="which requests are traced: always_on (default), always_off, traceidratio "
+                   help="which requests are traced: parentbased_traceidratio (default), "
+                        "parentbased_always_on, parentbased_always_off, always_on, always_off, traceidratio "
                         "(else OTEL_TRACES_SAMPLER)")
     p.add_argument("--sampler-arg", metavar="RATIO",
-                   help="traceidratio's ratio, 0 to 1 (else OTEL_TRACES_SAMPLER_ARG; default 1)")
+                   help="the *traceidratio samplers' ratio, 0 to 1 (else OTEL_TRACES_SAMPLER_ARG; default "
+                        "0.01 with parentbased_traceidratio, 1 with traceidratio)")
     p.add_argument("--cpu-budget", type=float, default=None, metavar="SHARE",
                    help="share of one CPU the daemon may use; past it fewer plaintext requests are traced "
                         "(default 0.1; 0: no budget)")

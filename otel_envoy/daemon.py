@@ -44,7 +44,14 @@ from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
 from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
 from .probes.loader import ConnectionProbes, ProbeConfig, RequestSeries, RequestTotals
-from .sampling import DEFAULT_CPU_BUDGET, CpuBudget, SamplerSettings, kernel_threshold
+from .sampling import (
+    DEFAULT_CPU_BUDGET,
+    DEFAULT_RATIO,
+    DEFAULT_SAMPLER,
+    CpuBudget,
+    SamplerSettings,
+    kernel_threshold,
+)
 from .spans.clock import MonotonicClock
 from .spans.round_spans import idle_wakes_by_kind
 from .stacks import Symbolizer, SymbolsFileError
@@ -91,7 +98,8 @@ class DaemonOptions:
     round_min_ns: int = 10_000_000  # event-loop rounds at least this long become spans (and all with a wait)
     symbols: list[str] = field(default_factory=list)  # --symbols files (unstripped copies / debug files)
     metrics_interval: float | None = DEFAULT_INTERVAL_S  # seconds between metric exports; None: no metrics
-    sampler: SamplerSettings = field(default_factory=lambda: SamplerSettings("always_on", 1.0))
+    sampler: SamplerSettings = field(
+        default_factory=lambda: SamplerSettings(DEFAULT_SAMPLER, DEFAULT_RATIO, parent_based=True))
     cpu_budget: float = DEFAULT_CPU_BUDGET  # share of one CPU; past it fewer requests are traced (0: none)
 
 
@@ -181,6 +189,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         offcpu_min_ns=opts.offcpu_min_ns, round_min_ns=opts.round_min_ns, sampling=sampling))
     if sampling:
         probes.set_sample_threshold(opts.sampler.kernel_threshold())
+        probes.set_parent_based(opts.sampler.parent_based)
     stacks = SymbolizedStacks(probes.stack_addresses, symbolizer)
     pipeline = EventPipeline(
         spans_out, make_resource(), clock, recorder=recorder,

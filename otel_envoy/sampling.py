@@ -1,20 +1,23 @@
 """Which requests are traced: the OpenTelemetry sampler settings, turned into the kernel's decision.
 
 Configured the OpenTelemetry way: ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, or ``--sampler`` /
-``--sampler-arg`` (flags win). Supported so far:
+``--sampler-arg`` (flags win):
 
-* ``always_on`` (the default): every request is traced, as before sampling existed;
-* ``always_off``: no request is traced (connection traces are kept);
-* ``traceidratio`` with a ratio in [0, 1] (default 1.0): each plaintext HTTP/1.x request is traced with
-  that probability, decided in the kernel at its first read (bpf/sampling.bpf.h), so a request that is not
-  traced costs no ring record. The decision is random rather than a function of the trace id, because the
-  kernel decides before any header is parsed; over many requests it keeps the same share.
+* ``parentbased_traceidratio`` (the default, ratio :data:`DEFAULT_RATIO` unless an argument is given): a
+  request with a valid ``traceparent`` header is traced when its sampled flag is set and not otherwise;
+  one without is traced with the ratio's probability;
+* ``parentbased_always_on``: the same, and every request without a traceparent is traced;
+* ``parentbased_always_off``: only requests whose traceparent says sampled are traced;
+* ``always_on``: every request is traced; ``always_off``: none (connection traces are kept);
+* ``traceidratio`` with a ratio in [0, 1] (default 1.0), whatever a traceparent says.
+
+Every plaintext HTTP/1.x request is decided in the kernel at its first read (bpf/sampling.bpf.h, the header
+read by bpf/traceparent.bpf.h), so a request that is not traced costs no ring record; all of them are
+counted in the request metrics. The ratio's decision is random rather than a function of the trace id,
+because the kernel decides before any header is parsed; over many requests it keeps the same share.
 
 A CPU budget (``--cpu-budget``, :class:`CpuBudget`) lowers the ratio while the daemon uses more than its
-share of a CPU, and raises it back when it can.
-
-The ``parentbased_*`` samplers need the kernel to read a request's ``traceparent`` before it decides; that
-is not built yet, so they are refused with a clear message rather than silently treated as another sampler.
+share of a CPU, and raises it back when it can; a sampled parent is always followed.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_CPU_BUDGET", "MIN_BUDGET_RATIO", "SAMPLERS", "CpuBudget", "SamplerError",
-           "SamplerSettings", "kernel_threshold", "sampler_settings"]
+__all__ = ["DEFAULT_CPU_BUDGET", "DEFAULT_RATIO", "DEFAULT_SAMPLER", "MIN_BUDGET_RATIO", "SAMPLERS",
+           "CpuBudget", "SamplerError", "SamplerSettings", "kernel_threshold", "sampler_settings"]
 
 #: Sampler names this build accepts.
-SAMPLERS = ("always_on", "always_off", "traceidratio")
-_NOT_YET = ("parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio")
+SAMPLERS = ("parentbased_traceidratio", "parentbased_always_on", "parentbased_always_off", "always_on",
+            "always_off", "traceidratio")
+#: The default sampler and its ratio: 1 % of the requests that carry no traceparent. At 50k requests per
+#: second that is 500 traces a second, ~2 % of one CPU for the daemon (docs/overhead.md); errors and every
+#: request's metrics do not depend on it.
+DEFAULT_SAMPLER = "parentbased_traceidratio"
+DEFAULT_RATIO = 0.01
 
 
 class SamplerError(ValueError):
@@ -37,10 +45,12 @@ class SamplerError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class SamplerSettings:
-    """The sampler chosen and its ratio of requests traced (1.0 for always_on, 0.0 for always_off)."""
+    """The sampler chosen, its ratio of requests traced when no parent decides (1.0 for always_on, 0.0 for
+    always_off), and whether a request's traceparent decides first."""
 
     name: str
     ratio: float
+    parent_based: bool = False
 
     def kernel_threshold(self) -> int:
         """The kernel's threshold for this sampler's ratio (:func:`kernel_threshold`)."""
@@ -66,18 +76,18 @@ def sampler_settings(name: str | None = None, arg: str | None = None,
                      env: Mapping[str, str] | None = None) -> SamplerSettings:
     """The sampler from the flags (``name``, ``arg``) over the environment's ``OTEL_TRACES_SAMPLER(_ARG)``."""
     env = os.environ if env is None else env
-    chosen = (name if name is not None else env.get("OTEL_TRACES_SAMPLER", "always_on")).strip().lower()
+    chosen = (name if name is not None else env.get("OTEL_TRACES_SAMPLER") or DEFAULT_SAMPLER).strip().lower()
     arg = arg if arg is not None else env.get("OTEL_TRACES_SAMPLER_ARG")
-    if chosen in _NOT_YET:
-        raise SamplerError(f"sampler {chosen!r} is not supported yet (it needs the kernel to read "
-                           f"traceparent); use one of {', '.join(SAMPLERS)}")
     if chosen not in SAMPLERS:
         raise SamplerError(f"unknown sampler {chosen!r}; use one of {', '.join(SAMPLERS)}")
-    if chosen == "always_on":
-        return SamplerSettings(chosen, 1.0)
-    if chosen == "always_off":
-        return SamplerSettings(chosen, 0.0)
-    return SamplerSettings(chosen, _ratio(arg) if arg not in (None, "") else 1.0)
+    parent_based = chosen.startswith("parentbased_")
+    root = chosen.removeprefix("parentbased_")
+    if root == "always_on":
+        return SamplerSettings(chosen, 1.0, parent_based)
+    if root == "always_off":
+        return SamplerSettings(chosen, 0.0, parent_based)
+    default = DEFAULT_RATIO if parent_based else 1.0
+    return SamplerSettings(chosen, _ratio(arg) if arg not in (None, "") else default, parent_based)
 
 
 #: Default share of one CPU the daemon may use before it traces fewer requests (``--cpu-budget``).

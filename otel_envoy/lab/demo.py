@@ -22,8 +22,9 @@ __all__ = ["main"]
 
 def _start_daemon(lab: EnvoyLab, output: Path, workdir: Path) -> subprocess.Popen[bytes]:
     ready = workdir / "daemon.ready"
+    # a demo of what a trace holds: every request (the default samples 1 % of those without a traceparent)
     cmd = [sys.executable, "-m", "otel_envoy.cli", "run", "--pid", str(lab.pid), "--envoy-admin",
-           lab.admin_url, "--output", str(output), "--ready-file", str(ready)]
+           lab.admin_url, "--sampler", "always_on", "--output", str(output), "--ready-file", str(ready)]
     print("$ otel-envoy " + " ".join(cmd[3:-2]), flush=True)
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + 180

@@ -208,14 +208,21 @@ class ConnectionProbes:
         table = self.bpf[b"sample_threshold"]
         table[ctypes.c_int(0)] = ctypes.c_uint64(max(0, min(int(threshold), 2**32)))
 
+    def set_parent_based(self, parent_based: bool) -> None:
+        """Let a request's valid traceparent decide (its sampled flag) before the ratio does: the
+        ``parentbased_*`` samplers. Needs a build with ``sampling``."""
+        if not self.config.sampling:
+            raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
+        self.bpf[b"sample_parent_based"][ctypes.c_int(0)] = ctypes.c_uint32(1 if parent_based else 0)
+
     def sample_counts(self) -> dict[str, int]:
-        """Downstream requests the kernel sampled and did not sample (summed over CPUs; empty without
-        ``sampling``)."""
+        """Downstream requests the kernel decided, summed over CPUs (empty without ``sampling``): sampled
+        and not sampled by the ratio, and by their traceparent's flag."""
         if not self.config.sampling:
             return {}
         per_cpu = self.bpf[b"sample_counts"]
-        sampled, not_sampled = (int(sum(per_cpu[ctypes.c_int(i)])) for i in (0, 1))
-        return {"sampled": sampled, "not_sampled": not_sampled}
+        names = ("sampled", "not_sampled", "parent_sampled", "parent_not_sampled")
+        return {name: int(sum(per_cpu[ctypes.c_int(i)])) for i, name in enumerate(names)}
 
     def http_request_metrics(self) -> dict[RequestSeries, RequestTotals]:
         """The kernel's exact request metrics (plaintext HTTP/1.x downstream requests, whatever was

@@ -11,6 +11,7 @@ zeros; traceparent's version and flags are two hex digits each.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +27,12 @@ class TraceContext:
     parent_span_id: int | None  # None: the span is a root in that trace
     sampled: bool
     source: str  # "traceparent" | "b3" | "x-b3" | "x-request-id"
+    trace_state: str = ""  # the tracestate header that came with a traceparent, kept as it was
 
+
+#: The longest tracestate kept (the W3C specification's 32 members of up to 256 characters are more; 512 is
+#: what it asks every vendor to propagate at least).
+MAX_TRACE_STATE = 512
 
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _LOWER_HEX = re.compile(r"[0-9a-f]+")
@@ -84,7 +90,8 @@ def trace_context(headers: Mapping[str, str]) -> TraceContext | None:
     """The trace a request belongs to, from its (lower-case) headers, or None."""
     value = headers.get("traceparent")
     if value and (ctx := _traceparent(value)) is not None:
-        return ctx
+        state = headers.get("tracestate", "").strip()
+        return dataclasses.replace(ctx, trace_state=state) if 0 < len(state) <= MAX_TRACE_STATE else ctx
     value = headers.get("b3")
     if value and (ctx := _b3_single(value)) is not None:
         return ctx

@@ -138,6 +138,8 @@ class RequestSpanBuilder:
         spans = [SpanRecord(trace_id, rr.span_id, parent, req.method or "HTTP", SPAN_KIND_SERVER,
                             start + offset, end + offset, attrs, _events(req, resp, offset, sent=False),
                             links, code, message, *self._tail)]
+        if rr.context is not None and source == rr.context.source and rr.context.trace_state:
+            spans[0].trace_state = rr.context.trace_state  # the caller's vendors' state goes on with it
         for up, up_req, span_id in rr.upstream:
             client = self.upstream_request(up, up_req, up_req.response, span_id,
                                            default_parent=(trace_id, rr.span_id), forwarded=rr.context)

@@ -79,14 +79,73 @@ def test_always_off_traces_no_request_but_keeps_the_connections(lab, tmp_path) -
     assert len([s for s in spans if s.name == "envoy.downstream.connection"]) >= CONNECTIONS
 
 
-def test_without_a_sampler_every_request_is_traced(lab, tmp_path) -> None:
-    spans, summary, paths = _traced_run(lab, tmp_path, [])
+def test_always_on_traces_every_request(lab, tmp_path) -> None:
+    spans, summary, paths = _traced_run(lab, tmp_path, ["--sampler", "always_on"])
     sampler = summary["sampler"]
     assert (sampler["name"], sampler["ratio"]) == ("always_on", 1.0)
     assert sampler["cpu_budget"]["budget"] == DEFAULT_CPU_BUDGET
-    assert sampler["requests"] == {"sampled": len(paths), "not_sampled": 0}  # within budget
+    assert sampler["requests"] == {"sampled": len(paths), "not_sampled": 0,  # within budget
+                                   "parent_sampled": 0, "parent_not_sampled": 0}
     servers = {s.attributes.get("url.path") for s in spans if s.kind == SERVER and s.name == "GET"}
     assert servers >= set(paths)
+
+
+def _send(port: int, requests: list[tuple[str, dict[str, str]]]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for path, headers in requests:
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+    finally:
+        conn.close()
+
+
+def test_by_default_a_traceparent_decides_and_one_percent_of_the_rest_is_traced(lab, tmp_path) -> None:
+    """The default sampler (parentbased_traceidratio, 0.01) decided in the kernel: every request whose
+    traceparent says sampled is traced in the caller's trace, none whose traceparent says not sampled, and
+    an invalid traceparent counts as none (its request is decided by the ratio, as a root)."""
+    def tp(i: int, flags: str) -> str:
+        return f"00-{i + 1:032x}-{i + 7:016x}-{flags}"
+
+    invalid = ["00-" + "0" * 32 + "-00f067aa0ba902b7-01",  # all-zero trace id
+               "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  # upper case
+               "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # version ff
+               "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"]  # version 00 with more
+    requests: list[tuple[str, dict[str, str]]] = []
+    for i in range(300):
+        if i % 3 == 0:
+            requests.append((f"/bytes/{2000 + i}", {"traceparent": tp(i, "01"), "tracestate": "k=v"}))
+        elif i % 3 == 1:
+            requests.append((f"/bytes/{2000 + i}", {"TraceParent": tp(i, "00")}))
+        else:
+            requests.append((f"/bytes/{2000 + i}", {"x-n": str(i)}))
+    requests += [(f"/bytes/{3000 + i}", {"traceparent": invalid[i % len(invalid)]}) for i in range(100)]
+    summary = tmp_path / "summary.json"
+    with OtlpReceiver() as receiver:
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+                                "--otlp-protocol", "grpc", "--summary-json", str(summary), "--no-offcpu"],
+                               tmp_path, env={"OTEL_TRACES_SAMPLER": ""}).start()
+        run_in_threads(4, lambda c: _send(lab.http_port, requests[c::4]))
+        assert daemon.stop() == 0, daemon.stderr()
+        spans = receiver.spans()
+    sampler = json.loads(summary.read_text())["sampler"]
+    assert (sampler["name"], sampler["ratio"]) == ("parentbased_traceidratio", 0.01)
+    counts = sampler["requests"]
+    assert (counts["parent_sampled"], counts["parent_not_sampled"]) == (100, 100)
+    assert counts["sampled"] + counts["not_sampled"] == 200  # no traceparent, or an invalid one
+    assert counts["sampled"] <= 12  # binomial(200, 0.01): mean 2
+    servers = {s.attributes["url.path"]: s for s in spans if s.kind == SERVER and s.name == "GET"}
+    for i in range(0, 300, 3):  # sampled parents: all traced, in the caller's trace, tracestate kept
+        span = servers[f"/bytes/{2000 + i}"]
+        assert (span.trace_id, span.parent_span_id) == (f"{i + 1:032x}", f"{i + 7:016x}")
+        assert span.trace_state == "k=v"
+    group = {p: (int(p.rsplit("/", 1)[1]) - 2000) % 3 for p in servers if p.startswith("/bytes/2")}
+    assert not [p for p, g in group.items() if g == 1]  # not sampled by their parent: none traced
+    roots = [s for p, s in servers.items() if p.startswith("/bytes/3") or group.get(p) == 2]
+    assert len(roots) == counts["sampled"]
+    assert all(s.parent_span_id != "00f067aa0ba902b7" for s in roots)  # the invalid parent is not used
 
 
 def test_a_cpu_budget_lowers_the_share_traced_under_load_and_counts_the_rest(tmp_path) -> None:

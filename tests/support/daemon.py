@@ -29,7 +29,8 @@ class DaemonProcess:
             "--ready-file",
             str(self.ready_file),
         ]
-        self.env = {**os.environ, **(env or {})}
+        # every request traced unless a test says otherwise (the default samples 1 % of root requests)
+        self.env = {"OTEL_TRACES_SAMPLER": "always_on", **os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
 

@@ -14,9 +14,21 @@ from otel_envoy.sampling import SamplerError, SamplerSettings, sampler_settings
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_always_on_by_default_and_everything_is_traced() -> None:
+def test_parent_based_with_one_percent_of_roots_by_default() -> None:
     s = sampler_settings(env={})
-    assert s == SamplerSettings("always_on", 1.0) and s.kernel_threshold() == 2**32
+    assert s == SamplerSettings("parentbased_traceidratio", 0.01, parent_based=True)
+    assert s.kernel_threshold() == round(0.01 * 2**32)
+
+
+def test_the_parent_based_samplers_let_the_traceparent_decide_first() -> None:
+    assert sampler_settings("parentbased_traceidratio", "0.25", {}) == SamplerSettings(
+        "parentbased_traceidratio", 0.25, parent_based=True)
+    assert sampler_settings("parentbased_always_on", None, {}) == SamplerSettings(
+        "parentbased_always_on", 1.0, parent_based=True)
+    assert sampler_settings("parentbased_always_off", None, {}) == SamplerSettings(
+        "parentbased_always_off", 0.0, parent_based=True)
+    assert sampler_settings("always_on", None, {}) == SamplerSettings("always_on", 1.0)
+    assert sampler_settings("always_on", None, {}).kernel_threshold() == 2**32
 
 
 def test_the_environment_names_the_sampler_and_flags_win() -> None:
@@ -38,7 +50,8 @@ def test_traceidratio_without_a_ratio_traces_everything() -> None:
     ("traceidratio", "1.5", "out of range"),
     ("traceidratio", "-0.1", "out of range"),
     ("traceidratio", "half", "is not a number"),
-    ("parentbased_traceidratio", "0.1", "not supported yet"),
+    ("parentbased_traceidratio", "7", "out of range"),
+    ("parentbased_sometimes", None, "unknown sampler"),
 ])
 def test_bad_input_is_one_clear_error(name: str, arg: str | None, message: str) -> None:
     with pytest.raises(SamplerError, match=message):
