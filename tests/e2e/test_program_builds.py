@@ -65,7 +65,9 @@ def test_the_sampling_build_puts_the_front_program_on_sys_exit_and_tail_calls_io
         slot = probes.bpf[b"io_exit_prog"]
         assert len(list(slot.items())) == 1
         probes.set_sample_threshold(2**31)
-        assert probes.sample_counts() == {"sampled": 0, "not_sampled": 0}
+        probes.set_parent_based(True)
+        assert probes.sample_counts() == {"sampled": 0, "not_sampled": 0, "parent_sampled": 0,
+                                          "parent_not_sampled": 0}
         assert probes.http_request_metrics() == {}
     finally:
         probes.close()
