@@ -30,6 +30,7 @@ enum event_kind {
     EV_LISTEN = 9,     /* the target called listen(): user space rescans its listening ports */
     EV_OFFCPU = 10,    /* a target thread was off CPU for at least OFFCPU_MIN_NS (not idle in epoll_wait) */
     EV_ROUND = 11,     /* an event-loop round that lasted ROUND_MIN_NS or held an EV_OFFCPU wait */
+    EV_REQUEST_KEPT = 12, /* SAMPLING: a request that was not sampled, kept for what became of it */
 };
 
 /* Why a target thread left the CPU (sched_switch prev_state plus the syscall it was in). */
@@ -113,6 +114,16 @@ struct http_metric {
     __u64 sum_ns;
     __u64 slots[HTTP_HIST_SLOTS];
 };
+
+/* Why a request that was not sampled is reported all the same (struct request_kept_event). */
+enum keep_reason {
+    KEEP_SERVER_ERROR = 1,      /* its response's status was 5xx */
+    KEEP_CLOSED = 2,            /* its connection closed (or was reset) before an answer */
+    KEEP_SLOW = 3,              /* its answer took at least the daemon's slow-request threshold */
+};
+
+#define KEPT_HEAD 128 /* first bytes of a request kept by the kernel: its request line and first headers */
+
 
 /* Linux TCP states, as in include/net/tcp_states.h (stable ABI: exposed by /proc/net/tcp). */
 #define TCP_ESTABLISHED 1
@@ -291,3 +302,18 @@ struct round_event {
 };
 
 #endif /* OTEL_ENVOY_EVENTS_H */
+
+/* A plaintext HTTP/1.x request that was not sampled but is kept (http_metrics.bpf.h): what the kernel knows
+ * of it, with its first bytes; the ring record is sent when its response begins (or its connection
+ * closes). */
+struct request_kept_event {
+    struct event_header hdr; /* ts_ns: the answer's first write, or the close */
+    __u64 start_ns;          /* the request's first read */
+    __s32 fd;
+    __s32 listen_fd;
+    __u16 status;            /* 0: no answer */
+    __u8 method;             /* enum http_method */
+    __u8 reason;             /* enum keep_reason */
+    __u32 head_len;          /* bytes of head that are the request's */
+    __u8 head[KEPT_HEAD];
+};

@@ -10,10 +10,15 @@
  * One series per (process, listening socket, method, status), each with a count, a sum and a log2
  * histogram of microseconds; user space turns the listening socket into the listener's address and the
  * series into http.server.request.duration. Updates are atomic: workers on several CPUs share a series.
+ *
+ * A request that was not sampled is still reported, as one EV_REQUEST_KEPT record with its first KEPT_HEAD
+ * bytes, when its status is 5xx, when its connection closes before an answer, or when its answer comes
+ * after at least `keep_slow_ns`: errors and slow requests are traced whatever the sampler.
  */
 #define HTTP_METRIC_SERIES 4096
 
 BPF_HASH(http_metrics, struct http_metric_key, struct http_metric, HTTP_METRIC_SERIES);
+BPF_ARRAY(keep_slow_ns, __u64, 1); /* an unsampled request answered after at least this long is kept (0: none) */
 BPF_ARRAY(http_metric_zero, struct http_metric, 1); /* never written: a new series' initial value */
 
 #define W4(a, b, c, d) ((__u32)(a) | ((__u32)(b) << 8) | ((__u32)(c) << 16) | ((__u32)(d) << 24))
@@ -63,6 +68,38 @@ static __always_inline __u16 http_status_of(const __u8 *b) {
     if (d0 > 9 || d1 > 9 || d2 > 9)
         return 0;
     return (__u16)d0 * 100 + (__u16)d1 * 10 + d2;
+}
+
+/* Reports the connection's current request (not sampled) as kept for `reason`. */
+static __always_inline void keep_request(__u64 pid_tgid, __s32 fd, const struct conn_state *cs, __u16 status,
+                                         __u64 now, __u8 reason) {
+    struct request_kept_event *e = events.ringbuf_reserve(sizeof(struct request_kept_event));
+    if (!e) {
+        count_drop(DROP_RINGBUF_FULL);
+        return;
+    }
+    fill_header(&e->hdr, EV_REQUEST_KEPT, pid_tgid);
+    e->hdr.ts_ns = now;
+    e->start_ns = cs->req_start_ns;
+    e->fd = fd;
+    e->listen_fd = cs->listen_fd;
+    e->status = status;
+    e->method = cs->req_method;
+    e->reason = reason;
+    e->head_len = cs->req_head_len;
+    __builtin_memcpy(e->head, cs->req_head, KEPT_HEAD);
+    events.ringbuf_submit(e, 0);
+}
+
+/* Whether an answered request that was not sampled is kept: the enum keep_reason, or 0. */
+static __always_inline __u8 keep_reason_of(const struct conn_state *cs, __u16 status, __u64 now) {
+    if (status >= 500 && status <= 599)
+        return KEEP_SERVER_ERROR;
+    __u32 zero = 0;
+    __u64 *slow = keep_slow_ns.lookup(&zero);
+    if (slow && *slow && now - cs->req_start_ns >= *slow)
+        return KEEP_SLOW;
+    return 0;
 }
 
 /* Counts the connection's current request with `status`, ending now. */

@@ -46,6 +46,25 @@ static __always_inline __u32 first_bytes(__u8 io, struct pt_regs *regs, long ret
     return n;
 }
 
+/* Reads a new request's first KEPT_HEAD bytes into the connection's state (kept if the request is) and
+ * returns its enum http_method. */
+static __always_inline __u8 read_request_head(struct conn_state *cs, __u8 io, struct pt_regs *regs, long ret) {
+    __u64 avail = (__u64)ret;
+    const void *src = transfer_start(io, regs, &avail);
+    __u32 n = avail > KEPT_HEAD ? KEPT_HEAD : (__u32)avail;
+    BARRIER_VAR(n);
+    n &= 2 * KEPT_HEAD - 1;
+    if (n > KEPT_HEAD)
+        n = KEPT_HEAD;
+    *(__u64 *)cs->req_head = 0; /* a short read leaves no earlier request's method behind */
+    if (!src || n == 0 || bpf_probe_read_user(cs->req_head, n, src) != 0) {
+        cs->req_head_len = 0;
+        return HTTP_METHOD_NONE;
+    }
+    cs->req_head_len = n;
+    return http_method_of(cs->req_head, n);
+}
+
 /* The sampling decision for a new request (its first read): 1 when it is not traced. */
 static __always_inline __u32 decide_request(__u8 io, struct pt_regs *regs, long ret) {
     __u32 zero = 0;
@@ -65,8 +84,9 @@ static __always_inline __u32 decide_request(__u8 io, struct pt_regs *regs, long 
 
 /* One read (ret > 0, not a peek) or write of a plaintext downstream connection: request boundaries, the
  * metrics, and whether io_sys_exit should see it (0) or not (1: the current request is not traced). */
-static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u32 tgid, __u8 io, struct pt_regs *regs,
-                                                long ret) {
+static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_tgid, __s32 fd, __u8 io,
+                                                struct pt_regs *regs, long ret) {
+    __u32 tgid = pid_tgid >> 32;
     __u32 flags = cs->flags;
     __u8 b[16] = {};
     if (io >= IO_WRITE) {
@@ -75,14 +95,18 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u32 tgid
         cs->flags = flags & ~CONN_AWAIT;          /* the answer's first bytes: the status line */
         if (cs->req_method) {
             __u16 status = first_bytes(io, regs, ret, b, 12) == 12 ? http_status_of(b) : 0;
-            record_request(tgid, cs, status, bpf_ktime_get_ns());
+            __u64 now = bpf_ktime_get_ns();
+            record_request(tgid, cs, status, now);
+            __u8 reason = (flags & CONN_SKIP) ? keep_reason_of(cs, status, now) : 0;
+            if (reason)
+                keep_request(pid_tgid, fd, cs, status, now, reason);
         }
         return (flags & CONN_SKIP) ? 1 : 0;
     }
     if (flags & CONN_AWAIT) /* the same request goes on */
         return (flags & CONN_SKIP) ? 1 : 0;
     /* a new request (or the connection's first bytes) */
-    cs->req_method = http_method_of(b, first_bytes(io, regs, ret, b, 8));
+    cs->req_method = read_request_head(cs, io, regs, ret);
     cs->req_start_ns = bpf_ktime_get_ns();
     flags |= CONN_AWAIT;
     flags &= ~CONN_SKIP;
@@ -113,13 +137,14 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     if (!io || ret == -11 /* EAGAIN: io_sys_exit returns before looking */)
         return 0;
     __u64 pid_tgid = bpf_get_current_pid_tgid();
-    __u64 key = conn_key(pid_tgid >> 32, (__s32)syscall_arg(regs, 0));
+    __s32 fd = (__s32)syscall_arg(regs, 0);
+    __u64 key = conn_key(pid_tgid >> 32, fd);
     struct conn_state *cs = conns.lookup(&key);
     if (!cs)
         return 0; /* io_sys_exit would find nothing either */
     if (ret > 0 && cs->role == ROLE_DOWNSTREAM && !(cs->flags & (CONN_TLS | CONN_H2)) &&
         !(io_recv_flags(io, regs) & MSG_PEEK_FLAG) &&
-        on_plain_transfer(cs, pid_tgid >> 32, io, regs, ret)) {
+        on_plain_transfer(cs, pid_tgid, fd, io, regs, ret)) {
         /* not traced: counted on the connection as io_sys_exit would, and not reported */
         if (io >= IO_WRITE) {
             cs->bytes_tx += ret;

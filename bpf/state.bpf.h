@@ -68,6 +68,8 @@ struct conn_state {
     __s32 listen_fd;           /* downstream: the listening socket it was accepted on (-1: upstream) */
     __u8 req_method;           /* SAMPLING: the current request's enum http_method (0: not HTTP/1.x) */
     __u8 _pad_req[3];
+    __u32 req_head_len;        /* SAMPLING: bytes of req_head read from the current request */
+    __u8 req_head[KEPT_HEAD];  /* SAMPLING: its first bytes, sent if it is kept though not sampled */
 };
 
 #define CONN_SAW_IO 1   /* a non-peek read or write happened: the listener-filter hand-off is settled */

@@ -153,8 +153,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     ev.tls_max_record_tx = cs->tls[DIR_WRITE].max_len;
     ev.tls_flags = cs->tls_flags;
 #if SAMPLING
-    if ((cs->flags & CONN_AWAIT) && cs->req_method) /* a request closed before its answer */
+    if ((cs->flags & CONN_AWAIT) && cs->req_method) { /* a request closed before its answer */
         record_request(tgid, cs, 0, ev.hdr.ts_ns);
+        if (cs->flags & CONN_SKIP)
+            keep_request(pid_tgid, ev.fd, cs, 0, ev.hdr.ts_ns, KEEP_CLOSED);
+    }
 #endif
     conns.delete(&key);
     emit(&ev, sizeof(ev));

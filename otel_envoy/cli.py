@@ -50,6 +50,9 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler-arg", metavar="RATIO",
                    help="the *traceidratio samplers' ratio, 0 to 1 (else OTEL_TRACES_SAMPLER_ARG; default "
                         "0.01 with parentbased_traceidratio, 1 with traceidratio)")
+    p.add_argument("--keep-slow-ms", type=float, default=None, metavar="MS",
+                   help="a request that was not sampled is traced all the same when its answer takes this "
+                        "long (default 1000; 0: never); 5xx and requests closed before an answer always are")
     p.add_argument("--cpu-budget", type=float, default=None, metavar="SHARE",
                    help="share of one CPU the daemon may use; past it fewer plaintext requests are traced "
                         "(default 0.1; 0: no budget)")
@@ -114,8 +117,11 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         sampler = sampler_settings(args.sampler, args.sampler_arg)
     except SamplerError as exc:
         return _fail(str(exc), EXIT_USAGE)
-    from .sampling import DEFAULT_CPU_BUDGET
+    from .sampling import DEFAULT_CPU_BUDGET, DEFAULT_KEEP_SLOW_MS
 
+    keep_slow_ms = DEFAULT_KEEP_SLOW_MS if args.keep_slow_ms is None else args.keep_slow_ms
+    if not keep_slow_ms >= 0:  # false for NaN too
+        return _fail(f"--keep-slow-ms {args.keep_slow_ms} is out of range (0 or more)", EXIT_USAGE)
     cpu_budget = DEFAULT_CPU_BUDGET if args.cpu_budget is None else args.cpu_budget
     if not 0.0 <= cpu_budget <= os.cpu_count():  # false for NaN too
         return _fail(f"--cpu-budget {args.cpu_budget} is out of range (0 to {os.cpu_count()} CPUs)",
@@ -135,7 +141,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         require_envoy=not args.any_process, ready_file=args.ready_file, summary_json=args.summary_json,
         requests=args.requests, offcpu=args.offcpu, symbols=args.symbols,
         offcpu_min_ns=int(args.offcpu_threshold * 1e6), round_min_ns=int(args.round_threshold * 1e6),
-        metrics_interval=interval, sampler=sampler, cpu_budget=cpu_budget,
+        metrics_interval=interval, sampler=sampler, cpu_budget=cpu_budget, keep_slow_ms=keep_slow_ms,
     )
     if args.offcpu_threshold < 0 or args.round_threshold < 0:
         return _fail("--offcpu-threshold and --round-threshold must not be negative", EXIT_USAGE)

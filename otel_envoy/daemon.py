@@ -46,6 +46,7 @@ from .features import has_kernel_btf, require_tracing
 from .probes.loader import ConnectionProbes, ProbeConfig, RequestSeries, RequestTotals
 from .sampling import (
     DEFAULT_CPU_BUDGET,
+    DEFAULT_KEEP_SLOW_MS,
     DEFAULT_RATIO,
     DEFAULT_SAMPLER,
     CpuBudget,
@@ -101,6 +102,7 @@ class DaemonOptions:
     sampler: SamplerSettings = field(
         default_factory=lambda: SamplerSettings(DEFAULT_SAMPLER, DEFAULT_RATIO, parent_based=True))
     cpu_budget: float = DEFAULT_CPU_BUDGET  # share of one CPU; past it fewer requests are traced (0: none)
+    keep_slow_ms: float = DEFAULT_KEEP_SLOW_MS  # a request not sampled is kept when this slow (0: never)
 
 
 def make_resource() -> Resource:
@@ -190,6 +192,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
     if sampling:
         probes.set_sample_threshold(opts.sampler.kernel_threshold())
         probes.set_parent_based(opts.sampler.parent_based)
+        probes.set_keep_slow(int(opts.keep_slow_ms * 1e6))
     stacks = SymbolizedStacks(probes.stack_addresses, symbolizer)
     pipeline = EventPipeline(
         spans_out, make_resource(), clock, recorder=recorder,

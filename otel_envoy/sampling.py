@@ -26,8 +26,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_CPU_BUDGET", "DEFAULT_RATIO", "DEFAULT_SAMPLER", "MIN_BUDGET_RATIO", "SAMPLERS",
-           "CpuBudget", "SamplerError", "SamplerSettings", "kernel_threshold", "sampler_settings"]
+__all__ = ["DEFAULT_CPU_BUDGET", "DEFAULT_KEEP_SLOW_MS", "DEFAULT_RATIO", "DEFAULT_SAMPLER",
+           "MIN_BUDGET_RATIO", "SAMPLERS", "CpuBudget", "SamplerError", "SamplerSettings",
+           "kernel_threshold", "sampler_settings"]
 
 #: Sampler names this build accepts.
 SAMPLERS = ("parentbased_traceidratio", "parentbased_always_on", "parentbased_always_off", "always_on",
@@ -89,6 +90,11 @@ def sampler_settings(name: str | None = None, arg: str | None = None,
     default = DEFAULT_RATIO if parent_based else 1.0
     return SamplerSettings(chosen, _ratio(arg) if arg not in (None, "") else default, parent_based)
 
+
+#: Default threshold (``--keep-slow-ms``) over which a request that was not sampled is kept all the same: one
+#: second is well past the latency objectives of interactive APIs behind a gateway (tens to hundreds of ms),
+#: so only what a user would call slow is kept, and how many stays small when a backend stalls.
+DEFAULT_KEEP_SLOW_MS = 1000.0
 
 #: Default share of one CPU the daemon may use before it traces fewer requests (``--cpu-budget``).
 DEFAULT_CPU_BUDGET = 0.1

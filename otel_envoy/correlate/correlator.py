@@ -35,7 +35,7 @@ _C = load_layout().constants
 EV_ACCEPT, EV_CLOSE, EV_DATA, EV_CONNECT = _C["EV_ACCEPT"], _C["EV_CLOSE"], _C["EV_DATA"], _C["EV_CONNECT"]
 EV_EPOLL_CTL, EV_SETSOCKOPT, EV_SOCK_STATE, EV_TCP = (
     _C["EV_EPOLL_CTL"], _C["EV_SETSOCKOPT"], _C["EV_SOCK_STATE"], _C["EV_TCP"])
-EV_OFFCPU, EV_ROUND = _C["EV_OFFCPU"], _C["EV_ROUND"]
+EV_OFFCPU, EV_ROUND, EV_REQUEST_KEPT = _C["EV_OFFCPU"], _C["EV_ROUND"], _C["EV_REQUEST_KEPT"]
 ROLE_DOWNSTREAM = _C["ROLE_DOWNSTREAM"]
 TCP_MARK_NAMES = {
     _C["TCP_RETRANSMIT"]: "tcp.retransmit",
@@ -99,6 +99,7 @@ class ConnectionCorrelator:
             EV_SETSOCKOPT: self.downstream.on_setsockopt,  # type: ignore[dict-item]
             EV_SOCK_STATE: self._on_sock_state,  # type: ignore[dict-item]
             EV_TCP: self._on_tcp,  # type: ignore[dict-item]
+            EV_REQUEST_KEPT: self.downstream.on_request_kept,  # type: ignore[dict-item]
         }
         if self.rounds is not None:
             self._dispatch[EV_OFFCPU] = self.rounds.on_offcpu  # type: ignore[assignment]

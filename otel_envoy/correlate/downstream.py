@@ -19,7 +19,15 @@ from collections.abc import Callable
 
 from ..envoy.listen_socket import ListenSocket
 from ..events.layout import load_layout
-from ..events.types import AcceptEvent, CloseEvent, DataEvent, EpollCtlEvent, SetsockoptEvent, SockStateEvent
+from ..events.types import (
+    AcceptEvent,
+    CloseEvent,
+    DataEvent,
+    EpollCtlEvent,
+    RequestKeptEvent,
+    SetsockoptEvent,
+    SockStateEvent,
+)
 from ..protocols.detect import Protocol, detect_protocol
 from ..protocols.tls.handshake import TlsHandshakeTracker
 from .accept_queue import AcceptQueue, TupleKey
@@ -204,6 +212,14 @@ class DownstreamConnections:
                 http.parser = downstream_parser(data)
             if http.parser is not None:
                 self.requests.on_data(conn, ev)
+
+    def on_request_kept(self, ev: RequestKeptEvent) -> None:
+        """A request the kernel did not sample but kept (a 5xx, closed before an answer, slow)."""
+        conn = self.open.get((ev.tgid, ev.fd))
+        if conn is None:
+            self.stats["kept_requests_without_connection"] += 1
+            return
+        self.requests.on_kept(conn, ev)
 
     def on_epoll_ctl(self, ev: EpollCtlEvent) -> None:
         """Envoy (de)registered an fd with epoll: before the hand-off, that tells when it happened."""

@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from ..events.types import DataEvent
-from ..protocols.http import HttpExchange
+from ..events.layout import load_layout
+from ..events.types import DataEvent, RequestKeptEvent
+from ..protocols.http import HttpExchange, HttpMessage
 from ..protocols.http1 import Http1Exchanges
 from ..protocols.http2 import Http2Exchanges
+from ..protocols.request_head import parse_request_head
 from ..protocols.tracecontext import trace_context
 from .attribution import UpstreamAttribution
 from .http_feed import feed_http
@@ -23,6 +25,10 @@ from .records import MAX_REQUEST_LINKS, ConnectionRecord, RequestRecord
 __all__ = ["DownstreamRequests", "OnRequest"]
 
 OnRequest = Callable[[RequestRecord, HttpExchange], None]
+
+#: enum keep_reason (events.h) -> otel_envoy.kept
+KEEP_REASONS = {value: name.removeprefix("KEEP_").lower().replace("closed", "closed_before_response")
+                for name, value in load_layout().enums["keep_reason"].items()}
 
 
 class DownstreamRequests:
@@ -59,6 +65,29 @@ class DownstreamRequests:
                 # HTTP/1 pipelining: Envoy starts on the next buffered request only after this response
                 for rr in http.pending.values():
                     rr.active_round = max(rr.active_round, ev.round)
+
+    def on_kept(self, conn: ConnectionRecord, ev: RequestKeptEvent) -> None:
+        """A request of ``conn`` the kernel did not sample but kept: a request span from its first bytes,
+        status and times, saying why it was kept."""
+        head = parse_request_head(bytes(ev.head[:max(0, min(ev.head_len, len(ev.head)))]))
+        request = HttpMessage(start_ns=ev.start_ns, end_ns=ev.start_ns, method=head.method or None,
+                              path=head.path, version=head.version, headers=head.headers, tid=ev.tid,
+                              round=ev.round, headers_round=ev.round,
+                              error=None if head.complete else "headers_not_captured")
+        response = None
+        if ev.status:
+            response = HttpMessage(start_ns=ev.ts_ns, end_ns=ev.ts_ns, status=ev.status, version=head.version,
+                                   tid=ev.tid, round=ev.round)
+            request.response = response
+        rr = RequestRecord(conn, request, self._new_span_id(), trace_context(head.headers),
+                           kept=KEEP_REASONS.get(ev.reason, str(ev.reason)))
+        conn.http.count += 1
+        self.stats[f"kept_{rr.kept}"] += 1
+        trace_id, _, _ = rr.placement()
+        if trace_id != conn.trace_id and len(conn.http.links) < MAX_REQUEST_LINKS:
+            conn.http.links.append((trace_id, rr.span_id))
+        if self.on_request is not None:
+            self.on_request(rr, HttpExchange(request, response))
 
     def end(self, conn: ConnectionRecord, ts_ns: int) -> None:
         """The connection ended: what is still in flight becomes request spans now."""

@@ -212,6 +212,7 @@ class RequestRecord:
     upstream: list[tuple[UpstreamRecord, HttpMessage, str]] = field(default_factory=list)  # (conn, req, id)
     reserved: bool = False  # the cause of a new upstream connection whose request is not written yet
     active_round: int = 0  # when Envoy started on it: its header block, or the previous pipelined response
+    kept: str = ""  # not sampled but kept by the kernel: server_error, closed_before_response or slow
 
     def placement(self) -> tuple[str, str | None, str]:
         """``(trace id, parent span id, source)`` of this request's span.

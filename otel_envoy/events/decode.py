@@ -18,6 +18,7 @@ from .types import (
     Event,
     ListenEvent,
     OffcpuEvent,
+    RequestKeptEvent,
     RoundEvent,
     SetsockoptEvent,
     SockStateEvent,
@@ -39,6 +40,7 @@ _KINDS: dict[str, tuple[str, type]] = {
     "EV_LISTEN": ("listen_event", ListenEvent),
     "EV_OFFCPU": ("offcpu_event", OffcpuEvent),
     "EV_ROUND": ("round_event", RoundEvent),
+    "EV_REQUEST_KEPT": ("request_kept_event", RequestKeptEvent),
 }
 
 _KIND_OFFSET = 8  # event_header.kind; checked against the layout in Decoder.__init__

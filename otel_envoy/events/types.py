@@ -17,6 +17,7 @@ __all__ = [
     "Event",
     "ListenEvent",
     "OffcpuEvent",
+    "RequestKeptEvent",
     "RoundEvent",
     "SetsockoptEvent",
     "SockStateEvent",
@@ -228,6 +229,25 @@ class RoundEvent(NamedTuple):
     waker_comm: bytes
 
 
+class RequestKeptEvent(NamedTuple):
+    """A plaintext HTTP/1.x request the kernel did not sample but kept (a 5xx, closed before an answer, or
+    slow): its first bytes, status and times. ``ts_ns``: its answer's first write (or the close)."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    start_ns: int
+    fd: int
+    listen_fd: int
+    status: int
+    method: int
+    reason: int
+    head_len: int
+    head: bytes
+
+
 Event = (
     AcceptEvent
     | ConnectEvent
@@ -240,4 +260,5 @@ Event = (
     | ListenEvent
     | OffcpuEvent
     | RoundEvent
+    | RequestKeptEvent
 )

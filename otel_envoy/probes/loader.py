@@ -215,6 +215,13 @@ class ConnectionProbes:
             raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
         self.bpf[b"sample_parent_based"][ctypes.c_int(0)] = ctypes.c_uint32(1 if parent_based else 0)
 
+    def set_keep_slow(self, threshold_ns: int) -> None:
+        """Keep (report) a request that was not sampled when its answer takes at least ``threshold_ns``
+        (0: never for its duration; 5xx and closed ones are kept anyway). Needs a build with ``sampling``."""
+        if not self.config.sampling:
+            raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
+        self.bpf[b"keep_slow_ns"][ctypes.c_int(0)] = ctypes.c_uint64(max(0, int(threshold_ns)))
+
     def sample_counts(self) -> dict[str, int]:
         """Downstream requests the kernel decided, summed over CPUs (empty without ``sampling``): sampled
         and not sampled by the ratio, and by their traceparent's flag."""

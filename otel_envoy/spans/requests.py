@@ -129,6 +129,8 @@ class RequestSpanBuilder:
         attrs["thread.name"] = conn.thread_name
         attrs["envoy.event_loop.round"] = req.headers_round or req.round
         attrs["otel_envoy.trace_context"] = source
+        if rr.kept:
+            attrs["otel_envoy.kept"] = rr.kept
         if conn.listener_name:
             attrs["envoy.listener.name"] = conn.listener_name
         code, message, error_type = _status(req, resp, client=False)
