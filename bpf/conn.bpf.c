@@ -71,6 +71,7 @@
 #include "state.bpf.h"
 #if SAMPLING
 #include "http_metrics.bpf.h"
+#include "conn_sampling.bpf.h"
 #endif
 #include "sockets.bpf.h"
 #include "syscalls.bpf.h"

@@ -20,7 +20,6 @@
  * (which io_sys_exit learns from the same bytes when they are reported).
  */
 
-BPF_ARRAY(sample_threshold, __u64, 1);     /* a request is sampled when a 32-bit random number is below it */
 BPF_ARRAY(sample_parent_based, __u32, 1);  /* 1: a valid traceparent's sampled flag decides (parentbased_*) */
 /* downstream requests: [0] sampled, [1] not sampled (by the ratio); [2] sampled, [3] not sampled (by their
  * traceparent) */
@@ -142,6 +141,18 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct conn_state *cs = conns.lookup(&key);
     if (!cs)
         return 0; /* io_sys_exit would find nothing either */
+    if (cs->flags & CONN_UNTRACED) { /* counted, never reported */
+        if (ret > 0 && !(io_recv_flags(io, regs) & MSG_PEEK_FLAG)) {
+            if (io >= IO_WRITE) {
+                cs->bytes_tx += ret;
+                cs->writes++;
+            } else {
+                cs->bytes_rx += ret;
+                cs->reads++;
+            }
+        }
+        return 0;
+    }
     if (ret > 0 && cs->role == ROLE_DOWNSTREAM && !(cs->flags & (CONN_TLS | CONN_H2)) &&
         !(io_recv_flags(io, regs) & MSG_PEEK_FLAG) &&
         on_plain_transfer(cs, pid_tgid, fd, io, regs, ret)) {

@@ -54,6 +54,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         __builtin_memcpy(ev.saddr, args->saddr_v6, 16);
         __builtin_memcpy(ev.daddr, args->daddr_v6, 16);
     }
+#if SAMPLING
+    /* a downstream connection of a listener sampled whole (the peer is the destination) */
+    if (port_conn_sampled(ev.sport) && !peer_traced(ev.daddr, ev.family, ev.dport))
+        return 0;
+#endif
     emit(&ev, sizeof(ev));
     return 0;
 }

@@ -80,6 +80,7 @@ struct conn_state {
 
 #define CONN_AWAIT 32    /* SAMPLING: a request was read, its answer not yet written */
 #define CONN_SKIP 64     /* SAMPLING: the current request was not sampled */
+#define CONN_UNTRACED 128 /* SAMPLING: a connection sampled whole and not traced: it sends no record */
 
 #define CAPTURE_UNLIMITED 0xffffffff /* conn_state.capture_budget of a plaintext connection (request capture) */
 

@@ -34,13 +34,15 @@ static __always_inline int read_sockaddr(const void *uaddr, __u16 *family, __u16
 }
 
 /* Starts tracking a connection fd of a target: later I/O on it is counted and its first bytes captured. */
-static __always_inline void track_conn(__u32 tgid, __s32 fd, __u64 ts_ns, __u32 role, __s32 listen_fd) {
+static __always_inline void track_conn(__u32 tgid, __s32 fd, __u64 ts_ns, __u32 role, __s32 listen_fd,
+                                       __u32 flags) {
     __u64 key = conn_key(tgid, fd);
     struct conn_state cs = {};
     cs.open_ts_ns = ts_ns;
     cs.capture_budget = CAPTURE_MSGS_DEFAULT;
     cs.role = role;
     cs.listen_fd = listen_fd;
+    cs.flags = flags;
     if (conns.update(&key, &cs) != 0)
         count_drop(DROP_CONN_TABLE_FULL);
 }
@@ -76,9 +78,19 @@ static __always_inline int on_accept_exit(long ret) {
     ev.fd = (__s32)ret;
     ev.listen_fd = in.fd;
     read_sockaddr((void *)in.buf, &ev.family, &ev.peer_port, ev.peer_addr);
+#if SAMPLING
+    if (listener_conn_sampled(ev.hdr.tgid, in.fd)) {
+        __u32 untraced = !peer_traced(ev.peer_addr, ev.family, ev.peer_port);
+        count_conn_sampled(untraced);
+        if (untraced) {
+            track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, CONN_UNTRACED);
+            return 0;
+        }
+    }
+#endif
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
 
-    track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd);
+    track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, 0);
     emit(&ev, sizeof(ev));
     return 0;
 }
@@ -124,7 +136,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
         return 0; /* not an inet socket (unix sockets to the xDS agent, ...) */
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
     if (ev.ret == 0 || ev.ret == -115 /* EINPROGRESS */)
-        track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_UPSTREAM, -1);
+        track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_UPSTREAM, -1, 0);
     emit(&ev, sizeof(ev));
     return 0;
 }
@@ -136,6 +148,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     struct conn_state *cs = conns.lookup(&key);
     if (!cs)
         return 0;
+    if (cs->flags & CONN_UNTRACED) {
+        conns.delete(&key);
+        return 0;
+    }
     struct close_event ev = {};
     fill_header(&ev.hdr, EV_CLOSE, pid_tgid);
     ev.fd = (__s32)args->fd;
@@ -181,13 +197,15 @@ TRACEPOINT_PROBE(syscalls, sys_enter_listen) {
 TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tgid = pid_tgid >> 32;
-    __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
-    struct conn_state *cs = conns.lookup(&key);
     /* Only registrations (ADD), and only until the first real I/O: the listener filters register the fd
      * once to wait for its first bytes; a second ADD (after a DEL, which is implied and not sent) is the
-     * hand-off to the filter chain. */
-    if (!cs || args->op != 1 /* EPOLL_CTL_ADD */ || cs->epoll_events >= EPOLL_CTL_EVENTS_MAX ||
-        (cs->flags & CONN_SAW_IO))
+     * hand-off to the filter chain. Other operations (most of them) cost no lookup. */
+    if (args->op != 1 /* EPOLL_CTL_ADD */)
+        return 0;
+    __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
+    struct conn_state *cs = conns.lookup(&key);
+    if (!cs || cs->epoll_events >= EPOLL_CTL_EVENTS_MAX ||
+        (cs->flags & (CONN_SAW_IO | CONN_UNTRACED)))
         return 0;
     cs->epoll_events++;
     struct epoll_ctl_event ev = {};
@@ -206,7 +224,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_setsockopt) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tgid = pid_tgid >> 32;
     __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
-    if (!conns.lookup(&key))
+    struct conn_state *cs = conns.lookup(&key);
+    if (!cs || (cs->flags & CONN_UNTRACED))
         return 0;
     struct setsockopt_event ev = {};
     fill_header(&ev.hdr, EV_SETSOCKOPT, pid_tgid);

@@ -221,13 +221,15 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if opts.ready_file:
             with open(opts.ready_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
-        budget_task = asyncio.ensure_future(_keep_to_budget(budget, probes, ring, opts.sampler.name)) \
-            if budget is not None else None
+        tasks = [asyncio.ensure_future(_keep_to_budget(budget, probes, ring, opts.sampler.name))] \
+            if budget is not None else []
+        if sampling:
+            tasks.append(asyncio.ensure_future(_sample_tls_listeners(probes, pipeline)))
         try:
             await _wait(opts, loop, rescan_now, targets, listeners, probes, ring, known_ports)
         finally:
-            if budget_task is not None:
-                budget_task.cancel()
+            for task in tasks:
+                task.cancel()
     finally:
         ring.stop_requested.set()
         if ring.is_alive():
@@ -237,6 +239,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
             await asyncio.to_thread(metrics.shutdown, 10.0)
         kernel_drops = {f"kernel.{k}": v for k, v in probes.drop_counts().items() if v}
         sampled = probes.sample_counts()
+        connections_sampled = probes.connection_sample_counts()
         http_requests = _request_totals(probes.http_request_metrics())
         offcpu = _offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
         wakes = _wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
@@ -254,7 +257,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
                        "correlator": dict(pipeline.correlator.stats), "offcpu": offcpu,
                        "idle_wakeups": wakes, "http_requests": http_requests,
                        "sampler": {"name": opts.sampler.name, "ratio": opts.sampler.ratio,
-                                   "requests": sampled,
+                                   "requests": sampled, "tls_connections": connections_sampled,
                                    "cpu_budget": budget.summary() if budget is not None else None}},
                       f, default=str)
     print(
@@ -350,6 +353,21 @@ def report_new_drops(probes: ConnectionProbes, before: dict[str, int]) -> dict[s
 
 
 BUDGET_INTERVAL_S = 1.0
+
+
+async def _sample_tls_listeners(probes: ConnectionProbes, pipeline: EventPipeline) -> None:
+    """Four times a second: listening sockets that a TLS connection came through are handed to the kernel,
+    which samples their connections whole from then on (it cannot see their requests)."""
+    known: dict[tuple[int, int], int] = {}
+    downstream = pipeline.correlator.downstream
+    while True:
+        await asyncio.sleep(0.25)
+        seen = downstream.tls_listeners  # replaced whole by the ring thread, never changed in place
+        new = {k: port for k, port in seen.items() if k not in known}
+        if new:
+            probes.sample_connections_of(new)
+            known.update(new)
+            log.info("sampling whole connections of TLS listeners on ports %s", sorted(set(new.values())))
 
 
 async def _keep_to_budget(budget: CpuBudget, probes: ConnectionProbes, ring: _RingThread, name: str) -> None:

@@ -84,6 +84,9 @@ class DownstreamConnections:
         self.max_connections = max_connections
         self.linger_ns = linger_ns
         self.listen_sockets: dict[tuple[int, int], ListenSocket] = {}  # (tgid, listen fd) -> socket
+        #: listening sockets a TLS connection came through: (tgid, listen fd) -> port. The kernel samples
+        #: their connections whole (the daemon tells it), as it cannot see their requests.
+        self.tls_listeners: dict[tuple[int, int], int] = {}
         self.listener_names: dict[tuple[str, int], str] = {}  # (address, port) -> Envoy listener name
         self.accepts_by_thread: Counter[tuple[int, int, str]] = Counter()  # (tgid, tid, name) -> accepts
         self.open: dict[tuple[int, int], ConnectionRecord] = {}  # (tgid, fd) -> connection
@@ -194,6 +197,10 @@ class DownstreamConnections:
             conn.protocol = detect_protocol(data)
             if conn.protocol is Protocol.TLS:
                 tls.handshake = TlsHandshakeTracker()
+                listener_key = (conn.tgid, conn.listen_fd)
+                if conn.local_port and listener_key not in self.tls_listeners:
+                    # replaced whole, never changed in place: the daemon reads it from another thread
+                    self.tls_listeners = {**self.tls_listeners, listener_key: conn.local_port}
         handshake = tls.handshake
         if handshake is not None:
             # past the handshake, reads carry no bytes: nothing for the tracker then

@@ -12,7 +12,7 @@ import logging
 import mmap
 import platform
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -214,6 +214,25 @@ class ConnectionProbes:
         if not self.config.sampling:
             raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
         self.bpf[b"sample_parent_based"][ctypes.c_int(0)] = ctypes.c_uint32(1 if parent_based else 0)
+
+    def sample_connections_of(self, listeners: Mapping[tuple[int, int], int]) -> None:
+        """Sample whole the downstream connections of these listening sockets ((tgid, fd) -> port), with the
+        ratio of ``set_sample_threshold``: their requests are not visible to the kernel (TLS). Adds to
+        those already named. Needs a build with ``sampling``."""
+        if not self.config.sampling:
+            raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
+        one = ctypes.c_uint8(1)
+        ports, fds = self.bpf[b"conn_sampled_ports"], self.bpf[b"conn_sampled_listeners"]
+        for (tgid, fd), port in listeners.items():
+            ports[ctypes.c_uint16(port)] = one
+            fds[ctypes.c_uint64((tgid << 32) | (fd & 0xFFFFFFFF))] = one
+
+    def connection_sample_counts(self) -> dict[str, int]:
+        """Connections of the listeners sampled whole: traced and not traced (empty without ``sampling``)."""
+        if not self.config.sampling:
+            return {}
+        per_cpu = self.bpf[b"conn_sample_counts"]
+        return {name: int(sum(per_cpu[ctypes.c_int(i)])) for i, name in enumerate(("traced", "not_traced"))}
 
     def set_keep_slow(self, threshold_ns: int) -> None:
         """Keep (report) a request that was not sampled when its answer takes at least ``threshold_ns``

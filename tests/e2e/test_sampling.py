@@ -170,3 +170,39 @@ def test_a_cpu_budget_lowers_the_share_traced_under_load_and_counts_the_rest(tmp
     assert budget["budget"] == 0.05 and budget["changes"] >= 2 and budget["ratio_lowest"] <= 0.25
     assert budget["highest_share"] > 0.05  # it was over, which is why it adapted
     assert counts["not_sampled"] > counts["sampled"] > 0
+
+
+def test_tls_connections_are_sampled_whole_once_their_listener_is_known(lab, tmp_path) -> None:
+    """The kernel cannot see a TLS connection's requests, so on a listener a TLS connection came through
+    it decides whole connections with the ratio: one not traced sends no record at all; one traced is
+    whole (handshake included)."""
+    import shutil
+    import subprocess
+    import time
+
+    from otel_envoy.lab import clients
+
+    summary = tmp_path / "summary.json"
+    with OtlpReceiver() as receiver:
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+                                "--otlp-protocol", "grpc", "--summary-json", str(summary), "--no-offcpu",
+                                "--sampler", "traceidratio", "--sampler-arg", "0.25"], tmp_path).start()
+        first = clients.curl_tls(lab.tls_port, "a.example.com", alpn="http/1.1", ca=lab.ca_path)
+        assert first.http_code == 200, first.stderr
+        time.sleep(1.0)  # the daemon hands the listener to the kernel within 0.25 s of seeing it is TLS
+        h2load = shutil.which("h2load")
+        assert h2load, "h2load (nghttp2-client) is needed"
+        proc = subprocess.run([h2load, "--h1", "-c", "4", "-n", "400", "-H", "Connection: close",
+                               f"https://127.0.0.1:{lab.tls_port}/"], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and "400 succeeded" in proc.stdout, proc.stdout
+        assert daemon.stop() == 0, daemon.stderr()
+        spans = receiver.spans()
+    counts = json.loads(summary.read_text())["sampler"]["tls_connections"]
+    assert counts["traced"] + counts["not_traced"] == 400
+    assert 0.15 * 400 < counts["traced"] < 0.35 * 400  # binomial(400, 0.25) over client ports: mean 100
+    tls_conns = [s for s in spans if s.name == "envoy.downstream.connection"
+                 and s.attributes.get("network.local.port") == lab.tls_port]
+    assert len(tls_conns) == 1 + counts["traced"]  # the first one (before the kernel knew) and the traced
+    handshakes = {s.parent_span_id for s in spans if s.name == "tls.handshake"}
+    assert all(c.span_id in handshakes for c in tls_conns)  # each traced connection is whole
