@@ -115,6 +115,14 @@ struct http_metric {
     __u64 slots[HTTP_HIST_SLOTS];
 };
 
+/* The kernel's connection metrics (http_metrics.bpf.h): every downstream connection closed, traced or not,
+ * by process and listening socket, with a log2 histogram of their durations (HTTP_HIST_SLOTS slots of
+ * microseconds, as requests). */
+struct conn_metric_key {
+    __u32 pid; /* the process (tgid) */
+    __s32 listen_fd;
+};
+
 /* Why a request that was not sampled is reported all the same (struct request_kept_event). */
 enum keep_reason {
     KEEP_SERVER_ERROR = 1,      /* its response's status was 5xx */

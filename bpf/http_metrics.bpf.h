@@ -20,6 +20,7 @@
 BPF_HASH(http_metrics, struct http_metric_key, struct http_metric, HTTP_METRIC_SERIES);
 BPF_ARRAY(keep_slow_ns, __u64, 1); /* an unsampled request answered after at least this long is kept (0: none) */
 BPF_ARRAY(http_metric_zero, struct http_metric, 1); /* never written: a new series' initial value */
+BPF_HASH(conn_metrics, struct conn_metric_key, struct http_metric, HTTP_METRIC_SERIES); /* by listener */
 
 #define W4(a, b, c, d) ((__u32)(a) | ((__u32)(b) << 8) | ((__u32)(c) << 16) | ((__u32)(d) << 24))
 
@@ -102,6 +103,31 @@ static __always_inline __u8 keep_reason_of(const struct conn_state *cs, __u16 st
     return 0;
 }
 
+/* Adds `took` to a metric series (count, sum, log2 slot of microseconds). */
+static __always_inline void add_duration(struct http_metric *m, __u64 took) {
+    __u32 slot = log2_u64(took / 1000);
+    if (slot >= HTTP_HIST_SLOTS)
+        slot = HTTP_HIST_SLOTS - 1;
+    __sync_fetch_and_add(&m->count, 1);
+    __sync_fetch_and_add(&m->sum_ns, took);
+    __sync_fetch_and_add(&m->slots[slot], 1);
+}
+
+/* Counts a downstream connection that closes now (traced or not). */
+static __always_inline void record_connection(__u32 tgid, const struct conn_state *cs, __u64 now) {
+    struct conn_metric_key key = {.pid = tgid, .listen_fd = cs->listen_fd};
+    __u32 zero = 0;
+    struct http_metric *init = http_metric_zero.lookup(&zero);
+    if (!init)
+        return;
+    struct http_metric *m = conn_metrics.lookup_or_try_init(&key, init);
+    if (!m) {
+        count_drop(DROP_METRICS_FULL);
+        return;
+    }
+    add_duration(m, now > cs->open_ts_ns ? now - cs->open_ts_ns : 0);
+}
+
 /* Counts the connection's current request with `status`, ending now. */
 static __always_inline void record_request(__u32 tgid, const struct conn_state *cs, __u16 status, __u64 now) {
     struct http_metric_key key = {};
@@ -118,11 +144,5 @@ static __always_inline void record_request(__u32 tgid, const struct conn_state *
         count_drop(DROP_METRICS_FULL);
         return;
     }
-    __u64 took = now > cs->req_start_ns ? now - cs->req_start_ns : 0;
-    __u32 slot = log2_u64(took / 1000);
-    if (slot >= HTTP_HIST_SLOTS)
-        slot = HTTP_HIST_SLOTS - 1;
-    __sync_fetch_and_add(&m->count, 1);
-    __sync_fetch_and_add(&m->sum_ns, took);
-    __sync_fetch_and_add(&m->slots[slot], 1);
+    add_duration(m, now > cs->req_start_ns ? now - cs->req_start_ns : 0);
 }

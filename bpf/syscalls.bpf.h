@@ -148,6 +148,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     struct conn_state *cs = conns.lookup(&key);
     if (!cs)
         return 0;
+#if SAMPLING
+    if (cs->role == ROLE_DOWNSTREAM)
+        record_connection(tgid, cs, bpf_ktime_get_ns());
+#endif
     if (cs->flags & CONN_UNTRACED) {
         conns.delete(&key);
         return 0;

@@ -32,6 +32,7 @@ from opentelemetry.sdk.resources import Resource
 
 from .correlate.round_tracker import OFFCPU_REASONS
 from .envoy.admin import AdminError, fetch_listener_names
+from .envoy.listen_socket import ListenSocket
 from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets
 from .event_pipeline import EventPipeline, tune_garbage_collector
 from .events.recording import RecordingWriter
@@ -39,7 +40,7 @@ from .events.recording_context import ListenerNamesContext, ListenSocketsContext
 from .export.metrics import WorkerMetrics
 from .export.metrics_settings import DEFAULT_INTERVAL_S
 from .export.otlp import OtlpSettings, check_reachable
-from .export.request_metrics import RequestMetrics
+from .export.request_metrics import ConnectionMetrics, RequestMetrics
 from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
 from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
@@ -241,6 +242,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
         sampled = probes.sample_counts()
         connections_sampled = probes.connection_sample_counts()
         http_requests = _request_totals(probes.http_request_metrics())
+        connections_closed = {f"{pid}:{fd}": totals.count
+                              for (pid, fd), totals in sorted(probes.connection_metrics().items())}
         offcpu = _offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
         wakes = _wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
         probes.close()
@@ -256,6 +259,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
             json.dump({"counts": dict(pipeline.counts), "drops": drops, "export": stats,
                        "correlator": dict(pipeline.correlator.stats), "offcpu": offcpu,
                        "idle_wakeups": wakes, "http_requests": http_requests,
+                       "connections_closed": connections_closed,
                        "sampler": {"name": opts.sampler.name, "ratio": opts.sampler.ratio,
                                    "requests": sampled, "tls_connections": connections_sampled,
                                    "cpu_budget": budget.summary() if budget is not None else None}},
@@ -312,12 +316,17 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipelin
     if opts.otlp is None or not opts.metrics_interval:
         return None
     correlator = pipeline.correlator
+
+    def listen_sockets() -> dict[tuple[int, int], ListenSocket]:
+        return correlator.downstream.listen_sockets  # replaced whole on each rescan
+
     metrics = WorkerMetrics.from_settings(
         opts.otlp, make_resource(), offcpu_totals=probes.offcpu_totals,
         round_histograms=probes.round_histograms, accepts=lambda: correlator.accepts_by_thread,
         idle_wakes=lambda: idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel),
-        requests=RequestMetrics(probes.http_request_metrics, lambda: correlator.downstream.listen_sockets)
-        if probes.config.sampling else None,
+        kernel_metrics=[RequestMetrics(probes.http_request_metrics, listen_sockets),
+                        ConnectionMetrics(probes.connection_metrics, listen_sockets)]
+        if probes.config.sampling else (),
         interval_s=opts.metrics_interval)
     metrics.start()
     log.info("exporting per-worker metrics every %g s", opts.metrics_interval)

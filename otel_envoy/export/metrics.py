@@ -57,7 +57,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -83,7 +83,7 @@ from ..envoy.threads import thread_identity
 from .kernel_histograms import HistogramPoints, log2_bounds_s, slot_bucket_counts
 from .metrics_settings import DEFAULT_INTERVAL_S, MetricPreferences, make_metric_exporter, metric_preferences
 from .otlp import OtlpSettings
-from .request_metrics import RequestMetrics
+from .request_metrics import KernelMetric
 
 __all__ = [
     "METER_NAME",
@@ -213,7 +213,7 @@ class WorkerMetrics:
         round_histograms: RoundSource | None = None,
         accepts: AcceptSource | None = None,
         idle_wakes: WakeSource | None = None,
-        requests: RequestMetrics | None = None,
+        kernel_metrics: Sequence[KernelMetric] = (),
         interval_s: float = DEFAULT_INTERVAL_S,
         export_timeout_s: float = 10.0,
         identity: Identity = thread_identity,
@@ -244,7 +244,7 @@ class WorkerMetrics:
         self._retired: set[int] = set()  # gone threads no longer reported
         self._logged: set[str] = set()
         self._round_points = HistogramPoints(self._start_ns)  # per tid
-        self._requests = requests
+        self._kernel_metrics = tuple(kernel_metrics)
 
     @classmethod
     def from_settings(cls, settings: OtlpSettings, resource: Resource, **kwargs: Any) -> WorkerMetrics:
@@ -424,11 +424,11 @@ class WorkerMetrics:
     def _kernel_histograms(self, temporality: AggregationTemporality) -> list[Metric]:
         """The kernel histograms of this collection (called by the exporter)."""
         out = [m for m in (self._round_metric(temporality),) if m is not None]
-        if self._requests is not None:
+        for source in self._kernel_metrics:
             try:
-                metric = self._requests.metric(temporality)
+                metric = source.metric(temporality)
             except Exception as exc:
-                self._log_once("http_request_metrics", exc)
+                self._log_once(type(source).__name__, exc)
                 metric = None
             if metric is not None:
                 out.append(metric)

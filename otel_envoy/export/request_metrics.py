@@ -1,4 +1,5 @@
-"""``http.server.request.duration`` from the kernel's exact request metrics.
+"""``http.server.request.duration`` and ``envoy.downstream.connection.duration`` from the kernel's exact
+request and connection metrics.
 
 The kernel counts every plaintext HTTP/1.x downstream request, sampled or not (bpf/http_metrics.bpf.h),
 in one series per process, listening socket, method and status code, with a count, a sum and a log2
@@ -10,6 +11,11 @@ OpenTelemetry semantic conventions' server request duration histogram (unit ``s`
 * ``network.protocol.name=http``, ``server.address`` / ``server.port`` of the listening socket, and
   ``envoy.listener.name`` when Envoy's admin API named it, ``process.pid``.
 
+Every downstream connection that closed, traced or not, is counted the same way by listening socket
+(bpf/http_metrics.bpf.h, ``conn_metrics``): :class:`ConnectionMetrics` exports their durations (accept to
+close) as ``envoy.downstream.connection.duration`` with ``server.address``, ``server.port``,
+``envoy.listener.name`` and ``process.pid``.
+
 A series whose listening socket is not known (yet) is reported with ``server.port`` left out rather than
 dropped: counts stay exact. Buckets are the kernel's log2 slots (:mod:`.kernel_histograms`); the sum is
 exact.
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry.sdk.metrics.export import AggregationTemporality, Histogram, Metric
 
@@ -28,30 +34,48 @@ from ..events.layout import load_layout
 from ..probes.loader import RequestSeries, RequestTotals
 from .kernel_histograms import HistogramPoints, log2_bounds_s, slot_bucket_counts
 
-__all__ = ["HTTP_SERVER_REQUEST_DURATION", "REQUEST_BOUNDS_S", "RequestMetrics", "request_attributes"]
+__all__ = ["CONNECTION_DURATION", "HTTP_SERVER_REQUEST_DURATION", "REQUEST_BOUNDS_S", "ConnectionMetrics",
+           "KernelMetric", "RequestMetrics", "listener_attributes", "request_attributes"]
 
 HTTP_SERVER_REQUEST_DURATION = "http.server.request.duration"
+CONNECTION_DURATION = "envoy.downstream.connection.duration"
 #: The kernel's slots (HTTP_HIST_SLOTS in bpf/events.h): the last one also takes longer durations.
 REQUEST_SLOTS = load_layout().constants["HTTP_HIST_SLOTS"] - 1
 REQUEST_BOUNDS_S: tuple[float, ...] = log2_bounds_s(REQUEST_SLOTS)
 
+class KernelMetric(Protocol):
+    """A metric built from a kernel table at each collection (:class:`RequestMetrics`,
+    :class:`ConnectionMetrics`)."""
+
+    def metric(self, temporality: AggregationTemporality) -> Metric | None:
+        """This collection's metric, or ``None``."""
+        ...
+
+
 RequestSource = Callable[[], Mapping[RequestSeries, RequestTotals]]
+ConnectionSource = Callable[[], Mapping[tuple[int, int], RequestTotals]]
 ListenerSource = Callable[[], Mapping[tuple[int, int], ListenSocket]]
 
 
-def request_attributes(series: RequestSeries, listen: ListenSocket | None) -> dict[str, Any]:
-    """The attributes of one kernel series."""
-    attrs: dict[str, Any] = {"http.request.method": series.method, "network.protocol.name": "http",
-                             "process.pid": series.pid}
-    if series.status:
-        attrs["http.response.status_code"] = series.status
-    else:
-        attrs["error.type"] = "connection_closed"
+def listener_attributes(pid: int, listen: ListenSocket | None) -> dict[str, Any]:
+    """The attributes naming a listening socket of process ``pid``."""
+    attrs: dict[str, Any] = {"process.pid": pid}
     if listen is not None:
         attrs["server.address"] = listen.address
         attrs["server.port"] = listen.port
         if listen.listener_name:
             attrs["envoy.listener.name"] = listen.listener_name
+    return attrs
+
+
+def request_attributes(series: RequestSeries, listen: ListenSocket | None) -> dict[str, Any]:
+    """The attributes of one kernel request series."""
+    attrs: dict[str, Any] = {"http.request.method": series.method, "network.protocol.name": "http",
+                             **listener_attributes(series.pid, listen)}
+    if series.status:
+        attrs["http.response.status_code"] = series.status
+    else:
+        attrs["error.type"] = "connection_closed"
     return attrs
 
 
@@ -67,29 +91,54 @@ class RequestMetrics:
 
     def metric(self, temporality: AggregationTemporality) -> Metric | None:
         """This collection's histogram, or ``None`` when there is no point to send."""
-        series = self._source()
         listeners = self._listeners()
-        now = time.time_ns()
-        merged: dict[tuple, tuple[dict[str, Any], list[int], int]] = {}
-        for key, totals in series.items():
-            attrs = request_attributes(key, listeners.get((key.pid, key.listen_fd)))
-            ident = tuple(sorted(attrs.items()))  # two fds of one listener (SO_REUSEPORT): one series
-            counts = slot_bucket_counts(totals.slots, REQUEST_SLOTS)
-            if ident in merged:
-                _attrs, prev, total = merged[ident]
-                counts = [a + b for a, b in zip(prev, counts, strict=True)]
-                merged[ident] = (attrs, counts, total + totals.sum_ns)
-            else:
-                merged[ident] = (attrs, counts, totals.sum_ns)
-        points = []
-        for ident, (attrs, counts, sum_ns) in sorted(merged.items(), key=lambda kv: repr(kv[0])):
-            point = self._points.point(ident, attrs, counts, sum_ns / 1e9, REQUEST_BOUNDS_S, now, temporality)
-            if point is not None:
-                points.append(point)
-        if not points:
-            return None
-        return Metric(name=HTTP_SERVER_REQUEST_DURATION, unit="s",
-                      description="Duration of HTTP server requests (plaintext HTTP/1.x, every request, "
-                                  "counted in the kernel): first read of the request to the first bytes "
-                                  "of its response.",
-                      data=Histogram(data_points=points, aggregation_temporality=temporality))
+        series = [(request_attributes(key, listeners.get((key.pid, key.listen_fd))), totals)
+                  for key, totals in self._source().items()]
+        return _histogram(self._points, series, temporality, HTTP_SERVER_REQUEST_DURATION,
+                          "Duration of HTTP server requests (plaintext HTTP/1.x, every request, counted in "
+                          "the kernel): first read of the request to the first bytes of its response.")
+
+
+class ConnectionMetrics:
+    """Builds the downstream connection-duration histogram of each collection from the kernel's table."""
+
+    def __init__(self, source: ConnectionSource, listeners: ListenerSource) -> None:
+        """``source`` reads the kernel's series (``ConnectionProbes.connection_metrics``); ``listeners`` as
+        for :class:`RequestMetrics`."""
+        self._source = source
+        self._listeners = listeners
+        self._points = HistogramPoints(time.time_ns())
+
+    def metric(self, temporality: AggregationTemporality) -> Metric | None:
+        """This collection's histogram, or ``None`` when there is no point to send."""
+        listeners = self._listeners()
+        series = [(listener_attributes(pid, listeners.get((pid, fd))), totals)
+                  for (pid, fd), totals in self._source().items()]
+        return _histogram(self._points, series, temporality, CONNECTION_DURATION,
+                          "Duration of downstream connections (every one, traced or not, counted in the "
+                          "kernel): accept to close.")
+
+
+def _histogram(points: HistogramPoints, series: list[tuple[dict[str, Any], RequestTotals]],
+               temporality: AggregationTemporality, name: str, description: str) -> Metric | None:
+    """One histogram metric of kernel series; series with equal attributes (two sockets of one listener,
+    SO_REUSEPORT workers) are merged."""
+    now = time.time_ns()
+    merged: dict[tuple, tuple[dict[str, Any], list[int], int]] = {}
+    for attrs, totals in series:
+        ident = tuple(sorted(attrs.items()))
+        counts = slot_bucket_counts(totals.slots, REQUEST_SLOTS)
+        if ident in merged:
+            _attrs, prev, total = merged[ident]
+            merged[ident] = (attrs, [a + b for a, b in zip(prev, counts, strict=True)], total + totals.sum_ns)
+        else:
+            merged[ident] = (attrs, counts, totals.sum_ns)
+    out = []
+    for ident, (attrs, counts, sum_ns) in sorted(merged.items(), key=lambda kv: repr(kv[0])):
+        point = points.point(ident, attrs, counts, sum_ns / 1e9, REQUEST_BOUNDS_S, now, temporality)
+        if point is not None:
+            out.append(point)
+    if not out:
+        return None
+    return Metric(name=name, unit="s", description=description,
+                  data=Histogram(data_points=out, aggregation_temporality=temporality))

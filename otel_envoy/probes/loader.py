@@ -39,7 +39,8 @@ class RequestSeries(NamedTuple):
 
 
 class RequestTotals(NamedTuple):
-    """A series' totals: requests, the sum of their durations, and log2 slots of microseconds."""
+    """A series' totals: requests (or connections), the sum of their durations, and log2 slots of
+    microseconds."""
 
     count: int
     sum_ns: int
@@ -262,6 +263,17 @@ class ConnectionProbes:
             series = RequestSeries(int(k.pid), int(k.listen_fd), method, int(k.status))
             out[series] = RequestTotals(int(v.count), int(v.sum_ns),
                                         {i: int(n) for i, n in enumerate(v.slots) if n})
+        return out
+
+    def connection_metrics(self) -> dict[tuple[int, int], RequestTotals]:
+        """The kernel's exact connection metrics: every downstream connection closed, traced or not, by
+        (process, listening fd): count, sum of durations, log2 slots (empty without ``sampling``)."""
+        if not self.config.sampling:
+            return {}
+        out: dict[tuple[int, int], RequestTotals] = {}
+        for k, v in self.bpf[b"conn_metrics"].items():
+            slots = {i: int(n) for i, n in enumerate(v.slots) if n}
+            out[(int(k.pid), int(k.listen_fd))] = RequestTotals(int(v.count), int(v.sum_ns), slots)
         return out
 
     def drop_counts(self) -> dict[str, int]:

@@ -10,12 +10,19 @@ import threading
 
 import pytest
 
-from otel_envoy.export.request_metrics import HTTP_SERVER_REQUEST_DURATION, REQUEST_BOUNDS_S
+from otel_envoy.export.request_metrics import (
+    CONNECTION_DURATION,
+    HTTP_SERVER_REQUEST_DURATION,
+    REQUEST_BOUNDS_S,
+)
 from otel_envoy.lab.lab import EnvoyLab
 from tests.support.daemon import DaemonProcess
 from tests.support.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.root
+
+CX_TOTAL_NAME = "listener.plain_http.downstream_cx_total"
+CX_TOTAL = r"^listener\.plain_http\.downstream_cx_total$"
 
 
 def _h2load(url: str, requests: int, connections: int) -> None:
@@ -40,6 +47,7 @@ def test_every_request_is_counted_whatever_the_sampler_and_the_totals_equal_envo
                                 str(summary), "--sampler", "traceidratio", "--sampler-arg", "0.02"],
                                tmp_path).start()
         before = lab.stats(r"^http\.plain_http\.downstream_rq_(total|5xx|4xx|2xx)$")
+        cx_before = lab.stats(CX_TOTAL)[CX_TOTAL_NAME]
         base = f"http://127.0.0.1:{lab.http_port}"
         errors = [threading.Thread(target=_h2load, args=(f"{base}/status/503", 300, 4)),
                   threading.Thread(target=_h2load, args=(f"{base}/status/404", 200, 2))]
@@ -49,6 +57,8 @@ def test_every_request_is_counted_whatever_the_sampler_and_the_totals_equal_envo
         for t in errors:
             t.join()
         after = lab.stats(r"^http\.plain_http\.downstream_rq_(total|5xx|4xx|2xx)$")
+        connections = lab.stats(CX_TOTAL)[CX_TOTAL_NAME] - cx_before
+        assert connections == 32 + 4 + 2  # h2load's connections, each closed when it is done
         envoy = {k.rsplit("_", 1)[-1]: after[k] - before.get(k, 0) for k in after}
         assert envoy["total"] == 6500 and envoy["5xx"] == 300 and envoy["4xx"] == 200, envoy
 
@@ -66,6 +76,13 @@ def test_every_request_is_counted_whatever_the_sampler_and_the_totals_equal_envo
         receiver.wait_for_metrics(lambda _p: sum(latest().values()) >= envoy["total"], timeout=30)
         got = latest()
         assert got == {200: envoy["2xx"], 503: envoy["5xx"], 404: envoy["4xx"]}, (got, envoy)
+        # every connection the listener accepted (all closed), sampled or not, in the connection histogram
+        def closed() -> int:
+            return sum(int(p.count or 0) for p in receiver.latest_metric_points(CONNECTION_DURATION).values()
+                       if p.attributes.get("server.port") == lab.http_port)
+
+        receiver.wait_for_metrics(lambda _p: closed() >= connections, timeout=30)
+        assert closed() == connections
         points = list(receiver.latest_metric_points(HTTP_SERVER_REQUEST_DURATION).values())
         assert all(p.kind == "histogram" and p.unit == "s" for p in points)
         assert all(p.explicit_bounds == pytest.approx(REQUEST_BOUNDS_S) for p in points)
@@ -77,7 +94,7 @@ def test_every_request_is_counted_whatever_the_sampler_and_the_totals_equal_envo
         # the admin listener is traced too: its requests while the daemon ran (this one is the next)
         admin_during = lab.stats(admin)["http.admin.downstream_rq_total"] - 1 - admin_before
     s = json.loads(summary.read_text())
-    assert admin_during == 2  # the two stats reads above
+    assert admin_during == 4  # the four stats reads above
     assert s["http_requests"]["total"] == envoy["total"] + admin_during
     assert s["http_requests"]["by_status"] == {"200": envoy["2xx"] + admin_during, "404": envoy["4xx"],
                                                "503": envoy["5xx"]}
