@@ -69,6 +69,7 @@ def load(source: Path | None, offcpu: bool, http_capture: bool = False,
     probes = loader.ConnectionProbes(config)
     if sample_ratio is not None:
         probes.set_sample_threshold(kernel_threshold(sample_ratio))
+        probes.set_parent_based(True)  # the default sampler: parentbased_traceidratio
     return probes
 
 
@@ -122,7 +123,8 @@ def main() -> int:
     ap.add_argument("--capture", action="store_true",
                     help="keepalive with request capture on (the daemon's default build)")
     ap.add_argument("--sample-ratio", type=float,
-                    help="the sampling build (request capture on), sampling this share of requests")
+                    help="the sampling build (request capture on) with the default parent-based sampler, "
+                         "sampling this share of the requests without a traceparent")
     args = ap.parse_args()
     variants: dict[str, Path | None] = {"current": None}
     if args.baseline_bpf:

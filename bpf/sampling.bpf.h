@@ -45,31 +45,34 @@ static __always_inline __u32 first_bytes(__u8 io, struct pt_regs *regs, long ret
     return n;
 }
 
-/* Reads a new request's first KEPT_HEAD bytes into the connection's state (kept if the request is) and
- * returns its enum http_method. */
-static __always_inline __u8 read_request_head(struct conn_state *cs, __u8 io, struct pt_regs *regs, long ret) {
+/* Reads a new request's first bytes once, into the per-CPU scratch (TP_HEAD of them when a traceparent is
+ * looked for, else KEPT_HEAD), keeps KEPT_HEAD of them in the connection's state (sent if the request is
+ * kept) and returns its enum http_method. */
+static __always_inline __u8 read_request_head(struct conn_state *cs, struct head_scratch *s, __u8 io,
+                                              struct pt_regs *regs, long ret, __u32 want) {
     __u64 avail = (__u64)ret;
     const void *src = transfer_start(io, regs, &avail);
-    __u32 n = avail > KEPT_HEAD ? KEPT_HEAD : (__u32)avail;
+    __u32 n = avail > want ? want : (__u32)avail;
     BARRIER_VAR(n);
-    n &= 2 * KEPT_HEAD - 1;
-    if (n > KEPT_HEAD)
-        n = KEPT_HEAD;
-    *(__u64 *)cs->req_head = 0; /* a short read leaves no earlier request's method behind */
-    if (!src || n == 0 || bpf_probe_read_user(cs->req_head, n, src) != 0) {
-        cs->req_head_len = 0;
+    n &= 2 * TP_HEAD - 1;
+    if (n > TP_HEAD)
+        n = TP_HEAD;
+    s->len = 0;
+    cs->req_head_len = 0;
+    __builtin_memset(s->b, 0, KEPT_HEAD); /* a short read leaves no earlier request's bytes behind */
+    if (!src || n == 0 || bpf_probe_read_user(s->b, n, src) != 0)
         return HTTP_METHOD_NONE;
-    }
-    cs->req_head_len = n;
-    return http_method_of(cs->req_head, n);
+    s->len = n;
+    __builtin_memcpy(cs->req_head, s->b, KEPT_HEAD);
+    cs->req_head_len = n < KEPT_HEAD ? n : KEPT_HEAD;
+    return http_method_of(s->b, n);
 }
 
-/* The sampling decision for a new request (its first read): 1 when it is not traced. */
-static __always_inline __u32 decide_request(__u8 io, struct pt_regs *regs, long ret) {
+/* The sampling decision for a new request (its first read, in the scratch): 1 when it is not traced. */
+static __always_inline __u32 decide_request(struct head_scratch *s, __u32 parent_based) {
     __u32 zero = 0;
-    __u32 *parent_based = sample_parent_based.lookup(&zero);
-    if (parent_based && *parent_based) {
-        int sampled = request_traceparent(io, regs, ret);
+    if (parent_based) {
+        int sampled = request_traceparent(s);
         if (sampled >= 0) {
             count_sampled(sampled ? 2 : 3);
             return !sampled;
@@ -105,7 +108,13 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
     if (flags & CONN_AWAIT) /* the same request goes on */
         return (flags & CONN_SKIP) ? 1 : 0;
     /* a new request (or the connection's first bytes) */
-    cs->req_method = read_request_head(cs, io, regs, ret);
+    __u32 zero = 0;
+    struct head_scratch *s = head_scratch.lookup(&zero);
+    if (!s)
+        return 0;
+    __u32 *pb = sample_parent_based.lookup(&zero);
+    __u32 parent_based = pb && *pb;
+    cs->req_method = read_request_head(cs, s, io, regs, ret, parent_based ? TP_HEAD : KEPT_HEAD);
     cs->req_start_ns = bpf_ktime_get_ns();
     flags |= CONN_AWAIT;
     flags &= ~CONN_SKIP;
@@ -114,7 +123,7 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
      * request is not traced, what io_sys_exit would have learnt from them is recorded here. */
     __u8 first = !(flags & CONN_SAW_IO);
     if (HTTP_CAPTURE && cs->req_method && (first || cs->capture_budget == CAPTURE_UNLIMITED) &&
-        decide_request(io, regs, ret)) {
+        decide_request(s, parent_based)) {
         flags |= CONN_SKIP;
         if (first) {
             flags |= CONN_SAW_IO;
@@ -128,6 +137,9 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
 int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!maybe_target(pid_tgid >> 32)) /* another process: nothing of it is traced */
+        return 0;
     long nr = -1;
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
     if (nr == NR_EPOLL_WAIT || nr == NR_EPOLL_PWAIT || nr == NR_EPOLL_PWAIT2)
@@ -135,7 +147,6 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     __u8 io = io_syscall(nr);
     if (!io || ret == -11 /* EAGAIN: io_sys_exit returns before looking */)
         return 0;
-    __u64 pid_tgid = bpf_get_current_pid_tgid();
     __s32 fd = (__s32)syscall_arg(regs, 0);
     __u64 key = conn_key(pid_tgid >> 32, fd);
     struct conn_state *cs = conns.lookup(&key);

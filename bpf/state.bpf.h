@@ -140,6 +140,11 @@ struct thread_state {
 
 /* targets: the traced processes (tgids), filled by user space; conns and threads: the state above. */
 BPF_HASH(targets, __u32, __u8, 1024);
+/* target_bits[tgid % TARGET_BITS] is set for every target: an array lookup (inlined, no helper call) lets
+ * the hot programs turn other processes' syscalls away before any hash lookup; a collision only costs the
+ * lookup that follows. */
+#define TARGET_BITS 4096
+BPF_ARRAY(target_bits, __u8, TARGET_BITS);
 BPF_TABLE("lru_hash", __u64, struct conn_state, conns, MAX_CONNS);
 BPF_TABLE("lru_hash", __u32, struct thread_state, threads, 16384);
 BPF_PERCPU_ARRAY(drops, __u64, DROP_REASONS);
@@ -167,6 +172,13 @@ static __always_inline __u32 log2_u64(__u64 v) {
 }
 
 static __always_inline int is_target(__u32 tgid) { return targets.lookup(&tgid) != 0; }
+
+/* 0 when tgid is certainly not a target (see target_bits). */
+static __always_inline int maybe_target(__u32 tgid) {
+    __u32 idx = tgid & (TARGET_BITS - 1);
+    __u8 *bit = target_bits.lookup(&idx);
+    return bit && *bit;
+}
 
 static __always_inline __u64 conn_key(__u32 tgid, __s32 fd) { return ((__u64)tgid << 32) | (__u32)fd; }
 

@@ -13,11 +13,14 @@
 #define TP_STEPS 128   /* scan steps: at least 128 bytes, ~700 of a typical header block */
 #define TP_VALUE 55    /* "00-" + 32 + "-" + 16 + "-" + 2 */
 
-struct tp_scratch {
+/* A request's first bytes, read once at its first read (sampling.bpf.h read_request_head) for its method,
+ * its kept head and its traceparent. */
+struct head_scratch {
     __u8 b[TP_HEAD + 128]; /* room past TP_HEAD: any masked position plus a value fits */
+    __u32 len;             /* bytes of b that are the request's */
     __u32 opaque;          /* 0, stored and read back: the verifier does not know the value it reads */
 };
-BPF_PERCPU_ARRAY(tp_head, struct tp_scratch, 1);
+BPF_PERCPU_ARRAY(head_scratch, struct head_scratch, 1);
 
 /* How far the 12-byte pattern "traceparent:" may move when the byte under its last position is c (folded
  * to lower case) and is not ':'. */
@@ -110,23 +113,8 @@ static __always_inline int tp_sampled(const __u8 *b, __u32 n, __u32 opaque) {
     return tp_hex(p[54]) & 1;
 }
 
-/* The sampled flag of the traceparent in the first bytes a read moved (see first_bytes), or -1. */
-static __always_inline int request_traceparent(__u8 io, struct pt_regs *regs, long ret) {
-    __u32 zero = 0;
-    struct tp_scratch *s = tp_head.lookup(&zero);
-    if (!s)
-        return -1;
-    __u64 avail = (__u64)ret;
-    const void *src = transfer_start(io, regs, &avail);
-    if (!src)
-        return -1;
-    __u32 n = avail > TP_HEAD ? TP_HEAD : (__u32)avail;
-    BARRIER_VAR(n);
-    n &= 2 * TP_HEAD - 1;
-    if (n > TP_HEAD)
-        n = TP_HEAD;
-    if (n < 12 || bpf_probe_read_user(s->b, n, src) != 0)
-        return -1;
+/* The sampled flag of the traceparent in a request's first bytes (read into the scratch), or -1. */
+static __always_inline int request_traceparent(struct head_scratch *s) {
     s->opaque = 0;
-    return tp_sampled(s->b, n, *(volatile __u32 *)&s->opaque);
+    return tp_sampled(s->b, s->len, *(volatile __u32 *)&s->opaque);
 }

@@ -29,6 +29,10 @@ CONN_PROGRAM = "conn.bpf.c"
 UNIT_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.bpf\.h)"[ \t]*$', re.MULTILINE)
 
 
+#: target_bits' size (TARGET_BITS in bpf/state.bpf.h)
+TARGET_BITS = 4096
+
+
 class RequestSeries(NamedTuple):
     """One series of the kernel's request metrics."""
 
@@ -146,8 +150,10 @@ class ConnectionProbes:
 
     def add_targets(self, tgids: Iterable[int]) -> None:
         """Trace these processes (all their threads)."""
+        bits = self.bpf[b"target_bits"]
         for tgid in tgids:
             self._targets[ctypes.c_uint32(tgid)] = ctypes.c_uint8(1)
+            bits[ctypes.c_int(tgid % TARGET_BITS)] = ctypes.c_uint8(1)
 
     def set_listen_ports(self, ports: Iterable[int]) -> None:
         """Replace the set of listening ports whose TCP events are traced."""
