@@ -2,7 +2,8 @@
 
 Same setup as bench/overhead.py (one direct-response Envoy worker pinned to CPU 0; the load generator and the
 daemon share CPU 1), but the load is paced: for each offered rate, a baseline run (no daemon) and a traced
-run (the daemon with request capture on, spans to a JSON-lines file), alternating, --rounds times. Per run:
+run (the daemon with request capture on, --sampler always_on --cpu-budget 0, spans to a JSON-lines file),
+alternating, --rounds times. Per run:
 achieved req/s, Envoy CPU per request, the daemon's CPU (% of a core while the load ran, and per request
 including what it did after the load stopped), spans exported per second, every drop counter, and whether
 every request was traced: the HTTP request spans in the daemon's output file (spans named GET) against the
@@ -154,7 +155,9 @@ def one_run(
 ) -> dict:
     waited = wait_quiet({os.getpid(), lab.pid, lab.backend_pid}, quiet_timeout) if quiet_timeout > 0 else 0.0
     envoy_rq0 = envoy_requests(lab)  # before the daemon attaches: admin requests would be traced
-    daemon = Daemon(lab, workdir, requests=True, source=source) if traced else None
+    # every request traced (the question is up to which rate that holds): no sampler, no CPU budget
+    daemon = Daemon(lab, workdir, requests=True, source=source,
+                    extra_args=["--sampler", "always_on", "--cpu-budget", "0"]) if traced else None
     try:
         r = _measure(lab, rate, daemon, args)
     except BaseException:
