@@ -116,14 +116,15 @@ static __always_inline void add_duration(struct http_metric *m, __u64 took) {
 /* Counts a downstream connection that closes now (traced or not). */
 static __always_inline void record_connection(__u32 tgid, const struct conn_state *cs, __u64 now) {
     struct conn_metric_key key = {.pid = tgid, .listen_fd = cs->listen_fd};
-    __u32 zero = 0;
-    struct http_metric *init = http_metric_zero.lookup(&zero);
-    if (!init)
-        return;
-    struct http_metric *m = conn_metrics.lookup_or_try_init(&key, init);
-    if (!m) {
-        count_drop(DROP_METRICS_FULL);
-        return;
+    struct http_metric *m = conn_metrics.lookup(&key);
+    if (!m) { /* a new series */
+        __u32 zero = 0;
+        struct http_metric *init = http_metric_zero.lookup(&zero);
+        m = init ? conn_metrics.lookup_or_try_init(&key, init) : 0;
+        if (!m) {
+            count_drop(DROP_METRICS_FULL);
+            return;
+        }
     }
     add_duration(m, now > cs->open_ts_ns ? now - cs->open_ts_ns : 0);
 }
@@ -135,14 +136,15 @@ static __always_inline void record_request(__u32 tgid, const struct conn_state *
     key.listen_fd = cs->listen_fd;
     key.status = status;
     key.method = cs->req_method;
-    __u32 zero = 0;
-    struct http_metric *init = http_metric_zero.lookup(&zero);
-    if (!init)
-        return;
-    struct http_metric *m = http_metrics.lookup_or_try_init(&key, init);
-    if (!m) {
-        count_drop(DROP_METRICS_FULL);
-        return;
+    struct http_metric *m = http_metrics.lookup(&key);
+    if (!m) { /* a new series */
+        __u32 zero = 0;
+        struct http_metric *init = http_metric_zero.lookup(&zero);
+        m = init ? http_metrics.lookup_or_try_init(&key, init) : 0;
+        if (!m) {
+            count_drop(DROP_METRICS_FULL);
+            return;
+        }
     }
     add_duration(m, now > cs->req_start_ns ? now - cs->req_start_ns : 0);
 }

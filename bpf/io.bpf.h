@@ -174,11 +174,10 @@ static __always_inline __u32 io_recv_flags(__u8 syscall, struct pt_regs *regs) {
     return 0;
 }
 
-/* Where the bytes a read/write moved begin in user memory: the buffer, or the base of the first iovec of
- * the iovec forms (readv/writev, recvmsg/sendmsg); *avail is lowered to what that piece holds. 0 when the
- * iovec could not be read. */
-static __always_inline const void *transfer_start(__u8 io, struct pt_regs *regs, __u64 *avail) {
-    const void *src = (const void *)syscall_arg(regs, 1);
+/* Where the bytes a read/write moved begin in user memory, given its buffer argument (`src`): the buffer,
+ * or the base of the first iovec of the iovec forms (readv/writev, recvmsg/sendmsg); *avail is lowered to
+ * what that piece holds. 0 when the iovec could not be read. */
+static __always_inline const void *transfer_start(__u8 io, const void *src, __u64 *avail) {
     if (io != IO_READV && io != IO_WRITEV && io != IO_RECVMSG && io != IO_SENDMSG)
         return src;
     const struct iovec *iov = src;

@@ -34,9 +34,9 @@ static __always_inline void count_sampled(__u32 slot) {
 
 /* The first `n` (<= 12) bytes a read/write moved, into dst (zero-filled); 0 when they could not be read.
  * The iovec forms are read from their first iovec. */
-static __always_inline __u32 first_bytes(__u8 io, struct pt_regs *regs, long ret, __u8 *dst, __u32 n) {
+static __always_inline __u32 first_bytes(__u8 io, const void *buf, long ret, __u8 *dst, __u32 n) {
     __u64 avail = (__u64)ret;
-    const void *src = transfer_start(io, regs, &avail);
+    const void *src = transfer_start(io, buf, &avail);
     if (avail < n)
         n = (__u32)avail;
     n &= 15;
@@ -49,9 +49,9 @@ static __always_inline __u32 first_bytes(__u8 io, struct pt_regs *regs, long ret
  * looked for, else KEPT_HEAD), keeps KEPT_HEAD of them in the connection's state (sent if the request is
  * kept) and returns its enum http_method. */
 static __always_inline __u8 read_request_head(struct conn_state *cs, struct head_scratch *s, __u8 io,
-                                              struct pt_regs *regs, long ret, __u32 want) {
+                                              const void *buf, long ret, __u32 want) {
     __u64 avail = (__u64)ret;
-    const void *src = transfer_start(io, regs, &avail);
+    const void *src = transfer_start(io, buf, &avail);
     __u32 n = avail > want ? want : (__u32)avail;
     BARRIER_VAR(n);
     n &= 2 * TP_HEAD - 1;
@@ -87,7 +87,7 @@ static __always_inline __u32 decide_request(struct head_scratch *s, __u32 parent
 /* One read (ret > 0, not a peek) or write of a plaintext downstream connection: request boundaries, the
  * metrics, and whether io_sys_exit should see it (0) or not (1: the current request is not traced). */
 static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_tgid, __s32 fd, __u8 io,
-                                                struct pt_regs *regs, long ret) {
+                                                const void *buf, long ret) {
     __u32 tgid = pid_tgid >> 32;
     __u32 flags = cs->flags;
     __u8 b[16] = {};
@@ -96,7 +96,7 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
             return (flags & CONN_SKIP) ? 1 : 0; /* more of the same answer */
         cs->flags = flags & ~CONN_AWAIT;          /* the answer's first bytes: the status line */
         if (cs->req_method) {
-            __u16 status = first_bytes(io, regs, ret, b, 12) == 12 ? http_status_of(b) : 0;
+            __u16 status = first_bytes(io, buf, ret, b, 12) == 12 ? http_status_of(b) : 0;
             __u64 now = bpf_ktime_get_ns();
             record_request(tgid, cs, status, now);
             __u8 reason = (flags & CONN_SKIP) ? keep_reason_of(cs, status, now) : 0;
@@ -114,7 +114,7 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
         return 0;
     __u32 *pb = sample_parent_based.lookup(&zero);
     __u32 parent_based = pb && *pb;
-    cs->req_method = read_request_head(cs, s, io, regs, ret, parent_based ? TP_HEAD : KEPT_HEAD);
+    cs->req_method = read_request_head(cs, s, io, buf, ret, parent_based ? TP_HEAD : KEPT_HEAD);
     cs->req_start_ns = bpf_ktime_get_ns();
     flags |= CONN_AWAIT;
     flags &= ~CONN_SKIP;
@@ -134,26 +134,44 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
     return (flags & CONN_SKIP) ? 1 : 0;
 }
 
+/* The saved user registers the front reads, in one copy: r10 .. orig_ax are contiguous in x86-64's
+ * struct pt_regs (a fixed layout: the syscall entry code builds it). */
+struct sys_regs {
+    __u64 r10, r9, r8, ax, cx, dx, si, di, orig_ax;
+};
+
+/* The flags a recv-family call passed (MSG_PEEK marks a listener filter's peek); 0 for the others. */
+static __always_inline __u32 recv_flags(__u8 io, const struct sys_regs *r) {
+    if (io == IO_RECVMSG)
+        return (__u32)r->dx;
+    if (io == IO_RECVFROM)
+        return (__u32)r->r10;
+    return 0;
+}
+
 int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!maybe_target(pid_tgid >> 32)) /* another process: nothing of it is traced */
         return 0;
-    long nr = -1;
-    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    struct sys_regs r = {};
+    if (bpf_probe_read_kernel(&r, sizeof(r), &regs->r10) != 0)
+        return 0;
+    long nr = (long)r.orig_ax;
     if (nr == NR_EPOLL_WAIT || nr == NR_EPOLL_PWAIT || nr == NR_EPOLL_PWAIT2)
         return on_epoll_wait_exit(ret);
     __u8 io = io_syscall(nr);
     if (!io || ret == -11 /* EAGAIN: io_sys_exit returns before looking */)
         return 0;
-    __s32 fd = (__s32)syscall_arg(regs, 0);
+    __s32 fd = (__s32)r.di;
+    const void *buf = (const void *)r.si;
     __u64 key = conn_key(pid_tgid >> 32, fd);
     struct conn_state *cs = conns.lookup(&key);
     if (!cs)
         return 0; /* io_sys_exit would find nothing either */
     if (cs->flags & CONN_UNTRACED) { /* counted, never reported */
-        if (ret > 0 && !(io_recv_flags(io, regs) & MSG_PEEK_FLAG)) {
+        if (ret > 0 && !(recv_flags(io, &r) & MSG_PEEK_FLAG)) {
             if (io >= IO_WRITE) {
                 cs->bytes_tx += ret;
                 cs->writes++;
@@ -165,8 +183,7 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         return 0;
     }
     if (ret > 0 && cs->role == ROLE_DOWNSTREAM && !(cs->flags & (CONN_TLS | CONN_H2)) &&
-        !(io_recv_flags(io, regs) & MSG_PEEK_FLAG) &&
-        on_plain_transfer(cs, pid_tgid, fd, io, regs, ret)) {
+        !(recv_flags(io, &r) & MSG_PEEK_FLAG) && on_plain_transfer(cs, pid_tgid, fd, io, buf, ret)) {
         /* not traced: counted on the connection as io_sys_exit would, and not reported */
         if (io >= IO_WRITE) {
             cs->bytes_tx += ret;
