@@ -134,6 +134,18 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
     return (flags & CONN_SKIP) ? 1 : 0;
 }
 
+/* A transfer (ret > 0, not a peek) that io_sys_exit will not see: counted on the connection as it would
+ * count it, and not reported. */
+static __always_inline void count_unreported(struct conn_state *cs, __u8 io, long ret) {
+    if (io >= IO_WRITE) {
+        cs->bytes_tx += ret;
+        cs->writes++;
+    } else {
+        cs->bytes_rx += ret;
+        cs->reads++;
+    }
+}
+
 /* The saved user registers the front reads, in one copy: r10 .. orig_ax are contiguous in x86-64's
  * struct pt_regs (a fixed layout: the syscall entry code builds it). */
 struct sys_regs {
@@ -171,27 +183,13 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     if (!cs)
         return 0; /* io_sys_exit would find nothing either */
     if (cs->flags & CONN_UNTRACED) { /* counted, never reported */
-        if (ret > 0 && !(recv_flags(io, &r) & MSG_PEEK_FLAG)) {
-            if (io >= IO_WRITE) {
-                cs->bytes_tx += ret;
-                cs->writes++;
-            } else {
-                cs->bytes_rx += ret;
-                cs->reads++;
-            }
-        }
+        if (ret > 0 && !(recv_flags(io, &r) & MSG_PEEK_FLAG))
+            count_unreported(cs, io, ret);
         return 0;
     }
     if (ret > 0 && cs->role == ROLE_DOWNSTREAM && !(cs->flags & (CONN_TLS | CONN_H2)) &&
         !(recv_flags(io, &r) & MSG_PEEK_FLAG) && on_plain_transfer(cs, pid_tgid, fd, io, buf, ret)) {
-        /* not traced: counted on the connection as io_sys_exit would, and not reported */
-        if (io >= IO_WRITE) {
-            cs->bytes_tx += ret;
-            cs->writes++;
-        } else {
-            cs->bytes_rx += ret;
-            cs->reads++;
-        }
+        count_unreported(cs, io, ret); /* a request not traced */
         return 0;
     }
     io_exit_prog.call(ctx, 0);

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import socket
-import subprocess
 import threading
 import time
 
@@ -16,6 +14,7 @@ import pytest
 
 from otel_envoy.lab.lab import EnvoyLab
 from tests.support.daemon import DaemonProcess
+from tests.support.h2load import h2load
 from tests.support.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.root
@@ -24,14 +23,6 @@ SERVER = 2
 ERRORS, SLOW, CLOSED = 300, 4, 3
 FIVE_XX_NAME = "http.plain_http.downstream_rq_5xx"
 FIVE_XX = r"^http\.plain_http\.downstream_rq_5xx$"
-
-
-def _h2load(url: str, requests: int, connections: int) -> None:
-    h2load = shutil.which("h2load")
-    assert h2load, "h2load (nghttp2-client) is needed"
-    proc = subprocess.run([h2load, "--h1", "-c", str(connections), "-n", str(requests), url],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and f"{requests} done" in proc.stdout, proc.stdout + proc.stderr
 
 
 def _slow(port: int, path: str) -> None:
@@ -57,14 +48,14 @@ def test_errors_slow_and_abandoned_requests_are_kept_whatever_the_sampler(tmp_pa
                                 "--keep-slow-ms", "400"], tmp_path, env={"OTEL_TRACES_SAMPLER": ""}).start()
         before = lab.stats(FIVE_XX).get(FIVE_XX_NAME, 0)
         base = f"http://127.0.0.1:{lab.http_port}"
-        others = [threading.Thread(target=_h2load, args=(f"{base}/status/503", ERRORS, 4))]
+        others = [threading.Thread(target=h2load, args=(f"{base}/status/503", ERRORS, 4))]
         others += [threading.Thread(target=_slow, args=(lab.http_port, f"/delay/{600 + i}"))
                    for i in range(SLOW)]
         others += [threading.Thread(target=_closed_early, args=(lab.http_port, f"/delay/{3000 + i}"))
                    for i in range(CLOSED)]
         for t in others:
             t.start()
-        _h2load(f"{base}/", 4000, 32)  # the load the rest hides in: 1 % of it is traced
+        h2load(f"{base}/", 4000, 32)  # the load the rest hides in: 1 % of it is traced
         for t in others:
             t.join()
         errors = lab.stats(FIVE_XX)[FIVE_XX_NAME] - before

@@ -4,8 +4,6 @@ clients at saturation, a real OTLP/gRPC receiver)."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import threading
 
 import pytest
@@ -17,21 +15,13 @@ from otel_envoy.export.request_metrics import (
 )
 from otel_envoy.lab.lab import EnvoyLab
 from tests.support.daemon import DaemonProcess
+from tests.support.h2load import h2load
 from tests.support.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.root
 
 CX_TOTAL_NAME = "listener.plain_http.downstream_cx_total"
 CX_TOTAL = r"^listener\.plain_http\.downstream_cx_total$"
-
-
-def _h2load(url: str, requests: int, connections: int) -> None:
-    h2load = shutil.which("h2load")
-    assert h2load, "h2load (nghttp2-client) is needed"
-    proc = subprocess.run([h2load, "--h1", "-c", str(connections), "-n", str(requests), url],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"{requests} done" in proc.stdout, proc.stdout
 
 
 def test_every_request_is_counted_whatever_the_sampler_and_the_totals_equal_envoys(tmp_path) -> None:
@@ -49,11 +39,11 @@ def test_every_request_is_counted_whatever_the_sampler_and_the_totals_equal_envo
         before = lab.stats(r"^http\.plain_http\.downstream_rq_(total|5xx|4xx|2xx)$")
         cx_before = lab.stats(CX_TOTAL)[CX_TOTAL_NAME]
         base = f"http://127.0.0.1:{lab.http_port}"
-        errors = [threading.Thread(target=_h2load, args=(f"{base}/status/503", 300, 4)),
-                  threading.Thread(target=_h2load, args=(f"{base}/status/404", 200, 2))]
+        errors = [threading.Thread(target=h2load, args=(f"{base}/status/503", 300, 4)),
+                  threading.Thread(target=h2load, args=(f"{base}/status/404", 200, 2))]
         for t in errors:
             t.start()
-        _h2load(f"{base}/", 6000, 32)
+        h2load(f"{base}/", 6000, 32)
         for t in errors:
             t.join()
         after = lab.stats(r"^http\.plain_http\.downstream_rq_(total|5xx|4xx|2xx)$")

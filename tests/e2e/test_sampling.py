@@ -12,6 +12,7 @@ from otel_envoy.lab.lab import EnvoyLab
 from otel_envoy.sampling import DEFAULT_CPU_BUDGET
 from otel_envoy.spans.model import SpanRecord
 from tests.support.daemon import DaemonProcess
+from tests.support.h2load import h2load
 from tests.support.keepalive import get_all
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.parallel import run_in_threads
@@ -158,9 +159,9 @@ def test_a_cpu_budget_lowers_the_share_traced_under_load_and_counts_the_rest(tmp
         output, summary = tmp_path / "spans.jsonl", tmp_path / "summary.json"
         daemon = DaemonProcess(["--pid", str(lab.pid), "--output", str(output), "--summary-json",
                                 str(summary), "--no-offcpu", "--cpu-budget", "0.05"], tmp_path).start()
-        h2load = shutil.which("h2load")
-        assert h2load, "h2load (nghttp2-client) is needed"
-        proc = subprocess.run([h2load, "--h1", "-c", "8", "-n", "200000", "-D", "6",
+        exe = shutil.which("h2load")  # a duration run (-D), which tests.support.h2load does not do
+        assert exe, "h2load (nghttp2-client) is needed"
+        proc = subprocess.run([exe, "--h1", "-c", "8", "-n", "200000", "-D", "6",
                                f"http://127.0.0.1:{lab.http_port}/"],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -176,8 +177,6 @@ def test_tls_connections_are_sampled_whole_once_their_listener_is_known(lab, tmp
     """The kernel cannot see a TLS connection's requests, so on a listener a TLS connection came through
     it decides whole connections with the ratio: one not traced sends no record at all; one traced is
     whole (handshake included)."""
-    import shutil
-    import subprocess
     import time
 
     from otel_envoy.lab import clients
@@ -190,12 +189,7 @@ def test_tls_connections_are_sampled_whole_once_their_listener_is_known(lab, tmp
         first = clients.curl_tls(lab.tls_port, "a.example.com", alpn="http/1.1", ca=lab.ca_path)
         assert first.http_code == 200, first.stderr
         time.sleep(1.0)  # the daemon hands the listener to the kernel within 0.25 s of seeing it is TLS
-        h2load = shutil.which("h2load")
-        assert h2load, "h2load (nghttp2-client) is needed"
-        proc = subprocess.run([h2load, "--h1", "-c", "4", "-n", "400", "-H", "Connection: close",
-                               f"https://127.0.0.1:{lab.tls_port}/"], capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 0 and "400 succeeded" in proc.stdout, proc.stdout
+        h2load(f"https://127.0.0.1:{lab.tls_port}/", 400, 4, ["Connection: close"], all_succeeded=True)
         assert daemon.stop() == 0, daemon.stderr()
         spans = receiver.spans()
     counts = json.loads(summary.read_text())["sampler"]["tls_connections"]
