@@ -7,7 +7,8 @@
  *                  which makes each traced syscall markedly cheaper than a syscalls:sys_exit_* program;
  *   syscalls.bpf.h syscalls: accept/accept4, connect, close, listen, epoll_ctl, setsockopt (once or a
  *                  few times per connection: the per-syscall tracepoints' convenience costs nothing that
- *                  matters);
+ *                  matters); in SAMPLING builds the exits of accept/accept4 and connect come from
+ *                  raw_syscalls:sys_exit instead (sampling.bpf.h), so no syscalls:sys_exit_* is enabled;
  *   sched.bpf.h    syscalls: the entries of epoll_wait/epoll_pwait/epoll_pwait2; sched:sched_switch and
  *                  sched:sched_waking (OFFCPU builds);
  *   sockets.bpf.h  sock:inet_sock_set_state, tcp:tcp_retransmit_skb, tcp:tcp_send_reset,

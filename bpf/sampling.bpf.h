@@ -4,7 +4,8 @@
  * front_sys_exit is the one program on raw_syscalls:sys_exit. It tail-calls io_sys_exit (io.bpf.h,
  * unchanged: any branch added to it puts it over the verifier's 1M-instruction budget) only for the
  * transfers to report, so an unsampled request, a non-target's read or write and any other syscall cost
- * one short program, not two. epoll_wait exits (event-loop rounds) are handled here directly.
+ * one short program, not two. epoll_wait exits (event-loop rounds) are handled here directly; the exits of
+ * accept, accept4 and connect are tail-called to lifecycle_sys_exit.
  *
  * A request whose first read is not sampled costs no ring record: neither its reads nor the writes of its
  * response are reported (their bytes and calls are still counted on the connection). Request boundaries
@@ -24,7 +25,10 @@ BPF_ARRAY(sample_parent_based, __u32, 1);  /* 1: a valid traceparent's sampled f
 /* downstream requests: [0] sampled, [1] not sampled (by the ratio); [2] sampled, [3] not sampled (by their
  * traceparent) */
 BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
-BPF_PROG_ARRAY(io_exit_prog, 1);           /* [0]: io_sys_exit, set by the loader */
+/* tail-call slots, set by the loader: [EXIT_IO] io_sys_exit, [EXIT_LIFECYCLE] lifecycle_sys_exit */
+#define EXIT_IO 0
+#define EXIT_LIFECYCLE 1
+BPF_PROG_ARRAY(exit_progs, 2);
 
 static __always_inline void count_sampled(__u32 slot) {
     __u64 *v = sample_counts.lookup(&slot);
@@ -161,11 +165,30 @@ static __always_inline __u32 recv_flags(__u8 io, const struct sys_regs *r) {
     return 0;
 }
 
+/* tail-called by front_sys_exit for the exits of accept, accept4 and connect (syscalls.bpf.h): in SAMPLING
+ * builds no syscalls:sys_exit_* tracepoint is enabled, so the kernel's perf handler for them
+ * (perf_syscall_exit) does not run on every syscall exit of the machine. A program of its own: their
+ * records do not fit in the front's stack. */
+int lifecycle_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    long ret = (long)ctx->args[1];
+    long nr = -1;
+    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
+    if (nr == NR_CONNECT)
+        return on_connect_exit(ret);
+    return on_accept_exit(ret);
+}
+
 int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!maybe_target(pid_tgid >> 32)) /* another process: nothing of it is traced */
+        return 0;
+    /* EAGAIN (a read with nothing to read, the end of an accept loop) before reading any register: the
+     * io program returns before looking, and an accept or connect that would block leaves its in-flight
+     * entry to the thread's next accept/connect enter, which overwrites it */
+    if (ret == -11)
         return 0;
     struct sys_regs r = {};
     if (bpf_probe_read_kernel(&r, sizeof(r), &regs->r10) != 0)
@@ -174,8 +197,13 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     if (nr == NR_EPOLL_WAIT || nr == NR_EPOLL_PWAIT || nr == NR_EPOLL_PWAIT2)
         return on_epoll_wait_exit(ret);
     __u8 io = io_syscall(nr);
-    if (!io || ret == -11 /* EAGAIN: io_sys_exit returns before looking */)
+    if (!io) {
+        if (nr == NR_ACCEPT4 || nr == NR_ACCEPT || nr == NR_CONNECT) { /* once per connection */
+            exit_progs.call(ctx, EXIT_LIFECYCLE);
+            count_drop(DROP_TAIL_CALL);
+        }
         return 0;
+    }
     __s32 fd = (__s32)r.di;
     const void *buf = (const void *)r.si;
     __u64 key = conn_key(pid_tgid >> 32, fd);
@@ -192,7 +220,7 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         count_unreported(cs, io, ret); /* a request not traced */
         return 0;
     }
-    io_exit_prog.call(ctx, 0);
+    exit_progs.call(ctx, EXIT_IO);
     count_drop(DROP_TAIL_CALL); /* reached only when the tail call failed */
     return 0;
 }

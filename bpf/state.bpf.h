@@ -11,11 +11,14 @@
 #define NR_WRITE 1
 #define NR_READV 19
 #define NR_WRITEV 20
+#define NR_CONNECT 42
+#define NR_ACCEPT 43
 #define NR_SENDTO 44
 #define NR_RECVFROM 45
 #define NR_SENDMSG 46
 #define NR_RECVMSG 47
 #define NR_EPOLL_WAIT 232
+#define NR_ACCEPT4 288
 #define NR_EPOLL_PWAIT 281
 #define NR_EPOLL_PWAIT2 441
 #define NR_FUTEX 202

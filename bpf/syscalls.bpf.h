@@ -98,11 +98,9 @@ static __always_inline int on_accept_exit(long ret) {
 TRACEPOINT_PROBE(syscalls, sys_enter_accept4) {
     return on_accept_enter(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return on_accept_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_enter_accept) {
     return on_accept_enter(args->fd, args->upeer_sockaddr, args->upeer_addrlen);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return on_accept_exit(args->ret); }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -120,7 +118,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
+static __always_inline int on_connect_exit(long ret) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tid = (__u32)pid_tgid;
     struct thread_state *t = threads.lookup(&tid);
@@ -130,7 +128,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
     struct connect_event ev = {};
     fill_header_of(&ev.hdr, EV_CONNECT, pid_tgid, t);
     ev.fd = in.fd;
-    ev.ret = (__s32)args->ret;
+    ev.ret = (__s32)ret;
     int ok = read_sockaddr((void *)in.aux, &ev.family, &ev.peer_port, ev.peer_addr);
     if (ok != 0)
         return 0; /* not an inet socket (unix sockets to the xDS agent, ...) */
@@ -140,6 +138,16 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
     emit(&ev, sizeof(ev));
     return 0;
 }
+
+/* The exits of accept, accept4 and connect. In SAMPLING builds they come from raw_syscalls:sys_exit instead
+ * (front_sys_exit tail-calls lifecycle_sys_exit, sampling.bpf.h), which runs on every syscall exit anyway:
+ * with no syscalls:sys_exit_* tracepoint enabled, the kernel's perf handler for them (perf_syscall_exit)
+ * does not run on every syscall exit of the machine. */
+#if !SAMPLING
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return on_accept_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return on_accept_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_connect) { return on_connect_exit(args->ret); }
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();

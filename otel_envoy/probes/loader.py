@@ -136,7 +136,8 @@ class ConnectionProbes:
             if self.config.sampling:
                 self._attach_sampling()
         except Exception as exc:
-            raise ProbeError(f"could not load {CONN_PROGRAM}: {str(exc).splitlines()[-1]}") from exc
+            lines = str(exc).splitlines() or [type(exc).__name__]  # bcc raises some with no message
+            raise ProbeError(f"could not load {CONN_PROGRAM}: {lines[-1]}") from exc
         layout = load_layout()
         self.drop_names = {v: k for k, v in layout.enums["drop_reason"].items() if k != "DROP_REASONS"}
         #: enum http_method -> http.request.method (HTTP_METHOD_OTHER -> "_OTHER", as the conventions say)
@@ -199,12 +200,15 @@ class ConnectionProbes:
             self.bpf.ring_buffer_consume()
 
     def _attach_sampling(self) -> None:
-        """front_sys_exit on raw_syscalls:sys_exit, with io_sys_exit in its tail-call slot: the front decides
-        (sampling, request metrics) and hands io_sys_exit only the transfers to report."""
+        """front_sys_exit on raw_syscalls:sys_exit, with io_sys_exit and lifecycle_sys_exit in its tail-call
+        slots: the front decides (sampling, request metrics) and hands io_sys_exit only the transfers to
+        report, lifecycle_sys_exit the exits of accept, accept4 and connect."""
         from bcc import BPF
 
-        io_program = self.bpf.load_func(b"io_sys_exit", BPF.RAW_TRACEPOINT)
-        self.bpf[b"io_exit_prog"][ctypes.c_int(0)] = ctypes.c_int(io_program.fd)
+        slots = self.bpf[b"exit_progs"]
+        for slot, name in enumerate((b"io_sys_exit", b"lifecycle_sys_exit")):  # EXIT_IO, EXIT_LIFECYCLE
+            program = self.bpf.load_func(name, BPF.RAW_TRACEPOINT)
+            slots[ctypes.c_int(slot)] = ctypes.c_int(program.fd)
         self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"front_sys_exit")
 
     def set_sample_threshold(self, threshold: int) -> None:

@@ -54,16 +54,22 @@ def test_connection_program_loads(http_capture: bool, offcpu: bool) -> None:
 @pytest.mark.parametrize("offcpu", [True, False], ids=["offcpu", "no-offcpu"])
 def test_the_sampling_build_puts_the_front_program_on_sys_exit_and_tail_calls_io(offcpu: bool) -> None:
     """With request sampling, sys_exit carries one program, front_sys_exit (the decision and the request
-    metrics); io_sys_exit (the unchanged io path) is loaded into its tail-call slot, not attached. Every
-    other program is as without it."""
+    metrics); io_sys_exit (the unchanged io path) and lifecycle_sys_exit (the exits of accept, accept4 and
+    connect) are loaded into its tail-call slots, not attached, and no syscalls:sys_exit_* program is left.
+    Every other program is as without it."""
     probes = ConnectionProbes(ProbeConfig(http_capture=True, offcpu=offcpu, sampling=True))
     try:
         names = {name.decode() for name in probes.bpf.funcs}
-        expected = (PROGRAMS - {"raw_tracepoint__sys_exit"}) | {"front_sys_exit", "io_sys_exit"}
+        exits = {"tracepoint__syscalls__sys_exit_accept4", "tracepoint__syscalls__sys_exit_accept",
+                 "tracepoint__syscalls__sys_exit_connect"}
+        assert exits <= PROGRAMS
+        expected = (PROGRAMS - {"raw_tracepoint__sys_exit"} - exits) | {
+            "front_sys_exit", "io_sys_exit", "lifecycle_sys_exit"}
         assert names == expected | (OFFCPU_PROGRAMS if offcpu else set())
         assert {tp.decode() for tp in probes.bpf.raw_tracepoint_fds} == {"sys_exit"}
-        slot = probes.bpf[b"io_exit_prog"]
-        assert len(list(slot.items())) == 1
+        assert not any(name.startswith("tracepoint__syscalls__sys_exit_") for name in names)
+        slots = probes.bpf[b"exit_progs"]
+        assert len(list(slots.items())) == 2
         probes.set_sample_threshold(2**31)
         probes.set_parent_based(True)
         assert probes.sample_counts() == {"sampled": 0, "not_sampled": 0, "parent_sampled": 0,
