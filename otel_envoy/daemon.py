@@ -33,7 +33,7 @@ from opentelemetry.sdk.resources import Resource
 from .correlate.round_tracker import OFFCPU_REASONS
 from .envoy.admin import AdminError, fetch_listener_names
 from .envoy.listen_socket import ListenSocket
-from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets
+from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets, watch_exits
 from .event_pipeline import EventPipeline, tune_garbage_collector
 from .events.recording import RecordingWriter
 from .events.recording_context import ListenerNamesContext, ListenSocketsContext, SamplerContext
@@ -400,6 +400,12 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    def all_exited() -> None:
+        log.warning("every traced process has exited (%s): stopping", ", ".join(str(t.pid) for t in targets))
+        stop.set()
+
+    unwatch = watch_exits(loop, (t.pid for t in targets), all_exited)
     deadline = loop.time() + opts.duration if opts.duration else None
     next_rescan = loop.time() + RESCAN_INTERVAL_S
     dropped: dict[str, int] = {}
@@ -428,5 +434,6 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now
                         log.warning("%s", exc)
                 next_rescan = loop.time() + RESCAN_INTERVAL_S
     finally:
+        unwatch()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

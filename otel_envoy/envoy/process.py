@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from .listen_socket import ListenSocket
 from .sockdiag import SockDiagError, listening_tcp_sockets
 
 __all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "find_by_comm", "listening_sockets",
-           "listening_sockets_from_proc", "resolve_targets"]
+           "listening_sockets_from_proc", "resolve_targets", "watch_exits"]
 
 PROC = Path("/proc")
 _TCP_LISTEN = "0A"
@@ -77,6 +79,38 @@ def resolve_targets(pids: list[int], comm: str | None, *, require_envoy: bool = 
     if not found:
         raise TargetError("no target: give --pid PID or --comm NAME")
     return [found[p] for p in sorted(found)]
+
+
+def watch_exits(loop: asyncio.AbstractEventLoop, pids: Iterable[int], on_all_exited: Callable[[], None]
+                ) -> Callable[[], None]:
+    """Call ``on_all_exited`` (on ``loop``) once every one of ``pids`` has exited; returns the function that
+    stops watching. Each process is watched through a pidfd (readable when it exits), so a pid reused by
+    another process later cannot keep the daemon attached to nothing. A pid already gone counts as exited."""
+    live: dict[int, int] = {}  # pidfd -> pid
+    for pid in pids:
+        try:
+            live[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            continue
+
+    def close() -> None:
+        for fd in list(live):
+            loop.remove_reader(fd)
+            os.close(fd)
+        live.clear()
+
+    def exited(fd: int) -> None:
+        loop.remove_reader(fd)
+        os.close(fd)
+        live.pop(fd, None)
+        if not live:
+            on_all_exited()
+
+    if not live:
+        loop.call_soon(on_all_exited)
+    for fd in live:
+        loop.add_reader(fd, exited, fd)
+    return close
 
 
 def _socket_inode(fd_path: str | Path) -> int | None:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from otel_envoy.lab.lab import EnvoyLab
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, running_daemons
 from tests.support.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.root
@@ -18,6 +18,17 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/e2e" in str(item.fspath) and os.geteuid() != 0:
             item.add_marker(pytest.mark.skip(reason="needs root to load BPF programs"))
+
+
+@pytest.fixture(autouse=True)
+def _stop_daemons_a_test_left():
+    """A test that fails between starting a daemon and stopping it would leave the daemon attached, its
+    programs running on every syscall of the machine for the tests (and benchmarks) after it: stop it when
+    the test ends. Daemons of module fixtures, started before the test, are left to their fixture."""
+    before = running_daemons()
+    yield
+    for daemon in running_daemons() - before:
+        daemon.stop()
 
 
 @pytest.fixture(scope="module")

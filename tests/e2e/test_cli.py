@@ -21,6 +21,7 @@ import pytest
 
 from otel_envoy.export.otlp_json_decode import decode_request_json
 from otel_envoy.lab import clients
+from otel_envoy.lab.lab import EnvoyLab
 from otel_envoy.spans.model import SpanRecord
 from tests.support.daemon import DaemonProcess
 from tests.support.traces import connection_traces
@@ -241,3 +242,35 @@ def test_record_then_replay_live_traffic(lab, tmp_path: Path) -> None:
     t.assert_nested()
     assert t.root.attributes["network.peer.port"] == tls.local_port
     assert t.child("tls.handshake").attributes["tls.client.server_name"] == "a.example.com"
+
+
+# -------------------------------------------------------------------------------------------- targets exit
+
+
+def test_the_daemon_stops_when_every_traced_envoy_has_exited(tmp_path: Path) -> None:
+    """An Envoy that exits (a restarted pod, a crashed proxy) takes its daemon with it: the daemon flushes
+    what it traced and exits 0, saying why, instead of staying attached with its programs on every
+    syscall of the machine."""
+    out, summary = tmp_path / "traces.jsonl", tmp_path / "summary.json"
+    with EnvoyLab(concurrency=1) as own:
+        daemon = DaemonProcess(["--pid", str(own.pid), "--output", str(out), "--summary-json", str(summary)],
+                               tmp_path).start()
+        try:
+            res = clients.curl_plain(own.http_port)
+            assert res.http_code == 200 and res.local_port, res.stderr
+            port = own.http_port
+        except BaseException:
+            daemon.stop()
+            raise
+    try:
+        assert daemon.proc is not None
+        daemon.proc.wait(timeout=30)
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.stderr()
+    assert "every traced process has exited" in daemon.stderr(), daemon.stderr()
+    assert "Traceback" not in daemon.stderr()
+    assert summary.exists()
+    traces = connection_traces(read_jsonl(out), port)
+    assert res.local_port in traces, sorted(traces)
+    traces[res.local_port].assert_nested()

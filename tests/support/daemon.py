@@ -9,7 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["DaemonProcess"]
+__all__ = ["DaemonProcess", "running_daemons"]
+
+
+_RUNNING: set[DaemonProcess] = set()
+
+
+def running_daemons() -> set[DaemonProcess]:
+    """The daemons started and not stopped yet (tests/e2e/conftest.py stops those a failed test left)."""
+    return {d for d in _RUNNING if d.proc is not None and d.proc.poll() is None}
 
 
 class DaemonProcess:
@@ -38,6 +46,7 @@ class DaemonProcess:
         """Start and wait until the probes are attached."""
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=err, env=self.env)
+        _RUNNING.add(self)
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if self.proc.poll() is not None:
@@ -67,6 +76,7 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.returncode = self.proc.returncode
+        _RUNNING.discard(self)
         return self.returncode
 
     def __enter__(self) -> DaemonProcess:

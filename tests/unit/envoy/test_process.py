@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -11,7 +12,12 @@ import time
 
 import pytest
 
-from otel_envoy.envoy.process import ListenerFinder, listening_sockets, listening_sockets_from_proc
+from otel_envoy.envoy.process import (
+    ListenerFinder,
+    listening_sockets,
+    listening_sockets_from_proc,
+    watch_exits,
+)
 from tests.support.sockets import listening_socket
 
 
@@ -46,3 +52,51 @@ def test_listeners_of_a_process_in_another_network_namespace() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------ watch_exits
+
+
+def _run_until_all_exited(pids: list[int], timeout: float = 10.0) -> bool:
+    """Run an event loop until watch_exits reports every pid gone (True) or ``timeout`` passes (False)."""
+    loop = asyncio.new_event_loop()
+    try:
+        done = asyncio.Event()
+        unwatch = watch_exits(loop, pids, done.set)
+        try:
+            loop.run_until_complete(asyncio.wait_for(done.wait(), timeout))
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            unwatch()
+    finally:
+        loop.close()
+
+
+def test_watch_exits_reports_once_every_process_is_gone() -> None:
+    short = subprocess.Popen(["sleep", "0.2"])
+    longer = subprocess.Popen(["sleep", "0.6"])
+    try:
+        started = time.monotonic()
+        assert _run_until_all_exited([short.pid, longer.pid])
+        assert time.monotonic() - started >= 0.5  # not before the second one exited
+    finally:
+        for p in (short, longer):
+            p.kill()
+            p.wait()
+
+
+def test_watch_exits_does_not_report_while_one_process_runs() -> None:
+    running = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not _run_until_all_exited([running.pid], timeout=0.5)
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_watch_exits_counts_a_pid_already_gone_as_exited() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: the pid names no process now
+    assert _run_until_all_exited([gone.pid], timeout=2.0)
