@@ -115,12 +115,24 @@ struct http_metric {
     __u64 slots[HTTP_HIST_SLOTS];
 };
 
+/* How a downstream connection ended, as the kernel's connection metrics key it: what Envoy's reads and
+ * writes on it returned before its close. */
+enum close_reason {
+    CLOSE_ENVOY_CLOSED = 0, /* Envoy closed it: no EOF read and no reset seen first */
+    CLOSE_PEER_CLOSED = 1,  /* a read returned EOF (the peer's FIN) before the close */
+    CLOSE_RESET = 2,    /* a read or write failed with ECONNRESET, EPIPE or ETIMEDOUT before the close */
+};
+
 /* The kernel's connection metrics (http_metrics.bpf.h): every downstream connection closed, traced or not,
- * by process and listening socket, with a log2 histogram of their durations (HTTP_HIST_SLOTS slots of
- * microseconds, as requests). */
+ * by process, listening socket and enum close_reason, with a log2 histogram of their durations
+ * (HTTP_HIST_SLOTS slots of microseconds, as requests). The accept-queue metrics use the same key with
+ * close_reason 0: every accepted connection whose handshake completion was seen, by the time from its
+ * ESTABLISHED transition to Envoy's accept. */
 struct conn_metric_key {
     __u32 pid; /* the process (tgid) */
     __s32 listen_fd;
+    __u8 close_reason; /* enum close_reason */
+    __u8 _pad[3];
 };
 
 /* Why a request that was not sampled is reported all the same (struct request_kept_event). */

@@ -21,6 +21,21 @@ BPF_HASH(http_metrics, struct http_metric_key, struct http_metric, HTTP_METRIC_S
 BPF_ARRAY(keep_slow_ns, __u64, 1); /* an unsampled request answered after at least this long is kept (0: none) */
 BPF_ARRAY(http_metric_zero, struct http_metric, 1); /* never written: a new series' initial value */
 BPF_HASH(conn_metrics, struct conn_metric_key, struct http_metric, HTTP_METRIC_SERIES); /* by listener */
+BPF_HASH(accept_metrics, struct conn_metric_key, struct http_metric, HTTP_METRIC_SERIES); /* by listener */
+
+/* Accept-queue waits: a downstream handshake's completion (SYN_RECV -> ESTABLISHED on a watched port, in
+ * softirq) is kept by peer until Envoy accepts the connection (by listening fd, in process context), where
+ * the wait joins accept_metrics. Bounded (LRU): an entry whose accept never comes (another process's
+ * listener on the same port, a connection reset in the queue) ages out. An accept whose entry is missing
+ * (the transition was not seen: the daemon started after it, or the kernel skipped the tracepoint) is
+ * counted in accept_wait_unseen instead. */
+struct peer_key {
+    __u8 addr[16]; /* IPv6, or IPv4 mapped (::ffff:a.b.c.d): a dual-stack socket sees either form */
+    __u16 port;
+    __u16 _pad;
+};
+BPF_TABLE("lru_hash", struct peer_key, __u64, established_at, MAX_CONNS);
+BPF_PERCPU_ARRAY(accept_wait_unseen, __u64, 1);
 
 #define W4(a, b, c, d) ((__u32)(a) | ((__u32)(b) << 8) | ((__u32)(c) << 16) | ((__u32)(d) << 24))
 
@@ -113,9 +128,19 @@ static __always_inline void add_duration(struct http_metric *m, __u64 took) {
     __sync_fetch_and_add(&m->slots[slot], 1);
 }
 
-/* Counts a downstream connection that closes now (traced or not). */
+/* A read/write of a connection returned `ret` <= 0: an EOF read or a reset, for its close reason. */
+static __always_inline void note_transfer_end(struct conn_state *cs, __u8 io, long ret) {
+    if (ret == 0 && io < IO_WRITE)
+        cs->flags |= CONN_PEER_EOF;
+    else if (ret == -104 /* ECONNRESET */ || ret == -32 /* EPIPE */ || ret == -110 /* ETIMEDOUT */)
+        cs->flags |= CONN_IO_RESET;
+}
+
+/* Counts a downstream connection that closes now (traced or not), by how it ended. */
 static __always_inline void record_connection(__u32 tgid, const struct conn_state *cs, __u64 now) {
     struct conn_metric_key key = {.pid = tgid, .listen_fd = cs->listen_fd};
+    key.close_reason = (cs->flags & CONN_IO_RESET) ? CLOSE_RESET
+                       : (cs->flags & CONN_PEER_EOF) ? CLOSE_PEER_CLOSED : CLOSE_ENVOY_CLOSED;
     struct http_metric *m = conn_metrics.lookup(&key);
     if (!m) { /* a new series */
         __u32 zero = 0;
@@ -127,6 +152,55 @@ static __always_inline void record_connection(__u32 tgid, const struct conn_stat
         }
     }
     add_duration(m, now > cs->open_ts_ns ? now - cs->open_ts_ns : 0);
+}
+
+/* A peer's address and port as an established_at key. */
+static __always_inline void peer_key_of(struct peer_key *k, const __u8 *addr, __u16 family, __u16 port) {
+    if (family == AF_INET6) {
+        __builtin_memcpy(k->addr, addr, 16);
+    } else {
+        k->addr[10] = 0xff;
+        k->addr[11] = 0xff;
+        __builtin_memcpy(&k->addr[12], addr, 4);
+    }
+    k->port = port;
+}
+
+/* A downstream connection's handshake completed (its peer is the tracepoint's destination). */
+static __always_inline void note_established(const __u8 *peer_addr, __u16 family, __u16 peer_port, __u64 now) {
+    struct peer_key k = {};
+    peer_key_of(&k, peer_addr, family, peer_port);
+    established_at.update(&k, &now);
+}
+
+/* Envoy accepted a connection on listening fd `listen_fd` at `now`: its accept-queue wait, if its
+ * handshake completion was seen. */
+static __always_inline void record_accept_wait(__u32 tgid, __s32 listen_fd, const __u8 *peer_addr, __u16 family,
+                                               __u16 peer_port, __u64 now) {
+    struct peer_key k = {};
+    peer_key_of(&k, peer_addr, family, peer_port);
+    __u64 *est = established_at.lookup(&k);
+    if (!est) {
+        __u32 zero = 0;
+        __u64 *unseen = accept_wait_unseen.lookup(&zero);
+        if (unseen)
+            (*unseen)++;
+        return;
+    }
+    __u64 waited = now > *est ? now - *est : 0;
+    established_at.delete(&k);
+    struct conn_metric_key key = {.pid = tgid, .listen_fd = listen_fd};
+    struct http_metric *m = accept_metrics.lookup(&key);
+    if (!m) { /* a new series */
+        __u32 zero = 0;
+        struct http_metric *init = http_metric_zero.lookup(&zero);
+        m = init ? accept_metrics.lookup_or_try_init(&key, init) : 0;
+        if (!m) {
+            count_drop(DROP_METRICS_FULL);
+            return;
+        }
+    }
+    add_duration(m, waited);
 }
 
 /* Counts the connection's current request with `status`, ending now. */

@@ -210,6 +210,8 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct conn_state *cs = conns.lookup(&key);
     if (!cs)
         return 0; /* io_sys_exit would find nothing either */
+    if (ret <= 0)
+        note_transfer_end(cs, io, ret); /* an EOF or a reset: how the connection ends (its metrics) */
     if (cs->flags & CONN_UNTRACED) { /* counted, never reported */
         if (ret > 0 && !(recv_flags(io, &r) & MSG_PEEK_FLAG))
             count_unreported(cs, io, ret);

@@ -55,6 +55,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         __builtin_memcpy(ev.daddr, args->daddr_v6, 16);
     }
 #if SAMPLING
+    if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV && port_watched(ev.sport))
+        note_established(ev.daddr, ev.family, ev.dport, ev.hdr.ts_ns); /* accept-queue metrics */
     /* a downstream connection of a listener sampled whole (the peer is the destination) */
     if (port_conn_sampled(ev.sport) && !peer_traced(ev.daddr, ev.family, ev.dport))
         return 0;

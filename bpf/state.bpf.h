@@ -84,6 +84,8 @@ struct conn_state {
 #define CONN_AWAIT 32    /* SAMPLING: a request was read, its answer not yet written */
 #define CONN_SKIP 64     /* SAMPLING: the current request was not sampled */
 #define CONN_UNTRACED 128 /* SAMPLING: a connection sampled whole and not traced: it sends no record */
+#define CONN_PEER_EOF 256 /* SAMPLING: a read returned EOF (enum close_reason) */
+#define CONN_IO_RESET 512 /* SAMPLING: a read or write failed with a reset (enum close_reason) */
 
 #define CAPTURE_UNLIMITED 0xffffffff /* conn_state.capture_budget of a plaintext connection (request capture) */
 

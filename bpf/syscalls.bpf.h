@@ -79,6 +79,7 @@ static __always_inline int on_accept_exit(long ret) {
     ev.listen_fd = in.fd;
     read_sockaddr((void *)in.buf, &ev.family, &ev.peer_port, ev.peer_addr);
 #if SAMPLING
+    record_accept_wait(ev.hdr.tgid, in.fd, ev.peer_addr, ev.family, ev.peer_port, ev.hdr.ts_ns);
     if (listener_conn_sampled(ev.hdr.tgid, in.fd)) {
         __u32 untraced = !peer_traced(ev.peer_addr, ev.family, ev.peer_port);
         count_conn_sampled(untraced);

@@ -40,7 +40,7 @@ from .events.recording_context import ListenerNamesContext, ListenSocketsContext
 from .export.metrics import WorkerMetrics
 from .export.metrics_settings import DEFAULT_INTERVAL_S
 from .export.otlp import OtlpSettings, check_reachable
-from .export.request_metrics import ConnectionMetrics, RequestMetrics
+from .export.request_metrics import AcceptQueueMetrics, ConnectionMetrics, RequestMetrics
 from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
 from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
@@ -242,8 +242,13 @@ async def run_daemon(opts: DaemonOptions) -> int:
         sampled = probes.sample_counts()
         connections_sampled = probes.connection_sample_counts()
         http_requests = _request_totals(probes.http_request_metrics())
-        connections_closed = {f"{pid}:{fd}": totals.count
-                              for (pid, fd), totals in sorted(probes.connection_metrics().items())}
+        connections_closed: Counter[str] = Counter()
+        closed_by_reason: Counter[str] = Counter()
+        for (pid, fd, reason), totals in sorted(probes.connection_metrics().items()):
+            connections_closed[f"{pid}:{fd}"] += totals.count
+            closed_by_reason[reason] += totals.count
+        accept_queue = {"waits": sum(t.count for t in probes.accept_queue_metrics().values()),
+                        "not_seen": probes.accept_waits_not_seen()}
         offcpu = _offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
         wakes = _wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
         probes.close()
@@ -259,7 +264,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
             json.dump({"counts": dict(pipeline.counts), "drops": drops, "export": stats,
                        "correlator": dict(pipeline.correlator.stats), "offcpu": offcpu,
                        "idle_wakeups": wakes, "http_requests": http_requests,
-                       "connections_closed": connections_closed,
+                       "connections_closed": dict(connections_closed),
+                       "connections_closed_by_reason": dict(closed_by_reason), "accept_queue": accept_queue,
                        "sampler": {"name": opts.sampler.name, "ratio": opts.sampler.ratio,
                                    "requests": sampled, "tls_connections": connections_sampled,
                                    "cpu_budget": budget.summary() if budget is not None else None}},
@@ -325,7 +331,8 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipelin
         round_histograms=probes.round_histograms, accepts=lambda: correlator.accepts_by_thread,
         idle_wakes=lambda: idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel),
         kernel_metrics=[RequestMetrics(probes.http_request_metrics, listen_sockets),
-                        ConnectionMetrics(probes.connection_metrics, listen_sockets)]
+                        ConnectionMetrics(probes.connection_metrics, listen_sockets),
+                        AcceptQueueMetrics(probes.accept_queue_metrics, listen_sockets)]
         if probes.config.sampling else (),
         interval_s=opts.metrics_interval)
     metrics.start()

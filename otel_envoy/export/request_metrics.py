@@ -11,10 +11,18 @@ OpenTelemetry semantic conventions' server request duration histogram (unit ``s`
 * ``network.protocol.name=http``, ``server.address`` / ``server.port`` of the listening socket, and
   ``envoy.listener.name`` when Envoy's admin API named it, ``process.pid``.
 
-Every downstream connection that closed, traced or not, is counted the same way by listening socket
-(bpf/http_metrics.bpf.h, ``conn_metrics``): :class:`ConnectionMetrics` exports their durations (accept to
-close) as ``envoy.downstream.connection.duration`` with ``server.address``, ``server.port``,
-``envoy.listener.name`` and ``process.pid``.
+Every downstream connection that closed, traced or not, is counted the same way by listening socket and
+how it ended (bpf/http_metrics.bpf.h, ``conn_metrics``): :class:`ConnectionMetrics` exports their
+durations (accept to close) as ``envoy.downstream.connection.duration`` with ``server.address``,
+``server.port``, ``envoy.listener.name``, ``process.pid`` and ``envoy.connection.close_reason``, from what
+Envoy's reads and writes on it returned before it closed the fd: ``reset`` when one failed with
+ECONNRESET, EPIPE or ETIMEDOUT (also ``error.type=connection_reset``), else ``peer_closed`` when a read
+returned EOF (the peer's FIN), else ``envoy_closed`` (e.g. after answering ``Connection: close``).
+
+Every accepted downstream connection whose handshake completion the kernel saw is counted by listening
+socket with its accept-queue wait (ESTABLISHED to Envoy's accept; ``accept_metrics``):
+:class:`AcceptQueueMetrics` exports ``envoy.downstream.accept_queue.duration``, the metric of the
+``tcp.accept_queue`` spans, with the listener's attributes.
 
 A series whose listening socket is not known (yet) is reported with ``server.port`` left out rather than
 dropped: counts stay exact. Buckets are the kernel's log2 slots (:mod:`.kernel_histograms`); the sum is
@@ -34,11 +42,13 @@ from ..events.layout import load_layout
 from ..probes.loader import RequestSeries, RequestTotals
 from .kernel_histograms import HistogramPoints, log2_bounds_s, slot_bucket_counts
 
-__all__ = ["CONNECTION_DURATION", "HTTP_SERVER_REQUEST_DURATION", "REQUEST_BOUNDS_S", "ConnectionMetrics",
-           "KernelMetric", "RequestMetrics", "listener_attributes", "request_attributes"]
+__all__ = ["ACCEPT_QUEUE_DURATION", "CONNECTION_DURATION", "HTTP_SERVER_REQUEST_DURATION", "REQUEST_BOUNDS_S",
+           "AcceptQueueMetrics", "ConnectionMetrics", "KernelMetric", "RequestMetrics",
+           "connection_attributes", "listener_attributes", "request_attributes"]
 
 HTTP_SERVER_REQUEST_DURATION = "http.server.request.duration"
 CONNECTION_DURATION = "envoy.downstream.connection.duration"
+ACCEPT_QUEUE_DURATION = "envoy.downstream.accept_queue.duration"
 #: The kernel's slots (HTTP_HIST_SLOTS in bpf/events.h): the last one also takes longer durations.
 REQUEST_SLOTS = load_layout().constants["HTTP_HIST_SLOTS"] - 1
 REQUEST_BOUNDS_S: tuple[float, ...] = log2_bounds_s(REQUEST_SLOTS)
@@ -53,7 +63,8 @@ class KernelMetric(Protocol):
 
 
 RequestSource = Callable[[], Mapping[RequestSeries, RequestTotals]]
-ConnectionSource = Callable[[], Mapping[tuple[int, int], RequestTotals]]
+ConnectionSource = Callable[[], Mapping[tuple[int, int, str], RequestTotals]]
+AcceptQueueSource = Callable[[], Mapping[tuple[int, int], RequestTotals]]
 ListenerSource = Callable[[], Mapping[tuple[int, int], ListenSocket]]
 
 
@@ -76,6 +87,17 @@ def request_attributes(series: RequestSeries, listen: ListenSocket | None) -> di
         attrs["http.response.status_code"] = series.status
     else:
         attrs["error.type"] = "connection_closed"
+    return attrs
+
+
+def connection_attributes(pid: int, listen: ListenSocket | None, close_reason: str) -> dict[str, Any]:
+    """The attributes of one kernel connection series: its listener and how it ended
+    (``envoy.connection.close_reason``: ``peer_closed``, ``reset`` or ``envoy_closed``,
+    ``ConnectionProbes.connection_metrics``); a reset also sets ``error.type``."""
+    attrs = listener_attributes(pid, listen)
+    attrs["envoy.connection.close_reason"] = close_reason
+    if close_reason == "reset":
+        attrs["error.type"] = "connection_reset"
     return attrs
 
 
@@ -112,11 +134,32 @@ class ConnectionMetrics:
     def metric(self, temporality: AggregationTemporality) -> Metric | None:
         """This collection's histogram, or ``None`` when there is no point to send."""
         listeners = self._listeners()
-        series = [(listener_attributes(pid, listeners.get((pid, fd))), totals)
-                  for (pid, fd), totals in self._source().items()]
+        series = [(connection_attributes(pid, listeners.get((pid, fd)), reason), totals)
+                  for (pid, fd, reason), totals in self._source().items()]
         return _histogram(self._points, series, temporality, CONNECTION_DURATION,
                           "Duration of downstream connections (every one, traced or not, counted in the "
                           "kernel): accept to close.")
+
+
+class AcceptQueueMetrics:
+    """Builds the accept-queue wait histogram of each collection from the kernel's table."""
+
+    def __init__(self, source: AcceptQueueSource, listeners: ListenerSource) -> None:
+        """``source`` reads the kernel's series (``ConnectionProbes.accept_queue_metrics``); ``listeners`` as
+        for :class:`RequestMetrics`."""
+        self._source = source
+        self._listeners = listeners
+        self._points = HistogramPoints(time.time_ns())
+
+    def metric(self, temporality: AggregationTemporality) -> Metric | None:
+        """This collection's histogram, or ``None`` when there is no point to send."""
+        listeners = self._listeners()
+        series = [(listener_attributes(pid, listeners.get((pid, fd))), totals)
+                  for (pid, fd), totals in self._source().items()]
+        return _histogram(self._points, series, temporality, ACCEPT_QUEUE_DURATION,
+                          "Time downstream connections waited in the listener's accept queue (every one "
+                          "whose handshake completion was seen, counted in the kernel): ESTABLISHED to "
+                          "Envoy's accept.")
 
 
 def _histogram(points: HistogramPoints, series: list[tuple[dict[str, Any], RequestTotals]],

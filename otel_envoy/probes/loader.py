@@ -143,6 +143,9 @@ class ConnectionProbes:
         #: enum http_method -> http.request.method (HTTP_METHOD_OTHER -> "_OTHER", as the conventions say)
         self.method_names = {v: ("_OTHER" if k == "HTTP_METHOD_OTHER" else k.removeprefix("HTTP_METHOD_"))
                              for k, v in layout.enums["http_method"].items() if k != "HTTP_METHOD_NONE"}
+        #: enum close_reason -> the close reason of the connection metrics
+        self.close_reasons = {v: k.removeprefix("CLOSE_").lower()
+                              for k, v in layout.enums["close_reason"].items()}
         self._targets = self.bpf[b"targets"]
         self._ports = self.bpf[b"listen_ports"]
         self._drops = self.bpf[b"drops"]
@@ -275,16 +278,38 @@ class ConnectionProbes:
                                         {i: int(n) for i, n in enumerate(v.slots) if n})
         return out
 
-    def connection_metrics(self) -> dict[tuple[int, int], RequestTotals]:
+    def connection_metrics(self) -> dict[tuple[int, int, str], RequestTotals]:
         """The kernel's exact connection metrics: every downstream connection closed, traced or not, by
-        (process, listening fd): count, sum of durations, log2 slots (empty without ``sampling``)."""
+        (process, listening fd, close reason: ``envoy_closed``, ``peer_closed`` or ``reset``, enum
+        close_reason): count,
+        sum of durations, log2 slots (empty without ``sampling``)."""
+        if not self.config.sampling:
+            return {}
+        out: dict[tuple[int, int, str], RequestTotals] = {}
+        for k, v in self.bpf[b"conn_metrics"].items():
+            slots = {i: int(n) for i, n in enumerate(v.slots) if n}
+            reason = self.close_reasons.get(int(k.close_reason), str(int(k.close_reason)))
+            out[(int(k.pid), int(k.listen_fd), reason)] = RequestTotals(int(v.count), int(v.sum_ns), slots)
+        return out
+
+    def accept_queue_metrics(self) -> dict[tuple[int, int], RequestTotals]:
+        """The kernel's accept-queue waits: every accepted downstream connection whose handshake completion
+        was seen, by (process, listening fd), from its ESTABLISHED transition to Envoy's accept: count, sum,
+        log2 slots (empty without ``sampling``)."""
         if not self.config.sampling:
             return {}
         out: dict[tuple[int, int], RequestTotals] = {}
-        for k, v in self.bpf[b"conn_metrics"].items():
+        for k, v in self.bpf[b"accept_metrics"].items():
             slots = {i: int(n) for i, n in enumerate(v.slots) if n}
             out[(int(k.pid), int(k.listen_fd))] = RequestTotals(int(v.count), int(v.sum_ns), slots)
         return out
+
+    def accept_waits_not_seen(self) -> int:
+        """Accepts whose handshake completion the kernel did not see (so not in ``accept_queue_metrics``):
+        the connection was established before the probes were attached, or the tracepoint was skipped."""
+        if not self.config.sampling:
+            return 0
+        return int(sum(self.bpf[b"accept_wait_unseen"][ctypes.c_int(0)]))
 
     def drop_counts(self) -> dict[str, int]:
         """Kernel-side drops by reason, summed over CPUs."""
