@@ -12,14 +12,37 @@ BPF_TABLE("lru_hash", __u64, __u8, upstream_socks, MAX_CONNS);
 
 static __always_inline int port_watched(__u16 port) { return listen_ports.lookup(&port) != 0; }
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state) {
-    if (args->protocol != IPPROTO_TCP)
+/* sock:inet_sock_set_state as a raw tracepoint: a classic tracepoint program is skipped, silently, when it
+ * fires while another BPF program runs on the CPU (they share one per-CPU guard, and this one fires in
+ * softirq, which can interrupt our syscall programs); a raw tracepoint program has a guard of its own, so no
+ * handshake completion is lost that way. It gets the socket pointer instead of the fields the classic one
+ * copies out, and reads them at the offsets the loader found in the running kernel's BTF (probes/btf.py):
+ * the kernel's struct layouts are not the headers' (SKC_*_OFF, SK_PROTOCOL_OFF, SKC_READ). The fields are
+ * the classic tracepoint's: the local port (skc_num) and the peer's (skc_dport), IPv4 addresses from
+ * skc_rcv_saddr / skc_daddr, IPv6 ones from skc_v6_rcv_saddr / skc_v6_daddr. */
+#ifndef SKC_READ /* defaults for reading alone: x86-64, 6.x */
+#define SKC_DADDR_OFF 0
+#define SKC_RCV_SADDR_OFF 4
+#define SKC_DPORT_OFF 12
+#define SKC_NUM_OFF 14
+#define SKC_FAMILY_OFF 16
+#define SKC_V6_DADDR_OFF 56
+#define SKC_V6_RCV_SADDR_OFF 72
+#define SKC_READ 88
+#define SK_PROTOCOL_OFF 532
+#endif
+
+RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
+    const __u8 *skp = (const __u8 *)ctx->args[0];
+    int oldstate = (int)ctx->args[1];
+    int newstate = (int)ctx->args[2];
+    __u64 sk = (__u64)skp;
+    __u8 c[SKC_READ];
+    if (bpf_probe_read_kernel(c, sizeof(c), skp) != 0)
         return 0;
+    __u16 sport = *(__u16 *)(c + SKC_NUM_OFF);
     __u64 pid_tgid = bpf_get_current_pid_tgid();
-    __u64 sk = (__u64)args->skaddr;
-    int newstate = args->newstate;
-    int oldstate = args->oldstate;
-    int watched = port_watched(args->sport);
+    int watched = port_watched(sport);
     if (!watched) {
         if (newstate == TCP_SYN_SENT && is_target(pid_tgid >> 32)) {
             __u8 one = 1;
@@ -39,21 +62,28 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
           (newstate == TCP_CLOSE && (oldstate == TCP_ESTABLISHED || oldstate == TCP_SYN_RECV ||
                                      oldstate == TCP_SYN_SENT))))
         return 0;
+    __u16 protocol = 0;
+    if (bpf_probe_read_kernel(&protocol, sizeof(protocol), skp + SK_PROTOCOL_OFF) != 0 ||
+        protocol != IPPROTO_TCP)
+        return 0;
     struct sock_state_event ev = {};
     fill_header(&ev.hdr, EV_SOCK_STATE, pid_tgid);
     ev.skaddr = sk;
     ev.oldstate = oldstate;
     ev.newstate = newstate;
-    ev.sport = args->sport;
-    ev.dport = args->dport;
-    ev.family = args->family;
-    if (args->family == AF_INET) {
-        __builtin_memcpy(ev.saddr, args->saddr, 4);
-        __builtin_memcpy(ev.daddr, args->daddr, 4);
-    } else {
-        __builtin_memcpy(ev.saddr, args->saddr_v6, 16);
-        __builtin_memcpy(ev.daddr, args->daddr_v6, 16);
+    ev.sport = sport;
+    ev.dport = ntohs(*(__u16 *)(c + SKC_DPORT_OFF));
+    ev.family = *(__u16 *)(c + SKC_FAMILY_OFF);
+    if (ev.family == AF_INET) {
+        __builtin_memcpy(ev.saddr, c + SKC_RCV_SADDR_OFF, 4);
+        __builtin_memcpy(ev.daddr, c + SKC_DADDR_OFF, 4);
     }
+#if SKC_V6_DADDR_OFF >= 0 /* -1: a kernel without IPv6 */
+    else {
+        __builtin_memcpy(ev.saddr, c + SKC_V6_RCV_SADDR_OFF, 16);
+        __builtin_memcpy(ev.daddr, c + SKC_V6_DADDR_OFF, 16);
+    }
+#endif
 #if SAMPLING
     if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV && port_watched(ev.sport))
         note_established(ev.daddr, ev.family, ev.dport, ev.hdr.ts_ns); /* accept-queue metrics */

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from ..events.layout import BPF_DIR, load_layout
 from . import ringbuf
+from .btf import BtfError, KernelTypes
 
 __all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError", "program_text"]
 
@@ -118,6 +119,36 @@ def program_text(program_dir: Path, main: str = CONN_PROGRAM) -> str:
     return f'#line 1 "{top}"\n' + splice(top)
 
 
+#: what sockets.bpf.h reads of a struct sock (its inet_sock_set_state raw tracepoint): -D name -> member
+SOCK_COMMON_FIELDS = {"SKC_DADDR_OFF": "skc_daddr", "SKC_RCV_SADDR_OFF": "skc_rcv_saddr",
+                      "SKC_DPORT_OFF": "skc_dport", "SKC_NUM_OFF": "skc_num", "SKC_FAMILY_OFF": "skc_family",
+                      "SKC_V6_DADDR_OFF": "skc_v6_daddr", "SKC_V6_RCV_SADDR_OFF": "skc_v6_rcv_saddr"}
+_FIELD_SIZES = {"SKC_DADDR_OFF": 4, "SKC_RCV_SADDR_OFF": 4, "SKC_DPORT_OFF": 2, "SKC_NUM_OFF": 2,
+                "SKC_FAMILY_OFF": 2, "SKC_V6_DADDR_OFF": 16, "SKC_V6_RCV_SADDR_OFF": 16}
+
+
+def sock_field_cflags(types: KernelTypes) -> list[str]:
+    """The -D flags giving sockets.bpf.h the running kernel's offsets of the struct sock fields it reads
+    (struct sock_common is struct sock's first member): one read of SKC_READ bytes covers the sock_common
+    ones. The IPv6 addresses are -1 on a kernel without IPv6."""
+    offsets: dict[str, int] = {}
+    for define, member in SOCK_COMMON_FIELDS.items():
+        off = types.member_offset("sock_common", member)
+        if off is None:
+            if "V6" in define:
+                offsets[define] = -1
+                continue
+            raise BtfError(f"struct sock_common has no {member} in this kernel's BTF")
+        offsets[define] = off
+    sk_common = types.member_offset("sock", "__sk_common")
+    protocol = types.member_offset("sock", "sk_protocol")
+    if sk_common != 0 or protocol is None:
+        raise BtfError("struct sock is not laid out as expected (__sk_common first, sk_protocol a u16)")
+    read = max(off + _FIELD_SIZES[d] for d, off in offsets.items() if off >= 0)
+    return [*(f"-D{d}={off}" for d, off in offsets.items()), f"-DSKC_READ={(read + 7) // 8 * 8}",
+            f"-DSK_PROTOCOL_OFF={protocol}"]
+
+
 class ConnectionProbes:
     """The loaded connection program: target and port filters, ring buffer, drop counters."""
 
@@ -131,8 +162,12 @@ class ConnectionProbes:
         except ImportError as exc:  # pragma: no cover - environment dependent
             raise ProbeError(f"bcc is not importable ({exc}); install python3-bpfcc") from exc
         try:
+            socket_offsets = sock_field_cflags(KernelTypes.running_kernel())
+        except BtfError as exc:
+            raise ProbeError(str(exc)) from exc
+        try:
             text = program_text(self.config.program_dir)
-            self.bpf = BPF(text=text.encode(), cflags=self.config.cflags())
+            self.bpf = BPF(text=text.encode(), cflags=self.config.cflags() + socket_offsets)
             if self.config.sampling:
                 self._attach_sampling()
         except Exception as exc:
@@ -312,11 +347,31 @@ class ConnectionProbes:
         return int(sum(self.bpf[b"accept_wait_unseen"][ctypes.c_int(0)]))
 
     def drop_counts(self) -> dict[str, int]:
-        """Kernel-side drops by reason, summed over CPUs."""
+        """Kernel-side drops by reason, summed over CPUs, and the runs of each program the kernel skipped
+        (``recursion_missed.<program>``, :meth:`recursion_misses`)."""
         out: dict[str, int] = {}
         for key, per_cpu in self._drops.items():
             name = self.drop_names.get(key.value, str(key.value)).removeprefix("DROP_").lower()
             out[name] = int(sum(per_cpu))
+        for program, missed in self.recursion_misses().items():
+            out[f"recursion_missed.{program}"] = missed
+        return out
+
+    def recursion_misses(self) -> dict[str, int]:
+        """Per loaded program, the runs the kernel skipped because a BPF program was already running on that
+        CPU (``recursion_misses`` in the program's fdinfo): classic tracepoint programs share one per-CPU
+        guard, so one firing in softirq while a syscall's program runs is not run at all. Nothing else would
+        say that its event is missing."""
+        out: dict[str, int] = {}
+        for name, function in self.bpf.funcs.items():
+            try:
+                with open(f"/proc/self/fdinfo/{function.fd}") as f:
+                    for line in f:
+                        if line.startswith("recursion_misses:"):
+                            out[name.decode()] = int(line.split()[1])
+                            break
+            except (OSError, ValueError):
+                continue
         return out
 
     def stack_addresses(self, stack_id: int) -> list[int]:

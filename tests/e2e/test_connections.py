@@ -126,6 +126,26 @@ def test_burst_of_connections_each_get_a_trace(lab, receiver, traced):
     assert threads <= {"wrk:worker_0", "wrk:worker_1"}
 
 
+def test_a_burst_of_200_at_once_loses_no_handshake(lab, receiver, traced):
+    """200 connections opened together: the handshake completions fire in softirq while the syscall
+    programs run on the same CPUs. The connection-state program is a raw tracepoint (a guard of its own), so
+    every connection has its accept-queue span and none is marked partial."""
+    result = clients.burst(lab.http_port, 200, concurrency=200)
+    assert result.all_ok, result.errors[:3]
+    ports = set(result.local_ports)
+    assert len(ports) == 200
+
+    def all_seen(spans):
+        return ports <= set(connection_traces(spans, lab.http_port))
+    receiver.wait_for(all_seen, 30)
+    traces = connection_traces(receiver.spans(), lab.http_port)
+    partial = {p: traces[p].root.attributes["otel_envoy.partial"] for p in ports
+               if "otel_envoy.partial" in traces[p].root.attributes}
+    assert not partial, partial
+    for port in ports:
+        assert traces[port].child("tcp.accept_queue").attributes["tcp.accept_queue.depth"] >= 1
+
+
 def test_output_file_holds_the_same_spans(lab, receiver, traced):
     _daemon, output = traced
     res = clients.curl_plain(lab.http_port, "/")

@@ -81,7 +81,11 @@ def test_cpu_hog_preempts_the_worker_inside_the_rounds_of_its_connections(tmp_pa
         everything, spans, (t0, t1, t2), drops = _hog_run(workdir)
         if _round_off_cpu_rate(spans, t0, t1) < 0.02:  # quiet runs here: 0.000-0.003
             break
-    assert not drops  # every span of the run is in the file
+    # every span of the run is in the file; runs of a classic tracepoint program the kernel skipped (it fired
+    # from an interrupt while another program ran on that CPU) are counted, and never a raw tracepoint's
+    skipped = {k: v for k, v in drops.items() if k.startswith("kernel.recursion_missed.")}
+    assert not {k: v for k, v in drops.items() if k not in skipped}, drops
+    assert all(k.startswith("kernel.recursion_missed.tracepoint__") for k in skipped), skipped
     by_id = _by_id(everything)
     hog_waits = [s for s in spans if s.name == "offcpu.wait"
                  and s.attributes.get("offcpu.preempted_by.comm") == "cpuhog"]

@@ -15,7 +15,7 @@ from otel_envoy.probes.loader import ConnectionProbes, ProbeConfig
 # did not find, or compiled without its rewrites (outside the text the loader hands it), would be missing.
 PROGRAMS = {
     "raw_tracepoint__sys_exit",
-    "tracepoint__sock__inet_sock_set_state",
+    "raw_tracepoint__inet_sock_set_state",
     "tracepoint__syscalls__sys_enter_accept",
     "tracepoint__syscalls__sys_enter_accept4",
     "tracepoint__syscalls__sys_enter_close",
@@ -47,6 +47,9 @@ def test_connection_program_loads(http_capture: bool, offcpu: bool) -> None:
         attached = ({"tracepoint__" + tp.decode().replace(":", "__") for tp in probes.bpf.tracepoint_fds}
                     | {"raw_tracepoint__" + tp.decode() for tp in probes.bpf.raw_tracepoint_fds})
         assert attached == names
+        # the kernel's count of skipped runs, per program, read from each one's fdinfo
+        misses = probes.recursion_misses()
+        assert set(misses) == names and all(v >= 0 for v in misses.values()), misses
     finally:
         probes.close()
 
@@ -66,7 +69,7 @@ def test_the_sampling_build_puts_the_front_program_on_sys_exit_and_tail_calls_io
         expected = (PROGRAMS - {"raw_tracepoint__sys_exit"} - exits) | {
             "front_sys_exit", "io_sys_exit", "lifecycle_sys_exit"}
         assert names == expected | (OFFCPU_PROGRAMS if offcpu else set())
-        assert {tp.decode() for tp in probes.bpf.raw_tracepoint_fds} == {"sys_exit"}
+        assert {tp.decode() for tp in probes.bpf.raw_tracepoint_fds} == {"sys_exit", "inet_sock_set_state"}
         assert not any(name.startswith("tracepoint__syscalls__sys_exit_") for name in names)
         slots = probes.bpf[b"exit_progs"]
         assert len(list(slots.items())) == 2
