@@ -5,15 +5,22 @@ Both sinks encode records with otel-envoy's own encoders: OTLP/JSON text for the
 (:mod:`otel_envoy.export.otlp_proto`), which :class:`OtlpSink` hands to an OTLP sender
 (:mod:`otel_envoy.export.otlp_grpc`, :mod:`otel_envoy.export.otlp_http`: the SDK exporters' settings,
 retries, backoff, timeouts, compression and headers).
+
+One bad span never costs a batch (or, in the file, a line): a span whose ids are not what OTLP requires
+(:func:`span_ids_valid`) is left out before encoding, and when encoding a batch still fails, each span is
+encoded alone and those that fail are left out. Either way the span is counted (:attr:`SpanSink.rejected`,
+``drops["invalid_span:<sink>"]``) and the rest of the batch goes out.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 import os
+import re
 import threading
-from collections.abc import Mapping, Sequence
-from typing import TextIO
+from collections.abc import Callable, Mapping, Sequence
+from typing import TextIO, TypeVar
 from urllib.parse import urlsplit
 
 from otel_envoy.export.log_limiter import ExporterLogFilter, install_log_filter
@@ -24,7 +31,45 @@ from otel_envoy.export.otlp_json import encode_request_json
 from otel_envoy.export.otlp_proto import encode_request_proto
 from otel_envoy.spans.model import SpanRecord
 
-__all__ = ["JsonLinesFileSink", "OtlpSink", "SpanSink"]
+__all__ = ["JsonLinesFileSink", "OtlpSink", "SpanSink", "encode_leaving_out_bad", "span_ids_valid"]
+
+log = logging.getLogger("otel_envoy.export")
+_T = TypeVar("_T")
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+_SPAN_ID = re.compile(r"[0-9a-f]{16}")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+
+def span_ids_valid(r: SpanRecord) -> bool:
+    """Whether the span's trace, span, parent and link ids are what OTLP requires: lower-case hex of 32 or 16
+    digits, not all zero."""
+    if not (_TRACE_ID.fullmatch(r.trace_id) and r.trace_id != _ZERO_TRACE):
+        return False
+    if not (_SPAN_ID.fullmatch(r.span_id) and r.span_id != _ZERO_SPAN):
+        return False
+    if r.parent_span_id and not (_SPAN_ID.fullmatch(r.parent_span_id) and r.parent_span_id != _ZERO_SPAN):
+        return False
+    return all(_TRACE_ID.fullmatch(t) and _SPAN_ID.fullmatch(s) for t, s, _attrs in r.links)
+
+
+def encode_leaving_out_bad(encode: Callable[[Sequence[SpanRecord]], _T], spans: Sequence[SpanRecord]
+                           ) -> tuple[_T | None, int]:
+    """``encode`` of the spans with valid ids; when that raises, of those that encode alone. Returns the
+    encoding (``None`` when no span is left) and how many spans were left out."""
+    good = [r for r in spans if span_ids_valid(r)]
+    try:
+        return (encode(good) if good else None), len(spans) - len(good)
+    except Exception:  # a value the encoder cannot take: find the spans that carry one
+        kept = []
+        for r in good:
+            try:
+                encode([r])
+            except Exception as exc:
+                log.warning("span %r left out of its batch: it cannot be encoded (%s: %s)", r.name,
+                            type(exc).__name__, exc)
+            else:
+                kept.append(r)
+        return (encode(kept) if kept else None), len(spans) - len(kept)
 
 #: The senders' per-batch error and retry lines: one per message template per 30 s when the collector is down.
 _SENDER_LOG_FILTER = ExporterLogFilter()
@@ -35,6 +80,8 @@ class SpanSink(abc.ABC):
 
     #: Short name used in stats and drop reasons (``export_failed:<name>``).
     name: str = "sink"
+    #: Spans left out of their batches so far because they could not be encoded (see the module's text).
+    rejected: int = 0
 
     @abc.abstractmethod
     def export(self, spans: Sequence[SpanRecord]) -> bool:
@@ -62,7 +109,10 @@ class JsonLinesFileSink(SpanSink):
         """Append one line for ``spans`` and flush."""
         if not spans:
             return True
-        line = encode_request_json(spans)  # a batch is ~1 MB: not copied again to append the newline
+        line, left_out = encode_leaving_out_bad(encode_request_json, spans)  # ~1 MB: not copied again
+        self.rejected += left_out
+        if line is None:
+            return True
         with self._lock:
             if self._file is None:
                 return False
@@ -145,7 +195,9 @@ class OtlpSink(SpanSink):
         """Export one batch (blocking, through the sender's retries)."""
         if self._closed:
             return False
-        return self.sender.send(encode_request_proto(spans))
+        body, left_out = encode_leaving_out_bad(encode_request_proto, spans)
+        self.rejected += left_out
+        return True if body is None else self.sender.send(body)
 
     def shutdown(self) -> None:
         """Shut the sender down; aborts a retry sleep in progress.  Idempotent."""

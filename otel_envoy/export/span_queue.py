@@ -72,6 +72,7 @@ class SpanPipeline:
         self._closed = False
         self._drops: collections.Counter[str] = collections.Counter()
         self._exported: dict[str, int] = dict.fromkeys(self._names, 0)
+        self._rejected: dict[str, int] = {}  # each sink's rejected count, as last read
         self._batches: dict[str, int] = dict.fromkeys(self._names, 0)
         self._warn = LogRateLimiter()
         self._thread = threading.Thread(target=self._run, name="otel-envoy-export", daemon=True)
@@ -227,12 +228,17 @@ class SpanPipeline:
                 for sink, name in zip(self._sinks, self._names, strict=True)
             ]
             with self._lock:
-                for name, ok in zip(self._names, results, strict=True):
+                for sink, name, ok in zip(self._sinks, self._names, results, strict=True):
+                    rejected = getattr(sink, "rejected", 0)  # spans left out of the batch, not encodable
+                    left_out = rejected - self._rejected.get(name, 0)
+                    self._rejected[name] = rejected
+                    if left_out:
+                        self._drops[f"invalid_span:{name}"] += left_out
                     if ok:
-                        self._exported[name] += len(batch)
+                        self._exported[name] += len(batch) - left_out
                         self._batches[name] += 1
                     else:
-                        self._drops[f"export_failed:{name}"] += len(batch)
+                        self._drops[f"export_failed:{name}"] += len(batch) - left_out
                 self._in_flight = 0
                 self._processed += len(batch)
                 self._done.notify_all()

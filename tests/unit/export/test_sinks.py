@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -13,8 +14,9 @@ import pytest
 from otel_envoy.export.otlp import resolve_otlp_settings
 from otel_envoy.export.otlp_grpc import GrpcTraceSender
 from otel_envoy.export.otlp_http import HttpTraceSender
+from otel_envoy.export.otlp_json import encode_request_json
 from otel_envoy.export.otlp_json_decode import decode_request_json
-from otel_envoy.export.sinks import JsonLinesFileSink, OtlpSink
+from otel_envoy.export.sinks import JsonLinesFileSink, OtlpSink, encode_leaving_out_bad
 from otel_envoy.export.span_queue import SpanPipeline
 from otel_envoy.spans.model import SpanRecord
 from tests.support.otlp_receiver import OtlpReceiver
@@ -251,3 +253,64 @@ def test_jsonl_sink_writes_records(tmp_path: Path) -> None:
     sink.shutdown()
     (first,) = path.read_text().splitlines()
     assert _by_id(decode_request_json(json.loads(first))) == _by_id(records)
+
+
+# --------------------------------------------------------------------------------- one bad span, not a batch
+
+
+def _bad_spans() -> list[SpanRecord]:
+    """Spans each wrong in one way: a signed id (what int(x, 16) once let through), an all-zero trace id, a
+    parent id of the wrong length, a link to an upper-case trace id."""
+    base = batch_records(1)[0]
+    return [
+        dataclasses.replace(base, span_id="-000000000000001", name="signed-id"),
+        dataclasses.replace(base, trace_id="0" * 32, span_id="00000000000000a1", name="zero-trace"),
+        dataclasses.replace(base, span_id="00000000000000a2", parent_span_id="abc", name="short-parent"),
+        dataclasses.replace(base, span_id="00000000000000a3", links=[("AB" * 16, "00000000000000a4", {})],
+                            name="bad-link"),
+    ]
+
+
+def test_when_a_batch_fails_to_encode_each_span_is_tried_alone() -> None:
+    """The ids pass but the encoder still raises for one span (a value it cannot take): that span is left
+    out and counted, the others are encoded together."""
+    good = batch_records(4)
+    poisoned = dataclasses.replace(good[0], span_id="00000000000000b1", name="poisoned")
+
+    def encode(spans):
+        if any(r.name == "poisoned" for r in spans):
+            raise ValueError("cannot encode")
+        return encode_request_json(spans)
+
+    line, left_out = encode_leaving_out_bad(encode, [*good[:2], poisoned, *good[2:]])
+    assert left_out == 1
+    assert line is not None and _by_id(decode_request_json(json.loads(line))) == _by_id(good)
+    assert encode_leaving_out_bad(encode, [poisoned]) == (None, 1)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf", "jsonl"])
+def test_bad_spans_are_left_out_and_counted_and_the_rest_of_the_batch_arrives(
+        rx: OtlpReceiver, protocol: str, tmp_path: Path) -> None:
+    good = batch_records(6)
+    bad = _bad_spans()
+    path = tmp_path / "spans.jsonl"
+    if protocol == "jsonl":
+        sink: JsonLinesFileSink | OtlpSink = JsonLinesFileSink(path)
+    else:
+        sink = OtlpSink(protocol, rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint, timeout=5.0)
+    pipeline = SpanPipeline([sink], flush_interval=0.05)
+    try:
+        assert pipeline.submit([*good[:3], *bad, *good[3:]]) == len(good) + len(bad)  # one batch
+        assert pipeline.flush(10.0)
+        if protocol != "jsonl":
+            received = rx.wait_for(lambda s: len(s) >= len(good), timeout=10.0)
+    finally:
+        pipeline.shutdown(5.0)
+    if protocol == "jsonl":
+        lines = path.read_text().splitlines()
+        assert len(lines) == 1
+        received = decode_request_json(json.loads(lines[0]))  # the line is valid OTLP/JSON
+    assert _by_id(received) == _by_id(good)
+    stats = pipeline.stats()
+    assert stats["exported"] == {sink.name: len(good)}
+    assert stats["drops"] == {f"invalid_span:{sink.name}": len(bad)}
