@@ -10,8 +10,8 @@
  *                  matters); in SAMPLING builds the exits of accept/accept4 and connect come from
  *                  raw_syscalls:sys_exit instead (sampling.bpf.h), so no syscalls:sys_exit_* is enabled;
  *   sched.bpf.h    syscalls: the entries of epoll_wait/epoll_pwait/epoll_pwait2; sched:sched_switch and
- *                  sched:sched_waking (OFFCPU builds);
- *   sockets.bpf.h  sock:inet_sock_set_state, tcp:tcp_retransmit_skb, tcp:tcp_send_reset,
+ *                  sched:sched_waking as raw tracepoints (OFFCPU builds);
+ *   sockets.bpf.h  sock:inet_sock_set_state (a raw tracepoint), tcp:tcp_retransmit_skb, tcp:tcp_send_reset,
  *                  tcp:tcp_receive_reset, tcp:tcp_retransmit_synack.
  * state.bpf.h holds what they share (per-connection and per-thread state, the shared maps and helpers);
  * tls.bpf.h and http2.bpf.h the walks of TLS records and HTTP/2 frames through the bytes a read/write moved.
@@ -28,7 +28,8 @@
  * after that I/O is only counted in `conns` and reported once at close. Plaintext connections (HTTP) carry
  * bytes on every read and write when HTTP_CAPTURE is set; TLS ones stop at the first application data.
  * HTTP/2 connections (prior knowledge) carry their frame headers and non-DATA payloads instead (capture_h2).
- * Never dereference kernel structs here: headers are 6.1, the kernel is newer. Tracepoint fields only.
+ * Never dereference kernel structs here: headers are 6.1, the kernel is newer. Tracepoint fields only, or
+ * (raw tracepoints) bytes at offsets the loader read from the running kernel's BTF (probes/btf.py).
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/socket.h>

@@ -141,13 +141,51 @@ static __always_inline __u32 voluntary_reason(__s32 nr) {
 }
 
 #if OFFCPU
-TRACEPOINT_PROBE(sched, sched_switch) {
+/* sched_switch and sched_waking are raw tracepoints: a classic tracepoint program is skipped when it fires
+ * while another BPF program runs on the CPU (sched_waking fires from interrupts that can land in our syscall
+ * programs), and a skipped switch or wake-up would corrupt a wait's accounting. They get task pointers; the
+ * fields are read at the offsets the loader found in the running kernel's BTF (TASK_PID_OFF, TASK_COMM_OFF). */
+#ifndef TASK_PID_OFF /* defaults for reading alone */
+#define TASK_PID_OFF 1264
+#define TASK_COMM_OFF 1752
+#endif
+#define TASK_REPORT_IDLE 0x80
+
+static __always_inline __u32 task_pid(const void *task) {
+    __u32 pid = 0;
+    bpf_probe_read_kernel(&pid, sizeof(pid), (const __u8 *)task + TASK_PID_OFF);
+    return pid;
+}
+
+/* sched_switch's prev_state as the classic tracepoint reports it: TASK_REPORT_MAX when preempted, else the
+ * highest TASK_REPORT bit of the state (TASK_REPORT_IDLE for TASK_IDLE), 0 for a runnable task. */
+static __always_inline long switch_state(__u64 preempt, __u32 prev_state) {
+    if (preempt)
+        return TASK_REPORT_MAX;
+    if (prev_state == 0x402 /* TASK_IDLE */)
+        return TASK_REPORT_IDLE;
+    __u32 s = prev_state & 0x7f; /* TASK_REPORT */
+    __u32 top = 0;
+#pragma unroll
+    for (int i = 6; i >= 0; i--) {
+        if ((s >> i) & 1) {
+            top = 1u << i;
+            break;
+        }
+    }
+    return top;
+}
+
+RAW_TRACEPOINT_PROBE(sched_switch) {
+    /* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state) */
+    const void *prev_task = (const void *)ctx->args[1];
+    const void *next_task = (const void *)ctx->args[2];
     __u64 now = 0;
-    __u32 prev = args->prev_pid;
+    __u32 prev = task_pid(prev_task);
     struct thread_state *t = threads.lookup(&prev);
     if (t && prev != 0) { /* a target thread leaves the CPU */
         now = bpf_ktime_get_ns();
-        long state = args->prev_state;
+        long state = switch_state(ctx->args[0], (__u32)ctx->args[3]);
         __u32 reason;
         __s32 nr = current_syscall(); /* prev is the current task here */
         if (state == 0 || (state & TASK_REPORT_MAX))
@@ -164,22 +202,22 @@ TRACEPOINT_PROBE(sched, sched_switch) {
         t->other_tgid = 0;
         if (reason == OFFCPU_PREEMPTED) {
             t->runnable_ns = now;
-            t->other_pid = args->next_pid;
-            bpf_probe_read_kernel(&t->other_comm, sizeof(t->other_comm), args->next_comm);
+            t->other_pid = task_pid(next_task);
+            bpf_probe_read_kernel(&t->other_comm, sizeof(t->other_comm), (const __u8 *)next_task + TASK_COMM_OFF);
         } else {
             t->runnable_ns = 0;
             t->other_pid = 0;
             t->other_comm[0] = 0;
         }
         if (reason != OFFCPU_IDLE) { /* idle waits are only aggregated: no stacks of the sleeper */
-            t->kstack_id = stacks.get_stackid(args, 0);
-            t->ustack_id = stacks.get_stackid(args, BPF_F_USER_STACK);
+            t->kstack_id = stacks.get_stackid(ctx, 0);
+            t->ustack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
         } else {
             t->kstack_id = -1;
             t->ustack_id = -1;
         }
     }
-    __u32 next = args->next_pid;
+    __u32 next = task_pid(next_task);
     struct thread_state *n = threads.lookup(&next);
     if (!n || next == 0 || !n->off_start_ns)
         return 0;
@@ -255,8 +293,9 @@ TRACEPOINT_PROBE(sched, sched_switch) {
     return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_waking) {
-    __u32 pid = args->pid;
+RAW_TRACEPOINT_PROBE(sched_waking) {
+    /* TP_PROTO(struct task_struct *p) */
+    __u32 pid = task_pid((const void *)ctx->args[0]);
     struct thread_state *t = threads.lookup(&pid);
     if (!t || !t->off_start_ns || t->runnable_ns)
         return 0;
@@ -270,7 +309,7 @@ TRACEPOINT_PROBE(sched, sched_waking) {
     t->other_pid = (__u32)waker;
     t->other_tgid = waker >> 32;
     bpf_get_current_comm(&t->other_comm, sizeof(t->other_comm));
-    t->waker_kstack_id = stacks.get_stackid(args, 0);
+    t->waker_kstack_id = stacks.get_stackid(ctx, 0);
     t->waker_taken = 1;
     return 0;
 }

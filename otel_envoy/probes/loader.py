@@ -149,6 +149,15 @@ def sock_field_cflags(types: KernelTypes) -> list[str]:
             f"-DSK_PROTOCOL_OFF={protocol}"]
 
 
+def task_field_cflags(types: KernelTypes) -> list[str]:
+    """The -D flags giving sched.bpf.h (its sched_switch / sched_waking raw tracepoints) the running
+    kernel's offsets of struct task_struct's pid (the thread id) and comm."""
+    pid, comm = types.member_offset("task_struct", "pid"), types.member_offset("task_struct", "comm")
+    if pid is None or comm is None:
+        raise BtfError("struct task_struct has no pid or comm in this kernel's BTF")
+    return [f"-DTASK_PID_OFF={pid}", f"-DTASK_COMM_OFF={comm}"]
+
+
 class ConnectionProbes:
     """The loaded connection program: target and port filters, ring buffer, drop counters."""
 
@@ -162,12 +171,13 @@ class ConnectionProbes:
         except ImportError as exc:  # pragma: no cover - environment dependent
             raise ProbeError(f"bcc is not importable ({exc}); install python3-bpfcc") from exc
         try:
-            socket_offsets = sock_field_cflags(KernelTypes.running_kernel())
+            types = KernelTypes.running_kernel()
+            field_offsets = sock_field_cflags(types) + task_field_cflags(types)
         except BtfError as exc:
             raise ProbeError(str(exc)) from exc
         try:
             text = program_text(self.config.program_dir)
-            self.bpf = BPF(text=text.encode(), cflags=self.config.cflags() + socket_offsets)
+            self.bpf = BPF(text=text.encode(), cflags=self.config.cflags() + field_offsets)
             if self.config.sampling:
                 self._attach_sampling()
         except Exception as exc:

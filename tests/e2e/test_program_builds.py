@@ -34,7 +34,7 @@ PROGRAMS = {
     "tracepoint__tcp__tcp_retransmit_synack",
     "tracepoint__tcp__tcp_send_reset",
 }
-OFFCPU_PROGRAMS = {"tracepoint__sched__sched_switch", "tracepoint__sched__sched_waking"}
+OFFCPU_PROGRAMS = {"raw_tracepoint__sched_switch", "raw_tracepoint__sched_waking"}
 
 
 @pytest.mark.parametrize("http_capture", [True, False], ids=["requests", "no-requests"])
@@ -69,7 +69,8 @@ def test_the_sampling_build_puts_the_front_program_on_sys_exit_and_tail_calls_io
         expected = (PROGRAMS - {"raw_tracepoint__sys_exit"} - exits) | {
             "front_sys_exit", "io_sys_exit", "lifecycle_sys_exit"}
         assert names == expected | (OFFCPU_PROGRAMS if offcpu else set())
-        assert {tp.decode() for tp in probes.bpf.raw_tracepoint_fds} == {"sys_exit", "inet_sock_set_state"}
+        raw = {"sys_exit", "inet_sock_set_state"} | ({"sched_switch", "sched_waking"} if offcpu else set())
+        assert {tp.decode() for tp in probes.bpf.raw_tracepoint_fds} == raw
         assert not any(name.startswith("tracepoint__syscalls__sys_exit_") for name in names)
         slots = probes.bpf[b"exit_progs"]
         assert len(list(slots.items())) == 2
