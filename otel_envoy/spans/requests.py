@@ -82,6 +82,17 @@ def _http_attributes(req: HttpMessage, resp: HttpMessage | None) -> dict[str, ob
     return attrs
 
 
+def _envoy_request_id(rr: RequestRecord) -> str | None:
+    """The request id Envoy used for a downstream request (its access log's ``%REQ(X-REQUEST-ID)%``): what it
+    put on the upstream requests the request caused (generated when the client sent none, or replaced an
+    untrusted one), else the client's own ``x-request-id``; None when neither is seen."""
+    for _up, up_req, _span_id in rr.upstream:
+        rid = up_req.headers.get("x-request-id")
+        if rid:
+            return rid
+    return rr.request.headers.get("x-request-id")
+
+
 def _events(req: HttpMessage, resp: HttpMessage | None, offset: int, sent: bool) -> list:
     events = []
     if req.end_ns is not None:
@@ -131,6 +142,9 @@ class RequestSpanBuilder:
         attrs["otel_envoy.trace_context"] = source
         if rr.kept:
             attrs["otel_envoy.kept"] = rr.kept
+        request_id = _envoy_request_id(rr)
+        if request_id:
+            attrs["envoy.request_id"] = request_id
         if conn.listener_name:
             attrs["envoy.listener.name"] = conn.listener_name
         code, message, error_type = _status(req, resp, client=False)

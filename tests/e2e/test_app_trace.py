@@ -173,7 +173,8 @@ def _assert_envoy_span(hop: Hop, lab: EnvoyLab) -> None:
     uuid.UUID(request_id)  # Envoy generated it (the client sent none)
     assert hop.app.attributes["http.request.header.x-request-id"] == request_id
     assert hop.client.attributes["http.request.header.x-request-id"] == [request_id]
-    assert "http.request.header.x-request-id" not in hop.server.attributes
+    assert "http.request.header.x-request-id" not in hop.server.attributes  # the client sent none ...
+    assert hop.server.attributes["envoy.request_id"] == request_id  # ... the one Envoy used is on its span
 
 
 def _assert_app_under_envoy(hop: Hop) -> None:
