@@ -30,6 +30,7 @@ from ..protocols.http import HttpExchange, HttpMessage
 from ..protocols.tracecontext import TraceContext
 from .connection import ConnectionSpanBuilder
 from .model import (
+    SPAN_FLAGS_REMOTE,
     SPAN_KIND_CLIENT,
     SPAN_KIND_INTERNAL,
     SPAN_KIND_SERVER,
@@ -156,6 +157,8 @@ class RequestSpanBuilder:
                             links, code, message, *self._tail)]
         if rr.context is not None and source == rr.context.source and rr.context.trace_state:
             spans[0].trace_state = rr.context.trace_state  # the caller's vendors' state goes on with it
+        if parent is not None and source != "connection":  # a parent named by a header: another process's
+            spans[0].flags = SPAN_FLAGS_REMOTE
         for up, up_req, span_id in rr.upstream:
             client = self.upstream_request(up, up_req, up_req.response, span_id,
                                            default_parent=(trace_id, rr.span_id), forwarded=rr.context)
@@ -175,7 +178,8 @@ class RequestSpanBuilder:
         offset = self.clock.offset_ns
         ctx = upstream_context(req)
         up_trace, _ = upstream_placement(up)
-        if ctx is not None and not _same_span(ctx, forwarded):
+        remote_parent = ctx is not None and not _same_span(ctx, forwarded)
+        if ctx is not None and remote_parent:
             trace_id = f"{ctx.trace_id:032x}"
             parent = f"{ctx.parent_span_id:016x}" if ctx.parent_span_id is not None else None
         elif default_parent is not None:
@@ -197,9 +201,12 @@ class RequestSpanBuilder:
         if error_type:
             attrs["error.type"] = error_type
         links = [] if parent == up.span_id else [(up_trace, up.span_id, _LINK_UPSTREAM)]
-        return SpanRecord(trace_id, span_id, parent, req.method or "HTTP", SPAN_KIND_CLIENT, start + offset,
+        span = SpanRecord(trace_id, span_id, parent, req.method or "HTTP", SPAN_KIND_CLIENT, start + offset,
                           end + offset, attrs, _events(req, resp, offset, sent=True), links, code, message,
                           *self._tail)
+        if remote_parent and parent is not None:  # Envoy's tracer's span, named by the header it sent
+            span.flags = SPAN_FLAGS_REMOTE
+        return span
 
     def unpaired_upstream_request(self, up: UpstreamRecord, exchange: HttpExchange,
                                   ids: tuple[str, str, str | None, str]) -> list[SpanRecord]:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from otel_envoy.lab.lab import EnvoyLab
+from otel_envoy.spans.model import SPAN_FLAGS_LOCAL, SPAN_FLAGS_REMOTE
 from tests.support.daemon import DaemonProcess
 from tests.support.keepalive import get_all
 from tests.support.parallel import run_in_threads
@@ -101,6 +102,7 @@ def test_keep_alive_requests_each_get_a_span_with_their_upstream_request(lab, re
     assert [s.attributes["url.path"] for s in servers] == ["/", "/bytes/1234", "/status/404"]
     assert [s.attributes["http.response.status_code"] for s in servers] == [200, 200, 404]
     assert all(s.parent_span_id == root.span_id and s.name == "GET" for s in servers)
+    assert all(s.flags == SPAN_FLAGS_LOCAL for s in trace.spans)  # every parent is one of ours
     first, second, third = servers
     assert first.attributes["user_agent.original"] == "keepalive-test/1"
     assert first.attributes["network.protocol.version"] == "1.1"
@@ -127,6 +129,7 @@ def test_traceparent_puts_the_request_in_the_callers_trace(lab, receiver, traced
     app_trace = group_traces(receiver.spans())[TRACE_ID]
     (server,) = [s for s in app_trace.spans if s.kind == SERVER]
     assert server.parent_span_id == PARENT_ID  # ... for the caller's trace, under the caller's span
+    assert server.flags == SPAN_FLAGS_REMOTE  # a parent in another process (OTLP SpanFlags: is_remote)
     assert server.attributes["otel_envoy.trace_context"] == "traceparent"
     assert server.attributes["http.request.header.x-request-id"] == ["req-e2e-1"]
     assert [(lk[0], lk[1]) for lk in server.links] == [(trace.trace_id, trace.root.span_id)]
