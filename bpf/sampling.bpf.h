@@ -5,7 +5,7 @@
  * unchanged: any branch added to it puts it over the verifier's 1M-instruction budget) only for the
  * transfers to report, so an unsampled request, a non-target's read or write and any other syscall cost
  * one short program, not two. epoll_wait exits (event-loop rounds) are handled here directly; the exits of
- * accept, accept4 and connect are tail-called to lifecycle_sys_exit.
+ * accept, accept4 and connect are tail-called to accept_sys_exit and connect_sys_exit.
  *
  * A request whose first read is not sampled costs no ring record: neither its reads nor the writes of its
  * response are reported (their bytes and calls are still counted on the connection). Request boundaries
@@ -25,10 +25,12 @@ BPF_ARRAY(sample_parent_based, __u32, 1);  /* 1: a valid traceparent's sampled f
 /* downstream requests: [0] sampled, [1] not sampled (by the ratio); [2] sampled, [3] not sampled (by their
  * traceparent) */
 BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
-/* tail-call slots, set by the loader: [EXIT_IO] io_sys_exit, [EXIT_LIFECYCLE] lifecycle_sys_exit */
+/* tail-call slots, set by the loader: [EXIT_IO] io_sys_exit, [EXIT_ACCEPT] accept_sys_exit,
+ * [EXIT_CONNECT] connect_sys_exit */
 #define EXIT_IO 0
-#define EXIT_LIFECYCLE 1
-BPF_PROG_ARRAY(exit_progs, 2);
+#define EXIT_ACCEPT 1
+#define EXIT_CONNECT 2
+BPF_PROG_ARRAY(exit_progs, 3);
 
 static __always_inline void count_sampled(__u32 slot) {
     __u64 *v = sample_counts.lookup(&slot);
@@ -165,19 +167,12 @@ static __always_inline __u32 recv_flags(__u8 io, const struct sys_regs *r) {
     return 0;
 }
 
-/* tail-called by front_sys_exit for the exits of accept, accept4 and connect (syscalls.bpf.h): in SAMPLING
- * builds no syscalls:sys_exit_* tracepoint is enabled, so the kernel's perf handler for them
- * (perf_syscall_exit) does not run on every syscall exit of the machine. A program of its own: their
- * records do not fit in the front's stack. */
-int lifecycle_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
-    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-    long ret = (long)ctx->args[1];
-    long nr = -1;
-    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
-    if (nr == NR_CONNECT)
-        return on_connect_exit(ret);
-    return on_accept_exit(ret);
-}
+/* tail-called by front_sys_exit for the exits of accept and accept4, and of connect (syscalls.bpf.h): in
+ * SAMPLING builds no syscalls:sys_exit_* tracepoint is enabled, so the kernel's perf handler for them
+ * (perf_syscall_exit) does not run on every syscall exit of the machine. Programs of their own: their
+ * records do not fit in the front's stack (nor both in one). */
+int accept_sys_exit(struct bpf_raw_tracepoint_args *ctx) { return on_accept_exit((long)ctx->args[1]); }
+int connect_sys_exit(struct bpf_raw_tracepoint_args *ctx) { return on_connect_exit((long)ctx->args[1]); }
 
 int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
@@ -199,7 +194,7 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     __u8 io = io_syscall(nr);
     if (!io) {
         if (nr == NR_ACCEPT4 || nr == NR_ACCEPT || nr == NR_CONNECT) { /* once per connection */
-            exit_progs.call(ctx, EXIT_LIFECYCLE);
+            exit_progs.call(ctx, nr == NR_CONNECT ? EXIT_CONNECT : EXIT_ACCEPT);
             count_drop(DROP_TAIL_CALL);
         }
         return 0;

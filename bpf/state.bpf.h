@@ -94,7 +94,7 @@ struct inflight {
     __u64 buf;   /* user buffer, iovec array or msghdr */
     __u64 aux;   /* accept: sockaddr length pointer; connect: sockaddr */
     __s32 fd;
-    __u32 len;   /* iovcnt for readv/writev */
+    __u32 len;   /* iovcnt for readv/writev; accept: the address buffer's size; connect: the address's length */
     __u32 flags; /* recv/send flags */
     __u8 syscall;
     __u8 is_accept;

@@ -13,15 +13,26 @@ static __always_inline int take_inflight(struct thread_state *t, struct inflight
     return 1;
 }
 
-/* Reads a user sockaddr into family/port/addr. Returns 0 on success. */
-static __always_inline int read_sockaddr(const void *uaddr, __u16 *family, __u16 *port, __u8 *addr) {
+/* Reads a user sockaddr of `len` bytes (no more: a sockaddr_in at the end of a page must not be read as a
+ * sockaddr_in6) into family/port/addr. Returns 0 on success. */
+static __always_inline int read_sockaddr(const void *uaddr, __u32 len, __u16 *family, __u16 *port, __u8 *addr) {
     struct sockaddr_in6 sa = {};
-    if (!uaddr || bpf_probe_read_user(&sa, sizeof(sa), uaddr) != 0) {
+    if (len > sizeof(sa))
+        len = sizeof(sa);
+    if (len < 8) /* family, port and an IPv4 address at least */
+        return -1;
+    BARRIER_VAR(len); /* clang must not drop the mask below: the verifier needs it to bound the read */
+    len &= 31;
+    if (len > sizeof(sa))
+        len = sizeof(sa);
+    if (!uaddr || bpf_probe_read_user(&sa, len, uaddr) != 0) {
         count_drop(DROP_CAPTURE_READ);
         return -1;
     }
     *family = sa.sin6_family;
     *port = ntohs(sa.sin6_port);
+    if (sa.sin6_family == AF_INET6 && len < 24)
+        return -1;
     if (sa.sin6_family == AF_INET) {
         struct sockaddr_in *s4 = (struct sockaddr_in *)&sa;
         __builtin_memcpy(addr, &s4->sin_addr, 4);
@@ -34,16 +45,23 @@ static __always_inline int read_sockaddr(const void *uaddr, __u16 *family, __u16
 }
 
 /* Starts tracking a connection fd of a target: later I/O on it is counted and its first bytes captured. */
+/* A connection's initial state is built here, not on the stack: it is too big for the accept program's. */
+BPF_PERCPU_ARRAY(conn_scratch, struct conn_state, 1);
+
 static __always_inline void track_conn(__u32 tgid, __s32 fd, __u64 ts_ns, __u32 role, __s32 listen_fd,
                                        __u32 flags) {
     __u64 key = conn_key(tgid, fd);
-    struct conn_state cs = {};
-    cs.open_ts_ns = ts_ns;
-    cs.capture_budget = CAPTURE_MSGS_DEFAULT;
-    cs.role = role;
-    cs.listen_fd = listen_fd;
-    cs.flags = flags;
-    if (conns.update(&key, &cs) != 0)
+    __u32 zero = 0;
+    struct conn_state *cs = conn_scratch.lookup(&zero);
+    if (!cs)
+        return;
+    __builtin_memset(cs, 0, sizeof(*cs));
+    cs->open_ts_ns = ts_ns;
+    cs->capture_budget = CAPTURE_MSGS_DEFAULT;
+    cs->role = role;
+    cs->listen_fd = listen_fd;
+    cs->flags = flags;
+    if (conns.update(&key, cs) != 0)
         count_drop(DROP_CONN_TABLE_FULL);
 }
 
@@ -60,6 +78,10 @@ static __always_inline int on_accept_enter(int fd, void *uaddr, int *uaddrlen) {
     in.fd = fd;
     in.buf = (__u64)uaddr;
     in.aux = (__u64)uaddrlen;
+    int supplied = 0; /* the buffer's size: the kernel writes the address's own length back */
+    if (uaddrlen)
+        bpf_probe_read_user(&supplied, sizeof(supplied), uaddrlen);
+    in.len = supplied > 0 ? (__u32)supplied : 0;
     in.is_accept = 1;
     in.active = 1;
     t->in = in;
@@ -77,7 +99,11 @@ static __always_inline int on_accept_exit(long ret) {
     fill_header_of(&ev.hdr, EV_ACCEPT, pid_tgid, t);
     ev.fd = (__s32)ret;
     ev.listen_fd = in.fd;
-    read_sockaddr((void *)in.buf, &ev.family, &ev.peer_port, ev.peer_addr);
+    int written = 0; /* the peer address's length; more than the buffer when it was truncated */
+    if (in.aux)
+        bpf_probe_read_user(&written, sizeof(written), (void *)in.aux);
+    __u32 addr_len = written > 0 && (__u32)written < in.len ? (__u32)written : in.len;
+    read_sockaddr((void *)in.buf, addr_len, &ev.family, &ev.peer_port, ev.peer_addr);
 #if SAMPLING
     record_accept_wait(ev.hdr.tgid, in.fd, ev.peer_addr, ev.family, ev.peer_port, ev.hdr.ts_ns);
     if (listener_conn_sampled(ev.hdr.tgid, in.fd)) {
@@ -113,6 +139,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
     struct inflight in = {};
     in.fd = args->fd;
     in.aux = (__u64)args->uservaddr;
+    in.len = args->addrlen > 0 ? (__u32)args->addrlen : 0;
     in.is_connect = 1;
     in.active = 1;
     t->in = in;
@@ -130,7 +157,7 @@ static __always_inline int on_connect_exit(long ret) {
     fill_header_of(&ev.hdr, EV_CONNECT, pid_tgid, t);
     ev.fd = in.fd;
     ev.ret = (__s32)ret;
-    int ok = read_sockaddr((void *)in.aux, &ev.family, &ev.peer_port, ev.peer_addr);
+    int ok = read_sockaddr((void *)in.aux, in.len, &ev.family, &ev.peer_port, ev.peer_addr);
     if (ok != 0)
         return 0; /* not an inet socket (unix sockets to the xDS agent, ...) */
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
@@ -141,7 +168,7 @@ static __always_inline int on_connect_exit(long ret) {
 }
 
 /* The exits of accept, accept4 and connect. In SAMPLING builds they come from raw_syscalls:sys_exit instead
- * (front_sys_exit tail-calls lifecycle_sys_exit, sampling.bpf.h), which runs on every syscall exit anyway:
+ * (front_sys_exit tail-calls accept_sys_exit / connect_sys_exit, sampling.bpf.h), which runs on every syscall exit anyway:
  * with no syscalls:sys_exit_* tracepoint enabled, the kernel's perf handler for them (perf_syscall_exit)
  * does not run on every syscall exit of the machine. */
 #if !SAMPLING

@@ -248,13 +248,14 @@ class ConnectionProbes:
             self.bpf.ring_buffer_consume()
 
     def _attach_sampling(self) -> None:
-        """front_sys_exit on raw_syscalls:sys_exit, with io_sys_exit and lifecycle_sys_exit in its tail-call
-        slots: the front decides (sampling, request metrics) and hands io_sys_exit only the transfers to
-        report, lifecycle_sys_exit the exits of accept, accept4 and connect."""
+        """front_sys_exit on raw_syscalls:sys_exit, with io_sys_exit, accept_sys_exit and connect_sys_exit in
+        its tail-call slots: the front decides (sampling, request metrics) and hands io_sys_exit only the
+        transfers to report, the others the exits of accept/accept4 and connect."""
         from bcc import BPF
 
         slots = self.bpf[b"exit_progs"]
-        for slot, name in enumerate((b"io_sys_exit", b"lifecycle_sys_exit")):  # EXIT_IO, EXIT_LIFECYCLE
+        # EXIT_IO, EXIT_ACCEPT, EXIT_CONNECT (sampling.bpf.h)
+        for slot, name in enumerate((b"io_sys_exit", b"accept_sys_exit", b"connect_sys_exit")):
             program = self.bpf.load_func(name, BPF.RAW_TRACEPOINT)
             slots[ctypes.c_int(slot)] = ctypes.c_int(program.fd)
         self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"front_sys_exit")
