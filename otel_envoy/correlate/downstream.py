@@ -29,6 +29,7 @@ from ..events.types import (
     SockStateEvent,
 )
 from ..protocols.detect import Protocol, detect_protocol
+from ..protocols.http1 import Http1Exchanges
 from ..protocols.tls.handshake import TlsHandshakeTracker
 from .accept_queue import AcceptQueue, TupleKey
 from .addresses import format_ip
@@ -162,6 +163,9 @@ class DownstreamConnections:
         conn = self.open.get((ev.tgid, ev.fd))
         if conn is None:
             return
+        if ev.msg_seq != conn.http.next_seq:
+            self._records_lost(conn, ev)
+        conn.http.next_seq = ev.msg_seq + 1
         if self.rounds is not None:
             self.rounds.touch(ev.tid, ev.round, conn.trace_id, conn.span_id, conn.fd)
         ret = ev.ret
@@ -180,6 +184,15 @@ class DownstreamConnections:
             handshake.on_server_data(ev.ts_ns, ev.data, ret)
         elif conn.http.parser is not None:
             self.requests.on_data(conn, ev)
+
+    def _records_lost(self, conn: ConnectionRecord, ev: DataEvent) -> None:
+        """Data records of ``conn`` before ``ev`` never arrived (the kernel counted them as dropped): the
+        requests in flight end now, marked, and HTTP/1 parsing restarts at the next message start."""
+        self.drops["data_records_lost"] += max(1, ev.msg_seq - conn.http.next_seq)
+        if "records_lost" not in conn.partial:
+            conn.partial.append("records_lost")
+        if isinstance(conn.http.parser, Http1Exchanges):
+            self.requests.ended(conn, conn.http.parser.records_lost())
 
     def _on_read(self, conn: ConnectionRecord, ev: DataEvent) -> None:
         """A read (or MSG_PEEK) that returned bytes."""

@@ -89,6 +89,11 @@ class DownstreamRequests:
         if self.on_request is not None:
             self.on_request(rr, HttpExchange(request, response))
 
+    def ended(self, conn: ConnectionRecord, exchanges: list[HttpExchange]) -> None:
+        """Exchanges of ``conn`` its parser ended early (records were lost): they become request spans."""
+        for exchange in exchanges:
+            self._request_done(conn, exchange)
+
     def end(self, conn: ConnectionRecord, ts_ns: int) -> None:
         """The connection ended: what is still in flight becomes request spans now."""
         http = conn.http

@@ -155,6 +155,7 @@ class ConnectionHttp:
     pending: dict[int, RequestRecord] = field(default_factory=dict)  # id(request msg) -> record
     count: int = 0  # requests parsed
     links: list[tuple[str, str]] = field(default_factory=list)  # (trace id, span id) of requests elsewhere
+    next_seq: int = 0  # the msg_seq the connection's next data record should carry (a gap: records lost)
 
 
 @dataclass(slots=True)
@@ -285,6 +286,7 @@ class UpstreamHttp:
     parser: Http1Exchanges | Http2Exchanges | None = None
     not_http: bool = False  # TLS, a server-first protocol, or HTTP parsing off
     requests: int = 0  # requests Envoy wrote
+    next_seq: int = 0  # the msg_seq the connection's next data record should carry (a gap: records lost)
 
 
 @dataclass(slots=True)

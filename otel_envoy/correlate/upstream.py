@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..events.layout import load_layout
 from ..events.types import CloseEvent, ConnectEvent, DataEvent, SockStateEvent
 from ..protocols.http import HttpExchange
+from ..protocols.http1 import Http1Exchanges
 from .addresses import format_ip
 from .attribution import UpstreamAttribution
 from .http_feed import feed_http, upstream_parser
@@ -156,11 +157,17 @@ class UpstreamConnections:
         up = self.open.get((ev.tgid, ev.fd))
         if up is None:
             return
+        http = up.http
+        if ev.msg_seq != http.next_seq:  # records lost: HTTP/1 parsing restarts at the next message
+            self.drops["upstream_data_records_lost"] += max(1, ev.msg_seq - http.next_seq)
+            if isinstance(http.parser, Http1Exchanges):
+                for exchange in http.parser.records_lost():
+                    self._request_done(up, exchange)
+        http.next_seq = ev.msg_seq + 1
         if ev.ret <= 0:
             if ev.ret == 0 and ev.direction == DIR_READ and up.tcp.eof_ns is None:
                 up.tcp.eof_ns = ev.ts_ns
             return
-        http = up.http
         if http.parser is None and not http.not_http:
             # an HTTP request first, written by Envoy; else TLS or a server-first protocol
             if self.http and ev.direction != DIR_READ:

@@ -43,6 +43,7 @@ class HttpMessage:
     body_bytes: int = 0
     upgrade: bool = False
     error: str | None = None
+    records_lost: bool = False  # records of its connection were lost while it was in flight (not an error)
     tid: int = 0  # thread that moved the first byte
     round: int = 0  # its event-loop round
     headers_round: int = 0  # the event-loop round in which the header block completed

@@ -24,6 +24,7 @@ does not do h2c): HTTP/1 goes on, from the bytes the request side kept (h2c) or 
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -82,6 +83,7 @@ class _Direction:
         "leftover",
         "leftover_bytes",
         "upgraded",
+        "wait_for_start",
     )
 
     def __init__(self, is_request: bool, keep_h2c: bool = False) -> None:
@@ -100,12 +102,27 @@ class _Direction:
         self._ts = 0
         self._tid = 0
         self._round = 0
+        self.wait_for_start = False  # after lost records: skip syscalls until one starts a message
 
     # -- fed by Http1Exchanges
+
+    def restart(self) -> None:
+        """Records were lost: drop the message in progress and parse afresh from the next syscall that
+        starts a message (a request line's method token, or ``HTTP/``)."""
+        if self.upgraded or self.failed is not None:
+            return
+        self.current = None
+        parser = httptools.HttpRequestParser if self._is_request else httptools.HttpResponseParser
+        self._parser = parser(self)
+        self.wait_for_start = True
 
     def feed(self, ts_ns: int, data: bytes | memoryview, tid: int, round_: int) -> None:
         if self.failed is not None:
             return
+        if self.wait_for_start:
+            if not _starts_message(bytes(data[:16]), self._is_request):
+                return  # the rest of a message whose start was lost
+            self.wait_for_start = False
         if self.upgraded:
             if self.keep_h2c:
                 self.keep(IoChunk(ts_ns, bytes(data), len(data), tid, round_))
@@ -228,6 +245,16 @@ class _Direction:
         self.current = None
 
 
+_METHOD_START = re.compile(rb"[A-Z]{1,16} ")
+
+
+def _starts_message(head: bytes, is_request: bool) -> bool:
+    """Whether a syscall's first bytes start an HTTP/1 request (a method token and a space) or response."""
+    if is_request:
+        return _METHOD_START.match(head) is not None
+    return head.startswith(b"HTTP/")
+
+
 class Http1Exchanges:
     """Pairs the requests and responses of one HTTP/1.x connection.
 
@@ -327,6 +354,23 @@ class Http1Exchanges:
                 for chunk in self._requests.resume():
                     self._feed(self._requests, chunk.ts_ns, chunk.data, chunk.total_len, chunk.tid,
                                chunk.round)
+
+    def records_lost(self) -> list[HttpExchange]:
+        """Records of the connection were lost (a gap in its sequence): the exchanges in flight end now,
+        marked ``records_lost`` (what they lost is unknown), and both directions restart at the next
+        message start, so the exchanges after the gap pair right. Returns the ended exchanges."""
+        out = self.take_completed()
+        for req in self._pending:
+            req.records_lost = True
+            out.append(HttpExchange(req, None))
+        self._pending.clear()
+        req = self._requests.current
+        if req is not None and req.method is not None:
+            req.records_lost = True
+            out.append(HttpExchange(req, None))
+        for direction in (self._requests, self._responses):
+            direction.restart()
+        return out
 
     def take_new_requests(self) -> list[HttpMessage]:
         """Requests whose header block completed since the last call (bodies may still be arriving)."""

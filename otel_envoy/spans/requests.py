@@ -76,6 +76,8 @@ def _http_attributes(req: HttpMessage, resp: HttpMessage | None) -> dict[str, ob
     if rid:
         attrs["http.request.header.x-request-id"] = [rid]
     attrs["http.request.body.size"] = req.body_bytes
+    if req.records_lost:
+        attrs["otel_envoy.partial"] = "records_lost"
     if resp is not None:
         if resp.status is not None:
             attrs["http.response.status_code"] = resp.status
@@ -108,6 +110,8 @@ def _status(req: HttpMessage, resp: HttpMessage | None, client: bool) -> tuple[i
     if req.error:
         return STATUS_CODE_ERROR, req.error, "malformed_request"
     if resp is None:
+        if req.records_lost:  # its response may have come: the records that would say so were lost
+            return STATUS_CODE_UNSET, "", None
         return STATUS_CODE_ERROR, "no response", "no_response"
     if resp.error:
         return STATUS_CODE_ERROR, resp.error, "malformed_response"

@@ -87,9 +87,14 @@ def listen_sockets(*entries: tuple[int, int, str, int, str | None]) -> dict[tupl
     return {(tgid, fd): ListenSocket(address, port, name) for tgid, fd, address, port, name in entries}
 
 
+#: the msg_seq the next data record of (tgid, fd) carries, as the kernel numbers them: from 0 per connection
+_NEXT_SEQ: dict[tuple[int, int], int] = {}
+
+
 def accept(ts: int, fd: int, port: int, *, tgid: int = TGID, tid: int = TID, listen_fd: int = LISTEN_FD,
            peer: str = PEER, comm: str = COMM, round: int = 1) -> AcceptEvent:
-    """accept4() returned ``fd`` for a connection from ``peer``:``port``."""
+    """accept4() returned ``fd`` for a connection from ``peer``:``port`` (its data records count from 0)."""
+    _NEXT_SEQ[(tgid, fd)] = 0
     family, raw = addr(peer)
     return AcceptEvent(ts, C["EV_ACCEPT"], tgid, tid, round, fd, listen_fd, family, port, raw, _comm(comm))
 
@@ -122,9 +127,13 @@ def tcp(ts: int, type: int | str, pport: int, *, tcp_state: int = 0, peer: str =
 
 
 def data(ts: int, fd: int, direction: int, ret: int, payload: bytes = b"", *, peek: bool = False,
-         role: int | None = None, tgid: int = TGID, tid: int = TID, seq: int = 0,
+         role: int | None = None, tgid: int = TGID, tid: int = TID, seq: int | None = None,
          syscall: int | None = None) -> DataEvent:
-    """A read (``DIR_READ``) or write returned ``ret``; ``payload`` is what was captured of it."""
+    """A read (``DIR_READ``) or write returned ``ret``; ``payload`` is what was captured of it. ``seq``:
+    its msg_seq, by default the connection's next (a record left out of a replay is a gap)."""
+    if seq is None:
+        seq = _NEXT_SEQ.get((tgid, fd), 0)
+    _NEXT_SEQ[(tgid, fd)] = seq + 1
     if syscall is None:
         syscall = C["IO_RECVFROM"] if direction == DIR_READ else C["IO_SENDTO"]
     return DataEvent(ts, C["EV_DATA"], tgid, tid, 1, fd, direction, syscall,
