@@ -10,10 +10,12 @@ import sys
 import time
 
 from . import __version__
+from .export.sink_worker import DEFAULT_BUFFER_BYTES
 
 __all__ = ["main"]
 
 DEFAULT_OUTPUT = "./otel-envoy-traces.jsonl"
+DEFAULT_EXPORT_BUFFER_MB = DEFAULT_BUFFER_BYTES / (1 << 20)
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
@@ -79,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_args(run)
     _add_export_args(run, default_output=True)
     run.add_argument("--record", metavar="FILE", help="also save the raw event stream (see replay)")
+    run.add_argument("--export-buffer-mb", type=float, default=None, metavar="MIB",
+                     help="per span destination, how much of what it could not take yet (a collector "
+                          "restarting) is kept to send again; past it the oldest is dropped, counted "
+                          f"(default {DEFAULT_EXPORT_BUFFER_MB:g})")
     run.add_argument("--metrics-interval", type=float, metavar="SECONDS",
                      help="export per-worker metrics to the OTLP endpoint this often; 0: no metrics "
                           "(default OTEL_METRIC_EXPORT_INTERVAL, else 10 s; OTEL_METRICS_EXPORTER=none: off)")
@@ -126,6 +132,11 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
     if not 0.0 <= cpu_budget <= os.cpu_count():  # false for NaN too
         return _fail(f"--cpu-budget {args.cpu_budget} is out of range (0 to {os.cpu_count()} CPUs)",
                      EXIT_USAGE)
+    buffer_mb = getattr(args, "export_buffer_mb", None)
+    buffer_mb = DEFAULT_EXPORT_BUFFER_MB if buffer_mb is None else buffer_mb
+    if not 0.0 < buffer_mb <= 1 << 20:  # false for NaN too
+        return _fail(f"--export-buffer-mb {buffer_mb} is out of range (more than 0, at most 1048576)",
+                     EXIT_USAGE)
     if os.geteuid() != 0:
         return _fail("must run as root: loading BPF programs needs CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN")
     otlp, output = (None, None) if record_only else _otlp_and_output(args)
@@ -142,6 +153,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         requests=args.requests, offcpu=args.offcpu, symbols=args.symbols,
         offcpu_min_ns=int(args.offcpu_threshold * 1e6), round_min_ns=int(args.round_threshold * 1e6),
         metrics_interval=interval, sampler=sampler, cpu_budget=cpu_budget, keep_slow_ms=keep_slow_ms,
+        export_buffer_bytes=int(buffer_mb * (1 << 20)),
     )
     if args.offcpu_threshold < 0 or args.round_threshold < 0:
         return _fail("--offcpu-threshold and --round-threshold must not be negative", EXIT_USAGE)

@@ -41,6 +41,7 @@ from .export.metrics import WorkerMetrics
 from .export.metrics_settings import DEFAULT_INTERVAL_S
 from .export.otlp import OtlpSettings, check_reachable
 from .export.request_metrics import AcceptQueueMetrics, ConnectionMetrics, RequestMetrics
+from .export.sink_worker import DEFAULT_BUFFER_BYTES
 from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
 from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
@@ -104,6 +105,7 @@ class DaemonOptions:
         default_factory=lambda: SamplerSettings(DEFAULT_SAMPLER, DEFAULT_RATIO, parent_based=True))
     cpu_budget: float = DEFAULT_CPU_BUDGET  # share of one CPU; past it fewer requests are traced (0: none)
     keep_slow_ms: float = DEFAULT_KEEP_SLOW_MS  # a request not sampled is kept when this slow (0: never)
+    export_buffer_bytes: int = DEFAULT_BUFFER_BYTES  # per sink: encoded spans kept while it cannot take them
 
 
 def make_resource() -> Resource:
@@ -174,7 +176,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
             raise UsageError(str(exc)) from exc
 
     clock = MonotonicClock.now()
-    spans_out = SpanPipeline(_build_sinks(opts))
+    spans_out = SpanPipeline(_build_sinks(opts), buffer_bytes=opts.export_buffer_bytes)
     recorder = RecordingWriter(opts.record) if opts.record else None
     loop = asyncio.get_running_loop()
     rescan_now = asyncio.Event()

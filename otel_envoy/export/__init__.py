@@ -4,6 +4,7 @@ Modules:
 
 * :mod:`otel_envoy.export.span_queue` -- the non-blocking span queue with its background export thread.
 * :mod:`otel_envoy.export.sinks` -- what the queue feeds: a JSON-lines file, an OTLP collector.
+* :mod:`otel_envoy.export.sink_worker` -- each sink's own thread: a buffer bounded by bytes, retries.
 * :mod:`otel_envoy.export.otlp_grpc`, :mod:`otel_envoy.export.otlp_http` -- send serialised trace requests
   to a collector, with the SDK exporters' settings; :mod:`otel_envoy.export.retry` -- their shared retry
   schedule.

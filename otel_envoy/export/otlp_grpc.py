@@ -104,6 +104,9 @@ class GrpcTraceSender:
         #: Channels built after the first one (reconnections after UNAVAILABLE).
         self.reconnects = 0
         self._shutdown = threading.Event()
+        #: Whether the last failed :meth:`send` failed in a way that may pass (unreachable, overloaded, a
+        #: timeout): worth sending the same request again later.
+        self.last_failure_retryable = False
         self._channel: grpc.Channel | None = None
         self._export: Any = None
         self._connect()
@@ -133,6 +136,7 @@ class GrpcTraceSender:
         retries (up to ``timeout`` seconds, or until :meth:`shutdown`)."""
         if self._shutdown.is_set():
             log.warning("Exporter already shutdown, ignoring batch")
+            self.last_failure_retryable = False
             return False
         window = RetryWindow(self.timeout, self._shutdown)
         for attempt in window.attempts():
@@ -149,13 +153,16 @@ class GrpcTraceSender:
                 if code == grpc.StatusCode.UNAVAILABLE and attempt == 0:
                     self._reconnect()
                 if code not in self.retryable or not window.may_retry(attempt, backoff):
+                    self.last_failure_retryable = code in self.retryable
                     log.error("Failed to export traces to %s, error code: %s, error details: %s",
                               self.target, code, details, exc_info=code == grpc.StatusCode.UNKNOWN)
                     return False
                 log.warning("Transient error %s encountered while exporting traces to %s, retrying in %.2fs. "
                             "Error details: %s", code, self.target, backoff, details)
             if not window.wait(backoff):
+                self.last_failure_retryable = False  # shutting down
                 return False
+        self.last_failure_retryable = True
         return False
 
     def shutdown(self) -> None:

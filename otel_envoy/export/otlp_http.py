@@ -78,6 +78,9 @@ class HttpTraceSender:
             self.headers["Content-Encoding"] = compression
         self._session = _session(env)
         self._shutdown = threading.Event()
+        #: Whether the last failed :meth:`send` failed in a way that may pass (unreachable, overloaded, a
+        #: timeout): worth sending the same request again later.
+        self.last_failure_retryable = False
 
     def _post(self, data: bytes, timeout: float) -> tuple[requests.Response | None, Exception | None]:
         """One POST, and one immediate second try after a connection error if time is left."""
@@ -99,10 +102,12 @@ class HttpTraceSender:
         retries (up to ``timeout`` seconds, or until :meth:`shutdown`)."""
         if self._shutdown.is_set():
             log.warning("Exporter already shutdown, ignoring batch")
+            self.last_failure_retryable = False
             return False
         if len(payload) > MAX_REQUEST_BYTES:
             log.warning("Dropping span batch: serialized size %d bytes exceeds max_request_size %d bytes.",
                         len(payload), MAX_REQUEST_BYTES)
+            self.last_failure_retryable = False
             return False
         data = _compress(payload, self.compression)
         window = RetryWindow(self.timeout, self._shutdown)
@@ -118,6 +123,7 @@ class HttpTraceSender:
                 after = _retry_after(response)
                 if after is not None:
                     backoff = after
+            self.last_failure_retryable = retryable
             if not retryable:
                 log.error("Failed to export spans batch code: %s, reason: %s", status,
                           reason or error or "unknown")
@@ -128,6 +134,7 @@ class HttpTraceSender:
             log.warning("Transient error %s encountered while exporting spans batch, retrying in %.2fs.",
                         reason or error, backoff)
             if not window.wait(backoff):
+                self.last_failure_retryable = False  # shutting down
                 return False
         return False
 

@@ -1,5 +1,9 @@
 """Where batches of finished spans go: a JSON-lines file, an OTLP collector (gRPC or HTTP/protobuf).
 
+A sink does two things: :meth:`SpanSink.encode` turns a batch into the sink's own encoding (called by the
+export thread), :meth:`SpanSink.send` delivers one encoding (called by the sink's own
+:class:`otel_envoy.export.sink_worker.SinkWorker`, which keeps and retries what a sink could not take yet).
+
 Both sinks encode records with otel-envoy's own encoders: OTLP/JSON text for the file
 (:mod:`otel_envoy.export.otlp_json`), and the protobuf request for OTLP
 (:mod:`otel_envoy.export.otlp_proto`), which :class:`OtlpSink` hands to an OTLP sender
@@ -20,7 +24,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 from urllib.parse import urlsplit
 
 from otel_envoy.export.log_limiter import ExporterLogFilter, install_log_filter
@@ -29,6 +33,7 @@ from otel_envoy.export.otlp_grpc import GrpcTraceSender
 from otel_envoy.export.otlp_http import HttpTraceSender
 from otel_envoy.export.otlp_json import encode_request_json
 from otel_envoy.export.otlp_proto import encode_request_proto
+from otel_envoy.export.sink_worker import Delivery, Encoded
 from otel_envoy.spans.model import SpanRecord
 
 __all__ = ["JsonLinesFileSink", "OtlpSink", "SpanSink", "encode_leaving_out_bad", "span_ids_valid"]
@@ -76,19 +81,35 @@ _SENDER_LOG_FILTER = ExporterLogFilter()
 
 
 class SpanSink(abc.ABC):
-    """Somewhere a batch of finished spans goes.  Called from the pipeline's export thread only."""
+    """Somewhere a batch of finished spans goes.
+
+    Subclasses implement :meth:`export` (encode and deliver at once); sinks whose delivery can fail for a
+    while (a collector) also split it into :meth:`encode` and :meth:`send`, so that what could not be
+    delivered is kept encoded and tried again. The defaults pass the spans themselves to :meth:`export`.
+    """
 
     #: Short name used in stats and drop reasons (``export_failed:<name>``).
     name: str = "sink"
     #: Spans left out of their batches so far because they could not be encoded (see the module's text).
     rejected: int = 0
+    #: The size :meth:`encode` assumes per span when the payload is the spans themselves.
+    SPAN_SIZE_GUESS = 1024
 
     @abc.abstractmethod
     def export(self, spans: Sequence[SpanRecord]) -> bool:
         """Export one batch; ``True`` on success.  May raise; the pipeline counts that as a failure."""
 
+    def encode(self, spans: Sequence[SpanRecord]) -> Encoded | None:
+        """``spans`` in this sink's encoding (``None``: nothing to send); called by the export thread."""
+        return Encoded(list(spans), len(spans), self.SPAN_SIZE_GUESS * len(spans)) if spans else None
+
+    def send(self, payload: Any) -> Delivery:
+        """Deliver one :meth:`encode` payload; called by the sink's worker thread. May raise (counted as a
+        failure)."""
+        return Delivery.SENT if self.export(payload) else Delivery.FAILED
+
     def shutdown(self) -> None:  # noqa: B027 - optional hook, default does nothing
-        """Release resources; called once, after the last :meth:`export`."""
+        """Release resources; called once, after the last :meth:`send`."""
 
 
 class JsonLinesFileSink(SpanSink):
@@ -107,19 +128,26 @@ class JsonLinesFileSink(SpanSink):
 
     def export(self, spans: Sequence[SpanRecord]) -> bool:
         """Append one line for ``spans`` and flush."""
+        encoded = self.encode(spans)
+        return encoded is None or self.send(encoded.payload) is Delivery.SENT
+
+    def encode(self, spans: Sequence[SpanRecord]) -> Encoded | None:
+        """One OTLP/JSON line for the spans that encode (``None`` when none is left)."""
         if not spans:
-            return True
+            return None
         line, left_out = encode_leaving_out_bad(encode_request_json, spans)  # ~1 MB: not copied again
         self.rejected += left_out
-        if line is None:
-            return True
+        return None if line is None else Encoded(line, len(spans) - left_out, len(line))
+
+    def send(self, payload: Any) -> Delivery:
+        """Append ``payload`` as a line and flush (an ``OSError`` propagates: counted as a failure)."""
         with self._lock:
             if self._file is None:
-                return False
-            self._file.write(line)
+                return Delivery.FAILED
+            self._file.write(payload)
             self._file.write("\n")
             self._file.flush()
-        return True
+        return Delivery.SENT
 
     def shutdown(self) -> None:
         """Close the file."""
@@ -193,11 +221,24 @@ class OtlpSink(SpanSink):
 
     def export(self, spans: Sequence[SpanRecord]) -> bool:
         """Export one batch (blocking, through the sender's retries)."""
-        if self._closed:
-            return False
+        encoded = self.encode(spans)
+        return encoded is None or self.send(encoded.payload) is Delivery.SENT
+
+    def encode(self, spans: Sequence[SpanRecord]) -> Encoded | None:
+        """The protobuf ``ExportTraceServiceRequest`` of the spans that encode (``None``: none left)."""
         body, left_out = encode_leaving_out_bad(encode_request_proto, spans)
         self.rejected += left_out
-        return True if body is None else self.sender.send(body)
+        return None if body is None else Encoded(body, len(spans) - left_out, len(body))
+
+    def send(self, payload: Any) -> Delivery:
+        """Send one request through the sender's own retries; :attr:`Delivery.RETRY` when it failed in a
+        way that may pass (unreachable, overloaded, timed out), :attr:`Delivery.FAILED` when refused."""
+        if self._closed:
+            return Delivery.FAILED
+        if self.sender.send(payload):
+            return Delivery.SENT
+        # shut down during the send: the batch was not refused, only not sent (its worker counts it unsent)
+        return Delivery.RETRY if self.sender.last_failure_retryable or self._closed else Delivery.FAILED
 
     def shutdown(self) -> None:
         """Shut the sender down; aborts a retry sleep in progress.  Idempotent."""

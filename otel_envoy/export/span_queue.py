@@ -2,10 +2,16 @@
 
 The hot event path calls :meth:`SpanPipeline.submit` with finished :class:`SpanRecord` objects from the
 span builders; it only appends to a bounded deque under a lock and counts what does not fit.  A daemon
-thread takes batches (up to ``max_batch`` spans, or whatever arrived within ``flush_interval``) and hands
-each batch to every sink (:mod:`otel_envoy.export.sinks`) in turn.  Sinks may block (the OTLP senders
-retry with sleeps up to their timeout): that only delays this thread, while the queue in front of it
-absorbs or drops spans.
+thread takes batches (up to ``max_batch`` spans, or whatever arrived within ``flush_interval``), encodes
+each once per sink (:mod:`otel_envoy.export.sinks`) and hands the encoding to that sink's own
+:class:`~otel_envoy.export.sink_worker.SinkWorker`, which delivers it from its own thread and keeps what a
+sink cannot take yet (a collector restarting) in a buffer bounded by bytes, retrying it. So a slow sink
+delays only itself, and nothing here waits on a network.
+
+Every span submitted is accounted for: ``queue_full`` (did not fit), ``shutdown`` (came or was still
+queued when the pipeline stopped), or handed to every sink, where it is ``invalid_span`` (could not be
+encoded), ``export_failed`` (refused), ``export_buffer_full`` (evicted from the bound), ``export_unsent``
+(still buffered at the end of the shutdown time), exported, or still buffered (:meth:`SpanPipeline.stats`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from otel_envoy.export.log_limiter import LogRateLimiter
+from otel_envoy.export.sink_worker import DEFAULT_BUFFER_BYTES, SinkWorker
 from otel_envoy.spans.model import SpanRecord
 
 if TYPE_CHECKING:
@@ -32,12 +38,12 @@ log = logging.getLogger("otel_envoy.export")
 
 
 class SpanPipeline:
-    """Bounded span queue plus one daemon thread exporting batches to every sink.
+    """Bounded span queue plus one daemon thread encoding batches for every sink's worker.
 
     :meth:`submit` never blocks (beyond a short lock) and never raises for a full queue: spans that
-    do not fit are dropped and counted under ``drops["queue_full"]``.  Sink failures (``False`` or
-    an exception) are counted as ``drops["export_failed:<sink name>"]`` and logged, rate-limited,
-    to the ``otel_envoy.export`` logger.
+    do not fit are dropped and counted under ``drops["queue_full"]``.  What each sink could not take is
+    kept (``buffer_bytes`` per sink) and retried by its worker; what it refused for good is counted as
+    ``drops["export_failed:<sink name>"]`` and logged, rate-limited, to the ``otel_envoy.export`` logger.
     """
 
     def __init__(
@@ -48,13 +54,18 @@ class SpanPipeline:
         flush_interval: float = 0.2,
         *,
         block_when_full: bool = False,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     ) -> None:
-        """Start the export thread. ``block_when_full``: :meth:`submit` waits for room instead of dropping
-        (for replays, which have no ring buffer to protect and must not lose spans)."""
+        """Start the export thread and one worker per sink. ``block_when_full``: :meth:`submit` (and the
+        hand-over to a sink's worker) waits for room instead of dropping (for replays, which have no ring
+        buffer to protect and must not lose spans). ``buffer_bytes``: each sink's bound for the encoded
+        batches it has not taken yet."""
         if max_queue < 1 or max_batch < 1:
             raise ValueError("max_queue and max_batch must be positive")
         self._sinks: list[SpanSink] = list(sinks)
         self._names = _unique_names(self._sinks)
+        self._workers = [SinkWorker(sink, name, buffer_bytes) for sink, name in
+                         zip(self._sinks, self._names, strict=True)]
         self._max_queue = max_queue
         self._block_when_full = block_when_full
         self._max_batch = max_batch
@@ -71,10 +82,7 @@ class SpanPipeline:
         self._abandon = False
         self._closed = False
         self._drops: collections.Counter[str] = collections.Counter()
-        self._exported: dict[str, int] = dict.fromkeys(self._names, 0)
         self._rejected: dict[str, int] = {}  # each sink's rejected count, as last read
-        self._batches: dict[str, int] = dict.fromkeys(self._names, 0)
-        self._warn = LogRateLimiter()
         self._thread = threading.Thread(target=self._run, name="otel-envoy-export", daemon=True)
         self._thread.start()
 
@@ -117,7 +125,8 @@ class SpanPipeline:
     # -- control ----------------------------------------------------------------------------------------
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything submitted so far has been handed to the sinks; ``False`` on timeout."""
+        """Wait until everything submitted so far has been delivered by every sink, or dropped and
+        counted; ``False`` on timeout (a sink still holding spans it could not deliver yet)."""
         deadline = time.monotonic() + timeout
         with self._lock:
             target = self._accepted
@@ -127,17 +136,21 @@ class SpanPipeline:
                 while self._processed < target:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not self._thread.is_alive():
-                        return self._processed >= target
+                        if self._processed < target:
+                            return False
+                        break
                     self._done.wait(remaining)
-                return True
             finally:
                 self._flush_waiters -= 1
+        return all([w.wait_settled(w.handed(), deadline) for w in self._workers])
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop accepting spans, drain the queue within ``timeout``, then shut the sinks down.
+        """Stop accepting spans, drain the queue and let each sink deliver what it holds within
+        ``timeout``, then shut the sinks down.
 
-        Spans still queued when the time is up are dropped (``drops["shutdown"]``) and sinks are shut
-        down early, which makes the OTLP senders abandon their retries.  Idempotent.
+        Spans still queued when the time is up are dropped (``drops["shutdown"]``), those a sink still
+        holds are counted ``export_unsent:<sink>``; the sinks are shut down, which makes the OTLP senders
+        abandon their retries.  Idempotent.
         """
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._lock:
@@ -146,32 +159,47 @@ class SpanPipeline:
             self._closed = True
             self._stopping = True
             self._work.notify()
-        # Leave a little of the budget for the sinks' own shutdown.
-        self._thread.join(max(0.0, deadline - time.monotonic()) * 0.8)
+        # The queue into the workers first (encoding only), leaving them most of the budget to deliver.
+        self._thread.join(max(0.0, deadline - time.monotonic()) * 0.5)
         if self._thread.is_alive():
             with self._lock:
                 self._abandon = True
                 self._work.notify()
-            # Abort blocking exports (retry sleeps) so the thread can finish.
-            self._shutdown_sinks()
-            self._thread.join(max(0.05, deadline - time.monotonic()))
+            self._thread.join(max(0.05, (deadline - time.monotonic()) * 0.2))
             if self._thread.is_alive():
                 log.warning("span export thread still busy after shutdown timeout of %.1f s", timeout)
-        else:
-            self._shutdown_sinks()
+        # Leave a little of the budget for the sinks' own shutdown.
+        delivery_end = time.monotonic() + max(0.0, deadline - time.monotonic()) * 0.8
+        for worker in self._workers:
+            worker.stop(delivery_end)
+        for worker in self._workers:
+            worker.join(delivery_end - time.monotonic())
+        self._shutdown_sinks()  # aborts a send still in progress: its worker counts it unsent
+        for worker in self._workers:
+            if not worker.join(max(0.05, deadline - time.monotonic())):
+                log.warning("span sink %s still busy after shutdown timeout of %.1f s", worker.name, timeout)
 
     def stats(self) -> dict[str, Any]:
-        """Counters: ``exported``/``batches`` per sink, ``drops`` by reason, ``queue_depth``, ..."""
+        """Counters: ``exported``/``batches`` per sink, ``drops`` by reason, ``queue_depth``, each sink's
+        worker (``sinks``: handed, sent, buffered spans and bytes, retries, ...)."""
+        sinks = {w.name: w.stats() for w in self._workers}
         with self._lock:
+            drops = collections.Counter(self._drops)
+            for name, st in sinks.items():
+                drops[f"export_failed:{name}"] += st["failed"]
+                drops[f"export_buffer_full:{name}"] += st["buffer_full"]
+                drops[f"export_unsent:{name}"] += st["unsent"]
             return {
                 "submitted": self._accepted + self._drops["queue_full"],
                 "accepted": self._accepted,
                 "queue_depth": len(self._queue),
                 "in_flight": self._in_flight,
                 "max_queue": self._max_queue,
-                "exported": dict(self._exported),
-                "batches": dict(self._batches),
-                "drops": {k: v for k, v in self._drops.items() if v},
+                "exported": {name: st["sent"] for name, st in sinks.items()},
+                "batches": {name: st["batches"] for name, st in sinks.items()},
+                "buffered": {name: st["buffered"] for name, st in sinks.items()},
+                "sinks": sinks,
+                "drops": {k: v for k, v in drops.items() if v},
             }
 
     @property
@@ -223,43 +251,32 @@ class SpanPipeline:
                 return
             if not batch:
                 continue
-            results = [
-                self._export_one(sink, name, batch)
-                for sink, name in zip(self._sinks, self._names, strict=True)
-            ]
+            for sink, worker in zip(self._sinks, self._workers, strict=True):
+                self._hand(sink, worker, batch)
             with self._lock:
-                for sink, name, ok in zip(self._sinks, self._names, results, strict=True):
-                    rejected = getattr(sink, "rejected", 0)  # spans left out of the batch, not encodable
-                    left_out = rejected - self._rejected.get(name, 0)
-                    self._rejected[name] = rejected
-                    if left_out:
-                        self._drops[f"invalid_span:{name}"] += left_out
-                    if ok:
-                        self._exported[name] += len(batch) - left_out
-                        self._batches[name] += 1
-                    else:
-                        self._drops[f"export_failed:{name}"] += len(batch) - left_out
                 self._in_flight = 0
                 self._processed += len(batch)
                 self._done.notify_all()
 
-    def _export_one(self, sink: SpanSink, name: str, batch: list[ExportSpan]) -> bool:
+    def _hand(self, sink: SpanSink, worker: SinkWorker, batch: list[ExportSpan]) -> None:
+        """Encode ``batch`` for ``sink`` and hand it to the sink's worker; spans left out are counted."""
+        name = worker.name
         try:
-            ok = bool(sink.export(batch))
-            reason = "export returned failure"
-        except Exception as exc:
-            ok = False
-            reason = f"{type(exc).__name__}: {exc}"
-            kind = type(exc).__name__
-        else:
-            kind = "failure"
-        if ok:
-            return True
-        allowed, suppressed = self._warn.allow(f"{name}:{kind}")
-        if allowed:
-            more = f" ({suppressed} similar failures suppressed)" if suppressed else ""
-            log.warning("span sink %s dropped a batch of %d spans: %s%s", name, len(batch), reason, more)
-        return False
+            encoded = sink.encode(batch)
+        except Exception as exc:  # an encoder that fails for a whole batch: the batch is refused
+            log.warning("span sink %s could not encode a batch of %d spans: %s: %s", name, len(batch),
+                        type(exc).__name__, exc)
+            with self._lock:
+                self._drops[f"export_failed:{name}"] += len(batch)
+            return
+        rejected = getattr(sink, "rejected", 0)  # spans left out of the batch, not encodable
+        with self._lock:
+            left_out = rejected - self._rejected.get(name, 0)
+            self._rejected[name] = rejected
+            if left_out:
+                self._drops[f"invalid_span:{name}"] += left_out
+        if encoded is not None:
+            worker.hand(encoded, wait_for_room=self._block_when_full)
 
 
 def _unique_names(sinks: Sequence[SpanSink]) -> list[str]:

@@ -24,6 +24,8 @@ from otel_envoy.lab import clients
 from otel_envoy.lab.lab import EnvoyLab
 from otel_envoy.spans.model import SpanRecord
 from tests.support.daemon import DaemonProcess
+from tests.support.h2load import h2load
+from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.traces import connection_traces
 
 pytestmark = pytest.mark.root
@@ -82,14 +84,6 @@ def closed_port() -> Iterator[int]:
         yield s.getsockname()[1]
     finally:
         s.close()
-
-
-@pytest.fixture
-def receiver_ok(receiver):
-    receiver.set_failing(False)
-    receiver.clear()
-    yield receiver
-    receiver.set_failing(False)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -175,38 +169,77 @@ def test_doctor_inspects_the_envoy_binary(lab) -> None:
 # -------------------------------------------------------------------------------------------- export failures
 
 
-def test_receiver_failing_after_start_does_not_stop_the_daemon(lab, receiver_ok, tmp_path: Path) -> None:
+def test_a_6_s_collector_outage_loses_nothing(lab, tmp_path: Path) -> None:
+    """The collector stops (its port closed) for 6 s while 10 connections are made: the file output gets
+    them meanwhile, and once the collector is back on the same port it gets every one of them."""
     out, summary = tmp_path / "traces.jsonl", tmp_path / "summary.json"
-    daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver_ok.grpc_endpoint,
+    rx = OtlpReceiver().start()
+    daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", rx.grpc_endpoint,
                             "--otlp-protocol", "grpc", "--output", str(out), "--summary-json", str(summary)],
                            tmp_path).start()
     try:
         first = clients.curl_plain(lab.http_port)
         assert first.http_code == 200 and first.local_port
-        receiver_ok.wait_for(lambda s: first.local_port in connection_traces(s, lab.http_port), 15)
+        rx.wait_for(lambda s: first.local_port in connection_traces(s, lab.http_port), 15)
 
-        receiver_ok.set_failing(True)
-        second = clients.curl_plain(lab.http_port)
-        assert second.http_code == 200 and second.local_port
-        wait_until(lambda: receiver_ok.rejected["grpc"] > 0, 30, "the daemon to hit the failing receiver")
-        third = clients.curl_plain(lab.http_port)  # tracing goes on while exports fail
-        assert third.http_code == 200 and third.local_port
-        wait_until(lambda: third.local_port in connection_traces(read_jsonl(out), lab.http_port), 30,
-                   "the connection after the failure to reach the output file")
+        rx.stop()
+        down_at = time.monotonic()
+        during = []
+        for _ in range(10):
+            res = clients.curl_plain(lab.http_port)
+            assert res.http_code == 200 and res.local_port
+            during.append(res.local_port)
+            time.sleep(0.4)
+        # the file output is not held up by the collector being down
+        wait_until(lambda: set(during) <= set(connection_traces(read_jsonl(out), lab.http_port)),
+                   max(0.5, 6.0 - (time.monotonic() - down_at)), "the output file to get the connections")
+        assert not set(during) & set(connection_traces(rx.spans(), lab.http_port))
+        time.sleep(max(0.0, 6.0 - (time.monotonic() - down_at)))
+        rx.start(same_ports=True)
+        rx.wait_for(lambda s: set(during) <= set(connection_traces(s, lab.http_port)), 40)
         assert daemon.proc is not None and daemon.proc.poll() is None, daemon.stderr()
     finally:
         code = daemon.stop()
+        rx.stop()
     assert code == 0, daemon.stderr()
     assert "Traceback" not in daemon.stderr()
     stats = json.loads(summary.read_text())
-    failed = stats["drops"].get("export.export_failed:otlp-grpc", 0)
-    assert failed > 0, stats
-    assert stats["counts"]["connections"] >= 3
-    file_traces = connection_traces(read_jsonl(out), lab.http_port)
-    for res in (first, second, third):
-        file_traces[res.local_port].assert_nested()
-    received = connection_traces(receiver_ok.spans(), lab.http_port)
-    assert second.local_port not in received and third.local_port not in received
+    assert not {k: v for k, v in stats["drops"].items() if k.startswith("export.")}, stats["drops"]
+    otlp = stats["export"]["sinks"]["otlp-grpc"]
+    assert otlp["retries"] >= 1 and otlp["buffered"] == 0, otlp
+    assert otlp["handed"] == otlp["sent"] == stats["export"]["exported"]["jsonl"], stats["export"]
+    received = connection_traces(rx.spans(), lab.http_port)
+    for port in [first.local_port, *during]:
+        received[port].assert_nested()
+
+
+def test_a_long_outage_keeps_the_buffer_within_its_bound(lab, tmp_path: Path) -> None:
+    """A collector that stays down (a 10-minute outage, made short by a 256 KiB bound): the buffer never
+    holds more than its bound, what it let go is counted, and every span is accounted for."""
+    summary = tmp_path / "summary.json"
+    rx = OtlpReceiver().start()
+    bound = 256 << 10
+    daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", rx.grpc_endpoint, "--otlp-protocol",
+                            "grpc", "--sampler", "always_on", "--cpu-budget", "0",
+                            "--export-buffer-mb", str(bound / (1 << 20)),
+                            "--summary-json", str(summary)], tmp_path).start()
+    try:
+        rx.stop()
+        for _ in range(8):  # ~500 B per span: 4 000 requests' spans are far more than 256 KiB
+            h2load(f"http://127.0.0.1:{lab.http_port}/", 500, 4)
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        code = daemon.stop()
+        rx.stop()
+    assert code == 0, daemon.stderr()
+    stats = json.loads(summary.read_text())
+    otlp = stats["export"]["sinks"]["otlp-grpc"]
+    assert otlp["max_bytes"] == bound and 0 < otlp["peak_buffered_bytes"] <= bound, otlp
+    assert otlp["sent"] == 0 and otlp["buffer_full"] > 0, otlp
+    assert otlp["handed"] == otlp["buffer_full"] + otlp["unsent"] + otlp["failed"] + otlp["buffered"], otlp
+    assert stats["drops"]["export.export_buffer_full:otlp-grpc"] == otlp["buffer_full"]
+    assert stats["counts"]["spans"] >= 4000
 
 
 # -------------------------------------------------------------------------------------------- record / replay

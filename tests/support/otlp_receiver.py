@@ -14,15 +14,19 @@ Both servers listen on 127.0.0.1 with free ports.  The gRPC side implements
 ``POST /v1/traces`` and ``POST /v1/metrics`` with ``application/x-protobuf`` or ``application/json``
 bodies (optionally gzip/deflate encoded).  Every accepted trace request is flattened into
 :class:`SpanRecord` objects, every metrics request into :class:`MetricPoint` objects (one per data
-point).  ``set_failing(True)`` makes both answer with retryable errors (gRPC UNAVAILABLE, HTTP 503).
+point).  ``set_failing(True)`` makes both answer with retryable errors (gRPC UNAVAILABLE, HTTP 503),
+``set_failing(True, permanent=True)`` with errors that must not be retried (INVALID_ARGUMENT, 400);
+``stop()`` then ``start(same_ports=True)`` is a collector restarting.
 Trace requests are counted in ``requests`` / ``rejected`` / ``bytes_received``, metrics requests
 separately in ``metric_requests`` / ``metric_rejected``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import socket
 import threading
 import time
 import zlib
@@ -134,7 +138,8 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
 
     def Export(self, request: Any, context: grpc.ServicerContext) -> Any:
         if self._rx._count("grpc"):
-            context.abort(grpc.StatusCode.UNAVAILABLE, "test receiver is failing on purpose")
+            code = grpc.StatusCode.INVALID_ARGUMENT if self._rx._permanent else grpc.StatusCode.UNAVAILABLE
+            context.abort(code, "test receiver is failing on purpose")
         self._rx._add("grpc", records_from_proto(request), request.ByteSize())
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -156,6 +161,16 @@ def _make_handler(rx: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
+
+        def setup(self) -> None:
+            super().setup()
+            with rx._cond:
+                rx._http_connections.add(self.connection)
+
+        def finish(self) -> None:
+            with rx._cond:
+                rx._http_connections.discard(self.connection)
+            super().finish()
 
         def _reply(self, code: int, body: bytes, ctype: str) -> None:
             self.send_response(code)
@@ -192,7 +207,8 @@ def _make_handler(rx: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
                 self._metrics(protocol, body, ctype)
                 return
             if rx._count(protocol):
-                self._reply(503, b"test receiver is failing on purpose", "text/plain")
+                self._reply(400 if rx._permanent else 503, b"test receiver is failing on purpose",
+                            "text/plain")
                 return
             try:
                 if protocol == "http/protobuf":
@@ -247,6 +263,8 @@ class OtlpReceiver:
         self._metric_requests: dict[str, int] = {"grpc": 0, "http/protobuf": 0, "http/json": 0}
         self._metric_rejected: dict[str, int] = {"grpc": 0, "http/protobuf": 0, "http/json": 0}
         self._failing = False
+        self._permanent = False
+        self._http_connections: set[socket.socket] = set()
         self._grpc_server: grpc.Server | None = None
         self._http_server: ThreadingHTTPServer | None = None
         self._http_thread: threading.Thread | None = None
@@ -255,16 +273,20 @@ class OtlpReceiver:
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
-    def start(self) -> OtlpReceiver:
-        """Start both servers on free ports."""
+    def start(self, *, same_ports: bool = False) -> OtlpReceiver:
+        """Start both servers on free ports; ``same_ports``: on the ports of the last start (a collector
+        restarting after :meth:`stop`)."""
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self), server)
-        self.grpc_port = server.add_insecure_port(f"{self._host}:0")
+        grpc_port = self.grpc_port if same_ports else 0
+        self.grpc_port = server.add_insecure_port(f"{self._host}:{grpc_port}")
+        if same_ports and self.grpc_port != grpc_port:
+            raise RuntimeError(f"OTLP receiver: gRPC port {grpc_port} is taken")
         server.start()
         self._grpc_server = server
 
-        httpd = ThreadingHTTPServer((self._host, 0), _make_handler(self))
+        httpd = ThreadingHTTPServer((self._host, self.http_port if same_ports else 0), _make_handler(self))
         httpd.daemon_threads = True
         self.http_port = httpd.server_address[1]
         self._http_server = httpd
@@ -283,6 +305,10 @@ class OtlpReceiver:
             self._http_server.shutdown()
             self._http_server.server_close()
             self._http_server = None
+            with self._cond:  # a collector that stops closes its clients' kept-alive connections too
+                for conn in list(self._http_connections):
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
         if self._http_thread is not None:
             self._http_thread.join(2.0)
             self._http_thread = None
@@ -386,10 +412,12 @@ class OtlpReceiver:
                 for k in d:
                     d[k] = 0
 
-    def set_failing(self, failing: bool) -> None:
-        """Make both servers answer every export with a retryable error (UNAVAILABLE / 503)."""
+    def set_failing(self, failing: bool, *, permanent: bool = False) -> None:
+        """Make both servers answer every export with a retryable error (UNAVAILABLE / 503), or with
+        ``permanent``, one that says never to send that request again (INVALID_ARGUMENT / 400)."""
         with self._cond:
             self._failing = failing
+            self._permanent = permanent
 
     def wait_for(
         self, predicate: Callable[[list[SpanRecord]], bool], timeout: float = 10.0

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,62 +144,135 @@ def test_many_batches(rx: OtlpReceiver) -> None:
     assert stats["batches"]["otlp-grpc"] >= 4  # 200 spans in batches of at most 64
 
 
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _accounted(stats: dict) -> None:
+    """Every span handed to each sink is sent, dropped with a reason, or still buffered."""
+    for name, st in stats["sinks"].items():
+        settled = st["sent"] + st["buffer_full"] + st["failed"] + st["unsent"]
+        assert st["handed"] == settled + st["buffered"], (name, st)
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
-def test_failing_receiver_counts_export_failures(
+def test_a_failing_receiver_s_batches_are_kept_and_arrive_when_it_recovers(
     rx: OtlpReceiver, protocol: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     endpoint = rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint
-    # A short timeout: the sender gives up instead of sleeping through its exponential backoff.
+    # A short timeout: the sender gives up quickly and the sink's worker keeps the batch to try again.
     sink = OtlpSink(protocol, endpoint, timeout=0.5)
     rx.set_failing(True)
     pipeline = SpanPipeline([sink], flush_interval=0.05)
+    key = "grpc" if protocol == "grpc" else "http/protobuf"
     try:
         with caplog.at_level(logging.WARNING, logger="otel_envoy.export"):
             assert pipeline.submit(batch_records(4)) == 4
-            assert pipeline.flush(15.0)
             assert pipeline.submit(batch_records(3, first_id=100)) == 3
-            assert pipeline.flush(15.0)
-        stats = pipeline.stats()
-        assert stats["drops"] == {f"export_failed:{sink.name}": 7}
-        assert stats["exported"][sink.name] == 0
-        key = "grpc" if protocol == "grpc" else "http/protobuf"
-        assert rx.rejected[key] >= 2
-        ours = [r for r in caplog.records if r.name == "otel_envoy.export"]
-        assert len(ours) == 1  # rate-limited: one line per failure kind
-        assert sink.name in ours[0].getMessage()
-        sender_lines = [r for r in caplog.records if r.name == "otel_envoy.export.otlp"]
-        assert len(sender_lines) <= 1  # the sender's own error line: once per template within 30 s
+            assert not pipeline.flush(1.5)  # not delivered: kept
+            _wait(lambda: pipeline.stats()["sinks"][sink.name]["retries"] >= 1, 10, "a retry")
+            stats = pipeline.stats()
+            assert stats["drops"] == {}
+            assert stats["buffered"][sink.name] == 7 and stats["exported"][sink.name] == 0
+            _accounted(stats)
+            assert rx.rejected[key] >= 2
+            ours = [r for r in caplog.records if r.name == "otel_envoy.export"]
+            assert len(ours) == 1 and sink.name in ours[0].getMessage()  # rate-limited
+            sender_lines = [r for r in caplog.records if r.name == "otel_envoy.export.otlp"]
+            assert len(sender_lines) <= 2  # the sender's own lines: once per template within 30 s
 
-        # The receiver recovers: the next batch goes through.
-        rx.set_failing(False)
-        pipeline.submit(batch_records(2, first_id=200))
+        rx.set_failing(False)  # the receiver recovers: both batches arrive, in order
         assert pipeline.flush(15.0)
-        assert pipeline.stats()["exported"][sink.name] == 2
+        stats = pipeline.stats()
+        assert stats["exported"][sink.name] == 7 and stats["buffered"][sink.name] == 0
+        assert stats["drops"] == {}
+        _accounted(stats)
+        sent = batch_records(4) + batch_records(3, first_id=100)
+        assert [r.span_id for r in rx.spans()] == [r.span_id for r in sent]
     finally:
         pipeline.shutdown(5.0)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
-def test_failing_receiver_counts_record_export_failures(rx: OtlpReceiver, protocol: str) -> None:
+def test_a_refused_batch_is_counted_not_retried(rx: OtlpReceiver, protocol: str) -> None:
     endpoint = rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint
-    # Room for exactly one retry: the backoff is 0.8-1.2 s after a first failure, 1.6-2.4 s after a second.
-    sink = OtlpSink(protocol, endpoint, timeout=2.3)
-    rx.set_failing(True)
+    sink = OtlpSink(protocol, endpoint, timeout=5.0)
+    rx.set_failing(True, permanent=True)
     pipeline = SpanPipeline([sink], flush_interval=0.05)
     try:
         assert pipeline.submit(batch_records(4)) == 4
         assert pipeline.flush(15.0)
-        assert pipeline.stats()["drops"] == {f"export_failed:{sink.name}": 4}
+        stats = pipeline.stats()
+        assert stats["drops"] == {f"export_failed:{sink.name}": 4}
+        assert stats["sinks"][sink.name]["retries"] == 0
         key = "grpc" if protocol == "grpc" else "http/protobuf"
-        assert rx.rejected[key] == 2  # the retry sent the same request again
-        if protocol == "grpc":  # UNAVAILABLE made the sender build a new channel
-            assert isinstance(sink.sender, GrpcTraceSender) and sink.sender.reconnects == 1
+        assert rx.rejected[key] == 1  # the sender did not send it again either
+        _accounted(stats)
         rx.set_failing(False)
         pipeline.submit(batch_records(2, first_id=200))
         assert pipeline.flush(15.0)
         assert pipeline.stats()["exported"][sink.name] == 2
     finally:
         pipeline.shutdown(5.0)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_a_collector_restart_loses_nothing(protocol: str) -> None:
+    """The receiver is stopped (its port closed: connections refused), spans are made, it starts again on
+    the same port: every span arrives."""
+    rx = OtlpReceiver().start()
+    endpoint = rx.grpc_endpoint if protocol == "grpc" else rx.http_endpoint
+    sink = OtlpSink(protocol, endpoint, timeout=1.0)
+    pipeline = SpanPipeline([sink], flush_interval=0.05)
+    try:
+        pipeline.submit(batch_records(2))
+        assert pipeline.flush(10.0)
+        rx.stop()
+        for i in range(5):
+            pipeline.submit(batch_records(3, first_id=100 + 10 * i))
+            time.sleep(0.3)
+        assert not pipeline.flush(0.5)
+        rx.start(same_ports=True)
+        assert pipeline.flush(30.0), pipeline.stats()
+        stats = pipeline.stats()
+        assert stats["exported"][sink.name] == 17 and stats["drops"] == {}
+        assert stats["sinks"][sink.name]["retries"] >= 1
+        ids = {r.span_id for r in rx.spans()}  # the 2 before the outage and the 15 made during it
+        assert ids == {r.span_id for i in range(5) for r in batch_records(3, first_id=100 + 10 * i)} | {
+            r.span_id for r in batch_records(2)}
+    finally:
+        pipeline.shutdown(5.0)
+        rx.stop()
+
+
+def test_the_buffer_stays_within_its_bound_and_counts_what_it_drops() -> None:
+    port = _closed_port()
+    sink = OtlpSink("http/protobuf", f"http://127.0.0.1:{port}", timeout=0.3)
+    one = len(sink.encode(batch_records(10)).payload)  # type: ignore[union-attr]
+    bound = 5 * one
+    pipeline = SpanPipeline([sink], flush_interval=0.01, max_batch=10, buffer_bytes=bound)
+    try:
+        peak = 0
+        for i in range(40):
+            pipeline.submit(batch_records(10, first_id=1000 + 10 * i))
+            time.sleep(0.01)
+            peak = max(peak, pipeline.stats()["sinks"][sink.name]["buffered_bytes"])
+        _wait(lambda: pipeline.stats()["sinks"][sink.name]["handed"] == 400, 10, "every batch handed")
+        stats = pipeline.stats()
+        assert peak <= bound and stats["sinks"][sink.name]["peak_buffered_bytes"] <= bound
+        assert stats["sinks"][sink.name]["buffered_bytes"] <= bound
+        assert stats["drops"][f"export_buffer_full:{sink.name}"] >= 300
+        assert stats["exported"][sink.name] == 0
+        _accounted(stats)
+    finally:
+        pipeline.shutdown(1.0)
+    stats = pipeline.stats()
+    assert sum(stats["drops"].values()) == 400
+    assert set(stats["drops"]) == {f"export_buffer_full:{sink.name}", f"export_unsent:{sink.name}"}
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
@@ -208,11 +282,13 @@ def test_unreachable_endpoint_never_raises_and_shutdown_is_bounded(protocol: str
     pipeline = SpanPipeline([sink], flush_interval=0.05)
     for _ in range(5):
         pipeline.submit(batch_records(3))
+    started = time.monotonic()
     pipeline.shutdown(1.0)  # must not hang on the sender's retries
+    assert time.monotonic() - started < 2.5
     stats = pipeline.stats()
     assert stats["exported"][sink.name] == 0
     assert sum(stats["drops"].values()) == 15
-    assert set(stats["drops"]) <= {f"export_failed:{sink.name}", "shutdown"}
+    assert set(stats["drops"]) <= {f"export_unsent:{sink.name}", "shutdown"}
     assert pipeline.submit(batch_records(1)) == 0
     assert pipeline.stats()["drops"]["shutdown"] >= 1
 
@@ -314,3 +390,17 @@ def test_bad_spans_are_left_out_and_counted_and_the_rest_of_the_batch_arrives(
     stats = pipeline.stats()
     assert stats["exported"] == {sink.name: len(good)}
     assert stats["drops"] == {f"invalid_span:{sink.name}": len(bad)}
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "2000000"])
+def test_the_cli_refuses_a_buffer_bound_out_of_range(value: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    root = Path(__file__).resolve().parents[3]
+    cmd = [sys.executable, "-m", "otel_envoy.cli", "run", "--pid", "1", "--export-buffer-mb", value]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--export-buffer-mb" in proc.stderr

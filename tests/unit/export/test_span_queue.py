@@ -22,7 +22,7 @@ TRACE = BATCH_TRACE
 
 
 class BlockingSink(SpanSink):
-    """Blocks every export until released; records what it got."""
+    """Blocks the export thread (in :meth:`encode`) until released; records what it got."""
 
     name = "blocking"
 
@@ -32,14 +32,34 @@ class BlockingSink(SpanSink):
         self.batches: list[int] = []
         self.closed = False
 
-    def export(self, spans: Sequence[SpanRecord]) -> bool:
+    def encode(self, spans: Sequence[SpanRecord]):
         self.entered.set()
         self.release.wait(10.0)
+        return super().encode(spans)
+
+    def export(self, spans: Sequence[SpanRecord]) -> bool:
         self.batches.append(len(spans))
         return True
 
     def shutdown(self) -> None:
         self.closed = True
+
+
+class StuckSink(SpanSink):
+    """Its deliveries block until released (a collector that does not answer)."""
+
+    name = "stuck"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.spans: list[SpanRecord] = []
+
+    def export(self, spans: Sequence[SpanRecord]) -> bool:
+        self.entered.set()
+        self.release.wait(20.0)
+        self.spans.extend(spans)
+        return True
 
 
 class RaisingSink(SpanSink):
@@ -97,6 +117,31 @@ def test_failing_sinks_are_isolated(caplog: pytest.LogCaptureFixture, tmp_path: 
     messages = [r.getMessage() for r in caplog.records if r.name == "otel_envoy.export"]
     assert len(messages) == 2  # one per failure kind, rate-limited
     assert any("RuntimeError: disk on fire" in m for m in messages)
+
+
+def test_a_sink_that_does_not_answer_delays_only_itself(tmp_path: Path) -> None:
+    stuck = StuckSink()
+    path = tmp_path / "out.jsonl"
+    pipeline = SpanPipeline([stuck, JsonLinesFileSink(path)], max_batch=4, flush_interval=0.01)
+    try:
+        pipeline.submit(batch_records(4))
+        assert stuck.entered.wait(5.0)
+        for i in range(5):
+            pipeline.submit(batch_records(4, first_id=100 + 10 * i))
+        deadline = time.monotonic() + 5.0
+        while pipeline.stats()["exported"]["jsonl"] < 24 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = pipeline.stats()
+        assert stats["exported"] == {"stuck": 0, "jsonl": 24}  # the file got everything meanwhile
+        assert stats["buffered"]["stuck"] == 24
+        assert len(path.read_text().splitlines()) == 6
+        stuck.release.set()
+        assert pipeline.flush(10.0)
+        assert pipeline.stats()["exported"] == {"stuck": 24, "jsonl": 24}
+        assert len(stuck.spans) == 24
+    finally:
+        stuck.release.set()
+        pipeline.shutdown(5.0)
 
 
 def test_duplicate_sink_names_are_made_unique() -> None:
