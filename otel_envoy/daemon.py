@@ -36,7 +36,12 @@ from .envoy.listen_socket import ListenSocket
 from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets, watch_exits
 from .event_pipeline import EventPipeline, tune_garbage_collector
 from .events.recording import RecordingWriter
-from .events.recording_context import ListenerNamesContext, ListenSocketsContext, SamplerContext
+from .events.recording_context import (
+    ListenerNamesContext,
+    ListenSocketsContext,
+    OwnConnectionContext,
+    SamplerContext,
+)
 from .export.metrics import WorkerMetrics
 from .export.metrics_settings import DEFAULT_INTERVAL_S
 from .export.otlp import OtlpSettings, check_reachable
@@ -437,7 +442,9 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now
                 dropped = report_new_drops(probes, dropped)
                 if opts.envoy_admin:
                     try:
-                        names = await fetch_listener_names(opts.envoy_admin)
+                        names = await fetch_listener_names(
+                            opts.envoy_admin, own_connection=lambda address, port: ring.context.put(
+                                OwnConnectionContext(address, port).to_json()))
                         ring.context.put(ListenerNamesContext(names).to_json())
                     except AdminError as exc:
                         log.warning("%s", exc)

@@ -22,7 +22,13 @@ from .correlate.round_tracker import RoundRecord, WaitRecord
 from .events.decode import Decoder
 from .events.layout import load_layout
 from .events.recording import RecordingError, RecordingWriter
-from .events.recording_context import ClockContext, ListenerNamesContext, ListenSocketsContext, SamplerContext
+from .events.recording_context import (
+    ClockContext,
+    ListenerNamesContext,
+    ListenSocketsContext,
+    OwnConnectionContext,
+    SamplerContext,
+)
 from .export.span_queue import SpanPipeline
 from .protocols.http import HttpExchange
 from .spans.clock import MonotonicClock
@@ -122,6 +128,9 @@ class EventPipeline:
             self.correlator.set_listen_sockets(ListenSocketsContext.from_json(obj).sockets)
         elif kind == ListenerNamesContext.TYPE:
             self.correlator.set_listener_names(ListenerNamesContext.from_json(obj).names)
+        elif kind == OwnConnectionContext.TYPE:
+            own = OwnConnectionContext.from_json(obj)
+            self.correlator.add_own_peer(own.address, own.port)
         elif kind == SamplerContext.TYPE:
             self.correlator.attribution.exact_only = SamplerContext.from_json(obj).ratio < 1.0
 
@@ -164,9 +173,15 @@ class EventPipeline:
             self.round_worker.stop()
 
     def _on_connection(self, conn: ConnectionRecord) -> None:
+        if conn.own:  # the daemon's own admin API call (DownstreamConnections.is_own)
+            self._counts["own_connections_left_out"] += 1
+            return
         self._submit("connections", self.builder.build_records, conn)
 
     def _on_request(self, rr: RequestRecord, exchange: HttpExchange) -> None:
+        if self.correlator.downstream.is_own(rr.conn):
+            self._counts["own_requests_left_out"] += 1
+            return
         self._submit("requests", self.request_builder.downstream, rr, exchange)
 
     def _on_upstream(self, up: UpstreamRecord) -> None:

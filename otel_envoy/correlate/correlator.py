@@ -115,6 +115,10 @@ class ConnectionCorrelator:
         """Replace the (address, port) -> Envoy listener name table (from the admin API)."""
         self.downstream.listener_names = dict(names)
 
+    def add_own_peer(self, address: str, port: int) -> None:
+        """The daemon's next connection to a traced Envoy comes from ``address:port``: make no span of it."""
+        self.downstream.add_own_peer(address, port)
+
     # ------------------------------------------------------------------ events
 
     def handle(self, event: Event) -> None:

@@ -14,7 +14,7 @@ arrive right after the close syscall; CPUs may deliver slightly out of order) an
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
 from ..envoy.listen_socket import ListenSocket
@@ -62,6 +62,10 @@ def _settle_handoff(listener: ListenerHandoff, ts_ns: int) -> None:
                                    else ts_ns)
 
 
+#: How many of the daemon's own peers are remembered (it makes one admin call at a time, every few seconds).
+MAX_OWN_PEERS = 64
+
+
 class DownstreamConnections:
     """Open downstream connections by (tgid, fd) and by 4-tuple, and the closed ones lingering.
 
@@ -89,10 +93,26 @@ class DownstreamConnections:
         #: their connections whole (the daemon tells it), as it cannot see their requests.
         self.tls_listeners: dict[tuple[int, int], int] = {}
         self.listener_names: dict[tuple[str, int], str] = {}  # (address, port) -> Envoy listener name
+        #: peers (address, port) the daemon's own connections come from (its admin API calls), newest last
+        self.own_peers: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.accepts_by_thread: Counter[tuple[int, int, str]] = Counter()  # (tgid, tid, name) -> accepts
         self.open: dict[tuple[int, int], ConnectionRecord] = {}  # (tgid, fd) -> connection
         self.by_tuple: dict[TupleKey, ConnectionRecord] = {}
         self.closing: deque[ConnectionRecord] = deque()  # closed, lingering; oldest close first
+
+    def add_own_peer(self, address: str, port: int) -> None:
+        """The daemon is about to connect from ``address:port`` to a traced Envoy: that connection is its
+        own, and no span is made of it (bounded: the oldest entries go first)."""
+        self.own_peers[(address, port)] = None
+        self.own_peers.move_to_end((address, port))
+        while len(self.own_peers) > MAX_OWN_PEERS:
+            self.own_peers.popitem(last=False)
+
+    def is_own(self, conn: ConnectionRecord) -> bool:
+        """Whether ``conn`` is one of the daemon's own connections."""
+        if not conn.own and self.own_peers and (conn.peer_address, conn.peer_port) in self.own_peers:
+            conn.own = True
+        return conn.own
 
     def find(self, tkey: TupleKey) -> ConnectionRecord | None:
         """The open or lingering connection of a 4-tuple (peer address, peer port, local port)."""
@@ -340,5 +360,7 @@ class DownstreamConnections:
             del self.by_tuple[tkey]
         if conn.tcp.established_ns is None:
             conn.partial.append("established_not_seen")
+        if self.is_own(conn):
+            self.own_peers.pop((conn.peer_address, conn.peer_port), None)
         self.stats["connections"] += 1
         self.on_finished(conn)

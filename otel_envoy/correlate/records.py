@@ -177,6 +177,7 @@ class ConnectionRecord:
     span_id: str = ""
     close_ns: int | None = None
     still_open: bool = False
+    own: bool = False  # the daemon's own connection (its admin API calls): no span is made of it
     partial: list[str] = field(default_factory=list)  # what we know we missed
     tcp: TcpTimeline = field(default_factory=TcpTimeline)
     accept_queue: AcceptQueueDepth | None = None  # None: nobody saw it queued

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 from ..envoy.listen_socket import ListenSocket
 
-__all__ = ["ClockContext", "ListenSocketsContext", "ListenerNamesContext", "SamplerContext",
-           "recording_clock"]
+__all__ = ["ClockContext", "ListenSocketsContext", "ListenerNamesContext", "OwnConnectionContext",
+           "SamplerContext", "recording_clock"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,26 @@ class ListenerNamesContext:
     def from_json(cls, obj: dict[str, Any]) -> ListenerNamesContext:
         """Inverse of :meth:`to_json`."""
         return cls({(a, int(p)): n for a, p, n in obj["names"]})
+
+
+@dataclass(frozen=True, slots=True)
+class OwnConnectionContext:
+    """A connection the daemon itself is about to open to a traced Envoy (its admin API calls), by the
+    local address and port it will connect from: Envoy sees it as a downstream connection with that peer,
+    and no span is made of it."""
+
+    TYPE: ClassVar[str] = "own_connection"
+    address: str
+    port: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a recording holds it."""
+        return {"type": self.TYPE, "address": self.address, "port": self.port}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> OwnConnectionContext:
+        """Inverse of :meth:`to_json`."""
+        return cls(str(obj["address"]), int(obj["port"]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,6 +242,26 @@ def test_a_long_outage_keeps_the_buffer_within_its_bound(lab, tmp_path: Path) ->
     assert stats["counts"]["spans"] >= 4000
 
 
+def test_the_daemon_s_own_admin_calls_are_not_traced(lab, tmp_path: Path) -> None:
+    """--envoy-admin polls Envoy's admin API every 5 s, through a listener the daemon traces: those
+    connections make no span (counted), while another client's admin call still does."""
+    out, summary = tmp_path / "traces.jsonl", tmp_path / "summary.json"
+    daemon = DaemonProcess(["--pid", str(lab.pid), "--envoy-admin", lab.admin_url, "--sampler", "always_on",
+                            "--output", str(out), "--summary-json", str(summary)], tmp_path).start()
+    try:
+        theirs = clients.curl_plain(lab.admin_port, "/ready")
+        assert theirs.http_code == 200 and theirs.local_port
+        time.sleep(11.5)  # two polls
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.stderr()
+    stats = json.loads(summary.read_text())
+    assert stats["counts"].get("own_connections_left_out", 0) >= 2, stats["counts"]
+    on_admin = connection_traces(read_jsonl(out), lab.admin_port)
+    assert set(on_admin) == {theirs.local_port}, sorted(on_admin)
+    on_admin[theirs.local_port].assert_nested()
+
+
 # -------------------------------------------------------------------------------------------- record / replay
 
 

@@ -182,3 +182,29 @@ def test_every_truncation_of_every_record_kind_is_survived() -> None:
     expected = sum(1 for _, r in records[2:] if _expected_error(r))  # type: ignore[arg-type]
     assert sum(pipeline.decoder.errors.values()) == expected > 0
     assert pipeline.counts["events"] == n - expected
+
+
+def test_the_daemon_s_own_connection_makes_no_span_and_is_counted() -> None:
+    """An own_connection context record (the daemon's admin call, told before it connects) leaves that
+    connection and its requests out; another connection from the same address is traced."""
+    from tests.support.events import LISTEN_FD, LOCAL, LPORT, PEER, TGID, close, read, write
+
+    sink = CollectingSink()
+    pipeline = EventPipeline(SpanPipeline([sink]), Resource.create({}), MonotonicClock(0))
+    pipeline.on_context({"type": "listen_sockets", "sockets": [[TGID, LISTEN_FD, LOCAL, LPORT]]})
+    pipeline.on_context({"type": "own_connection", "address": PEER, "port": 40000})
+    for port, fd, t0 in ((40000, 30, 1_000_000), (40001, 31, 9_000_000)):
+        for ev in (established(t0, port), accept(t0 + 1_000, fd, port),
+                   read(t0 + 2_000, fd, b"GET /listeners HTTP/1.1\r\nHost: a\r\n\r\n"),
+                   write(t0 + 3_000, fd, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+                   close(t0 + 4_000, fd)):
+            pipeline.on_record(encode(ev))
+    pipeline.finish(60_000_000_000)
+    pipeline.spans_out.shutdown(5.0)
+    assert pipeline.counts["own_connections_left_out"] == 1
+    assert pipeline.counts["own_requests_left_out"] == 1
+    roots = [s for s in sink.spans if s.name == "envoy.downstream.connection"]
+    assert [r.attributes["network.peer.port"] for r in roots] == [40001]
+    requests = [s for s in sink.spans if s.name.startswith("GET")]
+    assert len(requests) == 1 and requests[0].trace_id == roots[0].trace_id
+    assert pipeline.correlator.downstream.own_peers == {}  # forgotten once the connection ended
