@@ -3,7 +3,8 @@
 Run as ``python -m otel_envoy.lab.backend --port N``; prints ``ready`` on stdout once listening.
 
 Routes: ``GET /`` -> ``hello from backend\\n``; ``GET /bytes/{n}`` -> n bytes; ``GET /status/{code}`` -> that
-status; ``GET /delay/{ms}`` -> ``ok`` after ms milliseconds.
+status; ``GET /delay/{ms}`` -> ``ok`` after ms milliseconds; ``GET /chunked/{count}/{size}`` -> a chunked
+body of count chunks of size bytes, 5 ms apart.
 """
 
 from __future__ import annotations
@@ -47,6 +48,21 @@ async def _status(request: web.Request) -> web.Response:
     return web.Response(status=code, text=f"status {code}\n")
 
 
+async def _chunked(request: web.Request) -> web.StreamResponse:
+    """``count`` chunks of ``size`` bytes, sent 5 ms apart (each its own write, chunked encoding)."""
+    count = _int_param(request, "count", 0, 1000)
+    size = _int_param(request, "size", 1, MAX_BYTES // 1000)
+    resp = web.StreamResponse()
+    resp.content_type = "application/octet-stream"
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    for _ in range(count):
+        await resp.write(b"c" * size)
+        await asyncio.sleep(0.005)
+    await resp.write_eof()
+    return resp
+
+
 async def _delay(request: web.Request) -> web.Response:
     ms = _int_param(request, "ms", 0, MAX_DELAY_MS)
     await asyncio.sleep(ms / 1000)
@@ -62,6 +78,7 @@ def make_app() -> web.Application:
             web.get("/bytes/{n}", _bytes),
             web.get("/status/{code}", _status),
             web.get("/delay/{ms}", _delay),
+            web.get("/chunked/{count}/{size}", _chunked),
         ]
     )
     return app

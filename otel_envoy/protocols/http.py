@@ -44,6 +44,7 @@ class HttpMessage:
     upgrade: bool = False
     error: str | None = None
     records_lost: bool = False  # records of its connection were lost while it was in flight (not an error)
+    capture_gap: bool = False  # bytes of its chunked body were not captured: its body size is unknown
     tid: int = 0  # thread that moved the first byte
     round: int = 0  # its event-loop round
     headers_round: int = 0  # the event-loop round in which the header block completed

@@ -9,8 +9,16 @@ What leaves this module is parsed fields only: method, path (never the query), s
 sizes, and the values of the headers in :data:`KEPT_HEADERS` (trace context, ``x-request-id``,
 ``user-agent``). Other header values, Authorization, Cookie and Set-Cookie included, are never stored.
 
-Capture gaps (a syscall moved more bytes than the kernel copied) are filled with zero bytes: inside a body
-that keeps the byte count right; inside headers it makes the parser fail, which is recorded on the message.
+Capture gaps (a syscall moved more bytes than the kernel copied) are skipped by what the framing allows.
+Inside a ``Content-Length`` body they are filled with zero bytes, which keeps the count right; when the body
+ends inside the gap and more bytes follow it there, another message started uncaptured: it is kept as a
+message with ``capture_gap`` and nothing else known (so pipelined requests and responses still pair in
+order), and parsing resumes at the next syscall that starts a message. Inside a chunked body the gap holds
+chunk framing that zeros would break, so it is skipped instead: parsing resumes at the next syscall that
+starts a chunk (a chunk-size line: Envoy writes whole chunks) or a message (the chunked one then ended in the
+gap, at the last syscall before it); the message is marked ``capture_gap`` and its body size is unknown.
+Inside headers a gap makes the parser fail, which is recorded on the message.
+
 Malformed bytes never raise out of this module: the message records the error and the direction stops
 parsing.
 
@@ -47,6 +55,11 @@ MAX_PENDING = 64
 _ZEROS = memoryview(bytes(65536))
 _MAX_LEFTOVER_CHUNKS = 16  # syscalls kept per direction after an h2c switch, waiting for the hand-off
 _MAX_LEFTOVER_BYTES = 256 * 1024  # beyond either bound, further bytes are kept as a capture gap only
+#: A chunk-size line (RFC 9112 7.1): hex digits, maybe extensions, CRLF.
+_CHUNK_SIZE_LINE = re.compile(rb"[0-9a-fA-F]{1,16}(?:[ \t]*;[^\r\n]*)?\r\n")
+#: What a fresh parser is fed, callbacks muted, to be in a chunked body again after a capture gap.
+_CHUNKED_HEAD = {True: b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+                 False: b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"}
 
 
 @dataclass(slots=True)
@@ -68,12 +81,19 @@ class _Direction:
     """One direction's parser state: httptools calls back into this object."""
 
     __slots__ = (
+        "_completed_in_fill",
+        "_filling",
         "_header_name",
         "_is_request",
+        "_last_ts",
+        "_muted",
+        "_overrun",
         "_parser",
         "_round",
         "_tid",
         "_ts",
+        "chunk_resync",
+        "chunked",
         "current",
         "done",
         "failed",
@@ -103,6 +123,13 @@ class _Direction:
         self._tid = 0
         self._round = 0
         self.wait_for_start = False  # after lost records: skip syscalls until one starts a message
+        self.chunked = False  # the message in progress has a chunked body
+        self.chunk_resync = False  # a capture gap inside a chunked body: waiting for a chunk or message start
+        self._muted = False  # callbacks ignored (a synthetic head fed to a fresh parser)
+        self._filling = False  # zeros for a capture gap are being fed
+        self._completed_in_fill = False  # a message completed while they were
+        self._overrun = False  # and bytes followed it
+        self._last_ts = 0  # the last syscall fed
 
     # -- fed by Http1Exchanges
 
@@ -112,17 +139,53 @@ class _Direction:
         if self.upgraded or self.failed is not None:
             return
         self.current = None
-        parser = httptools.HttpRequestParser if self._is_request else httptools.HttpResponseParser
-        self._parser = parser(self)
+        self._parser = self._new_parser()
         self.wait_for_start = True
+        self.chunk_resync = False
 
-    def feed(self, ts_ns: int, data: bytes | memoryview, tid: int, round_: int) -> None:
+    def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
+        return (httptools.HttpRequestParser if self._is_request else httptools.HttpResponseParser)(self)
+
+    def feed_gap(self, ts_ns: int, n: int, tid: int, round_: int) -> None:
+        """The last syscall moved ``n`` more bytes than were captured (see the module's text)."""
+        if self.upgraded:  # not HTTP/1 any more: kept (for an h2c hand-off) as a gap
+            self.keep_gap(n)
+            return
+        msg = self.current
+        if msg is not None and msg.headers_done_ns is not None and self.chunked:
+            msg.capture_gap = True  # chunk framing is in the gap: skip it, resynchronise on what follows
+            self.chunk_resync = True
+            return
+        self._completed_in_fill = self._overrun = False
+        while n > 0 and self.failed is None and not self.wait_for_start:
+            k = min(n, len(_ZEROS))
+            self._filling = True
+            try:
+                self.feed(ts_ns, _ZEROS[:k], tid, round_)
+            finally:
+                self._filling = False
+            n -= k
+            if self._completed_in_fill:  # the body ended in the gap
+                if self._overrun or n > 0:  # and another message started there, uncaptured: it keeps its
+                    self.done.append(HttpMessage(start_ns=ts_ns, end_ns=ts_ns, tid=tid, round=round_,
+                                                 capture_gap=True))  # place, so the pairing stays right
+                    self.restart()
+                break
+
+    def feed(self, ts_ns: int, data: bytes | memoryview, tid: int, round_: int, *, complete: bool = True
+             ) -> None:
+        """One syscall's captured bytes (``complete``: all it moved; else a capture gap follows)."""
         if self.failed is not None:
+            return
+        if self.chunk_resync and not self._resync_chunked(ts_ns, data, complete):
+            self._last_ts = ts_ns
             return
         if self.wait_for_start:
             if not _starts_message(bytes(data[:16]), self._is_request):
                 return  # the rest of a message whose start was lost
             self.wait_for_start = False
+        if not self._filling:
+            self._last_ts = ts_ns
         if self.upgraded:
             if self.keep_h2c:
                 self.keep(IoChunk(ts_ns, bytes(data), len(data), tid, round_))
@@ -138,9 +201,42 @@ class _Direction:
             rest = bytes(data[offset:])
             self.keep(IoChunk(ts_ns, rest, len(rest), tid, round_))
         except httptools.HttpParserError as exc:
+            if self._filling and self._completed_in_fill:  # zeros past the end of a body: not an error
+                self._overrun = True
+                return
             self._fail(f"malformed HTTP/1 {'request' if self._is_request else 'response'}: {exc}")
         except Exception as exc:  # httptools is C: never let a surprise stop the daemon
             self._fail(f"HTTP/1 parser failure: {type(exc).__name__}: {exc}")
+
+    def _resync_chunked(self, ts_ns: int, data: bytes | memoryview, complete: bool) -> bool:
+        """After a capture gap in a chunked body: whether to parse ``data`` (it starts a chunk, or a message,
+        in which case the chunked one ended at the last syscall); ``False``: skipped (more chunk data)."""
+        head = bytes(data[:32])
+        msg = self.current
+        if _starts_message(head, self._is_request) and not _CHUNK_SIZE_LINE.match(head):
+            if msg is not None:  # it ended in the gap
+                msg.end_ns = self._last_ts
+                self.done.append(msg)
+                self.current = None
+            self._parser = self._new_parser()
+            self.chunk_resync = False
+            return True
+        if _CHUNK_SIZE_LINE.match(head):
+            self._parser = self._new_parser()
+            self._muted = True
+            try:
+                self._parser.feed_data(_CHUNKED_HEAD[self._is_request])
+            finally:
+                self._muted = False
+            self.chunk_resync = False
+            return True
+        if complete and msg is not None and bytes(data[-7:]).endswith(b"\r\n0\r\n\r\n"):
+            msg.end_ns = ts_ns  # the end of a chunk's data, then the last chunk
+            self.done.append(msg)
+            self.current = None
+            self._parser = self._new_parser()
+            self.chunk_resync = False
+        return False
 
     def resume(self) -> list[IoChunk]:
         """The upgrade was declined: parse HTTP/1 again (a fresh parser: the old one stopped at the
@@ -190,11 +286,14 @@ class _Direction:
     # -- httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self._muted:
+            return
         self.current = HttpMessage(start_ns=self._ts, tid=self._tid, round=self._round)
+        self.chunked = False
 
     def on_url(self, url: bytes) -> None:
         msg = self.current
-        if msg is not None:
+        if msg is not None and not self._muted:
             target = (msg.path or "") + url.decode("latin-1")
             msg.path = target
 
@@ -203,11 +302,13 @@ class _Direction:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         msg = self.current
-        if msg is None:
+        if msg is None or self._muted:
             return
         if name:  # httptools may split a header across calls; a value-only call continues the last one
             self._header_name = name.decode("latin-1").lower()
         key = self._header_name
+        if key == "transfer-encoding" and b"chunked" in value.lower():
+            self.chunked = True
         if key in KEPT_HEADERS:
             text = value.decode("latin-1")
             prev = msg.headers.get(key)
@@ -217,7 +318,7 @@ class _Direction:
 
     def on_headers_complete(self) -> None:
         msg = self.current
-        if msg is None:
+        if msg is None or self._muted:
             return
         msg.headers_done_ns = self._ts
         msg.headers_round = self._round
@@ -240,9 +341,11 @@ class _Direction:
         msg = self.current
         if msg is None:
             return
-        msg.end_ns = self._ts
+        msg.end_ns = self._last_ts if self._filling else self._ts
         self.done.append(msg)
         self.current = None
+        if self._filling:
+            self._completed_in_fill = True
 
 
 _METHOD_START = re.compile(rb"[A-Z]{1,16} ")
@@ -318,14 +421,9 @@ class Http1Exchanges:
         if gap > MAX_SYSCALL_BYTES:
             direction.fail(ts_ns, f"implausible syscall size {total_len}")
         else:
-            direction.feed(ts_ns, data, tid, round_)
-            while gap > 0 and direction.failed is None:  # bytes the kernel did not copy: zeros, in slices
-                if direction.upgraded:  # not HTTP/1 any more: kept (for an h2c hand-off) as a gap
-                    direction.keep_gap(gap)
-                    break
-                n = min(gap, len(_ZEROS))
-                direction.feed(ts_ns, _ZEROS[:n], tid, round_)
-                gap -= n
+            direction.feed(ts_ns, data, tid, round_, complete=gap <= 0)
+            if gap > 0 and direction.failed is None:  # bytes the kernel did not copy
+                direction.feed_gap(ts_ns, gap, tid, round_)
         if self._requests.done:
             for req in self._requests.done:
                 if len(self._pending) >= MAX_PENDING:

@@ -75,13 +75,20 @@ def _http_attributes(req: HttpMessage, resp: HttpMessage | None) -> dict[str, ob
     rid = req.headers.get("x-request-id")
     if rid:
         attrs["http.request.header.x-request-id"] = [rid]
-    attrs["http.request.body.size"] = req.body_bytes
-    if req.records_lost:
-        attrs["otel_envoy.partial"] = "records_lost"
+    partial = ["records_lost"] if req.records_lost else []
+    if req.capture_gap:  # not captured: part of its chunked body (its size unknown), or all of it
+        partial.append("request_body_not_captured" if req.method else "request_not_captured")
+    else:
+        attrs["http.request.body.size"] = req.body_bytes
     if resp is not None:
         if resp.status is not None:
             attrs["http.response.status_code"] = resp.status
-        attrs["http.response.body.size"] = resp.body_bytes
+        if resp.capture_gap:
+            partial.append("response_not_captured" if resp.status is None else "response_body_not_captured")
+        else:
+            attrs["http.response.body.size"] = resp.body_bytes
+    if partial:
+        attrs["otel_envoy.partial"] = partial[0] if len(partial) == 1 else partial
     return attrs
 
 

@@ -160,6 +160,27 @@ def test_chunked_request_body_is_counted(lab, receiver, traced):
     assert server.name == "POST" and server.attributes["http.request.body.size"] == 12
 
 
+def test_a_chunked_response_larger_than_the_capture_leaves_later_requests_right(lab, receiver, traced):
+    """Each 20 000-byte chunk is written whole, past the 4 096 bytes captured per syscall: the gaps hold the
+    chunk framing. The response keeps its status, its body size is left out as unknown, and the requests
+    after it on the same connection get their own responses (downstream and upstream)."""
+    port, statuses = _keep_alive(lab.http_port, [("GET", "/chunked/4/20000", {}), ("GET", "/status/404", {}),
+                                                 ("GET", "/", {})])
+    assert statuses == [200, 404, 200]
+    trace = _wait_conn(receiver, port, lab.http_port, 3)
+    servers = request_spans(trace)
+    assert [(s.attributes["url.path"], s.attributes.get("http.response.status_code")) for s in servers] == [
+        ("/chunked/4/20000", 200), ("/status/404", 404), ("/", 200)]
+    big = servers[0]
+    assert big.attributes["otel_envoy.partial"] == "response_body_not_captured"
+    assert "http.response.body.size" not in big.attributes and big.status_code != ERROR
+    assert servers[1].status_code != ERROR and servers[2].attributes["http.response.body.size"] > 0
+    for s in servers:
+        (client,) = upstream_requests_of(trace.spans, s)
+        assert client.attributes["http.response.status_code"] == s.attributes["http.response.status_code"]
+    assert big.end_ns - big.start_ns >= 15_000_000  # 4 chunks 5 ms apart: it ends with the last one
+
+
 def test_malformed_request_line_is_a_span_error_and_tracing_goes_on(lab, receiver, traced):
     port, data = _raw(lab.http_port, b"GE\x01T / HTTP/1.1\r\nHost: lab\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 400")
