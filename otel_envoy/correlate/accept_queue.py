@@ -4,6 +4,12 @@ The TCP handshake completes (child socket SYN_RECV -> ESTABLISHED, in softirq co
 accepts: the connection waits here, keyed by its peer, until the accept with the same peer arrives. A
 SYN-ACK the kernel retransmitted belongs to a handshake not complete yet: it is kept with the queued
 connection, or, before even that, in a table of its own by 4-tuple, until the accept takes it.
+
+An entry no accept takes (the accept's record was lost, or another network namespace listens on the same
+port: the kernel reports every socket's handshakes) would stay forever, inflate the depth of its port's
+queue, and give its established time to a later connection from the same client port. So entries older
+than :data:`MAX_AGE_NS` are let go (counted ``accept_queue_expired``), and a handshake completing again for
+a queued 4-tuple replaces the entry unless it is a duplicate report of the same handshake.
 """
 
 from __future__ import annotations
@@ -15,6 +21,11 @@ __all__ = ["AcceptQueue", "QueuedConnection", "TupleKey"]
 
 TupleKey = tuple[str, int, int]  # (peer address, peer port, local port)
 MAX_EARLY_SYNACKS = 16  # retransmits kept per handshake not established yet
+#: How long an established connection may wait for its accept before its entry is let go: longer than any
+#: client waits for a connection to be served (connect and request timeouts are seconds to tens of seconds).
+MAX_AGE_NS = 60_000_000_000
+#: Two reports of one 4-tuple's handshake closer than this are one handshake (the first kept).
+DUPLICATE_NS = 1_000_000_000
 
 
 @dataclass(slots=True)
@@ -39,8 +50,13 @@ class AcceptQueue:
     def established(self, ts_ns: int, peer: str, peer_port: int, local: str, local_port: int) -> None:
         """The handshake of ``peer``:``peer_port`` -> ``local``:``local_port`` completed; not accepted yet."""
         queue = self.queued.setdefault(local_port, OrderedDict())
-        if (peer, peer_port) in queue:  # a duplicate of a queued one: keep the first
-            return
+        self._expire_queue(queue, ts_ns)
+        queued = queue.get((peer, peer_port))
+        if queued is not None:
+            if ts_ns - queued.established_ns < DUPLICATE_NS:  # a duplicate report of a queued one: the first
+                return
+            del queue[(peer, peer_port)]  # the client port's earlier connection was never seen accepted
+            self.drops["accept_queue_expired"] += 1
         if len(queue) >= self.max_queued:
             queue.popitem(last=False)
             self.drops["accept_queue_table_full"] += 1
@@ -62,6 +78,27 @@ class AcceptQueue:
         if entry is not None:
             return entry, len(queue) + 1, entry.synack_retransmits  # type: ignore[arg-type]
         return None, 0, self.early_synack.pop((peer, peer_port, local_port), None) or []
+
+    def expire(self, now_ns: int) -> None:
+        """Let go of the entries older than :data:`MAX_AGE_NS` (counted ``accept_queue_expired``)."""
+        for queue in self.queued.values():
+            self._expire_queue(queue, now_ns)
+        horizon = now_ns - MAX_AGE_NS
+        early = self.early_synack
+        while early:
+            key, marks = next(iter(early.items()))
+            if marks and marks[-1] >= horizon:
+                break
+            del early[key]
+
+    def _expire_queue(self, queue: OrderedDict[tuple[str, int], QueuedConnection], now_ns: int) -> None:
+        horizon = now_ns - MAX_AGE_NS
+        while queue:
+            entry = next(iter(queue.values()))  # the oldest first (entries join in time order)
+            if entry.established_ns >= horizon:
+                return
+            queue.popitem(last=False)
+            self.drops["accept_queue_expired"] += 1
 
     def synack_retransmit(self, ts_ns: int, tkey: TupleKey) -> None:
         """The kernel retransmitted the SYN-ACK of a connection no accepted connection is known for."""

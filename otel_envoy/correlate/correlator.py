@@ -136,9 +136,11 @@ class ConnectionCorrelator:
             self.expire(latest)
 
     def expire(self, now_ns: int) -> None:
-        """Emit connections that closed more than ``linger_ns`` before ``now_ns``."""
+        """Emit connections that closed more than ``linger_ns`` before ``now_ns``; let go of accept-queue
+        entries no accept took."""
         self.downstream.expire(now_ns)
         self.upstream.expire(now_ns)
+        self.accept_queue.expire(now_ns)
 
     def flush(self, now_ns: int) -> None:
         """End everything: closed connections as they are, open ones at ``now_ns`` as still open."""

@@ -92,3 +92,28 @@ def test_accept_queue_table_bound_evicts_the_oldest() -> None:
     assert list(h.c.accept_queue.queued[LPORT]) == [(PEER, 40002), (PEER, 40003)]
     h.feed([accept(2_000, 30, 40001), close(2_100, 30)])
     assert h.only().tcp.established_ns is None
+
+
+def test_an_entry_no_accept_takes_is_let_go_and_counted() -> None:
+    """A lost accept (or a listener of the same port in another namespace): the entry goes after a minute,
+    so it neither inflates the depth of later connections nor lingers."""
+    from otel_envoy.correlate.accept_queue import MAX_AGE_NS
+
+    h = Harness().feed([established(1_000, 40001)])  # never accepted
+    h.c.expire(1_000 + MAX_AGE_NS // 2)
+    assert len(h.c.accept_queue.queued[LPORT]) == 1
+    later = 1_000 + MAX_AGE_NS + 1
+    h.c.expire(later)
+    assert h.c.accept_queue.queued[LPORT] == {} and h.c.drops["accept_queue_expired"] == 1
+    h.feed([established(later + 1_000, 40002), accept(later + 2_000, 31, 40002)])
+    conn = h.c.downstream.open[(TGID, 31)]
+    assert (conn.accept_queue.on_arrival, conn.accept_queue.at_accept) == (1, 1)
+
+
+def test_a_reused_client_port_does_not_inherit_an_old_established_time() -> None:
+    h = Harness().feed([established(1_000, 40001)])  # its accept was lost
+    t = 1_000 + 30_000_000_000  # 30 s later, the same client port connects again (not yet expired)
+    h.feed([established(t, 40001), accept(t + 5_000, 31, 40001)])
+    conn = h.c.downstream.open[(TGID, 31)]
+    assert conn.tcp.established_ns == t and conn.accept_queue.at_accept == 1
+    assert h.c.drops["accept_queue_expired"] == 1
