@@ -129,6 +129,7 @@ class DownstreamConnections:
             stale.partial.append("close_not_seen")
             stale.close_ns = ev.ts_ns
             self.drops["fd_reused_without_close"] += 1
+            self.requests.end(stale, ev.ts_ns)
             self._finish(stale)
         if len(self.open) >= self.max_connections:
             _, victim = next(iter(self.open.items()))
@@ -137,6 +138,7 @@ class DownstreamConnections:
             victim.still_open = True
             victim.close_ns = ev.ts_ns
             self.drops["connection_table_full"] += 1
+            self._end_requests_evicted(victim, ev.ts_ns)
             self._finish(victim)
         listen = self.listen_sockets.get((ev.tgid, ev.listen_fd))
         peer = format_ip(ev.family, ev.peer_addr) if ev.family else ""
@@ -204,6 +206,17 @@ class DownstreamConnections:
             handshake.on_server_data(ev.ts_ns, ev.data, ret)
         elif conn.http.parser is not None:
             self.requests.on_data(conn, ev)
+
+    def _end_requests_evicted(self, conn: ConnectionRecord, ts_ns: int) -> None:
+        """``conn`` leaves the table while open: its requests in flight become spans now, counted
+        (``requests_in_flight_evicted``); an HTTP/1 one is marked ``records_lost`` (its response may still
+        come, unseen)."""
+        parser = conn.http.parser
+        if parser is None:
+            return
+        ended = parser.records_lost() if isinstance(parser, Http1Exchanges) else parser.finish(ts_ns)
+        self.drops["requests_in_flight_evicted"] += sum(1 for e in ended if e.response is None)
+        self.requests.ended(conn, ended)
 
     def _records_lost(self, conn: ConnectionRecord, ev: DataEvent) -> None:
         """Data records of ``conn`` before ``ev`` never arrived (the kernel counted them as dropped): the

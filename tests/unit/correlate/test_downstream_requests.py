@@ -63,3 +63,14 @@ def test_a_lost_record_inside_a_response_body_resyncs_at_the_next_response() -> 
     del events[4]  # the second chunk's record
     h.feed(events)
     assert seen == [("/a", None), ("/b", 201)]
+
+
+def test_requests_in_flight_on_an_evicted_connection_become_spans_and_are_counted() -> None:
+    seen: list[tuple[str, object, bool]] = []
+    h = Harness(max_connections=1, on_request=lambda rr, ex: seen.append(
+        (rr.request.path, ex.response.status if ex.response else None, rr.request.records_lost)))
+    h.feed([established(1_000, 40001), accept(2_000, 30, 40001),
+            read(3_000, 30, b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"),
+            established(4_000, 40002), accept(5_000, 31, 40002)])  # the table holds one: 30 is evicted
+    assert seen == [("/slow", None, True)]
+    assert h.c.drops["requests_in_flight_evicted"] == 1 and h.c.drops["connection_table_full"] == 1
