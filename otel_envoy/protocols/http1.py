@@ -90,6 +90,7 @@ class _Direction:
         "_overrun",
         "_parser",
         "_round",
+        "_target",
         "_tid",
         "_ts",
         "chunk_resync",
@@ -130,6 +131,7 @@ class _Direction:
         self._completed_in_fill = False  # a message completed while they were
         self._overrun = False  # and bytes followed it
         self._last_ts = 0  # the last syscall fed
+        self._target = ""  # the request target of the message in progress, as it came (query included)
 
     # -- fed by Http1Exchanges
 
@@ -278,6 +280,8 @@ class _Direction:
         msg = self.current
         if msg is None:
             msg = HttpMessage(start_ns=self._ts, tid=self._tid, round=self._round)
+        elif msg.path is None and self._target:  # failed inside its header block: the path, never the query
+            msg.path = request_path(self._target)
         msg.error = reason
         msg.end_ns = self._ts
         self.done.append(msg)
@@ -290,12 +294,11 @@ class _Direction:
             return
         self.current = HttpMessage(start_ns=self._ts, tid=self._tid, round=self._round)
         self.chunked = False
+        self._target = ""
 
     def on_url(self, url: bytes) -> None:
-        msg = self.current
-        if msg is not None and not self._muted:
-            target = (msg.path or "") + url.decode("latin-1")
-            msg.path = target
+        if self.current is not None and not self._muted:  # the raw target (query included) stays here:
+            self._target += url.decode("latin-1")  # the message only ever gets its path
 
     def on_status(self, _status: bytes) -> None:
         pass
@@ -328,7 +331,7 @@ class _Direction:
         msg.version = p.get_http_version()
         if self._is_request:
             msg.method = p.get_method().decode("latin-1")
-            msg.path = request_path(msg.path or "")
+            msg.path = request_path(self._target)
         else:
             msg.status = p.get_status_code()
         msg.upgrade = bool(p.should_upgrade()) if hasattr(p, "should_upgrade") else "upgrade" in msg.headers

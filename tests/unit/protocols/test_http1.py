@@ -229,3 +229,11 @@ def test_a_long_keep_alive_connection_keeps_nothing_per_finished_request() -> No
         assert len(ex.take_completed()) == 1
     assert ex._requests.headers_done == [] and ex._responses.headers_done == []
     assert not ex._pending and not ex._requests.done and not ex._responses.done
+
+
+def test_a_request_that_fails_inside_its_header_block_keeps_its_path_not_its_query() -> None:
+    """Found by the header fuzzer: the raw target (query included) was the failed request's path."""
+    x = Http1Exchanges(requests_read=True)
+    feed_read(x, 1, b"GET /p?token=secret HTTP/1.1\r\n\x00\r\nHost: h\r\n\r\n")
+    (e,) = x.finish(2)
+    assert e.request.error and e.request.path == "/p"
