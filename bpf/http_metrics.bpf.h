@@ -105,6 +105,7 @@ static __always_inline void keep_request(__u64 pid_tgid, __s32 fd, const struct 
     e->head_len = cs->req_head_len;
     __builtin_memcpy(e->head, cs->req_head, KEPT_HEAD);
     events.ringbuf_submit(e, 0);
+    count_submitted();
 }
 
 /* Whether an answered request that was not sampled is kept: the enum keep_reason, or 0. */

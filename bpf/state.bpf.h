@@ -153,6 +153,9 @@ BPF_ARRAY(target_bits, __u8, TARGET_BITS);
 BPF_TABLE("lru_hash", __u64, struct conn_state, conns, MAX_CONNS);
 BPF_TABLE("lru_hash", __u32, struct thread_state, threads, 16384);
 BPF_PERCPU_ARRAY(drops, __u64, DROP_REASONS);
+/* Records put in the ring buffer (one slot; per CPU: no atomics). User space checks it against the records it
+ * read: the first line of the accounting (otel_envoy/accounting.py). */
+BPF_PERCPU_ARRAY(records_submitted, __u64, 1);
 BPF_ARRAY(thread_zero, struct thread_state, 1); /* never written: thread_of's initial value */
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
@@ -213,7 +216,16 @@ static __always_inline struct thread_state *thread_of(__u32 tid) {
     return t;
 }
 
+static __always_inline void count_submitted(void) {
+    int zero = 0;
+    __u64 *v = records_submitted.lookup(&zero);
+    if (v)
+        (*v)++;
+}
+
 static __always_inline void emit(void *ev, __u32 size) {
     if (events.ringbuf_output(ev, size, 0) != 0)
         count_drop(DROP_RINGBUF_FULL);
+    else
+        count_submitted();
 }

@@ -30,6 +30,7 @@ from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 
+from .accounting import ledger
 from .correlate.round_tracker import OFFCPU_REASONS
 from .envoy.admin import AdminError, fetch_listener_names
 from .envoy.listen_socket import ListenSocket
@@ -70,6 +71,8 @@ __all__ = ["DaemonOptions", "UsageError", "make_resource", "report_new_drops", "
 log = logging.getLogger("otel_envoy.daemon")
 
 RESCAN_INTERVAL_S = 5.0
+#: After the programs stop producing, how long to wait for any run still inside one to finish its record.
+STOP_SETTLE_S = 0.05
 # Fewer records than RING_BATCH_MIN in one pass: wait RING_BATCH_WAIT_S before the next. Between passes the
 # CPU runs other work (the load itself, often) and Python's code and data leave the caches, so a pass costs
 # more per record the fewer records it has. Measured on RSA full handshakes at ~1 300-1 800 connections/s
@@ -239,6 +242,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
             for task in tasks:
                 task.cancel()
     finally:
+        probes.stop_producing()  # then the last drain reads every record the kernel submitted
+        await asyncio.sleep(STOP_SETTLE_S)
         ring.stop_requested.set()
         if ring.is_alive():
             await asyncio.to_thread(ring.join, 5.0)
@@ -258,6 +263,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
                         "not_seen": probes.accept_waits_not_seen()}
         offcpu = _offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
         wakes = _wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
+        records_submitted = probes.records_submitted()
         probes.close()
         await asyncio.to_thread(spans_out.shutdown, 10.0)
         if recorder is not None:
@@ -266,9 +272,19 @@ async def run_daemon(opts: DaemonOptions) -> int:
         raise ring.error
     drops = {**kernel_drops, **pipeline.drops()}
     stats = spans_out.stats()
+    counts = pipeline.counts
+    rounds = pipeline.round_worker
+    accounts = ledger(
+        records_submitted=records_submitted, records_received=pipeline.received, decoded=counts["events"],
+        decode_errors=pipeline.decoder.errors, correlator_stats=pipeline.correlator.stats, counts=counts,
+        rounds_offered=rounds.offered if rounds is not None else None,
+        rounds_dropped=rounds.dropped if rounds is not None else 0, export=stats)
+    broken = sorted(name for name, stage in accounts.items() if not stage["holds"])
+    if broken:
+        log.warning("the accounts do not balance at %s (--summary-json has the figures)", ", ".join(broken))
     if opts.summary_json:
         with open(opts.summary_json, "w") as f:
-            json.dump({"counts": dict(pipeline.counts), "drops": drops, "export": stats,
+            json.dump({"counts": dict(counts), "drops": drops, "export": stats, "accounting": accounts,
                        "correlator": dict(pipeline.correlator.stats), "offcpu": offcpu,
                        "idle_wakeups": wakes, "http_requests": http_requests,
                        "connections_closed": dict(connections_closed),

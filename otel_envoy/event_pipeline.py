@@ -95,11 +95,13 @@ class EventPipeline:
         self._handle = self.correlator.handle
         self._counts: Counter[str] = Counter()
         self._events = 0  # a plain int: counted per kernel record (see the counts property)
+        self.received = 0  # raw records handed in, decodable or not (the accounting's ring line)
         if recorder is not None:
             recorder.context(ClockContext(clock.offset_ns).to_json())
 
     def on_record(self, raw: bytes) -> None:
         """One raw ring-buffer record (hot path)."""
+        self.received += 1
         if self.recorder is not None:
             self.recorder.kernel(raw)
         event = self._decode(raw)
@@ -112,10 +114,13 @@ class EventPipeline:
 
     @property
     def counts(self) -> Counter[str]:
-        """Events decoded, connections, requests, spans built, span-building errors, ..."""
+        """Events decoded, connections, requests, spans built, span-building errors, ... (the round worker's
+        included: a snapshot)."""
         if self._events:
             self._counts["events"] = self._events
-        return self._counts
+        if self.round_worker is None or not self.round_worker.counts:
+            return self._counts
+        return self._counts + self.round_worker.counts
 
     def on_context(self, obj: dict) -> None:
         """A user-space context record (events/recording_context.py) in its JSON form: recorded as given,
@@ -198,14 +203,18 @@ class EventPipeline:
         self._submit("upstream_requests_unpaired", self.request_builder.unpaired_upstream_request, up,
                      exchange, ids)
 
-    def _submit(self, what: str, build: Callable[..., list], *args: object) -> None:
+    def _submit(self, what: str, build: Callable[..., list], *args: object,
+                counts: Counter[str] | None = None) -> None:
+        """Build spans and hand them to the export queue; ``counts``: where to count (the round worker's
+        own, on its thread), else this pipeline's."""
+        counts = self._counts if counts is None else counts
         try:
             spans = build(*args)
         except Exception:  # a bug in span building must not stop tracing
-            self._counts["span_build_errors"] += 1
+            counts["span_build_errors"] += 1
+            counts[f"span_build_errors.{what}"] += 1
             log.exception("could not build spans (%s)", what)
             return
-        counts = self._counts
         counts[what] += 1
         counts["spans"] += len(spans)
         self.spans_out.submit(spans)
@@ -229,6 +238,8 @@ class RoundWorker:
     def __init__(self, pipeline: EventPipeline, *, threaded: bool, max_queue: int = 8192) -> None:
         self._pipeline = pipeline
         self.dropped = 0
+        self.offered = 0  # rounds and waits handed in (built, failed or dropped)
+        self.counts: Counter[str] = Counter()  # what _build counted, on the worker's thread
         self._queue: queue.Queue[tuple[str, object] | None] | None = None
         self._thread: threading.Thread | None = None
         if threaded:
@@ -245,6 +256,7 @@ class RoundWorker:
         self._put("waits", wait)
 
     def _put(self, what: str, item: object) -> None:
+        self.offered += 1
         if self._queue is None:
             self._build(what, item)
             return
@@ -256,9 +268,9 @@ class RoundWorker:
     def _build(self, what: str, item: object) -> None:
         builder = self._pipeline.round_builder
         if what == "rounds":
-            self._pipeline._submit("rounds", builder.round_spans, item)
+            self._pipeline._submit("rounds", builder.round_spans, item, counts=self.counts)
         else:
-            self._pipeline._submit("offcpu_waits", builder.wait_spans, item)
+            self._pipeline._submit("offcpu_waits", builder.wait_spans, item, counts=self.counts)
 
     def _run(self) -> None:
         assert self._queue is not None

@@ -10,8 +10,9 @@ delays only itself, and nothing here waits on a network.
 
 Every span submitted is accounted for: ``queue_full`` (did not fit), ``shutdown`` (came or was still
 queued when the pipeline stopped), or handed to every sink, where it is ``invalid_span`` (could not be
-encoded), ``export_failed`` (refused), ``export_buffer_full`` (evicted from the bound), ``export_unsent``
-(still buffered at the end of the shutdown time), exported, or still buffered (:meth:`SpanPipeline.stats`).
+encoded), ``encode_failed`` (its batch's encoder raised), ``export_failed`` (refused),
+``export_buffer_full`` (evicted from the bound), ``export_unsent`` (still buffered at the end of the
+shutdown time), exported, or still buffered (:meth:`SpanPipeline.stats`; otel_envoy/accounting.py).
 """
 
 from __future__ import annotations
@@ -74,7 +75,11 @@ class SpanPipeline:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # wakes the export thread
         self._done = threading.Condition(self._lock)  # wakes flush() waiters
+        self._offered = 0  # spans ever passed to submit()
+        self._refused = 0  # of those, refused because the pipeline was stopping
         self._accepted = 0  # spans ever put in the queue
+        self._abandoned = 0  # spans still queued when the shutdown time ran out
+        self._given: dict[str, int] = dict.fromkeys(self._names, 0)  # spans passed to each sink's encode
         self._processed = 0  # spans taken out of the queue and handled (exported, failed or dropped)
         self._in_flight = 0
         self._flush_waiters = 0
@@ -94,8 +99,10 @@ class SpanPipeline:
         if not n:
             return 0
         with self._lock:
+            self._offered += n
             if self._stopping:
                 self._drops["shutdown"] += n
+                self._refused += n
                 return 0
             queue = self._queue
             if self._block_when_full and len(queue) + n > self._max_queue:
@@ -191,7 +198,12 @@ class SpanPipeline:
                 drops[f"export_unsent:{name}"] += st["unsent"]
             return {
                 "submitted": self._accepted + self._drops["queue_full"],
+                "offered": self._offered,
                 "accepted": self._accepted,
+                "refused_stopping": self._refused,
+                "abandoned": self._abandoned,
+                "processed": self._processed,
+                "given": dict(self._given),
                 "queue_depth": len(self._queue),
                 "in_flight": self._in_flight,
                 "max_queue": self._max_queue,
@@ -234,6 +246,7 @@ class SpanPipeline:
                 self._work.wait(remaining)
             if self._abandon and queue:
                 self._drops["shutdown"] += len(queue)
+                self._abandoned += len(queue)
                 self._processed += len(queue)
                 queue.clear()
                 self._done.notify_all()
@@ -261,13 +274,15 @@ class SpanPipeline:
     def _hand(self, sink: SpanSink, worker: SinkWorker, batch: list[ExportSpan]) -> None:
         """Encode ``batch`` for ``sink`` and hand it to the sink's worker; spans left out are counted."""
         name = worker.name
+        with self._lock:
+            self._given[name] += len(batch)
         try:
             encoded = sink.encode(batch)
         except Exception as exc:  # an encoder that fails for a whole batch: the batch is refused
             log.warning("span sink %s could not encode a batch of %d spans: %s: %s", name, len(batch),
                         type(exc).__name__, exc)
             with self._lock:
-                self._drops[f"export_failed:{name}"] += len(batch)
+                self._drops[f"encode_failed:{name}"] += len(batch)
             return
         rejected = getattr(sink, "rejected", 0)  # spans left out of the batch, not encodable
         with self._lock:

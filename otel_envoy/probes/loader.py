@@ -204,6 +204,12 @@ class ConnectionProbes:
             self._targets[ctypes.c_uint32(tgid)] = ctypes.c_uint8(1)
             bits[ctypes.c_int(tgid % TARGET_BITS)] = ctypes.c_uint8(1)
 
+    def stop_producing(self) -> None:
+        """No more records: every target and listening port is forgotten, so the programs return before
+        they emit (the end of a run: after the last drain, what the kernel submitted is what was read)."""
+        for table in (self._targets, self._ports, self.bpf[b"target_bits"]):
+            table.clear()
+
     def set_listen_ports(self, ports: Iterable[int]) -> None:
         """Replace the set of listening ports whose TCP events are traced."""
         wanted = {int(p) for p in ports}
@@ -356,6 +362,10 @@ class ConnectionProbes:
         if not self.config.sampling:
             return 0
         return int(sum(self.bpf[b"accept_wait_unseen"][ctypes.c_int(0)]))
+
+    def records_submitted(self) -> int:
+        """Records the programs put in the ring buffer, summed over CPUs."""
+        return int(sum(self.bpf[b"records_submitted"][0]))
 
     def drop_counts(self) -> dict[str, int]:
         """Kernel-side drops by reason, summed over CPUs, and the runs of each program the kernel skipped
