@@ -64,7 +64,7 @@ from .sampling import (
 from .spans.clock import MonotonicClock
 from .spans.round_spans import idle_wakes_by_kind
 from .stacks import Symbolizer, SymbolsFileError
-from .stacks.source import SymbolizedStacks
+from .stacks.source import IDLE_S, SymbolizedStacks
 
 __all__ = ["DaemonOptions", "UsageError", "make_resource", "report_new_drops", "run_daemon"]
 
@@ -236,6 +236,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
             if budget is not None else []
         if sampling:
             tasks.append(asyncio.ensure_future(_sample_tls_listeners(probes, pipeline)))
+        if opts.offcpu:
+            tasks.append(asyncio.ensure_future(_sweep_stacks(probes, stacks)))
         try:
             await _wait(opts, loop, rescan_now, targets, listeners, probes, ring, known_ports)
         finally:
@@ -271,6 +273,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
     if ring.error is not None:
         raise ring.error
     drops = {**kernel_drops, **pipeline.drops()}
+    if stacks.collisions:  # stacks the kernel could not record: their slot in its table was taken
+        drops["stacks.table_collision"] = stacks.collisions
     stats = spans_out.stats()
     counts = pipeline.counts
     rounds = pipeline.round_worker
@@ -392,6 +396,26 @@ def report_new_drops(probes: ConnectionProbes, before: dict[str, int]) -> dict[s
 
 
 BUDGET_INTERVAL_S = 1.0
+#: How often the kernel's stack table is swept of the stacks no record names any more (stacks/source.py).
+STACK_SWEEP_S = 30.0
+
+
+async def _sweep_stacks(probes: ConnectionProbes, stacks: SymbolizedStacks) -> None:
+    """Every :data:`STACK_SWEEP_S`: the kernel's stack table loses the stacks no record named for a minute
+    (those its idle wake-up totals name stay: they are read at the end)."""
+    def sweep() -> int:
+        keep = {waker_stack for _tid, _tgid, waker_stack in probes.idle_wakes()}
+        return stacks.sweep(probes.stack_ids(), keep, probes.delete_stack)
+
+    while True:
+        await asyncio.sleep(STACK_SWEEP_S)
+        try:
+            swept = await asyncio.to_thread(sweep)
+        except Exception as exc:  # a failed sweep leaves the table as it was: tracing goes on
+            log.warning("sweeping the kernel's stack table failed: %s", exc)
+            continue
+        if swept:
+            log.info("let go of %d stacks no record named for %.0f s", swept, IDLE_S)
 
 
 async def _sample_tls_listeners(probes: ConnectionProbes, pipeline: EventPipeline) -> None:

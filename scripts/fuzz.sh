@@ -4,7 +4,7 @@
 # Needs the venv (scripts/setup.sh); no root. Prints hypothesis' statistics (cases run per property).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-run() { OTEL_ENVOY_FUZZ_EXAMPLES="$1" .venv/bin/python -m pytest -q -p no:cacheprovider \
+run() { OTEL_ENVOY_FUZZ_EXAMPLES="$1" .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=0 \
           --hypothesis-show-statistics "$2"; }
 run 400000 tests/fuzz/test_header_fuzz.py > "${FUZZ_LOG_DIR:-.}/fuzz-headers.log" 2>&1 & headers=$!
 run 100000 tests/fuzz/test_encoder_fuzz.py > "${FUZZ_LOG_DIR:-.}/fuzz-encoders.log" 2>&1 & encoders=$!

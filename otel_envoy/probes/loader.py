@@ -7,6 +7,7 @@ rest of the package (replay, show, unit tests) works without it. The program is 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import mmap
@@ -403,6 +404,15 @@ class ConnectionProbes:
             return [int(a) for a in self.bpf[b"stacks"].walk(stack_id)]
         except (KeyError, OSError):
             return []
+
+    def stack_ids(self) -> list[int]:
+        """The ids the kernel's stack table holds now."""
+        return [int(k.value) for k in self.bpf[b"stacks"]]
+
+    def delete_stack(self, stack_id: int) -> None:
+        """Remove one stack from the kernel's table (gone already: nothing to do)."""
+        with contextlib.suppress(KeyError, OSError):
+            del self.bpf[b"stacks"][ctypes.c_int(stack_id)]
 
     def offcpu_totals(self) -> dict[tuple[int, int], tuple[int, int, int]]:
         """Off-CPU time aggregated in the kernel: (tid, reason) -> (ns, runnable ns, waits)."""

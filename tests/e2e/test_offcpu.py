@@ -266,3 +266,29 @@ def test_symbols_file_symbolizes_the_stripped_binary(epoll_builds, tmp_path, whi
                                   ["--symbols", str(getattr(epoll_builds, which))])
     frames = waits[0].attributes["offcpu.stack.user"]
     assert any(f.startswith("demo::handle_client(int, int)+0x") for f in frames), frames
+
+
+def test_the_kernel_stack_table_can_be_read_and_swept(lab) -> None:
+    """The loader's view of the kernel's stack table (what SymbolizedStacks.sweep works on): the waits of a
+    real Envoy fill it, a stack deleted is gone (twice is harmless), and every record is counted."""
+    from otel_envoy.lab import clients as lab_clients
+    from otel_envoy.probes.loader import ConnectionProbes, ProbeConfig
+
+    probes = ConnectionProbes(ProbeConfig(offcpu=True))
+    try:
+        received = []
+        probes.open_ring_buffer(received.append)
+        probes.add_targets([lab.pid])
+        for _ in range(10):
+            assert lab_clients.curl_plain(lab.http_port, "/delay/20").http_code == 200
+            probes.consume()
+        ids = probes.stack_ids()
+        assert ids and all(i >= 0 for i in ids)
+        probes.delete_stack(ids[0])
+        probes.delete_stack(ids[0])
+        assert ids[0] not in probes.stack_ids()
+        probes.stop_producing()
+        probes.consume()
+        assert probes.records_submitted() == len(received) > 0
+    finally:
+        probes.close()
