@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -46,32 +47,33 @@ def spans(draw: st.DrawFn) -> SpanRecord:
         flags=draw(st.integers(-1, 1 << 33)))
 
 
-@FUZZ
-@given(st.lists(spans(), min_size=1, max_size=4))
-def test_the_protobuf_encoder_keeps_every_encodable_span_and_never_raises(batch: list[SpanRecord]) -> None:
-    body, left_out = encode_leaving_out_bad(encode_request_proto, batch)
-    valid = sum(span_ids_valid(r) for r in batch)
-    assert left_out >= len(batch) - valid
-    decoded = [] if body is None else [s for rs in ExportTraceServiceRequest.FromString(body).resource_spans
-                                       for ss in rs.scope_spans for s in ss.spans]
-    assert len(decoded) == len(batch) - left_out
-    kept = {s.span_id.hex() for s in decoded}
-    assert kept <= {r.span_id for r in batch if span_ids_valid(r)}
-    _left_out_only_if_unencodable(encode_request_proto, batch, kept)
+def _proto_span_ids(body: bytes) -> list[str]:
+    request = ExportTraceServiceRequest.FromString(body)
+    return [s.span_id.hex() for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
 
 
+def _json_span_ids(line: str) -> list[str]:
+    assert "\n" not in line  # one batch, one line
+    return [r.span_id for r in decode_request_json(json.loads(line))]
+
+
+ENCODERS = {"protobuf": (encode_request_proto, _proto_span_ids),
+            "json": (encode_request_json, _json_span_ids)}
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODERS))
 @FUZZ
-@given(st.lists(spans(), min_size=1, max_size=4))
-def test_the_json_encoder_keeps_every_encodable_span_and_never_raises(batch: list[SpanRecord]) -> None:
-    line, left_out = encode_leaving_out_bad(encode_request_json, batch)
-    valid = sum(span_ids_valid(r) for r in batch)
-    assert left_out >= len(batch) - valid
-    decoded = [] if line is None else decode_request_json(json.loads(line))
-    assert "\n" not in (line or "")  # one batch, one line
+@given(batch=st.lists(spans(), min_size=1, max_size=4))
+def test_an_encoder_keeps_every_encodable_span_and_never_raises(encoding: str,
+                                                                 batch: list[SpanRecord]) -> None:
+    encode, span_ids_of = ENCODERS[encoding]
+    encoded, left_out = encode_leaving_out_bad(encode, batch)
+    assert left_out >= len(batch) - sum(span_ids_valid(r) for r in batch)
+    decoded = [] if encoded is None else span_ids_of(encoded)
     assert len(decoded) == len(batch) - left_out
-    kept = {r.span_id for r in decoded}
+    kept = set(decoded)
     assert kept <= {r.span_id for r in batch if span_ids_valid(r)}
-    _left_out_only_if_unencodable(encode_request_json, batch, kept)
+    _left_out_only_if_unencodable(encode, batch, kept)
 
 
 def _left_out_only_if_unencodable(encode, batch: list[SpanRecord], kept: set[str]) -> None:
