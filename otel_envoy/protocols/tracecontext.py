@@ -38,30 +38,38 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 _LOWER_HEX = re.compile(r"[0-9a-f]+")
 
 
-def _hex(text: str, digits: tuple[int, ...], *, lowercase: bool = False) -> int | None:
-    """The value of an id of exactly one of ``digits`` hex digits (surrounding blanks allowed), not zero."""
-    text = text.strip()
+#: The blanks HTTP allows around a field value (RFC 9110 5.6.3 OWS); str.strip() would also take control
+#: characters such as \x1f for whitespace.
+_OWS = " \t"
+
+
+def _hex(text: str, digits: tuple[int, ...], *, lowercase: bool = False, blanks: bool = True) -> int | None:
+    """The value of an id of exactly one of ``digits`` hex digits, not zero (``blanks``: spaces and tabs
+    around it allowed)."""
+    if blanks:
+        text = text.strip(_OWS)
     if len(text) not in digits or not (_LOWER_HEX if lowercase else _HEX).fullmatch(text):
         return None
     return int(text, 16) or None
 
 
 def _traceparent(value: str) -> TraceContext | None:
-    parts = value.strip().split("-")
+    parts = value.strip(_OWS).split("-")
     if len(parts) < 4 or not _LOWER_HEX.fullmatch(parts[0]) or len(parts[0]) != 2 or parts[0] == "ff":
         return None
     if parts[0] == "00" and len(parts) != 4:
         return None
     if len(parts[3]) != 2 or not _HEX.fullmatch(parts[3]):
         return None
-    trace_id, span_id = _hex(parts[1], (32,), lowercase=True), _hex(parts[2], (16,), lowercase=True)
+    trace_id = _hex(parts[1], (32,), lowercase=True, blanks=False)
+    span_id = _hex(parts[2], (16,), lowercase=True, blanks=False)
     if trace_id is None or span_id is None:
         return None
     return TraceContext(trace_id, span_id, bool(int(parts[3], 16) & 1), "traceparent")
 
 
 def _b3_single(value: str) -> TraceContext | None:
-    parts = value.strip().split("-")
+    parts = value.strip(_OWS).split("-")
     if len(parts) < 2:
         return None  # "0"/"1"/"d": a sampling decision only
     trace_id, span_id = _hex(parts[0], (16, 32)), _hex(parts[1], (16,))
@@ -90,7 +98,7 @@ def trace_context(headers: Mapping[str, str]) -> TraceContext | None:
     """The trace a request belongs to, from its (lower-case) headers, or None."""
     value = headers.get("traceparent")
     if value and (ctx := _traceparent(value)) is not None:
-        state = headers.get("tracestate", "").strip()
+        state = headers.get("tracestate", "").strip(_OWS)
         return dataclasses.replace(ctx, trace_state=state) if 0 < len(state) <= MAX_TRACE_STATE else ctx
     value = headers.get("b3")
     if value and (ctx := _b3_single(value)) is not None:

@@ -98,3 +98,14 @@ def test_every_id_it_returns_fits_its_field() -> None:
             assert ctx.parent_span_id is None or 0 < ctx.parent_span_id < 2**64
 
     check()
+
+
+def test_a_control_character_inside_a_traceparent_id_makes_it_invalid() -> None:
+    """Found by the header fuzzer: str.strip() took \\x1f for a blank, so this traceparent was accepted."""
+    from otel_envoy.protocols.tracecontext import trace_context as parse
+
+    assert parse({"traceparent": "00-\x1f00000000000000000000000000000001-0000000000000001-00"}) is None
+    assert parse({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-\x1cb7ad6b716920333-01"}) is None
+    assert parse({"x-b3-traceid": "\x1f80f198ee56343ba8", "x-b3-spanid": "e457b5a2e4d86bd1"}) is None
+    ok = parse({"traceparent": " 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\t"})
+    assert ok is not None and ok.source == "traceparent"  # spaces and tabs around the value are fine
