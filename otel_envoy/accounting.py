@@ -60,10 +60,10 @@ def ledger(*, records_submitted: int, records_received: int, decoded: int, decod
     stages["span_queue"] = _stage(counts.get("spans", 0), {
         "accepted": export["accepted"], "queue_full": drops.get("queue_full", 0),
         "refused_stopping": export["refused_stopping"]})
-    stages["span_queue_out"] = _stage(export["accepted"], {
-        "processed": export["processed"] - export["abandoned"], "abandoned": export["abandoned"],
-        "queued": export["queue_depth"] + export["in_flight"]})
     taken = export["processed"] - export["abandoned"]  # each batch taken out goes to every sink
+    stages["span_queue_out"] = _stage(export["accepted"], {
+        "processed": taken, "abandoned": export["abandoned"],
+        "queued": export["queue_depth"] + export["in_flight"]})
     for name, sink in export.get("sinks", {}).items():
         stages[f"sink:{name}"] = _stage(taken, {
             "invalid_span": drops.get(f"invalid_span:{name}", 0),

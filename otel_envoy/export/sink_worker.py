@@ -117,12 +117,6 @@ class SinkWorker:
             self._peak_bytes = max(self._peak_bytes, self._buffered_bytes)
             self._work.notify()
 
-    def settled_through(self) -> int:
-        """How many spans handed so far have been sent or dropped (:meth:`wait_settled` waits for a
-        number)."""
-        with self._lock:
-            return self._settled
-
     def handed(self) -> int:
         """How many spans have been handed to the worker."""
         with self._lock:
@@ -201,7 +195,7 @@ class SinkWorker:
                         self._batches_sent += 1
                 stopping = self._stopping
             if outcome is Delivery.RETRY and not stopping:
-                self._warn_retry(batch)
+                self._warn_retry()
                 self._retry_wait.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
             else:
@@ -222,7 +216,7 @@ class SinkWorker:
                             more)
         return outcome
 
-    def _warn_retry(self, batch: Encoded) -> None:
+    def _warn_retry(self) -> None:
         allowed, suppressed = self._warn.allow(f"{self.name}:retry")
         if allowed:
             with self._lock:

@@ -36,7 +36,8 @@ from otel_envoy.export.otlp_proto import encode_request_proto
 from otel_envoy.export.sink_worker import Delivery, Encoded
 from otel_envoy.spans.model import SpanRecord
 
-__all__ = ["JsonLinesFileSink", "OtlpSink", "SpanSink", "encode_leaving_out_bad", "span_ids_valid"]
+__all__ = ["EncodingSink", "JsonLinesFileSink", "OtlpSink", "SpanSink", "encode_leaving_out_bad",
+           "span_ids_valid"]
 
 log = logging.getLogger("otel_envoy.export")
 _T = TypeVar("_T")
@@ -83,9 +84,9 @@ _SENDER_LOG_FILTER = ExporterLogFilter()
 class SpanSink(abc.ABC):
     """Somewhere a batch of finished spans goes.
 
-    Subclasses implement :meth:`export` (encode and deliver at once); sinks whose delivery can fail for a
-    while (a collector) also split it into :meth:`encode` and :meth:`send`, so that what could not be
-    delivered is kept encoded and tried again. The defaults pass the spans themselves to :meth:`export`.
+    Subclasses implement :meth:`export` (encode and deliver at once); then :meth:`encode` passes the spans
+    themselves and :meth:`send` calls :meth:`export`. The sinks here are each an :class:`EncodingSink`: they
+    encode and deliver separately, so that what could not be delivered is kept encoded and tried again.
     """
 
     #: Short name used in stats and drop reasons (``export_failed:<name>``).
@@ -112,7 +113,25 @@ class SpanSink(abc.ABC):
         """Release resources; called once, after the last :meth:`send`."""
 
 
-class JsonLinesFileSink(SpanSink):
+class EncodingSink(SpanSink):
+    """A sink that encodes a batch (:meth:`encode`) and delivers the encoding (:meth:`send`): both its own;
+    :meth:`export` is the two at once."""
+
+    @abc.abstractmethod
+    def encode(self, spans: Sequence[SpanRecord]) -> Encoded | None:
+        """``spans`` in this sink's encoding (``None``: nothing to send)."""
+
+    @abc.abstractmethod
+    def send(self, payload: Any) -> Delivery:
+        """Deliver one :meth:`encode` payload."""
+
+    def export(self, spans: Sequence[SpanRecord]) -> bool:
+        """Encode and deliver one batch at once (blocking); ``True`` when delivered or nothing was left."""
+        encoded = self.encode(spans)
+        return encoded is None or self.send(encoded.payload) is Delivery.SENT
+
+
+class JsonLinesFileSink(EncodingSink):
     """Writes one OTLP/JSON ``ExportTraceServiceRequest`` per line, one line per batch.
 
     The file is truncated when the sink is created and flushed after every batch, so ``show`` (or
@@ -125,11 +144,6 @@ class JsonLinesFileSink(SpanSink):
         self.name = name
         self._lock = threading.Lock()
         self._file: TextIO | None = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - long-lived
-
-    def export(self, spans: Sequence[SpanRecord]) -> bool:
-        """Append one line for ``spans`` and flush."""
-        encoded = self.encode(spans)
-        return encoded is None or self.send(encoded.payload) is Delivery.SENT
 
     def encode(self, spans: Sequence[SpanRecord]) -> Encoded | None:
         """One OTLP/JSON line for the spans that encode (``None`` when none is left)."""
@@ -157,7 +171,7 @@ class JsonLinesFileSink(SpanSink):
                 self._file = None
 
 
-class OtlpSink(SpanSink):
+class OtlpSink(EncodingSink):
     """Sends batches to an OTLP collector over gRPC or HTTP/protobuf.
 
     Batches are serialised by :func:`otel_envoy.export.otlp_proto.encode_request_proto` (byte-identical
@@ -218,11 +232,6 @@ class OtlpSink(SpanSink):
             timeout=timeout,
             append_traces_path=False,
         )
-
-    def export(self, spans: Sequence[SpanRecord]) -> bool:
-        """Export one batch (blocking, through the sender's retries)."""
-        encoded = self.encode(spans)
-        return encoded is None or self.send(encoded.payload) is Delivery.SENT
 
     def encode(self, spans: Sequence[SpanRecord]) -> Encoded | None:
         """The protobuf ``ExportTraceServiceRequest`` of the spans that encode (``None``: none left)."""

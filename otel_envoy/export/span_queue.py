@@ -75,11 +75,9 @@ class SpanPipeline:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # wakes the export thread
         self._done = threading.Condition(self._lock)  # wakes flush() waiters
-        self._offered = 0  # spans ever passed to submit()
         self._refused = 0  # of those, refused because the pipeline was stopping
         self._accepted = 0  # spans ever put in the queue
         self._abandoned = 0  # spans still queued when the shutdown time ran out
-        self._given: dict[str, int] = dict.fromkeys(self._names, 0)  # spans passed to each sink's encode
         self._processed = 0  # spans taken out of the queue and handled (exported, failed or dropped)
         self._in_flight = 0
         self._flush_waiters = 0
@@ -99,7 +97,6 @@ class SpanPipeline:
         if not n:
             return 0
         with self._lock:
-            self._offered += n
             if self._stopping:
                 self._drops["shutdown"] += n
                 self._refused += n
@@ -198,12 +195,10 @@ class SpanPipeline:
                 drops[f"export_unsent:{name}"] += st["unsent"]
             return {
                 "submitted": self._accepted + self._drops["queue_full"],
-                "offered": self._offered,
                 "accepted": self._accepted,
                 "refused_stopping": self._refused,
                 "abandoned": self._abandoned,
                 "processed": self._processed,
-                "given": dict(self._given),
                 "queue_depth": len(self._queue),
                 "in_flight": self._in_flight,
                 "max_queue": self._max_queue,
@@ -274,8 +269,6 @@ class SpanPipeline:
     def _hand(self, sink: SpanSink, worker: SinkWorker, batch: list[ExportSpan]) -> None:
         """Encode ``batch`` for ``sink`` and hand it to the sink's worker; spans left out are counted."""
         name = worker.name
-        with self._lock:
-            self._given[name] += len(batch)
         try:
             encoded = sink.encode(batch)
         except Exception as exc:  # an encoder that fails for a whole batch: the batch is refused

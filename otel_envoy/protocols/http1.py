@@ -214,16 +214,11 @@ class _Direction:
         """After a capture gap in a chunked body: whether to parse ``data`` (it starts a chunk, or a message,
         in which case the chunked one ended at the last syscall); ``False``: skipped (more chunk data)."""
         head = bytes(data[:32])
-        msg = self.current
-        if _starts_message(head, self._is_request) and not _CHUNK_SIZE_LINE.match(head):
-            if msg is not None:  # it ended in the gap
-                msg.end_ns = self._last_ts
-                self.done.append(msg)
-                self.current = None
-            self._parser = self._new_parser()
-            self.chunk_resync = False
+        chunk_start = _CHUNK_SIZE_LINE.match(head) is not None
+        if not chunk_start and _starts_message(head, self._is_request):
+            self._end_chunked_message(self._last_ts)  # it ended in the gap
             return True
-        if _CHUNK_SIZE_LINE.match(head):
+        if chunk_start:
             self._parser = self._new_parser()
             self._muted = True
             try:
@@ -232,13 +227,19 @@ class _Direction:
                 self._muted = False
             self.chunk_resync = False
             return True
-        if complete and msg is not None and bytes(data[-7:]).endswith(b"\r\n0\r\n\r\n"):
-            msg.end_ns = ts_ns  # the end of a chunk's data, then the last chunk
+        if complete and bytes(data[-7:]).endswith(b"\r\n0\r\n\r\n"):
+            self._end_chunked_message(ts_ns)  # the end of a chunk's data, then the last chunk
+        return False
+
+    def _end_chunked_message(self, end_ns: int) -> None:
+        """The chunked message being resynchronised ended at ``end_ns``; parse afresh from here."""
+        msg = self.current
+        if msg is not None:
+            msg.end_ns = end_ns
             self.done.append(msg)
             self.current = None
-            self._parser = self._new_parser()
-            self.chunk_resync = False
-        return False
+        self._parser = self._new_parser()
+        self.chunk_resync = False
 
     def resume(self) -> list[IoChunk]:
         """The upgrade was declined: parse HTTP/1 again (a fresh parser: the old one stopped at the
@@ -344,7 +345,7 @@ class _Direction:
         msg = self.current
         if msg is None:
             return
-        msg.end_ns = self._last_ts if self._filling else self._ts
+        msg.end_ns = self._ts
         self.done.append(msg)
         self.current = None
         if self._filling:
