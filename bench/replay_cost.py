@@ -97,7 +97,7 @@ def run_correlate_only(clock: MonotonicClock, items: list[tuple[str, object]],
     pipeline = new_pipeline(clock, out)
     calls: list[tuple[Callable[..., list], tuple]] = []
 
-    def keep(what: str, build: Callable[..., list], *args: object) -> None:
+    def keep(what: str, build: Callable[..., list], *args: object, counts: object = None) -> None:
         calls.append((build, args))
 
     pipeline._submit = keep  # type: ignore[method-assign]

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +32,13 @@ from opentelemetry.sdk.resources import Resource
 
 from .accounting import ledger
 from .correlate.round_tracker import OFFCPU_REASONS
-from .envoy.admin import AdminError, fetch_listener_names
+from .envoy.admin import AdminError, fetch_listener_config, fetch_listener_names
 from .envoy.listen_socket import ListenSocket
 from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets, watch_exits
 from .event_pipeline import EventPipeline, tune_garbage_collector
 from .events.recording import RecordingWriter
 from .events.recording_context import (
+    FilterChainsContext,
     ListenerNamesContext,
     ListenSocketsContext,
     OwnConnectionContext,
@@ -164,6 +165,20 @@ def _build_sinks(opts: DaemonOptions) -> list[SpanSink]:
     return sinks
 
 
+async def _listener_config(admin_url: str, own_connection: Callable[[str, int], None] | None = None
+                           ) -> list[dict] | None:
+    """What selects each listener's filter chains (envoy/filter_chains.py), or None (logged) when Envoy's
+    configuration dump cannot be read."""
+    try:
+        listeners = await fetch_listener_config(admin_url, own_connection=own_connection)
+    except AdminError as exc:
+        log.warning("filter chains are not inferred: %s", exc)
+        return None
+    import envoy_data_plane.envoy.config.listener.v3  # noqa: F401  (0.5 s: here, not on the event path)
+
+    return listeners
+
+
 async def run_daemon(opts: DaemonOptions) -> int:
     """Run until SIGINT/SIGTERM or --duration; returns the exit code. Raises UsageError for bad input."""
     require_tracing()
@@ -177,11 +192,13 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if problem:
             raise UsageError(problem)
     names: dict[tuple[str, int], str] = {}
+    chains: list[dict] | None = None  # what selects the listeners' filter chains, as last sent
     if opts.envoy_admin:
         try:
             names = await fetch_listener_names(opts.envoy_admin)
         except AdminError as exc:
             raise UsageError(str(exc)) from exc
+        chains = await _listener_config(opts.envoy_admin)
 
     clock = MonotonicClock.now()
     spans_out = SpanPipeline(_build_sinks(opts), buffer_bytes=opts.export_buffer_bytes)
@@ -221,6 +238,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
         known_ports = _rescan(targets, listeners, probes, ring, set())
         if names:
             ring.context.put(ListenerNamesContext(names).to_json())
+        if chains is not None:
+            ring.context.put(FilterChainsContext(chains).to_json())
         probes.open_ring_buffer(pipeline.on_record)
         if opts.offcpu:  # waits and wake-ups carry kernel stacks: symbols before the load, not during it
             symbolizer.load_kernel_symbols()
@@ -239,7 +258,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if opts.offcpu:
             tasks.append(asyncio.ensure_future(_sweep_stacks(probes, stacks)))
         try:
-            await _wait(opts, loop, rescan_now, targets, listeners, probes, ring, known_ports)
+            await _wait(opts, loop, rescan_now, targets, listeners, probes, ring, known_ports, chains)
         finally:
             for task in tasks:
                 task.cancel()
@@ -448,9 +467,31 @@ async def _keep_to_budget(budget: CpuBudget, probes: ConnectionProbes, ring: _Ri
             log.info("CPU budget %.2f: tracing %.4g of plaintext requests", budget.budget, ratio)
 
 
+async def _poll_admin(admin_url: str, ring: _RingThread, chains: list[dict] | None) -> list[dict] | None:
+    """Envoy's listener names and, when it changed, what selects its filter chains, to the ring thread;
+    returns the filter-chain configuration now in force. The daemon's own admin connections are told to
+    the correlator first (no span is made of them)."""
+
+    def own(address: str, port: int) -> None:
+        ring.context.put(OwnConnectionContext(address, port).to_json())
+
+    try:
+        names = await fetch_listener_names(admin_url, own_connection=own)
+    except AdminError as exc:
+        log.warning("%s", exc)
+        return chains
+    ring.context.put(ListenerNamesContext(names).to_json())
+    latest = await _listener_config(admin_url, own_connection=own)
+    if latest is not None and latest != chains:
+        log.info("listener configuration changed: filter chains of %d listeners", len(latest))
+        ring.context.put(FilterChainsContext(latest).to_json())
+        return latest
+    return chains
+
+
 async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now: asyncio.Event,
                 targets: list[EnvoyProcess], listeners: ListenerFinder, probes: ConnectionProbes,
-                ring: _RingThread, known_ports: set[int]) -> None:
+                ring: _RingThread, known_ports: set[int], chains: list[dict] | None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -481,13 +522,7 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now
                 known_ports = _rescan(targets, listeners, probes, ring, known_ports)
                 dropped = report_new_drops(probes, dropped)
                 if opts.envoy_admin:
-                    try:
-                        names = await fetch_listener_names(
-                            opts.envoy_admin, own_connection=lambda address, port: ring.context.put(
-                                OwnConnectionContext(address, port).to_json()))
-                        ring.context.put(ListenerNamesContext(names).to_json())
-                    except AdminError as exc:
-                        log.warning("%s", exc)
+                    chains = await _poll_admin(opts.envoy_admin, ring, chains)
                 next_rescan = loop.time() + RESCAN_INTERVAL_S
     finally:
         unwatch()

@@ -24,6 +24,7 @@ from .events.layout import load_layout
 from .events.recording import RecordingError, RecordingWriter
 from .events.recording_context import (
     ClockContext,
+    FilterChainsContext,
     ListenerNamesContext,
     ListenSocketsContext,
     OwnConnectionContext,
@@ -133,6 +134,8 @@ class EventPipeline:
             self.correlator.set_listen_sockets(ListenSocketsContext.from_json(obj).sockets)
         elif kind == ListenerNamesContext.TYPE:
             self.correlator.set_listener_names(ListenerNamesContext.from_json(obj).names)
+        elif kind == FilterChainsContext.TYPE:
+            self.correlator.set_filter_chains(FilterChainsContext.from_json(obj).listeners)
         elif kind == OwnConnectionContext.TYPE:
             own = OwnConnectionContext.from_json(obj)
             self.correlator.add_own_peer(own.address, own.port)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
+from ..envoy.filter_chains import FilterChainIndex
 from ..envoy.listen_socket import ListenSocket
 from ..events.layout import load_layout
 from ..events.types import CloseEvent, DataEvent, Event, SockStateEvent, TcpEvent
@@ -114,6 +116,11 @@ class ConnectionCorrelator:
     def set_listener_names(self, names: dict[tuple[str, int], str]) -> None:
         """Replace the (address, port) -> Envoy listener name table (from the admin API)."""
         self.downstream.listener_names = dict(names)
+
+    def set_filter_chains(self, listeners: list[dict[str, Any]]) -> None:
+        """Replace what selects each listener's filter chains (``listener_selection_json`` of the admin API's
+        configuration dump): connections accepted from now on are decided with it."""
+        self.downstream.filter_chains = FilterChainIndex.from_json(listeners)
 
     def add_own_peer(self, address: str, port: int) -> None:
         """The daemon's next connection to a traced Envoy comes from ``address:port``: make no span of it."""

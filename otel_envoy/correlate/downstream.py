@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
+from ..envoy.filter_chains import ConnectionFacts, FilterChainIndex
 from ..envoy.listen_socket import ListenSocket
 from ..events.layout import load_layout
 from ..events.types import (
@@ -51,6 +52,40 @@ TCP_CLOSE, TCP_CLOSE_WAIT = _C["TCP_CLOSE"], _C["TCP_CLOSE_WAIT"]
 EPOLL_CTL_ADD, EPOLL_CTL_DEL = 1, 2
 MAX_SOCKET_OPTIONS = 16
 WILDCARDS = ("0.0.0.0", "::")
+
+
+_HTTP1_VERSION = {b"HTTP/1.0": "http/1.0", b"HTTP/1.1": "http/1.1"}
+
+
+def plaintext_alpn(protocol: Protocol, first_bytes: bytes) -> str | None:
+    """What Envoy's http_inspector would set as a plaintext connection's application protocol from its
+    first bytes: "h2c", "http/1.0" or "http/1.1" from the request line, "" when it is not HTTP (or TLS);
+    None: no bytes."""
+    if protocol is Protocol.UNKNOWN:
+        return None
+    if protocol is Protocol.H2C:
+        return "h2c"
+    if protocol is Protocol.HTTP1:
+        line = first_bytes.split(b"\r\n", 1)[0]
+        return _HTTP1_VERSION.get(line[-8:], "") if len(line) < len(first_bytes) else ""
+    return ""
+
+
+def connection_facts(conn: ConnectionRecord) -> ConnectionFacts:
+    """What a connection showed, for deciding its filter chain."""
+    handshake = conn.tls.handshake
+    hello = handshake.client_hello if handshake is not None else None
+    known = conn.protocol is not None and conn.protocol is not Protocol.UNKNOWN
+    return ConnectionFacts(
+        destination_address=conn.local_address,
+        destination_port=conn.local_port,
+        source_address=conn.peer_address,
+        source_port=conn.peer_port,
+        tls=(conn.protocol is Protocol.TLS) if known else None,
+        server_name=(hello.server_name or "") if hello is not None else None,
+        alpn=tuple(hello.alpn) if hello is not None else None,
+        plaintext_alpn=conn.plaintext_alpn,
+    )
 
 
 def _settle_handoff(listener: ListenerHandoff, ts_ns: int) -> None:
@@ -93,6 +128,7 @@ class DownstreamConnections:
         #: their connections whole (the daemon tells it), as it cannot see their requests.
         self.tls_listeners: dict[tuple[int, int], int] = {}
         self.listener_names: dict[tuple[str, int], str] = {}  # (address, port) -> Envoy listener name
+        self.filter_chains: FilterChainIndex | None = None  # what selects the listeners' filter chains
         #: peers (address, port) the daemon's own connections come from (its admin API calls), newest last
         self.own_peers: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.accepts_by_thread: Counter[tuple[int, int, str]] = Counter()  # (tgid, tid, name) -> accepts
@@ -154,6 +190,7 @@ class DownstreamConnections:
             accept_ns=ev.ts_ns,
             trace_id=self.ids.trace_id(),
             span_id=self.ids.span_id(),
+            chain_index=self.filter_chains,
         )
         if listen is None:
             conn.partial.append("listener_unknown")
@@ -241,6 +278,7 @@ class DownstreamConnections:
         tls = conn.tls
         if conn.protocol is None:
             conn.protocol = detect_protocol(data)
+            conn.plaintext_alpn = plaintext_alpn(conn.protocol, data)
             if conn.protocol is Protocol.TLS:
                 tls.handshake = TlsHandshakeTracker()
                 listener_key = (conn.tgid, conn.listen_fd)
@@ -375,5 +413,7 @@ class DownstreamConnections:
             conn.partial.append("established_not_seen")
         if self.is_own(conn):
             self.own_peers.pop((conn.peer_address, conn.peer_port), None)
+        if conn.chain_index is not None:
+            conn.filter_chain = conn.chain_index.choose(conn.listener_name, connection_facts(conn))
         self.stats["connections"] += 1
         self.on_finished(conn)

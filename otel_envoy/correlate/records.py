@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..envoy.filter_chains import ChainChoice, FilterChainIndex
 from ..protocols.detect import Protocol
 from ..protocols.http import HttpMessage
 from ..protocols.http1 import Http1Exchanges
@@ -185,6 +186,9 @@ class ConnectionRecord:
     socket_options: list[tuple[int, int, int]] = field(default_factory=list)  # (level, optname, value)
     traffic: Traffic = field(default_factory=Traffic)
     protocol: Protocol | None = None  # from the first bytes read (a peek counts); None: none read yet
+    plaintext_alpn: str | None = None  # what Envoy's http_inspector makes of those bytes ("" nothing)
+    chain_index: FilterChainIndex | None = None  # the listener configuration in force at its accept
+    filter_chain: ChainChoice | None = None  # the filter chain it was handed to (decided when it ends)
     tls: DownstreamTls = field(default_factory=DownstreamTls)
     http: ConnectionHttp = field(default_factory=ConnectionHttp)
 

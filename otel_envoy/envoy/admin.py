@@ -1,14 +1,20 @@
-"""Envoy admin API client (aiohttp): listener names by local address."""
+"""Envoy admin API client (aiohttp): listener names by local address, and what selects each listener's
+filter chains (its configuration dump)."""
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
-__all__ = ["AdminError", "fetch_listener_names"]
+from .filter_chains import listener_selection_json
+
+__all__ = ["AdminError", "fetch_listener_config", "fetch_listener_names"]
+
+OwnConnection = Callable[[str, int], None]
 
 
 class AdminError(RuntimeError):
@@ -16,14 +22,30 @@ class AdminError(RuntimeError):
 
 
 async def fetch_listener_names(admin_url: str, timeout: float = 2.0,
-                               own_connection: Callable[[str, int], None] | None = None,
+                               own_connection: OwnConnection | None = None,
                                ) -> dict[tuple[str, int], str]:
     """(address, port) -> listener name from ``GET /listeners?format=json``.
 
     ``own_connection(address, port)`` is told, before connecting, the local address and port the request
     will come from (so that a traced Envoy's connection from the daemon itself can be left out).
     """
-    url = admin_url.rstrip("/") + "/listeners?format=json"
+    return parse_listeners(await _get_json(admin_url, "/listeners?format=json", timeout, own_connection))
+
+
+async def fetch_listener_config(admin_url: str, timeout: float = 2.0,
+                                own_connection: OwnConnection | None = None) -> list[dict]:
+    """Each active listener, reduced to what selects its filter chains (see
+    :func:`.filter_chains.listener_selection_json`), from ``/config_dump`` (static and dynamic listeners)."""
+    configs: list = []
+    for resource in ("static_listeners", "dynamic_listeners"):
+        body = await _get_json(admin_url, f"/config_dump?resource={resource}", timeout, own_connection)
+        if isinstance(body, dict):
+            configs.extend(body.get("configs", []))
+    return listener_selection_json({"configs": configs})
+
+
+async def _get_json(admin_url: str, path: str, timeout: float, own_connection: OwnConnection | None) -> Any:
+    url = admin_url.rstrip("/") + path
     try:
         local_addr = _local_address_for(url) if own_connection is not None else None
         if local_addr is not None and own_connection is not None:
@@ -36,10 +58,9 @@ async def fetch_listener_names(admin_url: str, timeout: float = 2.0,
         ):
             if resp.status != 200:
                 raise AdminError(f"Envoy admin {url} answered HTTP {resp.status}")
-            body = await resp.json(content_type=None)
+            return await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
         raise AdminError(f"Envoy admin {admin_url} is unreachable: {exc or type(exc).__name__}") from exc
-    return parse_listeners(body)
 
 
 def _local_address_for(url: str) -> tuple[str, int] | None:

@@ -9,6 +9,9 @@ A recording (:mod:`.recording`) interleaves raw kernel records with context reco
                   (pid, fd): the listening sockets of the traced processes (where an accept came from).
   listener_names  ``{"type": "listener_names", "names": [[address, port, name], ...]}``, rows sorted: Envoy's
                   listener names, from its admin API.
+  filter_chains   ``{"type": "filter_chains", "listeners": [{...}, ...]}``: each listener reduced to what
+                  selects its filter chains (envoy/filter_chains.py), from Envoy's configuration dump; sent
+                  again whenever it changes.
 
 The live side writes each record with ``to_json()`` the moment it learns the facts; a replay reads them back
 with ``from_json()`` at the same place in the stream, so it sees the world the live run saw. ``from_json``
@@ -22,7 +25,8 @@ from typing import Any, ClassVar
 
 from ..envoy.listen_socket import ListenSocket
 
-__all__ = ["ClockContext", "ListenSocketsContext", "ListenerNamesContext", "OwnConnectionContext",
+__all__ = ["ClockContext", "FilterChainsContext", "ListenSocketsContext", "ListenerNamesContext",
+           "OwnConnectionContext",
            "SamplerContext", "recording_clock"]
 
 
@@ -77,6 +81,27 @@ class ListenerNamesContext:
     def from_json(cls, obj: dict[str, Any]) -> ListenerNamesContext:
         """Inverse of :meth:`to_json`."""
         return cls({(a, int(p)): n for a, p, n in obj["names"]})
+
+
+@dataclass(frozen=True, slots=True)
+class FilterChainsContext:
+    """What selects each Envoy listener's filter chains: listeners as ``listener_selection_json`` gives
+    them (plain JSON, so a replay parses them as the live run did)."""
+
+    TYPE: ClassVar[str] = "filter_chains"
+    listeners: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a recording holds it."""
+        return {"type": self.TYPE, "listeners": self.listeners}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> FilterChainsContext:
+        """Inverse of :meth:`to_json`."""
+        listeners = obj["listeners"]
+        if not isinstance(listeners, list) or not all(isinstance(x, dict) for x in listeners):
+            raise TypeError("filter_chains: listeners must be a list of objects")
+        return cls(listeners)
 
 
 @dataclass(frozen=True, slots=True)

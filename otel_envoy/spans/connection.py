@@ -40,6 +40,23 @@ _SOCKOPT_NAMES = {
 }
 
 
+def _filter_chain_attributes(conn: ConnectionRecord) -> dict[str, object]:
+    """envoy.filter_chain.*: the chain the connection was handed to, or why that could not be decided."""
+    choice = conn.filter_chain
+    if choice is None:
+        return {}
+    if not choice.inferred:
+        return {"envoy.filter_chain.inferred": False, "envoy.filter_chain.not_inferred_reason": choice.reason}
+    attrs: dict[str, object] = {"envoy.filter_chain.inferred": True}
+    if choice.name is not None:
+        attrs["envoy.filter_chain.name"] = choice.name
+    else:
+        attrs["envoy.filter_chain.no_match"] = True
+    if choice.default:
+        attrs["envoy.filter_chain.default"] = True
+    return attrs
+
+
 class ConnectionSpanBuilder:
     """Builds the finished spans of connection records (one shared Resource; ids from a fast PRNG).
 
@@ -109,6 +126,8 @@ class ConnectionSpanBuilder:
             attrs["network.local.address"] = conn.local_address
         if conn.listener_name:
             attrs["envoy.listener.name"] = conn.listener_name
+        chain = _filter_chain_attributes(conn)
+        attrs.update(chain)
         if still_open:
             attrs["envoy.connection.still_open"] = True
         else:
@@ -186,6 +205,7 @@ class ConnectionSpanBuilder:
         lf_attrs: dict[str, object] = {
             "envoy.listener_filters.peeked_bytes": conn.listener.peeked_bytes,
             "envoy.listener_filters.peeks": conn.listener.peeks,
+            **chain,
         }
         handoff = conn.listener.handoff_ns
         if handoff is None:
