@@ -13,6 +13,9 @@ that listener filters detected, and its source address, type and port. Two ways 
   that name the connection's value win; only when none does, the chains that leave the field unset go on.
   There is no backtracking: a level that leaves no chain means no match.
 * ``filter_chain_matcher``: a matcher tree (xDS ``Matcher``) over the same inputs whose actions name chains.
+  Supported: exact and prefix match maps, matcher lists with string matchers (exact, prefix, suffix,
+  contains, regex) and and/or/not predicates; not (yet) the IP range and server-name custom matchers, whose
+  types the library lacks: such a listener's connections say so.
 
 No match: the listener's ``default_filter_chain``, else Envoy closes the connection.
 
@@ -54,7 +57,6 @@ _LISTENER_FILTER_TYPES = {  # typed_config type -> filter name (a filter may be 
 }
 _STRING_VALUE = "type.googleapis.com/google.protobuf.StringValue"
 _INPUTS = "envoy.extensions.matching.common_inputs.network.v3."
-_IP_MATCHER = "xds.type.matcher.v3.IPMatcher"
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -395,8 +397,8 @@ def _compile_matcher(m: Any) -> Node:
     tree = m.matcher_tree
     if tree is None:
         return on_no_match
-    if tree.custom_match is not None:
-        return _ip_tree(tree, on_no_match)
+    if tree.custom_match is not None:  # (envoy-data-plane 2.2 does not know xds IPMatcher: not reached)
+        raise ValueError("custom matchers are not supported")
     read = _input_reader(tree.input.typed_config.type_url)
     if tree.exact_match_map is not None:
         exact = {k: _on_match(v) for k, v in tree.exact_match_map.map.items()}
@@ -424,32 +426,6 @@ def _compile_matcher(m: Any) -> Node:
 
         return by_prefix
     raise ValueError("matcher tree kind is not supported")
-
-
-def _ip_tree(tree: Any, on_no_match: Node) -> Node:
-    """A matcher tree with the IP matcher (``xds.type.matcher.v3.IPMatcher``): longest prefix first."""
-    custom = tree.custom_match.typed_config
-    if not custom.type_url.endswith(_IP_MATCHER):
-        raise ValueError(f"custom matcher {custom.type_url.rsplit('/', 1)[-1]} is not supported")
-    read = _input_reader(tree.input.typed_config.type_url)
-    ranges: list[tuple[IpNetwork, Node]] = []
-    for rm in custom.unpack().range_matchers:
-        then = _on_match(rm.on_match)
-        ranges.extend((net, then) for net in _networks(rm.ranges))
-    ranges.sort(key=lambda r: -r[0].prefixlen)
-
-    def by_range(v: _Values) -> Action | type[_NoMatch]:
-        value = read(v)
-        if value is not None:
-            addr = _ip(value)
-            for net, then in ranges:
-                if net.version == addr.version and addr in net:
-                    out = then(v)
-                    if out is not _NoMatch:
-                        return out
-        return on_no_match(v)
-
-    return by_range
 
 
 # -------------------------------------------------------------------------------------------- listeners
@@ -588,9 +564,12 @@ class FilterChainIndex:
         return (by.get((address, port)) if address else None) or by.get(("0.0.0.0", port)) \
             or by.get(("::", port))
 
-    def choose(self, listener_name: str | None, facts: ConnectionFacts) -> ChainChoice:
-        """The chain of a connection that came to ``listener_name`` (or to its destination address)."""
+    def choose(self, listener_name: str | None, facts: ConnectionFacts) -> ChainChoice | None:
+        """The chain of a connection that came to ``listener_name`` (or to its destination address); None
+        for a socket that is no listener of Envoy's configuration (its admin endpoint)."""
         listener = self.find(listener_name, facts.destination_address, facts.destination_port)
         if listener is None:
-            return ChainChoice(None, False, "the listener is not in Envoy's configuration dump")
+            if listener_name:  # Envoy lists it, its configuration dump did not have it yet
+                return ChainChoice(None, False, "the listener is not in Envoy's configuration dump yet")
+            return None
         return listener.choose(facts)
