@@ -23,7 +23,7 @@ import pytest
 from otel_envoy.lab.certs import generate_certs
 from otel_envoy.lab.lab import find_envoy_binary, terminate_process
 from tests.support.daemon import DaemonProcess
-from tests.support.replay import read_jsonl
+from tests.support.replay import cli, read_jsonl
 from tests.support.traces import connection_traces
 
 pytestmark = pytest.mark.root
@@ -231,11 +231,12 @@ def test_filter_chain_names_equal_envoy_s_access_log(tmp_path: Path, matcher: bo
     """210 connections of seven kinds, then 40 after the listener changed: the span's chain is the one
     Envoy's access log names, every time."""
     lab = ChainLab(tmp_path, matcher=matcher).start()
-    out, summary = tmp_path / "traces.jsonl", tmp_path / "summary.json"
+    out, summary, events = tmp_path / "traces.jsonl", tmp_path / "summary.json", tmp_path / "run.events"
     daemon = None
     try:
         daemon = DaemonProcess(["--pid", str(lab.proc.pid), "--envoy-admin", lab.admin_url,  # type: ignore[union-attr]
-                                "--cpu-budget", "0", "--output", str(out), "--summary-json", str(summary)],
+                                "--cpu-budget", "0", "--output", str(out), "--summary-json", str(summary),
+                                "--record", str(events)],
                                tmp_path).start()
         expected: dict[tuple[int, int], str] = {}
         for i in range(210):  # 30 of each kind
@@ -279,3 +280,13 @@ def test_filter_chain_names_equal_envoy_s_access_log(tmp_path: Path, matcher: bo
     wrong_after = {port: (logged[port], attrs.get(port, {}).get("envoy.filter_chain.name"))
                    for port in after if attrs.get(port, {}).get("envoy.filter_chain.name") != logged[port]}
     assert not wrong_after, wrong_after
+
+    # a replay of the run's recording decides the same chains (the configurations travel in it)
+    replayed = tmp_path / "replayed.jsonl"
+    proc = cli("replay", events, "--output", replayed)
+    assert proc.returncode == 0, proc.stderr
+    again = read_jsonl(replayed)
+    attrs_again = {**_chains_of(again, lab.port), **_chains_of(again, lab.port2)}
+    name = "envoy.filter_chain.name"
+    differ = [p for p in {**expected, **after} if attrs_again.get(p, {}).get(name) != attrs[p].get(name)]
+    assert not differ, differ[:10]
