@@ -135,6 +135,15 @@ struct conn_metric_key {
     __u8 _pad[3];
 };
 
+/* Accepts per thread and listening socket (SAMPLING builds): every downstream connection a worker accepted,
+ * traced or not; the balance of a listener's connections across its workers. */
+struct accept_thread_key {
+    __u32 pid; /* the process (tgid) */
+    __u32 thread_id; /* the accepting thread */
+    __s32 listen_fd;
+    __u32 _pad;
+};
+
 /* Why a request that was not sampled is reported all the same (struct request_kept_event). */
 enum keep_reason {
     KEEP_SERVER_ERROR = 1,      /* its response's status was 5xx */

@@ -22,6 +22,7 @@ BPF_ARRAY(keep_slow_ns, __u64, 1); /* an unsampled request answered after at lea
 BPF_ARRAY(http_metric_zero, struct http_metric, 1); /* never written: a new series' initial value */
 BPF_HASH(conn_metrics, struct conn_metric_key, struct http_metric, HTTP_METRIC_SERIES); /* by listener */
 BPF_HASH(accept_metrics, struct conn_metric_key, struct http_metric, HTTP_METRIC_SERIES); /* by listener */
+BPF_HASH(accepts_by_thread, struct accept_thread_key, __u64, HTTP_METRIC_SERIES); /* by worker and listener */
 
 /* Accept-queue waits: a downstream handshake's completion (SYN_RECV -> ESTABLISHED on a watched port, in
  * softirq) is kept by peer until Envoy accepts the connection (by listening fd, in process context), where
@@ -172,6 +173,18 @@ static __always_inline void note_established(const __u8 *peer_addr, __u16 family
     struct peer_key k = {};
     peer_key_of(&k, peer_addr, family, peer_port);
     established_at.update(&k, &now);
+}
+
+/* Thread `tid` of process `tgid` accepted a connection on listening fd `listen_fd`. */
+static __always_inline void count_accept(__u32 tgid, __u32 tid, __s32 listen_fd) {
+    struct accept_thread_key key = {.pid = tgid, .thread_id = tid, .listen_fd = listen_fd};
+    __u64 zero = 0;
+    __u64 *n = accepts_by_thread.lookup_or_try_init(&key, &zero);
+    if (!n) {
+        count_drop(DROP_METRICS_FULL);
+        return;
+    }
+    __sync_fetch_and_add(n, 1);
 }
 
 /* Envoy accepted a connection on listening fd `listen_fd` at `now`: its accept-queue wait, if its

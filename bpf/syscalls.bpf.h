@@ -106,6 +106,7 @@ static __always_inline int on_accept_exit(long ret) {
     read_sockaddr((void *)in.buf, addr_len, &ev.family, &ev.peer_port, ev.peer_addr);
 #if SAMPLING
     record_accept_wait(ev.hdr.tgid, in.fd, ev.peer_addr, ev.family, ev.peer_port, ev.hdr.ts_ns);
+    count_accept(ev.hdr.tgid, tid, in.fd);
     if (listener_conn_sampled(ev.hdr.tgid, in.fd)) {
         __u32 untraced = !peer_traced(ev.peer_addr, ev.family, ev.peer_port);
         count_conn_sampled(untraced);

@@ -31,10 +31,12 @@ from typing import Any
 from opentelemetry.sdk.resources import Resource
 
 from .accounting import ledger
+from .correlate.correlator import ConnectionCorrelator
 from .correlate.round_tracker import OFFCPU_REASONS
 from .envoy.admin import AdminError, fetch_listener_config, fetch_listener_names
 from .envoy.listen_socket import ListenSocket
 from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets, watch_exits
+from .envoy.threads import thread_identity
 from .event_pipeline import EventPipeline, tune_garbage_collector
 from .events.recording import RecordingWriter
 from .events.recording_context import (
@@ -282,6 +284,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
             closed_by_reason[reason] += totals.count
         accept_queue = {"waits": sum(t.count for t in probes.accept_queue_metrics().values()),
                         "not_seen": probes.accept_waits_not_seen()}
+        workers = _worker_accepts(accepts_by_worker(probes, pipeline.correlator),
+                                  pipeline.correlator.downstream.listen_sockets) if sampling else []
         offcpu = _offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
         wakes = _wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
         records_submitted = probes.records_submitted()
@@ -312,6 +316,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
                        "idle_wakeups": wakes, "http_requests": http_requests,
                        "connections_closed": dict(connections_closed),
                        "connections_closed_by_reason": dict(closed_by_reason), "accept_queue": accept_queue,
+                       "accepts_by_worker": workers,
                        "sampler": {"name": opts.sampler.name, "ratio": opts.sampler.ratio,
                                    "requests": sampled, "tls_connections": connections_sampled,
                                    "cpu_budget": budget.summary() if budget is not None else None}},
@@ -362,6 +367,30 @@ def _wakes_by_kind(wakes: dict[tuple[int, str], tuple[int, int]]) -> dict[str, d
 # -- per-worker metrics (otel_envoy/export/metrics.py) ---------------------------------------------------
 
 
+def accepts_by_worker(probes: ConnectionProbes, correlator: ConnectionCorrelator
+                      ) -> dict[tuple[int, int, str, int], int]:
+    """The kernel's accepts by (process, thread, listening fd), every connection traced or not, with each
+    thread's name (as its accept events gave it, else from /proc; "" for a thread gone unseen)."""
+    names = {tid: name for (_pid, tid, name, _fd) in list(correlator.accepts_by_thread)}
+    out = {}
+    for (tgid, tid, fd), n in probes.accepts_by_thread().items():
+        name = names.get(tid) or thread_identity(tid)[1]
+        out[(tgid, tid, name, fd)] = n
+    return out
+
+
+def _worker_accepts(accepts: Mapping[tuple[int, int, str, int], int],
+                    sockets: Mapping[tuple[int, int], ListenSocket]) -> list[dict[str, Any]]:
+    """--summary-json rows: accepts by process, thread and listening socket (its port and listener)."""
+    rows = []
+    for (pid, tid, name, fd), n in sorted(accepts.items()):
+        listen = sockets.get((pid, fd))
+        rows.append({"pid": pid, "tid": tid, "thread": name, "listen_fd": fd,
+                     "port": listen.port if listen else None,
+                     "listener": listen.listener_name if listen else None, "accepted": n})
+    return rows
+
+
 def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipeline: EventPipeline,
                           stacks: SymbolizedStacks) -> WorkerMetrics | None:
     """Metrics from the kernel's tables and the correlator, to the spans' OTLP endpoint (if any)."""
@@ -372,9 +401,11 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipelin
     def listen_sockets() -> dict[tuple[int, int], ListenSocket]:
         return correlator.downstream.listen_sockets  # replaced whole on each rescan
 
+    accepts = (lambda: accepts_by_worker(probes, correlator)) if probes.config.sampling \
+        else (lambda: correlator.accepts_by_thread)
     metrics = WorkerMetrics.from_settings(
         opts.otlp, make_resource(), offcpu_totals=probes.offcpu_totals,
-        round_histograms=probes.round_histograms, accepts=lambda: correlator.accepts_by_thread,
+        round_histograms=probes.round_histograms, accepts=accepts, listen_sockets=listen_sockets,
         idle_wakes=lambda: idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel),
         kernel_metrics=[RequestMetrics(probes.http_request_metrics, listen_sockets),
                         ConnectionMetrics(probes.connection_metrics, listen_sockets),

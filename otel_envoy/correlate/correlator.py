@@ -89,7 +89,7 @@ class ConnectionCorrelator:
             attribution=self.attribution, ids=ids, stats=self.stats, drops=self.drops,
             on_upstream=on_upstream, on_upstream_request=on_upstream_request, http=http,
             max_connections=max_connections, max_pending=max_queued, linger_ns=linger_ns)
-        self.accepts_by_thread = self.downstream.accepts_by_thread  # (tgid, tid, name) -> accepts
+        self.accepts_by_thread = self.downstream.accepts_by_thread  # (tgid, tid, name, listen fd) -> n
         self._closing, self._upstream_closing = self.downstream.closing, self.upstream.closing
         self._down_data, self._up_data = self.downstream.on_data, self.upstream.on_data
         self._dispatch: dict[int, Callable[[Event], None]] = {
@@ -111,11 +111,11 @@ class ConnectionCorrelator:
 
     def set_listen_sockets(self, sockets: dict[tuple[int, int], ListenSocket]) -> None:
         """Replace the (tgid, listen fd) -> listening socket table (from /proc)."""
-        self.downstream.listen_sockets = dict(sockets)
+        self.downstream.set_listen_sockets(sockets)
 
     def set_listener_names(self, names: dict[tuple[str, int], str]) -> None:
         """Replace the (address, port) -> Envoy listener name table (from the admin API)."""
-        self.downstream.listener_names = dict(names)
+        self.downstream.set_listener_names(names)
 
     def set_filter_chains(self, listeners: list[dict[str, Any]]) -> None:
         """Replace what selects each listener's filter chains (``listener_selection_json`` of the admin API's

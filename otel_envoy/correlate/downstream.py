@@ -131,10 +131,29 @@ class DownstreamConnections:
         self.filter_chains: FilterChainIndex | None = None  # what selects the listeners' filter chains
         #: peers (address, port) the daemon's own connections come from (its admin API calls), newest last
         self.own_peers: OrderedDict[tuple[str, int], None] = OrderedDict()
-        self.accepts_by_thread: Counter[tuple[int, int, str]] = Counter()  # (tgid, tid, name) -> accepts
+        #: (tgid, tid, thread name, listening fd) -> accepts that reached user space
+        self.accepts_by_thread: Counter[tuple[int, int, str, int]] = Counter()
         self.open: dict[tuple[int, int], ConnectionRecord] = {}  # (tgid, fd) -> connection
         self.by_tuple: dict[TupleKey, ConnectionRecord] = {}
         self.closing: deque[ConnectionRecord] = deque()  # closed, lingering; oldest close first
+
+    def set_listen_sockets(self, sockets: dict[tuple[int, int], ListenSocket]) -> None:
+        """Replace the (tgid, listen fd) -> listening socket table (from /proc), naming each socket's
+        listener when the admin API did."""
+        self.listen_sockets = self._named(sockets)
+
+    def set_listener_names(self, names: dict[tuple[str, int], str]) -> None:
+        """Replace the (address, port) -> Envoy listener name table (from the admin API)."""
+        self.listener_names = dict(names)
+        self.listen_sockets = self._named(self.listen_sockets)
+
+    def _named(self, sockets: dict[tuple[int, int], ListenSocket]) -> dict[tuple[int, int], ListenSocket]:
+        """A new table (the metrics thread reads the old one whole) with listener names filled in."""
+        out = {}
+        for key, s in sockets.items():
+            name = self._listener_name(s.address, s.port)
+            out[key] = s if name == s.listener_name else ListenSocket(s.address, s.port, name)
+        return out
 
     def add_own_peer(self, address: str, port: int) -> None:
         """The daemon is about to connect from ``address:port`` to a traced Envoy: that connection is its
@@ -209,7 +228,7 @@ class DownstreamConnections:
             conn.listener_name = listen.listener_name or self._listener_name(listen.address, listen.port)
         self.open[key] = conn
         self.by_tuple[(peer, ev.peer_port, conn.local_port)] = conn
-        self.accepts_by_thread[(ev.tgid, ev.tid, conn.thread_name)] += 1
+        self.accepts_by_thread[(ev.tgid, ev.tid, conn.thread_name, ev.listen_fd)] += 1
 
     def _listener_name(self, address: str, port: int) -> str | None:
         names = self.listener_names

@@ -13,7 +13,9 @@ Metrics (all cumulative since the probes were loaded; attributes ``thread.id``, 
 * ``envoy.worker.runqueue.delay`` (``s``, counter): of that, the time spent runnable but waiting for a
   CPU (from the wake-up, or the preemption, until back on CPU), by ``offcpu.reason``;
 * ``envoy.worker.offcpu.waits`` (``{wait}``, counter): number of off-CPU waits, by ``offcpu.reason``;
-* ``envoy.worker.connections.accepted`` (``{connection}``, counter): connections the thread accepted;
+* ``envoy.worker.connections.accepted`` (``{connection}``, counter): connections the thread accepted, by
+  listening socket (``server.address``, ``server.port``, ``envoy.listener.name``): how a listener's
+  connections spread over its workers;
 * ``envoy.worker.wakeups`` (``{wakeup}``, counter): wake-ups from an idle ``epoll_wait`` sleep of at least the
   off-CPU threshold, by ``offcpu.waker.kind`` (the seeds' categories from the waker's kernel stack: ``tcp``
   downstream/upstream data, ``unix_socket`` an xDS push, ``eventfd`` a post from another Envoy thread,
@@ -28,9 +30,12 @@ Sources: ``offcpu_totals`` is ``ConnectionProbes.offcpu_totals()`` (kernel-aggre
 reason), ``round_histograms`` is ``ConnectionProbes.round_histograms()`` (a log2 histogram per thread),
 ``idle_wakes`` is ``spans.round_spans.idle_wakes_by_kind`` over ``ConnectionProbes.idle_wakes()``
 (kernel-aggregated per thread, waker process and waker stack; the stacks classified off the event path),
-and ``accepts`` returns ``ConnectionCorrelator.accepts_by_thread`` (updated on the ring-buffer thread;
-copied here in one step). Thread names and processes come from ``/proc/<tid>``; a thread that is gone
-is reported once more (its totals are final then) and then no longer.
+and ``accepts`` returns accepts by (process, thread, thread name, listening fd): the kernel's
+``accepts_by_thread`` table (every connection, traced or not) in sampling builds, else
+``ConnectionCorrelator.accepts_by_thread`` (updated on the ring-buffer thread; copied here in one step);
+``listen_sockets`` names each listening fd's address, port and listener. Thread names and processes come
+from ``/proc/<tid>``; a thread that is gone is reported once more (its totals are final then) and then no
+longer.
 
 The round histogram is a real OTLP explicit-bucket histogram. The SDK has no observable histogram
 instrument, and replaying every round into a synchronous ``Histogram`` would cost one ``record()`` per
@@ -83,7 +88,7 @@ from ..envoy.threads import thread_identity
 from .kernel_histograms import HistogramPoints, log2_bounds_s, slot_bucket_counts
 from .metrics_settings import DEFAULT_INTERVAL_S, MetricPreferences, make_metric_exporter, metric_preferences
 from .otlp import OtlpSettings
-from .request_metrics import KernelMetric
+from .request_metrics import KernelMetric, ListenerSource, listener_attributes
 
 __all__ = [
     "METER_NAME",
@@ -106,7 +111,7 @@ ROUND_BOUNDS_S: tuple[float, ...] = log2_bounds_s(ROUND_SLOTS)
 
 OffcpuSource = Callable[[], Mapping[tuple[int, int], tuple[int, int, int]]]
 RoundSource = Callable[[], Mapping[int, Mapping[int, int]]]
-AcceptSource = Callable[[], Mapping[tuple[int, int, str], int]]
+AcceptSource = Callable[[], Mapping[tuple[int, int, str, int], int]]  # (tgid, tid, name, listening fd)
 WakeSource = Callable[[], Mapping[tuple[int, str], tuple[int, int]]]  # (tid, waker kind) -> (ns, wake-ups)
 Identity = Callable[[int], tuple[int, str]]
 
@@ -212,6 +217,7 @@ class WorkerMetrics:
         offcpu_totals: OffcpuSource | None = None,
         round_histograms: RoundSource | None = None,
         accepts: AcceptSource | None = None,
+        listen_sockets: ListenerSource | None = None,
         idle_wakes: WakeSource | None = None,
         kernel_metrics: Sequence[KernelMetric] = (),
         interval_s: float = DEFAULT_INTERVAL_S,
@@ -231,6 +237,7 @@ class WorkerMetrics:
         self._offcpu_source = offcpu_totals
         self._round_source = round_histograms
         self._accept_source = accepts
+        self._listen_sockets = listen_sockets
         self._wake_source = idle_wakes
         self._identity = identity
         self._lock = threading.Lock()
@@ -341,8 +348,10 @@ class WorkerMetrics:
             return []
         try:
             counts = _copy(self._accept_source())
-            return [Observation(int(n), {"thread.id": tid, "thread.name": name, "process.pid": tgid})
-                    for (tgid, tid, name), n in sorted(counts.items()) if n > 0]
+            sockets = self._listen_sockets() if self._listen_sockets is not None else {}
+            return [Observation(int(n), {"thread.id": tid, "thread.name": name,
+                                         **listener_attributes(tgid, sockets.get((tgid, fd)))})
+                    for (tgid, tid, name, fd), n in sorted(counts.items()) if n > 0]
         except Exception as exc:
             self._log_once("accepts", exc)
             return []

@@ -357,6 +357,14 @@ class ConnectionProbes:
             out[(int(k.pid), int(k.listen_fd))] = RequestTotals(int(v.count), int(v.sum_ns), slots)
         return out
 
+    def accepts_by_thread(self) -> dict[tuple[int, int, int], int]:
+        """Every downstream connection accepted since the probes were loaded, traced or not, by (process,
+        accepting thread, listening fd) (empty without ``sampling``)."""
+        if not self.config.sampling:
+            return {}
+        return {(int(k.pid), int(k.thread_id), int(k.listen_fd)): int(v.value)
+                for k, v in self.bpf[b"accepts_by_thread"].items()}
+
     def accept_waits_not_seen(self) -> int:
         """Accepts whose handshake completion the kernel did not see (so not in ``accept_queue_metrics``):
         the connection was established before the probes were attached, or the tracepoint was skipped."""

@@ -66,8 +66,8 @@ class Sources:
             (4002, 9): (1_000, 0, 1),  # a reason this build does not know
         }
         self.rounds = {4001: {0: 10, 3: 5, 5: 1}, 4002: {1: 7, 40: 1}}
-        self.accepts: Counter[tuple[int, int, str]] = Counter(
-            {(TGID, 4001, "wrk:worker_0"): 26, (TGID, 4002, "wrk:worker_1"): 24})
+        self.accepts: Counter[tuple[int, int, str, int]] = Counter(
+            {(TGID, 4001, "wrk:worker_0", 7): 26, (TGID, 4002, "wrk:worker_1", 7): 24})
         self.wakes = {(4001, "tcp"): (900_000_000, 30), (4001, "timer"): (1_500_000_000, 15),
                       (4002, "eventfd"): (40_000_000, 2)}
         self.threads = dict(THREADS)
@@ -187,7 +187,7 @@ def test_connections_accepted_per_thread(setup):
     assert acc.unit == "{connection}" and acc.data.is_monotonic
     points = _points(acc)
     assert {k: p.value for k, p in points.items()} == {_key(4001): 26, _key(4002): 24}
-    sources.accepts[(TGID, 4001, "wrk:worker_0")] += 4
+    sources.accepts[(TGID, 4001, "wrk:worker_0", 7)] += 4
     points = _points(_collect(wm, exporter)["envoy.worker.connections.accepted"])
     assert points[_key(4001)].value == 30 and points[_key(4002)].value == 24
 
@@ -262,7 +262,7 @@ def test_delta_temporality():
         first = _points(m[ROUND_DURATION])[_key(4001)]
         assert first.count == 16
         sources.rounds[4001][0] += 3
-        sources.accepts[(TGID, 4002, "wrk:worker_1")] += 5
+        sources.accepts[(TGID, 4002, "wrk:worker_1", 7)] += 5
         m = _collect(wm, exporter)
         points = _points(m[ROUND_DURATION])
         assert set(points) == {_key(4001)}  # nothing new on 4002: no point
