@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ __all__ = [
     "render_file",
     "render_records",
     "render_trace",
+    "render_worker_balance",
+    "worker_balance",
 ]
 
 #: Per span name: ``(label, candidate attribute keys)`` shown under the span when present.
@@ -42,6 +45,8 @@ SPAN_HIGHLIGHTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("error", ("tls.error", "error.message")),
     ),
     "envoy.downstream.connection": (
+        ("chain", ("envoy.filter_chain.name",)),
+        ("chain_unknown", ("envoy.filter_chain.not_inferred_reason",)),
         ("thread", ("thread.name",)),
         ("rx", ("envoy.connection.bytes_received",)),
         ("tx", ("envoy.connection.bytes_sent",)),
@@ -411,7 +416,38 @@ def render_records(
         render_trace(console, spans)
     if len(shown) < len(items):
         console.print(Text(f"… {len(items) - len(shown)} more trace(s) not shown", style="dim"))
+    if trace_id is None:
+        render_worker_balance(console, [r for spans in traces.values() for r in spans])
     return len(shown)
+
+
+def worker_balance(records: Iterable[SpanRecord]) -> dict[str, Counter[str]]:
+    """Per listener (its name, else ``:port``), the traced downstream connections each thread accepted."""
+    out: dict[str, Counter[str]] = {}
+    for rec in records:
+        if rec.name != "envoy.downstream.connection":
+            continue
+        attrs = rec.attributes
+        listener = attrs.get("envoy.listener.name") or f":{attrs.get('network.local.port', '?')}"
+        out.setdefault(str(listener), Counter())[str(attrs.get("thread.name", "?"))] += 1
+    return out
+
+
+def render_worker_balance(console: Console, records: Iterable[SpanRecord], width: int = 30) -> None:
+    """Which worker took each listener's traced connections, as bars (a skewed worker shows at a glance;
+    the exact counts of every connection are the envoy.worker.connections.accepted metric)."""
+    balance = worker_balance(records)
+    if not balance:
+        return
+    console.print(Text("traced connections by listener and worker", style="bold"))
+    for listener, threads in sorted(balance.items()):
+        total = sum(threads.values())
+        for thread, n in sorted(threads.items()):
+            cells = max(1, round(width * n / total))
+            line = Text(f"  {listener:<20} {thread:<16} ")
+            line.append("█" * cells, style="cyan")
+            line.append(f" {n} ({100 * n / total:.0f} %)")
+            _print(console, line)
 
 
 def render_file(

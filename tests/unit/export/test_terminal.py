@@ -244,3 +244,21 @@ def test_empty_file(tmp_path: Path) -> None:
     path.write_text("")
     text, n = _render(path)
     assert n == 0 and "no spans" in text
+
+
+def test_show_draws_each_listener_s_worker_balance_and_the_chain(tmp_path: Path) -> None:
+    spans = []
+    for i in range(12):
+        worker = "wrk:worker_0" if i < 9 else "wrk:worker_1"
+        spans.append(_span(0x1000 + i, "envoy.downstream.connection", 1, None, 0, 100, {
+            "envoy.listener.name": "ingress", "thread.name": worker, "network.peer.port": 40000 + i,
+            "envoy.filter_chain.name": "chain_alpha", "envoy.filter_chain.inferred": True},
+            kind=SpanKind.SERVER))
+    text, n = _render(_write(tmp_path / "t.jsonl", spans))
+    assert n == 12
+    assert "chain_alpha" in text  # the connection's filter chain among its highlights
+    rows = [line for line in text.splitlines() if line.strip().startswith("ingress")]
+    assert len(rows) == 2, text
+    assert "wrk:worker_0" in rows[0] and rows[0].rstrip().endswith("9 (75 %)")
+    assert "wrk:worker_1" in rows[1] and rows[1].rstrip().endswith("3 (25 %)")
+    assert abs(rows[0].count("█") - 3 * rows[1].count("█")) <= 2  # bars in proportion
