@@ -59,6 +59,7 @@ _STRING_VALUE = "type.googleapis.com/google.protobuf.StringValue"
 _INPUTS = "envoy.extensions.matching.common_inputs.network.v3."
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_CACHE_ENTRIES = 4096  # remembered choices per listener (cleared whole when full)
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +443,8 @@ class ListenerChains:
     default_chain: str | None = None  # None: no default chain
     matcher: Node | None = None  # filter_chain_matcher, when set
     problem: str = ""  # why this listener's choices cannot be inferred (an unsupported configuration)
+    _cache: dict[tuple, ChainChoice] = field(default_factory=dict, repr=False)
+    _levels_used: tuple[bool, bool, bool] | None = field(default=None, repr=False)
 
     @property
     def chain_names(self) -> set[str]:
@@ -474,9 +477,36 @@ class ListenerChains:
         return out
 
     def choose(self, facts: ConnectionFacts) -> ChainChoice:
-        """The chain Envoy chose for a connection that showed ``facts``."""
+        """The chain Envoy chose for a connection that showed ``facts``. Classic matches are remembered by
+        the facts their levels read (bounded), so connections alike cost one lookup."""
         if self.problem:
             return ChainChoice(None, False, self.problem)
+        if self.matcher is not None:
+            return self._choose(facts)
+        key = self._key(facts)
+        choice = self._cache.get(key)
+        if choice is None:
+            choice = self._choose(facts)
+            if len(self._cache) >= _CACHE_ENTRIES:
+                self._cache.clear()
+            self._cache[key] = choice
+        return choice
+
+    def _key(self, facts: ConnectionFacts) -> tuple:
+        """The facts the classic levels of this listener's chains can read (the rest cannot matter)."""
+        used = self._levels_used
+        if used is None:
+            chains = self.chains
+            used = self._levels_used = (
+                any(c.prefix_ranges for c in chains), any(c.direct_source_prefix_ranges or c.source_type
+                                                          or c.source_prefix_ranges for c in chains),
+                any(c.source_ports for c in chains))
+        destination, source, source_port = used
+        return (facts.destination_port, facts.destination_address if destination or source else None,
+                facts.tls, facts.server_name, facts.alpn, facts.plaintext_alpn,
+                facts.source_address if source else None, facts.source_port if source_port else None)
+
+    def _choose(self, facts: ConnectionFacts) -> ChainChoice:
         values = _Values(facts, self.filters)
         try:
             if self.matcher is not None:
