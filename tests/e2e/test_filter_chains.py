@@ -181,6 +181,25 @@ class ChainLab:
         return out
 
 
+_SOURCE_PORTS = iter(range(20000 + os.getpid() % 5000, 32000))  # below the kernel's ephemeral range
+
+
+def _connect(port: int) -> socket.socket:
+    """A connection from a source port no other connection of this test used (the test tells connections
+    apart by their ports; the kernel's own choice may reuse a port on loopback)."""
+    for source_port in _SOURCE_PORTS:
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", source_port))
+        except OSError:  # taken by someone else
+            s.close()
+            continue
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        return s
+    raise RuntimeError("no source port left")
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -193,7 +212,7 @@ def _tls_connection(port: int, sni: str | None, alpn: list[str]) -> tuple[int, i
     ctx.verify_mode = ssl.CERT_NONE
     if alpn:
         ctx.set_alpn_protocols(alpn)
-    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    raw = _connect(port)
     local_port = raw.getsockname()[1]
     with ctx.wrap_socket(raw, server_hostname=sni) as tls:
         tls.do_handshake()
@@ -201,7 +220,7 @@ def _tls_connection(port: int, sni: str | None, alpn: list[str]) -> tuple[int, i
 
 
 def _plain_connection(port: int) -> tuple[int, int]:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+    with _connect(port) as s:
         local_port = s.getsockname()[1]
         s.sendall(b"hello\r\n")
         time.sleep(0.01)
