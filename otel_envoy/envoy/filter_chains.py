@@ -32,10 +32,19 @@ parts that select chains are read, so extension types the library does not know 
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .chain_facts import (
+    ConnectionFacts,
+    FactUnknown,
+    IpNetwork,
+    MatchValues,
+    listener_filter_name,
+    networks_of,
+)
+from .chain_matcher import Node, compile_matcher
 
 __all__ = [
     "ChainChoice",
@@ -45,35 +54,7 @@ __all__ = [
     "listener_selection_json",
 ]
 
-TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
-HTTP_INSPECTOR = "envoy.filters.listener.http_inspector"
-ORIGINAL_DST = "envoy.filters.listener.original_dst"
-PROXY_PROTOCOL = "envoy.filters.listener.proxy_protocol"
-_LISTENER_FILTER_TYPES = {  # typed_config type -> filter name (a filter may be named anything)
-    "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector": TLS_INSPECTOR,
-    "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector": HTTP_INSPECTOR,
-    "envoy.extensions.filters.listener.original_dst.v3.OriginalDst": ORIGINAL_DST,
-    "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol": PROXY_PROTOCOL,
-}
-_STRING_VALUE = "type.googleapis.com/google.protobuf.StringValue"
-_INPUTS = "envoy.extensions.matching.common_inputs.network.v3."
-
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _CACHE_ENTRIES = 4096  # remembered choices per listener (cleared whole when full)
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionFacts:
-    """What a connection showed, as Envoy's filter-chain match sees it. ``None``: not seen."""
-
-    destination_address: str | None
-    destination_port: int
-    source_address: str
-    source_port: int
-    tls: bool | None  # its first bytes were a TLS ClientHello; None: no bytes seen
-    server_name: str | None = None  # SNI of its ClientHello ("" none)
-    alpn: tuple[str, ...] | None = None  # protocols its ClientHello offered, in the client's order
-    plaintext_alpn: str | None = None  # what http_inspector would say of its plaintext bytes ("" nothing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,108 +67,6 @@ class ChainChoice:
     reason: str = ""
     default: bool = False
 
-
-class _Unknown(Exception):
-    """A fact the choice depends on was not seen."""
-
-
-# ------------------------------------------------------------------------------------------ the facts
-
-
-@dataclass(frozen=True, slots=True)
-class _Values:
-    """The values Envoy matches on for one connection on one listener (each getter raises _Unknown)."""
-
-    facts: ConnectionFacts
-    filters: frozenset[str]
-
-    def destination_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        if ORIGINAL_DST in self.filters:
-            raise _Unknown("the original destination (original_dst listener filter) is not seen")
-        if PROXY_PROTOCOL in self.filters:
-            raise _Unknown("the destination address given by the PROXY protocol is not seen")
-        if not self.facts.destination_address:
-            raise _Unknown("the connection's local address was not seen")
-        return _ip(self.facts.destination_address)
-
-    def destination_port(self) -> int:
-        if ORIGINAL_DST in self.filters:
-            raise _Unknown("the original destination (original_dst listener filter) is not seen")
-        if PROXY_PROTOCOL in self.filters:
-            raise _Unknown("the destination port given by the PROXY protocol is not seen")
-        return self.facts.destination_port
-
-    def server_name(self) -> str:
-        if TLS_INSPECTOR not in self.filters:
-            return ""
-        if self.facts.tls is None:
-            raise _Unknown("the connection's first bytes were not seen")
-        if not self.facts.tls:
-            return ""
-        if self.facts.server_name is None:
-            raise _Unknown("the TLS ClientHello was not captured")
-        return self.facts.server_name.lower()
-
-    def transport_protocol(self) -> str:
-        if TLS_INSPECTOR not in self.filters:
-            return "raw_buffer"  # Envoy's default when no listener filter detected one
-        if self.facts.tls is None:
-            raise _Unknown("the connection's first bytes were not seen")
-        return "tls" if self.facts.tls else "raw_buffer"
-
-    def application_protocols(self) -> tuple[str, ...]:
-        facts = self.facts
-        if TLS_INSPECTOR in self.filters and facts.tls:
-            if facts.alpn is None:
-                raise _Unknown("the TLS ClientHello was not captured")
-            return facts.alpn
-        if HTTP_INSPECTOR in self.filters and not facts.tls:
-            if facts.tls is None or facts.plaintext_alpn is None:
-                raise _Unknown("the connection's first bytes were not seen")
-            return (facts.plaintext_alpn,) if facts.plaintext_alpn else ()
-        if TLS_INSPECTOR in self.filters and facts.tls is None:
-            raise _Unknown("the connection's first bytes were not seen")
-        return ()
-
-    def direct_source_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        return _ip(self.facts.source_address)
-
-    def source_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        if PROXY_PROTOCOL in self.filters:
-            raise _Unknown("the source address given by the PROXY protocol is not seen")
-        return _ip(self.facts.source_address)
-
-    def source_port(self) -> int:
-        if PROXY_PROTOCOL in self.filters:
-            raise _Unknown("the source port given by the PROXY protocol is not seen")
-        return self.facts.source_port
-
-    def is_local(self) -> bool:
-        """Envoy's source type LOCAL: the source is a loopback address or the destination's own."""
-        src = self.source_ip()
-        if src.is_loopback:
-            return True
-        return self.facts.destination_address is not None and src == self.destination_ip()
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError as exc:
-        raise _Unknown(f"address {text!r} is not an IP address") from exc
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
-def _networks(ranges: Iterable[Any]) -> tuple[IpNetwork, ...]:
-    """CidrRange messages -> networks (host bits cleared, as Envoy does)."""
-    out = []
-    for r in ranges:
-        addr = ipaddress.ip_address(r.address_prefix)
-        length = r.prefix_len if r.prefix_len is not None else addr.max_prefixlen
-        out.append(ipaddress.ip_network((addr, length), strict=False))
-    return tuple(out)
 
 
 # ---------------------------------------------------------------------- classic filter_chain_match
@@ -214,10 +93,10 @@ class _Chain:
         if m is None:
             return cls(chain.name or "", 0, (), (), "", (), (), 0, (), ())
         names = tuple(n.lower()[1:] if n.startswith("*.") else n.lower() for n in m.server_names)
-        return cls(chain.name or "", m.destination_port or 0, _networks(m.prefix_ranges), names,
+        return cls(chain.name or "", m.destination_port or 0, networks_of(m.prefix_ranges), names,
                    m.transport_protocol or "", tuple(m.application_protocols),
-                   _networks(m.direct_source_prefix_ranges), int(m.source_type),
-                   _networks(m.source_prefix_ranges), tuple(m.source_ports))
+                   networks_of(m.direct_source_prefix_ranges), int(m.source_type),
+                   networks_of(m.source_prefix_ranges), tuple(m.source_ports))
 
 
 def _narrow_exact(chains: list[_Chain], keys: Callable[[_Chain], Sequence[Any]],
@@ -258,7 +137,7 @@ def _server_name_keys(sni: str) -> list[str]:
     return keys
 
 
-def _source_type(chains: list[_Chain], values: _Values) -> list[_Chain]:
+def _source_type(chains: list[_Chain], values: MatchValues) -> list[_Chain]:
     local = [c for c in chains if c.source_type == 1]
     external = [c for c in chains if c.source_type == 2]
     if local or external:
@@ -268,7 +147,7 @@ def _source_type(chains: list[_Chain], values: _Values) -> list[_Chain]:
     return [c for c in chains if c.source_type == 0]
 
 
-def _classic_choice(chains: list[_Chain], values: _Values) -> _Chain | None:
+def _classic_choice(chains: list[_Chain], values: MatchValues) -> _Chain | None:
     steps: list[Callable[[list[_Chain]], list[_Chain]]] = [
         lambda cs: _narrow_exact(cs, lambda c: (c.destination_port,) if c.destination_port else (),
                                  lambda: (values.destination_port(),)),
@@ -288,145 +167,6 @@ def _classic_choice(chains: list[_Chain], values: _Values) -> _Chain | None:
         if not chains:
             return None
     return chains[0]
-
-
-# ---------------------------------------------------------------------------- filter_chain_matcher
-
-
-def _input_reader(type_url: str) -> Callable[[_Values], str | None]:
-    """A network matching input -> how to read it from a connection's values (None: no value)."""
-    name = type_url.rsplit("/", 1)[-1].removeprefix(_INPUTS)
-    readers: dict[str, Callable[[_Values], str | None]] = {
-        "DestinationIPInput": lambda v: str(v.destination_ip()),
-        "DestinationPortInput": lambda v: str(v.destination_port()),
-        "SourceIPInput": lambda v: str(v.source_ip()),
-        "DirectSourceIPInput": lambda v: str(v.direct_source_ip()),
-        "SourcePortInput": lambda v: str(v.source_port()),
-        "SourceTypeInput": lambda v: "local" if v.is_local() else None,
-        "ServerNameInput": lambda v: v.server_name() or None,
-        "TransportProtocolInput": lambda v: v.transport_protocol() or None,
-        "ApplicationProtocolInput": lambda v: ",".join(f"'{p}'" for p in v.application_protocols()) or None,
-    }
-    try:
-        return readers[name]
-    except KeyError:
-        raise ValueError(f"matcher input {name} is not supported") from None
-
-
-class _NoMatch:
-    """Sentinel: the matcher did not match (its parent's on_no_match applies)."""
-
-
-Action = str | None  # a chain name, or None: no match
-Node = Callable[[_Values], Action | type[_NoMatch]]
-
-
-def _string_matcher(m: Any) -> Callable[[str], bool]:
-    ignore_case = bool(getattr(m, "ignore_case", False))
-
-    def norm(s: str) -> str:
-        return s.lower() if ignore_case else s
-
-    if m.exact is not None:
-        want = norm(m.exact)
-        return lambda s: norm(s) == want
-    if m.prefix is not None:
-        want = norm(m.prefix)
-        return lambda s: norm(s).startswith(want)
-    if m.suffix is not None:
-        want = norm(m.suffix)
-        return lambda s: norm(s).endswith(want)
-    if m.contains is not None:
-        want = norm(m.contains)
-        return lambda s: want in norm(s)
-    if m.safe_regex is not None:
-        pattern = re.compile(m.safe_regex.regex)
-        return lambda s: pattern.fullmatch(s) is not None
-    raise ValueError("string matcher kind is not supported")
-
-
-def _predicate(p: Any) -> Callable[[_Values], bool]:
-    if p.single_predicate is not None:
-        single = p.single_predicate
-        read = _input_reader(single.input.typed_config.type_url)
-        if single.value_match is None:
-            raise ValueError("custom predicate matchers are not supported")
-        match = _string_matcher(single.value_match)
-
-        def test(v: _Values) -> bool:
-            value = read(v)
-            return value is not None and match(value)
-
-        return test
-    if p.or_matcher is not None:
-        parts = [_predicate(q) for q in p.or_matcher.predicate]
-        return lambda v: any(t(v) for t in parts)
-    if p.and_matcher is not None:
-        parts = [_predicate(q) for q in p.and_matcher.predicate]
-        return lambda v: all(t(v) for t in parts)
-    if p.not_matcher is not None:
-        inner = _predicate(p.not_matcher)
-        return lambda v: not inner(v)
-    raise ValueError("predicate kind is not supported")
-
-
-def _on_match(om: Any) -> Node:
-    if om.matcher is not None:
-        return _compile_matcher(om.matcher)
-    action = om.action
-    if action is None or action.typed_config is None or action.typed_config.type_url != _STRING_VALUE:
-        raise ValueError("an action other than a filter chain name")
-    name = action.typed_config.unpack().value
-    return lambda _v: name
-
-
-def _compile_matcher(m: Any) -> Node:
-    """An xDS Matcher -> a function of a connection's values: the chain name, or _NoMatch."""
-    on_no_match: Node = _on_match(m.on_no_match) if m.on_no_match is not None else (lambda _v: _NoMatch)
-    if m.matcher_list is not None:
-        rules = [(_predicate(fm.predicate), _on_match(fm.on_match)) for fm in m.matcher_list.matchers]
-
-        def first_rule(v: _Values) -> Action | type[_NoMatch]:
-            for test, then in rules:
-                if test(v):
-                    out = then(v)
-                    if out is not _NoMatch:
-                        return out
-            return on_no_match(v)
-
-        return first_rule
-    tree = m.matcher_tree
-    if tree is None:
-        return on_no_match
-    if tree.custom_match is not None:  # (envoy-data-plane 2.2 does not know xds IPMatcher: not reached)
-        raise ValueError("custom matchers are not supported")
-    read = _input_reader(tree.input.typed_config.type_url)
-    if tree.exact_match_map is not None:
-        exact = {k: _on_match(v) for k, v in tree.exact_match_map.map.items()}
-
-        def by_value(v: _Values) -> Action | type[_NoMatch]:
-            value = read(v)
-            then = exact.get(value) if value is not None else None
-            out = then(v) if then is not None else _NoMatch
-            return out if out is not _NoMatch else on_no_match(v)
-
-        return by_value
-    if tree.prefix_match_map is not None:
-        prefixes = sorted(((k, _on_match(v)) for k, v in tree.prefix_match_map.map.items()),
-                          key=lambda kv: -len(kv[0]))
-
-        def by_prefix(v: _Values) -> Action | type[_NoMatch]:
-            value = read(v)
-            if value is not None:
-                for key, then in prefixes:
-                    if value.startswith(key):
-                        out = then(v)
-                        if out is not _NoMatch:
-                            return out
-            return on_no_match(v)
-
-        return by_prefix
-    raise ValueError("matcher tree kind is not supported")
 
 
 # -------------------------------------------------------------------------------------------- listeners
@@ -462,7 +202,7 @@ class ListenerChains:
         from envoy_data_plane.envoy.config.listener.v3 import Listener
 
         name = str(listener.get("name", ""))
-        filters = frozenset(_filter_name(f) for f in listener.get("listener_filters", []))
+        filters = frozenset(listener_filter_name(f) for f in listener.get("listener_filters", []))
         addresses = tuple(_addresses(listener))
         try:
             proto = Listener.from_dict({k: v for k, v in listener.items() if k != "listener_filters"})
@@ -471,7 +211,7 @@ class ListenerChains:
             if proto.default_filter_chain is not None:
                 out.default_chain = proto.default_filter_chain.name or ""
             if proto.filter_chain_matcher is not None:
-                out.matcher = _compile_matcher(proto.filter_chain_matcher)
+                out.matcher = compile_matcher(proto.filter_chain_matcher)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             return cls(name, addresses, filters, problem=f"listener configuration not understood: {exc}")
         return out
@@ -507,7 +247,7 @@ class ListenerChains:
                 facts.source_address if source else None, facts.source_port if source_port else None)
 
     def _choose(self, facts: ConnectionFacts) -> ChainChoice:
-        values = _Values(facts, self.filters)
+        values = MatchValues(facts, self.filters)
         try:
             if self.matcher is not None:
                 out = self.matcher(values)
@@ -520,16 +260,11 @@ class ListenerChains:
                 chain = _classic_choice(self.chains, values)
                 if chain is not None:
                     return ChainChoice(chain.name, True)
-        except _Unknown as exc:
+        except FactUnknown as exc:
             return ChainChoice(None, False, str(exc))
         if self.default_chain is not None:
             return ChainChoice(self.default_chain, True, default=True)
         return ChainChoice(None, True, "no filter chain matched (Envoy closes such connections)")
-
-
-def _filter_name(f: Mapping[str, Any]) -> str:
-    type_url = str(f.get("type", ""))
-    return _LISTENER_FILTER_TYPES.get(type_url.rsplit("/", 1)[-1], str(f.get("name", "")))
 
 
 def _addresses(listener: Mapping[str, Any]) -> Iterable[tuple[str, int]]:
