@@ -34,6 +34,7 @@ from .accounting import ledger
 from .correlate.correlator import ConnectionCorrelator
 from .correlate.round_tracker import OFFCPU_REASONS
 from .envoy.admin import AdminError, fetch_listener_config, fetch_listener_names
+from .envoy.filter_chains import load_types
 from .envoy.listen_socket import ListenSocket
 from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets, watch_exits
 from .envoy.threads import thread_identity
@@ -176,7 +177,7 @@ async def _listener_config(admin_url: str, own_connection: Callable[[str, int], 
     except AdminError as exc:
         log.warning("filter chains are not inferred: %s", exc)
         return None
-    import envoy_data_plane.envoy.config.listener.v3  # noqa: F401  (0.5 s: here, not on the event path)
+    await asyncio.to_thread(load_types)  # once (0.5 s): here, not on the ring-buffer thread
 
     return listeners
 
@@ -285,7 +286,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         accept_queue = {"waits": sum(t.count for t in probes.accept_queue_metrics().values()),
                         "not_seen": probes.accept_waits_not_seen()}
         workers = _worker_accepts(accepts_by_worker(probes, pipeline.correlator),
-                                  pipeline.correlator.downstream.listen_sockets) if sampling else []
+                                  pipeline.correlator.downstream.listen_sockets)
         offcpu = _offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
         wakes = _wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
         records_submitted = probes.records_submitted()
@@ -368,15 +369,15 @@ def _wakes_by_kind(wakes: dict[tuple[int, str], tuple[int, int]]) -> dict[str, d
 
 
 def accepts_by_worker(probes: ConnectionProbes, correlator: ConnectionCorrelator
-                      ) -> dict[tuple[int, int, str, int], int]:
-    """The kernel's accepts by (process, thread, listening fd), every connection traced or not, with each
-    thread's name (as its accept events gave it, else from /proc; "" for a thread gone unseen)."""
+                      ) -> Mapping[tuple[int, int, str, int], int]:
+    """Accepts by (process, thread, thread name, listening fd): the kernel's count of every connection,
+    traced or not, in sampling builds (each thread named as its accept events gave it, else from /proc; ""
+    for a thread gone unseen); without them, the accepts that reached the correlator."""
+    if not probes.config.sampling:
+        return correlator.accepts_by_thread
     names = {tid: name for (_pid, tid, name, _fd) in list(correlator.accepts_by_thread)}
-    out = {}
-    for (tgid, tid, fd), n in probes.accepts_by_thread().items():
-        name = names.get(tid) or thread_identity(tid)[1]
-        out[(tgid, tid, name, fd)] = n
-    return out
+    return {(tgid, tid, names.get(tid) or thread_identity(tid)[1], fd): n
+            for (tgid, tid, fd), n in probes.accepts_by_thread().items()}
 
 
 def _worker_accepts(accepts: Mapping[tuple[int, int, str, int], int],
@@ -401,11 +402,10 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipelin
     def listen_sockets() -> dict[tuple[int, int], ListenSocket]:
         return correlator.downstream.listen_sockets  # replaced whole on each rescan
 
-    accepts = (lambda: accepts_by_worker(probes, correlator)) if probes.config.sampling \
-        else (lambda: correlator.accepts_by_thread)
     metrics = WorkerMetrics.from_settings(
         opts.otlp, make_resource(), offcpu_totals=probes.offcpu_totals,
-        round_histograms=probes.round_histograms, accepts=accepts, listen_sockets=listen_sockets,
+        round_histograms=probes.round_histograms, accepts=lambda: accepts_by_worker(probes, correlator),
+        listen_sockets=listen_sockets,
         idle_wakes=lambda: idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel),
         kernel_metrics=[RequestMetrics(probes.http_request_metrics, listen_sockets),
                         ConnectionMetrics(probes.connection_metrics, listen_sockets),

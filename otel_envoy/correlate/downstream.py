@@ -225,7 +225,7 @@ class DownstreamConnections:
         if conn.local_address is not None:
             conn.listener_name = self._listener_name(conn.local_address, conn.local_port)
         elif listen is not None:
-            conn.listener_name = listen.listener_name or self._listener_name(listen.address, listen.port)
+            conn.listener_name = listen.listener_name  # named when the table was set (_named)
         self.open[key] = conn
         self.by_tuple[(peer, ev.peer_port, conn.local_port)] = conn
         self.accepts_by_thread[(ev.tgid, ev.tid, conn.thread_name, ev.listen_fd)] += 1

@@ -31,6 +31,7 @@ parts that select chains are read, so extension types the library does not know 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ __all__ = [
     "FilterChainIndex",
     "ListenerChains",
     "listener_selection_json",
+    "load_types",
 ]
 
 _CACHE_ENTRIES = 4096  # remembered choices per listener (cleared whole when full)
@@ -172,6 +174,21 @@ def _classic_choice(chains: list[_Chain], values: MatchValues) -> _Chain | None:
 # -------------------------------------------------------------------------------------------- listeners
 
 
+@functools.cache
+def load_types() -> type:
+    """The Listener type of envoy-data-plane, its modules imported (0.4 s the first time: only when used)
+    and its parser warmed (the first parse sets up ~0.1 s of validators). The matcher's inputs and actions
+    are Any fields: importing their modules registers their types."""
+    import envoy_data_plane.envoy.extensions.matching.common_inputs.network.v3
+    import envoy_data_plane.google.protobuf
+    import envoy_data_plane.xds.type.matcher.v3  # noqa: F401
+    from envoy_data_plane.envoy.config.listener.v3 import Listener
+
+    Listener.from_dict({"name": "warm-up", "filter_chains": [{"name": "c", "filter_chain_match": {}}],
+                        "default_filter_chain": {"name": "d"}})
+    return Listener
+
+
 @dataclass(slots=True)
 class ListenerChains:
     """One listener's chain selection: its filter chains, default chain and listener filters."""
@@ -194,13 +211,7 @@ class ListenerChains:
     @classmethod
     def from_json(cls, listener: Mapping[str, Any]) -> ListenerChains:
         """From a listener as :func:`listener_selection_json` keeps it."""
-        # 0.5 s to import: only when used. The matcher's inputs and actions are Any fields: their modules
-        # register their types.
-        import envoy_data_plane.envoy.extensions.matching.common_inputs.network.v3
-        import envoy_data_plane.google.protobuf
-        import envoy_data_plane.xds.type.matcher.v3  # noqa: F401
-        from envoy_data_plane.envoy.config.listener.v3 import Listener
-
+        Listener = load_types()
         name = str(listener.get("name", ""))
         filters = frozenset(listener_filter_name(f) for f in listener.get("listener_filters", []))
         addresses = tuple(_addresses(listener))

@@ -23,6 +23,7 @@ import pytest
 from otel_envoy.lab.certs import generate_certs
 from otel_envoy.lab.lab import find_envoy_binary, terminate_process
 from tests.support.daemon import DaemonProcess
+from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.replay import cli, read_jsonl
 from tests.support.traces import connection_traces
 
@@ -247,14 +248,16 @@ def _chains_of(spans: list, port: int) -> dict[tuple[int, int], dict[str, Any]]:
 
 @pytest.mark.parametrize("matcher", [False, True], ids=["filter_chain_match", "filter_chain_matcher"])
 def test_filter_chain_names_equal_envoy_s_access_log(tmp_path: Path, matcher: bool) -> None:
-    """210 connections of seven kinds, then 40 after the listener changed: the span's chain is the one
-    Envoy's access log names, every time."""
+    """210 connections of seven kinds, then 40 after the listener changed: the span a real OTLP/gRPC
+    receiver got names the chain Envoy's access log names, every time."""
     lab = ChainLab(tmp_path, matcher=matcher).start()
-    out, summary, events = tmp_path / "traces.jsonl", tmp_path / "summary.json", tmp_path / "run.events"
+    summary, events = tmp_path / "summary.json", tmp_path / "run.events"
     daemon = None
+    receiver = OtlpReceiver().start()
     try:
         daemon = DaemonProcess(["--pid", str(lab.proc.pid), "--envoy-admin", lab.admin_url,  # type: ignore[union-attr]
-                                "--cpu-budget", "0", "--output", str(out), "--summary-json", str(summary),
+                                "--cpu-budget", "0", "--otlp-endpoint", receiver.grpc_endpoint,
+                                "--otlp-protocol", "grpc", "--summary-json", str(summary),
                                 "--record", str(events)],
                                tmp_path).start()
         expected: dict[tuple[int, int], str] = {}
@@ -276,8 +279,9 @@ def test_filter_chain_names_equal_envoy_s_access_log(tmp_path: Path, matcher: bo
             after[_tls_connection(lab.port, "gamma.example.com", [])] = "chain_exact_v2"
         time.sleep(1.0)
     finally:
-        code = daemon.stop() if daemon is not None else None
+        code = daemon.stop() if daemon is not None else None  # flushes every span to the receiver
         lab.stop()
+        receiver.stop()
     assert code == 0, daemon.stderr() if daemon else ""
 
     logged = lab.logged_chains()
@@ -285,7 +289,7 @@ def test_filter_chain_names_equal_envoy_s_access_log(tmp_path: Path, matcher: bo
     for port, chain in {**expected, **after}.items():  # our reading of Envoy's rules, checked by Envoy
         assert logged.get(port) == chain, (port, chain, logged.get(port))
 
-    spans = read_jsonl(out)
+    spans = receiver.spans()
     attrs = {**_chains_of(spans, lab.port), **_chains_of(spans, lab.port2)}
     wrong = {port: (logged[port], attrs.get(port, {}).get("envoy.filter_chain.name"),
                     attrs.get(port, {}).get("envoy.filter_chain.not_inferred_reason"))
