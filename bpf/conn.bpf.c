@@ -9,6 +9,8 @@
  *                  few times per connection: the per-syscall tracepoints' convenience costs nothing that
  *                  matters); in SAMPLING builds the exits of accept/accept4 and connect come from
  *                  raw_syscalls:sys_exit instead (sampling.bpf.h), so no syscalls:sys_exit_* is enabled;
+ *   startup.bpf.h  sched:sched_process_exec / sched_process_exit (targets that start and end) and bind, dup*,
+ *                  fcntl(F_DUPFD*) of targets (how their listening sockets are set up);
  *   sched.bpf.h    syscalls: the entries of epoll_wait/epoll_pwait/epoll_pwait2; sched:sched_switch and
  *                  sched:sched_waking as raw tracepoints (OFFCPU builds);
  *   sockets.bpf.h  sock:inet_sock_set_state (a raw tracepoint), tcp:tcp_retransmit_skb, tcp:tcp_send_reset,
@@ -77,6 +79,7 @@
 #endif
 #include "sockets.bpf.h"
 #include "syscalls.bpf.h"
+#include "startup.bpf.h"
 #include "sched.bpf.h"
 #include "tls.bpf.h"
 #include "http2.bpf.h"

@@ -31,6 +31,18 @@ enum event_kind {
     EV_OFFCPU = 10,    /* a target thread was off CPU for at least OFFCPU_MIN_NS (not idle in epoll_wait) */
     EV_ROUND = 11,     /* an event-loop round that lasted ROUND_MIN_NS or held an EV_OFFCPU wait */
     EV_REQUEST_KEPT = 12, /* SAMPLING: a request that was not sampled, kept for what became of it */
+    EV_EXEC = 14,         /* a process took the followed comm (exec): a target from its first instruction */
+    EV_EXIT = 15,         /* a target's last thread exited: it is a target no more */
+    EV_SOCKET_SETUP = 16, /* a target set up an inet socket it may listen on (enum setup_op) */
+};
+
+/* What struct socket_setup_event reports. */
+enum setup_op {
+    SETUP_BIND = 1,      /* bind() of an inet socket: result 0 or -errno */
+    SETUP_REUSEPORT = 2, /* setsockopt(SOL_SOCKET, SO_REUSEPORT) on a bound or unconnected socket: result = value */
+    SETUP_DUP = 3,       /* dup/dup2/dup3/fcntl(F_DUPFD*) of a bound socket: fd the copy, other_fd the original */
+    SETUP_WATCH = 4,     /* epoll_ctl ADD of a bound socket: the thread that will accept on it; other_fd the epoll fd */
+    SETUP_CLOSE = 5,     /* close() of a bound socket */
 };
 
 /* Why a target thread left the CPU (sched_switch prev_state plus the syscall it was in). */
@@ -330,7 +342,6 @@ struct round_event {
     char waker_comm[COMM_LEN];
 };
 
-#endif /* OTEL_ENVOY_EVENTS_H */
 
 /* A plaintext HTTP/1.x request that was not sampled but is kept (http_metrics.bpf.h): what the kernel knows
  * of it, with its first bytes; the ring record is sent when its response begins (or its connection
@@ -346,3 +357,42 @@ struct request_kept_event {
     __u32 head_len;          /* bytes of head that are the request's */
     __u8 head[KEPT_HEAD];
 };
+
+/* How a target set up a socket it may listen on (startup.bpf.h): bind, SO_REUSEPORT, dup, the epoll
+ * registration that tells which thread accepts on it, close. listen() itself is struct listen_event. */
+struct socket_setup_event {
+    struct event_header hdr;
+    __s32 fd;        /* the socket (SETUP_DUP: the new fd) */
+    __s32 other_fd;  /* SETUP_DUP: the fd copied; SETUP_WATCH: the epoll fd; -1 otherwise */
+    __s32 result;    /* SETUP_BIND, SETUP_DUP: 0 or -errno; SETUP_REUSEPORT: the option's value */
+    __u16 op;        /* enum setup_op */
+    __u16 family;    /* AF_INET / AF_INET6 of the bound address (0: not known) */
+    __u16 port;      /* host byte order */
+    __u16 _pad0;
+    __u32 _pad1;
+    __u8 addr[ADDR_LEN];
+    char comm[COMM_LEN]; /* the calling thread's name, e.g. "wrk:worker_0" */
+};
+
+/* A bound socket of a target (the bound_fds map's value): its address, for the records of its copies. */
+struct bound_socket {
+    __u16 family;
+    __u16 port;
+    __u32 _pad0;
+    __u8 addr[ADDR_LEN];
+};
+
+/* A process that started (EV_EXEC: its comm is the followed one) or ended (EV_EXIT: its last thread). */
+struct process_event {
+    struct event_header hdr; /* tgid: the process; ts_ns: the exec, or the last thread's exit */
+    __u32 old_pid;           /* EV_EXEC: the pid before exec (differs when a non-leader thread exec'd) */
+    __u32 _pad0;
+    char comm[COMM_LEN];
+};
+
+/* The comm followed (the followed_comm map's value): a process that execs into it becomes a target. */
+struct followed_comm {
+    char comm[COMM_LEN]; /* NUL-padded; all zero: none followed */
+};
+
+#endif /* OTEL_ENVOY_EVENTS_H */

@@ -26,11 +26,12 @@ BPF_ARRAY(sample_parent_based, __u32, 1);  /* 1: a valid traceparent's sampled f
  * traceparent) */
 BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
 /* tail-call slots, set by the loader: [EXIT_IO] io_sys_exit, [EXIT_ACCEPT] accept_sys_exit,
- * [EXIT_CONNECT] connect_sys_exit */
+ * [EXIT_CONNECT] connect_sys_exit, [EXIT_SETUP] setup_sys_exit (startup.bpf.h) */
 #define EXIT_IO 0
 #define EXIT_ACCEPT 1
 #define EXIT_CONNECT 2
-BPF_PROG_ARRAY(exit_progs, 3);
+#define EXIT_SETUP 3
+BPF_PROG_ARRAY(exit_progs, 4);
 
 static __always_inline void count_sampled(__u32 slot) {
     __u64 *v = sample_counts.lookup(&slot);
@@ -195,6 +196,10 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     if (!io) {
         if (nr == NR_ACCEPT4 || nr == NR_ACCEPT || nr == NR_CONNECT) { /* once per connection */
             exit_progs.call(ctx, nr == NR_CONNECT ? EXIT_CONNECT : EXIT_ACCEPT);
+            count_drop(DROP_TAIL_CALL);
+        } else if (nr == NR_BIND || nr == NR_DUP || nr == NR_DUP2 || nr == NR_DUP3 ||
+                   (nr == NR_FCNTL && (r.si == F_DUPFD_CMD || r.si == F_DUPFD_CLOEXEC_CMD))) {
+            exit_progs.call(ctx, EXIT_SETUP); /* a listener's setup (startup.bpf.h): rare */
             count_drop(DROP_TAIL_CALL);
         }
         return 0;

@@ -229,3 +229,25 @@ static __always_inline void emit(void *ev, __u32 size) {
     else
         count_submitted();
 }
+
+/* Sockets a target bound to an inet address (startup.bpf.h), by conn_key(tgid, fd), and their copies: a
+ * later epoll registration, SO_REUSEPORT or close of one of them is a step of a listener's setup. */
+BPF_TABLE("lru_hash", __u64, struct bound_socket, bound_fds, 4096);
+
+/* One socket_setup_event for the calling thread (`s`: the socket's address, NULL when not known). */
+static __always_inline void emit_setup(__u64 pid_tgid, __u16 op, __s32 fd, __s32 other_fd, __s32 result,
+                                       const struct bound_socket *s) {
+    struct socket_setup_event ev = {};
+    fill_header(&ev.hdr, EV_SOCKET_SETUP, pid_tgid);
+    ev.op = op;
+    ev.fd = fd;
+    ev.other_fd = other_fd;
+    ev.result = result;
+    if (s) {
+        ev.family = s->family;
+        ev.port = s->port;
+        __builtin_memcpy(ev.addr, s->addr, ADDR_LEN);
+    }
+    bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+    emit(&ev, sizeof(ev));
+}

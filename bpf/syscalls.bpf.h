@@ -1,7 +1,8 @@
 /* syscalls.bpf.h: a connection's life outside its reads and writes, from the syscalls:* tracepoints:
  * accept/accept4 and connect start tracking an fd in `conns` (their enter keeps the arguments in the thread's
  * state for the exit), close ends it with the connection's totals, and listen, epoll_ctl and setsockopt
- * are reported as they happen.
+ * are reported as they happen. A bound socket's SO_REUSEPORT, epoll registration and close are steps of a
+ * listener's setup (startup.bpf.h).
  */
 
 /* Takes the in-flight syscall of this thread (clearing it); returns 0 when there is none. */
@@ -178,13 +179,26 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return on_accept_exit(args->ret); 
 TRACEPOINT_PROBE(syscalls, sys_exit_connect) { return on_connect_exit(args->ret); }
 #endif
 
+/* A target closed a socket it had bound: forgotten, and reported. */
+static __always_inline void close_bound(__u64 pid_tgid, __u64 key, __s32 fd) {
+    struct bound_socket *found = bound_fds.lookup(&key);
+    if (!found)
+        return;
+    struct bound_socket s = *found;
+    bound_fds.delete(&key);
+    emit_setup(pid_tgid, SETUP_CLOSE, fd, -1, 0, &s);
+}
+
 TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tgid = pid_tgid >> 32;
     __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
     struct conn_state *cs = conns.lookup(&key);
-    if (!cs)
+    if (!cs) {
+        if (maybe_target(tgid)) /* a bound socket (startup.bpf.h): a listener closed */
+            close_bound(pid_tgid, key, (__s32)args->fd);
         return 0;
+    }
 #if SAMPLING
     if (cs->role == ROLE_DOWNSTREAM)
         record_connection(tgid, cs, bpf_ktime_get_ns());
@@ -245,6 +259,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {
         return 0;
     __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
     struct conn_state *cs = conns.lookup(&key);
+    if (!cs && maybe_target(tgid)) { /* a bound socket's registration: the thread that will accept on it */
+        struct bound_socket *s = bound_fds.lookup(&key);
+        if (s)
+            emit_setup(pid_tgid, SETUP_WATCH, (__s32)args->fd, (__s32)args->epfd, 0, s);
+        return 0;
+    }
     if (!cs || cs->epoll_events >= EPOLL_CTL_EVENTS_MAX ||
         (cs->flags & (CONN_SAW_IO | CONN_UNTRACED)))
         return 0;
@@ -266,6 +286,14 @@ TRACEPOINT_PROBE(syscalls, sys_enter_setsockopt) {
     __u32 tgid = pid_tgid >> 32;
     __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
     struct conn_state *cs = conns.lookup(&key);
+    if (!cs && args->level == 1 /* SOL_SOCKET */ && args->optname == 15 /* SO_REUSEPORT */ &&
+        is_target(tgid)) { /* a listening socket being set up (startup.bpf.h) */
+        __s32 value = 0;
+        if (args->optlen >= 4 && args->optval)
+            bpf_probe_read_user(&value, sizeof(value), args->optval);
+        emit_setup(pid_tgid, SETUP_REUSEPORT, (__s32)args->fd, -1, value, bound_fds.lookup(&key));
+        return 0;
+    }
     if (!cs || (cs->flags & CONN_UNTRACED))
         return 0;
     struct setsockopt_event ev = {};

@@ -27,7 +27,8 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> int:
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
                    help="Envoy process to trace (repeatable)")
-    p.add_argument("--comm", help="trace every process with this command name (e.g. envoy)")
+    p.add_argument("--comm", help="trace every process with this command name: those running and those that "
+                   "start later, each from its first instruction (e.g. envoy)")
     p.add_argument("--envoy-admin", metavar="URL", help="Envoy admin API, e.g. http://127.0.0.1:9901")
     p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)

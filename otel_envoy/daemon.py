@@ -36,9 +36,11 @@ from .correlate.round_tracker import OFFCPU_REASONS
 from .envoy.admin import AdminError, fetch_listener_config, fetch_listener_names
 from .envoy.filter_chains import load_types
 from .envoy.listen_socket import ListenSocket
-from .envoy.process import EnvoyProcess, ListenerFinder, resolve_targets, watch_exits
+from .envoy.process import ListenerFinder, resolve_targets, watch_exits
+from .envoy.targets import TracedProcesses
 from .envoy.threads import thread_identity
 from .event_pipeline import EventPipeline, tune_garbage_collector
+from .events.layout import load_layout
 from .events.recording import RecordingWriter
 from .events.recording_context import (
     FilterChainsContext,
@@ -75,6 +77,7 @@ __all__ = ["DaemonOptions", "UsageError", "make_resource", "report_new_drops", "
 log = logging.getLogger("otel_envoy.daemon")
 
 RESCAN_INTERVAL_S = 5.0
+EV_EXEC, EV_EXIT = load_layout().constants["EV_EXEC"], load_layout().constants["EV_EXIT"]
 #: After the programs stop producing, how long to wait for any run still inside one to finish its record.
 STOP_SETTLE_S = 0.05
 # Fewer records than RING_BATCH_MIN in one pass: wait RING_BATCH_WAIT_S before the next. Between passes the
@@ -189,7 +192,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         log.warning("no kernel BTF (/sys/kernel/btf/vmlinux): tracing without off-CPU waits and rounds, "
                     "as with --no-offcpu")
         opts = dataclasses.replace(opts, offcpu=False)
-    targets = resolve_targets(opts.pids, opts.comm, require_envoy=opts.require_envoy)
+    targets = resolve_targets(opts.pids, opts.comm, require_envoy=opts.require_envoy, follow=True)
     if opts.otlp is not None:
         problem = check_reachable(opts.otlp)
         if problem:
@@ -207,7 +210,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
     spans_out = SpanPipeline(_build_sinks(opts), buffer_bytes=opts.export_buffer_bytes)
     recorder = RecordingWriter(opts.record) if opts.record else None
     loop = asyncio.get_running_loop()
-    rescan_now = asyncio.Event()
+    notices: asyncio.Queue[tuple[int, int]] = asyncio.Queue()  # (EV_LISTEN/EV_EXEC/EV_EXIT, pid)
     try:
         symbolizer = Symbolizer(symbols=opts.symbols)
     except SymbolsFileError as exc:
@@ -225,10 +228,12 @@ async def run_daemon(opts: DaemonOptions) -> int:
         probes.set_parent_based(opts.sampler.parent_based)
         probes.set_keep_slow(int(opts.keep_slow_ms * 1e6))
     stacks = SymbolizedStacks(probes.stack_addresses, symbolizer)
+    traced = TracedProcesses(targets, follow_comm=opts.comm, require_envoy=opts.require_envoy,
+                             forget=probes.remove_target)
     pipeline = EventPipeline(
         spans_out, make_resource(), clock, recorder=recorder,
-        on_listen=lambda _tgid: loop.call_soon_threadsafe(rescan_now.set), http=requests,
-        stacks=stacks, threaded_rounds=True,
+        on_notice=lambda ev: loop.call_soon_threadsafe(notices.put_nowait, (ev.kind, ev.tgid)),
+        http=requests, stacks=stacks, threaded_rounds=True,
     )
     symbolizer.unmatched_symbols_files(t.pid for t in targets)  # warns about each
     ring = _RingThread(probes, pipeline)
@@ -237,8 +242,10 @@ async def run_daemon(opts: DaemonOptions) -> int:
     metrics: WorkerMetrics | None = None  # per-worker metrics (export/metrics.py), with an OTLP endpoint
     try:
         probes.add_targets(t.pid for t in targets)
+        if opts.comm:  # processes that start under this name are traced from their first instruction
+            probes.follow_comm(opts.comm)
         listeners = ListenerFinder()  # caches which fds hold the listeners, between rescans
-        known_ports = _rescan(targets, listeners, probes, ring, set())
+        known_ports = _rescan(traced, listeners, probes, ring, set())
         if names:
             ring.context.put(ListenerNamesContext(names).to_json())
         if chains is not None:
@@ -249,8 +256,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         tune_garbage_collector()
         ring.start()
         metrics = _start_worker_metrics(opts, probes, pipeline, stacks)
-        log.info("tracing %s on ports %s", ", ".join(f"{t.pid} ({t.comm})" for t in targets),
-                 sorted(known_ports))
+        log.info("tracing %s on ports %s", traced.describe(), sorted(known_ports))
         if opts.ready_file:
             with open(opts.ready_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
@@ -261,7 +267,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if opts.offcpu:
             tasks.append(asyncio.ensure_future(_sweep_stacks(probes, stacks)))
         try:
-            await _wait(opts, loop, rescan_now, targets, listeners, probes, ring, known_ports, chains)
+            await _wait(opts, loop, notices, traced, listeners, probes, ring, known_ports, chains)
         finally:
             for task in tasks:
                 task.cancel()
@@ -318,6 +324,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
                        "connections_closed": dict(connections_closed),
                        "connections_closed_by_reason": dict(closed_by_reason), "accept_queue": accept_queue,
                        "accepts_by_worker": workers,
+                       "processes": {"traced": sorted(traced.by_pid), "started": traced.started_count,
+                                     "exited": traced.exited_count},
                        "sampler": {"name": opts.sampler.name, "ratio": opts.sampler.ratio,
                                    "requests": sampled, "tls_connections": connections_sampled,
                                    "cpu_budget": budget.summary() if budget is not None else None}},
@@ -420,10 +428,10 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipelin
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _rescan(targets: list[EnvoyProcess], listeners: ListenerFinder, probes: ConnectionProbes,
+def _rescan(traced: TracedProcesses, listeners: ListenerFinder, probes: ConnectionProbes,
             ring: _RingThread, known_ports: set[int]) -> set[int]:
     sockets = {}
-    for t in targets:
+    for t in traced.processes:
         sockets.update(listeners.sockets(t.pid))
     ports = {s.port for s in sockets.values()}
     if ports != known_ports:
@@ -520,18 +528,19 @@ async def _poll_admin(admin_url: str, ring: _RingThread, chains: list[dict] | No
     return chains
 
 
-async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now: asyncio.Event,
-                targets: list[EnvoyProcess], listeners: ListenerFinder, probes: ConnectionProbes,
+async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, notices: asyncio.Queue[tuple[int, int]],
+                traced: TracedProcesses, listeners: ListenerFinder, probes: ConnectionProbes,
                 ring: _RingThread, known_ports: set[int], chains: list[dict] | None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
     def all_exited() -> None:
-        log.warning("every traced process has exited (%s): stopping", ", ".join(str(t.pid) for t in targets))
+        log.warning("every traced process has exited (%s): stopping", traced.describe())
         stop.set()
 
-    unwatch = watch_exits(loop, (t.pid for t in targets), all_exited)
+    # Without --comm the run ends with its processes; with it, processes come and go (EV_EXEC, EV_EXIT).
+    unwatch = watch_exits(loop, list(traced.by_pid), all_exited) if not opts.comm else (lambda: None)
     deadline = loop.time() + opts.duration if opts.duration else None
     next_rescan = loop.time() + RESCAN_INTERVAL_S
     dropped: dict[str, int] = {}
@@ -541,16 +550,23 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, rescan_now
             if deadline is not None and now >= deadline:
                 break
             timeout = min(next_rescan, deadline or next_rescan) - now
-            waiter = asyncio.ensure_future(rescan_now.wait())
+            waiter = asyncio.ensure_future(notices.get())
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({waiter, stopper}, timeout=max(timeout, 0.01),
                                return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
             stopper.cancel()
-            if rescan_now.is_set() or loop.time() >= next_rescan:
-                rescan_now.clear()
+            noticed = [waiter.result()] if waiter.done() and not waiter.cancelled() else []
+            waiter.cancel()
+            while not notices.empty():
+                noticed.append(notices.get_nowait())
+            for kind, pid in noticed:
+                if kind == EV_EXEC:
+                    traced.started(pid)
+                elif kind == EV_EXIT and traced.exited(pid):
+                    listeners.forget(pid)
+            if noticed or loop.time() >= next_rescan:
                 await asyncio.sleep(0.05)  # listen() returns before /proc shows the socket as LISTEN
-                known_ports = _rescan(targets, listeners, probes, ring, known_ports)
+                known_ports = _rescan(traced, listeners, probes, ring, known_ports)
                 dropped = report_new_drops(probes, dropped)
                 if opts.envoy_admin:
                     chains = await _poll_admin(opts.envoy_admin, ring, chains)

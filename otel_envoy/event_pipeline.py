@@ -19,6 +19,7 @@ from opentelemetry.sdk.resources import Resource
 from .correlate.correlator import ConnectionCorrelator
 from .correlate.records import ConnectionRecord, RequestRecord, UpstreamRecord
 from .correlate.round_tracker import RoundRecord, WaitRecord
+from .correlate.startup import StartupRecord
 from .events.decode import Decoder
 from .events.layout import load_layout
 from .events.recording import RecordingError, RecordingWriter
@@ -30,17 +31,22 @@ from .events.recording_context import (
     OwnConnectionContext,
     SamplerContext,
 )
+from .events.types import Event
 from .export.span_queue import SpanPipeline
 from .protocols.http import HttpExchange
 from .spans.clock import MonotonicClock
 from .spans.connection import ConnectionSpanBuilder
 from .spans.requests import RequestSpanBuilder
 from .spans.round_spans import RoundSpanBuilder, StackSource
+from .spans.startup_spans import StartupSpanBuilder
 
 __all__ = ["DamagedContextError", "EventPipeline", "tune_garbage_collector"]
 
 log = logging.getLogger("otel_envoy.event_pipeline")
-EV_LISTEN = load_layout().constants["EV_LISTEN"]
+_C = load_layout().constants
+#: Records the daemon is told of as well (on_notice): a listen (rescan the listeners), a process that
+#: started under the followed name, a traced process that exited.
+NOTICE_KINDS = frozenset((_C["EV_LISTEN"], _C["EV_EXEC"], _C["EV_EXIT"]))
 
 
 class DamagedContextError(RecordingError):
@@ -69,7 +75,7 @@ class EventPipeline:
         clock: MonotonicClock,
         *,
         recorder: RecordingWriter | None = None,
-        on_listen: Callable[[int], None] | None = None,
+        on_notice: Callable[[Event], None] | None = None,
         http: bool = True,
         rounds: bool = True,
         stacks: StackSource | None = None,
@@ -88,10 +94,12 @@ class EventPipeline:
             on_upstream_request=self._on_upstream_request,
             on_round=self.round_worker.submit_round if self.round_worker else None,
             on_wait=self.round_worker.submit_wait if self.round_worker else None,
+            on_startup=self._on_startup,
             http=http,
         )
+        self.startup_builder = StartupSpanBuilder(self.builder, self.correlator.downstream.listener_name)
         self.recorder = recorder
-        self.on_listen = on_listen
+        self.on_notice = on_notice
         self._decode = self.decoder.decode  # bound once: on_record runs per kernel record
         self._handle = self.correlator.handle
         self._counts: Counter[str] = Counter()
@@ -109,8 +117,8 @@ class EventPipeline:
         if event is None:
             return
         self._events += 1
-        if event.kind == EV_LISTEN and self.on_listen is not None:
-            self.on_listen(event.tgid)
+        if event.kind in NOTICE_KINDS and self.on_notice is not None:
+            self.on_notice(event)
         self._handle(event)
 
     @property
@@ -185,6 +193,9 @@ class EventPipeline:
             self._counts["own_connections_left_out"] += 1
             return
         self._submit("connections", self.builder.build_records, conn)
+
+    def _on_startup(self, rec: StartupRecord) -> None:
+        self._submit("startups", self.startup_builder.spans, rec)
 
     def _on_request(self, rr: RequestRecord, exchange: HttpExchange) -> None:
         if self.correlator.downstream.is_own(rr.conn):

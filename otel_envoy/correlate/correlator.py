@@ -6,7 +6,8 @@ It only dispatches each event to the part that owns the state it changes, and wi
   * :mod:`.downstream_requests`: requests parsed on plaintext downstream connections;
   * :mod:`.upstream`: connections Envoy opened, and the requests it wrote on them;
   * :mod:`.attribution`: which downstream request (or TLS connection) caused an upstream one;
-  * :mod:`.round_tracker`: event-loop rounds and off-CPU waits, tied to the connections they handled.
+  * :mod:`.round_tracker`: event-loop rounds and off-CPU waits, tied to the connections they handled;
+  * :mod:`.startup`: how each process set up its listening sockets (its start, listener changes).
 Everything is bounded: when a table is full the oldest entry is evicted and counted in ``drops``.
 """
 
@@ -29,6 +30,7 @@ from .downstream_requests import DownstreamRequests, OnRequest
 from .identity import IdSource
 from .records import ConnectionRecord, TcpMark, UpstreamRecord
 from .round_tracker import RoundRecord, RoundTracker, WaitRecord
+from .startup import ProcessStartups, StartupRecord
 from .upstream import OnUpstreamRequest, UpstreamConnections
 
 __all__ = ["ConnectionCorrelator"]
@@ -38,6 +40,8 @@ EV_ACCEPT, EV_CLOSE, EV_DATA, EV_CONNECT = _C["EV_ACCEPT"], _C["EV_CLOSE"], _C["
 EV_EPOLL_CTL, EV_SETSOCKOPT, EV_SOCK_STATE, EV_TCP = (
     _C["EV_EPOLL_CTL"], _C["EV_SETSOCKOPT"], _C["EV_SOCK_STATE"], _C["EV_TCP"])
 EV_OFFCPU, EV_ROUND, EV_REQUEST_KEPT = _C["EV_OFFCPU"], _C["EV_ROUND"], _C["EV_REQUEST_KEPT"]
+EV_EXEC, EV_EXIT, EV_SOCKET_SETUP, EV_LISTEN = (
+    _C["EV_EXEC"], _C["EV_EXIT"], _C["EV_SOCKET_SETUP"], _C["EV_LISTEN"])
 ROLE_DOWNSTREAM = _C["ROLE_DOWNSTREAM"]
 TCP_MARK_NAMES = {
     _C["TCP_RETRANSMIT"]: "tcp.retransmit",
@@ -65,6 +69,7 @@ class ConnectionCorrelator:
         on_upstream_request: OnUpstreamRequest | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
         on_wait: Callable[[WaitRecord], None] | None = None,
+        on_startup: Callable[[StartupRecord], None] | None = None,
         http: bool = True,
         max_connections: int = 65536,
         max_queued: int = 65536,
@@ -89,6 +94,7 @@ class ConnectionCorrelator:
             attribution=self.attribution, ids=ids, stats=self.stats, drops=self.drops,
             on_upstream=on_upstream, on_upstream_request=on_upstream_request, http=http,
             max_connections=max_connections, max_pending=max_queued, linger_ns=linger_ns)
+        self.startups = ProcessStartups(on_startup)  # how each process set up its listening sockets
         self.accepts_by_thread = self.downstream.accepts_by_thread  # (tgid, tid, name, listen fd) -> n
         self._closing, self._upstream_closing = self.downstream.closing, self.upstream.closing
         self._down_data, self._up_data = self.downstream.on_data, self.upstream.on_data
@@ -102,6 +108,10 @@ class ConnectionCorrelator:
             EV_SOCK_STATE: self._on_sock_state,  # type: ignore[dict-item]
             EV_TCP: self._on_tcp,  # type: ignore[dict-item]
             EV_REQUEST_KEPT: self.downstream.on_request_kept,  # type: ignore[dict-item]
+            EV_EXEC: self.startups.on_process,  # type: ignore[dict-item]
+            EV_EXIT: self.startups.on_process,  # type: ignore[dict-item]
+            EV_SOCKET_SETUP: self.startups.on_setup,  # type: ignore[dict-item]
+            EV_LISTEN: self.startups.on_listen,  # type: ignore[dict-item]
         }
         if self.rounds is not None:
             self._dispatch[EV_OFFCPU] = self.rounds.on_offcpu  # type: ignore[assignment]
@@ -148,11 +158,13 @@ class ConnectionCorrelator:
         self.downstream.expire(now_ns)
         self.upstream.expire(now_ns)
         self.accept_queue.expire(now_ns)
+        self.startups.expire(now_ns)
 
     def flush(self, now_ns: int) -> None:
         """End everything: closed connections as they are, open ones at ``now_ns`` as still open."""
         self.downstream.flush(now_ns)
         self.upstream.flush(now_ns)
+        self.startups.flush(now_ns)
 
     def _on_data(self, ev: DataEvent) -> None:
         if ev.role == ROLE_DOWNSTREAM:

@@ -151,7 +151,7 @@ class DownstreamConnections:
         """A new table (the metrics thread reads the old one whole) with listener names filled in."""
         out = {}
         for key, s in sockets.items():
-            name = self._listener_name(s.address, s.port)
+            name = self.listener_name(s.address, s.port)
             out[key] = s if name == s.listener_name else ListenSocket(s.address, s.port, name)
         return out
 
@@ -223,14 +223,15 @@ class DownstreamConnections:
         if synacks:
             conn.tcp.marks.extend(TcpMark(ts, "tcp.synack_retransmit") for ts in synacks)
         if conn.local_address is not None:
-            conn.listener_name = self._listener_name(conn.local_address, conn.local_port)
+            conn.listener_name = self.listener_name(conn.local_address, conn.local_port)
         elif listen is not None:
             conn.listener_name = listen.listener_name  # named when the table was set (_named)
         self.open[key] = conn
         self.by_tuple[(peer, ev.peer_port, conn.local_port)] = conn
         self.accepts_by_thread[(ev.tgid, ev.tid, conn.thread_name, ev.listen_fd)] += 1
 
-    def _listener_name(self, address: str, port: int) -> str | None:
+    def listener_name(self, address: str, port: int) -> str | None:
+        """Envoy's name of the listener on address:port (its wildcard address too), when known."""
         names = self.listener_names
         return names.get((address, port)) or names.get(("0.0.0.0", port)) or names.get(("::", port))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from .listen_socket import ListenSocket
 from .sockdiag import SockDiagError, listening_tcp_sockets
 
-__all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "find_by_comm", "listening_sockets",
+__all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "find_by_comm", "is_envoy", "listening_sockets",
            "listening_sockets_from_proc", "resolve_targets", "watch_exits"]
 
 PROC = Path("/proc")
@@ -39,7 +39,8 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _is_envoy(pid: int) -> tuple[bool, str, str]:
+def is_envoy(pid: int) -> tuple[bool, str, str]:
+    """(looks like Envoy, its comm, its executable); comm "" when the process is gone."""
     comm = _read(PROC / str(pid) / "comm").strip()
     try:
         exe = os.readlink(PROC / str(pid) / "exe")
@@ -59,24 +60,26 @@ def find_by_comm(comm: str) -> list[int]:
     return sorted(pids)
 
 
-def resolve_targets(pids: list[int], comm: str | None, *, require_envoy: bool = True) -> list[EnvoyProcess]:
-    """Validate explicit pids and/or find processes by comm. Raises TargetError with a one-line reason."""
+def resolve_targets(pids: list[int], comm: str | None, *, require_envoy: bool = True,
+                    follow: bool = False) -> list[EnvoyProcess]:
+    """Validate explicit pids and/or find processes by comm. Raises TargetError with a one-line reason.
+    ``follow``: processes that start under ``comm`` later are traced too, so none running now is fine."""
     found: dict[int, EnvoyProcess] = {}
     for pid in pids:
         if not (PROC / str(pid)).is_dir():
             raise TargetError(f"pid {pid} does not exist")
-        ok, pcomm, exe = _is_envoy(pid)
+        ok, pcomm, exe = is_envoy(pid)
         if require_envoy and not ok:
             raise TargetError(f"pid {pid} is not an Envoy process (comm {pcomm!r}, exe {exe or 'unknown'})")
         found[pid] = EnvoyProcess(pid, pcomm, exe)
     if comm:
         for pid in find_by_comm(comm):
             if pid != os.getpid():
-                ok, pcomm, exe = _is_envoy(pid)
+                ok, pcomm, exe = is_envoy(pid)
                 found.setdefault(pid, EnvoyProcess(pid, pcomm, exe))
-        if not found:
+        if not found and not follow:
             raise TargetError(f"no process with comm {comm!r} is running")
-    if not found:
+    if not found and not (comm and follow):
         raise TargetError("no target: give --pid PID or --comm NAME")
     return [found[p] for p in sorted(found)]
 
@@ -122,9 +125,10 @@ def _socket_inode(fd_path: str | Path) -> int | None:
     return int(link[8:-1]) if link.startswith("socket:[") else None
 
 
-def _socket_inodes(pid: int) -> dict[int, int]:
-    """inode -> fd for the socket fds of ``pid``."""
-    out: dict[int, int] = {}
+def _socket_inodes(pid: int) -> dict[int, list[int]]:
+    """inode -> fds for the socket fds of ``pid`` (a socket duplicated with dup() has several: Envoy gives
+    each worker a copy of a listener's socket when it does not use SO_REUSEPORT)."""
+    out: dict[int, list[int]] = {}
     try:
         entries = list(os.scandir(PROC / str(pid) / "fd"))
     except OSError:
@@ -132,7 +136,7 @@ def _socket_inodes(pid: int) -> dict[int, int]:
     for entry in entries:
         inode = _socket_inode(entry.path)
         if inode is not None:
-            out[inode] = int(entry.name)
+            out.setdefault(inode, []).append(int(entry.name))
     return out
 
 
@@ -156,11 +160,9 @@ def listening_sockets_from_proc(pid: int) -> dict[tuple[int, int], ListenSocket]
             parts = line.split()
             if len(parts) < 10 or parts[3] != _TCP_LISTEN:
                 continue
-            fd = inodes.get(int(parts[9]))
-            if fd is None:
-                continue
             addr_hex, port_hex = parts[1].split(":")
-            out[(pid, fd)] = ListenSocket(_parse_addr(addr_hex, v6), int(port_hex, 16))
+            for fd in inodes.get(int(parts[9]), ()):
+                out[(pid, fd)] = ListenSocket(_parse_addr(addr_hex, v6), int(port_hex, 16))
     return out
 
 
@@ -175,7 +177,8 @@ class ListenerFinder:
     """
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[frozenset[int], dict[int, int]]] = {}  # pid -> (inodes, inode -> fd)
+        # pid -> (inodes, inode -> fds)
+        self._seen: dict[int, tuple[frozenset[int], dict[int, list[int]]]] = {}
 
     def sockets(self, pid: int) -> dict[tuple[int, int], ListenSocket]:
         """(pid, fd) -> ListenSocket for every TCP socket of ``pid`` in LISTEN state."""
@@ -186,16 +189,21 @@ class ListenerFinder:
         by_inode = {inode: ListenSocket(addr, port) for addr, port, inode in listeners}
         inodes = frozenset(by_inode)
         seen = self._seen.get(pid)
-        fds: dict[int, int] | None = None
+        fds: dict[int, list[int]] | None = None
         if seen is not None and seen[0] == inodes:
             fds = seen[1]
-            if any(_socket_inode(PROC / str(pid) / "fd" / str(fd)) != inode for inode, fd in fds.items()):
+            if any(_socket_inode(PROC / str(pid) / "fd" / str(fd)) != inode
+                   for inode, copies in fds.items() for fd in copies):
                 fds = None  # an fd was closed or reused: walk again
         if fds is None:
             held = _socket_inodes(pid)
             fds = {inode: held[inode] for inode in inodes if inode in held}
         self._seen[pid] = (inodes, fds)
-        return {(pid, fd): by_inode[inode] for inode, fd in fds.items()}
+        return {(pid, fd): by_inode[inode] for inode, copies in fds.items() for fd in copies}
+
+    def forget(self, pid: int) -> None:
+        """``pid`` is not traced any more (it exited)."""
+        self._seen.pop(pid, None)
 
 
 def listening_sockets(pid: int) -> dict[tuple[int, int], ListenSocket]:

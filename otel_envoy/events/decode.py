@@ -18,9 +18,11 @@ from .types import (
     Event,
     ListenEvent,
     OffcpuEvent,
+    ProcessEvent,
     RequestKeptEvent,
     RoundEvent,
     SetsockoptEvent,
+    SocketSetupEvent,
     SockStateEvent,
     TcpEvent,
 )
@@ -41,6 +43,9 @@ _KINDS: dict[str, tuple[str, type]] = {
     "EV_OFFCPU": ("offcpu_event", OffcpuEvent),
     "EV_ROUND": ("round_event", RoundEvent),
     "EV_REQUEST_KEPT": ("request_kept_event", RequestKeptEvent),
+    "EV_EXEC": ("process_event", ProcessEvent),
+    "EV_EXIT": ("process_event", ProcessEvent),
+    "EV_SOCKET_SETUP": ("socket_setup_event", SocketSetupEvent),
 }
 
 _KIND_OFFSET = 8  # event_header.kind; checked against the layout in Decoder.__init__

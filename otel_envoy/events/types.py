@@ -17,10 +17,12 @@ __all__ = [
     "Event",
     "ListenEvent",
     "OffcpuEvent",
+    "ProcessEvent",
     "RequestKeptEvent",
     "RoundEvent",
     "SetsockoptEvent",
     "SockStateEvent",
+    "SocketSetupEvent",
     "TcpEvent",
 ]
 
@@ -185,6 +187,38 @@ class ListenEvent(NamedTuple):
     backlog: int
 
 
+class SocketSetupEvent(NamedTuple):
+    """A step of a listening socket's setup (``op``: enum setup_op): bind, SO_REUSEPORT, dup, the epoll
+    registration by the thread that will accept on it (``comm``: that thread's name), close."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    fd: int
+    other_fd: int
+    result: int
+    op: int
+    family: int
+    port: int
+    addr: bytes
+    comm: bytes
+
+
+class ProcessEvent(NamedTuple):
+    """A process that exec'd into the followed comm (EV_EXEC), or a target whose last thread exited
+    (EV_EXIT)."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    old_pid: int
+    comm: bytes
+
+
 class OffcpuEvent(NamedTuple):
     """A target thread was off CPU from ``start_ns`` to ``ts_ns`` (one wait above the kernel's threshold)."""
 
@@ -249,7 +283,9 @@ class RequestKeptEvent(NamedTuple):
 
 
 Event = (
-    AcceptEvent
+    ProcessEvent
+    | SocketSetupEvent
+    | AcceptEvent
     | ConnectEvent
     | CloseEvent
     | DataEvent

@@ -161,6 +161,7 @@ def render_envoy_config(
     extra_clusters: list[dict[str, Any]] | None = None,
     runtime: dict[str, Any] | None = None,
     session_resumption: bool = True,
+    tls_reuse_port: bool = True,
 ) -> dict[str, Any]:
     """Return the lab's Envoy bootstrap as a dict (dump it as YAML/JSON for ``envoy -c``).
 
@@ -171,6 +172,8 @@ def render_envoy_config(
     ``tracing`` is copied verbatim into every HCM's ``tracing`` field (see :func:`otel_tracing`); clusters
     it needs (e.g. :func:`otel_collector_cluster`) go in ``extra_clusters``. ``runtime`` becomes a static
     runtime layer (e.g. :data:`OTEL_FAST_FLUSH_RUNTIME`); without it the bootstrap has no ``layered_runtime``.
+    ``tls_reuse_port=False``: the TLS listener has one socket, duplicated for each worker, instead of one
+    ``SO_REUSEPORT`` socket per worker (``enable_reuse_port``).
     ``concurrency`` is not part of the bootstrap (it is Envoy's ``--concurrency`` flag); it is recorded in
     the node metadata.
     """
@@ -205,6 +208,7 @@ def render_envoy_config(
                     "name": TLS_LISTENER,
                     "stat_prefix": TLS_LISTENER,
                     "address": _addr(ports.tls_port),
+                    "enable_reuse_port": tls_reuse_port,
                     "listener_filters": [
                         {
                             "name": "envoy.filters.listener.tls_inspector",

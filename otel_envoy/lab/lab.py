@@ -111,7 +111,7 @@ class EnvoyLab:
 
     ``key_type``: the lab certificates' keys, "ec" (P-256) or "rsa" (2048 bits; see :mod:`.certs`).
     ``session_resumption=False``: every TLS connection makes a full handshake (see
-    :func:`render_envoy_config`).
+    :func:`render_envoy_config`). ``tls_reuse_port=False``: one TLS listening socket, duplicated per worker.
     """
 
     def __init__(
@@ -134,6 +134,7 @@ class EnvoyLab:
         backend_env: Mapping[str, str] | None = None,
         key_type: str = "ec",
         session_resumption: bool = True,
+        tls_reuse_port: bool = True,
     ) -> None:
         if otel_collector_port is not None:
             if tracing is not None:
@@ -150,6 +151,7 @@ class EnvoyLab:
         self.backend_env = dict(backend_env or {})
         self.key_type = key_type
         self.session_resumption = session_resumption
+        self.tls_reuse_port = tls_reuse_port
         self.cpus = self._cpu_set(cpu)
         self.backend_cpus = self._cpu_set(backend_cpu)
         self.envoy_binary = Path(envoy_binary) if envoy_binary else find_envoy_binary()
@@ -259,6 +261,7 @@ class EnvoyLab:
             self.ports, self.certs, self.backend_port, concurrency=self.concurrency,
             direct_response=self.direct_response, tracing=self.tracing, extra_clusters=self.extra_clusters,
             runtime=self.runtime, session_resumption=self.session_resumption,
+            tls_reuse_port=self.tls_reuse_port,
         )
         self.config_path = write_envoy_config(self.config, self.workdir / "envoy.json")
         log = self.workdir / "envoy.log"

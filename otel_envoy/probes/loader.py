@@ -205,10 +205,27 @@ class ConnectionProbes:
             self._targets[ctypes.c_uint32(tgid)] = ctypes.c_uint8(1)
             bits[ctypes.c_int(tgid % TARGET_BITS)] = ctypes.c_uint8(1)
 
+    def follow_comm(self, comm: str) -> None:
+        """A process that execs into ``comm`` (the kernel keeps 15 bytes) becomes a target in the kernel, from
+        its first instruction: its startup is traced whole (EV_EXEC tells user space)."""
+        value = self.bpf[b"followed_comm"].Leaf()
+        raw = comm.encode()[:15]
+        ctypes.memmove(ctypes.addressof(value), raw, len(raw))
+        self.bpf[b"followed_comm"][ctypes.c_int(0)] = value
+
+    def remove_target(self, tgid: int) -> None:
+        """Stop tracing ``tgid`` (the kernel also drops an exited target itself) and forget its sockets."""
+        with contextlib.suppress(KeyError):
+            del self._targets[ctypes.c_uint32(tgid)]
+        for table in (self.bpf[b"conns"], self.bpf[b"bound_fds"]):
+            for key in [k for k in table if k.value >> 32 == tgid]:
+                with contextlib.suppress(KeyError):  # gone since (a close, an LRU eviction)
+                    del table[key]
+
     def stop_producing(self) -> None:
         """No more records: every target and listening port is forgotten, so the programs return before
         they emit (the end of a run: after the last drain, what the kernel submitted is what was read)."""
-        for table in (self._targets, self._ports, self.bpf[b"target_bits"]):
+        for table in (self._targets, self._ports, self.bpf[b"target_bits"], self.bpf[b"followed_comm"]):
             table.clear()
 
     def set_listen_ports(self, ports: Iterable[int]) -> None:
@@ -255,14 +272,16 @@ class ConnectionProbes:
             self.bpf.ring_buffer_consume()
 
     def _attach_sampling(self) -> None:
-        """front_sys_exit on raw_syscalls:sys_exit, with io_sys_exit, accept_sys_exit and connect_sys_exit in
-        its tail-call slots: the front decides (sampling, request metrics) and hands io_sys_exit only the
-        transfers to report, the others the exits of accept/accept4 and connect."""
+        """front_sys_exit on raw_syscalls:sys_exit, with io_sys_exit, accept_sys_exit, connect_sys_exit and
+        setup_sys_exit in its tail-call slots: the front decides (sampling, request metrics) and hands
+        io_sys_exit only the transfers to report, the others the exits of accept/accept4, connect, and a
+        listener's bind and dup."""
         from bcc import BPF
 
         slots = self.bpf[b"exit_progs"]
-        # EXIT_IO, EXIT_ACCEPT, EXIT_CONNECT (sampling.bpf.h)
-        for slot, name in enumerate((b"io_sys_exit", b"accept_sys_exit", b"connect_sys_exit")):
+        # EXIT_IO, EXIT_ACCEPT, EXIT_CONNECT, EXIT_SETUP (sampling.bpf.h)
+        for slot, name in enumerate((b"io_sys_exit", b"accept_sys_exit", b"connect_sys_exit",
+                                     b"setup_sys_exit")):
             program = self.bpf.load_func(name, BPF.RAW_TRACEPOINT)
             slots[ctypes.c_int(slot)] = ctypes.c_int(program.fd)
         self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"front_sys_exit")
