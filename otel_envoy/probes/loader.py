@@ -70,7 +70,7 @@ class ProbeConfig:
     round_min_ns: int = 10_000_000  # event-loop rounds at least this long are sent (or holding such a wait)
     sampling: bool = False  # plaintext HTTP/1.x requests sampled in the kernel (set_sample_threshold)
     program_dir: Path = BPF_DIR  # conn.bpf.c, its units and events.h (benchmarks compare another revision's)
-    uprobes: tuple[UprobeSite, ...] = ()  # SSL_read/SSL_write/... to attach (probes.uprobe_symbols): TLS plaintext
+    uprobes: tuple[UprobeSite, ...] = ()  # SSL_read/SSL_write/... (probes/uprobe_symbols.py): TLS plaintext
 
     def cflags(self) -> list[str]:
         """The -D/-I flags handed to bcc's clang."""
@@ -272,8 +272,8 @@ class ConnectionProbes:
         self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"front_sys_exit")
 
     def _attach_uprobes(self) -> None:
-        """The uprobe tier (uprobes.bpf.h): a uprobe, and a uretprobe where it has one, at each site. bcc takes
-        the site's ELF virtual address and finds its file offset through the binary's PT_LOAD headers."""
+        """The uprobe tier (uprobes.bpf.h): a uprobe, and a uretprobe where it has one, at each site. bcc
+        takes the site's ELF virtual address and finds its file offset via the PT_LOAD headers."""
         for site in self.config.uprobes:
             binary = site.binary.encode()
             self.bpf.attach_uprobe(name=binary, addr=site.vaddr, fn_name=site.entry.encode())

@@ -28,7 +28,7 @@ from ..stacks.elf import ElfFacts, NotElfError, SymbolSection, read_elf_facts
 from ..stacks.symtab import demangle
 
 __all__ = ["ATTACHED", "ENVOY_FUNCTIONS", "SSL_FUNCTIONS", "BinaryUprobes", "UprobeFunction", "UprobeSite",
-           "discover", "plan_uprobes"]
+           "discover", "plan_uprobes", "uprobe_sites"]
 
 #: BoringSSL's C functions (same names in OpenSSL): what each gives the tier
 SSL_FUNCTIONS = {
@@ -242,3 +242,16 @@ def plan_uprobes(pids: Iterable[int], symbols_files: Sequence[str] = ()) -> list
         seen.add(found[1])
         out.append(discover(found[0], symbols_files))
     return out
+
+
+def uprobe_sites(pids: Iterable[int], symbols_files: Sequence[str] = ()) -> tuple[UprobeSite, ...]:
+    """Every uprobe site of the processes' binaries, each binary's tier logged in one line (the daemon's
+    call: an empty tuple leaves the kernel tier exactly as it is without symbols)."""
+    import logging
+
+    log = logging.getLogger("otel_envoy.probes")
+    sites: list[UprobeSite] = []
+    for plan in plan_uprobes(pids, symbols_files):
+        log.info("uprobe tier on %s: %s", plan.binary, plan.summary())
+        sites.extend(plan.sites())
+    return tuple(sites)

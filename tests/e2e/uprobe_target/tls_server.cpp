@@ -18,6 +18,7 @@
 #include <arpa/inet.h>
 #include <dlfcn.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -188,7 +189,12 @@ int main(int argc, char **argv) {
   printf("port=%d\nready\n", ntohs(addr.sin_port));
   fflush(stdout);
   for (;;) {
-    int fd = accept4(lfd, nullptr, nullptr, 0);
+    // wait in poll, not in accept4: a tracer attached while the server waits sees the whole accept
+    pollfd ready{lfd, POLLIN, 0};
+    if (poll(&ready, 1, -1) != 1) continue;
+    sockaddr_in peer{};
+    socklen_t peer_len = sizeof(peer);
+    int fd = accept4(lfd, reinterpret_cast<sockaddr *>(&peer), &peer_len, 0);
     if (fd < 0) continue;
     SSL *ssl = real::SSL_new(ctx);
     real::SSL_set_fd(ssl, fd);
