@@ -14,7 +14,9 @@
  *   sched.bpf.h    syscalls: the entries of epoll_wait/epoll_pwait/epoll_pwait2; sched:sched_switch and
  *                  sched:sched_waking as raw tracepoints (OFFCPU builds);
  *   sockets.bpf.h  sock:inet_sock_set_state (a raw tracepoint), tcp:tcp_retransmit_skb, tcp:tcp_send_reset,
- *                  tcp:tcp_receive_reset, tcp:tcp_retransmit_synack.
+ *                  tcp:tcp_receive_reset, tcp:tcp_retransmit_synack;
+ *   uprobes.bpf.h  (UPROBES builds only) uprobes on SSL_read/SSL_write/SSL_do_handshake of the traced binary
+ *                  and the entries of the read/write-family syscalls: TLS plaintext.
  * state.bpf.h holds what they share (per-connection and per-thread state, the shared maps and helpers);
  * tls.bpf.h and http2.bpf.h the walks of TLS records and HTTP/2 frames through the bytes a read/write moved.
  * The loader splices the units into this file's text (probes/loader.py program_text): bcc rewrites map calls
@@ -71,6 +73,9 @@
 #ifndef H2_WALK_MAX
 #define H2_WALK_MAX 512
 #endif
+#ifndef UPROBES
+#define UPROBES 0 /* 1: the traced binary has SSL_read/SSL_write symbols: TLS plaintext (uprobes.bpf.h) */
+#endif
 
 #include "state.bpf.h"
 #if SAMPLING
@@ -87,4 +92,7 @@
 #if SAMPLING
 #include "traceparent.bpf.h"
 #include "sampling.bpf.h"
+#endif
+#if UPROBES
+#include "uprobes.bpf.h"
 #endif

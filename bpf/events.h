@@ -184,6 +184,9 @@ enum keep_reason {
 /* HTTP/2 connection: `data` is the condensed framing of the `ret` bytes moved (preface, frame headers,
  * non-DATA payloads; DATA payloads left out but a padded one's pad length), not their first bytes. */
 #define DATA_FLAG_H2_FRAMES 2
+/* TLS plaintext (uprobes.bpf.h, UPROBES builds): `data` is what SSL_read returned or SSL_write took on this
+ * connection, not bytes of a syscall; `ret` is that call's return value and `syscall` is 0. */
+#define DATA_FLAG_TLS_PLAINTEXT 4
 
 struct event_header {
     __u64 ts_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, converted to wall clock only at export */

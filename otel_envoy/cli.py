@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     doc = sub.add_parser("doctor", help="report which probes can attach on this host")
     doc.add_argument("--pid", type=int, help="also inspect this process's binary")
+    doc.add_argument("--symbols", action="append", default=[], metavar="FILE",
+                     help="unstripped copy or debug file of that binary, matched by build-id (repeatable)")
     return parser
 
 
@@ -217,13 +219,14 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     checks = host_checks()
     if args.pid is not None:
-        checks += binary_checks(args.pid)
+        checks += binary_checks(args.pid, args.symbols)
     width = max(len(c.name) for c in checks)
     for c in checks:
         mark = "ok  " if c.ok else ("FAIL" if c.required else "no  ")
         print(f"{mark} {c.name:<{width}}  {c.detail}")
     impossible = [c for c in checks if c.required and not c.ok]
-    print("tracing: " + ("possible (kernel tier)" if not impossible else
+    uprobes = any(c.name == "uprobe-tier" and c.ok for c in checks)
+    print("tracing: " + (f"possible (kernel tier{' + uprobe tier' if uprobes else ''})" if not impossible else
                          "IMPOSSIBLE: " + ", ".join(c.name for c in impossible)))
     return EXIT_FAILURE if impossible else 0
 

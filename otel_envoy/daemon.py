@@ -58,6 +58,7 @@ from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
 from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
 from .probes.loader import ConnectionProbes, ProbeConfig, RequestSeries, RequestTotals
+from .probes.uprobe_symbols import uprobe_sites
 from .sampling import (
     DEFAULT_CPU_BUDGET,
     DEFAULT_KEEP_SLOW_MS,
@@ -222,7 +223,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
     sampling = requests
     probes = ConnectionProbes(ProbeConfig(
         max_conns=opts.max_conns, http_capture=requests, offcpu=opts.offcpu,
-        offcpu_min_ns=opts.offcpu_min_ns, round_min_ns=opts.round_min_ns, sampling=sampling))
+        offcpu_min_ns=opts.offcpu_min_ns, round_min_ns=opts.round_min_ns, sampling=sampling,
+        uprobes=uprobe_sites((t.pid for t in targets), opts.symbols) if requests else ()))
     if sampling:
         probes.set_sample_threshold(opts.sampler.kernel_threshold())
         probes.set_parent_based(opts.sampler.parent_based)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,8 +112,10 @@ def host_checks() -> list[Check]:
     return checks
 
 
-def binary_checks(pid: int) -> list[Check]:
-    """Facts about a target's binary: build-id, symbols, debug link (stacks/elf.py)."""
+def binary_checks(pid: int, symbols_files: Sequence[str] = ()) -> list[Check]:
+    """Facts about a target's binary: build-id, symbols (its own, or a ``symbols_files`` entry with its
+    build-id), debug link (stacks/elf.py), and which uprobes the uprobe tier can attach, or why none."""
+    from .probes.uprobe_symbols import discover
     from .stacks.elf import NotElfError, read_debuglink, read_elf_facts
 
     try:
@@ -134,12 +137,20 @@ def binary_checks(pid: int) -> list[Check]:
     dynamic_symbols = facts.dynsym.count if facts.dynsym else 0
     out.append(Check("build-id", facts.build_id is not None, facts.build_id or "no build-id note",
                      required=False))
-    sym_detail = (f"{symbols} symbols in .symtab" if symbols else
-                  f"stripped (only {dynamic_symbols} .dynsym entries): kernel tier only; "
-                  "--symbols FILE or a debug build adds the uprobe tier")
-    out.append(Check("symbols", symbols > 0, sym_detail, required=False))
+    tier = discover(path, symbols_files)
+    if symbols:
+        sym_detail = f"{symbols} symbols in .symtab"
+    elif tier.symbols_from and tier.symbols_from != path:
+        sym_detail = (f"stripped (only {dynamic_symbols} .dynsym entries); symbols from --symbols "
+                      f"{tier.symbols_from} (same build-id)")
+    else:
+        sym_detail = (f"stripped (only {dynamic_symbols} .dynsym entries): kernel tier only; "
+                      "--symbols FILE or a debug build adds the uprobe tier")
+    out.append(Check("symbols", symbols > 0 or tier.symbols_from is not None, sym_detail, required=False))
     if debuglink:
         out.append(Check("debuglink", True, f".gnu_debuglink -> {debuglink}", required=False))
+    # which functions were found (SSL_* attached; Envoy's found by demangled pattern), or why not
+    out.append(Check("uprobe-tier", tier.available, tier.summary(), required=False))
     return out
 
 

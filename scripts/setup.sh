@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "setup.sh: must run as root" >&2; exit 1; }
 
 APT_PACKAGES=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv python3-dev
-  curl openssl wrk nghttp2-client binutils gcc g++ elfutils)
+  curl openssl libssl3 wrk nghttp2-client binutils gcc g++ elfutils)  # libssl3: the uprobe tier's test target
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -4,6 +4,7 @@ It only dispatches each event to the part that owns the state it changes, and wi
   * :mod:`.downstream`: downstream connections, accept to close (and their listener hand-off, TLS, I/O);
   * :mod:`.accept_queue`: connections established but not accepted yet, per listening port;
   * :mod:`.downstream_requests`: requests parsed on plaintext downstream connections;
+  * :mod:`.tls_plaintext`: the plaintext of TLS connections from the uprobe tier, to their HTTP parser;
   * :mod:`.upstream`: connections Envoy opened, and the requests it wrote on them;
   * :mod:`.attribution`: which downstream request (or TLS connection) caused an upstream one;
   * :mod:`.round_tracker`: event-loop rounds and off-CPU waits, tied to the connections they handled;
@@ -31,6 +32,7 @@ from .identity import IdSource
 from .records import ConnectionRecord, TcpMark, UpstreamRecord
 from .round_tracker import RoundRecord, RoundTracker, WaitRecord
 from .startup import ProcessStartups, StartupRecord
+from .tls_plaintext import DATA_FLAG_TLS_PLAINTEXT, TlsPlaintext
 from .upstream import OnUpstreamRequest, UpstreamConnections
 
 __all__ = ["ConnectionCorrelator"]
@@ -95,6 +97,7 @@ class ConnectionCorrelator:
             on_upstream=on_upstream, on_upstream_request=on_upstream_request, http=http,
             max_connections=max_connections, max_pending=max_queued, linger_ns=linger_ns)
         self.startups = ProcessStartups(on_startup)  # how each process set up its listening sockets
+        self.tls_plaintext = TlsPlaintext(self.downstream, self.requests, self.stats, http=http)
         self.accepts_by_thread = self.downstream.accepts_by_thread  # (tgid, tid, name, listen fd) -> n
         self._closing, self._upstream_closing = self.downstream.closing, self.upstream.closing
         self._down_data, self._up_data = self.downstream.on_data, self.upstream.on_data
@@ -167,7 +170,9 @@ class ConnectionCorrelator:
         self.startups.flush(now_ns)
 
     def _on_data(self, ev: DataEvent) -> None:
-        if ev.role == ROLE_DOWNSTREAM:
+        if ev.flags & DATA_FLAG_TLS_PLAINTEXT:  # the uprobe tier: a TLS connection's plaintext
+            self.tls_plaintext.on_data(ev)
+        elif ev.role == ROLE_DOWNSTREAM:
             self._down_data(ev)
         else:
             self._up_data(ev)

@@ -157,6 +157,7 @@ class ConnectionHttp:
     count: int = 0  # requests parsed
     links: list[tuple[str, str]] = field(default_factory=list)  # (trace id, span id) of requests elsewhere
     next_seq: int = 0  # the msg_seq the connection's next data record should carry (a gap: records lost)
+    source: str = ""  # "uprobe": the parser is fed a TLS connection's plaintext (correlate/tls_plaintext.py)
 
 
 @dataclass(slots=True)

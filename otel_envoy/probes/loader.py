@@ -21,6 +21,7 @@ from typing import NamedTuple
 from ..events.layout import BPF_DIR, load_layout
 from . import ringbuf
 from .btf import BtfError, KernelTypes
+from .uprobe_symbols import UprobeSite
 
 __all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError", "program_text"]
 
@@ -69,6 +70,7 @@ class ProbeConfig:
     round_min_ns: int = 10_000_000  # event-loop rounds at least this long are sent (or holding such a wait)
     sampling: bool = False  # plaintext HTTP/1.x requests sampled in the kernel (set_sample_threshold)
     program_dir: Path = BPF_DIR  # conn.bpf.c, its units and events.h (benchmarks compare another revision's)
+    uprobes: tuple[UprobeSite, ...] = ()  # SSL_read/SSL_write/... (probes/uprobe_symbols.py): TLS plaintext
 
     def cflags(self) -> list[str]:
         """The -D/-I flags handed to bcc's clang."""
@@ -81,6 +83,7 @@ class ProbeConfig:
             f"-DOFFCPU_MIN_NS={int(self.offcpu_min_ns)}ULL",
             f"-DROUND_MIN_NS={int(self.round_min_ns)}ULL",
             f"-DSAMPLING={int(self.sampling)}",
+            f"-DUPROBES={int(bool(self.uprobes))}",
             "-Wno-macro-redefined",
             "-Wno-unused-function",
         ]
@@ -181,6 +184,7 @@ class ConnectionProbes:
             self.bpf = BPF(text=text.encode(), cflags=self.config.cflags() + field_offsets)
             if self.config.sampling:
                 self._attach_sampling()
+            self._attach_uprobes()
         except Exception as exc:
             lines = str(exc).splitlines() or [type(exc).__name__]  # bcc raises some with no message
             raise ProbeError(f"could not load {CONN_PROGRAM}: {lines[-1]}") from exc
@@ -285,6 +289,16 @@ class ConnectionProbes:
             program = self.bpf.load_func(name, BPF.RAW_TRACEPOINT)
             slots[ctypes.c_int(slot)] = ctypes.c_int(program.fd)
         self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"front_sys_exit")
+
+    def _attach_uprobes(self) -> None:
+        """The uprobe tier (uprobes.bpf.h): a uprobe, and a uretprobe where it has one, at each site. bcc
+        takes the site's ELF virtual address and finds its file offset via the PT_LOAD headers."""
+        for site in self.config.uprobes:
+            binary = site.binary.encode()
+            self.bpf.attach_uprobe(name=binary, addr=site.vaddr, fn_name=site.entry.encode())
+            if site.ret is not None:
+                self.bpf.attach_uretprobe(name=binary, addr=site.vaddr, fn_name=site.ret.encode())
+            log.info("uprobe tier: %s at %#x of %s", site.function, site.vaddr, site.binary)
 
     def set_sample_threshold(self, threshold: int) -> None:
         """Trace a plaintext HTTP/1.x request when a 32-bit random number is below ``threshold``

@@ -145,7 +145,7 @@ class RequestSpanBuilder:
         start = req.start_ns
         end = max(start, resp.end_ns if resp is not None and resp.end_ns is not None else req.end_ns or start)
         attrs = _http_attributes(req, resp)
-        attrs["url.scheme"] = "http"
+        attrs["url.scheme"] = "https" if conn.http.source else "http"
         attrs["client.address"] = conn.peer_address
         attrs["client.port"] = conn.peer_port
         attrs["thread.id"] = req.tid
@@ -154,6 +154,8 @@ class RequestSpanBuilder:
         attrs["otel_envoy.trace_context"] = source
         if rr.kept:
             attrs["otel_envoy.kept"] = rr.kept
+        if conn.http.source:  # how the request was known: "uprobe" (TLS plaintext); unset: syscall bytes
+            attrs["otel_envoy.request_source"] = conn.http.source
         request_id = _envoy_request_id(rr)
         if request_id:
             attrs["envoy.request_id"] = request_id
