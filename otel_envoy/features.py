@@ -25,6 +25,10 @@ REQUIRED_TRACEPOINTS = (
     "tcp/tcp_send_reset",
     "tcp/tcp_receive_reset",
     "tcp/tcp_retransmit_synack",
+    "syscalls/sys_enter_bind",
+    "syscalls/sys_enter_dup",
+    "sched/sched_process_exec",
+    "sched/sched_process_exit",
 )
 
 
