@@ -27,8 +27,11 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> int:
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
                    help="Envoy process to trace (repeatable)")
-    p.add_argument("--comm", help="trace every process with this command name: those running and those that "
-                   "start later, each from its first instruction (e.g. envoy)")
+    p.add_argument("--comm", help="trace every process with this command name: those running and those "
+                   "that start later, each from its first instruction (e.g. envoy). Without --pid, --comm or "
+                   "--exe: every Envoy on the node (comm envoy)")
+    p.add_argument("--exe", metavar="PATH", help="trace every process running this executable, those running "
+                   "and those that start later")
     p.add_argument("--envoy-admin", metavar="URL", help="Envoy admin API, e.g. http://127.0.0.1:9901")
     p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
@@ -150,7 +153,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
     except ValueError as exc:
         return _fail(str(exc), EXIT_USAGE)
     opts = DaemonOptions(
-        pids=args.pid, comm=args.comm, envoy_admin=args.envoy_admin, otlp=otlp, output=output,
+        pids=args.pid, comm=args.comm, exe=args.exe, envoy_admin=args.envoy_admin, otlp=otlp, output=output,
         record=args.events if record_only else args.record, duration=args.duration,
         require_envoy=not args.any_process, ready_file=args.ready_file, summary_json=args.summary_json,
         requests=args.requests, offcpu=args.offcpu, symbols=args.symbols,

@@ -24,21 +24,18 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 from opentelemetry.sdk.resources import Resource
 
 from .accounting import ledger
-from .correlate.correlator import ConnectionCorrelator
-from .correlate.round_tracker import OFFCPU_REASONS
 from .envoy.admin import AdminError, fetch_listener_config, fetch_listener_names
 from .envoy.filter_chains import load_types
 from .envoy.listen_socket import ListenSocket
 from .envoy.process import ListenerFinder, resolve_targets, watch_exits
 from .envoy.targets import TracedProcesses
-from .envoy.threads import thread_identity
 from .event_pipeline import EventPipeline, tune_garbage_collector
 from .events.layout import load_layout
 from .events.recording import RecordingWriter
@@ -57,8 +54,9 @@ from .export.sink_worker import DEFAULT_BUFFER_BYTES
 from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
 from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
-from .probes.loader import ConnectionProbes, ProbeConfig, RequestSeries, RequestTotals
+from .probes.loader import ConnectionProbes, ProbeConfig
 from .probes.uprobe_symbols import uprobe_sites
+from .run_summary import accepts_by_worker, offcpu_by_reason, request_totals, wakes_by_kind, worker_accepts
 from .sampling import (
     DEFAULT_CPU_BUDGET,
     DEFAULT_KEEP_SLOW_MS,
@@ -78,6 +76,8 @@ __all__ = ["DaemonOptions", "UsageError", "make_resource", "report_new_drops", "
 log = logging.getLogger("otel_envoy.daemon")
 
 RESCAN_INTERVAL_S = 5.0
+#: After a process exited, its metric series stay in the kernel's tables this long past one metrics interval.
+SERIES_GRACE_S = 2.0
 EV_EXEC, EV_EXIT = load_layout().constants["EV_EXEC"], load_layout().constants["EV_EXIT"]
 #: After the programs stop producing, how long to wait for any run still inside one to finish its record.
 STOP_SETTLE_S = 0.05
@@ -101,7 +101,8 @@ class DaemonOptions:
     """Everything `run`/`record` accept."""
 
     pids: list[int] = field(default_factory=list)
-    comm: str | None = None
+    comm: str | None = None  # with exe: follow processes that start later (neither, nor pids: every Envoy)
+    exe: str | None = None
     envoy_admin: str | None = None
     otlp: OtlpSettings | None = None
     output: str | None = None
@@ -122,6 +123,16 @@ class DaemonOptions:
     cpu_budget: float = DEFAULT_CPU_BUDGET  # share of one CPU; past it fewer requests are traced (0: none)
     keep_slow_ms: float = DEFAULT_KEEP_SLOW_MS  # a request not sampled is kept when this slow (0: never)
     export_buffer_bytes: int = DEFAULT_BUFFER_BYTES  # per sink: encoded spans kept while it cannot take them
+
+
+def following(opts: DaemonOptions) -> str | None:
+    """The name of the processes traced from their start: --comm, --exe's file name (the kernel's comm of a
+    process is its executable's name, 15 bytes), or, without --pid either, every Envoy ("envoy")."""
+    if opts.comm:
+        return opts.comm
+    if opts.exe:
+        return Path(opts.exe).name[:15]
+    return None if opts.pids else "envoy"
 
 
 def make_resource() -> Resource:
@@ -193,7 +204,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
         log.warning("no kernel BTF (/sys/kernel/btf/vmlinux): tracing without off-CPU waits and rounds, "
                     "as with --no-offcpu")
         opts = dataclasses.replace(opts, offcpu=False)
-    targets = resolve_targets(opts.pids, opts.comm, require_envoy=opts.require_envoy, follow=True)
+    follow = following(opts)
+    targets = resolve_targets(opts.pids, follow, require_envoy=opts.require_envoy, follow=True, exe=opts.exe)
     if opts.otlp is not None:
         problem = check_reachable(opts.otlp)
         if problem:
@@ -230,8 +242,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
         probes.set_parent_based(opts.sampler.parent_based)
         probes.set_keep_slow(int(opts.keep_slow_ms * 1e6))
     stacks = SymbolizedStacks(probes.stack_addresses, symbolizer)
-    traced = TracedProcesses(targets, follow_comm=opts.comm, require_envoy=opts.require_envoy,
-                             forget=probes.remove_target)
+    traced = TracedProcesses(targets, follow_comm=follow, require_envoy=opts.require_envoy,
+                             forget=probes.remove_target, match_exe=opts.exe)
     pipeline = EventPipeline(
         spans_out, make_resource(), clock, recorder=recorder,
         on_notice=lambda ev: loop.call_soon_threadsafe(notices.put_nowait, (ev.kind, ev.tgid)),
@@ -244,8 +256,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
     metrics: WorkerMetrics | None = None  # per-worker metrics (export/metrics.py), with an OTLP endpoint
     try:
         probes.add_targets(t.pid for t in targets)
-        if opts.comm:  # processes that start under this name are traced from their first instruction
-            probes.follow_comm(opts.comm)
+        if follow:  # processes that start under this name are traced from their first instruction
+            probes.follow_comm(follow)
         listeners = ListenerFinder()  # caches which fds hold the listeners, between rescans
         known_ports = _rescan(traced, listeners, probes, ring, set())
         if names:
@@ -285,7 +297,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         kernel_drops = {f"kernel.{k}": v for k, v in probes.drop_counts().items() if v}
         sampled = probes.sample_counts()
         connections_sampled = probes.connection_sample_counts()
-        http_requests = _request_totals(probes.http_request_metrics())
+        http_requests = request_totals(probes.http_request_metrics())
         connections_closed: Counter[str] = Counter()
         closed_by_reason: Counter[str] = Counter()
         for (pid, fd, reason), totals in sorted(probes.connection_metrics().items()):
@@ -293,11 +305,12 @@ async def run_daemon(opts: DaemonOptions) -> int:
             closed_by_reason[reason] += totals.count
         accept_queue = {"waits": sum(t.count for t in probes.accept_queue_metrics().values()),
                         "not_seen": probes.accept_waits_not_seen()}
-        workers = _worker_accepts(accepts_by_worker(probes, pipeline.correlator),
+        workers = worker_accepts(accepts_by_worker(probes, pipeline.correlator),
                                   pipeline.correlator.downstream.listen_sockets)
-        offcpu = _offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
-        wakes = _wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
+        offcpu = offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
+        wakes = wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
         records_submitted = probes.records_submitted()
+        left_in_kernel = {str(pid): probes.entries_of(pid, tids) for pid, tids in traced.gone.items()}
         probes.close()
         await asyncio.to_thread(spans_out.shutdown, 10.0)
         if recorder is not None:
@@ -327,7 +340,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
                        "connections_closed_by_reason": dict(closed_by_reason), "accept_queue": accept_queue,
                        "accepts_by_worker": workers,
                        "processes": {"traced": sorted(traced.by_pid), "started": traced.started_count,
-                                     "exited": traced.exited_count},
+                                     "exited": traced.exited_count, "left_in_kernel": left_in_kernel},
                        "sampler": {"name": opts.sampler.name, "ratio": opts.sampler.ratio,
                                    "requests": sampled, "tls_connections": connections_sampled,
                                    "cpu_budget": budget.summary() if budget is not None else None}},
@@ -341,65 +354,6 @@ async def run_daemon(opts: DaemonOptions) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def _request_totals(series: Mapping[RequestSeries, RequestTotals]) -> dict[str, Any]:
-    """The kernel's request counts for the summary: in all, by status code and by method."""
-    by_status: Counter[str] = Counter()
-    by_method: Counter[str] = Counter()
-    for key, totals in series.items():
-        by_status[str(key.status)] += totals.count
-        by_method[key.method] += totals.count
-    return {"total": sum(by_status.values()), "by_status": dict(sorted(by_status.items())),
-            "by_method": dict(sorted(by_method.items()))}
-
-
-def _offcpu_by_reason(totals: dict[tuple[int, int], tuple[int, int, int]]) -> dict[str, dict[str, int]]:
-    """Kernel off-CPU totals of all target threads by reason name: ns, runnable ns, waits."""
-    out: dict[str, dict[str, int]] = {}
-    for (_tid, reason), (ns, runnable, waits) in totals.items():
-        agg = out.setdefault(OFFCPU_REASONS.get(reason, str(reason)), {"ns": 0, "runnable_ns": 0, "waits": 0})
-        agg["ns"] += ns
-        agg["runnable_ns"] += runnable
-        agg["waits"] += waits
-    return out
-
-
-def _wakes_by_kind(wakes: dict[tuple[int, str], tuple[int, int]]) -> dict[str, dict[str, int]]:
-    """Idle wake-ups of all target threads by waker kind: ns asleep before them, wake-ups."""
-    out: dict[str, dict[str, int]] = {}
-    for (_tid, kind), (ns, count) in wakes.items():
-        agg = out.setdefault(kind, {"ns": 0, "wakeups": 0})
-        agg["ns"] += ns
-        agg["wakeups"] += count
-    return out
-
-
-# -- per-worker metrics (otel_envoy/export/metrics.py) ---------------------------------------------------
-
-
-def accepts_by_worker(probes: ConnectionProbes, correlator: ConnectionCorrelator
-                      ) -> Mapping[tuple[int, int, str, int], int]:
-    """Accepts by (process, thread, thread name, listening fd): the kernel's count of every connection,
-    traced or not, in sampling builds (each thread named as its accept events gave it, else from /proc; ""
-    for a thread gone unseen); without them, the accepts that reached the correlator."""
-    if not probes.config.sampling:
-        return correlator.accepts_by_thread
-    names = {tid: name for (_pid, tid, name, _fd) in list(correlator.accepts_by_thread)}
-    return {(tgid, tid, names.get(tid) or thread_identity(tid)[1], fd): n
-            for (tgid, tid, fd), n in probes.accepts_by_thread().items()}
-
-
-def _worker_accepts(accepts: Mapping[tuple[int, int, str, int], int],
-                    sockets: Mapping[tuple[int, int], ListenSocket]) -> list[dict[str, Any]]:
-    """--summary-json rows: accepts by process, thread and listening socket (its port and listener)."""
-    rows = []
-    for (pid, tid, name, fd), n in sorted(accepts.items()):
-        listen = sockets.get((pid, fd))
-        rows.append({"pid": pid, "tid": tid, "thread": name, "listen_fd": fd,
-                     "port": listen.port if listen else None,
-                     "listener": listen.listener_name if listen else None, "accepted": n})
-    return rows
 
 
 def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipeline: EventPipeline,
@@ -432,6 +386,7 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipelin
 
 def _rescan(traced: TracedProcesses, listeners: ListenerFinder, probes: ConnectionProbes,
             ring: _RingThread, known_ports: set[int]) -> set[int]:
+    traced.refresh_threads()
     sockets = {}
     for t in traced.processes:
         sockets.update(listeners.sockets(t.pid))
@@ -541,8 +496,8 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, notices: a
         log.warning("every traced process has exited (%s): stopping", traced.describe())
         stop.set()
 
-    # Without --comm the run ends with its processes; with it, processes come and go (EV_EXEC, EV_EXIT).
-    unwatch = watch_exits(loop, list(traced.by_pid), all_exited) if not opts.comm else (lambda: None)
+    # With --pid alone the run ends with its processes; else processes come and go (EV_EXEC, EV_EXIT).
+    unwatch = watch_exits(loop, list(traced.by_pid), all_exited) if not traced.follow_comm else (lambda: None)
     deadline = loop.time() + opts.duration if opts.duration else None
     next_rescan = loop.time() + RESCAN_INTERVAL_S
     dropped: dict[str, int] = {}
@@ -564,8 +519,12 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, notices: a
             for kind, pid in noticed:
                 if kind == EV_EXEC:
                     traced.started(pid)
-                elif kind == EV_EXIT and traced.exited(pid):
-                    listeners.forget(pid)
+                elif kind == EV_EXIT:
+                    tids = traced.exited(pid)
+                    if tids is not None:  # its metric series go once their last values were exported
+                        listeners.forget(pid)
+                        loop.call_later(SERIES_GRACE_S + (opts.metrics_interval or 0), probes.remove_series,
+                                        pid, tids)
             if noticed or loop.time() >= next_rescan:
                 await asyncio.sleep(0.05)  # listen() returns before /proc shows the socket as LISTEN
                 known_ports = _rescan(traced, listeners, probes, ring, known_ports)

@@ -22,7 +22,7 @@ from typing import Any
 from ..envoy.filter_chains import FilterChainIndex
 from ..envoy.listen_socket import ListenSocket
 from ..events.layout import load_layout
-from ..events.types import CloseEvent, DataEvent, Event, SockStateEvent, TcpEvent
+from ..events.types import CloseEvent, DataEvent, Event, ProcessEvent, SockStateEvent, TcpEvent
 from .accept_queue import AcceptQueue
 from .addresses import format_ip
 from .attribution import UpstreamAttribution
@@ -112,7 +112,7 @@ class ConnectionCorrelator:
             EV_TCP: self._on_tcp,  # type: ignore[dict-item]
             EV_REQUEST_KEPT: self.downstream.on_request_kept,  # type: ignore[dict-item]
             EV_EXEC: self.startups.on_process,  # type: ignore[dict-item]
-            EV_EXIT: self.startups.on_process,  # type: ignore[dict-item]
+            EV_EXIT: self._on_exit,  # type: ignore[dict-item]
             EV_SOCKET_SETUP: self.startups.on_setup,  # type: ignore[dict-item]
             EV_LISTEN: self.startups.on_listen,  # type: ignore[dict-item]
         }
@@ -176,6 +176,12 @@ class ConnectionCorrelator:
             self._down_data(ev)
         else:
             self._up_data(ev)
+
+    def _on_exit(self, ev: ProcessEvent) -> None:
+        """A traced process's last thread exited: its open connections end, its startup record too."""
+        self.downstream.end_process(ev.tgid, ev.ts_ns)
+        self.upstream.end_process(ev.tgid, ev.ts_ns)
+        self.startups.on_process(ev)
 
     def _on_close(self, ev: CloseEvent) -> None:
         if ev.role == ROLE_DOWNSTREAM:

@@ -406,6 +406,16 @@ class DownstreamConnections:
         self.requests.end(conn, ev.ts_ns)
         self.closing.append(conn)
 
+    def end_process(self, tgid: int, ts_ns: int) -> None:
+        """Process ``tgid`` exited: its open connections end there (the kernel closed them; no close of
+        Envoy's was seen), with ``end_reason`` "process_exited"."""
+        for key in [k for k in self.open if k[0] == tgid]:
+            conn = self.open.pop(key)
+            conn.close_ns = max(ts_ns, conn.accept_ns)
+            conn.end_reason = "process_exited"
+            self.requests.end(conn, conn.close_ns)
+            self.closing.append(conn)
+
     # ------------------------------------------------------------------ output
 
     def expire(self, now_ns: int) -> None:

@@ -179,6 +179,7 @@ class ConnectionRecord:
     span_id: str = ""
     close_ns: int | None = None
     still_open: bool = False
+    end_reason: str = ""  # "process_exited": its process ended before closing it (no close was seen)
     own: bool = False  # the daemon's own connection (its admin API calls): no span is made of it
     partial: list[str] = field(default_factory=list)  # what we know we missed
     tcp: TcpTimeline = field(default_factory=TcpTimeline)
@@ -325,6 +326,7 @@ class UpstreamRecord:
     local_port: int = 0
     close_ns: int | None = None
     still_open: bool = False
+    end_reason: str = ""  # "process_exited": its process ended before closing it (no close was seen)
     tcp: TcpTimeline = field(default_factory=TcpTimeline)
     traffic: Traffic = field(default_factory=Traffic)
     http: UpstreamHttp = field(default_factory=UpstreamHttp)

@@ -194,6 +194,14 @@ class UpstreamConnections:
             up.traffic.bytes_received, up.traffic.bytes_sent = ev.bytes_rx, ev.bytes_tx
             self._close(up)
 
+    def end_process(self, tgid: int, ts_ns: int) -> None:
+        """Process ``tgid`` exited: its open connections end there, with ``end_reason`` "process_exited"."""
+        for key in [k for k in self.open if k[0] == tgid]:
+            up = self.open.pop(key)
+            up.close_ns = max(ts_ns, up.connect.ns)
+            up.end_reason = "process_exited"
+            self._close(up)
+
     def _request_done(self, up: UpstreamRecord, exchange: HttpExchange) -> None:
         unpaired = self.attribution.upstream_request_done(up, exchange)
         if unpaired is not None and self.on_upstream_request is not None:

@@ -12,8 +12,8 @@ from pathlib import Path
 from .listen_socket import ListenSocket
 from .sockdiag import SockDiagError, listening_tcp_sockets
 
-__all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "find_by_comm", "is_envoy", "listening_sockets",
-           "listening_sockets_from_proc", "resolve_targets", "watch_exits"]
+__all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "find_by_comm", "find_by_exe", "is_envoy",
+           "listening_sockets", "listening_sockets_from_proc", "resolve_targets", "watch_exits"]
 
 PROC = Path("/proc")
 _TCP_LISTEN = "0A"
@@ -60,27 +60,48 @@ def find_by_comm(comm: str) -> list[int]:
     return sorted(pids)
 
 
+def find_by_exe(exe: str) -> list[int]:
+    """Pids running the executable ``exe`` (the same file, whatever path started it)."""
+    pids = []
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.path.samefile(entry / "exe", exe):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return sorted(pids)
+
+
 def resolve_targets(pids: list[int], comm: str | None, *, require_envoy: bool = True,
-                    follow: bool = False) -> list[EnvoyProcess]:
-    """Validate explicit pids and/or find processes by comm. Raises TargetError with a one-line reason.
-    ``follow``: processes that start under ``comm`` later are traced too, so none running now is fine."""
+                    follow: bool = False, exe: str | None = None) -> list[EnvoyProcess]:
+    """Validate explicit pids and/or find processes by comm (or by ``exe``, the executable's path).
+    Raises TargetError with a one-line reason. ``follow``: processes that start under ``comm`` later are
+    traced too, so none running now is fine."""
+    if exe is not None and not os.path.isfile(exe):
+        raise TargetError(f"--exe {exe}: no such file")
     found: dict[int, EnvoyProcess] = {}
     for pid in pids:
         if not (PROC / str(pid)).is_dir():
             raise TargetError(f"pid {pid} does not exist")
-        ok, pcomm, exe = is_envoy(pid)
+        ok, pcomm, path = is_envoy(pid)
         if require_envoy and not ok:
-            raise TargetError(f"pid {pid} is not an Envoy process (comm {pcomm!r}, exe {exe or 'unknown'})")
-        found[pid] = EnvoyProcess(pid, pcomm, exe)
-    if comm:
+            raise TargetError(f"pid {pid} is not an Envoy process (comm {pcomm!r}, exe {path or 'unknown'})")
+        found[pid] = EnvoyProcess(pid, pcomm, path)
+    if exe:
+        for pid in find_by_exe(exe):
+            if pid != os.getpid():
+                ok, pcomm, path = is_envoy(pid)
+                found.setdefault(pid, EnvoyProcess(pid, pcomm, path))
+    elif comm:
         for pid in find_by_comm(comm):
             if pid != os.getpid():
-                ok, pcomm, exe = is_envoy(pid)
-                found.setdefault(pid, EnvoyProcess(pid, pcomm, exe))
+                ok, pcomm, path = is_envoy(pid)
+                found.setdefault(pid, EnvoyProcess(pid, pcomm, path))
         if not found and not follow:
             raise TargetError(f"no process with comm {comm!r} is running")
-    if not found and not (comm and follow):
-        raise TargetError("no target: give --pid PID or --comm NAME")
+    if not found and not ((comm or exe) and follow):
+        raise TargetError("no target: give --pid PID, --comm NAME or --exe PATH")
     return [found[p] for p in sorted(found)]
 
 

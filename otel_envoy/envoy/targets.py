@@ -10,24 +10,32 @@ thread) removes it, from the kernel's maps too.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
-from .process import EnvoyProcess, is_envoy
+from .process import PROC, EnvoyProcess, is_envoy
 
 __all__ = ["TracedProcesses"]
 
 log = logging.getLogger("otel_envoy.targets")
 
 
+_MAX_TIDS = 65536  # threads remembered per process (its threads' kernel state is dropped at its exit)
+
+
 class TracedProcesses:
-    """The traced processes by pid. ``forget(pid)`` drops a process from the kernel's maps."""
+    """The traced processes by pid. ``forget(pid, tids)`` drops a process and its threads from the kernel's
+    tables. ``match_exe``: only processes running that executable are taken (``--exe``)."""
 
     def __init__(self, processes: list[EnvoyProcess], *, follow_comm: str | None, require_envoy: bool,
-                 forget: Callable[[int], None]) -> None:
+                 forget: Callable[[int, list[int]], None], match_exe: str | None = None) -> None:
         self.by_pid: dict[int, EnvoyProcess] = {p.pid: p for p in processes}
         self.follow_comm = follow_comm
         self.require_envoy = require_envoy
+        self.match_exe = match_exe
         self._forget = forget
+        self.tids: dict[int, set[int]] = {}  # pid -> its threads seen so far (refresh_threads)
+        self.gone: dict[int, list[int]] = {}  # exited processes -> their threads (bounded)
         self.started_count = 0  # processes that started under the followed comm and were taken
         self.exited_count = 0
 
@@ -49,9 +57,10 @@ class TracedProcesses:
         ok, comm, exe = is_envoy(pid)
         if not comm:  # exited before we looked: its EV_EXIT follows
             return None
-        if self.require_envoy and not ok:
-            log.info("pid %d started as %r (%s) but is not an Envoy: not traced", pid, comm, exe or "?")
-            self._forget(pid)
+        if (self.require_envoy and not ok) or (self.match_exe and not _same_file(exe, self.match_exe)):
+            log.info("pid %d started as %r (%s) but is not %s: not traced", pid, comm, exe or "?",
+                     self.match_exe or "an Envoy")
+            self._forget(pid, [])
             return None
         proc = EnvoyProcess(pid, comm, exe)
         self.by_pid[pid] = proc
@@ -59,14 +68,37 @@ class TracedProcesses:
         log.info("tracing pid %d (%s, %s) from its start", pid, comm, exe or "?")
         return proc
 
-    def exited(self, pid: int) -> bool:
-        """A traced process's last thread exited: forgotten here and in the kernel. False when it was
-        not traced."""
+    def exited(self, pid: int) -> list[int] | None:
+        """A traced process's last thread exited: forgotten here and in the kernel (with its threads).
+        Returns the threads it was seen with; None when it was not traced."""
         proc = self.by_pid.pop(pid, None)
-        self._forget(pid)
+        tids = sorted(self.tids.pop(pid, set()) | {pid})
+        self._forget(pid, tids)
         if proc is None:
-            return False
+            return None
         self.exited_count += 1
+        if len(self.gone) >= 1024:
+            self.gone.clear()
+        self.gone[pid] = tids
         log.info("pid %d (%s) exited%s", pid, proc.comm,
                  f"; still waiting for processes named {self.follow_comm!r}" if self.follow_comm else "")
-        return True
+        return tids
+
+    def refresh_threads(self) -> None:
+        """Remember each traced process's threads (/proc/<pid>/task): at its exit their kernel state goes."""
+        for pid in self.by_pid:
+            try:
+                now = {int(t) for t in os.listdir(PROC / str(pid) / "task")}
+            except OSError:
+                continue
+            seen = self.tids.setdefault(pid, set())
+            if len(seen) + len(now) > _MAX_TIDS:
+                seen.clear()
+            seen |= now
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a.removesuffix(" (deleted)"), b)
+    except OSError:
+        return False

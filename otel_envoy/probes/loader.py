@@ -25,6 +25,16 @@ from .uprobe_symbols import UprobeSite
 
 __all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError", "program_text"]
 
+# What of one process the kernel's tables hold, by how its key names it: (table, "prefix": a u64 key
+# tgid << 32 | fd; "value": the u32 key itself; else the key's field of that name). Tables a build lacks
+# are skipped.
+_STATE_BY_TGID = (("conns", "prefix"), ("bound_fds", "prefix"), ("conn_sampled_listeners", "prefix"),
+                  ("ssl_fds", "tgid"))
+_STATE_BY_TID = (("threads", "value"), ("setup_inflight", "value"), ("ssl_calls", "value"))
+_SERIES_BY_TGID = (("accepts_by_thread", "pid"), ("http_metrics", "pid"), ("conn_metrics", "pid"),
+                   ("accept_metrics", "pid"))
+_SERIES_BY_TID = (("offcpu_totals", "tid"), ("idle_wakes", "tid"))
+
 log = logging.getLogger("otel_envoy.probes")
 
 CONN_PROGRAM = "conn.bpf.c"
@@ -217,14 +227,55 @@ class ConnectionProbes:
         ctypes.memmove(ctypes.addressof(value), raw, len(raw))
         self.bpf[b"followed_comm"][ctypes.c_int(0)] = value
 
-    def remove_target(self, tgid: int) -> None:
-        """Stop tracing ``tgid`` (the kernel also drops an exited target itself) and forget its sockets."""
+    def remove_target(self, tgid: int, tids: Iterable[int] = ()) -> None:
+        """Stop tracing ``tgid`` (the kernel drops an exited target itself) and forget its state: its
+        connections, bound sockets and sampled listeners, and its threads' (``tids``) state. Its metric
+        series stay until :meth:`remove_series` (their last values still to be exported)."""
         with contextlib.suppress(KeyError):
             del self._targets[ctypes.c_uint32(tgid)]
-        for table in (self.bpf[b"conns"], self.bpf[b"bound_fds"]):
-            for key in [k for k in table if k.value >> 32 == tgid]:
+        self._delete(_STATE_BY_TGID, _STATE_BY_TID, tgid, set(tids))
+
+    def remove_series(self, tgid: int, tids: Iterable[int] = ()) -> None:
+        """Forget the metric series of process ``tgid`` and its threads (``tids``): once it has exited and
+        their last values were exported."""
+        self._delete(_SERIES_BY_TGID, _SERIES_BY_TID, tgid, set(tids))
+
+    def entries_of(self, tgid: int, tids: Iterable[int] = ()) -> dict[str, int]:
+        """What the kernel's tables still hold of process ``tgid`` and its threads: entries by table."""
+        tids = set(tids)
+        out: dict[str, int] = {}
+        for name, (keys, _table) in self._entries(
+                _STATE_BY_TGID + _SERIES_BY_TGID, _STATE_BY_TID + _SERIES_BY_TID, tgid, tids).items():
+            if keys:
+                out[name] = len(keys)
+        return out
+
+    def _entries(self, by_tgid: tuple[tuple[str, str], ...], by_tid: tuple[tuple[str, str], ...], tgid: int,
+                 tids: set[int]) -> dict[str, tuple[list[object], object]]:
+        """Per table: the keys that belong to the process (a ``tgid << 32`` prefix, or a named field) or
+        to one of its threads; tables not in this build are left out."""
+        out: dict[str, tuple[list[object], object]] = {}
+        for names, match in ((by_tgid, lambda v: v == tgid), (by_tid, lambda v: v in tids)):
+            for name, field in names:
+                try:
+                    table = self.bpf[name.encode()]
+                except KeyError:
+                    continue
+                if field == "prefix":
+                    keys = [k for k in table if match(k.value >> 32)]
+                elif field == "value":
+                    keys = [k for k in table if match(k.value)]
+                else:
+                    keys = [k for k in table if match(getattr(k, field))]
+                out[name] = (keys, table)
+        return out
+
+    def _delete(self, by_tgid: tuple[tuple[str, str], ...], by_tid: tuple[tuple[str, str], ...], tgid: int,
+                tids: set[int]) -> None:
+        for keys, table in self._entries(by_tgid, by_tid, tgid, tids).values():
+            for key in keys:
                 with contextlib.suppress(KeyError):  # gone since (a close, an LRU eviction)
-                    del table[key]
+                    del table[key]  # type: ignore[attr-defined]
 
     def stop_producing(self) -> None:
         """No more records: every target and listening port is forgotten, so the programs return before

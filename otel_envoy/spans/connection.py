@@ -128,6 +128,8 @@ class ConnectionSpanBuilder:
             attrs["envoy.listener.name"] = conn.listener_name
         chain = _filter_chain_attributes(conn)
         attrs.update(chain)
+        if conn.end_reason:
+            attrs["envoy.connection.end_reason"] = conn.end_reason
         if still_open:
             attrs["envoy.connection.still_open"] = True
         else:

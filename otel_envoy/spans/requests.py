@@ -261,6 +261,8 @@ class RequestSpanBuilder:
         if up.local_address:
             attrs["network.local.address"] = up.local_address
             attrs["network.local.port"] = up.local_port
+        if up.end_reason:
+            attrs["envoy.connection.end_reason"] = up.end_reason
         if up.still_open:
             attrs["envoy.connection.still_open"] = True
         else:
