@@ -30,6 +30,8 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--comm", help="trace every process with this command name: those running and those "
                    "that start later, each from its first instruction (e.g. envoy). Without --pid, --comm or "
                    "--exe: every Envoy on the node (comm envoy)")
+    p.add_argument("--listen", metavar="[HOST:]PORT", help="serve /healthz, /metrics (Prometheus) and "
+                   "/targets over HTTP (HOST: an IP address, 127.0.0.1 when left out)")
     p.add_argument("--exe", metavar="PATH", help="trace every process running this executable, those running "
                    "and those that start later")
     p.add_argument("--envoy-admin", metavar="URL", help="Envoy admin API, e.g. http://127.0.0.1:9901")
@@ -147,6 +149,12 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         return _fail("must run as root: loading BPF programs needs CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN")
     otlp, output = (None, None) if record_only else _otlp_and_output(args)
     from .export.metrics_settings import metrics_interval  # per-worker metrics: --metrics-interval
+    from .status import StatusError, parse_listen
+
+    try:
+        listen = parse_listen(args.listen) if args.listen else None
+    except StatusError as exc:
+        return _fail(str(exc), EXIT_USAGE)
 
     try:
         interval = None if record_only else metrics_interval(args.metrics_interval)
@@ -160,6 +168,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         offcpu_min_ns=int(args.offcpu_threshold * 1e6), round_min_ns=int(args.round_threshold * 1e6),
         metrics_interval=interval, sampler=sampler, cpu_budget=cpu_budget, keep_slow_ms=keep_slow_ms,
         export_buffer_bytes=int(buffer_mb * (1 << 20)),
+        listen=listen,
     )
     if args.offcpu_threshold < 0 or args.round_threshold < 0:
         return _fail("--offcpu-threshold and --round-threshold must not be negative", EXIT_USAGE)
@@ -245,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     from .events.recording import RecordingError
     from .features import FeatureError
     from .probes.loader import ProbeError
+    from .status import StatusError
 
     try:
         if args.command == "run":
@@ -256,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             return _cmd_show(args)
         return _cmd_doctor(args)
+    except StatusError as exc:  # --listen: a bad address, or one that cannot be bound
+        return _fail(str(exc), EXIT_USAGE)
     except (UsageError, TargetError, FeatureError, ProbeError, RecordingError, ValueError) as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except OSError as exc:

@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 
@@ -70,6 +71,7 @@ from .spans.clock import MonotonicClock
 from .spans.round_spans import idle_wakes_by_kind
 from .stacks import Symbolizer, SymbolsFileError
 from .stacks.source import IDLE_S, SymbolizedStacks
+from .status import StatusServer, StatusSources
 
 __all__ = ["DaemonOptions", "UsageError", "make_resource", "report_new_drops", "run_daemon"]
 
@@ -123,6 +125,7 @@ class DaemonOptions:
     cpu_budget: float = DEFAULT_CPU_BUDGET  # share of one CPU; past it fewer requests are traced (0: none)
     keep_slow_ms: float = DEFAULT_KEEP_SLOW_MS  # a request not sampled is kept when this slow (0: never)
     export_buffer_bytes: int = DEFAULT_BUFFER_BYTES  # per sink: encoded spans kept while it cannot take them
+    listen: tuple[str, int] | None = None  # the status endpoint's address (status.py); None: none
 
 
 def following(opts: DaemonOptions) -> str | None:
@@ -154,10 +157,12 @@ class _RingThread(threading.Thread):
         self.context: queue.SimpleQueue[dict] = queue.SimpleQueue()
         self.stop_requested = threading.Event()
         self.error: BaseException | None = None
+        self.last_pass = time.monotonic()  # the status endpoint's sign of a ring being drained
 
     def run(self) -> None:
         try:
             while not self.stop_requested.is_set():
+                self.last_pass = time.monotonic()
                 while not self.context.empty():
                     self.pipeline.on_context(self.context.get_nowait())
                 delivered = self.probes.poll(100)
@@ -243,7 +248,10 @@ async def run_daemon(opts: DaemonOptions) -> int:
         probes.set_keep_slow(int(opts.keep_slow_ms * 1e6))
     stacks = SymbolizedStacks(probes.stack_addresses, symbolizer)
     traced = TracedProcesses(targets, follow_comm=follow, require_envoy=opts.require_envoy,
-                             forget=probes.remove_target, match_exe=opts.exe)
+                             forget=probes.remove_target, match_exe=opts.exe,
+                             why={t.pid: "--pid" if t.pid in opts.pids else "running at start, "
+                                  + (f"--exe {opts.exe}" if opts.exe else f"comm {follow!r}")
+                                  for t in targets})
     pipeline = EventPipeline(
         spans_out, make_resource(), clock, recorder=recorder,
         on_notice=lambda ev: loop.call_soon_threadsafe(notices.put_nowait, (ev.kind, ev.tgid)),
@@ -254,6 +262,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
     if sampling:  # before any record: it decides what becomes of upstream requests no traced one caused
         ring.context.put(SamplerContext(opts.sampler.name, opts.sampler.ratio).to_json())
     metrics: WorkerMetrics | None = None  # per-worker metrics (export/metrics.py), with an OTLP endpoint
+    status: StatusServer | None = None  # --listen
     try:
         probes.add_targets(t.pid for t in targets)
         if follow:  # processes that start under this name are traced from their first instruction
@@ -269,7 +278,11 @@ async def run_daemon(opts: DaemonOptions) -> int:
             symbolizer.load_kernel_symbols()
         tune_garbage_collector()
         ring.start()
-        metrics = _start_worker_metrics(opts, probes, pipeline, stacks)
+        sources = _status_sources(probes, pipeline, ring, traced)
+        metrics = _start_worker_metrics(opts, probes, pipeline, stacks, sources)
+        if opts.listen is not None:  # raises StatusError (exit 2) when the address cannot be bound
+            status = StatusServer(sources)
+            await status.start(*opts.listen)
         log.info("tracing %s on ports %s", traced.describe(), sorted(known_ports))
         if opts.ready_file:
             with open(opts.ready_file, "w") as f:
@@ -286,6 +299,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
             for task in tasks:
                 task.cancel()
     finally:
+        if status is not None:
+            await status.stop()
         probes.stop_producing()  # then the last drain reads every record the kernel submitted
         await asyncio.sleep(STOP_SETTLE_S)
         ring.stop_requested.set()
@@ -356,8 +371,31 @@ async def run_daemon(opts: DaemonOptions) -> int:
     return 0
 
 
+def _status_sources(probes: ConnectionProbes, pipeline: EventPipeline, ring: _RingThread,
+                    traced: TracedProcesses) -> StatusSources:
+    """The status endpoint's view of the running daemon."""
+    correlator = pipeline.correlator
+
+    def listener_of(pid: int, fd: int) -> tuple[int | None, str | None]:
+        listen = correlator.downstream.listen_sockets.get((pid, fd))
+        return (listen.port, listen.listener_name) if listen else (None, None)
+
+    def targets() -> dict[str, Any]:
+        return traced.view(probes.entries_of)
+
+    return StatusSources(
+        probes_attached=lambda: True, ring_alive=ring.is_alive, ring_last_pass=lambda: ring.last_pass,
+        records_submitted=probes.records_submitted,
+        records_received=lambda: pipeline.received,
+        drops=lambda: {**{f"kernel.{k}": v for k, v in probes.drop_counts().items() if v},
+                       **pipeline.drops()},
+        counts=lambda: dict(pipeline.counts), export=pipeline.spans_out.stats, targets=targets,
+        requests=probes.http_request_metrics if probes.config.sampling else dict,
+        accepts=lambda: accepts_by_worker(probes, correlator), listener_of=listener_of)
+
+
 def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipeline: EventPipeline,
-                          stacks: SymbolizedStacks) -> WorkerMetrics | None:
+                          stacks: SymbolizedStacks, sources: StatusSources) -> WorkerMetrics | None:
     """Metrics from the kernel's tables and the correlator, to the spans' OTLP endpoint (if any)."""
     if opts.otlp is None or not opts.metrics_interval:
         return None
@@ -371,6 +409,7 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipelin
         round_histograms=probes.round_histograms, accepts=lambda: accepts_by_worker(probes, correlator),
         listen_sockets=listen_sockets,
         idle_wakes=lambda: idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel),
+        daemon_counters=sources.counters,
         kernel_metrics=[RequestMetrics(probes.http_request_metrics, listen_sockets),
                         ConnectionMetrics(probes.connection_metrics, listen_sockets),
                         AcceptQueueMetrics(probes.accept_queue_metrics, listen_sockets)]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .process import PROC, EnvoyProcess, is_envoy
 
@@ -28,8 +29,10 @@ class TracedProcesses:
     tables. ``match_exe``: only processes running that executable are taken (``--exe``)."""
 
     def __init__(self, processes: list[EnvoyProcess], *, follow_comm: str | None, require_envoy: bool,
-                 forget: Callable[[int, list[int]], None], match_exe: str | None = None) -> None:
+                 forget: Callable[[int, list[int]], None], match_exe: str | None = None,
+                 why: Mapping[int, str] | None = None) -> None:
         self.by_pid: dict[int, EnvoyProcess] = {p.pid: p for p in processes}
+        self.why: dict[int, str] = {p.pid: (why or {}).get(p.pid, "running at start") for p in processes}
         self.follow_comm = follow_comm
         self.require_envoy = require_envoy
         self.match_exe = match_exe
@@ -64,6 +67,7 @@ class TracedProcesses:
             return None
         proc = EnvoyProcess(pid, comm, exe)
         self.by_pid[pid] = proc
+        self.why[pid] = f"started as {comm!r} (followed{' executable' if self.match_exe else ' name'})"
         self.started_count += 1
         log.info("tracing pid %d (%s, %s) from its start", pid, comm, exe or "?")
         return proc
@@ -72,6 +76,7 @@ class TracedProcesses:
         """A traced process's last thread exited: forgotten here and in the kernel (with its threads).
         Returns the threads it was seen with; None when it was not traced."""
         proc = self.by_pid.pop(pid, None)
+        self.why.pop(pid, None)
         tids = sorted(self.tids.pop(pid, set()) | {pid})
         self._forget(pid, tids)
         if proc is None:
@@ -83,6 +88,19 @@ class TracedProcesses:
         log.info("pid %d (%s) exited%s", pid, proc.comm,
                  f"; still waiting for processes named {self.follow_comm!r}" if self.follow_comm else "")
         return tids
+
+    def view(self, entries_of: Callable[[int, list[int]], dict[str, int]]) -> dict[str, Any]:
+        """What is traced and why (the status endpoint's /targets), with what the kernel's tables hold of
+        each process (``entries_of``), and of the processes that exited last."""
+        return {
+            "following": {"comm": self.follow_comm, "exe": self.match_exe},
+            "processes": [{"pid": p.pid, "comm": p.comm, "exe": p.exe, "why": self.why.get(p.pid, ""),
+                           "threads": len(self.tids.get(p.pid, ())),
+                           "kernel_entries": entries_of(p.pid, sorted(self.tids.get(p.pid, set()) | {p.pid}))}
+                          for p in self.processes],
+            "exited": [{"pid": pid, "left_in_kernel": entries_of(pid, tids)}
+                       for pid, tids in list(self.gone.items())[-20:]],
+        }
 
     def refresh_threads(self) -> None:
         """Remember each traced process's threads (/proc/<pid>/task): at its exit their kernel state goes."""

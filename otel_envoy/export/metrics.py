@@ -91,9 +91,11 @@ from .otlp import OtlpSettings
 from .request_metrics import KernelMetric, ListenerSource, listener_attributes
 
 __all__ = [
+    "DAEMON_COUNTERS",
     "METER_NAME",
     "ROUND_BOUNDS_S",
     "ROUND_DURATION",
+    "DaemonCounters",
     "KernelHistogramExporter",
     "WorkerMetrics",
     "round_bucket_counts",
@@ -114,6 +116,15 @@ RoundSource = Callable[[], Mapping[int, Mapping[int, int]]]
 AcceptSource = Callable[[], Mapping[tuple[int, int, str, int], int]]  # (tgid, tid, name, listening fd)
 WakeSource = Callable[[], Mapping[tuple[int, str], tuple[int, int]]]  # (tid, waker kind) -> (ns, wake-ups)
 Identity = Callable[[int], tuple[int, str]]
+#: The daemon's own counters: instrument name -> [(value, attributes)] (status.py: the same on /metrics).
+DaemonCounters = Callable[[], Mapping[str, list[tuple[float, dict[str, str]]]]]
+DAEMON_COUNTERS: dict[str, tuple[str, str]] = {
+    "otel_envoy.records": ("{record}", "Ring-buffer records the kernel submitted and the daemon read "
+                                       "(otel_envoy.stage: submitted, received)."),
+    "otel_envoy.drops": ("{item}", "What was lost, by stage (otel_envoy.drop.stage)."),
+    "otel_envoy.spans.exported": ("{span}", "Spans sent, by sink (otel_envoy.sink)."),
+    "otel_envoy.cpu.time": ("s", "CPU time the daemon used, all its threads."),
+}
 
 
 
@@ -220,6 +231,7 @@ class WorkerMetrics:
         listen_sockets: ListenerSource | None = None,
         idle_wakes: WakeSource | None = None,
         kernel_metrics: Sequence[KernelMetric] = (),
+        daemon_counters: DaemonCounters | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
         export_timeout_s: float = 10.0,
         identity: Identity = thread_identity,
@@ -252,6 +264,7 @@ class WorkerMetrics:
         self._logged: set[str] = set()
         self._round_points = HistogramPoints(self._start_ns)  # per tid
         self._kernel_metrics = tuple(kernel_metrics)
+        self._daemon_counters = daemon_counters
 
     @classmethod
     def from_settings(cls, settings: OtlpSettings, resource: Resource, **kwargs: Any) -> WorkerMetrics:
@@ -295,6 +308,9 @@ class WorkerMetrics:
         meter.create_observable_counter(
             "envoy.worker.wakeup.idle_time", [self._wakeup_idle_time], unit="s",
             description="Idle time (in epoll_wait) ended by those wake-ups, by the waker's kind.")
+        for name, (unit, description) in DAEMON_COUNTERS.items():  # the daemon's own (also on /metrics)
+            meter.create_observable_counter(name, [self._daemon_counter(name)], unit=unit,
+                                            description=description)
 
     def force_flush(self, timeout_s: float = 10.0) -> bool:
         """Collect and export now (tests)."""
@@ -355,6 +371,17 @@ class WorkerMetrics:
         except Exception as exc:
             self._log_once("accepts", exc)
             return []
+
+    def _daemon_counter(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            if self._daemon_counters is None:
+                return []
+            try:
+                return [Observation(v, attrs) for v, attrs in self._daemon_counters().get(name, [])]
+            except Exception as exc:
+                self._log_once(name, exc)
+                return []
+        return observe
 
     # -- snapshot -------------------------------------------------------------------------------------
 

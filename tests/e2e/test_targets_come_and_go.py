@@ -81,6 +81,10 @@ def test_envoy_stopped_and_started_three_times(tmp_path) -> None:
              and s.attributes.get("process.pid") in pids]
     assert ended and all(s.attributes["process.pid"] == pids[2] for s in ended)
     # (other Envoys of the machine, if any, are traced too: only ours are looked at)
+    # the daemon's own counters went out over OTLP too
+    records = {p.attributes.get("otel_envoy.stage"): p.value
+               for p in receiver.latest_metric_points("otel_envoy.records").values()}
+    assert records.get("submitted", 0) > 0 and records.get("received", 0) > 0, records
     processes = json.loads(summary.read_text())["processes"]
     assert processes["started"] >= 3 and processes["exited"] >= 3, processes
     assert not set(pids) & set(processes["traced"])
