@@ -299,3 +299,75 @@ def test_pip_install_target_parser() -> None:
     ]
     assert pip_install_targets("python3 -m pip install bcc==0.1") == ["bcc==0.1"]
     assert pip_install_targets("apt-get install -y python3-bpfcc") == []
+
+
+# -- Kubernetes (deploy/kubernetes/) ------------------------------------------------------------------
+
+K8S_DIR = ROOT / "deploy" / "kubernetes"
+K8S_VERSION = "1.30.0"
+MINIMUM_CAPS = {"BPF", "PERFMON", "SYS_PTRACE", "SYSLOG"}
+
+
+@pytest.fixture(scope="module")
+def k8s_docs() -> list[dict[str, Any]]:
+    """Every document of every manifest under deploy/kubernetes/."""
+    docs = []
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def _daemonset(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    return ds
+
+
+def test_manifests_pass_the_kubernetes_schemas(k8s_docs: list[dict[str, Any]]) -> None:
+    """Strict: an unknown or misplaced field fails, as it would at kubectl apply --validate=strict."""
+    import kubernetes_validate  # a test dependency: missing fails, never skips
+    assert {d["kind"] for d in k8s_docs} >= {"Namespace", "ServiceAccount", "DaemonSet"}
+    for doc in k8s_docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises ValidationError
+    broken = {**_daemonset(k8s_docs), "spec": {"template": {"spec": {"containers": [{"nam": "x"}]}}}}
+    with pytest.raises(kubernetes_validate.ValidationError):  # the check can fail
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_daemonset_runs_with_the_minimum_capabilities(k8s_docs: list[dict[str, Any]]) -> None:
+    spec = _daemonset(k8s_docs)["spec"]["template"]["spec"]
+    assert spec["hostPID"] is True
+    (container,) = spec["containers"]
+    ctx = container["securityContext"]
+    assert ctx.get("privileged") is False
+    assert ctx["capabilities"]["drop"] == ["ALL"] and set(ctx["capabilities"]["add"]) == MINIMUM_CAPS
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert {"/sys/kernel/tracing", "/sys/kernel/debug", "/lib/modules", "/usr/src"} <= set(mounts)
+    assert mounts["/lib/modules"].get("readOnly") and mounts["/usr/src"].get("readOnly")
+    host_paths = {v["name"]: v.get("hostPath", {}).get("path") for v in spec["volumes"]}
+    for path in ("/sys/kernel/tracing", "/sys/kernel/debug", "/lib/modules", "/usr/src"):
+        assert host_paths[mounts[path]["name"]] == path
+    assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
+
+
+def test_daemonset_probes_the_status_endpoint_it_serves(k8s_docs: list[dict[str, Any]]) -> None:
+    (container,) = _daemonset(k8s_docs)["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[0] == "run" and "--pid" not in args and "--comm" not in args  # every Envoy of the node
+    from otel_envoy.status import parse_listen
+
+    host, port = parse_listen(flag_value(args, "--listen"))
+    assert host == "127.0.0.1"  # not exposed beyond the node
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        assert (get["host"], get["port"], get["path"]) == (host, port, "/healthz")
+    from otel_envoy.cli import build_parser
+
+    build_parser().parse_args(args)  # the daemon accepts these arguments
+
+
+def test_compose_health_check_uses_the_same_endpoint(services: dict[str, dict[str, Any]]) -> None:
+    svc = services["otel-envoy"]
+    from otel_envoy.status import parse_listen
+
+    host, port = parse_listen(flag_value(command_args(svc), "--listen"))
+    assert f"http://{host}:{port}/healthz" in " ".join(svc["healthcheck"]["test"])
