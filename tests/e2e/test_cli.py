@@ -100,9 +100,13 @@ def test_run_pid_that_is_not_envoy(sleeper: int) -> None:
     assert f"pid {sleeper} is not an Envoy process" in line and "sleep" in line
 
 
-def test_run_without_target() -> None:
-    line = assert_one_line_error(cli("run", "--output", "/dev/null"))
-    assert "--pid" in line
+def test_run_without_target_traces_every_running_envoy(lab, tmp_path: Path) -> None:
+    """No --pid, --comm or --exe: the lab's Envoy (already running) is found by its name and traced."""
+    summary = tmp_path / "summary.json"
+    proc = cli("run", "--output", "/dev/null", "--duration", "4", "--summary-json", summary)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert int(lab.pid) in json.loads(summary.read_text())["processes"]["traced"], summary.read_text()
 
 
 def test_run_with_unreachable_otlp_endpoint(lab, closed_port: int) -> None:
