@@ -15,6 +15,9 @@
 #define CAPTURE_MSGS_DEFAULT 16
 /* epoll_ctl ADD events per connection sent to user space (the listener-filter hand-off happens early). */
 #define EPOLL_CTL_EVENTS_MAX 8
+/* A conn_state flag (state.bpf.h) only user space sets: a connection open before the daemon started, adopted
+ * from the socket table (no accept seen; left out of the connection metrics, whose duration it lacks). */
+#define CONN_ADOPTED 1024
 #define COMM_LEN 16
 #define ADDR_LEN 16
 

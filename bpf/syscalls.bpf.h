@@ -200,7 +200,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         return 0;
     }
 #if SAMPLING
-    if (cs->role == ROLE_DOWNSTREAM)
+    if (cs->role == ROLE_DOWNSTREAM && !(cs->flags & CONN_ADOPTED))
         record_connection(tgid, cs, bpf_ktime_get_ns());
 #endif
     if (cs->flags & CONN_UNTRACED) {

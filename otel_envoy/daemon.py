@@ -33,6 +33,7 @@ from opentelemetry.sdk.resources import Resource
 
 from .accounting import ledger
 from .envoy.admin import AdminError, fetch_listener_config, fetch_listener_names
+from .envoy.adoption import adopt_open_connections
 from .envoy.filter_chains import load_types
 from .envoy.listen_socket import ListenSocket
 from .envoy.process import ListenerFinder, resolve_targets, watch_exits
@@ -41,6 +42,7 @@ from .event_pipeline import EventPipeline, tune_garbage_collector
 from .events.layout import load_layout
 from .events.recording import RecordingWriter
 from .events.recording_context import (
+    AdoptedContext,
     FilterChainsContext,
     ListenerNamesContext,
     ListenSocketsContext,
@@ -66,6 +68,7 @@ from .sampling import (
     CpuBudget,
     SamplerSettings,
     kernel_threshold,
+    peer_hash,
 )
 from .spans.clock import MonotonicClock
 from .spans.round_spans import idle_wakes_by_kind
@@ -263,6 +266,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         ring.context.put(SamplerContext(opts.sampler.name, opts.sampler.ratio).to_json())
     metrics: WorkerMetrics | None = None  # per-worker metrics (export/metrics.py), with an OTLP endpoint
     status: StatusServer | None = None  # --listen
+    adopted: Counter[str] = Counter()  # connections open before the daemon (envoy/adoption.py)
     try:
         probes.add_targets(t.pid for t in targets)
         if follow:  # processes that start under this name are traced from their first instruction
@@ -273,6 +277,14 @@ async def run_daemon(opts: DaemonOptions) -> int:
             ring.context.put(ListenerNamesContext(names).to_json())
         if chains is not None:
             ring.context.put(FilterChainsContext(chains).to_json())
+        threshold = opts.sampler.kernel_threshold() if sampling else 1 << 32  # as the kernel samples
+        adopted_at, open_conns, adopted = adopt_open_connections(  # accepted before the daemon started
+            list(traced.by_pid), {k: v for pid in traced.by_pid for k, v in listeners.sockets(pid).items()},
+            probes.adopt_connection, probes.forget_connection, room=opts.max_conns // 2,
+            sampled=lambda s: peer_hash(s.peer_raw, s.family, s.peer_port) < threshold)
+        if open_conns:
+            ring.context.put(AdoptedContext.of(adopted_at, open_conns).to_json())
+            log.info("adopted %d open connections (%s)", len(open_conns), dict(adopted))
         probes.open_ring_buffer(pipeline.on_record)
         if opts.offcpu:  # waits and wake-ups carry kernel stacks: symbols before the load, not during it
             symbolizer.load_kernel_symbols()
@@ -356,6 +368,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
                        "accepts_by_worker": workers,
                        "processes": {"traced": sorted(traced.by_pid), "started": traced.started_count,
                                      "exited": traced.exited_count, "left_in_kernel": left_in_kernel},
+                       "adopted_connections": dict(adopted),
                        "sampler": {"name": opts.sampler.name, "ratio": opts.sampler.ratio,
                                    "requests": sampled, "tls_connections": connections_sampled,
                                    "cpu_budget": budget.summary() if budget is not None else None}},

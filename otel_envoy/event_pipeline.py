@@ -24,6 +24,7 @@ from .events.decode import Decoder
 from .events.layout import load_layout
 from .events.recording import RecordingError, RecordingWriter
 from .events.recording_context import (
+    AdoptedContext,
     ClockContext,
     FilterChainsContext,
     ListenerNamesContext,
@@ -147,6 +148,8 @@ class EventPipeline:
         elif kind == OwnConnectionContext.TYPE:
             own = OwnConnectionContext.from_json(obj)
             self.correlator.add_own_peer(own.address, own.port)
+        elif kind == AdoptedContext.TYPE:
+            self.correlator.adopt(AdoptedContext.from_json(obj))
         elif kind == SamplerContext.TYPE:
             self.correlator.attribution.exact_only = SamplerContext.from_json(obj).ratio < 1.0
 

@@ -25,10 +25,22 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from socket import AF_INET6
 
-__all__ = ["DEFAULT_CPU_BUDGET", "DEFAULT_KEEP_SLOW_MS", "DEFAULT_RATIO", "DEFAULT_SAMPLER",
-           "MIN_BUDGET_RATIO", "SAMPLERS", "CpuBudget", "SamplerError", "SamplerSettings",
-           "kernel_threshold", "sampler_settings"]
+__all__ = [
+    "DEFAULT_CPU_BUDGET",
+    "DEFAULT_KEEP_SLOW_MS",
+    "DEFAULT_RATIO",
+    "DEFAULT_SAMPLER",
+    "MIN_BUDGET_RATIO",
+    "SAMPLERS",
+    "CpuBudget",
+    "SamplerError",
+    "SamplerSettings",
+    "kernel_threshold",
+    "peer_hash",
+    "sampler_settings",
+]
 
 #: Sampler names this build accepts.
 SAMPLERS = ("parentbased_traceidratio", "parentbased_always_on", "parentbased_always_off", "always_on",
@@ -134,3 +146,21 @@ class CpuBudget:
         """What the budget did, for the run's summary."""
         return {"budget": self.budget, "ratio_now": self.ratio, "ratio_lowest": self.lowest,
                 "changes": self.changes, "highest_share": round(self.highest_share, 3)}
+
+
+def peer_hash(peer_raw: bytes, family: int, port: int) -> int:
+    """``peer_hash()`` of bpf/conn_sampling.bpf.h: the 32-bit hash of a peer (address bytes as the kernel's
+    sockaddr holds them, host-order port) by which the kernel samples whole connections. User space uses it
+    for connections it hands to the kernel itself (adopted ones), so both reach the same decision."""
+    m = 0xFFFFFFFF
+    raw = (peer_raw[:16] if family == AF_INET6 else peer_raw[:4]).ljust(16, b"\0")
+    w = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4)]
+    h = (port * 0x9E3779B1) & m
+    h ^= (w[0] * 0x85EBCA77) & m
+    h ^= (w[1] * 0xC2B2AE3D) & m
+    h ^= (w[2] * 0x27D4EB2F) & m
+    h ^= (w[3] * 0x165667B1) & m
+    h ^= h >> 15
+    h = (h * 0x2C1B3C6D) & m
+    h ^= h >> 12
+    return h

@@ -22,6 +22,7 @@ from typing import Any
 from ..envoy.filter_chains import FilterChainIndex
 from ..envoy.listen_socket import ListenSocket
 from ..events.layout import load_layout
+from ..events.recording_context import AdoptedContext
 from ..events.types import CloseEvent, DataEvent, Event, ProcessEvent, SockStateEvent, TcpEvent
 from .accept_queue import AcceptQueue
 from .addresses import format_ip
@@ -134,6 +135,12 @@ class ConnectionCorrelator:
         """Replace what selects each listener's filter chains (``listener_selection_json`` of the admin API's
         configuration dump): connections accepted from now on are decided with it."""
         self.downstream.filter_chains = FilterChainIndex.from_json(listeners)
+
+    def adopt(self, adopted: AdoptedContext) -> None:
+        """Connections open before the daemon started, handed to the kernel at ``adopted.ts_ns``: tracked
+        from there, their spans marked adopted (see :mod:`..envoy.adoption`)."""
+        for conn in adopted.connections:
+            self.downstream.adopt(conn, adopted.ts_ns)
 
     def add_own_peer(self, address: str, port: int) -> None:
         """The daemon's next connection to a traced Envoy comes from ``address:port``: make no span of it."""

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from ..envoy.filter_chains import ConnectionFacts, FilterChainIndex
 from ..envoy.listen_socket import ListenSocket
 from ..events.layout import load_layout
+from ..events.recording_context import AdoptedConnection
 from ..events.types import (
     AcceptEvent,
     CloseEvent,
@@ -29,7 +30,7 @@ from ..events.types import (
     SetsockoptEvent,
     SockStateEvent,
 )
-from ..protocols.detect import Protocol, detect_protocol
+from ..protocols.detect import Protocol, detect_protocol, is_tls_record
 from ..protocols.http1 import Http1Exchanges
 from ..protocols.tls.handshake import TlsHandshakeTracker
 from .accept_queue import AcceptQueue, TupleKey
@@ -230,6 +231,26 @@ class DownstreamConnections:
         self.by_tuple[(peer, ev.peer_port, conn.local_port)] = conn
         self.accepts_by_thread[(ev.tgid, ev.tid, conn.thread_name, ev.listen_fd)] += 1
 
+    def adopt(self, open_conn: AdoptedConnection, ts_ns: int) -> None:
+        """A connection accepted before the daemon started, tracked from ``ts_ns`` on (its accept, TCP
+        handshake, listener filters and TLS handshake are not known): ``adopted``, accepted at ``ts_ns``."""
+        key = (open_conn.tgid, open_conn.fd)
+        if key in self.open:  # accepted since the programs were attached: that record is the right one
+            return
+        if len(self.open) >= self.max_connections:
+            self.drops["connection_table_full"] += 1
+            return
+        conn = ConnectionRecord(
+            tgid=open_conn.tgid, fd=open_conn.fd, tid=0, thread_name="", listen_fd=open_conn.listen_fd,
+            peer_address=open_conn.peer_address, peer_port=open_conn.peer_port,
+            local_port=open_conn.local_port, accept_ns=ts_ns, local_address=open_conn.local_address,
+            trace_id=self.ids.trace_id(), span_id=self.ids.span_id(), chain_index=self.filter_chains,
+            adopted=True)
+        conn.listener_name = self.listener_name(open_conn.local_address, open_conn.local_port)
+        self.open[key] = conn
+        self.by_tuple[(conn.peer_address, conn.peer_port, conn.local_port)] = conn
+        self.stats["adopted"] += 1
+
     def listener_name(self, address: str, port: int) -> str | None:
         """Envoy's name of the listener on address:port (its wildcard address too), when known."""
         names = self.listener_names
@@ -297,14 +318,15 @@ class DownstreamConnections:
             _settle_handoff(listener, ev.ts_ns)
         tls = conn.tls
         if conn.protocol is None:
+            if conn.adopted and is_tls_record(data):  # mid-stream: past a handshake never seen
+                conn.protocol = Protocol.TLS
+                self._note_tls_listener(conn)
+                return
             conn.protocol = detect_protocol(data)
             conn.plaintext_alpn = plaintext_alpn(conn.protocol, data)
             if conn.protocol is Protocol.TLS:
                 tls.handshake = TlsHandshakeTracker()
-                listener_key = (conn.tgid, conn.listen_fd)
-                if conn.local_port and listener_key not in self.tls_listeners:
-                    # replaced whole, never changed in place: the daemon reads it from another thread
-                    self.tls_listeners = {**self.tls_listeners, listener_key: conn.local_port}
+                self._note_tls_listener(conn)
         handshake = tls.handshake
         if handshake is not None:
             # past the handshake, reads carry no bytes: nothing for the tracker then
@@ -323,6 +345,13 @@ class DownstreamConnections:
                 http.parser = downstream_parser(data)
             if http.parser is not None:
                 self.requests.on_data(conn, ev)
+
+    def _note_tls_listener(self, conn: ConnectionRecord) -> None:
+        """``conn`` speaks TLS: so does its listening socket (the kernel then samples its connections)."""
+        listener_key = (conn.tgid, conn.listen_fd)
+        if conn.local_port and listener_key not in self.tls_listeners:
+            # replaced whole, never changed in place: the daemon reads it from another thread
+            self.tls_listeners = {**self.tls_listeners, listener_key: conn.local_port}
 
     def on_request_kept(self, ev: RequestKeptEvent) -> None:
         """A request the kernel did not sample but kept (a 5xx, closed before an answer, slow)."""
@@ -439,7 +468,7 @@ class DownstreamConnections:
         tkey = (conn.peer_address, conn.peer_port, conn.local_port)
         if self.by_tuple.get(tkey) is conn:
             del self.by_tuple[tkey]
-        if conn.tcp.established_ns is None:
+        if conn.tcp.established_ns is None and not conn.adopted:
             conn.partial.append("established_not_seen")
         if self.is_own(conn):
             self.own_peers.pop((conn.peer_address, conn.peer_port), None)

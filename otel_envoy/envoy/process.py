@@ -13,7 +13,8 @@ from .listen_socket import ListenSocket
 from .sockdiag import SockDiagError, listening_tcp_sockets
 
 __all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "find_by_comm", "find_by_exe", "is_envoy",
-           "listening_sockets", "listening_sockets_from_proc", "resolve_targets", "watch_exits"]
+           "listening_sockets", "listening_sockets_from_proc", "resolve_targets", "socket_inodes",
+           "watch_exits"]
 
 PROC = Path("/proc")
 _TCP_LISTEN = "0A"
@@ -146,7 +147,7 @@ def _socket_inode(fd_path: str | Path) -> int | None:
     return int(link[8:-1]) if link.startswith("socket:[") else None
 
 
-def _socket_inodes(pid: int) -> dict[int, list[int]]:
+def socket_inodes(pid: int) -> dict[int, list[int]]:
     """inode -> fds for the socket fds of ``pid`` (a socket duplicated with dup() has several: Envoy gives
     each worker a copy of a listener's socket when it does not use SO_REUSEPORT)."""
     out: dict[int, list[int]] = {}
@@ -174,7 +175,7 @@ def _parse_addr(hex_addr: str, v6: bool) -> str:
 def listening_sockets_from_proc(pid: int) -> dict[tuple[int, int], ListenSocket]:
     """(pid, fd) -> ListenSocket for every TCP socket of ``pid`` in LISTEN state, the /proc way: parses every
     TCP socket of the namespace (/proc/<pid>/net/tcp and tcp6). For where sock_diag cannot be used."""
-    inodes = _socket_inodes(pid)
+    inodes = socket_inodes(pid)
     out: dict[tuple[int, int], ListenSocket] = {}
     for name, v6 in (("tcp", False), ("tcp6", True)):
         for line in _read(PROC / str(pid) / "net" / name).splitlines()[1:]:
@@ -217,7 +218,7 @@ class ListenerFinder:
                    for inode, copies in fds.items() for fd in copies):
                 fds = None  # an fd was closed or reused: walk again
         if fds is None:
-            held = _socket_inodes(pid)
+            held = socket_inodes(pid)
             fds = {inode: held[inode] for inode in inodes if inode in held}
         self._seen[pid] = (inodes, fds)
         return {(pid, fd): by_inode[inode] for inode, copies in fds.items() for fd in copies}

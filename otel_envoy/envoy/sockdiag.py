@@ -1,4 +1,5 @@
-"""Listening TCP sockets of a network namespace, from the kernel's sock_diag netlink interface.
+"""Listening and established TCP sockets of a network namespace, from the kernel's sock_diag netlink
+interface.
 
 ``/proc/<pid>/net/tcp`` lists every TCP socket of the namespace (on a busy proxy, tens of thousands of
 connections and TIME_WAIT entries) and the reader parses them all to find a handful of listeners. A
@@ -17,14 +18,15 @@ import os
 import socket
 import struct
 import threading
+from dataclasses import dataclass
 
-__all__ = ["SockDiagError", "listening_tcp_sockets"]
+__all__ = ["SockDiagError", "TcpSocket", "established_tcp_sockets", "listening_tcp_sockets"]
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-TCP_LISTEN = 10
+TCP_ESTABLISHED, TCP_LISTEN = 1, 10
 CLONE_NEWNET = 0x40000000
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
@@ -37,6 +39,20 @@ _MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
 
 class SockDiagError(OSError):
     """sock_diag is not usable here (no netlink, no permission to enter the namespace)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSocket:
+    """One TCP socket as sock_diag reports it. ``peer_raw``: the peer address's bytes as the kernel's
+    sockaddr holds them (4 for IPv4, 16 for IPv6), for hashes that must match the BPF programs'."""
+
+    family: int
+    local_address: str
+    local_port: int
+    peer_address: str
+    peer_port: int
+    peer_raw: bytes
+    inode: int
 
 
 def _open_in_netns(pid: int) -> socket.socket:
@@ -78,12 +94,12 @@ def _address(family: int, raw: bytes) -> str:
     return text.removeprefix("::ffff:") if text.startswith("::ffff:") and "." in text else text
 
 
-def _dump(sock: socket.socket, family: int) -> list[tuple[str, int, int]]:
-    """(local address, port, inode) of the LISTEN TCP sockets of one address family."""
-    req = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN, b"", b"", b"", b"", 0, b"")
+def _dump(sock: socket.socket, family: int, state: int) -> list[TcpSocket]:
+    """The TCP sockets of one address family in ``state`` (the kernel filters by it)."""
+    req = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << state, b"", b"", b"", b"", 0, b"")
     sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
               + req)
-    out: list[tuple[str, int, int]] = []
+    out: list[TcpSocket] = []
     while True:
         data = sock.recv(1 << 16)
         if not data:
@@ -99,11 +115,24 @@ def _dump(sock: socket.socket, family: int) -> list[tuple[str, int, int]]:
                 (err,) = struct.unpack_from("=i", data, off + _NLMSGHDR.size)
                 raise SockDiagError(-err, f"sock_diag: {os.strerror(-err)}")
             if kind == SOCK_DIAG_BY_FAMILY:
-                fam, state, _t, _r, sport, _dport, src, _dst, _if, _cookie, _e, _rq, _wq, _uid, inode = \
+                fam, got, _t, _r, sport, dport, src, dst, _if, _cookie, _e, _rq, _wq, _uid, inode = \
                     _MSG.unpack_from(data, off + _NLMSGHDR.size)
-                if state == TCP_LISTEN:
-                    out.append((_address(fam, src), int.from_bytes(sport, "big"), inode))
+                if got == state:
+                    raw = dst[:4] if fam == socket.AF_INET else dst
+                    out.append(TcpSocket(fam, _address(fam, src), int.from_bytes(sport, "big"),
+                                         _address(fam, dst), int.from_bytes(dport, "big"), raw, inode))
             off += (length + 3) & ~3
+
+
+def _sockets(pid: int, state: int) -> list[TcpSocket]:
+    sock = _open_in_netns(pid)
+    try:
+        sock.settimeout(5.0)
+        return _dump(sock, socket.AF_INET, state) + _dump(sock, socket.AF_INET6, state)
+    except OSError as exc:
+        raise SockDiagError(f"sock_diag: {exc}") from exc
+    finally:
+        sock.close()
 
 
 def listening_tcp_sockets(pid: int) -> list[tuple[str, int, int]]:
@@ -111,11 +140,12 @@ def listening_tcp_sockets(pid: int) -> list[tuple[str, int, int]]:
 
     Raises :class:`SockDiagError` when sock_diag cannot be used (the caller falls back to /proc).
     """
-    sock = _open_in_netns(pid)
-    try:
-        sock.settimeout(5.0)
-        return _dump(sock, socket.AF_INET) + _dump(sock, socket.AF_INET6)
-    except OSError as exc:
-        raise SockDiagError(f"sock_diag: {exc}") from exc
-    finally:
-        sock.close()
+    return [(s.local_address, s.local_port, s.inode) for s in _sockets(pid, TCP_LISTEN)]
+
+
+def established_tcp_sockets(pid: int) -> list[TcpSocket]:
+    """Every ESTABLISHED TCP socket in the network namespace of ``pid`` (whoever holds it).
+
+    Raises :class:`SockDiagError` when sock_diag cannot be used or the namespace is gone.
+    """
+    return _sockets(pid, TCP_ESTABLISHED)

@@ -12,6 +12,9 @@ A recording (:mod:`.recording`) interleaves raw kernel records with context reco
   filter_chains   ``{"type": "filter_chains", "listeners": [{...}, ...]}``: each listener reduced to what
                   selects its filter chains (envoy/filter_chains.py), from Envoy's configuration dump; sent
                   again whenever it changes.
+  adopted         ``{"type": "adopted", "ts_ns": N, "connections": [[pid, fd, listen fd, peer address,
+                  peer port, local address, local port], ...]}``: downstream connections open before the
+                  daemon started, handed to the kernel at ``ts_ns`` (envoy/adoption.py).
 
 The live side writes each record with ``to_json()`` the moment it learns the facts; a replay reads them back
 with ``from_json()`` at the same place in the stream, so it sees the world the live run saw. ``from_json``
@@ -20,12 +23,15 @@ raises KeyError, TypeError, ValueError or AttributeError for a damaged record.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..envoy.adoption import OpenConnection
 from ..envoy.listen_socket import ListenSocket
 
-__all__ = ["ClockContext", "FilterChainsContext", "ListenSocketsContext", "ListenerNamesContext",
+__all__ = ["AdoptedConnection", "AdoptedContext", "ClockContext", "FilterChainsContext",
+           "ListenSocketsContext", "ListenerNamesContext",
            "OwnConnectionContext",
            "SamplerContext", "recording_clock"]
 
@@ -144,6 +150,49 @@ class SamplerContext:
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"sampler ratio {ratio} out of range")
         return cls(str(obj["name"]), ratio)
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptedConnection:
+    """One downstream connection adopted from the socket table (see :class:`AdoptedContext`)."""
+
+    tgid: int
+    fd: int
+    listen_fd: int
+    peer_address: str
+    peer_port: int
+    local_address: str
+    local_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptedContext:
+    """Downstream connections open before the daemon started, handed to the kernel at ``ts_ns``
+    (monotonic): from then on their I/O and close are seen, as for an accepted one."""
+
+    TYPE: ClassVar[str] = "adopted"
+    ts_ns: int
+    connections: tuple[AdoptedConnection, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a recording holds it."""
+        return {"type": self.TYPE, "ts_ns": self.ts_ns,
+                "connections": [[c.tgid, c.fd, c.listen_fd, c.peer_address, c.peer_port, c.local_address,
+                                 c.local_port] for c in self.connections]}
+
+    @classmethod
+    def of(cls, ts_ns: int, connections: Iterable[OpenConnection]) -> AdoptedContext:
+        """The record of ``connections`` (envoy/adoption.py) handed to the kernel at ``ts_ns``."""
+        return cls(ts_ns, tuple(
+            AdoptedConnection(c.tgid, c.fd, c.listen_fd, c.socket.peer_address, c.socket.peer_port,
+                              c.socket.local_address, c.socket.local_port) for c in connections))
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> AdoptedContext:
+        """Inverse of :meth:`to_json`."""
+        return cls(int(obj["ts_ns"]), tuple(
+            AdoptedConnection(int(t), int(fd), int(lfd), str(pa), int(pp), str(la), int(lp))
+            for t, fd, lfd, pa, pp, la, lp in obj["connections"]))
 
 
 def recording_clock(first: tuple[str, object] | None) -> ClockContext:

@@ -44,6 +44,7 @@ UNIT_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.bpf\.h)"[ \t]*$', re.MULT
 
 #: target_bits' size (TARGET_BITS in bpf/state.bpf.h)
 TARGET_BITS = 4096
+BPF_NOEXIST = 1  # bpf(2)'s map update flag: only if the key is not there yet
 
 
 class RequestSeries(NamedTuple):
@@ -199,6 +200,7 @@ class ConnectionProbes:
             lines = str(exc).splitlines() or [type(exc).__name__]  # bcc raises some with no message
             raise ProbeError(f"could not load {CONN_PROGRAM}: {lines[-1]}") from exc
         layout = load_layout()
+        self._constants = layout.constants
         self.drop_names = {v: k for k, v in layout.enums["drop_reason"].items() if k != "DROP_REASONS"}
         #: enum http_method -> http.request.method (HTTP_METHOD_OTHER -> "_OTHER", as the conventions say)
         self.method_names = {v: ("_OTHER" if k == "HTTP_METHOD_OTHER" else k.removeprefix("HTTP_METHOD_"))
@@ -234,6 +236,28 @@ class ConnectionProbes:
         with contextlib.suppress(KeyError):
             del self._targets[ctypes.c_uint32(tgid)]
         self._delete(_STATE_BY_TGID, _STATE_BY_TID, tgid, set(tids))
+
+    def adopt_connection(self, tgid: int, fd: int, listen_fd: int, ts_ns: int) -> bool:
+        """Track downstream connection ``fd`` of ``tgid``, open before the daemon (envoy/adoption.py), from
+        now on, flagged CONN_ADOPTED. False when the kernel already tracks that fd (an accept since the
+        programs were attached: that entry is newer) or the table is full."""
+        table = self.bpf[b"conns"]
+        leaf = table.Leaf()  # zeroed
+        leaf.open_ts_ns = ts_ns
+        leaf.capture_budget = self._constants["CAPTURE_MSGS_DEFAULT"]
+        leaf.role = self._constants["ROLE_DOWNSTREAM"]
+        leaf.listen_fd = listen_fd
+        leaf.flags = self._constants["CONN_ADOPTED"]
+        key = table.Key((tgid << 32) | (fd & 0xFFFFFFFF))
+        from bcc.libbcc import lib  # Debian's python3-bpfcc (imported when the programs were loaded)
+
+        return lib.bpf_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(leaf), BPF_NOEXIST) == 0
+
+    def forget_connection(self, tgid: int, fd: int) -> None:
+        """Stop tracking ``fd`` of ``tgid`` (an adopted connection that closed before it was handed over)."""
+        table = self.bpf[b"conns"]
+        with contextlib.suppress(KeyError):
+            del table[table.Key((tgid << 32) | (fd & 0xFFFFFFFF))]
 
     def remove_series(self, tgid: int, tids: Iterable[int] = ()) -> None:
         """Forget the metric series of process ``tgid`` and its threads (``tids``): once it has exited and

@@ -11,7 +11,7 @@ from enum import Enum
 
 from .http2 import is_h2_preface
 
-__all__ = ["TLS_HANDSHAKE_RECORD", "Protocol", "detect_protocol"]
+__all__ = ["TLS_HANDSHAKE_RECORD", "Protocol", "detect_protocol", "is_tls_record"]
 
 #: The first byte of a TLS stream: the content type of a handshake record (the ClientHello's).
 TLS_HANDSHAKE_RECORD = 0x16
@@ -41,3 +41,9 @@ def detect_protocol(first_bytes: bytes, *, min_preface_bytes: int = 1) -> Protoc
     if len(first_bytes) >= min_preface_bytes and is_h2_preface(first_bytes):
         return Protocol.H2C
     return Protocol.HTTP1
+
+
+def is_tls_record(data: bytes) -> bool:
+    """Whether ``data`` starts with a TLS record header (content type 20-23, version 3.x): how the bytes of a
+    TLS connection picked up mid-stream begin, where no handshake will be seen."""
+    return len(data) >= 3 and 20 <= data[0] <= 23 and data[1] == 3 and data[2] <= 4

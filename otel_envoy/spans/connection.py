@@ -120,6 +120,9 @@ class ConnectionSpanBuilder:
             "envoy.connection.bytes_received": conn.traffic.bytes_received,
             "envoy.connection.bytes_sent": conn.traffic.bytes_sent,
         }
+        if conn.adopted:  # accepted before the daemon: by which thread is not known
+            del attrs["thread.id"], attrs["thread.name"]
+            attrs["envoy.connection.adopted"] = True
         if peer:
             attrs["network.type"] = network_type(peer)
         if conn.local_address:
@@ -204,6 +207,8 @@ class ConnectionSpanBuilder:
                     *tail,
                 )
             )
+        if conn.adopted:  # accepted, its listener filters run and its handshakes done before the daemon
+            return self._ids_checked(spans)
         lf_attrs: dict[str, object] = {
             "envoy.listener_filters.peeked_bytes": conn.listener.peeked_bytes,
             "envoy.listener_filters.peeks": conn.listener.peeks,
@@ -233,6 +238,11 @@ class ConnectionSpanBuilder:
         )
         if hello is not None and tls.started_ns is not None:  # type: ignore[union-attr]
             spans.append(self._tls_span(conn, trace_id, ids[80:96], root_id, start, end))
+        return self._ids_checked(spans)
+
+    @staticmethod
+    def _ids_checked(spans: list[SpanRecord]) -> list[SpanRecord]:
+        """``spans`` with no all-zero child span id (invalid in OTLP)."""
         for span in spans[1:]:
             if span.span_id == _ZERO_SPAN_ID:
                 span.span_id = _ONE_SPAN_ID

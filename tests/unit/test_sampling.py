@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from otel_envoy.sampling import SamplerError, SamplerSettings, sampler_settings
+from otel_envoy.events.layout import BPF_DIR
+from otel_envoy.sampling import SamplerError, SamplerSettings, peer_hash, sampler_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,3 +93,26 @@ def test_the_cli_refuses_a_budget_out_of_range() -> None:
     proc = subprocess.run([sys.executable, "-m", "otel_envoy.cli", "run", "--pid", "1", "--cpu-budget", "-1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--cpu-budget" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a host C compiler")
+def test_peer_hash_is_the_kernel_s(tmp_path: Path) -> None:
+    """sampling.peer_hash against peer_hash() of bpf/conn_sampling.bpf.h, compiled with the host compiler."""
+    source = (BPF_DIR / "conn_sampling.bpf.h").read_text()
+    start = source.index("static __always_inline __u32 peer_hash(")
+    body = source[start:source.index("\n}\n", start) + 3].replace("static __always_inline ", "static ")
+    cases = [(bytes([127, 0, 0, 1]), socket.AF_INET, 40000), (bytes([10, 1, 2, 3]), socket.AF_INET, 1),
+             (socket.inet_pton(socket.AF_INET6, "::ffff:127.0.0.1"), socket.AF_INET6, 65535),
+             (socket.inet_pton(socket.AF_INET6, "2001:db8::42"), socket.AF_INET6, 443)]
+    calls = "".join(
+        "{ __u8 a[16] = {" + ",".join(str(b) for b in raw) + "}; "
+        f'printf("%u\\n", peer_hash(a, {family}, {port})); }}\n' for raw, family, port in cases)
+    program = tmp_path / "hash.c"
+    program.write_text("#include <stdio.h>\n#include <string.h>\ntypedef unsigned char __u8;\n"
+                       "typedef unsigned short __u16;\ntypedef unsigned int __u32;\n#define AF_INET6 10\n"
+                       f"{body}\nint main(void) {{\n{calls}return 0;\n}}\n")
+    exe = tmp_path / "hash"
+    subprocess.run(["cc", "-Wall", "-Werror", "-o", str(exe), str(program)], check=True)
+    kernel = [int(x) for x in subprocess.run([str(exe)], check=True, capture_output=True,
+                                             text=True).stdout.split()]
+    assert kernel == [peer_hash(raw, family, port) for raw, family, port in cases]
