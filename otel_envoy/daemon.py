@@ -37,6 +37,7 @@ from .envoy.adoption import adopt_open_connections
 from .envoy.filter_chains import load_types
 from .envoy.listen_socket import ListenSocket
 from .envoy.process import ListenerFinder, resolve_targets, watch_exits
+from .envoy.process_resource import operator_keys
 from .envoy.targets import TracedProcesses
 from .event_pipeline import EventPipeline, tune_garbage_collector
 from .events.layout import load_layout
@@ -47,6 +48,7 @@ from .events.recording_context import (
     ListenerNamesContext,
     ListenSocketsContext,
     OwnConnectionContext,
+    ProcessResourceContext,
     SamplerContext,
 )
 from .export.metrics import WorkerMetrics
@@ -258,12 +260,14 @@ async def run_daemon(opts: DaemonOptions) -> int:
     pipeline = EventPipeline(
         spans_out, make_resource(), clock, recorder=recorder,
         on_notice=lambda ev: loop.call_soon_threadsafe(notices.put_nowait, (ev.kind, ev.tgid)),
-        http=requests, stacks=stacks, threaded_rounds=True,
+        http=requests, stacks=stacks, threaded_rounds=True, operator_keys=operator_keys(),
     )
     symbolizer.unmatched_symbols_files(t.pid for t in targets)  # warns about each
     ring = _RingThread(probes, pipeline)
     if sampling:  # before any record: it decides what becomes of upstream requests no traced one caused
         ring.context.put(SamplerContext(opts.sampler.name, opts.sampler.ratio).to_json())
+    for pid, attributes in traced.resources.items():  # each process's spans carry its own resource
+        ring.context.put(ProcessResourceContext(pid, attributes).to_json())
     metrics: WorkerMetrics | None = None  # per-worker metrics (export/metrics.py), with an OTLP endpoint
     status: StatusServer | None = None  # --listen
     adopted: Counter[str] = Counter()  # connections open before the daemon (envoy/adoption.py)
@@ -570,10 +574,12 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, notices: a
                 noticed.append(notices.get_nowait())
             for kind, pid in noticed:
                 if kind == EV_EXEC:
-                    traced.started(pid)
+                    if traced.started(pid) is not None:
+                        ring.context.put(ProcessResourceContext(pid, traced.resources[pid]).to_json())
                 elif kind == EV_EXIT:
                     tids = traced.exited(pid)
                     if tids is not None:  # its metric series go once their last values were exported
+                        ring.context.put(ProcessResourceContext(pid, None).to_json())
                         listeners.forget(pid)
                         loop.call_later(SERIES_GRACE_S + (opts.metrics_interval or 0), probes.remove_series,
                                         pid, tids)

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from opentelemetry.sdk.resources import Resource
 
@@ -30,6 +30,7 @@ from .events.recording_context import (
     ListenerNamesContext,
     ListenSocketsContext,
     OwnConnectionContext,
+    ProcessResourceContext,
     SamplerContext,
 )
 from .events.types import Event
@@ -81,10 +82,13 @@ class EventPipeline:
         rounds: bool = True,
         stacks: StackSource | None = None,
         threaded_rounds: bool = False,
+        operator_keys: Collection[str] = (),
     ) -> None:
         self.decoder = Decoder()
         self.spans_out = spans_out
-        self.builder = ConnectionSpanBuilder(resource, clock)
+        # a process's spans carry its own resource (process_resource context records) but never over the
+        # keys the operator set in the daemon's OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES
+        self.builder = ConnectionSpanBuilder(resource, clock, fixed_keys=operator_keys)
         self.request_builder = RequestSpanBuilder(self.builder)
         self.round_builder = RoundSpanBuilder(self.builder, stacks)
         self.round_worker = RoundWorker(self, threaded=threaded_rounds) if rounds else None
@@ -150,6 +154,9 @@ class EventPipeline:
             self.correlator.add_own_peer(own.address, own.port)
         elif kind == AdoptedContext.TYPE:
             self.correlator.adopt(AdoptedContext.from_json(obj))
+        elif kind == ProcessResourceContext.TYPE:
+            proc = ProcessResourceContext.from_json(obj)
+            self.builder.set_process_resource(proc.pid, proc.attributes)
         elif kind == SamplerContext.TYPE:
             self.correlator.attribution.exact_only = SamplerContext.from_json(obj).ratio < 1.0
 

@@ -5,6 +5,9 @@ The kernel adds a followed process to its target map itself, before the process'
 nothing of its startup is missed; this table learns of it from the EV_EXEC record, checks that it is an
 Envoy (else the kernel is told to let it go) and tells the daemon to rescan its listeners. EV_EXIT (its last
 thread) removes it, from the kernel's maps too.
+
+Each traced process's resource attributes (process_resource.py: container, pod, service name) are read from
+its /proc once, when it becomes traced, and kept here (``resources``) until it exits.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .process import PROC, EnvoyProcess, is_envoy
+from .process_resource import ResourceValue, process_resource
 
 __all__ = ["TracedProcesses"]
 
@@ -26,12 +30,16 @@ _MAX_TIDS = 65536  # threads remembered per process (its threads' kernel state i
 
 class TracedProcesses:
     """The traced processes by pid. ``forget(pid, tids)`` drops a process and its threads from the kernel's
-    tables. ``match_exe``: only processes running that executable are taken (``--exe``)."""
+    tables. ``match_exe``: only processes running that executable are taken (``--exe``). ``resource_of``:
+    a process's resource attributes (read from /proc: ``process_resource``)."""
 
     def __init__(self, processes: list[EnvoyProcess], *, follow_comm: str | None, require_envoy: bool,
                  forget: Callable[[int, list[int]], None], match_exe: str | None = None,
-                 why: Mapping[int, str] | None = None) -> None:
+                 why: Mapping[int, str] | None = None,
+                 resource_of: Callable[[EnvoyProcess], dict[str, ResourceValue]] | None = None) -> None:
         self.by_pid: dict[int, EnvoyProcess] = {p.pid: p for p in processes}
+        self._resource_of = resource_of or (lambda p: process_resource(p.pid, p.comm, p.exe))
+        self.resources: dict[int, dict[str, ResourceValue]] = {p.pid: self._resource_of(p) for p in processes}
         self.why: dict[int, str] = {p.pid: (why or {}).get(p.pid, "running at start") for p in processes}
         self.follow_comm = follow_comm
         self.require_envoy = require_envoy
@@ -67,6 +75,7 @@ class TracedProcesses:
             return None
         proc = EnvoyProcess(pid, comm, exe)
         self.by_pid[pid] = proc
+        self.resources[pid] = self._resource_of(proc)
         self.why[pid] = f"started as {comm!r} (followed{' executable' if self.match_exe else ' name'})"
         self.started_count += 1
         log.info("tracing pid %d (%s, %s) from its start", pid, comm, exe or "?")
@@ -77,6 +86,7 @@ class TracedProcesses:
         Returns the threads it was seen with; None when it was not traced."""
         proc = self.by_pid.pop(pid, None)
         self.why.pop(pid, None)
+        self.resources.pop(pid, None)
         tids = sorted(self.tids.pop(pid, set()) | {pid})
         self._forget(pid, tids)
         if proc is None:
@@ -95,6 +105,7 @@ class TracedProcesses:
         return {
             "following": {"comm": self.follow_comm, "exe": self.match_exe},
             "processes": [{"pid": p.pid, "comm": p.comm, "exe": p.exe, "why": self.why.get(p.pid, ""),
+                           "resource": self.resources.get(p.pid, {}),
                            "threads": len(self.tids.get(p.pid, ())),
                            "kernel_entries": entries_of(p.pid, sorted(self.tids.get(p.pid, set()) | {p.pid}))}
                           for p in self.processes],

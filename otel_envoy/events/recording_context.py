@@ -15,6 +15,9 @@ A recording (:mod:`.recording`) interleaves raw kernel records with context reco
   adopted         ``{"type": "adopted", "ts_ns": N, "connections": [[pid, fd, listen fd, peer address,
                   peer port, local address, local port], ...]}``: downstream connections open before the
                   daemon started, handed to the kernel at ``ts_ns`` (envoy/adoption.py).
+  process_resource ``{"type": "process_resource", "pid": N, "attributes": {...}}``: the resource attributes
+                  of a process that became traced (envoy/process_resource.py), read from its /proc when it
+                  did; ``"attributes": null`` when it exited.
 
 The live side writes each record with ``to_json()`` the moment it learns the facts; a replay reads them back
 with ``from_json()`` at the same place in the stream, so it sees the world the live run saw. ``from_json``
@@ -31,8 +34,7 @@ from ..envoy.adoption import OpenConnection
 from ..envoy.listen_socket import ListenSocket
 
 __all__ = ["AdoptedConnection", "AdoptedContext", "ClockContext", "FilterChainsContext",
-           "ListenSocketsContext", "ListenerNamesContext",
-           "OwnConnectionContext",
+           "ListenSocketsContext", "ListenerNamesContext", "OwnConnectionContext", "ProcessResourceContext",
            "SamplerContext", "recording_clock"]
 
 
@@ -193,6 +195,29 @@ class AdoptedContext:
         return cls(int(obj["ts_ns"]), tuple(
             AdoptedConnection(int(t), int(fd), int(lfd), str(pa), int(pp), str(la), int(lp))
             for t, fd, lfd, pa, pp, la, lp in obj["connections"]))
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessResourceContext:
+    """The resource attributes of traced process ``pid`` (strings and integers), or None: it exited."""
+
+    TYPE: ClassVar[str] = "process_resource"
+    pid: int
+    attributes: dict[str, str | int] | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as a recording holds it."""
+        return {"type": self.TYPE, "pid": self.pid, "attributes": self.attributes}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ProcessResourceContext:
+        """Inverse of :meth:`to_json`."""
+        attrs = obj["attributes"]
+        if attrs is not None and not (isinstance(attrs, dict) and all(
+                isinstance(k, str) and isinstance(v, str | int) and not isinstance(v, bool)
+                for k, v in attrs.items())):
+            raise TypeError("process_resource: attributes must map names to strings or integers")
+        return cls(int(obj["pid"]), dict(attrs) if attrs is not None else None)
 
 
 def recording_clock(first: tuple[str, object] | None) -> ClockContext:

@@ -279,7 +279,7 @@ def _json_resource(attrs: dict[str, Any]) -> str:
     return '{"resource":{},"scopeSpans":['
 
 
-_JSON_RESOURCES = ConstantCache(_json_resource)
+_JSON_RESOURCES = ConstantCache(_json_resource, limit=1024)  # one resource per traced process
 _JSON_SCOPES: dict[tuple[str, str], str] = {}
 _JSON_NAMES: dict[str, str] = {}  # span name -> ',"name":NAME,"kind":'
 _JSON_CACHE_MAX = 4096

@@ -287,7 +287,7 @@ def _pb_resource(attrs: dict[str, Any]) -> bytes:
     return _ld(_T1_LD, _pb_attrs(_T1_LD, attrs))
 
 
-_PB_RESOURCES = ConstantCache(_pb_resource)
+_PB_RESOURCES = ConstantCache(_pb_resource, limit=1024)  # one resource per traced process
 _PB_SCOPES: dict[tuple[str, str], bytes] = {}
 
 

@@ -109,6 +109,9 @@ class EnvoyLab:
     for the port it must listen on (127.0.0.1); it must print ``ready`` on stdout once listening. It runs in
     the lab's workdir with the project root on ``PYTHONPATH`` and ``backend_env`` added to the environment.
 
+    ``envoy_env``: variables added to the environment Envoy inherits. ``envoy_cgroup``: a cgroup (v2)
+    directory Envoy is moved into between its fork and its exec, as a container runtime does.
+
     ``key_type``: the lab certificates' keys, "ec" (P-256) or "rsa" (2048 bits; see :mod:`.certs`).
     ``session_resumption=False``: every TLS connection makes a full handshake (see
     :func:`render_envoy_config`). ``tls_reuse_port=False``: one TLS listening socket, duplicated per worker.
@@ -135,6 +138,8 @@ class EnvoyLab:
         key_type: str = "ec",
         session_resumption: bool = True,
         tls_reuse_port: bool = True,
+        envoy_env: Mapping[str, str] | None = None,
+        envoy_cgroup: str | Path | None = None,
     ) -> None:
         if otel_collector_port is not None:
             if tracing is not None:
@@ -152,6 +157,8 @@ class EnvoyLab:
         self.key_type = key_type
         self.session_resumption = session_resumption
         self.tls_reuse_port = tls_reuse_port
+        self.envoy_env = dict(envoy_env) if envoy_env is not None else None
+        self.envoy_cgroup = Path(envoy_cgroup) if envoy_cgroup is not None else None
         self.cpus = self._cpu_set(cpu)
         self.backend_cpus = self._cpu_set(backend_cpu)
         self.envoy_binary = Path(envoy_binary) if envoy_binary else find_envoy_binary()
@@ -211,16 +218,24 @@ class EnvoyLab:
         raise AssertionError("unreachable")
 
     def _popen(self, cmd: list[str], cpus: set[int] | None, stdout: Path, stderr: Path,
-               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+               env: dict[str, str] | None = None, cgroup: Path | None = None) -> subprocess.Popen[bytes]:
         taskset = shutil.which("taskset")
         if cpus and taskset:  # taskset execs the command: the pid stays Envoy's/the backend's
             cmd = [taskset, "-c", ",".join(str(c) for c in sorted(cpus)), *cmd]
         preexec = None
-        if cpus and not taskset:
-            frozen = set(cpus)
+        affinity = set(cpus) if cpus and not taskset else None
+        if affinity is not None or cgroup is not None:
+            procs = str(cgroup / "cgroup.procs") if cgroup is not None else None
 
             def preexec() -> None:
-                os.sched_setaffinity(0, frozen)
+                if procs is not None:  # "0": the writing process, this child before its exec
+                    fd = os.open(procs, os.O_WRONLY)
+                    try:
+                        os.write(fd, b"0")
+                    finally:
+                        os.close(fd)
+                if affinity is not None:
+                    os.sched_setaffinity(0, affinity)
 
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(open(stdout, "wb"))
@@ -273,7 +288,8 @@ class EnvoyLab:
             "--disable-hot-restart",
             *self.extra_args,
         ]  # fmt: skip
-        self._envoy = self._popen(cmd, self.cpus, log, log)
+        env = {**os.environ, **self.envoy_env} if self.envoy_env is not None else None
+        self._envoy = self._popen(cmd, self.cpus, log, log, env, self.envoy_cgroup)
         self._wait_envoy_ready(log)
 
     def _wait_envoy_ready(self, log: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Collection, Mapping
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -18,6 +19,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from .. import __version__
 from ..correlate.addresses import network_type
 from ..correlate.records import ConnectionRecord
+from ..envoy.process_resource import merged
 from .clock import MonotonicClock
 from .model import (
     SPAN_FLAGS_LOCAL,
@@ -34,6 +36,9 @@ SCOPE = InstrumentationScope("otel-envoy", __version__)
 _ZERO_TRACE_ID, _ONE_TRACE_ID = "0" * 32, "0" * 31 + "1"
 _ZERO_SPAN_ID, _ONE_SPAN_ID = "0" * 16, "0" * 15 + "1"
 _REQUEST_LINK = {"otel_envoy.link": "request"}  # shared, read-only
+#: Exited processes whose resource stays known (their last spans are built after the exit: connections
+#: linger, startup records wait for quiet), oldest forgotten first.
+RETIRED_PROCESSES = 256
 _SOCKOPT_NAMES = {
     (socket.IPPROTO_TCP, socket.TCP_NODELAY): "TCP_NODELAY",
     (socket.SOL_SOCKET, socket.SO_KEEPALIVE): "SO_KEEPALIVE",
@@ -58,14 +63,17 @@ def _filter_chain_attributes(conn: ConnectionRecord) -> dict[str, object]:
 
 
 class ConnectionSpanBuilder:
-    """Builds the finished spans of connection records (one shared Resource; ids from a fast PRNG).
+    """Builds the finished spans of connection records (one Resource per process; ids from a fast PRNG).
 
     :meth:`build_records` is the hot path: plain :class:`SpanRecord` objects, which the export sinks
-    encode directly.
+    encode directly. The spans of a process told of with :meth:`set_process_resource` carry its own
+    resource (one dict per process, shared by all its spans); the others the daemon's. ``fixed_keys``:
+    resource keys the daemon's operator set, which no process's value replaces.
     """
 
     def __init__(
-        self, resource: Resource, clock: MonotonicClock, *, rng: random.Random | None = None
+        self, resource: Resource, clock: MonotonicClock, *, rng: random.Random | None = None,
+        fixed_keys: Collection[str] = (),
     ) -> None:
         self.resource = resource
         self.clock = clock
@@ -81,12 +89,37 @@ class ConnectionSpanBuilder:
             SPAN_FLAGS_LOCAL,
             resource.schema_url or "",
         )
+        self._fixed_keys = frozenset(fixed_keys)
+        #: tgid -> the span tail of that process's resource (read by the round worker's thread too)
+        self.tails: dict[int, tuple] = {}
+        self._retired: dict[int, None] = {}  # exited processes, oldest first
+
+    def set_process_resource(self, pid: int, attributes: Mapping[str, object] | None) -> None:
+        """Process ``pid``'s own resource attributes (envoy/process_resource.py), merged over the daemon's;
+        None: it exited (its resource stays for its last spans, until RETIRED_PROCESSES more exited)."""
+        if attributes is None:
+            if pid in self.tails:
+                self._retired[pid] = None
+                while len(self._retired) > RETIRED_PROCESSES:
+                    oldest = next(iter(self._retired))
+                    del self._retired[oldest]
+                    self.tails.pop(oldest, None)
+            return
+        self._retired.pop(pid, None)
+        attrs = merged(self._resource_attributes, attributes, self._fixed_keys)
+        known = self.tails.get(pid)
+        if known is None or known[0] != attrs:  # the same resource keeps its dict (cached by identity)
+            self.tails[pid] = (attrs, *self.span_tail[1:])
+
+    def tail_for(self, tgid: int) -> tuple:
+        """The trailing SpanRecord fields of process ``tgid``'s spans (its resource first)."""
+        return self.tails.get(tgid, self.span_tail)
 
     def build_records(self, conn: ConnectionRecord) -> list[SpanRecord]:
         """Return the root span first, then its children (all inside the root's interval).
 
-        Times are wall-clock ns; ids are lowercase hex.  All records share one resource-attributes dict
-        (read-only), which lets the encoders encode the resource once per batch.
+        Times are wall-clock ns; ids are lowercase hex.  All records of a process share one
+        resource-attributes dict (read-only), which lets the encoders encode each resource once per batch.
         """
         offset = self.clock.offset_ns
         still_open = conn.still_open
@@ -164,7 +197,7 @@ class ConnectionSpanBuilder:
                     side for side, lost in (("received", records.received_lost), ("sent", records.sent_lost))
                     if lost]
         reset = conn.aborted()
-        tail = self.span_tail
+        tail = self.tails.get(conn.tgid, self.span_tail)
         spans = [
             SpanRecord(
                 trace_id,
@@ -237,7 +270,7 @@ class ConnectionSpanBuilder:
             )
         )
         if hello is not None and tls.started_ns is not None:  # type: ignore[union-attr]
-            spans.append(self._tls_span(conn, trace_id, ids[80:96], root_id, start, end))
+            spans.append(self._tls_span(conn, trace_id, ids[80:96], root_id, start, end, tail))
         return self._ids_checked(spans)
 
     @staticmethod
@@ -249,7 +282,8 @@ class ConnectionSpanBuilder:
         return spans
 
     def _tls_span(
-        self, conn: ConnectionRecord, trace_id: str, span_id: str, parent_id: str, start: int, end: int
+        self, conn: ConnectionRecord, trace_id: str, span_id: str, parent_id: str, start: int, end: int,
+        tail: tuple,
     ) -> SpanRecord:
         tls = conn.tls.handshake
         assert tls is not None and tls.started_ns is not None
@@ -285,5 +319,5 @@ class ConnectionSpanBuilder:
             [],
             code,
             message,
-            *self.span_tail,
+            *tail,
         )

@@ -134,7 +134,7 @@ class RequestSpanBuilder:
 
     def __init__(self, base: ConnectionSpanBuilder) -> None:
         self.clock = base.clock
-        self._tail = base.span_tail
+        self._tail_for = base.tail_for  # a process's resource and the other trailing fields
 
     def downstream(self, rr: RequestRecord, exchange: HttpExchange) -> list[SpanRecord]:
         """The request span and the spans of the upstream requests it caused."""
@@ -167,7 +167,7 @@ class RequestSpanBuilder:
         links = [] if trace_id == conn.trace_id else [(conn.trace_id, conn.span_id, _LINK_CONNECTION)]
         spans = [SpanRecord(trace_id, rr.span_id, parent, req.method or "HTTP", SPAN_KIND_SERVER,
                             start + offset, end + offset, attrs, _events(req, resp, offset, sent=False),
-                            links, code, message, *self._tail)]
+                            links, code, message, *self._tail_for(conn.tgid))]
         if rr.context is not None and source == rr.context.source and rr.context.trace_state:
             spans[0].trace_state = rr.context.trace_state  # the caller's vendors' state goes on with it
         if parent is not None and source != "connection":  # a parent named by a header: another process's
@@ -216,7 +216,7 @@ class RequestSpanBuilder:
         links = [] if parent == up.span_id else [(up_trace, up.span_id, _LINK_UPSTREAM)]
         span = SpanRecord(trace_id, span_id, parent, req.method or "HTTP", SPAN_KIND_CLIENT, start + offset,
                           end + offset, attrs, _events(req, resp, offset, sent=True), links, code, message,
-                          *self._tail)
+                          *self._tail_for(up.tgid))
         if remote_parent and parent is not None:  # Envoy's tracer's span, named by the header it sent
             span.flags = SPAN_FLAGS_REMOTE
         return span
@@ -277,8 +277,9 @@ class RequestSpanBuilder:
         elif resets and up.tcp.peer_fin_ns is None and up.tcp.envoy_fin_ns is None:
             code, message = STATUS_CODE_ERROR, "connection reset by peer"
         events = [(m.ts_ns + offset, m.name, {"tcp.state": m.state} if m.state else {}) for m in up.tcp.marks]
+        tail = self._tail_for(up.tgid)
         spans = [SpanRecord(trace_id, up.span_id, parent, "envoy.upstream.connection", SPAN_KIND_CLIENT,
-                            start + offset, end + offset, attrs, events, [], code, message, *self._tail)]
+                            start + offset, end + offset, attrs, events, [], code, message, *tail)]
         if up.connect.syn_sent_ns is not None:
             done = up.tcp.established_ns if up.tcp.established_ns is not None else up.connect.failed_ns
             connect_code = STATUS_CODE_UNSET if up.tcp.established_ns is not None else STATUS_CODE_ERROR
@@ -287,5 +288,5 @@ class RequestSpanBuilder:
                 "tcp.connect", SPAN_KIND_INTERNAL, up.connect.syn_sent_ns + offset,
                 max(done if done is not None else end, up.connect.syn_sent_ns) + offset, {}, [], [],
                 connect_code, "" if connect_code == STATUS_CODE_UNSET else "no SYN-ACK before close",
-                *self._tail))
+                *tail))
         return spans

@@ -97,7 +97,7 @@ class RoundSpanBuilder:
                  identity: Callable[[int], tuple[int, str]] | None = None,
                  new_id: Callable[[], str] | None = None) -> None:
         self.clock = base.clock
-        self._tail = base.span_tail
+        self._tail_for = base.tail_for  # a process's resource and the other trailing fields
         self.stacks = stacks
         self._identity = identity or thread_identity
         self._names: dict[int, tuple[int, str]] = {}
@@ -140,18 +140,19 @@ class RoundSpanBuilder:
             attrs.update(self._round_waker_attributes(rec))
         wait_attrs = [{**self._wait_attributes(w, tgid), "thread.name": name, "process.pid": tgid}
                       for w in rec.waits]
+        tail = self._tail_for(tgid)
         spans: list[SpanRecord] = []
         for trace_id, conn_span_id, fd in rec.connections:
             round_id = self._new_id()
             spans.append(SpanRecord(trace_id, round_id, conn_span_id, "envoy.event_loop.round",
                                     SPAN_KIND_INTERNAL, rec.start_ns + offset, rec.end_ns + offset,
                                     {**attrs, "envoy.connection.fd": fd}, [], [], STATUS_CODE_UNSET, "",
-                                    *self._tail))
+                                    *tail))
             for w, wa in zip(rec.waits, wait_attrs, strict=True):
                 start = max(w.start_ns, rec.start_ns)
                 spans.append(SpanRecord(trace_id, self._new_id(), round_id, "offcpu.wait", SPAN_KIND_INTERNAL,
                                         start + offset, max(w.end_ns, start) + offset, wa, [], [],
-                                        STATUS_CODE_UNSET, "", *self._tail))
+                                        STATUS_CODE_UNSET, "", *tail))
         return spans
 
     def _round_waker_attributes(self, rec: RoundRecord) -> dict[str, object]:
@@ -177,7 +178,7 @@ class RoundSpanBuilder:
         trace_id = f"{self._new_id()}{self._new_id()}"
         return [SpanRecord(trace_id, self._new_id(), None, "offcpu.wait", SPAN_KIND_INTERNAL,
                            w.start_ns + offset, max(w.end_ns, w.start_ns) + offset, attrs, [], [],
-                           STATUS_CODE_UNSET, "", *self._tail)]
+                           STATUS_CODE_UNSET, "", *self._tail_for(tgid))]
 
     def _wait_attributes(self, w: WaitRecord, tgid: int) -> dict[str, object]:
         attrs: dict[str, object] = {

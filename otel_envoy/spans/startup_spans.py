@@ -42,7 +42,7 @@ class StartupSpanBuilder:
     def __init__(self, base: ConnectionSpanBuilder,
                  listener_name: Callable[[str, int], str | None] | None = None) -> None:
         self.clock = base.clock
-        self._tail = base.span_tail
+        self._tail_for = base.tail_for  # a process's resource and the other trailing fields
         self._listener_name = listener_name or (lambda _a, _p: None)
         bits = random.Random().getrandbits
         self._new_id = lambda: f"{bits(64) or 1:016x}"
@@ -76,15 +76,17 @@ class StartupSpanBuilder:
             attrs["envoy.startup.sockets_not_kept"] = rec.sockets_cut
         failed = [s for s in sockets if s.bind_error]
         name = _trace_name(rec, sockets)
+        tail = self._tail_for(rec.tgid)
         out = [SpanRecord(trace_id, root_id, None, name, SPAN_KIND_INTERNAL, rec.start_ns + offset,
                           end + offset, attrs, [], [],
                           STATUS_CODE_ERROR if failed else STATUS_CODE_UNSET,
                           f"bind failed: {failed[0].address}:{failed[0].port} {failed[0].bind_error}"
-                          if failed else "", *self._tail)]
-        out.extend(self._socket_span(trace_id, root_id, s, offset) for s in sockets)
+                          if failed else "", *tail)]
+        out.extend(self._socket_span(trace_id, root_id, s, offset, tail) for s in sockets)
         return out
 
-    def _socket_span(self, trace_id: str, parent: str, s: SocketSetup, offset: int) -> SpanRecord:
+    def _socket_span(self, trace_id: str, parent: str, s: SocketSetup, offset: int,
+                     tail: tuple) -> SpanRecord:
         attrs: dict[str, object] = {
             "envoy.listen_socket.fd": s.fd,
             "network.transport": "tcp",
@@ -127,4 +129,4 @@ class StartupSpanBuilder:
         return SpanRecord(trace_id, self._new_id(), parent, "envoy.listen_socket", SPAN_KIND_INTERNAL,
                           s.start_ns + offset, s.end_ns + offset, attrs, events, [],  # type: ignore[arg-type]
                           STATUS_CODE_ERROR if s.bind_error else STATUS_CODE_UNSET,
-                          f"bind: {s.bind_error}" if s.bind_error else "", *self._tail)
+                          f"bind: {s.bind_error}" if s.bind_error else "", *tail)

@@ -208,3 +208,67 @@ def test_the_daemon_s_own_connection_makes_no_span_and_is_counted() -> None:
     requests = [s for s in sink.spans if s.name.startswith("GET")]
     assert len(requests) == 1 and requests[0].trace_id == roots[0].trace_id
     assert pipeline.correlator.downstream.own_peers == {}  # forgotten once the connection ended
+
+
+def test_each_process_s_spans_carry_the_resource_its_context_record_gave_live_and_replayed(
+        tmp_path: Path) -> None:
+    """process_resource context records (the daemon's, when a process became traced and when it exited):
+    each process's spans carry its own resource, one dict per process, and a replay of the recording gives
+    the same, without the processes' /proc."""
+    from otel_envoy.export.otlp_json import encode_request_json
+    from tests.support.events import LISTEN_FD, LOCAL, LPORT, TGID, close, read, write
+
+    other = TGID + 1
+    resources = {TGID: {"container.id": "ab" * 32, "service.name": "front", "process.pid": TGID},
+                 other: {"container.id": "cd" * 32, "k8s.pod.name": "p-1", "process.pid": other}}
+    contexts = [{"type": "listen_sockets", "sockets": [[TGID, LISTEN_FD, LOCAL, LPORT],
+                                                        [other, LISTEN_FD, LOCAL, LPORT + 1]]},
+                *({"type": "process_resource", "pid": pid, "attributes": attrs}
+                  for pid, attrs in resources.items())]
+    raws = []
+    for tgid, lport, port, t0 in ((TGID, LPORT, 40000, 1_000_000), (other, LPORT + 1, 40001, 2_000_000),
+                                  (TGID, LPORT, 40002, 3_000_000), (TGID + 2, LPORT, 40003, 4_000_000)):
+        raws += [encode(ev) for ev in (
+            established(t0, port, lport=lport), accept(t0 + 1_000, 30, port, tgid=tgid),
+            read(t0 + 2_000, 30, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", tgid=tgid),
+            write(t0 + 3_000, 30, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", tgid=tgid),
+            close(t0 + 4_000, 30, tgid=tgid))]
+    path = tmp_path / "rec.events"
+    writer = RecordingWriter(path)
+    live = CollectingSink()
+    pipeline = EventPipeline(SpanPipeline([live]), Resource.create({"service.name": "envoy"}),
+                             MonotonicClock(0), recorder=writer)
+    for ctx in contexts:
+        pipeline.on_context(ctx)
+    for raw in raws:
+        pipeline.on_record(raw)
+    pipeline.on_context({"type": "process_resource", "pid": other, "attributes": None})  # it exited
+    pipeline.finish(60_000_000_000)
+    pipeline.spans_out.shutdown(5.0)
+    writer.close()
+
+    replayed = CollectingSink()
+    again = EventPipeline(SpanPipeline([replayed]), Resource.create({"service.name": "envoy"}),
+                          MonotonicClock(0))
+    items = iter(RecordingReader(path))
+    next(items)  # the clock
+    again.replay(items)
+    again.spans_out.shutdown(5.0)
+    for sink in (live, replayed):
+        spans: list[SpanRecord] = sink.spans  # type: ignore[assignment]
+        assert {s.name for s in spans} == {"envoy.downstream.connection", "tcp.accept_queue",
+                                           "envoy.listener_filters", "GET"}
+        for tgid in (TGID, other):
+            own = [s for s in spans if s.resource_attributes.get("process.pid") == tgid]
+            assert len({id(s.resource_attributes) for s in own}) == 1  # one dict per process
+            assert own[0].resource_attributes == {**Resource.create({"service.name": "envoy"}).attributes,
+                                                  **resources[tgid]}
+            roots = [s for s in own if s.name == "envoy.downstream.connection"]
+            assert {r.attributes["process.pid"] for r in roots} == {tgid}
+            assert len(roots) == (2 if tgid == TGID else 1)
+            assert sum(s.name == "GET" for s in own) == len(roots)  # request spans too
+        unknown = [s for s in spans if "process.pid" not in s.resource_attributes]  # a process not told of
+        assert unknown and all(s.resource_attributes["service.name"] == "envoy" for s in unknown)
+        assert {s.attributes.get("process.pid") for s in unknown} <= {TGID + 2, None}
+        request = json.loads(encode_request_json(spans))  # one resourceSpans per process
+        assert len(request["resourceSpans"]) == 3

@@ -81,3 +81,19 @@ def test_the_sampler_record_round_trips_and_refuses_a_bad_ratio() -> None:
     assert rec.to_json() == {"type": "sampler", "name": "traceidratio", "ratio": 0.25}
     with pytest.raises(ValueError, match="out of range"):
         SamplerContext.from_json({"type": "sampler", "name": "x", "ratio": 3})
+
+
+def test_the_process_resource_record_round_trips_and_refuses_other_values() -> None:
+    from otel_envoy.events.recording_context import ProcessResourceContext
+
+    rec = ProcessResourceContext(4242, {"container.id": "ab" * 32, "process.pid": 4242})
+    assert rec.to_json() == {"type": "process_resource", "pid": 4242,
+                             "attributes": {"container.id": "ab" * 32, "process.pid": 4242}}
+    assert ProcessResourceContext.from_json(json.loads(json.dumps(rec.to_json()))) == rec
+    gone = ProcessResourceContext(4242, None)
+    assert ProcessResourceContext.from_json(gone.to_json()) == gone
+    for attributes in ([1], {"a": [1]}, {"a": True}, {"a": None}, {"a": 1.5}):
+        with pytest.raises(TypeError):
+            ProcessResourceContext.from_json({"type": "process_resource", "pid": 1, "attributes": attributes})
+    with pytest.raises(KeyError):
+        ProcessResourceContext.from_json({"type": "process_resource", "pid": 1})

@@ -266,3 +266,41 @@ def test_complete_tls_handshake_span(server_cert: tuple[Path, Path]) -> None:
     lf = named["envoy.listener_filters"]
     assert lf.end_time == OFFSET + 6_000 and lf.start_time <= hs.start_time <= lf.end_time
     assert root.status.status_code == StatusCode.UNSET
+
+
+def test_each_process_s_spans_carry_its_own_resource_in_one_dict() -> None:
+    """set_process_resource: the spans of that tgid share one resource dict (the encoders group by identity),
+    other processes keep the daemon's; the operator's keys stay; an exited process's resource stays for
+    its last spans until RETIRED_PROCESSES more exited."""
+    from opentelemetry.sdk.resources import Resource
+
+    from otel_envoy.spans.connection import RETIRED_PROCESSES
+
+    builder = ConnectionSpanBuilder(Resource.create({"service.name": "edge", "deployment.environment": "p"}),
+                                    MonotonicClock(OFFSET), fixed_keys={"service.name"})
+    default = builder.span_tail[0]
+    own = {"service.name": "reviews", "container.id": "ab" * 32, "process.pid": TGID,
+           "telemetry.sdk.language": "cpp", "deployment.environment": "dev"}
+    builder.set_process_resource(TGID, own)
+    first = builder.build_records(Harness().feed(plain_story()).only())
+    second = builder.build_records(Harness().feed(plain_story(fd=31, pport=40001)).only())
+    attrs = first[0].resource_attributes
+    assert all(s.resource_attributes is attrs for s in first + second)
+    assert attrs["service.name"] == "edge"  # the operator's OTEL_SERVICE_NAME
+    assert attrs["container.id"] == "ab" * 32 and attrs["process.pid"] == TGID
+    assert attrs["deployment.environment"] == "dev"  # not fixed: the process's own wins
+    assert attrs["telemetry.sdk.language"] == "python"  # otel-envoy made the spans
+    builder.set_process_resource(TGID, dict(own))  # told again, the same: the same dict
+    assert builder.tail_for(TGID)[0] is attrs
+    assert builder.tail_for(TGID + 1)[0] is default
+    builder.set_process_resource(TGID, None)  # exited: still there for its lingering connections
+    assert builder.tail_for(TGID)[0] is attrs
+    for pid in range(10_000, 10_000 + RETIRED_PROCESSES):
+        builder.set_process_resource(pid, {"process.pid": pid})
+        builder.set_process_resource(pid, None)
+    assert builder.tail_for(TGID)[0] is default  # forgotten, oldest first
+    last = 10_000 + RETIRED_PROCESSES - 1
+    assert builder.tail_for(last)[0]["process.pid"] == last
+    assert len(builder.tails) == RETIRED_PROCESSES
+    builder.set_process_resource(TGID + 5, None)  # never told of: nothing to forget
+    assert len(builder.tails) == RETIRED_PROCESSES
