@@ -80,6 +80,7 @@
 #include "state.bpf.h"
 #if SAMPLING
 #include "http_metrics.bpf.h"
+#include "tls_metrics.bpf.h"
 #include "conn_sampling.bpf.h"
 #endif
 #include "sockets.bpf.h"
@@ -91,6 +92,7 @@
 #include "io.bpf.h"
 #if SAMPLING
 #include "traceparent.bpf.h"
+#include "tls_handshake.bpf.h"
 #include "sampling.bpf.h"
 #endif
 #if UPROBES

@@ -150,6 +150,22 @@ struct conn_metric_key {
     __u8 _pad[3];
 };
 
+/* How a downstream TLS handshake ended, as the kernel's TLS metrics key it (SAMPLING builds). */
+enum tls_outcome {
+    TLS_HANDSHAKE_DONE = 1,   /* the server's side of it completed */
+    TLS_HANDSHAKE_CLOSED = 2, /* the connection closed before it completed */
+};
+
+/* TLS handshakes of downstream connections, traced or not (SAMPLING builds), by listening socket, the
+ * version and resumption the ServerHello chose, and how it ended. */
+struct tls_metric_key {
+    __u32 pid;       /* the process (tgid) */
+    __s32 listen_fd;
+    __u16 version;   /* the ServerHello's (supported_versions for TLS 1.3): 0x0304, 0x0303, ...; 0: not seen */
+    __u8 resumed;    /* 1: a resumed session (TLS 1.3: a pre_shared_key; TLS 1.2: an abbreviated handshake) */
+    __u8 outcome;    /* enum tls_outcome */
+};
+
 /* Accepts per thread and listening socket (SAMPLING builds): every downstream connection a worker accepted,
  * traced or not; the balance of a listener's connections across its workers. */
 struct accept_thread_key {

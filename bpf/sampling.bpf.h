@@ -26,12 +26,14 @@ BPF_ARRAY(sample_parent_based, __u32, 1);  /* 1: a valid traceparent's sampled f
  * traceparent) */
 BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
 /* tail-call slots, set by the loader: [EXIT_IO] io_sys_exit, [EXIT_ACCEPT] accept_sys_exit,
- * [EXIT_CONNECT] connect_sys_exit, [EXIT_SETUP] setup_sys_exit (startup.bpf.h) */
+ * [EXIT_CONNECT] connect_sys_exit, [EXIT_SETUP] setup_sys_exit (startup.bpf.h), [EXIT_TLS_HELLO]
+ * tls_hello_sys_exit */
 #define EXIT_IO 0
 #define EXIT_ACCEPT 1
 #define EXIT_CONNECT 2
 #define EXIT_SETUP 3
-BPF_PROG_ARRAY(exit_progs, 4);
+#define EXIT_TLS_HELLO 4
+BPF_PROG_ARRAY(exit_progs, 5);
 
 static __always_inline void count_sampled(__u32 slot) {
     __u64 *v = sample_counts.lookup(&slot);
@@ -175,6 +177,29 @@ static __always_inline __u32 recv_flags(__u8 io, const struct sys_regs *r) {
 int accept_sys_exit(struct bpf_raw_tracepoint_args *ctx) { return on_accept_exit((long)ctx->args[1]); }
 int connect_sys_exit(struct bpf_raw_tracepoint_args *ctx) { return on_connect_exit((long)ctx->args[1]); }
 
+/* tail-called by front_sys_exit for a TLS server's hello flight (tls_handshake.bpf.h): parsed, then the
+ * write goes on as the front would have sent it on. */
+int tls_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    long ret = (long)ctx->args[1];
+    struct sys_regs r = {};
+    if (bpf_probe_read_kernel(&r, sizeof(r), &regs->r10) != 0)
+        return 0;
+    __u8 io = io_syscall((long)r.orig_ax);
+    __u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, (__s32)r.di);
+    struct conn_state *cs = conns.lookup(&key);
+    if (!cs || !io)
+        return 0;
+    parse_server_hello(cs, io, (const void *)r.si, ret);
+    if (cs->flags & CONN_UNTRACED) {
+        count_unreported(cs, io, ret);
+        return 0;
+    }
+    exit_progs.call(ctx, EXIT_IO);
+    count_drop(DROP_TAIL_CALL);
+    return 0;
+}
+
 int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
@@ -212,6 +237,12 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         return 0; /* io_sys_exit would find nothing either */
     if (ret <= 0)
         note_transfer_end(cs, io, ret); /* an EOF or a reset: how the connection ends (its metrics) */
+    else if (cs->hs_state < HS_DONE && cs->role == ROLE_DOWNSTREAM &&
+             tls_handshake_step(cs, pid_tgid >> 32, io, buf, ret, recv_flags(io, &r) & MSG_PEEK_FLAG)) {
+        exit_progs.call(ctx, EXIT_TLS_HELLO); /* the server's hello flight: parsed in a program of its own */
+        count_drop(DROP_TAIL_CALL);
+        return 0;
+    }
     if (cs->flags & CONN_UNTRACED) { /* counted, never reported */
         if (ret > 0 && !(recv_flags(io, &r) & MSG_PEEK_FLAG))
             count_unreported(cs, io, ret);

@@ -73,6 +73,11 @@ struct conn_state {
     __u8 _pad_req[3];
     __u32 req_head_len;        /* SAMPLING: bytes of req_head read from the current request */
     __u8 req_head[KEPT_HEAD];  /* SAMPLING: its first bytes, sent if it is kept though not sampled */
+    __u64 hs_start_ns;         /* SAMPLING: the TLS handshake's start (its ClientHello's first read or peek) */
+    __u16 hs_version;          /* SAMPLING: the version the ServerHello chose (0 until it is written) */
+    __u8 hs_state;             /* SAMPLING: enum tls_hs_state (tls_metrics.bpf.h) */
+    __u8 hs_resumed;           /* SAMPLING: the ServerHello resumed a session */
+    __u32 _pad_hs;
 };
 
 #define CONN_SAW_IO 1   /* a non-peek read or write happened: the listener-filter hand-off is settled */

@@ -200,8 +200,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         return 0;
     }
 #if SAMPLING
-    if (cs->role == ROLE_DOWNSTREAM && !(cs->flags & CONN_ADOPTED))
-        record_connection(tgid, cs, bpf_ktime_get_ns());
+    if (cs->role == ROLE_DOWNSTREAM && !(cs->flags & CONN_ADOPTED)) {
+        __u64 now = bpf_ktime_get_ns();
+        record_connection(tgid, cs, now);
+        tls_handshake_closed(tgid, cs, now);
+    }
 #endif
     if (cs->flags & CONN_UNTRACED) {
         conns.delete(&key);

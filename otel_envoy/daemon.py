@@ -54,14 +54,14 @@ from .events.recording_context import (
 from .export.metrics import WorkerMetrics
 from .export.metrics_settings import DEFAULT_INTERVAL_S
 from .export.otlp import OtlpSettings, check_reachable
-from .export.request_metrics import AcceptQueueMetrics, ConnectionMetrics, RequestMetrics
+from .export.request_metrics import AcceptQueueMetrics, ConnectionMetrics, RequestMetrics, TlsHandshakeMetrics
 from .export.sink_worker import DEFAULT_BUFFER_BYTES
 from .export.sinks import JsonLinesFileSink, OtlpSink, SpanSink
 from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
 from .probes.loader import ConnectionProbes, ProbeConfig
 from .probes.uprobe_symbols import uprobe_sites
-from .run_summary import accepts_by_worker, offcpu_by_reason, request_totals, wakes_by_kind, worker_accepts
+from .run_summary import accepts_by_worker, kernel_tables, offcpu_by_reason, wakes_by_kind
 from .sampling import (
     DEFAULT_CPU_BUDGET,
     DEFAULT_KEEP_SLOW_MS,
@@ -328,16 +328,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         kernel_drops = {f"kernel.{k}": v for k, v in probes.drop_counts().items() if v}
         sampled = probes.sample_counts()
         connections_sampled = probes.connection_sample_counts()
-        http_requests = request_totals(probes.http_request_metrics())
-        connections_closed: Counter[str] = Counter()
-        closed_by_reason: Counter[str] = Counter()
-        for (pid, fd, reason), totals in sorted(probes.connection_metrics().items()):
-            connections_closed[f"{pid}:{fd}"] += totals.count
-            closed_by_reason[reason] += totals.count
-        accept_queue = {"waits": sum(t.count for t in probes.accept_queue_metrics().values()),
-                        "not_seen": probes.accept_waits_not_seen()}
-        workers = worker_accepts(accepts_by_worker(probes, pipeline.correlator),
-                                  pipeline.correlator.downstream.listen_sockets)
+        tables = kernel_tables(probes, pipeline.correlator)  # exact counts: requests, connections, TLS
         offcpu = offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
         wakes = wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
         records_submitted = probes.records_submitted()
@@ -366,10 +357,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         with open(opts.summary_json, "w") as f:
             json.dump({"counts": dict(counts), "drops": drops, "export": stats, "accounting": accounts,
                        "correlator": dict(pipeline.correlator.stats), "offcpu": offcpu,
-                       "idle_wakeups": wakes, "http_requests": http_requests,
-                       "connections_closed": dict(connections_closed),
-                       "connections_closed_by_reason": dict(closed_by_reason), "accept_queue": accept_queue,
-                       "accepts_by_worker": workers,
+                       "idle_wakeups": wakes, **tables,
                        "processes": {"traced": sorted(traced.by_pid), "started": traced.started_count,
                                      "exited": traced.exited_count, "left_in_kernel": left_in_kernel},
                        "adopted_connections": dict(adopted),
@@ -429,7 +417,8 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipelin
         daemon_counters=sources.counters,
         kernel_metrics=[RequestMetrics(probes.http_request_metrics, listen_sockets),
                         ConnectionMetrics(probes.connection_metrics, listen_sockets),
-                        AcceptQueueMetrics(probes.accept_queue_metrics, listen_sockets)]
+                        AcceptQueueMetrics(probes.accept_queue_metrics, listen_sockets),
+                        TlsHandshakeMetrics(probes.tls_handshake_metrics, listen_sockets)]
         if probes.config.sampling else (),
         interval_s=opts.metrics_interval)
     metrics.start()

@@ -11,9 +11,11 @@ from .correlate.correlator import ConnectionCorrelator
 from .correlate.round_tracker import OFFCPU_REASONS
 from .envoy.listen_socket import ListenSocket
 from .envoy.threads import thread_identity
-from .probes.loader import ConnectionProbes, RequestSeries, RequestTotals
+from .probes.loader import ConnectionProbes, RequestSeries, RequestTotals, TlsSeries
+from .protocols.tls.names import tls_version_name
 
-__all__ = ["accepts_by_worker", "offcpu_by_reason", "request_totals", "wakes_by_kind", "worker_accepts"]
+__all__ = ["accepts_by_worker", "kernel_tables", "offcpu_by_reason", "request_totals", "tls_totals",
+           "wakes_by_kind", "worker_accepts"]
 
 
 def request_totals(series: Mapping[RequestSeries, RequestTotals]) -> dict[str, Any]:
@@ -25,6 +27,16 @@ def request_totals(series: Mapping[RequestSeries, RequestTotals]) -> dict[str, A
         by_method[key.method] += totals.count
     return {"total": sum(by_status.values()), "by_status": dict(sorted(by_status.items())),
             "by_method": dict(sorted(by_method.items()))}
+
+
+def tls_totals(series: Mapping[TlsSeries, RequestTotals]) -> dict[str, int]:
+    """The kernel's TLS handshake counts for the summary: by "<version>/<resumed|full>/<outcome>"."""
+    out: dict[str, int] = {}
+    for key, totals in series.items():
+        name = f"{tls_version_name(key.version) if key.version else 'unknown'}/" \
+               f"{'resumed' if key.resumed else 'full'}/{key.outcome}"
+        out[name] = out.get(name, 0) + totals.count
+    return dict(sorted(out.items()))
 
 
 def offcpu_by_reason(totals: dict[tuple[int, int], tuple[int, int, int]]) -> dict[str, dict[str, int]]:
@@ -70,3 +82,24 @@ def worker_accepts(accepts: Mapping[tuple[int, int, str, int], int],
                      "port": listen.port if listen else None,
                      "listener": listen.listener_name if listen else None, "accepted": n})
     return rows
+
+
+def kernel_tables(probes: ConnectionProbes, correlator: ConnectionCorrelator) -> dict[str, Any]:
+    """The summary's figures from the kernel's exact tables (read before the probes close):
+    ``http_requests``, ``connections_closed`` (by process:listening fd) and ``connections_closed_by_reason``,
+    ``accept_queue``, ``tls_handshakes`` and ``accepts_by_worker``."""
+    closed: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
+    for (pid, fd, reason), totals in sorted(probes.connection_metrics().items()):
+        closed[f"{pid}:{fd}"] += totals.count
+        by_reason[reason] += totals.count
+    return {
+        "http_requests": request_totals(probes.http_request_metrics()),
+        "connections_closed": dict(closed),
+        "connections_closed_by_reason": dict(by_reason),
+        "accept_queue": {"waits": sum(t.count for t in probes.accept_queue_metrics().values()),
+                         "not_seen": probes.accept_waits_not_seen()},
+        "tls_handshakes": tls_totals(probes.tls_handshake_metrics()),
+        "accepts_by_worker": worker_accepts(accepts_by_worker(probes, correlator),
+                                            correlator.downstream.listen_sockets),
+    }

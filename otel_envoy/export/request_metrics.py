@@ -24,6 +24,13 @@ socket with its accept-queue wait (ESTABLISHED to Envoy's accept; ``accept_metri
 :class:`AcceptQueueMetrics` exports ``envoy.downstream.accept_queue.duration``, the metric of the
 ``tcp.accept_queue`` spans, with the listener's attributes.
 
+Every downstream TLS handshake, traced or not, is counted by listening socket, the version and resumption
+its ServerHello chose, and how it ended (bpf/tls_metrics.bpf.h, ``tls_metrics``): :class:`TlsHandshakeMetrics`
+exports ``envoy.downstream.tls.handshake.duration`` (the ClientHello's arrival to the end of the server's
+side of the handshake) with the listener's attributes, ``tls.protocol.name=tls``, ``tls.protocol.version``
+(``1.3``, ``1.2``, ...; left out when the connection closed before the ServerHello), ``tls.resumed``, and
+``error.type=closed_during_handshake`` for a handshake the connection's close cut short.
+
 A series whose listening socket is not known (yet) is reported with ``server.port`` left out rather than
 dropped: counts stay exact. Buckets are the kernel's log2 slots (:mod:`.kernel_histograms`); the sum is
 exact.
@@ -39,16 +46,19 @@ from opentelemetry.sdk.metrics.export import AggregationTemporality, Histogram, 
 
 from ..envoy.listen_socket import ListenSocket
 from ..events.layout import load_layout
-from ..probes.loader import RequestSeries, RequestTotals
+from ..probes.loader import RequestSeries, RequestTotals, TlsSeries
+from ..protocols.tls.names import tls_version_name
 from .kernel_histograms import HistogramPoints, log2_bounds_s, slot_bucket_counts
 
 __all__ = ["ACCEPT_QUEUE_DURATION", "CONNECTION_DURATION", "HTTP_SERVER_REQUEST_DURATION", "REQUEST_BOUNDS_S",
-           "AcceptQueueMetrics", "ConnectionMetrics", "KernelMetric", "RequestMetrics",
-           "connection_attributes", "listener_attributes", "request_attributes"]
+           "TLS_HANDSHAKE_DURATION", "AcceptQueueMetrics", "ConnectionMetrics", "KernelMetric",
+           "RequestMetrics", "TlsHandshakeMetrics", "connection_attributes", "listener_attributes",
+           "request_attributes", "tls_attributes"]
 
 HTTP_SERVER_REQUEST_DURATION = "http.server.request.duration"
 CONNECTION_DURATION = "envoy.downstream.connection.duration"
 ACCEPT_QUEUE_DURATION = "envoy.downstream.accept_queue.duration"
+TLS_HANDSHAKE_DURATION = "envoy.downstream.tls.handshake.duration"
 #: The kernel's slots (HTTP_HIST_SLOTS in bpf/events.h): the last one also takes longer durations.
 REQUEST_SLOTS = load_layout().constants["HTTP_HIST_SLOTS"] - 1
 REQUEST_BOUNDS_S: tuple[float, ...] = log2_bounds_s(REQUEST_SLOTS)
@@ -65,6 +75,7 @@ class KernelMetric(Protocol):
 RequestSource = Callable[[], Mapping[RequestSeries, RequestTotals]]
 ConnectionSource = Callable[[], Mapping[tuple[int, int, str], RequestTotals]]
 AcceptQueueSource = Callable[[], Mapping[tuple[int, int], RequestTotals]]
+TlsSource = Callable[[], Mapping[TlsSeries, RequestTotals]]
 ListenerSource = Callable[[], Mapping[tuple[int, int], ListenSocket]]
 
 
@@ -98,6 +109,17 @@ def connection_attributes(pid: int, listen: ListenSocket | None, close_reason: s
     attrs["envoy.connection.close_reason"] = close_reason
     if close_reason == "reset":
         attrs["error.type"] = "connection_reset"
+    return attrs
+
+
+def tls_attributes(series: TlsSeries, listen: ListenSocket | None) -> dict[str, Any]:
+    """The attributes of one kernel TLS handshake series."""
+    attrs: dict[str, Any] = {**listener_attributes(series.pid, listen), "tls.protocol.name": "tls",
+                             "tls.resumed": series.resumed}
+    if series.version:
+        attrs["tls.protocol.version"] = tls_version_name(series.version)
+    if series.outcome != "done":
+        attrs["error.type"] = "closed_during_handshake"
     return attrs
 
 
@@ -160,6 +182,26 @@ class AcceptQueueMetrics:
                           "Time downstream connections waited in the listener's accept queue (every one "
                           "whose handshake completion was seen, counted in the kernel): ESTABLISHED to "
                           "Envoy's accept.")
+
+
+class TlsHandshakeMetrics:
+    """Builds the TLS handshake-duration histogram of each collection from the kernel's table."""
+
+    def __init__(self, source: TlsSource, listeners: ListenerSource) -> None:
+        """``source`` reads the kernel's series (``ConnectionProbes.tls_handshake_metrics``); ``listeners``
+        as for :class:`RequestMetrics`."""
+        self._source = source
+        self._listeners = listeners
+        self._points = HistogramPoints(time.time_ns())
+
+    def metric(self, temporality: AggregationTemporality) -> Metric | None:
+        """This collection's histogram, or ``None`` when there is no point to send."""
+        listeners = self._listeners()
+        series = [(tls_attributes(key, listeners.get((key.pid, key.listen_fd))), totals)
+                  for key, totals in self._source().items()]
+        return _histogram(self._points, series, temporality, TLS_HANDSHAKE_DURATION,
+                          "Duration of downstream TLS handshakes (every one, traced or not, counted in the "
+                          "kernel): the ClientHello's arrival to the end of the server's side.")
 
 
 def _histogram(points: HistogramPoints, series: list[tuple[dict[str, Any], RequestTotals]],

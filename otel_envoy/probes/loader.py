@@ -32,7 +32,7 @@ _STATE_BY_TGID = (("conns", "prefix"), ("bound_fds", "prefix"), ("conn_sampled_l
                   ("ssl_fds", "tgid"))
 _STATE_BY_TID = (("threads", "value"), ("setup_inflight", "value"), ("ssl_calls", "value"))
 _SERIES_BY_TGID = (("accepts_by_thread", "pid"), ("http_metrics", "pid"), ("conn_metrics", "pid"),
-                   ("accept_metrics", "pid"))
+                   ("accept_metrics", "pid"), ("tls_metrics", "pid"))
 _SERIES_BY_TID = (("offcpu_totals", "tid"), ("idle_wakes", "tid"))
 
 log = logging.getLogger("otel_envoy.probes")
@@ -45,6 +45,16 @@ UNIT_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.bpf\.h)"[ \t]*$', re.MULT
 #: target_bits' size (TARGET_BITS in bpf/state.bpf.h)
 TARGET_BITS = 4096
 BPF_NOEXIST = 1  # bpf(2)'s map update flag: only if the key is not there yet
+
+
+class TlsSeries(NamedTuple):
+    """One series of the kernel's TLS handshake metrics."""
+
+    pid: int
+    listen_fd: int
+    version: int  # the ServerHello's: 0x0304, 0x0303, ...; 0: not seen (closed before it)
+    resumed: bool
+    outcome: str  # "done" or "closed" (enum tls_outcome)
 
 
 class RequestSeries(NamedTuple):
@@ -208,6 +218,9 @@ class ConnectionProbes:
         #: enum close_reason -> the close reason of the connection metrics
         self.close_reasons = {v: k.removeprefix("CLOSE_").lower()
                               for k, v in layout.enums["close_reason"].items()}
+        #: enum tls_outcome -> the outcome of the TLS handshake metrics ("done", "closed")
+        self.tls_outcomes = {v: k.removeprefix("TLS_HANDSHAKE_").lower()
+                             for k, v in layout.enums["tls_outcome"].items()}
         self._targets = self.bpf[b"targets"]
         self._ports = self.bpf[b"listen_ports"]
         self._drops = self.bpf[b"drops"]
@@ -358,9 +371,9 @@ class ConnectionProbes:
         from bcc import BPF
 
         slots = self.bpf[b"exit_progs"]
-        # EXIT_IO, EXIT_ACCEPT, EXIT_CONNECT, EXIT_SETUP (sampling.bpf.h)
+        # EXIT_IO, EXIT_ACCEPT, EXIT_CONNECT, EXIT_SETUP, EXIT_TLS_HELLO (sampling.bpf.h)
         for slot, name in enumerate((b"io_sys_exit", b"accept_sys_exit", b"connect_sys_exit",
-                                     b"setup_sys_exit")):
+                                     b"setup_sys_exit", b"tls_hello_sys_exit")):
             program = self.bpf.load_func(name, BPF.RAW_TRACEPOINT)
             slots[ctypes.c_int(slot)] = ctypes.c_int(program.fd)
         self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"front_sys_exit")
@@ -451,6 +464,20 @@ class ConnectionProbes:
             slots = {i: int(n) for i, n in enumerate(v.slots) if n}
             reason = self.close_reasons.get(int(k.close_reason), str(int(k.close_reason)))
             out[(int(k.pid), int(k.listen_fd), reason)] = RequestTotals(int(v.count), int(v.sum_ns), slots)
+        return out
+
+    def tls_handshake_metrics(self) -> dict[TlsSeries, RequestTotals]:
+        """The kernel's exact TLS handshake metrics (tls_metrics.bpf.h): every downstream TLS handshake,
+        traced or not, by process, listening fd, version, resumption and outcome (empty without
+        ``sampling``)."""
+        if not self.config.sampling:
+            return {}
+        out: dict[TlsSeries, RequestTotals] = {}
+        for k, v in self.bpf[b"tls_metrics"].items():
+            slots = {i: int(n) for i, n in enumerate(v.slots) if n}
+            outcome = self.tls_outcomes.get(int(k.outcome), str(int(k.outcome)))
+            series = TlsSeries(int(k.pid), int(k.listen_fd), int(k.version), bool(k.resumed), outcome)
+            out[series] = RequestTotals(int(v.count), int(v.sum_ns), slots)
         return out
 
     def accept_queue_metrics(self) -> dict[tuple[int, int], RequestTotals]:

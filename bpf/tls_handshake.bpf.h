@@ -1,0 +1,106 @@
+/* tls_handshake.bpf.h: the steps of a downstream TLS handshake, on its transfers (SAMPLING builds; the
+ * metrics and the states are in tls_metrics.bpf.h). Envoy's TLS library reads a record's 5-byte header
+ * before its body, so a read that starts a flight starts with the content type of its first record. */
+
+#define TLS_RECORD_HANDSHAKE 0x16
+#define TLS_RECORD_CHANGE_CIPHER_SPEC 0x14
+#define TLS_HS_SERVER_HELLO 2
+#define TLS_EXT_PRE_SHARED_KEY 0x0029
+#define TLS_EXT_SUPPORTED_VERSIONS 0x002b
+#define TLS_HELLO_EXTENSIONS_MAX 12 /* a ServerHello has a handful */
+
+/* The first byte a transfer moved, or -1. */
+static __always_inline int first_byte(__u8 io, const void *buf, long ret) {
+    __u64 avail = (__u64)ret;
+    const void *src = transfer_start(io, buf, &avail);
+    __u8 b = 0;
+    if (!src || avail == 0 || bpf_probe_read_user(&b, 1, src) != 0)
+        return -1;
+    return b;
+}
+
+/* One transfer (ret > 0) of a downstream connection whose handshake is not over (hs_state < HS_DONE).
+ * Returns 1 when it is the server's hello flight, which the caller hands to tls_hello_sys_exit. */
+static __always_inline int tls_handshake_step(struct conn_state *cs, __u32 tgid, __u8 io, const void *buf,
+                                              long ret, __u32 peek) {
+    __u8 state = cs->hs_state;
+    if (io >= IO_WRITE) {
+        if (state == HS_HELLO)
+            return 1;
+        if (state == HS_SERVER_FIN) /* TLS 1.2 full: the server's ChangeCipherSpec and Finished */
+            record_tls_handshake(tgid, cs, TLS_HANDSHAKE_DONE, bpf_ktime_get_ns());
+        return 0;
+    }
+    if (state == HS_HELLO || state == HS_SERVER_FIN || (peek && state != HS_NONE))
+        return 0; /* more of the same flight, or a listener filter's look at it */
+    int b = first_byte(io, buf, ret);
+    if (b < 0)
+        return 0;
+    if (state == HS_NONE) { /* the connection's first bytes (a listener filter's peek counts) */
+        if (b == TLS_RECORD_HANDSHAKE) {
+            cs->hs_state = HS_HELLO;
+            cs->hs_start_ns = bpf_ktime_get_ns();
+        } else {
+            cs->hs_state = HS_DONE; /* not TLS */
+        }
+        return 0;
+    }
+    /* HS_CLIENT_FIN: the client's answer to the server's hello flight */
+    if (cs->hs_version >= 0x0304) {
+        if (b == TLS_RECORD_HANDSHAKE) /* a second ClientHello: the ServerHello was a HelloRetryRequest */
+            cs->hs_state = HS_HELLO;
+        else
+            record_tls_handshake(tgid, cs, TLS_HANDSHAKE_DONE, bpf_ktime_get_ns());
+    } else if (cs->hs_resumed) {
+        record_tls_handshake(tgid, cs, TLS_HANDSHAKE_DONE, bpf_ktime_get_ns());
+    } else {
+        cs->hs_state = HS_SERVER_FIN;
+    }
+    return 0;
+}
+
+static __always_inline __u32 be16(const __u8 *b) { return ((__u32)b[0] << 8) | b[1]; }
+
+/* The server's hello flight (a write): the version the ServerHello chose and whether it resumed a session.
+ * Record header (5), handshake header (4), legacy version (2), random (32), session id (1 + n), cipher
+ * suite (2), compression (1), extensions (2 + each: type 2, length 2, body). */
+static __always_inline void parse_server_hello(struct conn_state *cs, __u8 io, const void *buf, long ret) {
+    __u64 avail = (__u64)ret;
+    const __u8 *src = transfer_start(io, buf, &avail);
+    __u8 h[44];
+    if (!src || avail < sizeof(h) || bpf_probe_read_user(h, sizeof(h), src) != 0)
+        return;
+    if (h[0] != TLS_RECORD_HANDSHAKE || h[5] != TLS_HS_SERVER_HELLO)
+        return;
+    __u32 record_end = 5 + be16(&h[3]);
+    __u32 hello_end = 9 + (((__u32)h[6] << 16) | be16(&h[7]));
+    __u32 version = be16(&h[9]);
+    __u8 resumed = 0;
+    __u32 off = 44 + h[43] + 3; /* past the session id, the cipher suite and the compression method */
+    __u8 e[4];
+    if (off + 2 <= hello_end && off + 2 <= avail) {
+        off += 2; /* the extensions' length: they run to the end of the ServerHello */
+        for (int i = 0; i < TLS_HELLO_EXTENSIONS_MAX; i++) {
+            if (off + 4 > hello_end || off + 4 > avail || bpf_probe_read_user(e, 4, src + off) != 0)
+                break;
+            __u32 type = be16(e), len = be16(&e[2]);
+            if (type == TLS_EXT_SUPPORTED_VERSIONS && len == 2 && off + 6 <= avail &&
+                bpf_probe_read_user(e, 2, src + off + 4) == 0)
+                version = be16(e);
+            else if (type == TLS_EXT_PRE_SHARED_KEY)
+                resumed = 1;
+            off += 4 + len;
+        }
+    }
+    if (version < 0x0304) {
+        /* TLS 1.2: an abbreviated handshake follows the ServerHello's record with a ChangeCipherSpec record,
+         * a full one with the Certificate (in the same record, or the next) */
+        __u8 next = 0;
+        if (hello_end >= record_end && record_end < avail &&
+            bpf_probe_read_user(&next, 1, src + record_end) == 0)
+            resumed = next == TLS_RECORD_CHANGE_CIPHER_SPEC;
+    }
+    cs->hs_version = (__u16)version;
+    cs->hs_resumed = resumed;
+    cs->hs_state = HS_CLIENT_FIN;
+}
