@@ -178,6 +178,14 @@ class ProcessStartups:
         rec.last_ns = max(rec.last_ns, ev.ts_ns)
         _include(rec, sock)
 
+    def bound_address(self, tgid: int, fd: int) -> tuple[str, int] | None:
+        """The address and port the kernel saw ``tgid`` bind its socket ``fd`` to (or the socket it
+        copied), while that socket is open; None when not seen."""
+        sock = self._by_fd.get((tgid, fd))
+        if sock is None or not sock.address or sock.bind_error:
+            return None
+        return sock.address, sock.port
+
     # ------------------------------------------------------------------ time
 
     def expire(self, now_ns: int) -> None:
