@@ -12,8 +12,9 @@
  *                             in SAMPLING builds (no syscalls:sys_exit_* is enabled there), else from the
  *                             syscalls:sys_exit_* tracepoints.
  * syscalls.bpf.h reports the rest of a bound socket's setup: SO_REUSEPORT, the epoll registration by the
- * thread that will accept on it, its close; listen() is EV_LISTEN. All of these are rare (startup and
- * listener changes): a few hundred records per Envoy start.
+ * thread that will accept on it, its close; listen() is EV_LISTEN, and makes a socket the target never
+ * bound (received from another process: an Envoy hot restart's parent epoch) a followed one, its address
+ * unknown. All of these are rare (startup and listener changes): a few hundred records per Envoy start.
  */
 #define NR_DUP 32
 #define NR_DUP2 33

@@ -242,6 +242,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_listen) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_target(pid_tgid >> 32))
         return 0;
+    /* A socket the target did not bind (an Envoy hot restart hands the parent epoch's listening sockets
+     * to the new process over a unix socket; it calls listen() on each) is followed from here on like a
+     * bound one, its address unknown (family 0): its epoll registrations and its close are reported. */
+    __u64 key = conn_key(pid_tgid >> 32, (__s32)args->fd);
+    struct bound_socket unknown = {};
+    bound_fds.insert(&key, &unknown);
     struct listen_event ev = {};
     fill_header(&ev.hdr, EV_LISTEN, pid_tgid);
     ev.fd = args->fd;

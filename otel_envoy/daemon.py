@@ -85,7 +85,7 @@ log = logging.getLogger("otel_envoy.daemon")
 RESCAN_INTERVAL_S = 5.0
 #: After a process exited, its metric series stay in the kernel's tables this long past one metrics interval.
 SERIES_GRACE_S = 2.0
-EV_EXEC, EV_EXIT = load_layout().constants["EV_EXEC"], load_layout().constants["EV_EXIT"]
+EV_EXEC, EV_EXIT, EV_LISTEN = (load_layout().constants[k] for k in ("EV_EXEC", "EV_EXIT", "EV_LISTEN"))
 #: After the programs stop producing, how long to wait for any run still inside one to finish its record.
 STOP_SETTLE_S = 0.05
 # Fewer records than RING_BATCH_MIN in one pass: wait RING_BATCH_WAIT_S before the next. Between passes the
@@ -565,6 +565,9 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, notices: a
                 if kind == EV_EXEC:
                     if traced.started(pid) is not None:
                         ring.context.put(ProcessResourceContext(pid, traced.resources[pid]).to_json())
+                    listeners.refresh(pid)
+                elif kind == EV_LISTEN:  # maybe a socket handed over by another process (hot restart)
+                    listeners.refresh(pid)
                 elif kind == EV_EXIT:
                     tids = traced.exited(pid)
                     if tids is not None:  # its metric series go once their last values were exported

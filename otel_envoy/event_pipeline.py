@@ -102,7 +102,8 @@ class EventPipeline:
             on_startup=self._on_startup,
             http=http,
         )
-        self.startup_builder = StartupSpanBuilder(self.builder, self.correlator.downstream.listener_name)
+        self.startup_builder = StartupSpanBuilder(self.builder, self.correlator.downstream.listener_name,
+                                                  self.correlator.downstream.listen_socket)
         self.recorder = recorder
         self.on_notice = on_notice
         self._decode = self.decoder.decode  # bound once: on_record runs per kernel record

@@ -79,6 +79,12 @@ class AcceptQueue:
             return entry, len(queue) + 1, entry.synack_retransmits  # type: ignore[arg-type]
         return None, 0, self.early_synack.pop((peer, peer_port, local_port), None) or []
 
+    def port_of(self, peer: str, peer_port: int) -> int | None:
+        """The local port of the one queued connection from ``peer``:``peer_port`` (None: none, or
+        several: the same client port towards two local ports)."""
+        ports = [port for port, queue in self.queued.items() if (peer, peer_port) in queue]
+        return ports[0] if len(ports) == 1 else None
+
     def expire(self, now_ns: int) -> None:
         """Let go of the entries older than :data:`MAX_AGE_NS` (counted ``accept_queue_expired``)."""
         for queue in self.queued.values():

@@ -98,6 +98,7 @@ class ConnectionCorrelator:
             on_upstream=on_upstream, on_upstream_request=on_upstream_request, http=http,
             max_connections=max_connections, max_pending=max_queued, linger_ns=linger_ns)
         self.startups = ProcessStartups(on_startup)  # how each process set up its listening sockets
+        self.downstream.bound_address = self.startups.bound_address  # listeners the rescan did not find yet
         self.tls_plaintext = TlsPlaintext(self.downstream, self.requests, self.stats, http=http)
         self.accepts_by_thread = self.downstream.accepts_by_thread  # (tgid, tid, name, listen fd) -> n
         self._closing, self._upstream_closing = self.downstream.closing, self.upstream.closing

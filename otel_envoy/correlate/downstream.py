@@ -100,6 +100,8 @@ def _settle_handoff(listener: ListenerHandoff, ts_ns: int) -> None:
 
 #: How many of the daemon's own peers are remembered (it makes one admin call at a time, every few seconds).
 MAX_OWN_PEERS = 64
+#: Listening sockets inferred between two rescans (a few per process start or hot restart).
+MAX_INFERRED_LISTENERS = 4096
 
 
 class DownstreamConnections:
@@ -125,6 +127,10 @@ class DownstreamConnections:
         self.max_connections = max_connections
         self.linger_ns = linger_ns
         self.listen_sockets: dict[tuple[int, int], ListenSocket] = {}  # (tgid, listen fd) -> socket
+        #: sockets accepted on before the table above had them (_listen_socket), until the next table
+        self.inferred_listeners: dict[tuple[int, int], ListenSocket] = {}
+        #: (tgid, fd) -> the address and port the kernel saw the process bind that socket to (startup.py)
+        self.bound_address: Callable[[int, int], tuple[str, int] | None] = lambda _tgid, _fd: None
         #: listening sockets a TLS connection came through: (tgid, listen fd) -> port. The kernel samples
         #: their connections whole (the daemon tells it), as it cannot see their requests.
         self.tls_listeners: dict[tuple[int, int], int] = {}
@@ -142,6 +148,7 @@ class DownstreamConnections:
         """Replace the (tgid, listen fd) -> listening socket table (from /proc), naming each socket's
         listener when the admin API did."""
         self.listen_sockets = self._named(sockets)
+        self.inferred_listeners = {}
 
     def set_listener_names(self, names: dict[tuple[str, int], str]) -> None:
         """Replace the (address, port) -> Envoy listener name table (from the admin API)."""
@@ -196,8 +203,8 @@ class DownstreamConnections:
             self.drops["connection_table_full"] += 1
             self._end_requests_evicted(victim, ev.ts_ns)
             self._finish(victim)
-        listen = self.listen_sockets.get((ev.tgid, ev.listen_fd))
         peer = format_ip(ev.family, ev.peer_addr) if ev.family else ""
+        listen = self._listen_socket(ev.tgid, ev.listen_fd, peer, ev.peer_port)
         conn = ConnectionRecord(
             tgid=ev.tgid,
             fd=ev.fd,
@@ -250,6 +257,34 @@ class DownstreamConnections:
         self.open[key] = conn
         self.by_tuple[(conn.peer_address, conn.peer_port, conn.local_port)] = conn
         self.stats["adopted"] += 1
+
+    def _listen_socket(self, tgid: int, fd: int, peer: str, peer_port: int) -> ListenSocket | None:
+        """The listening socket a connection was accepted from: the table read from /proc. A socket the
+        table does not have yet (accepted on before the daemon's rescan after its ``listen()``) is known
+        from what the kernel reported: its bind, when the process was seen binding it (it just started);
+        else the handshake queued for this peer, on a port with one listening address among the other
+        processes' sockets (an Envoy hot restart: the new process accepts on the sockets the old one
+        handed over, which it never bound). Counted ``listeners_inferred``."""
+        key = (tgid, fd)
+        listen = self.listen_sockets.get(key) or self.inferred_listeners.get(key)
+        if listen is not None:
+            return listen
+        found = self.bound_address(tgid, fd)
+        if found is None:
+            port = self.accept_queue.port_of(peer, peer_port)
+            listening = {(s.address, s.port) for s in self.listen_sockets.values() if s.port == port}
+            found = listening.pop() if len(listening) == 1 else None
+        if found is None:
+            return None
+        if len(self.inferred_listeners) >= MAX_INFERRED_LISTENERS:
+            self.inferred_listeners.clear()
+        listen = self.inferred_listeners[key] = ListenSocket(found[0], found[1], self.listener_name(*found))
+        self.stats["listeners_inferred"] += 1
+        return listen
+
+    def listen_socket(self, tgid: int, fd: int) -> ListenSocket | None:
+        """The listening socket (tgid, fd), from the /proc table or inferred at an accept."""
+        return self.listen_sockets.get((tgid, fd)) or self.inferred_listeners.get((tgid, fd))
 
     def listener_name(self, address: str, port: int) -> str | None:
         """Envoy's name of the listener on address:port (its wildcard address too), when known."""

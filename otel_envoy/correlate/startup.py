@@ -67,6 +67,9 @@ class SocketSetup:
     watches: list[Watch] = field(default_factory=list)
     close_ns: int | None = None
     carried: bool = False  # set up before this record (its earlier steps are in an earlier one)
+    #: listened on, never bound or copied by this process since its exec: handed over by another process
+    #: (an Envoy hot restart: the parent epoch passes its listening sockets over a unix socket) or inherited
+    received: bool = False
 
     @property
     def end_ns(self) -> int:
@@ -105,6 +108,7 @@ class ProcessStartups:
         self.pending: dict[int, StartupRecord] = {}  # by tgid
         self._by_fd: dict[tuple[int, int], SocketSetup] = {}  # (tgid, fd) -> its socket, while open
         self._comms: dict[int, str] = {}  # tgid -> its name (the exec's, or its main thread's)
+        self._from_exec: set[int] = set()  # processes whose every step since their exec was seen
 
     # ------------------------------------------------------------------ events
 
@@ -113,6 +117,7 @@ class ProcessStartups:
         if ev.kind == EV_EXEC:
             self._finish(ev.tgid)
             self._comms[ev.tgid] = comm = thread_name(ev.comm)
+            self._from_exec.add(ev.tgid)
             self.pending[ev.tgid] = StartupRecord(ev.tgid, comm, ev.ts_ns, exec_ns=ev.ts_ns, last_ns=ev.ts_ns)
         elif ev.kind == EV_EXIT:
             rec = self.pending.get(ev.tgid)
@@ -121,6 +126,7 @@ class ProcessStartups:
                 rec.last_ns = max(rec.last_ns, ev.ts_ns)
             self._finish(ev.tgid)
             self._comms.pop(ev.tgid, None)
+            self._from_exec.discard(ev.tgid)
             for key in [k for k in self._by_fd if k[0] == ev.tgid]:
                 del self._by_fd[key]
 
@@ -167,16 +173,33 @@ class ProcessStartups:
         rec.last_ns = max(rec.last_ns, ev.ts_ns)
 
     def on_listen(self, ev: ListenEvent) -> None:
-        """listen(fd, backlog): a socket whose setup was seen starts listening."""
+        """listen(fd, backlog): a socket whose setup was seen starts listening. In a process traced since
+        its exec, a socket it never bound nor copied was received (the kernel follows it from here on)."""
         sock = self._by_fd.get((ev.tgid, ev.fd))
-        if sock is None:
-            return
+        received = ev.tgid in self._from_exec and (
+            sock is None or (sock.bind_ns is None and sock.duplicate_of is None and not sock.carried))
+        if sock is None and not received:
+            return  # set up before the daemon came
         rec = self._record(ev.tgid, ev.ts_ns)
-        sock = self._carried(rec, sock, ev.ts_ns)
+        if sock is None:
+            name = self._comms.get(ev.tgid, "") if ev.tid == ev.tgid else ""  # Envoy's main thread listens
+            sock = self._by_fd[(ev.tgid, ev.fd)] = SocketSetup(ev.fd, ev.ts_ns, ev.tid, name)
+            _include(rec, sock)
+        else:
+            sock = self._carried(rec, sock, ev.ts_ns)
+        sock.received = sock.received or received
         sock.listen_ns = ev.ts_ns
         sock.backlog = ev.backlog
         rec.last_ns = max(rec.last_ns, ev.ts_ns)
         _include(rec, sock)
+
+    def bound_address(self, tgid: int, fd: int) -> tuple[str, int] | None:
+        """The address and port the kernel saw ``tgid`` bind its socket ``fd`` to (or the socket it
+        copied), while that socket is open; None when not seen."""
+        sock = self._by_fd.get((tgid, fd))
+        if sock is None or not sock.address or sock.bind_error:
+            return None
+        return sock.address, sock.port
 
     # ------------------------------------------------------------------ time
 

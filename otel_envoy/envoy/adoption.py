@@ -99,7 +99,7 @@ def adopt_open_connections(pids: Iterable[int], listen_sockets: Mapping[tuple[in
     for pid in pids:
         try:
             found = open_downstream_connections(pid, listen_sockets)
-        except SockDiagError as exc:
+        except (SockDiagError, ProcessLookupError) as exc:  # no sock_diag, or the process is gone
             log.warning("pid %d: its open connections are not adopted: %s", pid, exc)
             counts["unreadable"] += 1
             continue

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,8 @@ from .sockdiag import SockDiagError, listening_tcp_sockets
 __all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "find_by_comm", "find_by_exe", "is_envoy",
            "listening_sockets", "listening_sockets_from_proc", "resolve_targets", "socket_inodes",
            "watch_exits"]
+
+log = logging.getLogger("otel_envoy.process")
 
 PROC = Path("/proc")
 _TCP_LISTEN = "0A"
@@ -149,10 +154,13 @@ def _socket_inode(fd_path: str | Path) -> int | None:
 
 def socket_inodes(pid: int) -> dict[int, list[int]]:
     """inode -> fds for the socket fds of ``pid`` (a socket duplicated with dup() has several: Envoy gives
-    each worker a copy of a listener's socket when it does not use SO_REUSEPORT)."""
+    each worker a copy of a listener's socket when it does not use SO_REUSEPORT). Raises
+    ProcessLookupError when ``pid`` is gone."""
     out: dict[int, list[int]] = {}
     try:
         entries = list(os.scandir(PROC / str(pid) / "fd"))
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise ProcessLookupError(errno.ESRCH, f"process {pid} is gone") from exc
     except OSError:
         return out
     for entry in entries:
@@ -174,7 +182,8 @@ def _parse_addr(hex_addr: str, v6: bool) -> str:
 
 def listening_sockets_from_proc(pid: int) -> dict[tuple[int, int], ListenSocket]:
     """(pid, fd) -> ListenSocket for every TCP socket of ``pid`` in LISTEN state, the /proc way: parses every
-    TCP socket of the namespace (/proc/<pid>/net/tcp and tcp6). For where sock_diag cannot be used."""
+    TCP socket of the namespace (/proc/<pid>/net/tcp and tcp6). For where sock_diag cannot be used.
+    Raises ProcessLookupError when ``pid`` is gone."""
     inodes = socket_inodes(pid)
     out: dict[tuple[int, int], ListenSocket] = {}
     for name, v6 in (("tcp", False), ("tcp6", True)):
@@ -193,17 +202,45 @@ class ListenerFinder:
 
     The namespace's LISTEN sockets come from sock_diag (the kernel filters by state; see
     :mod:`.sockdiag`); which of them the target holds, and under which fd, needs a walk of its fds, done
-    again only when the namespace's set of listeners changed: otherwise each known listener fd is checked
-    with one readlink. A busy proxy holds tens of thousands of connection fds; /proc/<pid>/net/tcp lists
-    every connection and TIME_WAIT socket. Falls back to /proc where sock_diag cannot be used.
+    again only when the namespace's set of listeners changed, or :meth:`refresh` says the process may hold
+    new ones: otherwise each known listener fd is checked with one readlink. A busy proxy holds tens of
+    thousands of connection fds; /proc/<pid>/net/tcp lists every connection and TIME_WAIT socket. Falls
+    back to /proc where sock_diag cannot be used.
+
+    A process can come to hold a socket that already listened, without the namespace's set changing: an
+    Envoy hot restart hands the old process's listening sockets to the new one over a unix socket
+    (SCM_RIGHTS). Hence :meth:`refresh` (the daemon calls it when a process starts and when it calls
+    ``listen()``, which Envoy does on every socket it was handed), and a walk at least every
+    :data:`WALK_EVERY_S` for anything else that passes fds around.
+
+    A process that exits while it is looked at (its namespace gone with it) has no listeners: one log line
+    says so, and the caller goes on.
     """
 
+    #: A process's fds are walked again at least this often, whatever the namespace's listeners did.
+    WALK_EVERY_S = 60.0
+
     def __init__(self) -> None:
-        # pid -> (inodes, inode -> fds)
-        self._seen: dict[int, tuple[frozenset[int], dict[int, list[int]]]] = {}
+        # pid -> (inodes, inode -> fds, time of the walk)
+        self._seen: dict[int, tuple[frozenset[int], dict[int, list[int]], float]] = {}
+        self._gone: set[int] = set()  # pids whose exit was logged
 
     def sockets(self, pid: int) -> dict[tuple[int, int], ListenSocket]:
-        """(pid, fd) -> ListenSocket for every TCP socket of ``pid`` in LISTEN state."""
+        """(pid, fd) -> ListenSocket for every TCP socket of ``pid`` in LISTEN state; none when ``pid`` is
+        gone (logged once)."""
+        try:
+            return self._sockets(pid)
+        except ProcessLookupError as exc:
+            self._seen.pop(pid, None)
+            if pid not in self._gone:
+                if len(self._gone) >= 4096:
+                    self._gone.clear()
+                self._gone.add(pid)
+                log.info("pid %d exited while its listening sockets were read (%s): none for it", pid,
+                         exc.strerror or exc)
+            return {}
+
+    def _sockets(self, pid: int) -> dict[tuple[int, int], ListenSocket]:
         try:
             listeners = listening_tcp_sockets(pid)
         except SockDiagError:
@@ -211,21 +248,29 @@ class ListenerFinder:
         by_inode = {inode: ListenSocket(addr, port) for addr, port, inode in listeners}
         inodes = frozenset(by_inode)
         seen = self._seen.get(pid)
+        now = time.monotonic()
         fds: dict[int, list[int]] | None = None
-        if seen is not None and seen[0] == inodes:
-            fds = seen[1]
+        walked = now
+        if seen is not None and seen[0] == inodes and now - seen[2] < self.WALK_EVERY_S:
+            fds, walked = seen[1], seen[2]
             if any(_socket_inode(PROC / str(pid) / "fd" / str(fd)) != inode
                    for inode, copies in fds.items() for fd in copies):
-                fds = None  # an fd was closed or reused: walk again
+                fds, walked = None, now  # an fd was closed or reused: walk again
         if fds is None:
             held = socket_inodes(pid)
             fds = {inode: held[inode] for inode in inodes if inode in held}
-        self._seen[pid] = (inodes, fds)
+        self._seen[pid] = (inodes, fds, walked)
         return {(pid, fd): by_inode[inode] for inode, copies in fds.items() for fd in copies}
+
+    def refresh(self, pid: int) -> None:
+        """``pid`` may hold listening sockets it did not hold at the last look (it started, or called
+        ``listen()``): its fds are walked at the next :meth:`sockets`."""
+        self._seen.pop(pid, None)
 
     def forget(self, pid: int) -> None:
         """``pid`` is not traced any more (it exited)."""
         self._seen.pop(pid, None)
+        self._gone.discard(pid)
 
 
 def listening_sockets(pid: int) -> dict[tuple[int, int], ListenSocket]:

@@ -5,7 +5,7 @@ interface.
 connections and TIME_WAIT entries) and the reader parses them all to find a handful of listeners. A
 sock_diag dump asks the kernel for LISTEN sockets only (the state filter is applied in the kernel), which is
 what ``ss -lt`` does. The namespace is the target's: the netlink socket is opened inside it (``setns`` on a
-short-lived thread, so the daemon's own threads never change namespace).
+short-lived thread, so the daemon's own threads never change namespace: :mod:`.netns`).
 
 Layouts: ``linux/netlink.h`` (nlmsghdr), ``linux/sock_diag.h`` and ``linux/inet_diag.h`` (inet_diag_req_v2,
 inet_diag_msg): stable user-space ABI.
@@ -13,12 +13,12 @@ inet_diag_msg): stable user-space ABI.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import struct
-import threading
 from dataclasses import dataclass
+
+from .netns import socket_in_netns
 
 __all__ = ["SockDiagError", "TcpSocket", "established_tcp_sockets", "listening_tcp_sockets"]
 
@@ -27,7 +27,6 @@ SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 TCP_ESTABLISHED, TCP_LISTEN = 1, 10
-CLONE_NEWNET = 0x40000000
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 # inet_diag_req_v2: family, protocol, ext, pad, states; inet_diag_sockid: sport, dport (network order),
@@ -56,34 +55,13 @@ class TcpSocket:
 
 
 def _open_in_netns(pid: int) -> socket.socket:
-    """A sock_diag netlink socket in the network namespace of ``pid``."""
+    """A sock_diag netlink socket in the network namespace of ``pid``; ProcessLookupError when it is gone."""
     try:
-        same = os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+        return socket_in_netns(pid, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+    except ProcessLookupError:
+        raise
     except OSError as exc:
-        raise SockDiagError(f"network namespace of {pid}: {exc.strerror}") from exc
-    if same:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
-    result: list[socket.socket | BaseException] = []
-
-    def enter_and_open() -> None:  # a thread of its own: setns changes only the calling thread
-        try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-            try:
-                if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-            finally:
-                os.close(fd)
-            result.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG))
-        except BaseException as exc:  # reported to the caller
-            result.append(exc)
-
-    thread = threading.Thread(target=enter_and_open, name="otel-envoy-netns", daemon=True)
-    thread.start()
-    thread.join()
-    if isinstance(result[0], BaseException):
-        raise SockDiagError(f"cannot enter the network namespace of {pid}: {result[0]}") from result[0]
-    return result[0]
+        raise SockDiagError(f"cannot open sock_diag in the network namespace of {pid}: {exc}") from exc
 
 
 def _address(family: int, raw: bytes) -> str:
@@ -138,7 +116,8 @@ def _sockets(pid: int, state: int) -> list[TcpSocket]:
 def listening_tcp_sockets(pid: int) -> list[tuple[str, int, int]]:
     """(local address, port, socket inode) of every LISTEN TCP socket in the network namespace of ``pid``.
 
-    Raises :class:`SockDiagError` when sock_diag cannot be used (the caller falls back to /proc).
+    Raises :class:`SockDiagError` when sock_diag cannot be used (the caller falls back to /proc),
+    ProcessLookupError when ``pid`` is gone (its namespace with it).
     """
     return [(s.local_address, s.local_port, s.inode) for s in _sockets(pid, TCP_LISTEN)]
 
@@ -146,6 +125,6 @@ def listening_tcp_sockets(pid: int) -> list[tuple[str, int, int]]:
 def established_tcp_sockets(pid: int) -> list[TcpSocket]:
     """Every ESTABLISHED TCP socket in the network namespace of ``pid`` (whoever holds it).
 
-    Raises :class:`SockDiagError` when sock_diag cannot be used or the namespace is gone.
+    Raises :class:`SockDiagError` when sock_diag cannot be used, ProcessLookupError when ``pid`` is gone.
     """
     return _sockets(pid, TCP_ESTABLISHED)

@@ -1,6 +1,6 @@
 """Envoy bootstrap configuration for the lab.
 
-Two listeners on 127.0.0.1:
+Two listeners on 127.0.0.1 (or the ``address`` given):
 
 * ``plain_http``: a plain HTTP connection manager (codec AUTO: HTTP/1.1 and h2c prior knowledge);
 * ``tls_sni``: ``envoy.filters.listener.tls_inspector`` picks a filter chain by SNI: ``chain_a``
@@ -162,6 +162,7 @@ def render_envoy_config(
     runtime: dict[str, Any] | None = None,
     session_resumption: bool = True,
     tls_reuse_port: bool = True,
+    address: str = "127.0.0.1",
 ) -> dict[str, Any]:
     """Return the lab's Envoy bootstrap as a dict (dump it as YAML/JSON for ``envoy -c``).
 
@@ -174,6 +175,7 @@ def render_envoy_config(
     runtime layer (e.g. :data:`OTEL_FAST_FLUSH_RUNTIME`); without it the bootstrap has no ``layered_runtime``.
     ``tls_reuse_port=False``: the TLS listener has one socket, duplicated for each worker, instead of one
     ``SO_REUSEPORT`` socket per worker (``enable_reuse_port``).
+    ``address``: where the listeners and the admin API listen (the backend stays on 127.0.0.1).
     ``concurrency`` is not part of the bootstrap (it is Envoy's ``--concurrency`` flag); it is recorded in
     the node metadata.
     """
@@ -195,19 +197,19 @@ def render_envoy_config(
             "cluster": "otel-envoy-lab",
             "metadata": {"concurrency": concurrency, "direct_response": direct_response},
         },
-        "admin": {"address": _addr(ports.admin_port)},
+        "admin": {"address": _addr(ports.admin_port, address)},
         "static_resources": {
             "listeners": [
                 {
                     "name": PLAIN_LISTENER,
                     "stat_prefix": PLAIN_LISTENER,
-                    "address": _addr(ports.http_port),
+                    "address": _addr(ports.http_port, address),
                     "filter_chains": [{"filters": [_hcm(PLAIN_LISTENER, direct_response, tracing)]}],
                 },
                 {
                     "name": TLS_LISTENER,
                     "stat_prefix": TLS_LISTENER,
-                    "address": _addr(ports.tls_port),
+                    "address": _addr(ports.tls_port, address),
                     "enable_reuse_port": tls_reuse_port,
                     "listener_filters": [
                         {

@@ -38,6 +38,13 @@ from otel_envoy.lab.envoy_config import (
     render_envoy_config,
     write_envoy_config,
 )
+from otel_envoy.lab.namespaced import (
+    forked_child,
+    http_get_in_netns,
+    nsenter_command,
+    require_tools,
+    unshare_command,
+)
 
 ENVOY_BINARY_ENV = "OTEL_ENVOY_BINARY"
 STOP_GRACE_SECONDS = 5.0
@@ -80,12 +87,14 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def terminate_process(proc: subprocess.Popen[bytes] | None, grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM ``proc`` by pid, SIGKILL it after ``grace`` seconds, reap it."""
+def terminate_process(proc: subprocess.Popen[bytes] | None, grace: float = STOP_GRACE_SECONDS,
+                      signal_pid: int | None = None) -> None:
+    """SIGTERM ``proc`` by pid (or ``signal_pid``: the process it forked, when ``proc`` only waits for it,
+    as ``unshare --fork`` does), SIGKILL ``proc`` after ``grace`` seconds, reap it."""
     if proc is None or proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(signal_pid or proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -115,6 +124,16 @@ class EnvoyLab:
     ``key_type``: the lab certificates' keys, "ec" (P-256) or "rsa" (2048 bits; see :mod:`.certs`).
     ``session_resumption=False``: every TLS connection makes a full handshake (see
     :func:`render_envoy_config`). ``tls_reuse_port=False``: one TLS listening socket, duplicated per worker.
+
+    ``netns=True``: Envoy runs in network, PID and mount namespaces of its own (``unshare``; see
+    :mod:`.namespaced`), loopback up, the backend in its network namespace; ``address`` (where the
+    listeners and the admin API listen) is added to its loopback as a /24 unless it is a 127.x address.
+    :attr:`pid` is Envoy's host pid; :meth:`admin_get` reaches in; :meth:`in_netns` makes a client command
+    run there.
+
+    ``hot_restart=True``: Envoy runs with hot restart (epoch 0, ``--drain-time-s``,
+    ``--parent-shutdown-time-s``) and :meth:`restart` starts the next epoch, which takes the listening
+    sockets over from the running one.
     """
 
     def __init__(
@@ -140,7 +159,16 @@ class EnvoyLab:
         tls_reuse_port: bool = True,
         envoy_env: Mapping[str, str] | None = None,
         envoy_cgroup: str | Path | None = None,
+        netns: bool = False,
+        address: str = "127.0.0.1",
+        hot_restart: bool = False,
+        drain_time_s: int = 2,
+        parent_shutdown_time_s: int = 3,
     ) -> None:
+        if netns and hot_restart:
+            raise ValueError("netns and hot_restart are not combined")
+        if netns:
+            require_tools()
         if otel_collector_port is not None:
             if tracing is not None:
                 raise ValueError("pass either tracing or otel_collector_port, not both")
@@ -159,6 +187,12 @@ class EnvoyLab:
         self.tls_reuse_port = tls_reuse_port
         self.envoy_env = dict(envoy_env) if envoy_env is not None else None
         self.envoy_cgroup = Path(envoy_cgroup) if envoy_cgroup is not None else None
+        self.netns = netns
+        self.address = address
+        self.hot_restart = hot_restart
+        self.drain_time_s = drain_time_s
+        self.parent_shutdown_time_s = parent_shutdown_time_s
+        self.restart_epoch = 0
         self.cpus = self._cpu_set(cpu)
         self.backend_cpus = self._cpu_set(backend_cpu)
         self.envoy_binary = Path(envoy_binary) if envoy_binary else find_envoy_binary()
@@ -174,6 +208,8 @@ class EnvoyLab:
         self.config: dict[str, Any] | None = None
         self.config_path: Path | None = None
         self._envoy: subprocess.Popen[bytes] | None = None
+        self._envoy_pid: int | None = None  # netns: Envoy, unshare's child (self._envoy is unshare)
+        self._retired: list[subprocess.Popen[bytes]] = []  # hot restart: the earlier epochs
         self._backend: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -205,8 +241,13 @@ class EnvoyLab:
             self.certs = generate_certs(self.workdir / "certs", key_type=self.key_type)
             for attempt in range(1, attempts + 1):
                 try:
-                    self._start_backend()
-                    self._start_envoy()
+                    (self.backend_port,) = free_ports(1)
+                    if self.netns:  # the backend goes into Envoy's network namespace
+                        self._start_envoy()
+                        self._start_backend()
+                    else:
+                        self._start_backend()
+                        self._start_envoy()
                     return self
                 except _PortClash:
                     self._stop_processes()
@@ -244,8 +285,7 @@ class EnvoyLab:
                                     preexec_fn=preexec, cwd=self.workdir)
 
     def _start_backend(self) -> None:
-        assert self.workdir is not None
-        (self.backend_port,) = free_ports(1)
+        assert self.workdir is not None and self.backend_port is not None
         out, err = self.workdir / "backend.out", self.workdir / "backend.err"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH")) if p)
@@ -255,6 +295,8 @@ class EnvoyLab:
             cmd = [arg.replace("{port}", str(self.backend_port)) for arg in self.backend_command]
         else:
             cmd = [sys.executable, "-m", "otel_envoy.lab.backend", "--port", str(self.backend_port)]
+        if self.netns:
+            cmd = nsenter_command(self.pid, cmd)
         self._backend = self._popen(cmd, self.backend_cpus, out, err, env)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -276,21 +318,70 @@ class EnvoyLab:
             self.ports, self.certs, self.backend_port, concurrency=self.concurrency,
             direct_response=self.direct_response, tracing=self.tracing, extra_clusters=self.extra_clusters,
             runtime=self.runtime, session_resumption=self.session_resumption,
-            tls_reuse_port=self.tls_reuse_port,
+            tls_reuse_port=self.tls_reuse_port, address=self.address,
         )
         self.config_path = write_envoy_config(self.config, self.workdir / "envoy.json")
-        log = self.workdir / "envoy.log"
+        self._envoy = self._popen(self._envoy_command(), self.cpus, self.log_path, self.log_path,
+                                  self._envoy_environment(), self.envoy_cgroup)
+        if self.netns:  # unshare forks: Envoy is its child, once that has exec'd the binary
+            envoy = self._envoy
+            try:
+                self._envoy_pid = forked_child(envoy.pid, self.envoy_binary.name[:15], self.startup_timeout,
+                                               alive=lambda: envoy.poll() is None)
+            except RuntimeError as exc:
+                raise RuntimeError(f"Envoy in its own namespaces did not start ({exc}; unshare exited "
+                                   f"with {envoy.poll()}); log tail:\n{_tail(self.log_path)}") from exc
+        self._wait_envoy_ready(self.log_path)
+
+    def _envoy_environment(self) -> dict[str, str] | None:
+        """Envoy's environment: the lab's, with ``envoy_env`` added (None: the lab's as it is)."""
+        return {**os.environ, **self.envoy_env} if self.envoy_env is not None else None
+
+    def _envoy_command(self) -> list[str]:
+        assert self.config_path is not None
         cmd = [
             str(self.envoy_binary), "-c", str(self.config_path),
             "--concurrency", str(self.concurrency),
             "--log-level", self.log_level,
             "--base-id", str(self.base_id),
-            "--disable-hot-restart",
-            *self.extra_args,
         ]  # fmt: skip
-        env = {**os.environ, **self.envoy_env} if self.envoy_env is not None else None
-        self._envoy = self._popen(cmd, self.cpus, log, log, env, self.envoy_cgroup)
-        self._wait_envoy_ready(log)
+        if self.hot_restart:
+            cmd += ["--restart-epoch", str(self.restart_epoch), "--drain-time-s", str(self.drain_time_s),
+                    "--parent-shutdown-time-s", str(self.parent_shutdown_time_s)]
+        else:
+            cmd.append("--disable-hot-restart")
+        cmd += self.extra_args
+        if self.netns:
+            own = [] if self.address.startswith("127.") else [f"{self.address}/24"]
+            cmd = unshare_command(cmd, own)
+        return cmd
+
+    def restart(self) -> int:
+        """Hot restart (``hot_restart=True``): start the next epoch with the same configuration and base
+        id; it takes the listening sockets over from the running Envoy, which stops accepting, drains
+        for ``drain_time_s`` and exits by ``parent_shutdown_time_s`` (:meth:`wait_retired`). Returns the
+        new process's pid once it answers as that epoch."""
+        if not self.hot_restart or self._envoy is None:
+            raise RuntimeError("restart() needs a started EnvoyLab(hot_restart=True)")
+        self.restart_epoch += 1
+        self._retired.append(self._envoy)
+        self._envoy = self._popen(self._envoy_command(), self.cpus, self.log_path, self.log_path,
+                                  self._envoy_environment(), self.envoy_cgroup)
+        self._wait_envoy_ready(self.log_path)
+        return self._envoy.pid
+
+    @property
+    def retired_pids(self) -> list[int]:
+        """The pids of the epochs a hot restart replaced, oldest first."""
+        return [p.pid for p in self._retired]
+
+    def wait_retired(self, timeout: float) -> list[int | None]:
+        """Wait up to ``timeout`` s for the replaced epochs to exit; their exit codes (None: running)."""
+        deadline = time.monotonic() + timeout
+        for proc in self._retired:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(deadline - time.monotonic(), 0.01))
+        return [p.poll() for p in self._retired]
 
     def _wait_envoy_ready(self, log: Path) -> None:
         assert self._envoy is not None and self.ports is not None
@@ -311,6 +402,8 @@ class EnvoyLab:
                 ready = self.admin_get("/ready", timeout=1.0).strip()
                 if ready != "LIVE":
                     last = f"/ready says {ready!r}"
+                elif self.hot_restart and (epoch := self._answering_epoch()) != self.restart_epoch:
+                    last = f"the admin API is epoch {epoch}'s, want {self.restart_epoch}'s"
                 else:
                     bound = self._bound_listeners()
                     if all(bound.get(name) == port for name, port in want.items()):
@@ -320,6 +413,11 @@ class EnvoyLab:
                 last = f"admin: {e}"
             time.sleep(0.05)
         raise RuntimeError(f"Envoy not ready after {self.startup_timeout}s ({last}); log tail:\n{_tail(log)}")
+
+    def _answering_epoch(self) -> int:
+        """The restart epoch of the Envoy that answers on the admin port."""
+        info = json.loads(self.admin_get("/server_info", timeout=1.0))
+        return int(info.get("command_line_options", {}).get("restart_epoch", 0))
 
     def _bound_listeners(self) -> dict[str, int]:
         data = json.loads(self.admin_get("/listeners?format=json", timeout=1.0))
@@ -331,10 +429,13 @@ class EnvoyLab:
         return out
 
     def _stop_processes(self) -> None:
-        envoy, backend = self._envoy, self._backend
-        self._envoy = self._backend = None
+        envoy, envoy_pid, backend, retired = self._envoy, self._envoy_pid, self._backend, self._retired
+        self._envoy = self._backend = self._envoy_pid = None
+        self._retired = []
         try:
-            terminate_process(envoy)
+            terminate_process(envoy, signal_pid=envoy_pid)  # netns: Envoy, not unshare, takes the SIGTERM
+            for old in retired:
+                terminate_process(old)
         finally:
             terminate_process(backend)
 
@@ -354,9 +455,14 @@ class EnvoyLab:
 
     @property
     def pid(self) -> int:
-        """Envoy's pid."""
+        """Envoy's pid (its host pid: with ``netns``, the process unshare forked; after :meth:`restart`,
+        the newest epoch's)."""
         if self._envoy is None:
             raise RuntimeError("lab not started")
+        if self.netns:
+            if self._envoy_pid is None:
+                raise RuntimeError("Envoy not started yet")
+            return self._envoy_pid
         return self._envoy.pid
 
     @property
@@ -378,8 +484,8 @@ class EnvoyLab:
 
     @property
     def admin_url(self) -> str:
-        """Envoy's admin base URL (``http://127.0.0.1:<port>``)."""
-        return f"http://127.0.0.1:{self.admin_port}"
+        """Envoy's admin base URL (``http://<address>:<port>``; with ``netns`` only reachable inside)."""
+        return f"http://{self.address}:{self.admin_port}"
 
     @property
     def http_port(self) -> int:
@@ -400,15 +506,18 @@ class EnvoyLab:
 
     @property
     def log_path(self) -> Path:
-        """Envoy's combined stdout/stderr log."""
+        """Envoy's combined stdout/stderr log (the current restart epoch's)."""
         if self.workdir is None:
             raise RuntimeError("lab not started")
-        return self.workdir / "envoy.log"
+        epoch = self.restart_epoch
+        return self.workdir / ("envoy.log" if not epoch else f"envoy-epoch{epoch}.log")
 
     # ---------------------------------------------------------------- introspection
 
     def admin_get(self, path: str, timeout: float = 5.0) -> str:
         """GET ``path`` from Envoy's admin interface and return the body (raises on non-2xx)."""
+        if self.netns:
+            return http_get_in_netns(self.pid, self.address, self.admin_port, path, timeout)
         with urllib.request.urlopen(self.admin_url + path, timeout=timeout) as resp:
             return resp.read().decode("utf-8", "replace")
 
@@ -421,6 +530,10 @@ class EnvoyLab:
             if sep and value.strip().lstrip("-").isdigit():
                 out[name.strip()] = int(value)
         return out
+
+    def in_netns(self, cmd: list[str]) -> list[str]:
+        """``cmd`` made to run in Envoy's network namespace (``netns``; else ``cmd`` itself)."""
+        return nsenter_command(self.pid, cmd) if self.netns else list(cmd)
 
     def worker_threads(self) -> dict[str, int]:
         """Envoy's worker threads: ``{comm: tid}`` for ``/proc/<pid>/task/*/comm`` named ``wrk:worker_N``."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..correlate.addresses import network_type
 from ..correlate.startup import SocketSetup, StartupRecord
+from ..envoy.listen_socket import ListenSocket
 from .model import SPAN_KIND_INTERNAL, STATUS_CODE_ERROR, STATUS_CODE_UNSET, SpanRecord
 
 if TYPE_CHECKING:
@@ -37,13 +38,17 @@ def _trace_name(rec: StartupRecord, sockets: list[SocketSetup]) -> str:
 
 class StartupSpanBuilder:
     """Builds startup traces; shares resource, scope and clock with the connection builder.
-    ``listener_name(address, port)``: Envoy's name of the listener there, when known."""
+    ``listener_name(address, port)``: Envoy's name of the listener there, when known.
+    ``listen_socket(pid, fd)``: the listening socket the daemon read from /proc, for the address of a
+    socket whose bind the kernel did not see (one the process received)."""
 
     def __init__(self, base: ConnectionSpanBuilder,
-                 listener_name: Callable[[str, int], str | None] | None = None) -> None:
+                 listener_name: Callable[[str, int], str | None] | None = None,
+                 listen_socket: Callable[[int, int], ListenSocket | None] | None = None) -> None:
         self.clock = base.clock
         self._tail_for = base.tail_for  # a process's resource and the other trailing fields
         self._listener_name = listener_name or (lambda _a, _p: None)
+        self._listen_socket = listen_socket or (lambda _pid, _fd: None)
         bits = random.Random().getrandbits
         self._new_id = lambda: f"{bits(64) or 1:016x}"
         self._new_trace = lambda: f"{bits(128) or 1:032x}"
@@ -52,7 +57,11 @@ class StartupSpanBuilder:
         """The root span first, then one span per socket (all inside the root's interval)."""
         offset = self.clock.offset_ns
         trace_id, root_id = self._new_trace(), self._new_id()
-        sockets = [s for s in rec.sockets if s.address or s.listen_ns is not None]
+        # a received socket that is no TCP listener the daemon knows (a unix one: its bind is not
+        # reported) is left out: nothing says it was received rather than bound
+        located = [(s, address) for s in rec.sockets
+                   if (address := self._address(rec.tgid, s)) or (s.listen_ns is not None and not s.received)]
+        sockets = [s for s, _address in located]
         end = max([rec.last_ns, *(s.end_ns for s in sockets)])
         workers = rec.workers
         attrs: dict[str, object] = {
@@ -63,6 +72,9 @@ class StartupSpanBuilder:
             "envoy.startup.reuse_port_sockets": sum(1 for s in sockets if s.reuse_port),
             "envoy.startup.duplicated_sockets": sum(1 for s in sockets if s.duplicate_of is not None),
         }
+        received = sum(1 for s in sockets if s.received)
+        if received:
+            attrs["envoy.startup.received_sockets"] = received
         if rec.exec_ns is not None:
             listens = [s.listen_ns for s in sockets if s.listen_ns is not None]
             watches = [w.ts_ns for s in sockets for w in s.watches]
@@ -82,24 +94,32 @@ class StartupSpanBuilder:
                           STATUS_CODE_ERROR if failed else STATUS_CODE_UNSET,
                           f"bind failed: {failed[0].address}:{failed[0].port} {failed[0].bind_error}"
                           if failed else "", *tail)]
-        out.extend(self._socket_span(trace_id, root_id, s, offset, tail) for s in sockets)
+        out.extend(self._socket_span(trace_id, root_id, s, address, offset, tail) for s, address in located)
         return out
 
-    def _socket_span(self, trace_id: str, parent: str, s: SocketSetup, offset: int,
-                     tail: tuple) -> SpanRecord:
+    def _address(self, tgid: int, s: SocketSetup) -> tuple[str, int] | None:
+        """Where the socket listens: from its bind (or the socket it copies), else from /proc."""
+        if s.address:
+            return s.address, s.port
+        found = self._listen_socket(tgid, s.fd)
+        return (found.address, found.port) if found is not None else None
+
+    def _socket_span(self, trace_id: str, parent: str, s: SocketSetup, address: tuple[str, int] | None,
+                     offset: int, tail: tuple) -> SpanRecord:
         attrs: dict[str, object] = {
             "envoy.listen_socket.fd": s.fd,
             "network.transport": "tcp",
             "thread.id": s.tid,
             "thread.name": s.thread_name,
         }
-        if s.address:
-            attrs["server.address"] = s.address
-            attrs["server.port"] = s.port
-            attrs["network.type"] = network_type(s.address)
-            listener = self._listener_name(s.address, s.port)
+        if address is not None:
+            attrs["server.address"], attrs["server.port"] = address
+            attrs["network.type"] = network_type(address[0])
+            listener = self._listener_name(*address)
             if listener:
                 attrs["envoy.listener.name"] = listener
+        if s.received:
+            attrs["envoy.listen_socket.received"] = True
         if s.reuse_port is not None:
             attrs["envoy.listen_socket.reuse_port"] = s.reuse_port
         if s.duplicate_of is not None:

@@ -6,6 +6,8 @@ correlator emits: the listener hand-off, TCP timing and resets, fd reuse, the ta
 
 from __future__ import annotations
 
+from otel_envoy.envoy.listen_socket import ListenSocket
+from otel_envoy.events.types import ListenEvent, ProcessEvent, SocketSetupEvent
 from otel_envoy.protocols.detect import Protocol
 from tests.support.correlation import (
     CLOSE_WAIT,
@@ -30,6 +32,7 @@ from tests.support.events import (
     TID,
     C,
     accept,
+    addr,
     close,
     data,
     epoll,
@@ -278,3 +281,61 @@ def test_ipv6_peers_and_specific_listener_address() -> None:
     assert b.listener_name == "v6_any"
     assert build(a)[0].attributes["network.type"] == "ipv6"
     assert build(b)[0].attributes["network.type"] == "ipv4"
+
+
+# ------------------------------------------------------------ accepts before the rescan found the listener
+
+NEW, NEW_WORKER = TGID + 50, TGID + 56  # the next process: a hot restart's new epoch, or a fresh start
+
+
+def test_an_accept_on_a_socket_handed_over_finds_its_listener_from_the_queued_handshake() -> None:
+    """An Envoy hot restart: the new process accepts on a socket the old one handed over (its fd 23)
+    before the daemon's rescan found that fd. The handshake queued for the peer names the local port; the
+    old process's socket on that port, the listener."""
+    h = Harness().feed([
+        established(1_000, 40000),
+        accept(2_000, 30, 40000, tgid=NEW, tid=NEW_WORKER, listen_fd=23),
+        established(2_500, 40001),
+        accept(3_000, 31, 40001, tgid=NEW, tid=NEW_WORKER, listen_fd=23),  # the same fd: inferred already
+        close(8_000, 30, tgid=NEW, tid=NEW_WORKER),
+        close(8_000, 31, tgid=NEW, tid=NEW_WORKER),
+    ])
+    first, second = sorted(h.drain(), key=lambda r: r.fd)
+    for r in (first, second):
+        assert r.tgid == NEW and r.listen_fd == 23
+        assert (r.local_address, r.local_port, r.listener_name) == (LOCAL, LPORT, "plain_http")
+        assert "listener_unknown" not in r.partial and r.tcp.established_ns is not None
+    assert h.c.stats["listeners_inferred"] == 1
+    assert h.c.downstream.listen_socket(NEW, 23) == ListenSocket("0.0.0.0", LPORT, "plain_http")
+    h.c.set_listen_sockets(listen_sockets((NEW, 23, "0.0.0.0", LPORT, None)))  # the rescan: what it read
+    assert h.c.downstream.inferred_listeners == {}
+
+
+def test_no_listener_is_inferred_without_a_queued_handshake_or_with_two_addresses_on_the_port() -> None:
+    h = Harness().feed([accept(2_000, 30, 40000, tgid=NEW, listen_fd=23), close(3_000, 30, tgid=NEW)])
+    assert "listener_unknown" in h.only().partial  # its handshake was not seen
+    h = Harness()
+    h.c.set_listen_sockets(listen_sockets((TGID, LISTEN_FD, "0.0.0.0", LPORT, None),
+                                          (TGID, LISTEN_FD + 1, "::", LPORT, None)))
+    h.feed([established(1_000, 40000), accept(2_000, 30, 40000, tgid=NEW, listen_fd=23),
+            close(3_000, 30, tgid=NEW)])
+    assert "listener_unknown" in h.only().partial  # which of the two sockets it came through: unknown
+    assert h.c.stats["listeners_inferred"] == 0
+
+
+def test_an_accept_on_a_socket_the_kernel_saw_bound_finds_its_listener() -> None:
+    """A process that just started accepts before the daemon's rescan after its listen(): the bind the
+    kernel reported names the socket's address."""
+    family, raw = addr(LOCAL)
+    h = Harness().feed([
+        ProcessEvent(100, C["EV_EXEC"], NEW, NEW, 0, NEW, b"envoy"),
+        SocketSetupEvent(200, C["EV_SOCKET_SETUP"], NEW, NEW, 0, 24, -1, 0, C["SETUP_BIND"], family, LPORT,
+                         raw, b"envoy"),
+        ListenEvent(300, C["EV_LISTEN"], NEW, NEW, 0, 24, 128),
+        accept(2_000, 30, 40000, tgid=NEW, tid=NEW_WORKER, listen_fd=24),  # its handshake not seen
+        close(3_000, 30, tgid=NEW, tid=NEW_WORKER),
+    ])
+    r = h.only()
+    assert (r.local_address, r.local_port, r.listener_name) == (LOCAL, LPORT, "plain_http")
+    assert r.partial == ["established_not_seen"]
+    assert h.c.stats["listeners_inferred"] == 1

@@ -8,6 +8,7 @@ import socket
 from opentelemetry.sdk.resources import Resource
 
 from otel_envoy.correlate.startup import QUIET_NS, STARTUP_WAIT_NS, ProcessStartups, StartupRecord
+from otel_envoy.envoy.listen_socket import ListenSocket
 from otel_envoy.events.layout import load_layout
 from otel_envoy.events.types import ListenEvent, ProcessEvent, SocketSetupEvent
 from otel_envoy.spans.clock import MonotonicClock
@@ -154,3 +155,52 @@ def test_a_listener_added_later_is_its_own_trace() -> None:
     assert len(got) == 2 and got[1].exec_ns is None
     root, sock = _builder().spans(got[1])
     assert root.name == "envoy.listeners.setup" and sock.attributes["server.port"] == 19200
+
+
+def test_sockets_handed_over_at_a_hot_restart_are_received_not_bound() -> None:
+    """What Envoy 1.40's next epoch did under strace: each listening socket arrives over the hot-restart
+    unix socket (SCM_RIGHTS, not traced), gets SO_REUSEPORT, listen(), and one worker's registration (the
+    kernel follows a socket it sees listened on without a bind: its address unknown). The admin socket is
+    bound anew. The trace says which sockets were received and takes their address from /proc."""
+    got: list[StartupRecord] = []
+    startups = ProcessStartups(got.append)
+    startups.on_process(process(0, "EV_EXEC"))
+    startups.on_setup(setup(60 * MS, "BIND", 22, port=19000))  # the admin API
+    for fd in (23, 24):
+        startups.on_setup(setup(61 * MS, "REUSEPORT", fd, result=1))  # no address: never bound here
+    for fd in (22, 23, 24):
+        startups.on_listen(listen(62 * MS, fd))
+    startups.on_setup(setup(63 * MS, "WATCH", 22, other=10, port=19000))
+    startups.on_setup(setup(64 * MS, "WATCH", 23, other=14, tid=W0, comm="wrk:worker_0"))
+    startups.on_setup(setup(64 * MS, "WATCH", 24, other=18, tid=W1, comm="wrk:worker_1"))
+    startups.expire(64 * MS + QUIET_NS)
+    [rec] = got
+    by_fd = {s.fd: s for s in rec.sockets}
+    assert not by_fd[22].received and by_fd[23].received and by_fd[24].received
+    assert by_fd[23].bind_ns is None and by_fd[23].address == ""
+    assert rec.workers == {(MAIN, "envoy"), (W0, "wrk:worker_0"), (W1, "wrk:worker_1")}
+    table = {(PID, fd): ListenSocket("127.0.0.1", 19100, None) for fd in (23, 24)}
+    builder = StartupSpanBuilder(ConnectionSpanBuilder(Resource.create({}), MonotonicClock(0)),
+                                 lambda a, p: "plain" if p == 19100 else None,
+                                 lambda pid, fd: table.get((pid, fd)))
+    root, *sockets = builder.spans(rec)
+    assert root.attributes["envoy.startup.received_sockets"] == 2
+    assert root.attributes["envoy.startup.workers"] == 2
+    received = [s for s in sockets if s.attributes.get("envoy.listen_socket.received")]
+    assert len(received) == 2 and len(sockets) == 3
+    for s in received:
+        assert s.attributes["server.address"] == "127.0.0.1" and s.attributes["server.port"] == 19100
+        assert s.attributes["envoy.listener.name"] == "plain"
+        assert [e[1] for e in s.events] == ["setsockopt SO_REUSEPORT", "listen", "epoll registration"]
+    # without the address from /proc, nothing tells a received TCP listener from a unix one: left out
+    root, *sockets = _builder().spans(rec)
+    assert [s.attributes["server.port"] for s in sockets] == [19000]
+    assert "envoy.startup.received_sockets" not in root.attributes
+
+
+def test_a_listen_on_an_unknown_socket_of_a_process_found_running_is_not_called_received() -> None:
+    got: list[StartupRecord] = []
+    startups = ProcessStartups(got.append)
+    startups.on_listen(listen(10 * MS, 23))  # the daemon came after this process's exec
+    startups.flush(0)
+    assert got == []

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +55,70 @@ def test_listeners_of_a_process_in_another_network_namespace() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def _fd_receiver() -> tuple[subprocess.Popen[str], socket.socket]:
+    """A child process that takes fds over a unix socket (SCM_RIGHTS, as an Envoy hot restart hands its
+    listening sockets to the next epoch) and prints the number each one got."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    code = ("import socket,sys; s=socket.socket(fileno=int(sys.argv[1]))\n"
+            "while True:\n"
+            "    _m, fds, _f, _a = socket.recv_fds(s, 16, 4)\n"
+            "    if not fds: break\n"
+            "    print(fds[0], flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                            stdout=subprocess.PIPE, text=True)
+    theirs.close()
+    return proc, ours
+
+
+def test_a_listening_socket_handed_over_is_found_once_the_process_is_refreshed() -> None:
+    """An Envoy hot restart: the new process receives sockets that already listen (the namespace's set of
+    listeners does not change). The finder's cache would not see them; refresh (the daemon calls it at a
+    process's exec and each listen()) and the periodic walk do."""
+    proc, chan = _fd_receiver()
+    try:
+        with listening_socket() as listener:
+            finder = ListenerFinder()
+            assert finder.sockets(proc.pid) == {}  # holds nothing yet: cached as such
+            socket.send_fds(chan, [b"x"], [listener.fileno()])
+            assert proc.stdout is not None
+            their_fd = int(proc.stdout.readline())
+            assert finder.sockets(proc.pid) == {}  # the namespace's listeners did not change: cache
+            finder.refresh(proc.pid)
+            found = finder.sockets(proc.pid)
+            assert {fd: (s.address, s.port) for (_pid, fd), s in found.items()} == \
+                {their_fd: ("127.0.0.1", listener.getsockname()[1])}
+            assert found == listening_sockets_from_proc(proc.pid)
+            later = ListenerFinder()
+            later.sockets(proc.pid)
+            later.WALK_EVERY_S = 0.0  # the walk that catches any other hand-over
+            assert later.sockets(proc.pid) == found
+    finally:
+        chan.close()
+        proc.wait(5)
+
+
+def test_a_process_gone_has_no_listeners_and_one_log_line(caplog) -> None:
+    """A process that exits while its sockets are read (a zombie: its namespaces already released; then
+    reaped: no /proc entry) gives no listeners and one log line, however often it is looked at."""
+    proc = subprocess.Popen(["sleep", "30"])
+    finder = ListenerFinder()
+    assert finder.sockets(proc.pid) == {}
+    proc.kill()
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{proc.pid}/ns/net").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with caplog.at_level(logging.INFO, logger="otel_envoy.process"):
+        assert finder.sockets(proc.pid) == {}  # a zombie
+        proc.wait()
+        assert finder.sockets(proc.pid) == {}  # reaped
+        assert listening_sockets(proc.pid) == {}
+    lines = [r.getMessage() for r in caplog.records if "exited while its listening sockets" in r.getMessage()]
+    assert len(lines) == 2, lines  # one per finder
+    assert str(proc.pid) in lines[0]
+    with pytest.raises(ProcessLookupError):
+        listening_sockets_from_proc(proc.pid)
 
 
 # ------------------------------------------------------------------------------------------------ watch_exits
