@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .listen_socket import ListenSocket
-from .process import socket_inodes
+from .process import established_sockets_from_proc, socket_inodes
 from .sockdiag import SockDiagError, TcpSocket, established_tcp_sockets
 
 __all__ = ["OpenConnection", "adopt_open_connections", "open_downstream_connections"]
@@ -62,15 +62,18 @@ class OpenConnection:
 def open_downstream_connections(pid: int, listen_sockets: Mapping[tuple[int, int], ListenSocket],
                                 ) -> list[OpenConnection]:
     """The open downstream connections of ``pid``, by fd, given its listening sockets ((pid, fd) ->
-    socket). Raises :class:`.sockdiag.SockDiagError` when the socket table cannot be read (no sock_diag,
-    the namespace vanished)."""
+    socket). The socket table is sock_diag's, else /proc's; ProcessLookupError when the process is gone."""
     listeners = sorted((fd, s) for (p, fd), s in listen_sockets.items() if p == pid)
     if not listeners:
         return []
     by_port: dict[int, list[tuple[int, str]]] = {}
     for fd, s in listeners:
         by_port.setdefault(s.port, []).append((fd, s.address))
-    candidates = [s for s in established_tcp_sockets(pid) if s.local_port in by_port]
+    try:
+        established = established_tcp_sockets(pid)
+    except SockDiagError:  # not in that namespace (no setns without CAP_SYS_ADMIN): /proc shows it
+        established = established_sockets_from_proc(pid)
+    candidates = [s for s in established if s.local_port in by_port]
     if not candidates:
         return []
     held = socket_inodes(pid)

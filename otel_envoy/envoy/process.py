@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .listen_socket import ListenSocket
-from .sockdiag import SockDiagError, listening_tcp_sockets
+from .sockdiag import SockDiagError, TcpSocket, listening_tcp_sockets
 
-__all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "find_by_comm", "find_by_exe", "is_envoy",
+__all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "established_sockets_from_proc", "find_by_comm",
+           "find_by_exe", "is_envoy",
            "listening_sockets", "listening_sockets_from_proc", "resolve_targets", "socket_inodes",
            "watch_exits"]
 
@@ -23,6 +24,7 @@ log = logging.getLogger("otel_envoy.process")
 
 PROC = Path("/proc")
 _TCP_LISTEN = "0A"
+_TCP_ESTABLISHED = "01"
 
 
 class TargetError(RuntimeError):
@@ -194,6 +196,25 @@ def listening_sockets_from_proc(pid: int) -> dict[tuple[int, int], ListenSocket]
             addr_hex, port_hex = parts[1].split(":")
             for fd in inodes.get(int(parts[9]), ()):
                 out[(pid, fd)] = ListenSocket(_parse_addr(addr_hex, v6), int(port_hex, 16))
+    return out
+
+
+def established_sockets_from_proc(pid: int) -> list[TcpSocket]:
+    """Every ESTABLISHED TCP socket of the network namespace of ``pid``, the /proc way (/proc/<pid>/net/tcp
+    and tcp6: the namespace the process sees, readable without entering it). For where sock_diag cannot be
+    used in that namespace (no CAP_SYS_ADMIN for setns)."""
+    out: list[TcpSocket] = []
+    for name, v6 in (("tcp", False), ("tcp6", True)):
+        for line in _read(PROC / str(pid) / "net" / name).splitlines()[1:]:
+            parts = line.split()
+            if len(parts) < 10 or parts[3] != _TCP_ESTABLISHED:
+                continue
+            (local_hex, local_port), (peer_hex, peer_port) = (x.split(":") for x in parts[1:3])
+            raw = bytes.fromhex(peer_hex)  # host-order 32-bit words, as the kernel prints them
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            out.append(TcpSocket(socket.AF_INET6 if v6 else socket.AF_INET, _parse_addr(local_hex, v6),
+                                 int(local_port, 16), _parse_addr(peer_hex, v6), int(peer_port, 16), raw,
+                                 int(parts[9])))
     return out
 
 

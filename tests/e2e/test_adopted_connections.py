@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,12 +15,14 @@ import pytest
 from otel_envoy.lab.envoy_config import PLAIN_LISTENER
 from otel_envoy.lab.lab import EnvoyLab
 from otel_envoy.spans.model import SpanRecord
+from tests.support.capabilities import daemonset_capabilities
 from tests.support.daemon import DaemonProcess
 from tests.support.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.root
 
 REQUEST = b"GET /adopted HTTP/1.1\r\nHost: lab\r\n\r\n"
+ENVOY_ADDRESS, CLIENT_ADDRESS = "10.199.1.1", "10.199.1.2"  # on the loopback of Envoy's namespace
 
 
 def _exchange(s: socket.socket) -> None:
@@ -92,3 +96,70 @@ def test_connections_open_before_the_daemon_are_adopted(tmp_path) -> None:
     assert fresh_span is not None and "envoy.connection.adopted" not in fresh_span.attributes
     adopted = json.loads(summary.read_text())["adopted_connections"]
     assert adopted.get("adopted") == 2, adopted
+
+
+#: A client inside Envoy's namespace: a keep-alive connection with one request answered, then, at each line
+#: on stdin, another request; at EOF it closes. It prints its local port once connected.
+HELD_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), source_address=(sys.argv[3], 0))
+print(s.getsockname()[1], flush=True)
+def exchange():
+    s.sendall(b"GET /adopted HTTP/1.1\\r\\nHost: lab\\r\\n\\r\\n")
+    answer = b""
+    while b"\\r\\n\\r\\n" not in answer:
+        answer += s.recv(65536)
+    print(answer.split(b" ")[1].decode(), flush=True)
+exchange()
+for _ in sys.stdin:
+    exchange()
+s.close()
+"""
+
+
+def test_a_connection_of_an_envoy_in_its_own_namespaces_is_adopted_with_the_daemonset_capabilities(
+        tmp_path) -> None:
+    """Envoy in namespaces of its own, a client inside holding a keep-alive connection, then the daemon with
+    only the DaemonSet's capabilities (no CAP_SYS_ADMIN: it cannot enter the namespace; the socket table
+    comes from /proc/<pid>/net/tcp): the connection is adopted, with the addresses Envoy sees."""
+    summary = tmp_path / "summary.json"
+    receiver = OtlpReceiver().start()
+    lab = EnvoyLab(concurrency=1, netns=True, address=ENVOY_ADDRESS, direct_response=True)
+    client = None
+    try:
+        lab.start()
+        pid = lab.pid
+        client = subprocess.Popen(lab.in_netns([sys.executable, "-c", HELD_CLIENT, ENVOY_ADDRESS,
+                                                str(lab.http_port), CLIENT_ADDRESS]),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert client.stdout is not None and client.stdin is not None
+        client_port = int(client.stdout.readline())
+        assert client.stdout.readline().strip() == "200"  # answered before the daemon exists
+        daemon = DaemonProcess(["--otlp-endpoint", receiver.grpc_endpoint, "--otlp-protocol", "grpc",
+                                "--summary-json", str(summary)], tmp_path)
+        daemon.cmd = daemonset_capabilities(daemon.cmd)
+        daemon.start()
+        for _ in range(2):
+            client.stdin.write("again\n")
+            client.stdin.flush()
+            assert client.stdout.readline().strip() == "200"
+        client.stdin.close()
+        assert client.wait(10) == 0
+        spans = receiver.wait_for(lambda s: _connection_of(s, client_port) is not None, timeout=20)
+        code = daemon.stop()
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+        lab.stop()
+        receiver.stop()
+    assert code == 0, daemon.stderr()
+    span = _connection_of(spans, client_port)
+    assert span is not None
+    a = span.attributes
+    assert a["envoy.connection.adopted"] is True and a["process.pid"] == pid, a
+    assert (a["network.peer.address"], a["network.local.address"], a["network.local.port"]) == (
+        CLIENT_ADDRESS, ENVOY_ADDRESS, lab.http_port), a
+    requests = [s for s in spans
+                if s.trace_id == span.trace_id and s.attributes.get("url.path") == "/adopted"]
+    assert len(requests) == 2, [s.name for s in spans if s.trace_id == span.trace_id]
+    assert json.loads(summary.read_text())["adopted_connections"]["adopted"] == 1

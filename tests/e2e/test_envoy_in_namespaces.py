@@ -14,18 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from otel_envoy.lab.lab import EnvoyLab
 from otel_envoy.lab.namespaced import NETNS_TOOLS
 from otel_envoy.spans.model import SpanRecord
+from tests.support.capabilities import CAP_SYS_ADMIN, daemonset_capabilities
 from tests.support.daemon import DaemonProcess
 from tests.support.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.root
 
-ROOT = Path(__file__).resolve().parents[2]
-CAP_SYS_ADMIN = 21
 
 #: Addresses that exist only inside Envoy's namespace (on its loopback, 10.199.0.0/24): a span carrying
 #: them was made from what Envoy saw there.
@@ -53,19 +51,6 @@ def _of(spans: list[SpanRecord], name: str, pid: int) -> list[SpanRecord]:
     return [s for s in spans if s.name == name and s.attributes.get("process.pid") == pid]
 
 
-def _daemonset_capabilities(cmd: list[str]) -> list[str]:
-    """``cmd`` with only the capabilities deploy/kubernetes/daemonset.yaml gives the daemon (no
-    CAP_SYS_ADMIN: it cannot enter another network namespace, and reads /proc/<pid>/net/tcp instead)."""
-    spec = yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "daemonset.yaml").read_text())
-    daemonset = next(d for d in spec if d and d.get("kind") == "DaemonSet")
-    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
-    keep = {f"cap_{c.lower()}" for c in container["securityContext"]["capabilities"]["add"]}
-    printed = subprocess.run(["capsh", "--print"], capture_output=True, text=True, check=True).stdout
-    bounding = next(line for line in printed.splitlines() if line.startswith("Bounding set =")).split("=")[1]
-    drop = sorted(set(bounding.strip().split(",")) - keep)
-    return ["capsh", f"--drop={','.join(drop)}", "--", "-c", 'exec "$@"', "capsh", *cmd]
-
-
 @pytest.mark.parametrize("capabilities", ["root", "daemonset"])
 def test_envoy_in_its_own_namespaces_is_traced_with_the_addresses_it_sees(tmp_path, capabilities) -> None:
     missing = [t for t in (*NETNS_TOOLS, "curl", "capsh") if shutil.which(t) is None]
@@ -76,7 +61,7 @@ def test_envoy_in_its_own_namespaces_is_traced_with_the_addresses_it_sees(tmp_pa
     daemon = DaemonProcess(["--otlp-endpoint", receiver.grpc_endpoint, "--otlp-protocol", "grpc",
                             "--metrics-interval", "1", "--summary-json", str(summary)], tmp_path)
     if capabilities == "daemonset":
-        daemon.cmd = _daemonset_capabilities(daemon.cmd)
+        daemon.cmd = daemonset_capabilities(daemon.cmd)
     daemon.start()
     assert daemon.proc is not None
     effective = int(next(line for line in Path(f"/proc/{daemon.proc.pid}/status").read_text().splitlines()

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 from otel_envoy.envoy.adoption import adopt_open_connections, open_downstream_connections
 from otel_envoy.envoy.listen_socket import ListenSocket
+from otel_envoy.envoy.process import established_sockets_from_proc
 from otel_envoy.envoy.sockdiag import established_tcp_sockets
 from otel_envoy.events.recording_context import AdoptedContext
 from otel_envoy.sampling import peer_hash
@@ -95,3 +96,20 @@ def test_the_peer_hash_samples_about_the_ratio() -> None:
     below = sum(h < (1 << 32) // 10 for h in hashes)
     assert 1700 < below < 2300  # 10 % of 20 000, loosely
     assert all(0 <= h < 1 << 32 for h in hashes)
+
+
+def test_proc_gives_the_same_established_sockets_as_sock_diag() -> None:
+    """The fallback where sock_diag cannot enter a namespace: /proc/<pid>/net/tcp{,6}, read the same way."""
+    with served() as (_listener, _client, accepted), listening_socket(socket.AF_INET6, "::1") as v6:
+        c6 = socket.create_connection(v6.getsockname()[:2])
+        a6, _ = v6.accept()
+        try:
+            ours = {os.fstat(s.fileno()).st_ino for s in (accepted, a6)}
+            diag = {s.inode: s for s in established_tcp_sockets(PID) if s.inode in ours}
+            proc = {s.inode: s for s in established_sockets_from_proc(PID) if s.inode in ours}
+            assert len(diag) == 2 and proc == diag
+            assert peer_hash(proc[os.fstat(a6.fileno()).st_ino].peer_raw, socket.AF_INET6, 1) == peer_hash(
+                socket.inet_pton(socket.AF_INET6, "::1"), socket.AF_INET6, 1)
+        finally:
+            c6.close()
+            a6.close()
