@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from opentelemetry.sdk.metrics.export import AggregationTemporality, Histogram, Metric
 
@@ -51,9 +51,9 @@ from ..protocols.tls.names import tls_version_name
 from .kernel_histograms import HistogramPoints, log2_bounds_s, slot_bucket_counts
 
 __all__ = ["ACCEPT_QUEUE_DURATION", "CONNECTION_DURATION", "HTTP_SERVER_REQUEST_DURATION", "REQUEST_BOUNDS_S",
-           "TLS_HANDSHAKE_DURATION", "AcceptQueueMetrics", "ConnectionMetrics", "KernelMetric",
-           "RequestMetrics", "TlsHandshakeMetrics", "connection_attributes", "listener_attributes",
-           "request_attributes", "tls_attributes"]
+           "TLS_HANDSHAKE_DURATION", "AcceptQueueMetrics", "ConnectionMetrics", "KernelHistogram",
+           "KernelMetric", "RequestMetrics", "TlsHandshakeMetrics", "connection_attributes",
+           "listener_attributes", "request_attributes", "tls_attributes"]
 
 HTTP_SERVER_REQUEST_DURATION = "http.server.request.duration"
 CONNECTION_DURATION = "envoy.downstream.connection.duration"
@@ -72,10 +72,6 @@ class KernelMetric(Protocol):
         ...
 
 
-RequestSource = Callable[[], Mapping[RequestSeries, RequestTotals]]
-ConnectionSource = Callable[[], Mapping[tuple[int, int, str], RequestTotals]]
-AcceptQueueSource = Callable[[], Mapping[tuple[int, int], RequestTotals]]
-TlsSource = Callable[[], Mapping[TlsSeries, RequestTotals]]
 ListenerSource = Callable[[], Mapping[tuple[int, int], ListenSocket]]
 
 
@@ -123,85 +119,81 @@ def tls_attributes(series: TlsSeries, listen: ListenSocket | None) -> dict[str, 
     return attrs
 
 
-class RequestMetrics:
-    """Builds the request-duration histogram of each collection from the kernel's table."""
+class KernelHistogram:
+    """A histogram built at each collection from one kernel table: a point per series, its attributes from
+    the series' key and its listening socket (:meth:`attributes`), series with equal attributes merged."""
 
-    def __init__(self, source: RequestSource, listeners: ListenerSource) -> None:
-        """``source`` reads the kernel's series (``ConnectionProbes.http_request_metrics``); ``listeners``
-        maps (pid, listening fd) to the socket (the correlator's, replaced whole on each rescan)."""
+    NAME: ClassVar[str]
+    DESCRIPTION: ClassVar[str]
+
+    def __init__(self, source: Callable[[], Mapping[Any, RequestTotals]], listeners: ListenerSource) -> None:
+        """``source`` reads the kernel's series (a ``ConnectionProbes`` method); ``listeners`` maps (pid,
+        listening fd) to the socket (the correlator's, replaced whole on each rescan)."""
         self._source = source
         self._listeners = listeners
         self._points = HistogramPoints(time.time_ns())
 
-    def metric(self, temporality: AggregationTemporality) -> Metric | None:
-        """This collection's histogram, or ``None`` when there is no point to send."""
-        listeners = self._listeners()
-        series = [(request_attributes(key, listeners.get((key.pid, key.listen_fd))), totals)
-                  for key, totals in self._source().items()]
-        return _histogram(self._points, series, temporality, HTTP_SERVER_REQUEST_DURATION,
-                          "Duration of HTTP server requests (plaintext HTTP/1.x, every request, counted in "
-                          "the kernel): first read of the request to the first bytes of its response.")
-
-
-class ConnectionMetrics:
-    """Builds the downstream connection-duration histogram of each collection from the kernel's table."""
-
-    def __init__(self, source: ConnectionSource, listeners: ListenerSource) -> None:
-        """``source`` reads the kernel's series (``ConnectionProbes.connection_metrics``); ``listeners`` as
-        for :class:`RequestMetrics`."""
-        self._source = source
-        self._listeners = listeners
-        self._points = HistogramPoints(time.time_ns())
+    def attributes(self, key: Any, listeners: Mapping[tuple[int, int], ListenSocket]) -> dict[str, Any]:
+        """The attributes of the series ``key``."""
+        raise NotImplementedError
 
     def metric(self, temporality: AggregationTemporality) -> Metric | None:
         """This collection's histogram, or ``None`` when there is no point to send."""
         listeners = self._listeners()
-        series = [(connection_attributes(pid, listeners.get((pid, fd)), reason), totals)
-                  for (pid, fd, reason), totals in self._source().items()]
-        return _histogram(self._points, series, temporality, CONNECTION_DURATION,
-                          "Duration of downstream connections (every one, traced or not, counted in the "
-                          "kernel): accept to close.")
+        series = [(self.attributes(key, listeners), totals) for key, totals in self._source().items()]
+        return _histogram(self._points, series, temporality, self.NAME, self.DESCRIPTION)
 
 
-class AcceptQueueMetrics:
-    """Builds the accept-queue wait histogram of each collection from the kernel's table."""
+class RequestMetrics(KernelHistogram):
+    """``http.server.request.duration`` (``ConnectionProbes.http_request_metrics``)."""
 
-    def __init__(self, source: AcceptQueueSource, listeners: ListenerSource) -> None:
-        """``source`` reads the kernel's series (``ConnectionProbes.accept_queue_metrics``); ``listeners`` as
-        for :class:`RequestMetrics`."""
-        self._source = source
-        self._listeners = listeners
-        self._points = HistogramPoints(time.time_ns())
+    NAME = HTTP_SERVER_REQUEST_DURATION
+    DESCRIPTION = ("Duration of HTTP server requests (plaintext HTTP/1.x, every request, counted in the "
+                   "kernel): first read of the request to the first bytes of its response.")
 
-    def metric(self, temporality: AggregationTemporality) -> Metric | None:
-        """This collection's histogram, or ``None`` when there is no point to send."""
-        listeners = self._listeners()
-        series = [(listener_attributes(pid, listeners.get((pid, fd))), totals)
-                  for (pid, fd), totals in self._source().items()]
-        return _histogram(self._points, series, temporality, ACCEPT_QUEUE_DURATION,
-                          "Time downstream connections waited in the listener's accept queue (every one "
-                          "whose handshake completion was seen, counted in the kernel): ESTABLISHED to "
-                          "Envoy's accept.")
+    def attributes(self, key: RequestSeries, listeners: Mapping[tuple[int, int], ListenSocket]
+                   ) -> dict[str, Any]:
+        """See :func:`request_attributes`."""
+        return request_attributes(key, listeners.get((key.pid, key.listen_fd)))
 
 
-class TlsHandshakeMetrics:
-    """Builds the TLS handshake-duration histogram of each collection from the kernel's table."""
+class ConnectionMetrics(KernelHistogram):
+    """``envoy.downstream.connection.duration`` (``ConnectionProbes.connection_metrics``)."""
 
-    def __init__(self, source: TlsSource, listeners: ListenerSource) -> None:
-        """``source`` reads the kernel's series (``ConnectionProbes.tls_handshake_metrics``); ``listeners``
-        as for :class:`RequestMetrics`."""
-        self._source = source
-        self._listeners = listeners
-        self._points = HistogramPoints(time.time_ns())
+    NAME = CONNECTION_DURATION
+    DESCRIPTION = ("Duration of downstream connections (every one, traced or not, counted in the kernel): "
+                   "accept to close.")
 
-    def metric(self, temporality: AggregationTemporality) -> Metric | None:
-        """This collection's histogram, or ``None`` when there is no point to send."""
-        listeners = self._listeners()
-        series = [(tls_attributes(key, listeners.get((key.pid, key.listen_fd))), totals)
-                  for key, totals in self._source().items()]
-        return _histogram(self._points, series, temporality, TLS_HANDSHAKE_DURATION,
-                          "Duration of downstream TLS handshakes (every one, traced or not, counted in the "
-                          "kernel): the ClientHello's arrival to the end of the server's side.")
+    def attributes(self, key: tuple[int, int, str], listeners: Mapping[tuple[int, int], ListenSocket]
+                   ) -> dict[str, Any]:
+        """See :func:`connection_attributes`."""
+        pid, fd, reason = key
+        return connection_attributes(pid, listeners.get((pid, fd)), reason)
+
+
+class AcceptQueueMetrics(KernelHistogram):
+    """``envoy.downstream.accept_queue.duration`` (``ConnectionProbes.accept_queue_metrics``)."""
+
+    NAME = ACCEPT_QUEUE_DURATION
+    DESCRIPTION = ("Time downstream connections waited in the listener's accept queue (every one whose "
+                   "handshake completion was seen, counted in the kernel): ESTABLISHED to Envoy's accept.")
+
+    def attributes(self, key: tuple[int, int], listeners: Mapping[tuple[int, int], ListenSocket]
+                   ) -> dict[str, Any]:
+        """See :func:`listener_attributes`."""
+        return listener_attributes(key[0], listeners.get(key))
+
+
+class TlsHandshakeMetrics(KernelHistogram):
+    """``envoy.downstream.tls.handshake.duration`` (``ConnectionProbes.tls_handshake_metrics``)."""
+
+    NAME = TLS_HANDSHAKE_DURATION
+    DESCRIPTION = ("Duration of downstream TLS handshakes (every one, traced or not, counted in the kernel): "
+                   "the ClientHello's arrival to the end of the server's side.")
+
+    def attributes(self, key: TlsSeries, listeners: Mapping[tuple[int, int], ListenSocket]) -> dict[str, Any]:
+        """See :func:`tls_attributes`."""
+        return tls_attributes(key, listeners.get((key.pid, key.listen_fd)))
 
 
 def _histogram(points: HistogramPoints, series: list[tuple[dict[str, Any], RequestTotals]],
