@@ -20,6 +20,13 @@
 BPF_HASH(http_metrics, struct http_metric_key, struct http_metric, HTTP_METRIC_SERIES);
 BPF_ARRAY(keep_slow_ns, __u64, 1); /* an unsampled request answered after at least this long is kept (0: none) */
 BPF_ARRAY(http_metric_zero, struct http_metric, 1); /* never written: a new series' initial value */
+
+/* A new metric series' initial value (zero), for a table's lookup_or_try_init; 0 only if the array is
+ * missing. Each table's lookups stay at its call site: bcc rewrites map calls by the table's name. */
+static __always_inline struct http_metric *new_series(void) {
+    __u32 zero = 0;
+    return http_metric_zero.lookup(&zero);
+}
 BPF_HASH(conn_metrics, struct conn_metric_key, struct http_metric, HTTP_METRIC_SERIES); /* by listener */
 BPF_HASH(accept_metrics, struct conn_metric_key, struct http_metric, HTTP_METRIC_SERIES); /* by listener */
 BPF_HASH(accepts_by_thread, struct accept_thread_key, __u64, HTTP_METRIC_SERIES); /* by worker and listener */
@@ -144,14 +151,11 @@ static __always_inline void record_connection(__u32 tgid, const struct conn_stat
     key.close_reason = (cs->flags & CONN_IO_RESET) ? CLOSE_RESET
                        : (cs->flags & CONN_PEER_EOF) ? CLOSE_PEER_CLOSED : CLOSE_ENVOY_CLOSED;
     struct http_metric *m = conn_metrics.lookup(&key);
-    if (!m) { /* a new series */
-        __u32 zero = 0;
-        struct http_metric *init = http_metric_zero.lookup(&zero);
-        m = init ? conn_metrics.lookup_or_try_init(&key, init) : 0;
-        if (!m) {
-            count_drop(DROP_METRICS_FULL);
-            return;
-        }
+    if (!m && (m = new_series()))
+        m = conn_metrics.lookup_or_try_init(&key, m);
+    if (!m) {
+        count_drop(DROP_METRICS_FULL);
+        return;
     }
     add_duration(m, now > cs->open_ts_ns ? now - cs->open_ts_ns : 0);
 }
@@ -205,14 +209,11 @@ static __always_inline void record_accept_wait(__u32 tgid, __s32 listen_fd, cons
     established_at.delete(&k);
     struct conn_metric_key key = {.pid = tgid, .listen_fd = listen_fd};
     struct http_metric *m = accept_metrics.lookup(&key);
-    if (!m) { /* a new series */
-        __u32 zero = 0;
-        struct http_metric *init = http_metric_zero.lookup(&zero);
-        m = init ? accept_metrics.lookup_or_try_init(&key, init) : 0;
-        if (!m) {
-            count_drop(DROP_METRICS_FULL);
-            return;
-        }
+    if (!m && (m = new_series()))
+        m = accept_metrics.lookup_or_try_init(&key, m);
+    if (!m) {
+        count_drop(DROP_METRICS_FULL);
+        return;
     }
     add_duration(m, waited);
 }
@@ -225,14 +226,11 @@ static __always_inline void record_request(__u32 tgid, const struct conn_state *
     key.status = status;
     key.method = cs->req_method;
     struct http_metric *m = http_metrics.lookup(&key);
-    if (!m) { /* a new series */
-        __u32 zero = 0;
-        struct http_metric *init = http_metric_zero.lookup(&zero);
-        m = init ? http_metrics.lookup_or_try_init(&key, init) : 0;
-        if (!m) {
-            count_drop(DROP_METRICS_FULL);
-            return;
-        }
+    if (!m && (m = new_series()))
+        m = http_metrics.lookup_or_try_init(&key, m);
+    if (!m) {
+        count_drop(DROP_METRICS_FULL);
+        return;
     }
     add_duration(m, now > cs->req_start_ns ? now - cs->req_start_ns : 0);
 }

@@ -26,14 +26,11 @@ static __always_inline void record_tls_handshake(__u32 tgid, struct conn_state *
     struct tls_metric_key key = {.pid = tgid, .listen_fd = cs->listen_fd, .version = cs->hs_version,
                                  .resumed = cs->hs_resumed, .outcome = outcome};
     struct http_metric *m = tls_metrics.lookup(&key);
-    if (!m) { /* a new series */
-        __u32 zero = 0;
-        struct http_metric *init = http_metric_zero.lookup(&zero);
-        m = init ? tls_metrics.lookup_or_try_init(&key, init) : 0;
-        if (!m) {
-            count_drop(DROP_METRICS_FULL);
-            return;
-        }
+    if (!m && (m = new_series()))
+        m = tls_metrics.lookup_or_try_init(&key, m);
+    if (!m) {
+        count_drop(DROP_METRICS_FULL);
+        return;
     }
     add_duration(m, now > cs->hs_start_ns ? now - cs->hs_start_ns : 0);
 }
