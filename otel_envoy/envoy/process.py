@@ -257,8 +257,8 @@ class ListenerFinder:
                 if len(self._gone) >= 4096:
                     self._gone.clear()
                 self._gone.add(pid)
-                log.info("pid %d exited while its listening sockets were read (%s): none for it", pid,
-                         exc.strerror or exc)
+                log.warning("pid %d exited while its listening sockets were read (%s): none for it", pid,
+                            exc.strerror or exc)
             return {}
 
     def _sockets(self, pid: int) -> dict[tuple[int, int], ListenSocket]:
