@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,49 +172,50 @@ def socket_inodes(pid: int) -> dict[int, list[int]]:
     return out
 
 
-def _parse_addr(hex_addr: str, v6: bool) -> str:
+def _addr_bytes(hex_addr: str) -> bytes:
+    """An address of /proc/net/tcp{,6} in network byte order: the kernel prints it as host-order 32-bit
+    words (one for IPv4, four for IPv6)."""
     raw = bytes.fromhex(hex_addr)
-    if not v6:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    # /proc/net/tcp6 prints four host-order 32-bit words
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-    text = socket.inet_ntop(socket.AF_INET6, words)
+    return b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+
+
+def _parse_addr(hex_addr: str, v6: bool) -> str:
+    text = socket.inet_ntop(socket.AF_INET6 if v6 else socket.AF_INET, _addr_bytes(hex_addr))
     return text.removeprefix("::ffff:") if text.startswith("::ffff:") and "." in text else text
 
 
-def listening_sockets_from_proc(pid: int) -> dict[tuple[int, int], ListenSocket]:
-    """(pid, fd) -> ListenSocket for every TCP socket of ``pid`` in LISTEN state, the /proc way: parses every
-    TCP socket of the namespace (/proc/<pid>/net/tcp and tcp6). For where sock_diag cannot be used.
-    Raises ProcessLookupError when ``pid`` is gone."""
-    inodes = socket_inodes(pid)
-    out: dict[tuple[int, int], ListenSocket] = {}
+def _proc_tcp_rows(pid: int, state: str) -> Iterator[tuple[bool, list[str]]]:
+    """(IPv6, the row's fields) of each TCP socket in ``state`` (its hex code) of the network namespace of
+    ``pid``, from /proc/<pid>/net/tcp and tcp6 (every socket of the namespace is parsed)."""
     for name, v6 in (("tcp", False), ("tcp6", True)):
         for line in _read(PROC / str(pid) / "net" / name).splitlines()[1:]:
             parts = line.split()
-            if len(parts) < 10 or parts[3] != _TCP_LISTEN:
-                continue
-            addr_hex, port_hex = parts[1].split(":")
-            for fd in inodes.get(int(parts[9]), ()):
-                out[(pid, fd)] = ListenSocket(_parse_addr(addr_hex, v6), int(port_hex, 16))
+            if len(parts) >= 10 and parts[3] == state:
+                yield v6, parts
+
+
+def listening_sockets_from_proc(pid: int) -> dict[tuple[int, int], ListenSocket]:
+    """(pid, fd) -> ListenSocket for every TCP socket of ``pid`` in LISTEN state, the /proc way. For where
+    sock_diag cannot be used. Raises ProcessLookupError when ``pid`` is gone."""
+    inodes = socket_inodes(pid)
+    out: dict[tuple[int, int], ListenSocket] = {}
+    for v6, parts in _proc_tcp_rows(pid, _TCP_LISTEN):
+        addr_hex, port_hex = parts[1].split(":")
+        for fd in inodes.get(int(parts[9]), ()):
+            out[(pid, fd)] = ListenSocket(_parse_addr(addr_hex, v6), int(port_hex, 16))
     return out
 
 
 def established_sockets_from_proc(pid: int) -> list[TcpSocket]:
-    """Every ESTABLISHED TCP socket of the network namespace of ``pid``, the /proc way (/proc/<pid>/net/tcp
-    and tcp6: the namespace the process sees, readable without entering it). For where sock_diag cannot be
-    used in that namespace (no CAP_SYS_ADMIN for setns)."""
+    """Every ESTABLISHED TCP socket of the network namespace of ``pid``, the /proc way (the namespace the
+    process sees, readable without entering it). For where sock_diag cannot be used in that namespace (no
+    CAP_SYS_ADMIN for setns)."""
     out: list[TcpSocket] = []
-    for name, v6 in (("tcp", False), ("tcp6", True)):
-        for line in _read(PROC / str(pid) / "net" / name).splitlines()[1:]:
-            parts = line.split()
-            if len(parts) < 10 or parts[3] != _TCP_ESTABLISHED:
-                continue
-            (local_hex, local_port), (peer_hex, peer_port) = (x.split(":") for x in parts[1:3])
-            raw = bytes.fromhex(peer_hex)  # host-order 32-bit words, as the kernel prints them
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-            out.append(TcpSocket(socket.AF_INET6 if v6 else socket.AF_INET, _parse_addr(local_hex, v6),
-                                 int(local_port, 16), _parse_addr(peer_hex, v6), int(peer_port, 16), raw,
-                                 int(parts[9])))
+    for v6, parts in _proc_tcp_rows(pid, _TCP_ESTABLISHED):
+        (local_hex, local_port), (peer_hex, peer_port) = (x.split(":") for x in parts[1:3])
+        out.append(TcpSocket(socket.AF_INET6 if v6 else socket.AF_INET, _parse_addr(local_hex, v6),
+                             int(local_port, 16), _parse_addr(peer_hex, v6), int(peer_port, 16),
+                             _addr_bytes(peer_hex), int(parts[9])))
     return out
 
 
