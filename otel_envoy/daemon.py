@@ -276,15 +276,15 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if follow:  # processes that start under this name are traced from their first instruction
             probes.follow_comm(follow)
         listeners = ListenerFinder()  # caches which fds hold the listeners, between rescans
-        known_ports = _rescan(traced, listeners, probes, ring, set())
+        known_ports, listen_sockets = _rescan(traced, listeners, probes, ring, set())
         if names:
             ring.context.put(ListenerNamesContext(names).to_json())
         if chains is not None:
             ring.context.put(FilterChainsContext(chains).to_json())
         threshold = opts.sampler.kernel_threshold() if sampling else 1 << 32  # as the kernel samples
         adopted_at, open_conns, adopted = adopt_open_connections(  # accepted before the daemon started
-            list(traced.by_pid), {k: v for pid in traced.by_pid for k, v in listeners.sockets(pid).items()},
-            probes.adopt_connection, probes.forget_connection, room=opts.max_conns // 2,
+            list(traced.by_pid), listen_sockets, probes.adopt_connection, probes.forget_connection,
+            room=opts.max_conns // 2,
             sampled=lambda s: peer_hash(s.peer_raw, s.family, s.peer_port) < threshold)
         if open_conns:
             ring.context.put(AdoptedContext.of(adopted_at, open_conns).to_json())
@@ -430,7 +430,10 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipelin
 
 
 def _rescan(traced: TracedProcesses, listeners: ListenerFinder, probes: ConnectionProbes,
-            ring: _RingThread, known_ports: set[int]) -> set[int]:
+            ring: _RingThread, known_ports: set[int]) -> tuple[set[int], dict[tuple[int, int], ListenSocket]]:
+    """Read the traced processes' listening sockets again, tell the kernel their ports when they changed
+    (``known_ports``: the ports it has) and the correlator the sockets; returns the ports and the sockets
+    by (pid, fd)."""
     traced.refresh_threads()
     sockets = {}
     for t in traced.processes:
@@ -439,7 +442,7 @@ def _rescan(traced: TracedProcesses, listeners: ListenerFinder, probes: Connecti
     if ports != known_ports:
         probes.set_listen_ports(ports)
     ring.context.put(ListenSocketsContext(sockets).to_json())
-    return ports
+    return ports, sockets
 
 
 def report_new_drops(probes: ConnectionProbes, before: dict[str, int]) -> dict[str, int]:
@@ -577,7 +580,7 @@ async def _wait(opts: DaemonOptions, loop: asyncio.AbstractEventLoop, notices: a
                                         pid, tids)
             if noticed or loop.time() >= next_rescan:
                 await asyncio.sleep(0.05)  # listen() returns before /proc shows the socket as LISTEN
-                known_ports = _rescan(traced, listeners, probes, ring, known_ports)
+                known_ports, _ = _rescan(traced, listeners, probes, ring, known_ports)
                 dropped = report_new_drops(probes, dropped)
                 if opts.envoy_admin:
                     chains = await _poll_admin(opts.envoy_admin, ring, chains)

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..events.layout import BPF_DIR, load_layout
 from . import ringbuf
@@ -73,6 +73,12 @@ class RequestTotals(NamedTuple):
     count: int
     sum_ns: int
     slots: dict[int, int]
+
+    @classmethod
+    def of(cls, metric: Any) -> RequestTotals:
+        """The totals of a kernel ``struct http_metric`` (a table's value)."""
+        slots = {i: int(n) for i, n in enumerate(metric.slots) if n}
+        return cls(int(metric.count), int(metric.sum_ns), slots)
 
 
 class ProbeError(RuntimeError):
@@ -448,8 +454,7 @@ class ConnectionProbes:
         for k, v in self.bpf[b"http_metrics"].items():
             method = self.method_names.get(int(k.method), "_OTHER")
             series = RequestSeries(int(k.pid), int(k.listen_fd), method, int(k.status))
-            out[series] = RequestTotals(int(v.count), int(v.sum_ns),
-                                        {i: int(n) for i, n in enumerate(v.slots) if n})
+            out[series] = RequestTotals.of(v)
         return out
 
     def connection_metrics(self) -> dict[tuple[int, int, str], RequestTotals]:
@@ -461,9 +466,8 @@ class ConnectionProbes:
             return {}
         out: dict[tuple[int, int, str], RequestTotals] = {}
         for k, v in self.bpf[b"conn_metrics"].items():
-            slots = {i: int(n) for i, n in enumerate(v.slots) if n}
             reason = self.close_reasons.get(int(k.close_reason), str(int(k.close_reason)))
-            out[(int(k.pid), int(k.listen_fd), reason)] = RequestTotals(int(v.count), int(v.sum_ns), slots)
+            out[(int(k.pid), int(k.listen_fd), reason)] = RequestTotals.of(v)
         return out
 
     def tls_handshake_metrics(self) -> dict[TlsSeries, RequestTotals]:
@@ -474,10 +478,9 @@ class ConnectionProbes:
             return {}
         out: dict[TlsSeries, RequestTotals] = {}
         for k, v in self.bpf[b"tls_metrics"].items():
-            slots = {i: int(n) for i, n in enumerate(v.slots) if n}
             outcome = self.tls_outcomes.get(int(k.outcome), str(int(k.outcome)))
             series = TlsSeries(int(k.pid), int(k.listen_fd), int(k.version), bool(k.resumed), outcome)
-            out[series] = RequestTotals(int(v.count), int(v.sum_ns), slots)
+            out[series] = RequestTotals.of(v)
         return out
 
     def accept_queue_metrics(self) -> dict[tuple[int, int], RequestTotals]:
@@ -488,8 +491,7 @@ class ConnectionProbes:
             return {}
         out: dict[tuple[int, int], RequestTotals] = {}
         for k, v in self.bpf[b"accept_metrics"].items():
-            slots = {i: int(n) for i, n in enumerate(v.slots) if n}
-            out[(int(k.pid), int(k.listen_fd))] = RequestTotals(int(v.count), int(v.sum_ns), slots)
+            out[(int(k.pid), int(k.listen_fd))] = RequestTotals.of(v)
         return out
 
     def accepts_by_thread(self) -> dict[tuple[int, int, int], int]:
