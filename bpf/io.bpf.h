@@ -195,6 +195,19 @@ static __always_inline const void *transfer_start(__u8 io, const void *src, __u6
     return v.iov_base;
 }
 
+/* The first `n` (<= 12) bytes a read/write moved, into dst (zero-filled); 0 when they could not be read.
+ * The iovec forms are read from their first iovec. */
+static __always_inline __u32 first_bytes(__u8 io, const void *buf, long ret, __u8 *dst, __u32 n) {
+    __u64 avail = (__u64)ret;
+    const void *src = transfer_start(io, buf, &avail);
+    if (avail < n)
+        n = (__u32)avail;
+    n &= 15;
+    if (!src || n == 0 || n > 12 || bpf_probe_read_user(dst, n, src) != 0)
+        return 0;
+    return n;
+}
+
 /* A read/write-family syscall returns. Its arguments are read back from the saved user registers (the
  * kernel leaves rdi/rsi/rdx/r10 as the caller passed them), so nothing is kept between enter and exit:
  * an EAGAIN costs no lookup, any other return one (the connection), plus the thread for a record. */

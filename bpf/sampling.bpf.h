@@ -41,19 +41,6 @@ static __always_inline void count_sampled(__u32 slot) {
         (*v)++;
 }
 
-/* The first `n` (<= 12) bytes a read/write moved, into dst (zero-filled); 0 when they could not be read.
- * The iovec forms are read from their first iovec. */
-static __always_inline __u32 first_bytes(__u8 io, const void *buf, long ret, __u8 *dst, __u32 n) {
-    __u64 avail = (__u64)ret;
-    const void *src = transfer_start(io, buf, &avail);
-    if (avail < n)
-        n = (__u32)avail;
-    n &= 15;
-    if (!src || n == 0 || n > 12 || bpf_probe_read_user(dst, n, src) != 0)
-        return 0;
-    return n;
-}
-
 /* Reads a new request's first bytes once, into the per-CPU scratch (TP_HEAD of them when a traceparent is
  * looked for, else KEPT_HEAD), keeps KEPT_HEAD of them in the connection's state (sent if the request is
  * kept) and returns its enum http_method. */

@@ -9,16 +9,6 @@
 #define TLS_EXT_SUPPORTED_VERSIONS 0x002b
 #define TLS_HELLO_EXTENSIONS_MAX 12 /* a ServerHello has a handful */
 
-/* The first byte a transfer moved, or -1. */
-static __always_inline int first_byte(__u8 io, const void *buf, long ret) {
-    __u64 avail = (__u64)ret;
-    const void *src = transfer_start(io, buf, &avail);
-    __u8 b = 0;
-    if (!src || avail == 0 || bpf_probe_read_user(&b, 1, src) != 0)
-        return -1;
-    return b;
-}
-
 /* One transfer (ret > 0) of a downstream connection whose handshake is not over (hs_state < HS_DONE).
  * Returns 1 when it is the server's hello flight, which the caller hands to tls_hello_sys_exit. */
 static __always_inline int tls_handshake_step(struct conn_state *cs, __u32 tgid, __u8 io, const void *buf,
@@ -33,8 +23,8 @@ static __always_inline int tls_handshake_step(struct conn_state *cs, __u32 tgid,
     }
     if (state == HS_HELLO || state == HS_SERVER_FIN || (peek && state != HS_NONE))
         return 0; /* more of the same flight, or a listener filter's look at it */
-    int b = first_byte(io, buf, ret);
-    if (b < 0)
+    __u8 b = 0;
+    if (first_bytes(io, buf, ret, &b, 1) != 1)
         return 0;
     if (state == HS_NONE) { /* the connection's first bytes (a listener filter's peek counts) */
         if (b == TLS_RECORD_HANDSHAKE) {
