@@ -20,14 +20,13 @@ connection table is given to them.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .listen_socket import ListenSocket
-from .process import established_sockets_from_proc, socket_inodes
+from .process import established_sockets_from_proc, socket_inode, socket_inodes
 from .sockdiag import SockDiagError, TcpSocket, established_tcp_sockets
 
 __all__ = ["OpenConnection", "adopt_open_connections", "open_downstream_connections"]
@@ -53,10 +52,7 @@ class OpenConnection:
 
     def still_held(self) -> bool:
         """Whether the process still holds the same socket under ``fd`` (it may have closed it since)."""
-        try:
-            return os.readlink(f"/proc/{self.tgid}/fd/{self.fd}") == f"socket:[{self.socket.inode}]"
-        except OSError:
-            return False
+        return socket_inode(f"/proc/{self.tgid}/fd/{self.fd}") == self.socket.inode
 
 
 def open_downstream_connections(pid: int, listen_sockets: Mapping[tuple[int, int], ListenSocket],

@@ -16,9 +16,8 @@ from .listen_socket import ListenSocket
 from .sockdiag import SockDiagError, TcpSocket, listening_tcp_sockets
 
 __all__ = ["EnvoyProcess", "ListenerFinder", "TargetError", "established_sockets_from_proc", "find_by_comm",
-           "find_by_exe", "is_envoy",
-           "listening_sockets", "listening_sockets_from_proc", "resolve_targets", "socket_inodes",
-           "watch_exits"]
+           "find_by_exe", "is_envoy", "listening_sockets", "listening_sockets_from_proc", "resolve_targets",
+           "socket_inode", "socket_inodes", "watch_exits"]
 
 log = logging.getLogger("otel_envoy.process")
 
@@ -145,7 +144,7 @@ def watch_exits(loop: asyncio.AbstractEventLoop, pids: Iterable[int], on_all_exi
     return close
 
 
-def _socket_inode(fd_path: str | Path) -> int | None:
+def socket_inode(fd_path: str | Path) -> int | None:
     """The socket inode an fd (``/proc/<pid>/fd/<n>``) refers to; None for other files and closed fds."""
     try:
         link = os.readlink(fd_path)
@@ -166,7 +165,7 @@ def socket_inodes(pid: int) -> dict[int, list[int]]:
     except OSError:
         return out
     for entry in entries:
-        inode = _socket_inode(entry.path)
+        inode = socket_inode(entry.path)
         if inode is not None:
             out.setdefault(inode, []).append(int(entry.name))
     return out
@@ -275,7 +274,7 @@ class ListenerFinder:
         walked = now
         if seen is not None and seen[0] == inodes and now - seen[2] < self.WALK_EVERY_S:
             fds, walked = seen[1], seen[2]
-            if any(_socket_inode(PROC / str(pid) / "fd" / str(fd)) != inode
+            if any(socket_inode(PROC / str(pid) / "fd" / str(fd)) != inode
                    for inode, copies in fds.items() for fd in copies):
                 fds, walked = None, now  # an fd was closed or reused: walk again
         if fds is None:
