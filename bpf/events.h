@@ -175,7 +175,8 @@ struct accept_thread_key {
     __u32 _pad;
 };
 
-/* Why a request that was not sampled is reported all the same (struct request_kept_event). */
+/* Why a request that was not sampled is reported all the same (struct request_kept_event; 0: it was
+ * sampled, and is reported as one record). */
 enum keep_reason {
     KEEP_SERVER_ERROR = 1,      /* its response's status was 5xx */
     KEEP_CLOSED = 2,            /* its connection closed (or was reset) before an answer */
@@ -183,6 +184,7 @@ enum keep_reason {
 };
 
 #define KEPT_HEAD 128 /* first bytes of a request kept by the kernel: its request line and first headers */
+#define TP_VALUE 55   /* a W3C traceparent value: "00-" + 32 + "-" + 16 + "-" + 2 */
 
 
 /* Linux TCP states, as in include/net/tcp_states.h (stable ABI: exposed by /proc/net/tcp). */
@@ -365,9 +367,10 @@ struct round_event {
 };
 
 
-/* A plaintext HTTP/1.x request that was not sampled but is kept (http_metrics.bpf.h): what the kernel knows
- * of it, with its first bytes; the ring record is sent when its response begins (or its connection
- * closes). */
+/* A plaintext HTTP/1.x request reported as one record (http_metrics.bpf.h): a sampled one (request
+ * summaries, the default: its reads and writes send nothing), or one not sampled but kept. What the kernel
+ * knows of it, with its first bytes and its traceparent; the ring record is sent when its response begins
+ * (or its connection closes). */
 struct request_kept_event {
     struct event_header hdr; /* ts_ns: the answer's first write, or the close */
     __u64 start_ns;          /* the request's first read */
@@ -375,9 +378,13 @@ struct request_kept_event {
     __s32 listen_fd;
     __u16 status;            /* 0: no answer */
     __u8 method;             /* enum http_method */
-    __u8 reason;             /* enum keep_reason */
+    __u8 reason;             /* enum keep_reason; 0 for a sampled request that is nothing else */
     __u32 head_len;          /* bytes of head that are the request's */
     __u8 head[KEPT_HEAD];
+    __u8 sampled;            /* 1: the sampler chose it (a request summary), 0: kept for `reason` */
+    __u8 traceparent_len;    /* TP_VALUE when the kernel found a valid traceparent, else 0 */
+    __u8 traceparent[TP_VALUE];
+    __u8 _pad[7];
 };
 
 /* How a target set up a socket it may listen on (startup.bpf.h): bind, SO_REUSEPORT, dup, the epoll

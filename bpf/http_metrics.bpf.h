@@ -12,7 +12,7 @@
  * series into http.server.request.duration. Updates are atomic: workers on several CPUs share a series.
  *
  * A request that was not sampled is still reported, as one EV_REQUEST_KEPT record with its first KEPT_HEAD
- * bytes, when its status is 5xx, when its connection closes before an answer, or when its answer comes
+ * bytes and its traceparent (as a sampled one is with request summaries on), when its status is 5xx, when its connection closes before an answer, or when its answer comes
  * after at least `keep_slow_ns`: errors and slow requests are traced whatever the sampler.
  */
 #define HTTP_METRIC_SERIES 4096
@@ -94,7 +94,7 @@ static __always_inline __u16 http_status_of(const __u8 *b) {
     return (__u16)d0 * 100 + (__u16)d1 * 10 + d2;
 }
 
-/* Reports the connection's current request (not sampled) as kept for `reason`. */
+/* Reports the connection's current request as one record: sampled (CONN_SUMMARY), or kept for `reason`. */
 static __always_inline void keep_request(__u64 pid_tgid, __s32 fd, const struct conn_state *cs, __u16 status,
                                          __u64 now, __u8 reason) {
     struct request_kept_event *e = events.ringbuf_reserve(sizeof(struct request_kept_event));
@@ -112,6 +112,10 @@ static __always_inline void keep_request(__u64 pid_tgid, __s32 fd, const struct 
     e->reason = reason;
     e->head_len = cs->req_head_len;
     __builtin_memcpy(e->head, cs->req_head, KEPT_HEAD);
+    e->sampled = (cs->flags & CONN_SUMMARY) ? 1 : 0;
+    e->traceparent_len = cs->req_tp_len == TP_VALUE ? TP_VALUE : 0;
+    __builtin_memcpy(e->traceparent, cs->req_tp, TP_VALUE);
+    __builtin_memset(e->_pad, 0, sizeof(e->_pad));
     events.ringbuf_submit(e, 0);
     count_submitted();
 }

@@ -8,7 +8,10 @@
  * accept, accept4 and connect are tail-called to accept_sys_exit and connect_sys_exit.
  *
  * A request whose first read is not sampled costs no ring record: neither its reads nor the writes of its
- * response are reported (their bytes and calls are still counted on the connection). Request boundaries
+ * response are reported (their bytes and calls are still counted on the connection). With request
+ * summaries (`request_summary`, the default) a sampled request costs one: its transfers are not reported
+ * either, and its answer's first write sends what the kernel knows of it (EV_REQUEST_KEPT, sampled: its
+ * first KEPT_HEAD bytes, its traceparent, method, status and times), as for a kept one. Request boundaries
  * come from the direction of the transfers: on a downstream connection a read that follows a write (or
  * the connection's start) begins a request, and a write answers it. So the kernel only changes its
  * decision between exchanges, and user space always sees whole exchanges. Pipelined requests read before
@@ -22,6 +25,7 @@
  */
 
 BPF_ARRAY(sample_parent_based, __u32, 1);  /* 1: a valid traceparent's sampled flag decides (parentbased_*) */
+BPF_ARRAY(request_summary, __u32, 1);      /* 1: a sampled request is reported as one record, not its transfers */
 /* downstream requests: [0] sampled, [1] not sampled (by the ratio); [2] sampled, [3] not sampled (by their
  * traceparent) */
 BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
@@ -64,12 +68,15 @@ static __always_inline __u8 read_request_head(struct conn_state *cs, struct head
     return http_method_of(s->b, n);
 }
 
-/* The sampling decision for a new request (its first read, in the scratch): 1 when it is not traced. */
-static __always_inline __u32 decide_request(struct head_scratch *s, __u32 parent_based) {
+/* The sampling decision for a new request (its first read, in the scratch): 1 when it is not traced.
+ * `scan`: look for its traceparent (kept in the connection's state) even when it does not decide. */
+static __always_inline __u32 decide_request(struct head_scratch *s, struct conn_state *cs, __u32 parent_based,
+                                            __u32 scan) {
     __u32 zero = 0;
-    if (parent_based) {
-        int sampled = request_traceparent(s);
-        if (sampled >= 0) {
+    cs->req_tp_len = 0;
+    if (parent_based || scan) {
+        int sampled = request_traceparent(s, cs);
+        if (sampled >= 0 && parent_based) {
             count_sampled(sampled ? 2 : 3);
             return !sampled;
         }
@@ -95,8 +102,8 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
             __u16 status = first_bytes(io, buf, ret, b, 12) == 12 ? http_status_of(b) : 0;
             __u64 now = bpf_ktime_get_ns();
             record_request(tgid, cs, status, now);
-            __u8 reason = (flags & CONN_SKIP) ? keep_reason_of(cs, status, now) : 0;
-            if (reason)
+            __u8 reason = (flags & CONN_SKIP) && !(flags & CONN_SUMMARY) ? keep_reason_of(cs, status, now) : 0;
+            if (reason || (flags & CONN_SUMMARY))
                 keep_request(pid_tgid, fd, cs, status, now, reason);
         }
         return (flags & CONN_SKIP) ? 1 : 0;
@@ -110,20 +117,24 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
         return 0;
     __u32 *pb = sample_parent_based.lookup(&zero);
     __u32 parent_based = pb && *pb;
-    cs->req_method = read_request_head(cs, s, io, buf, ret, parent_based ? TP_HEAD : KEPT_HEAD);
+    __u32 *rs = request_summary.lookup(&zero);
+    __u32 summary = rs && *rs;
+    cs->req_method = read_request_head(cs, s, io, buf, ret, parent_based || summary ? TP_HEAD : KEPT_HEAD);
     cs->req_start_ns = bpf_ktime_get_ns();
     flags |= CONN_AWAIT;
-    flags &= ~CONN_SKIP;
+    flags &= ~(CONN_SKIP | CONN_SUMMARY);
     /* Only requests of plaintext connections whose every transfer may be reported are decided. The first
      * bytes of a connection are the first request's: a method token means plaintext HTTP/1.x, and when that
      * request is not traced, what io_sys_exit would have learnt from them is recorded here. */
     __u8 first = !(flags & CONN_SAW_IO);
-    if (HTTP_CAPTURE && cs->req_method && (first || cs->capture_budget == CAPTURE_UNLIMITED) &&
-        decide_request(s, parent_based)) {
-        flags |= CONN_SKIP;
-        if (first) {
-            flags |= CONN_SAW_IO;
-            cs->capture_budget = CAPTURE_UNLIMITED;
+    if (HTTP_CAPTURE && cs->req_method && (first || cs->capture_budget == CAPTURE_UNLIMITED)) {
+        __u32 skip = decide_request(s, cs, parent_based, summary);
+        if (skip || summary) { /* not traced, or traced as one record: its transfers are not reported */
+            flags |= skip ? CONN_SKIP : (CONN_SKIP | CONN_SUMMARY);
+            if (first) {
+                flags |= CONN_SAW_IO;
+                cs->capture_budget = CAPTURE_UNLIMITED;
+            }
         }
     }
     cs->flags = flags;

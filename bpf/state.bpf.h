@@ -72,7 +72,9 @@ struct conn_state {
     __u8 req_method;           /* SAMPLING: the current request's enum http_method (0: not HTTP/1.x) */
     __u8 _pad_req[3];
     __u32 req_head_len;        /* SAMPLING: bytes of req_head read from the current request */
-    __u8 req_head[KEPT_HEAD];  /* SAMPLING: its first bytes, sent if it is kept though not sampled */
+    __u8 req_head[KEPT_HEAD];  /* SAMPLING: its first bytes, sent if it is kept or summarised */
+    __u8 req_tp[TP_VALUE];     /* SAMPLING: its valid traceparent's value (traceparent.bpf.h) */
+    __u8 req_tp_len;           /* SAMPLING: TP_VALUE when req_tp holds one, else 0 */
     __u64 hs_start_ns;         /* SAMPLING: the TLS handshake's start (its ClientHello's first read or peek) */
     __u16 hs_version;          /* SAMPLING: the version the ServerHello chose (0 until it is written) */
     __u8 hs_state;             /* SAMPLING: enum tls_hs_state (tls_metrics.bpf.h) */
@@ -87,10 +89,11 @@ struct conn_state {
 #define CONN_HELD 16    /* a read of a lone TLS record header waits to ride on the next read's record */
 
 #define CONN_AWAIT 32    /* SAMPLING: a request was read, its answer not yet written */
-#define CONN_SKIP 64     /* SAMPLING: the current request was not sampled */
+#define CONN_SKIP 64     /* SAMPLING: the current request's transfers are not reported (not sampled, or CONN_SUMMARY) */
 #define CONN_UNTRACED 128 /* SAMPLING: a connection sampled whole and not traced: it sends no record */
 #define CONN_PEER_EOF 256 /* SAMPLING: a read returned EOF (enum close_reason) */
 #define CONN_IO_RESET 512 /* SAMPLING: a read or write failed with a reset (enum close_reason) */
+#define CONN_SUMMARY 1024 /* SAMPLING: the current request was sampled and is reported as one record */
 
 #define CAPTURE_UNLIMITED 0xffffffff /* conn_state.capture_budget of a plaintext connection (request capture) */
 

@@ -11,7 +11,6 @@
  */
 #define TP_HEAD 512    /* bytes of the request searched */
 #define TP_STEPS 128   /* scan steps: at least 128 bytes, ~700 of a typical header block */
-#define TP_VALUE 55    /* "00-" + 32 + "-" + 16 + "-" + 2 */
 
 /* A request's first bytes, read once at its first read (sampling.bpf.h read_request_head) for its method,
  * its kept head and its traceparent. */
@@ -67,10 +66,11 @@ static __always_inline int tp_hex_run(const __u8 *p, int n, int nonzero) {
     return !nonzero || any;
 }
 
-/* The traceparent's sampled flag (0 or 1) in the first n bytes at b, or -1 when there is no valid one.
+/* The traceparent's sampled flag (0 or 1) in the first n bytes at b, or -1 when there is no valid one;
+ * *value_at: where its value starts (masked to TP_HEAD - 1; TP_VALUE bytes from there are in b).
  * `opaque` is 0 at run time, unknown to the verifier: adding it to each step's position makes the eight
  * skip lengths one state at the loop's head, so it walks each step once instead of every position. */
-static __always_inline int tp_sampled(const __u8 *b, __u32 n, __u32 opaque) {
+static __always_inline int tp_sampled(const __u8 *b, __u32 n, __u32 opaque, __u32 *value_at) {
     __u32 pos = 0;
     int at = -1;
 #pragma clang loop unroll(disable)
@@ -110,11 +110,22 @@ static __always_inline int tp_sampled(const __u8 *b, __u32 n, __u32 opaque) {
         if (end != '\r' && end != '\n' && end != ' ' && end != '\t' && !later)
             return -1;
     }
+    *value_at = v;
     return tp_hex(p[54]) & 1;
 }
 
-/* The sampled flag of the traceparent in a request's first bytes (read into the scratch), or -1. */
-static __always_inline int request_traceparent(struct head_scratch *s) {
+/* The sampled flag of the traceparent in a request's first bytes (read into the scratch), or -1. A valid
+ * one's value is kept in the connection's state: a request reported as one record (EV_REQUEST_KEPT)
+ * carries it, wherever it was in the header block. */
+static __always_inline int request_traceparent(struct head_scratch *s, struct conn_state *cs) {
+    __u32 at = 0;
     s->opaque = 0;
-    return tp_sampled(s->b, s->len, *(volatile __u32 *)&s->opaque);
+    int sampled = tp_sampled(s->b, s->len, *(volatile __u32 *)&s->opaque, &at);
+    cs->req_tp_len = 0;
+    if (sampled >= 0) {
+        at &= TP_HEAD - 1;
+        __builtin_memcpy(cs->req_tp, s->b + at, TP_VALUE);
+        cs->req_tp_len = TP_VALUE;
+    }
+    return sampled;
 }

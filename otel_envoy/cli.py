@@ -42,6 +42,10 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
                    help="allow targets that do not look like Envoy (testing)")
     p.add_argument("--no-requests", dest="requests", action="store_false",
                    help="connection spans only: do not capture and parse plaintext HTTP requests")
+    p.add_argument("--request-detail", choices=("summary", "full"), default="summary",
+                   help="a sampled plaintext HTTP/1.x request: one kernel record (request line, first "
+                        "headers, traceparent, status, times: the default), or its reads and writes parsed "
+                        "(response headers, body sizes, pipelining, h2c upgrades; more CPU per request)")
     p.add_argument("--no-offcpu", dest="offcpu", action="store_false",
                    help="no scheduler probes: no off-CPU waits inside event-loop rounds")
     p.add_argument("--offcpu-threshold", type=float, default=1.0, metavar="MS",
@@ -164,7 +168,8 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         pids=args.pid, comm=args.comm, exe=args.exe, envoy_admin=args.envoy_admin, otlp=otlp, output=output,
         record=args.events if record_only else args.record, duration=args.duration,
         require_envoy=not args.any_process, ready_file=args.ready_file, summary_json=args.summary_json,
-        requests=args.requests, offcpu=args.offcpu, symbols=args.symbols,
+        requests=args.requests, request_summary=args.request_detail == "summary", offcpu=args.offcpu,
+        symbols=args.symbols,
         offcpu_min_ns=int(args.offcpu_threshold * 1e6), round_min_ns=int(args.round_threshold * 1e6),
         metrics_interval=interval, sampler=sampler, cpu_budget=cpu_budget, keep_slow_ms=keep_slow_ms,
         export_buffer_bytes=int(buffer_mb * (1 << 20)),

@@ -118,6 +118,7 @@ class DaemonOptions:
     require_envoy: bool = True
     max_conns: int = 65536
     requests: bool = True  # capture and parse plaintext HTTP: request and upstream request spans
+    request_summary: bool = True  # a sampled plaintext HTTP/1.x request is one kernel record (not parsed)
     ready_file: str | None = None  # written once probes are attached (tests and scripts wait on it)
     summary_json: str | None = None  # written at exit: counts, drops, export stats (bench, tests)
     offcpu: bool = True  # scheduler probes: event-loop rounds' off-CPU waits
@@ -250,6 +251,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
     if sampling:
         probes.set_sample_threshold(opts.sampler.kernel_threshold())
         probes.set_parent_based(opts.sampler.parent_based)
+        probes.set_request_summary(opts.request_summary)
         probes.set_keep_slow(int(opts.keep_slow_ms * 1e6))
     stacks = SymbolizedStacks(probes.stack_addresses, symbolizer)
     traced = TracedProcesses(targets, follow_comm=follow, require_envoy=opts.require_envoy,
@@ -265,7 +267,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
     symbolizer.unmatched_symbols_files(t.pid for t in targets)  # warns about each
     ring = _RingThread(probes, pipeline)
     if sampling:  # before any record: it decides what becomes of upstream requests no traced one caused
-        ring.context.put(SamplerContext(opts.sampler.name, opts.sampler.ratio).to_json())
+        sampler = SamplerContext(opts.sampler.name, opts.sampler.ratio, opts.request_summary)
+        ring.context.put(sampler.to_json())
     for pid, attributes in traced.resources.items():  # each process's spans carry its own resource
         ring.context.put(ProcessResourceContext(pid, attributes).to_json())
     metrics: WorkerMetrics | None = None  # per-worker metrics (export/metrics.py), with an OTLP endpoint
@@ -303,8 +306,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if opts.ready_file:
             with open(opts.ready_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
-        tasks = [asyncio.ensure_future(_keep_to_budget(budget, probes, ring, opts.sampler.name))] \
-            if budget is not None else []
+        tasks = [asyncio.ensure_future(_keep_to_budget(budget, probes, ring, opts.sampler.name,
+                                                       opts.request_summary))] if budget is not None else []
         if sampling:
             tasks.append(asyncio.ensure_future(_sample_tls_listeners(probes, pipeline)))
         if opts.offcpu:
@@ -496,7 +499,8 @@ async def _sample_tls_listeners(probes: ConnectionProbes, pipeline: EventPipelin
             log.info("sampling whole connections of TLS listeners on ports %s", sorted(set(new.values())))
 
 
-async def _keep_to_budget(budget: CpuBudget, probes: ConnectionProbes, ring: _RingThread, name: str) -> None:
+async def _keep_to_budget(budget: CpuBudget, probes: ConnectionProbes, ring: _RingThread, name: str,
+                          summary: bool) -> None:
     """Once a second: the daemon's share of a CPU (all its threads) to the budget, and a changed ratio to
     the kernel's threshold and (as a sampler context record) to the pipeline."""
     wall, cpu = time.monotonic(), time.process_time()
@@ -507,7 +511,7 @@ async def _keep_to_budget(budget: CpuBudget, probes: ConnectionProbes, ring: _Ri
         wall, cpu = now_wall, now_cpu
         if ratio is not None:
             probes.set_sample_threshold(kernel_threshold(ratio))
-            ring.context.put(SamplerContext(name, ratio).to_json())
+            ring.context.put(SamplerContext(name, ratio, summary).to_json())
             log.info("CPU budget %.2f: tracing %.4g of plaintext requests", budget.budget, ratio)
 
 

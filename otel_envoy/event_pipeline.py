@@ -159,7 +159,9 @@ class EventPipeline:
             proc = ProcessResourceContext.from_json(obj)
             self.builder.set_process_resource(proc.pid, proc.attributes)
         elif kind == SamplerContext.TYPE:
-            self.correlator.attribution.exact_only = SamplerContext.from_json(obj).ratio < 1.0
+            sampler = SamplerContext.from_json(obj)
+            self.correlator.attribution.exact_only = sampler.ratio < 1.0
+            self.correlator.attribution.late_requests = sampler.summary
 
     def replay(self, items: Iterable[tuple[str, object]]) -> int:
         """Feed recorded kernel and context records (those after the clock record), then finish at the last

@@ -14,6 +14,9 @@ clue. Each read that starts a new request joins a per-thread queue that upstream
 When the kernel samples requests (``exact_only``), most downstream requests are never seen, so "the oldest
 request of the window" would often be the wrong one: then only a request with the same request line is
 taken, and an upstream request or connection without one is left unattributed (and not exported).
+
+With request summaries (``late_requests``) a sampled downstream request is reported after the upstream
+requests it caused: those found for no request wait for it (:mod:`.parked_upstream`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections import Counter, OrderedDict, deque
 from ..events.types import ConnectEvent, DataEvent
 from ..protocols.http import HttpExchange, HttpMessage
 from .identity import IdSource
+from .parked_upstream import ParkedUpstreams
 from .records import (
     MAX_REQUEST_LINKS,
     ConnectionRecord,
@@ -71,6 +75,8 @@ class UpstreamAttribution:
         self.tls_demand: dict[int, TlsReads] = {}  # tid -> reads of new requests, oldest first
         self.by_request_id: OrderedDict[str, RequestRecord] = OrderedDict()  # client-sent x-request-id
         self.exact_only = False  # requests are sampled: pair by request line (or x-request-id) only
+        self.late_requests = False  # request summaries: downstream requests come after their upstream ones
+        self.parked = ParkedUpstreams(self._unpaired, stats)
 
     # ------------------------------------------------------------------ what downstream connections did
 
@@ -211,6 +217,9 @@ class UpstreamAttribution:
             if rr is not None:
                 self.stats["upstream_paired_by_request_id"] += 1
         if rr is None:
+            if self.late_requests and not self._tls_reads_near(ev):
+                self.parked.park(up, msg, ev.tgid, ev.tid, ev.ts_ns, self._new_span_id())
+                return
             self._pair_with_tls_connection(up, msg, ev)
             return
         rr.reserved = False
@@ -239,8 +248,23 @@ class UpstreamAttribution:
             if ctx is not None and len(conn.http.links) < MAX_REQUEST_LINKS:
                 conn.http.links.append((f"{ctx.trace_id:032x}", span_id))
             return
+        found.unpaired[id(msg)] = self._unpaired(up, msg)
+
+    def _unpaired(self, _up: UpstreamRecord, _msg: HttpMessage) -> UnpairedRequest:
+        """Where an upstream request found for no downstream request nor TLS connection goes: a trace of
+        its own."""
         self.stats["upstream_unpaired"] += 1
-        found.unpaired[id(msg)] = UnpairedRequest(self._new_trace_id(), self._new_span_id(), None, "")
+        return UnpairedRequest(self._new_trace_id(), self._new_span_id(), None, "")
+
+    def _tls_reads_near(self, ev: DataEvent) -> bool:
+        """This thread read a TLS downstream connection within TLS_DEMAND_ROUNDS rounds of ``ev``."""
+        reads = self.recent_tls_reads.get(ev.tid)
+        return bool(reads) and ev.round - reads[-1][0] <= TLS_DEMAND_ROUNDS
+
+    def summary_reported(self, rr: RequestRecord, tid: int, start_ns: int, end_ns: int) -> None:
+        """A downstream request reported as one record (read at ``start_ns``, answered at ``end_ns``): it
+        takes the upstream request it caused, which waited for it."""
+        self.parked.claim(rr, tid, start_ns, end_ns, by_line_only=self.exact_only)
 
     def upstream_request_done(self, up: UpstreamRecord, exchange: HttpExchange) -> UnpairedRequest | None:
         """An upstream request ended: where its span goes when it was not paired with a downstream
@@ -248,4 +272,6 @@ class UpstreamAttribution:
         conn = up.cause.tls_conns.pop(id(exchange.request), None)
         if conn is not None:
             conn.tls.upstream_busy -= 1
+        if self.parked.ended(exchange):  # its downstream request, reported later, exports it
+            return None
         return up.cause.unpaired.pop(id(exchange.request), None)

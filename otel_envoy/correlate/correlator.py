@@ -97,6 +97,7 @@ class ConnectionCorrelator:
             attribution=self.attribution, ids=ids, stats=self.stats, drops=self.drops,
             on_upstream=on_upstream, on_upstream_request=on_upstream_request, http=http,
             max_connections=max_connections, max_pending=max_queued, linger_ns=linger_ns)
+        self.attribution.parked.on_unclaimed = on_upstream_request  # unclaimed, they leave unpaired
         self.startups = ProcessStartups(on_startup)  # how each process set up its listening sockets
         self.downstream.bound_address = self.startups.bound_address  # listeners the rescan did not find yet
         self.tls_plaintext = TlsPlaintext(self.downstream, self.requests, self.stats, http=http)
@@ -175,6 +176,7 @@ class ConnectionCorrelator:
         """End everything: closed connections as they are, open ones at ``now_ns`` as still open."""
         self.downstream.flush(now_ns)
         self.upstream.flush(now_ns)
+        self.attribution.parked.flush()
         self.startups.flush(now_ns)
 
     def _on_data(self, ev: DataEvent) -> None:

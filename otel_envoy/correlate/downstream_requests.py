@@ -67,22 +67,31 @@ class DownstreamRequests:
                     rr.active_round = max(rr.active_round, ev.round)
 
     def on_kept(self, conn: ConnectionRecord, ev: RequestKeptEvent) -> None:
-        """A request of ``conn`` the kernel did not sample but kept: a request span from its first bytes,
-        status and times, saying why it was kept."""
+        """A request of ``conn`` the kernel reported as one record: sampled (a request summary), or not
+        sampled but kept. A request span from its first bytes, traceparent, status and times; a kept one
+        says why it was kept, a summary takes the upstream request it caused."""
         head = parse_request_head(bytes(ev.head[:max(0, min(ev.head_len, len(ev.head)))]))
+        headers = head.headers
+        if ev.traceparent_len == len(ev.traceparent) and "traceparent" not in headers:  # past the head
+            headers["traceparent"] = ev.traceparent.decode("ascii", "replace")
+        summary = bool(ev.sampled)
         request = HttpMessage(start_ns=ev.start_ns, end_ns=ev.start_ns, method=head.method or None,
-                              path=head.path, version=head.version, headers=head.headers, tid=ev.tid,
-                              round=ev.round, headers_round=ev.round,
-                              error=None if head.complete else "headers_not_captured")
+                              path=head.path, version=head.version, headers=headers, tid=ev.tid,
+                              round=ev.round, headers_round=ev.round, summary=summary,
+                              error=None if head.complete or summary else "headers_not_captured")
         response = None
         if ev.status:
             response = HttpMessage(start_ns=ev.ts_ns, end_ns=ev.ts_ns, status=ev.status, version=head.version,
-                                   tid=ev.tid, round=ev.round)
+                                   tid=ev.tid, round=ev.round, summary=summary)
             request.response = response
-        rr = RequestRecord(conn, request, self._new_span_id(), trace_context(head.headers),
-                           kept=KEEP_REASONS.get(ev.reason, str(ev.reason)))
+        rr = RequestRecord(conn, request, self._new_span_id(), trace_context(headers),
+                           kept="" if summary else KEEP_REASONS.get(ev.reason, str(ev.reason)))
         conn.http.count += 1
-        self.stats[f"kept_{rr.kept}"] += 1
+        if summary:
+            self.stats["request_summaries"] += 1
+            self.attribution.summary_reported(rr, ev.tid, ev.start_ns, ev.ts_ns)
+        else:
+            self.stats[f"kept_{rr.kept}"] += 1
         trace_id, _, _ = rr.placement()
         if trace_id != conn.trace_id and len(conn.http.links) < MAX_REQUEST_LINKS:
             conn.http.links.append((trace_id, rr.span_id))

@@ -140,10 +140,11 @@ class SamplerContext:
     TYPE: ClassVar[str] = "sampler"
     name: str
     ratio: float
+    summary: bool = False  # a sampled plaintext HTTP/1.x request is one record, after its upstream requests
 
     def to_json(self) -> dict[str, Any]:
         """The record as a recording holds it."""
-        return {"type": self.TYPE, "name": self.name, "ratio": self.ratio}
+        return {"type": self.TYPE, "name": self.name, "ratio": self.ratio, "summary": self.summary}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> SamplerContext:
@@ -151,7 +152,7 @@ class SamplerContext:
         ratio = float(obj["ratio"])
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"sampler ratio {ratio} out of range")
-        return cls(str(obj["name"]), ratio)
+        return cls(str(obj["name"]), ratio, bool(obj.get("summary", False)))
 
 
 @dataclass(frozen=True, slots=True)

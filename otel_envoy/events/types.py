@@ -264,8 +264,9 @@ class RoundEvent(NamedTuple):
 
 
 class RequestKeptEvent(NamedTuple):
-    """A plaintext HTTP/1.x request the kernel did not sample but kept (a 5xx, closed before an answer, or
-    slow): its first bytes, status and times. ``ts_ns``: its answer's first write (or the close)."""
+    """A plaintext HTTP/1.x request reported as one record: sampled (``sampled``: request summaries), or not
+    sampled but kept (``reason``: a 5xx, closed before an answer, or slow). Its first bytes, traceparent,
+    status and times. ``ts_ns``: its answer's first write (or the close)."""
 
     ts_ns: int
     kind: int
@@ -280,6 +281,9 @@ class RequestKeptEvent(NamedTuple):
     reason: int
     head_len: int
     head: bytes
+    sampled: int
+    traceparent_len: int
+    traceparent: bytes
 
 
 Event = (

@@ -409,6 +409,14 @@ class ConnectionProbes:
             raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
         self.bpf[b"sample_parent_based"][ctypes.c_int(0)] = ctypes.c_uint32(1 if parent_based else 0)
 
+    def set_request_summary(self, summary: bool) -> None:
+        """Report a sampled plaintext HTTP/1.x request as one record at its answer's first write (its first
+        bytes, traceparent, method, status and times) instead of its reads and writes. Needs a build with
+        ``sampling``."""
+        if not self.config.sampling:
+            raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
+        self.bpf[b"request_summary"][ctypes.c_int(0)] = ctypes.c_uint32(1 if summary else 0)
+
     def sample_connections_of(self, listeners: Mapping[tuple[int, int], int]) -> None:
         """Sample whole the downstream connections of these listening sockets ((tgid, fd) -> port), with the
         ratio of ``set_sample_threshold``: their requests are not visible to the kernel (TLS). Adds to

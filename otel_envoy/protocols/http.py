@@ -45,6 +45,7 @@ class HttpMessage:
     error: str | None = None
     records_lost: bool = False  # records of its connection were lost while it was in flight (not an error)
     capture_gap: bool = False  # bytes of its chunked body were not captured: its body size is unknown
+    summary: bool = False  # known from the kernel's one record (request summaries): no body, no later bytes
     tid: int = 0  # thread that moved the first byte
     round: int = 0  # its event-loop round
     headers_round: int = 0  # the event-loop round in which the header block completed

@@ -75,6 +75,11 @@ def _http_attributes(req: HttpMessage, resp: HttpMessage | None) -> dict[str, ob
     rid = req.headers.get("x-request-id")
     if rid:
         attrs["http.request.header.x-request-id"] = [rid]
+    if req.summary:  # one kernel record: the request line, first headers, traceparent, status and times
+        attrs["otel_envoy.request_detail"] = "summary"
+        if resp is not None and resp.status is not None:
+            attrs["http.response.status_code"] = resp.status
+        return attrs
     partial = ["records_lost"] if req.records_lost else []
     if req.capture_gap:  # not captured: part of its chunked body (its size unknown), or all of it
         partial.append("request_body_not_captured" if req.method else "request_not_captured")

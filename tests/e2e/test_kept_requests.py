@@ -43,7 +43,8 @@ def _closed_early(port: int, path: str) -> None:
 def test_errors_slow_and_abandoned_requests_are_kept_whatever_the_sampler(tmp_path) -> None:
     summary = tmp_path / "summary.json"
     with EnvoyLab(concurrency=2) as lab, OtlpReceiver() as receiver:
-        daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--request-detail", "summary",
+                                "--otlp-endpoint", receiver.grpc_endpoint,
                                 "--otlp-protocol", "grpc", "--summary-json", str(summary),
                                 "--keep-slow-ms", "400"], tmp_path, env={"OTEL_TRACES_SAMPLER": ""}).start()
         before = lab.stats(FIVE_XX).get(FIVE_XX_NAME, 0)

@@ -53,7 +53,8 @@ def test_every_request_is_counted_whatever_the_sampler_and_the_totals_equal_envo
     admin = r"^http\.admin\.downstream_rq_total$"
     with EnvoyLab(concurrency=2) as lab, OtlpReceiver() as receiver:
         admin_before = lab.stats(admin)["http.admin.downstream_rq_total"]  # this request included
-        daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--request-detail", "summary",
+                                "--otlp-endpoint", receiver.grpc_endpoint,
                                 "--otlp-protocol", "grpc", "--metrics-interval", "1", "--summary-json",
                                 str(summary), "--sampler", "traceidratio", "--sampler-arg", "0.02"],
                                tmp_path).start()

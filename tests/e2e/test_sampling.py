@@ -38,7 +38,8 @@ def _traced_run(lab: EnvoyLab, workdir: Path, sampler: list[str]) -> tuple[list[
     clients send 100 requests each (distinct paths): what the receiver got, the summary, the paths."""
     summary = workdir / "summary.json"
     with OtlpReceiver() as receiver:
-        daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--request-detail", "summary",
+                                "--otlp-endpoint", receiver.grpc_endpoint,
                                 "--otlp-protocol", "grpc", "--summary-json", str(summary), "--no-offcpu",
                                 *sampler], workdir).start()
         paths = [[f"/bytes/{1000 + c * PER_CONNECTION + i}" for i in range(PER_CONNECTION)]
@@ -125,7 +126,8 @@ def test_by_default_a_traceparent_decides_and_one_percent_of_the_rest_is_traced(
     requests += [(f"/bytes/{3000 + i}", {"traceparent": invalid[i % len(invalid)]}) for i in range(100)]
     summary = tmp_path / "summary.json"
     with OtlpReceiver() as receiver:
-        daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--request-detail", "summary",
+                                "--otlp-endpoint", receiver.grpc_endpoint,
                                 "--otlp-protocol", "grpc", "--summary-json", str(summary), "--no-offcpu"],
                                tmp_path, env={"OTEL_TRACES_SAMPLER": ""}).start()
         run_in_threads(4, lambda c: _send(lab.http_port, requests[c::4]))
@@ -157,7 +159,8 @@ def test_a_cpu_budget_lowers_the_share_traced_under_load_and_counts_the_rest(tmp
 
     with EnvoyLab(concurrency=1, direct_response=True) as lab:
         output, summary = tmp_path / "spans.jsonl", tmp_path / "summary.json"
-        daemon = DaemonProcess(["--pid", str(lab.pid), "--output", str(output), "--summary-json",
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--request-detail", "summary",
+                                "--output", str(output), "--summary-json",
                                 str(summary), "--no-offcpu", "--cpu-budget", "0.05"], tmp_path).start()
         exe = shutil.which("h2load")  # a duration run (-D), which tests.support.h2load does not do
         assert exe, "h2load (nghttp2-client) is needed"
@@ -183,7 +186,8 @@ def test_tls_connections_are_sampled_whole_once_their_listener_is_known(lab, tmp
 
     summary = tmp_path / "summary.json"
     with OtlpReceiver() as receiver:
-        daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--request-detail", "summary",
+                                "--otlp-endpoint", receiver.grpc_endpoint,
                                 "--otlp-protocol", "grpc", "--summary-json", str(summary), "--no-offcpu",
                                 "--sampler", "traceidratio", "--sampler-arg", "0.25"], tmp_path).start()
         first = clients.curl_tls(lab.tls_port, "a.example.com", alpn="http/1.1", ca=lab.ca_path)

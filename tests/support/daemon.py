@@ -26,6 +26,10 @@ class DaemonProcess:
     def __init__(
         self, args: list[str], workdir: Path, env: dict[str, str] | None = None, command: str = "run"
     ) -> None:
+        if command == "run" and not any(a.startswith("--request-detail") for a in args):
+            # most tests check what only parsing a request's bytes gives (body sizes, response headers);
+            # tests of the default's one record per request say "--request-detail", "summary"
+            args = [*args, "--request-detail", "full"]
         self.ready_file = workdir / f"ready-{time.monotonic_ns()}"
         self.stderr_path = workdir / f"daemon-{time.monotonic_ns()}.stderr"
         self.cmd = [
