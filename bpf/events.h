@@ -184,7 +184,9 @@ enum keep_reason {
 };
 
 #define KEPT_HEAD 128 /* first bytes of a request kept by the kernel: its request line and first headers */
-#define TP_VALUE 55   /* a W3C traceparent value: "00-" + 32 + "-" + 16 + "-" + 2 */
+#define TP_VALUE 55    /* a W3C traceparent value: "00-" + 32 + "-" + 16 + "-" + 2 */
+#define TP_CONTEXT 192 /* a request's bytes from its traceparent's value on: it, and the tracestate line that
+                        * propagators write right after it */
 
 
 /* Linux TCP states, as in include/net/tcp_states.h (stable ABI: exposed by /proc/net/tcp). */
@@ -382,9 +384,9 @@ struct request_kept_event {
     __u32 head_len;          /* bytes of head that are the request's */
     __u8 head[KEPT_HEAD];
     __u8 sampled;            /* 1: the sampler chose it (a request summary), 0: kept for `reason` */
-    __u8 traceparent_len;    /* TP_VALUE when the kernel found a valid traceparent, else 0 */
-    __u8 traceparent[TP_VALUE];
-    __u8 _pad[7];
+    __u8 context_len;        /* bytes of context: 0 when the kernel found no valid traceparent */
+    __u8 context[TP_CONTEXT]; /* from the traceparent's value on (TP_VALUE bytes, then maybe "\r\ntracestate: ...") */
+    __u8 _pad[6];
 };
 
 /* How a target set up a socket it may listen on (startup.bpf.h): bind, SO_REUSEPORT, dup, the epoll

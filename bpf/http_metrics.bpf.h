@@ -113,8 +113,8 @@ static __always_inline void keep_request(__u64 pid_tgid, __s32 fd, const struct 
     e->head_len = cs->req_head_len;
     __builtin_memcpy(e->head, cs->req_head, KEPT_HEAD);
     e->sampled = (cs->flags & CONN_SUMMARY) ? 1 : 0;
-    e->traceparent_len = cs->req_tp_len == TP_VALUE ? TP_VALUE : 0;
-    __builtin_memcpy(e->traceparent, cs->req_tp, TP_VALUE);
+    e->context_len = cs->req_tp_len >= TP_VALUE ? cs->req_tp_len : 0;
+    __builtin_memcpy(e->context, cs->req_tp, TP_CONTEXT);
     __builtin_memset(e->_pad, 0, sizeof(e->_pad));
     events.ringbuf_submit(e, 0);
     count_submitted();

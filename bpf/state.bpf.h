@@ -73,8 +73,8 @@ struct conn_state {
     __u8 _pad_req[3];
     __u32 req_head_len;        /* SAMPLING: bytes of req_head read from the current request */
     __u8 req_head[KEPT_HEAD];  /* SAMPLING: its first bytes, sent if it is kept or summarised */
-    __u8 req_tp[TP_VALUE];     /* SAMPLING: its valid traceparent's value (traceparent.bpf.h) */
-    __u8 req_tp_len;           /* SAMPLING: TP_VALUE when req_tp holds one, else 0 */
+    __u8 req_tp[TP_CONTEXT];   /* SAMPLING: its bytes from a valid traceparent's value on (traceparent.bpf.h) */
+    __u8 req_tp_len;           /* SAMPLING: how many of req_tp are the request's (0: no valid traceparent) */
     __u64 hs_start_ns;         /* SAMPLING: the TLS handshake's start (its ClientHello's first read or peek) */
     __u16 hs_version;          /* SAMPLING: the version the ServerHello chose (0 until it is written) */
     __u8 hs_state;             /* SAMPLING: enum tls_hs_state (tls_metrics.bpf.h) */

@@ -15,7 +15,7 @@
 /* A request's first bytes, read once at its first read (sampling.bpf.h read_request_head) for its method,
  * its kept head and its traceparent. */
 struct head_scratch {
-    __u8 b[TP_HEAD + 128]; /* room past TP_HEAD: any masked position plus a value fits */
+    __u8 b[TP_HEAD + TP_CONTEXT]; /* room past TP_HEAD: any masked position plus a context fits */
     __u32 len;             /* bytes of b that are the request's */
     __u32 opaque;          /* 0, stored and read back: the verifier does not know the value it reads */
 };
@@ -115,8 +115,9 @@ static __always_inline int tp_sampled(const __u8 *b, __u32 n, __u32 opaque, __u3
 }
 
 /* The sampled flag of the traceparent in a request's first bytes (read into the scratch), or -1. A valid
- * one's value is kept in the connection's state: a request reported as one record (EV_REQUEST_KEPT)
- * carries it, wherever it was in the header block. */
+ * one's value and what follows it (TP_CONTEXT bytes: the tracestate line, when the caller's propagator
+ * wrote it next) are kept in the connection's state: a request reported as one record (EV_REQUEST_KEPT)
+ * carries them, wherever they were in the header block. */
 static __always_inline int request_traceparent(struct head_scratch *s, struct conn_state *cs) {
     __u32 at = 0;
     s->opaque = 0;
@@ -124,8 +125,9 @@ static __always_inline int request_traceparent(struct head_scratch *s, struct co
     cs->req_tp_len = 0;
     if (sampled >= 0) {
         at &= TP_HEAD - 1;
-        __builtin_memcpy(cs->req_tp, s->b + at, TP_VALUE);
-        cs->req_tp_len = TP_VALUE;
+        __builtin_memcpy(cs->req_tp, s->b + at, TP_CONTEXT);
+        __u32 len = s->len > at ? s->len - at : 0; /* the scratch's bytes past len are an older request's */
+        cs->req_tp_len = len > TP_CONTEXT ? TP_CONTEXT : len;
     }
     return sampled;
 }

@@ -15,7 +15,7 @@ from ..events.types import DataEvent, RequestKeptEvent
 from ..protocols.http import HttpExchange, HttpMessage
 from ..protocols.http1 import Http1Exchanges
 from ..protocols.http2 import Http2Exchanges
-from ..protocols.request_head import parse_request_head
+from ..protocols.request_head import parse_request_head, trace_context_headers
 from ..protocols.tracecontext import trace_context
 from .attribution import UpstreamAttribution
 from .http_feed import feed_http
@@ -68,12 +68,14 @@ class DownstreamRequests:
 
     def on_kept(self, conn: ConnectionRecord, ev: RequestKeptEvent) -> None:
         """A request of ``conn`` the kernel reported as one record: sampled (a request summary), or not
-        sampled but kept. A request span from its first bytes, traceparent, status and times; a kept one
-        says why it was kept, a summary takes the upstream request it caused."""
+        sampled but kept. A request span from its first bytes, traceparent, status and times, with the
+        upstream request it caused when that one waited for it (request summaries); a kept one says why it
+        was kept."""
         head = parse_request_head(bytes(ev.head[:max(0, min(ev.head_len, len(ev.head)))]))
         headers = head.headers
-        if ev.traceparent_len == len(ev.traceparent) and "traceparent" not in headers:  # past the head
-            headers["traceparent"] = ev.traceparent.decode("ascii", "replace")
+        if "traceparent" not in headers or "tracestate" not in headers:  # past the first bytes
+            for name, value in trace_context_headers(bytes(ev.context[:ev.context_len])).items():
+                headers.setdefault(name, value)
         summary = bool(ev.sampled)
         request = HttpMessage(start_ns=ev.start_ns, end_ns=ev.start_ns, method=head.method or None,
                               path=head.path, version=head.version, headers=headers, tid=ev.tid,
@@ -87,11 +89,8 @@ class DownstreamRequests:
         rr = RequestRecord(conn, request, self._new_span_id(), trace_context(headers),
                            kept="" if summary else KEEP_REASONS.get(ev.reason, str(ev.reason)))
         conn.http.count += 1
-        if summary:
-            self.stats["request_summaries"] += 1
-            self.attribution.summary_reported(rr, ev.tid, ev.start_ns, ev.ts_ns)
-        else:
-            self.stats[f"kept_{rr.kept}"] += 1
+        self.stats["request_summaries" if summary else f"kept_{rr.kept}"] += 1
+        self.attribution.summary_reported(rr, ev.tid, ev.start_ns, ev.ts_ns)  # its upstream request
         trace_id, _, _ = rr.placement()
         if trace_id != conn.trace_id and len(conn.http.links) < MAX_REQUEST_LINKS:
             conn.http.links.append((trace_id, rr.span_id))

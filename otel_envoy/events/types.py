@@ -282,8 +282,8 @@ class RequestKeptEvent(NamedTuple):
     head_len: int
     head: bytes
     sampled: int
-    traceparent_len: int
-    traceparent: bytes
+    context_len: int
+    context: bytes  # from its traceparent's value on: the value, then maybe its tracestate line
 
 
 Event = (

@@ -15,7 +15,9 @@ import httptools
 
 from .http import KEPT_HEADERS, MAX_HEADER_VALUE, request_path
 
-__all__ = ["RequestHead", "parse_request_head"]
+__all__ = ["RequestHead", "parse_request_head", "trace_context_headers"]
+
+TRACEPARENT_VALUE = 55  # "00-" + 32 + "-" + 16 + "-" + 2 (bpf/events.h TP_VALUE)
 
 
 @dataclass(slots=True)
@@ -78,3 +80,17 @@ def parse_request_head(data: bytes) -> RequestHead:
     head.headers = cb.headers
     head.complete = cb.complete
     return head
+
+
+def trace_context_headers(context: bytes) -> dict[str, str]:
+    """The traceparent (and the tracestate line right after it, when whole) from the bytes the kernel kept
+    from a request's traceparent value on (``EV_REQUEST_KEPT`` ``context``); empty when there is none."""
+    if len(context) < TRACEPARENT_VALUE:
+        return {}
+    headers = {"traceparent": context[:TRACEPARENT_VALUE].decode("latin-1")}
+    rest = context[TRACEPARENT_VALUE:]
+    if rest.startswith(b"\r\n") and rest[2:13].lower() == b"tracestate:":
+        end = rest.find(b"\r\n", 13)
+        if end > 0:  # a line cut by the end of the bytes is not a value
+            headers["tracestate"] = rest[13:end].decode("latin-1").strip()[:MAX_HEADER_VALUE]
+    return headers

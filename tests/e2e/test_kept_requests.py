@@ -16,6 +16,7 @@ from otel_envoy.lab.lab import EnvoyLab
 from tests.support.daemon import DaemonProcess
 from tests.support.h2load import h2load
 from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.traces import upstream_requests_of
 
 pytestmark = pytest.mark.root
 
@@ -78,6 +79,13 @@ def test_errors_slow_and_abandoned_requests_are_kept_whatever_the_sampler(tmp_pa
     # kept spans sit in their connection's trace, under the connection span
     connections = {s.span_id: s for s in spans if s.name == "envoy.downstream.connection"}
     assert all(s.parent_span_id in connections for s in kept)
+    # ... with the upstream request Envoy wrote for them (it waited for the kept record: request summaries)
+    for s in kept:
+        (upstream,) = upstream_requests_of(spans, s)
+        assert upstream.attributes["url.path"] == "/status/503" and upstream.trace_id == s.trace_id
+    for i in range(SLOW):
+        (slow,) = by_path[f"/delay/{600 + i}"]
+        assert [u.attributes["url.path"] for u in upstream_requests_of(spans, slow)] == [f"/delay/{600 + i}"]
     for i in range(SLOW):
         (slow,) = by_path[f"/delay/{600 + i}"]
         assert slow.attributes.get("otel_envoy.kept", "slow") == "slow"

@@ -1,8 +1,8 @@
 """Request summaries, the default: a sampled plaintext HTTP/1.x request is one kernel record, not its reads
 and writes (real Envoy, real BPF, real clients, a real OTLP/gRPC receiver).
 
-Its span has the request line, the kept headers of its first bytes, its traceparent wherever it is in the
-header block, its status and times; the upstream request Envoy wrote for it (reported before it) waits and
+Its span has the request line, the kept headers of its first bytes, its traceparent (and the tracestate
+line after it) wherever it is in the first 512 bytes, its status and times; the upstream request Envoy wrote for it (reported before it) waits and
 becomes its child. At saturation every request is a span while the kernel sends one record per request."""
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def test_each_request_is_one_record_with_its_upstream_request_and_traceparent(tm
         port, statuses = _keep_alive(lab.http_port, [
             ("/", {"User-Agent": "summary-test/1"}),
             ("/bytes/1234?secret=x", {"Authorization": "Bearer topsecret", "Cookie": "c=1",
-                                      "X-Padding": padding, "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}),
+                                      "X-Padding": padding, "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01",
+                                      "tracestate": "vendor=opaque,k=v"}),
             ("/status/503", {}),
         ])
         assert statuses == [200, 200, 503]
@@ -80,6 +81,7 @@ def test_each_request_is_one_record_with_its_upstream_request_and_traceparent(tm
     # the traceparent past the kept bytes still parents the span (the kernel found it and sent it)
     assert (second.trace_id, second.parent_span_id) == (TRACE_ID, PARENT_ID)
     assert second.attributes["otel_envoy.trace_context"] == "traceparent"
+    assert second.trace_state == "vendor=opaque,k=v"  # the tracestate line after it, kept with it
     assert third.status_code == 2 and third.attributes["error.type"] == "503"
     assert first.end_ns > first.start_ns
     # each request's upstream request, written before the kernel reported the request, is its child

@@ -76,9 +76,11 @@ def test_the_committed_recordings_context_records_parse_back_to_themselves() -> 
 def test_the_sampler_record_round_trips_and_refuses_a_bad_ratio() -> None:
     from otel_envoy.events.recording_context import SamplerContext
 
-    rec = SamplerContext("traceidratio", 0.25)
+    rec = SamplerContext("traceidratio", 0.25, summary=True)
     assert SamplerContext.from_json(rec.to_json()) == rec
-    assert rec.to_json() == {"type": "sampler", "name": "traceidratio", "ratio": 0.25}
+    assert rec.to_json() == {"type": "sampler", "name": "traceidratio", "ratio": 0.25, "summary": True}
+    # recordings made before request summaries: their requests were parsed
+    assert SamplerContext.from_json({"type": "sampler", "name": "x", "ratio": 1}).summary is False
     with pytest.raises(ValueError, match="out of range"):
         SamplerContext.from_json({"type": "sampler", "name": "x", "ratio": 3})
 

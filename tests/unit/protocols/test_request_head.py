@@ -37,3 +37,17 @@ def test_any_bytes_never_raise() -> None:
     rng = random.Random(7)
     for _ in range(2000):
         parse_request_head(bytes(rng.randrange(256) for _ in range(rng.randrange(0, 160))))
+
+
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_the_kernels_trace_context_bytes_give_traceparent_and_the_tracestate_after_it() -> None:
+    from otel_envoy.protocols.request_head import trace_context_headers
+
+    assert trace_context_headers(f"{TP}\r\nTraceState: k=v,a=b \r\nhost: x\r\n".encode()) == {
+        "traceparent": TP, "tracestate": "k=v,a=b"}
+    assert trace_context_headers(f"{TP}\r\nx-other: 1\r\ntracestate: k=v\r\n".encode()) == {"traceparent": TP}
+    assert trace_context_headers(f"{TP}\r\ntracestate: k=v,cut-by-the-end".encode()) == {"traceparent": TP}
+    assert trace_context_headers(TP[:40].encode()) == {}  # fewer bytes than a value: none
+    assert trace_context_headers(b"") == {}
