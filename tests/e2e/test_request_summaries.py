@@ -2,12 +2,12 @@
 and writes (real Envoy, real BPF, real clients, a real OTLP/gRPC receiver).
 
 Its span has the request line, the kept headers of its first bytes, its traceparent (and the tracestate
-line after it) wherever it is in the first 512 bytes, its status and times; the upstream request Envoy wrote for it (reported before it) waits and
-becomes its child. At saturation every request is a span while the kernel sends one record per request."""
+line after it) wherever it is in the first 512 bytes, its status and times; the upstream request Envoy
+wrote for it (reported before it) waits and becomes its child. At saturation every request is a span
+while the kernel sends one record per request."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import time
 
@@ -16,6 +16,7 @@ import pytest
 from otel_envoy.lab.lab import EnvoyLab
 from tests.support.daemon import DaemonProcess
 from tests.support.h2load import h2load
+from tests.support.keepalive import keep_alive
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.traces import connection_traces, request_spans, upstream_requests_of
 
@@ -28,21 +29,6 @@ SATURATION_REQUESTS = 30000
 RQ_TOTAL = r"^http\.plain_http\.downstream_rq_total$"
 
 
-def _keep_alive(port: int, requests: list[tuple[str, dict[str, str]]]) -> tuple[int, list[int]]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    statuses = []
-    try:
-        for path, headers in requests:
-            conn.request("GET", path, headers=headers)
-            resp = conn.getresponse()
-            resp.read()
-            statuses.append(resp.status)
-        local_port = conn.sock.getsockname()[1]
-    finally:
-        conn.close()
-    return local_port, statuses
-
-
 def test_each_request_is_one_record_with_its_upstream_request_and_traceparent(tmp_path) -> None:
     summary = tmp_path / "summary.json"
     padding = "x" * 150  # puts the traceparent past the first bytes the kernel keeps (128)
@@ -50,12 +36,13 @@ def test_each_request_is_one_record_with_its_upstream_request_and_traceparent(tm
         daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
                                 "--otlp-protocol", "grpc", "--summary-json", str(summary),
                                 "--request-detail", "summary"], tmp_path).start()
-        port, statuses = _keep_alive(lab.http_port, [
-            ("/", {"User-Agent": "summary-test/1"}),
-            ("/bytes/1234?secret=x", {"Authorization": "Bearer topsecret", "Cookie": "c=1",
-                                      "X-Padding": padding, "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01",
-                                      "tracestate": "vendor=opaque,k=v"}),
-            ("/status/503", {}),
+        port, statuses = keep_alive(lab.http_port, [
+            ("GET", "/", {"User-Agent": "summary-test/1"}),
+            ("GET", "/bytes/1234?secret=x", {"Authorization": "Bearer topsecret", "Cookie": "c=1",
+                                             "X-Padding": padding,
+                                             "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01",
+                                             "tracestate": "vendor=opaque,k=v"}),
+            ("GET", "/status/503", {}),
         ])
         assert statuses == [200, 200, 503]
 

@@ -15,7 +15,7 @@ import pytest
 from otel_envoy.lab.lab import EnvoyLab
 from otel_envoy.spans.model import SPAN_FLAGS_LOCAL, SPAN_FLAGS_REMOTE
 from tests.support.daemon import DaemonProcess
-from tests.support.keepalive import get_all
+from tests.support.keepalive import get_all, keep_alive
 from tests.support.parallel import run_in_threads
 from tests.support.traces import (
     Trace,
@@ -38,22 +38,6 @@ def _wait_conn(receiver, port: int, local_port: int, n_requests: int = 0, timeou
         return trace is not None and trace.root.attributes.get("envoy.connection.requests", 0) >= n_requests
     receiver.wait_for(found, timeout)
     return connection_traces(receiver.spans(), local_port)[port]
-
-
-def _keep_alive(port: int, requests: list[tuple[str, str, dict[str, str]]]) -> tuple[int, list[int]]:
-    """Send requests over one connection; returns (client port, statuses). The client closes first."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    statuses = []
-    try:
-        for method, path, headers in requests:
-            conn.request(method, path, headers=headers)
-            resp = conn.getresponse()
-            resp.read()
-            statuses.append(resp.status)
-        local_port = conn.sock.getsockname()[1]
-    finally:
-        conn.close()
-    return local_port, statuses
 
 
 def _raw(port: int, payload: bytes, responses: int = 1, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -89,7 +73,7 @@ def _complete_responses(data: bytes) -> int:
 
 
 def test_keep_alive_requests_each_get_a_span_with_their_upstream_request(lab, receiver, traced):
-    port, statuses = _keep_alive(lab.http_port, [
+    port, statuses = keep_alive(lab.http_port, [
         ("GET", "/", {"User-Agent": "keepalive-test/1"}),
         ("GET", "/bytes/1234?secret=x", {"Authorization": "Bearer topsecret", "Cookie": "c=1"}),
         ("GET", "/status/404", {}),
@@ -121,7 +105,7 @@ def test_keep_alive_requests_each_get_a_span_with_their_upstream_request(lab, re
 
 
 def test_traceparent_puts_the_request_in_the_callers_trace(lab, receiver, traced):
-    port, statuses = _keep_alive(lab.http_port, [
+    port, statuses = keep_alive(lab.http_port, [
         ("GET", "/", {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "x-request-id": "req-e2e-1"})])
     assert statuses == [200]
     trace = _wait_conn(receiver, port, lab.http_port, 1)
@@ -165,7 +149,7 @@ def test_a_chunked_response_larger_than_the_capture_leaves_later_requests_right(
     """Each 20 000-byte chunk is written whole, past the 4 096 bytes captured per syscall: the gaps hold the
     chunk framing. The response keeps its status, its body size is left out as unknown, and the requests
     after it on the same connection get their own responses (downstream and upstream)."""
-    port, statuses = _keep_alive(lab.http_port, [("GET", "/chunked/4/20000", {}), ("GET", "/status/404", {}),
+    port, statuses = keep_alive(lab.http_port, [("GET", "/chunked/4/20000", {}), ("GET", "/status/404", {}),
                                                  ("GET", "/", {})])
     assert statuses == [200, 404, 200]
     trace = _wait_conn(receiver, port, lab.http_port, 3)
@@ -189,7 +173,7 @@ def test_malformed_request_line_is_a_span_error_and_tracing_goes_on(lab, receive
     (server,) = request_spans(trace)
     assert server.status_code == ERROR and server.attributes["error.type"] == "malformed_request"
     assert server.attributes["http.response.status_code"] == 400
-    port2, statuses = _keep_alive(lab.http_port, [("GET", "/", {})])  # the daemon is alive and tracing
+    port2, statuses = keep_alive(lab.http_port, [("GET", "/", {})])  # the daemon is alive and tracing
     assert statuses == [200]
     assert request_spans(_wait_conn(receiver, port2, lab.http_port, 1))
 
@@ -198,7 +182,7 @@ def test_concurrent_clients_every_upstream_request_pairs_with_its_downstream_req
     clients, per_client = 20, 5
 
     def client(i: int) -> int:
-        p, st = _keep_alive(lab.http_port, [("GET", f"/bytes/{1000 + i * per_client + j}", {})
+        p, st = keep_alive(lab.http_port, [("GET", f"/bytes/{1000 + i * per_client + j}", {})
                                             for j in range(per_client)])
         assert st == [200] * per_client
         return p
@@ -227,7 +211,7 @@ def test_dead_upstream_gives_an_error_span_and_a_failed_upstream_connection(rece
         daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
                                 "--otlp-protocol", "grpc"], tmp_path).start()
         try:
-            port, statuses = _keep_alive(lab.http_port, [("GET", "/", {})])
+            port, statuses = keep_alive(lab.http_port, [("GET", "/", {})])
             assert statuses[0] >= 500
             trace = _wait_conn(receiver, port, lab.http_port, 1)
         finally:
