@@ -116,7 +116,7 @@ static __always_inline void keep_request(__u64 pid_tgid, __s32 fd, const struct 
     e->context_len = cs->req_tp_len >= TP_VALUE ? cs->req_tp_len : 0;
     __builtin_memcpy(e->context, cs->req_tp, TP_CONTEXT);
     __builtin_memset(e->_pad, 0, sizeof(e->_pad));
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, RB_SUBMIT_FLAGS);
     count_submitted();
 }
 

@@ -231,8 +231,12 @@ static __always_inline void count_submitted(void) {
         (*v)++;
 }
 
+/* Records are submitted without waking the reader: it drains the ring on a timer (the daemon's ring thread,
+ * every RING_TIMER_MS), so no submission queues the kernel's wake-up (irq_work) in the traced process. */
+#define RB_SUBMIT_FLAGS 1 /* BPF_RB_NO_WAKEUP */
+
 static __always_inline void emit(void *ev, __u32 size) {
-    if (events.ringbuf_output(ev, size, 0) != 0)
+    if (events.ringbuf_output(ev, size, RB_SUBMIT_FLAGS) != 0)
         count_drop(DROP_RINGBUF_FULL);
     else
         count_submitted();

@@ -97,6 +97,10 @@ STOP_SETTLE_S = 0.05
 # is ~1 MB of the 16 MB ring at the highest rates traced here; spans wait for linger_ns (50 ms) anyway.
 RING_BATCH_MIN = 4096
 RING_BATCH_WAIT_S = 0.050
+#: The kernel submits records without waking the reader (bpf/state.bpf.h, RB_SUBMIT_FLAGS): an empty ring is
+#: looked at again after this long (a wait on its fd that nothing interrupts). 50 ms of records is ~1 MB of
+#: the 16 MB ring at the highest rates traced here.
+RING_TIMER_MS = 50
 
 
 class UsageError(RuntimeError):
@@ -171,12 +175,11 @@ class _RingThread(threading.Thread):
                 self.last_pass = time.monotonic()
                 while not self.context.empty():
                     self.pipeline.on_context(self.context.get_nowait())
-                delivered = self.probes.poll(100)
+                delivered = self.probes.poll(RING_TIMER_MS)
                 self.pipeline.tick(time.monotonic_ns())
                 if 0 < delivered < RING_BATCH_MIN:
-                    # The kernel wakes a reader that has caught up at the next record: at thousands of
-                    # records per second, that is a wake-up (and a pass through this loop) per few
-                    # records. A pause lets them gather (see RING_BATCH_MIN).
+                    # A pass per few records costs more per record: a pause lets them gather (see
+                    # RING_BATCH_MIN).
                     self.stop_requested.wait(RING_BATCH_WAIT_S)
             self.probes.consume()  # what arrived before the stop
             while not self.context.empty():
