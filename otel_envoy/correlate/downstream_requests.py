@@ -15,7 +15,7 @@ from ..events.types import DataEvent, RequestKeptEvent
 from ..protocols.http import HttpExchange, HttpMessage
 from ..protocols.http1 import Http1Exchanges
 from ..protocols.http2 import Http2Exchanges
-from ..protocols.request_head import parse_request_head, trace_context_headers
+from ..protocols.request_head import RequestHead, parse_request_head, trace_context_headers
 from ..protocols.tracecontext import trace_context
 from .attribution import UpstreamAttribution
 from .http_feed import feed_http
@@ -29,6 +29,9 @@ OnRequest = Callable[[RequestRecord, HttpExchange], None]
 #: enum keep_reason (events.h) -> otel_envoy.kept
 KEEP_REASONS = {value: name.removeprefix("KEEP_").lower().replace("closed", "closed_before_response")
                 for name, value in load_layout().enums["keep_reason"].items()}
+#: Distinct request heads (the kernel's first 128 bytes) whose parse is remembered: clients repeat theirs
+#: (the same request line, Host and User-Agent), and httptools takes ~3.4 us per head (docs/overhead.md).
+PARSED_HEADS_MAX = 4096
 
 
 class DownstreamRequests:
@@ -40,6 +43,7 @@ class DownstreamRequests:
         self._new_span_id = ids.span_id
         self.stats = stats
         self.on_request = on_request
+        self._parsed_heads: dict[bytes, RequestHead] = {}  # shared results: never changed after the parse
 
     def on_data(self, conn: ConnectionRecord, ev: DataEvent) -> None:
         """A read or write of ``conn``, which has a parser (``conn.http.parser``)."""
@@ -71,11 +75,12 @@ class DownstreamRequests:
         sampled but kept. A request span from its first bytes, traceparent, status and times, with the
         upstream request it caused when that one waited for it (request summaries); a kept one says why it
         was kept."""
-        head = parse_request_head(bytes(ev.head[:max(0, min(ev.head_len, len(ev.head)))]))
+        head = self._head_of(bytes(ev.head[:max(0, min(ev.head_len, len(ev.head)))]))
         headers = head.headers
-        if "traceparent" not in headers or "tracestate" not in headers:  # past the first bytes
-            for name, value in trace_context_headers(bytes(ev.context[:ev.context_len])).items():
-                headers.setdefault(name, value)
+        if ev.context_len and ("traceparent" not in headers or "tracestate" not in headers):  # past the head
+            found = trace_context_headers(bytes(ev.context[:ev.context_len]))
+            if found:
+                headers = {**found, **headers}
         summary = bool(ev.sampled)
         request = HttpMessage(start_ns=ev.start_ns, end_ns=ev.start_ns, method=head.method or None,
                               path=head.path, version=head.version, headers=headers, tid=ev.tid,
@@ -96,6 +101,15 @@ class DownstreamRequests:
             conn.http.links.append((trace_id, rr.span_id))
         if self.on_request is not None:
             self.on_request(rr, HttpExchange(request, response))
+
+    def _head_of(self, data: bytes) -> RequestHead:
+        """The parse of a request's first bytes, remembered for up to PARSED_HEADS_MAX distinct ones."""
+        head = self._parsed_heads.get(data)
+        if head is None:
+            if len(self._parsed_heads) >= PARSED_HEADS_MAX:
+                self._parsed_heads.clear()
+            head = self._parsed_heads[data] = parse_request_head(data)
+        return head
 
     def ended(self, conn: ConnectionRecord, exchanges: list[HttpExchange]) -> None:
         """Exchanges of ``conn`` its parser ended early (records were lost): they become request spans."""
