@@ -246,17 +246,37 @@ def array_json(values: list[Any] | tuple[Any, ...]) -> str:
 _tuple_json: Callable[[tuple[Any, ...]], str] = ConstantCache(array_json, limit=1024, snapshot=None).get
 
 
+#: (key, str or int value) -> its attribute's text. Most attributes repeat from span to span (a
+#: connection's addresses, port and thread, a client's method, path and user agent, statuses, the phase
+#: names): a lookup instead of a concatenation and an escape. Bounded: cleared when full.
+_ATTR_TEXT: dict[tuple[str, Any], str] = {}
+_ATTR_TEXT_MAX = 16384
+
+
+def _scalar_attr_text(item: tuple[str, Any]) -> str:
+    """The text of a str or int attribute, remembered in _ATTR_TEXT."""
+    key, v = item
+    if type(v) is str:
+        text = (_STR_PREFIX.get(key) or _str_prefix(key)) + _esc(v) + "}}"
+    elif _INT64_MIN <= v <= _INT64_MAX:
+        text = f'{_INT_PREFIX.get(key) or _int_prefix(key)}{v}"}}}}'
+    else:  # beyond int64: encode_value's rendering
+        text = (_KEY_PREFIX.get(key) or _key_prefix(key)) + JSON_ENCODER.encode(encode_value(v)) + "}"
+    if len(_ATTR_TEXT) >= _ATTR_TEXT_MAX:
+        _ATTR_TEXT.clear()
+    _ATTR_TEXT[item] = text
+    return text
+
+
 def _attrs_json(attrs: Mapping[str, Any]) -> str:
     parts = []
     append = parts.append
-    str_prefix = _STR_PREFIX
-    int_prefix = _INT_PREFIX
-    for key, v in attrs.items():
+    known = _ATTR_TEXT.get
+    for item in attrs.items():
+        key, v = item
         t = type(v)
-        if t is str:
-            append((str_prefix.get(key) or _str_prefix(key)) + _esc(v) + "}}")
-        elif t is int and _INT64_MIN <= v <= _INT64_MAX:
-            append(f'{int_prefix.get(key) or _int_prefix(key)}{v}"}}}}')
+        if t is str or t is int:
+            append(known(item) or _scalar_attr_text(item))
         elif t is bool:
             prefix = _KEY_PREFIX.get(key) or _key_prefix(key)
             append(prefix + ('{"boolValue":true}}' if v else '{"boolValue":false}}'))
