@@ -80,23 +80,29 @@ class ParkedUpstreams:
         if not waiting:
             return
         req, tgid = rr.request, rr.conn.tgid
+        # A thread's entries are in the order of their writes: newest first, only those written while the
+        # request was served are looked at (under a ratio, the thread's deque is mostly requests of ones not
+        # sampled). The oldest of them with the same request line wins, else the oldest of them.
         found = oldest = None
-        for entry in waiting:
-            if entry.tgid != tgid or not start_ns <= entry.ts_ns <= end_ns:
-                continue
-            if (entry.msg.method, entry.msg.path) == (req.method, req.path):
-                found = entry
+        last = len(waiting) - 1
+        for back, entry in enumerate(reversed(waiting)):
+            if entry.ts_ns < start_ns:
                 break
-            oldest = oldest or entry
+            if entry.tgid != tgid or entry.ts_ns > end_ns:
+                continue
+            oldest = (last - back, entry)
+            if (entry.msg.method, entry.msg.path) == (req.method, req.path):
+                found = oldest
         if found is None and not by_line_only:
             found = oldest
         if found is None:
             return
-        waiting.remove(found)
-        del self._by_msg[id(found.msg)]
-        rr.upstream.append((found.up, found.msg, found.span_id))
-        cause = found.up.cause
-        if cause.request is None and cause.conn is None and start_ns <= found.up.connect.ns <= end_ns:
+        index, entry = found
+        del waiting[index]  # near the newest end: a deque rotates from the nearer end
+        del self._by_msg[id(entry.msg)]
+        rr.upstream.append((entry.up, entry.msg, entry.span_id))
+        cause = entry.up.cause
+        if cause.request is None and cause.conn is None and start_ns <= entry.up.connect.ns <= end_ns:
             cause.request = rr  # the connection was opened for it
         self.stats["upstream_paired_by_summary"] += 1
 
