@@ -93,7 +93,8 @@ struct conn_state {
 #define CONN_UNTRACED 128 /* SAMPLING: a connection sampled whole and not traced: it sends no record */
 #define CONN_PEER_EOF 256 /* SAMPLING: a read returned EOF (enum close_reason) */
 #define CONN_IO_RESET 512 /* SAMPLING: a read or write failed with a reset (enum close_reason) */
-#define CONN_SUMMARY 1024 /* SAMPLING: the current request was sampled and is reported as one record */
+/* 1024: CONN_ADOPTED (events.h: user space sets it) */
+#define CONN_SUMMARY 2048 /* SAMPLING: the current request was sampled and is reported as one record */
 
 #define CAPTURE_UNLIMITED 0xffffffff /* conn_state.capture_budget of a plaintext connection (request capture) */
 
