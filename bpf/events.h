@@ -385,7 +385,7 @@ struct request_kept_event {
     __u8 head[KEPT_HEAD];
     __u8 sampled;            /* 1: the sampler chose it (a request summary), 0: kept for `reason` */
     __u8 context_len;        /* bytes of context: 0 when the kernel found no valid traceparent */
-    __u8 context[TP_CONTEXT]; /* from the traceparent's value on (TP_VALUE bytes, then maybe "\r\ntracestate: ...") */
+    __u8 context[TP_CONTEXT]; /* from the traceparent's value on: TP_VALUE bytes, maybe "\r\ntracestate: ..." */
     __u8 _pad[6];
 };
 

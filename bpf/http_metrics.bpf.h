@@ -12,8 +12,9 @@
  * series into http.server.request.duration. Updates are atomic: workers on several CPUs share a series.
  *
  * A request that was not sampled is still reported, as one EV_REQUEST_KEPT record with its first KEPT_HEAD
- * bytes and its traceparent (as a sampled one is with request summaries on), when its status is 5xx, when its connection closes before an answer, or when its answer comes
- * after at least `keep_slow_ns`: errors and slow requests are traced whatever the sampler.
+ * bytes and its traceparent (as a sampled one is with request summaries on), when its status is 5xx, when
+ * its connection closes before an answer, or when its answer comes after at least `keep_slow_ns`: errors
+ * and slow requests are traced whatever the sampler.
  */
 #define HTTP_METRIC_SERIES 4096
 
@@ -113,7 +114,7 @@ static __always_inline void keep_request(__u64 pid_tgid, __s32 fd, const struct 
     e->head_len = cs->req_head_len;
     __builtin_memcpy(e->head, cs->req_head, KEPT_HEAD);
     e->sampled = (cs->flags & CONN_SUMMARY) ? 1 : 0;
-    e->context_len = cs->req_tp_len >= TP_VALUE ? cs->req_tp_len : 0;
+    e->context_len = cs->req_tp_len; /* 0, or at least TP_VALUE (request_traceparent) */
     __builtin_memcpy(e->context, cs->req_tp, TP_CONTEXT);
     __builtin_memset(e->_pad, 0, sizeof(e->_pad));
     events.ringbuf_submit(e, RB_SUBMIT_FLAGS);
@@ -141,6 +142,15 @@ static __always_inline void add_duration(struct http_metric *m, __u64 took) {
     __sync_fetch_and_add(&m->slots[slot], 1);
 }
 
+/* Adds `took` to series `m` (from its table's lookup_or_try_init), or counts a full table when it has none. */
+static __always_inline void add_to_series(struct http_metric *m, __u64 took) {
+    if (!m) {
+        count_drop(DROP_METRICS_FULL);
+        return;
+    }
+    add_duration(m, took);
+}
+
 /* A read/write of a connection returned `ret` <= 0: an EOF read or a reset, for its close reason. */
 static __always_inline void note_transfer_end(struct conn_state *cs, __u8 io, long ret) {
     if (ret == 0 && io < IO_WRITE)
@@ -157,11 +167,7 @@ static __always_inline void record_connection(__u32 tgid, const struct conn_stat
     struct http_metric *m = conn_metrics.lookup(&key);
     if (!m && (m = new_series()))
         m = conn_metrics.lookup_or_try_init(&key, m);
-    if (!m) {
-        count_drop(DROP_METRICS_FULL);
-        return;
-    }
-    add_duration(m, now > cs->open_ts_ns ? now - cs->open_ts_ns : 0);
+    add_to_series(m, now > cs->open_ts_ns ? now - cs->open_ts_ns : 0);
 }
 
 /* A peer's address and port as an established_at key. */
@@ -215,11 +221,7 @@ static __always_inline void record_accept_wait(__u32 tgid, __s32 listen_fd, cons
     struct http_metric *m = accept_metrics.lookup(&key);
     if (!m && (m = new_series()))
         m = accept_metrics.lookup_or_try_init(&key, m);
-    if (!m) {
-        count_drop(DROP_METRICS_FULL);
-        return;
-    }
-    add_duration(m, waited);
+    add_to_series(m, waited);
 }
 
 /* Counts the connection's current request with `status`, ending now. */
@@ -232,9 +234,5 @@ static __always_inline void record_request(__u32 tgid, const struct conn_state *
     struct http_metric *m = http_metrics.lookup(&key);
     if (!m && (m = new_series()))
         m = http_metrics.lookup_or_try_init(&key, m);
-    if (!m) {
-        count_drop(DROP_METRICS_FULL);
-        return;
-    }
-    add_duration(m, now > cs->req_start_ns ? now - cs->req_start_ns : 0);
+    add_to_series(m, now > cs->req_start_ns ? now - cs->req_start_ns : 0);
 }

@@ -28,11 +28,7 @@ static __always_inline void record_tls_handshake(__u32 tgid, struct conn_state *
     struct http_metric *m = tls_metrics.lookup(&key);
     if (!m && (m = new_series()))
         m = tls_metrics.lookup_or_try_init(&key, m);
-    if (!m) {
-        count_drop(DROP_METRICS_FULL);
-        return;
-    }
-    add_duration(m, now > cs->hs_start_ns ? now - cs->hs_start_ns : 0);
+    add_to_series(m, now > cs->hs_start_ns ? now - cs->hs_start_ns : 0);
 }
 
 /* A downstream connection closes: a handshake still under way is counted as closed. */

@@ -122,8 +122,7 @@ static __always_inline int request_traceparent(struct head_scratch *s, struct co
     __u32 at = 0;
     s->opaque = 0;
     int sampled = tp_sampled(s->b, s->len, *(volatile __u32 *)&s->opaque, &at);
-    cs->req_tp_len = 0;
-    if (sampled >= 0) {
+    if (sampled >= 0) { /* decide_request cleared req_tp_len: a request with none sends none */
         at &= TP_HEAD - 1;
         __builtin_memcpy(cs->req_tp, s->b + at, TP_CONTEXT);
         __u32 len = s->len > at ? s->len - at : 0; /* the scratch's bytes past len are an older request's */
