@@ -269,8 +269,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
     )
     symbolizer.unmatched_symbols_files(t.pid for t in targets)  # warns about each
     ring = _RingThread(probes, pipeline)
+    sampler = SamplerContext(opts.sampler.name, opts.sampler.ratio, opts.request_summary)
     if sampling:  # before any record: it decides what becomes of upstream requests no traced one caused
-        sampler = SamplerContext(opts.sampler.name, opts.sampler.ratio, opts.request_summary)
         ring.context.put(sampler.to_json())
     for pid, attributes in traced.resources.items():  # each process's spans carry its own resource
         ring.context.put(ProcessResourceContext(pid, attributes).to_json())
@@ -309,8 +309,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if opts.ready_file:
             with open(opts.ready_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
-        tasks = [asyncio.ensure_future(_keep_to_budget(budget, probes, ring, opts.sampler.name,
-                                                       opts.request_summary))] if budget is not None else []
+        tasks = [asyncio.ensure_future(_keep_to_budget(budget, probes, ring, sampler))] \
+            if budget is not None else []
         if sampling:
             tasks.append(asyncio.ensure_future(_sample_tls_listeners(probes, pipeline)))
         if opts.offcpu:
@@ -502,10 +502,10 @@ async def _sample_tls_listeners(probes: ConnectionProbes, pipeline: EventPipelin
             log.info("sampling whole connections of TLS listeners on ports %s", sorted(set(new.values())))
 
 
-async def _keep_to_budget(budget: CpuBudget, probes: ConnectionProbes, ring: _RingThread, name: str,
-                          summary: bool) -> None:
+async def _keep_to_budget(budget: CpuBudget, probes: ConnectionProbes, ring: _RingThread,
+                          sampler: SamplerContext) -> None:
     """Once a second: the daemon's share of a CPU (all its threads) to the budget, and a changed ratio to
-    the kernel's threshold and (as a sampler context record) to the pipeline."""
+    the kernel's threshold and (as ``sampler``'s context record with that ratio) to the pipeline."""
     wall, cpu = time.monotonic(), time.process_time()
     while True:
         await asyncio.sleep(BUDGET_INTERVAL_S)
@@ -514,7 +514,7 @@ async def _keep_to_budget(budget: CpuBudget, probes: ConnectionProbes, ring: _Ri
         wall, cpu = now_wall, now_cpu
         if ratio is not None:
             probes.set_sample_threshold(kernel_threshold(ratio))
-            ring.context.put(SamplerContext(name, ratio, summary).to_json())
+            ring.context.put(dataclasses.replace(sampler, ratio=ratio).to_json())
             log.info("CPU budget %.2f: tracing %.4g of plaintext requests", budget.budget, ratio)
 
 

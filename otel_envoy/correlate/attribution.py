@@ -248,9 +248,9 @@ class UpstreamAttribution:
             if ctx is not None and len(conn.http.links) < MAX_REQUEST_LINKS:
                 conn.http.links.append((f"{ctx.trace_id:032x}", span_id))
             return
-        found.unpaired[id(msg)] = self._unpaired(up, msg)
+        found.unpaired[id(msg)] = self._unpaired()
 
-    def _unpaired(self, _up: UpstreamRecord, _msg: HttpMessage) -> UnpairedRequest:
+    def _unpaired(self) -> UnpairedRequest:
         """Where an upstream request found for no downstream request nor TLS connection goes: a trace of
         its own."""
         self.stats["upstream_unpaired"] += 1

@@ -28,7 +28,7 @@ PARKED_MAX = 16384  # per thread
 PARK_NS = 5_000_000_000  # the longest a downstream request's answer may come after its upstream request
 
 Unclaimed = Callable[[UpstreamRecord, HttpExchange, UnpairedRequest], None]
-NewUnpaired = Callable[[UpstreamRecord, HttpMessage], UnpairedRequest]
+NewUnpaired = Callable[[], UnpairedRequest]
 
 
 @dataclass(slots=True)
@@ -120,7 +120,7 @@ class ParkedUpstreams:
         """``entry`` was never claimed: it goes where an unpaired request goes."""
         del self._by_msg[id(entry.msg)]
         self.stats["upstream_parked_unclaimed"] += 1
-        unpaired = self._new_unpaired(entry.up, entry.msg)
+        unpaired = self._new_unpaired()
         if entry.exchange is None:  # still in flight: it leaves unpaired when it ends
             entry.up.cause.unpaired[id(entry.msg)] = unpaired
         elif self.on_unclaimed is not None:

@@ -35,8 +35,7 @@ class _Parking:
     def __init__(self) -> None:
         self.stats: Counter[str] = Counter()
         self.unclaimed: list[tuple[UpstreamRecord, HttpExchange, UnpairedRequest]] = []
-        self.parked = ParkedUpstreams(lambda _up, _msg: UnpairedRequest("e" * 32, "f" * 16, None, ""),
-                                      self.stats)
+        self.parked = ParkedUpstreams(lambda: UnpairedRequest("e" * 32, "f" * 16, None, ""), self.stats)
         self.parked.on_unclaimed = lambda up, exchange, ids: self.unclaimed.append((up, exchange, ids))
 
     def write(self, up: UpstreamRecord, method: str, path: str, ts_ns: int, tid: int = TID) -> HttpMessage:
