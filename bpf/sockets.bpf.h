@@ -99,6 +99,17 @@ static __always_inline int watched_sock(__u16 sport, __u64 sk) {
     return port_watched(sport) || upstream_socks.lookup(&sk) != 0;
 }
 
+/* A retransmit or reset of a downstream connection that its listener's sampling left untraced: no record,
+ * like the rest of that connection (a TLS listener's client resetting after every answer would otherwise
+ * send one record per connection). `daddr`: the peer's address (4 or 16 bytes by family). */
+static __always_inline int tcp_peer_untraced(__u16 sport, const __u8 *daddr, __u16 family, __u16 dport) {
+#if SAMPLING
+    return port_conn_sampled(sport) && !peer_traced(daddr, family, dport);
+#else
+    return 0;
+#endif
+}
+
 #define FILL_TCP_EVENT(ev, typ, a)                                                                    \
     do {                                                                                              \
         fill_header(&(ev).hdr, EV_TCP, bpf_get_current_pid_tgid());                                    \
@@ -121,6 +132,8 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
         return 0;
     struct tcp_event ev = {};
     FILL_TCP_EVENT(ev, TCP_RETRANSMIT, args);
+    if (tcp_peer_untraced(ev.sport, ev.daddr, ev.family, ev.dport))
+        return 0;
     ev.state = args->state;
     emit(&ev, sizeof(ev));
     return 0;
@@ -131,6 +144,8 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
         return 0;
     struct tcp_event ev = {};
     FILL_TCP_EVENT(ev, TCP_RESET_RECEIVED, args);
+    if (tcp_peer_untraced(ev.sport, ev.daddr, ev.family, ev.dport))
+        return 0;
     emit(&ev, sizeof(ev));
     return 0;
 }
@@ -140,6 +155,8 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack) {
         return 0;
     struct tcp_event ev = {};
     FILL_TCP_EVENT(ev, TCP_SYNACK_RETRANSMIT, args);
+    if (tcp_peer_untraced(ev.sport, ev.daddr, ev.family, ev.dport))
+        return 0;
     ev.state = TCP_SYN_RECV;
     emit(&ev, sizeof(ev));
     return 0;
@@ -168,6 +185,8 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset) {
         __builtin_memcpy(ev.saddr, &src.sin6_addr, 16);
         __builtin_memcpy(ev.daddr, &dst.sin6_addr, 16);
     }
+    if (tcp_peer_untraced(ev.sport, ev.daddr, ev.family, ev.dport))
+        return 0;
     emit(&ev, sizeof(ev));
     return 0;
 }

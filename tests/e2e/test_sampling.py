@@ -189,7 +189,8 @@ def test_tls_connections_are_sampled_whole_once_their_listener_is_known(lab, tmp
         daemon = DaemonProcess(["--pid", str(lab.pid), "--request-detail", "summary",
                                 "--otlp-endpoint", receiver.grpc_endpoint,
                                 "--otlp-protocol", "grpc", "--summary-json", str(summary), "--no-offcpu",
-                                "--sampler", "traceidratio", "--sampler-arg", "0.25"], tmp_path).start()
+                                "--sampler", "traceidratio", "--sampler-arg", "0.25",
+                                "--record", str(tmp_path / "run.events")], tmp_path).start()
         first = clients.curl_tls(lab.tls_port, "a.example.com", alpn="http/1.1", ca=lab.ca_path)
         assert first.http_code == 200, first.stderr
         time.sleep(1.0)  # the daemon hands the listener to the kernel within 0.25 s of seeing it is TLS
@@ -204,3 +205,24 @@ def test_tls_connections_are_sampled_whole_once_their_listener_is_known(lab, tmp
     assert len(tls_conns) == 1 + counts["traced"]  # the first one (before the kernel knew) and the traced
     handshakes = {s.parent_span_id for s in spans if s.name == "tls.handshake"}
     assert all(c.span_id in handshakes for c in tls_conns)  # each traced connection is whole
+    # Nothing of a connection not traced reached the ring: every record naming a peer of the TLS listener
+    # names one whose accept was recorded (h2load resets each connection after its answer: those resets
+    # used to come through, one record per connection not traced).
+    accepted, named = _tls_peer_ports(tmp_path / "run.events", lab.tls_port)
+    assert len(accepted) >= 1 + counts["traced"]
+    assert named and named <= accepted, sorted(named - accepted)[:10]
+
+
+def _tls_peer_ports(recording: Path, tls_port: int) -> tuple[set[int], set[int]]:
+    """From a recording: the peer ports of its recorded accepts (the TLS listener's, and the daemon's own
+    admin calls), and the peer ports the TCP state, retransmit and reset records of the TLS listener's
+    connections name."""
+    from otel_envoy.events.decode import Decoder
+    from otel_envoy.events.recording import RecordingReader
+    from otel_envoy.events.types import AcceptEvent, SockStateEvent, TcpEvent
+
+    decoder = Decoder()
+    events = [decoder.decode(raw) for kind, raw in RecordingReader(recording) if kind == "kernel"]
+    accepted = {e.peer_port for e in events if isinstance(e, AcceptEvent)}
+    named = {e.dport for e in events if isinstance(e, SockStateEvent | TcpEvent) and e.sport == tls_port}
+    return accepted, named
