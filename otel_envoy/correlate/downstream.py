@@ -132,8 +132,11 @@ class DownstreamConnections:
         #: (tgid, fd) -> the address and port the kernel saw the process bind that socket to (startup.py)
         self.bound_address: Callable[[int, int], tuple[str, int] | None] = lambda _tgid, _fd: None
         #: listening sockets a TLS connection came through: (tgid, listen fd) -> port. The kernel samples
-        #: their connections whole (the daemon tells it), as it cannot see their requests.
+        #: their connections whole (the daemon tells it, through ``on_tls_listener``), as it cannot see
+        #: their requests.
         self.tls_listeners: dict[tuple[int, int], int] = {}
+        #: called with a listening socket's key and port the moment it is found to be a TLS one
+        self.on_tls_listener: Callable[[tuple[int, int], int], None] | None = None
         self.listener_names: dict[tuple[str, int], str] = {}  # (address, port) -> Envoy listener name
         self.filter_chains: FilterChainIndex | None = None  # what selects the listeners' filter chains
         #: peers (address, port) the daemon's own connections come from (its admin API calls), newest last
@@ -387,6 +390,8 @@ class DownstreamConnections:
         if conn.local_port and listener_key not in self.tls_listeners:
             # replaced whole, never changed in place: the daemon reads it from another thread
             self.tls_listeners = {**self.tls_listeners, listener_key: conn.local_port}
+            if self.on_tls_listener is not None:
+                self.on_tls_listener(listener_key, conn.local_port)
 
     def on_request_kept(self, ev: RequestKeptEvent) -> None:
         """A request the kernel did not sample but kept (a 5xx, closed before an answer, slow)."""
