@@ -19,7 +19,12 @@ from tests.support.daemon import DaemonProcess
 
 pytestmark = pytest.mark.root
 
-HOG = ["taskset", "-c", "0", "perl", "-e", "$0 = 'cpuhog'; 1 while 1"]
+# A real-time hog on Envoy's CPU: busy 3 ms, asleep 7 ms. Each time it wakes while the worker runs it
+# takes the CPU at once and holds it 3 ms, so the worker waits runnable longer than the 1 ms threshold
+# whatever the kernel's tick or time slice (a plain busy loop is preempted after one slice: on a kernel with
+# a short slice the worker's waits behind it stayed under 1 ms and none was reported, failing CI once)
+HOG = ["taskset", "-c", "0", "chrt", "-f", "1", "perl", "-MTime::HiRes=time,sleep", "-e",
+       "$0 = 'cpuhog'; while (1) { my $t = time + 0.003; 1 while time < $t; sleep 0.007 }"]
 
 
 def _load(port: int, seconds: int) -> None:
@@ -106,6 +111,7 @@ def test_cpu_hog_preempts_the_worker_inside_the_rounds_of_its_connections(tmp_pa
         conn = by_id[rnd.parent_span_id]
         assert conn.name == "envoy.downstream.connection" and conn.trace_id == rnd.trace_id
         attributed += 1
+    print(f"hog waits {len(hog_waits)}, attributed {attributed}")
     assert attributed >= 1, [w.attributes for w in hog_waits][:3]
     # round durations grow: with the hog, rounds of 10 ms and more (or holding a wait) appear
     rounds = [s for s in spans if s.name == "envoy.event_loop.round"]
