@@ -268,7 +268,7 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     long nr = -1;
     bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
     if (nr == NR_EPOLL_WAIT || nr == NR_EPOLL_PWAIT || nr == NR_EPOLL_PWAIT2)
-        return on_epoll_wait_exit(ret);
+        return on_epoll_wait_exit(ret, bpf_get_current_pid_tgid());
     __u8 io = io_syscall(nr);
     if (!io)
         return 0;

@@ -201,20 +201,20 @@ int tls_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
 int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
+    /* EAGAIN (a read with nothing to read, the end of an accept loop), of any process, before anything
+     * else: the io program returns before looking, and an accept or connect that would block leaves its
+     * in-flight entry to the thread's next accept/connect enter, which overwrites it */
+    if (ret == -11)
+        return 0;
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!maybe_target(pid_tgid >> 32)) /* another process: nothing of it is traced */
-        return 0;
-    /* EAGAIN (a read with nothing to read, the end of an accept loop) before reading any register: the
-     * io program returns before looking, and an accept or connect that would block leaves its in-flight
-     * entry to the thread's next accept/connect enter, which overwrites it */
-    if (ret == -11)
         return 0;
     struct sys_regs r = {};
     if (bpf_probe_read_kernel(&r, sizeof(r), &regs->r10) != 0)
         return 0;
     long nr = (long)r.orig_ax;
     if (nr == NR_EPOLL_WAIT || nr == NR_EPOLL_PWAIT || nr == NR_EPOLL_PWAIT2)
-        return on_epoll_wait_exit(ret);
+        return on_epoll_wait_exit(ret, pid_tgid);
     __u8 io = io_syscall(nr);
     if (!io) {
         if (nr == NR_ACCEPT4 || nr == NR_ACCEPT || nr == NR_CONNECT) { /* once per connection */

@@ -37,8 +37,7 @@ BPF_STACK_TRACE(stacks, STACK_ENTRIES);
 
 /* ---------------------------------------------------------------- wake rounds */
 
-static __always_inline int on_epoll_wait_exit(long ret) {
-    __u64 pid_tgid = bpf_get_current_pid_tgid();
+static __always_inline int on_epoll_wait_exit(long ret, __u64 pid_tgid) {
     __u32 tid = (__u32)pid_tgid;
     struct thread_state *t = threads.lookup(&tid); /* only target threads have state */
     if (!t) {
