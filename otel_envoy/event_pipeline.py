@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Iterable
 from opentelemetry.sdk.resources import Resource
 
 from .correlate.correlator import ConnectionCorrelator
+from .correlate.downstream_requests import KeptHead
 from .correlate.records import ConnectionRecord, RequestRecord, UpstreamRecord
 from .correlate.round_tracker import RoundRecord, WaitRecord
 from .correlate.startup import StartupRecord
@@ -33,11 +34,12 @@ from .events.recording_context import (
     ProcessResourceContext,
     SamplerContext,
 )
-from .events.types import Event
+from .events.types import Event, RequestKeptEvent
 from .export.span_queue import SpanPipeline
 from .protocols.http import HttpExchange
 from .spans.clock import MonotonicClock
 from .spans.connection import ConnectionSpanBuilder
+from .spans.request_summaries import SummarySpans
 from .spans.requests import RequestSpanBuilder
 from .spans.round_spans import RoundSpanBuilder, StackSource
 from .spans.startup_spans import StartupSpanBuilder
@@ -49,6 +51,9 @@ _C = load_layout().constants
 #: Records the daemon is told of as well (on_notice): a listen (rescan the listeners), a process that
 #: started under the followed name, a traced process that exited.
 NOTICE_KINDS = frozenset((_C["EV_LISTEN"], _C["EV_EXEC"], _C["EV_EXIT"]))
+#: The event path hands its spans to the export queue this many at a time (and at the end of every ring
+#: pass, :meth:`EventPipeline.flush_spans`): one lock and one wake-up per batch instead of per request.
+SUBMIT_BATCH = 256
 
 
 class DamagedContextError(RecordingError):
@@ -102,6 +107,9 @@ class EventPipeline:
             on_startup=self._on_startup,
             http=http,
         )
+        requests = self.correlator.downstream.requests
+        self.summary_spans = SummarySpans(self.request_builder, requests.kept_exchange)
+        requests.on_summary = self._on_summary
         self.startup_builder = StartupSpanBuilder(self.builder, self.correlator.downstream.listener_name,
                                                   self.correlator.downstream.listen_socket)
         self.recorder = recorder
@@ -110,6 +118,7 @@ class EventPipeline:
         self._handle = self.correlator.handle
         self._counts: Counter[str] = Counter()
         self._events = 0  # a plain int: counted per kernel record (see the counts property)
+        self._pending: list = []  # spans built on the event path, not handed to spans_out yet
         self.received = 0  # raw records handed in, decodable or not (the accounting's ring line)
         if recorder is not None:
             recorder.context(ClockContext(clock.offset_ns).to_json())
@@ -192,12 +201,21 @@ class EventPipeline:
         return self.correlator.attribution.exact_only
 
     def tick(self, now_mono_ns: int) -> None:
-        """Periodic: emit connections whose linger time passed."""
+        """Periodic (after every ring pass): emit connections whose linger time passed, and hand the spans
+        built since the last tick to the export queue."""
         self.correlator.expire(now_mono_ns)
+        self.flush_spans()
 
     def finish(self, now_mono_ns: int) -> None:
         """End of run: emit everything, still-open connections ended at ``now_mono_ns``."""
         self.correlator.flush(now_mono_ns)
+        self.flush_spans()
+
+    def flush_spans(self) -> None:
+        """Hand the event path's pending spans to the export queue (which never blocks)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self.spans_out.submit(pending)
         if self.round_worker is not None:
             self.round_worker.stop()
 
@@ -216,6 +234,12 @@ class EventPipeline:
             return
         self._submit("requests", self.request_builder.downstream, rr, exchange)
 
+    def _on_summary(self, conn: ConnectionRecord, head: KeptHead, span_id: str, ev: RequestKeptEvent) -> None:
+        if self.correlator.downstream.is_own(conn):
+            self._counts["own_requests_left_out"] += 1
+            return
+        self._submit("requests", self.summary_spans.spans, conn, head, span_id, ev)
+
     def _on_upstream(self, up: UpstreamRecord) -> None:
         if self.requests_sampled and up.cause.request is None and up.cause.conn is None:
             self._counts["upstream_connections_not_sampled"] += 1
@@ -233,7 +257,9 @@ class EventPipeline:
     def _submit(self, what: str, build: Callable[..., list], *args: object,
                 counts: Counter[str] | None = None) -> None:
         """Build spans and hand them to the export queue; ``counts``: where to count (the round worker's
-        own, on its thread), else this pipeline's."""
+        own, on its thread: its spans go at once), else this pipeline's (the event path's spans go in
+        batches of SUBMIT_BATCH, and at every tick)."""
+        on_event_path = counts is None
         counts = self._counts if counts is None else counts
         try:
             spans = build(*args)
@@ -244,7 +270,13 @@ class EventPipeline:
             return
         counts[what] += 1
         counts["spans"] += len(spans)
-        self.spans_out.submit(spans)
+        if not on_event_path:
+            self.spans_out.submit(spans)
+            return
+        pending = self._pending
+        pending.extend(spans)
+        if len(pending) >= SUBMIT_BATCH:
+            self.flush_spans()
 
     def drops(self) -> dict[str, int]:
         """User-space drops: decoder errors, correlator evictions, export queue and failures."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from typing import NamedTuple
 
 from ..events.layout import load_layout
 from ..events.types import DataEvent, RequestKeptEvent
@@ -16,15 +17,27 @@ from ..protocols.http import HttpExchange, HttpMessage
 from ..protocols.http1 import Http1Exchanges
 from ..protocols.http2 import Http2Exchanges
 from ..protocols.request_head import RequestHead, parse_request_head, trace_context_headers
-from ..protocols.tracecontext import trace_context
+from ..protocols.tracecontext import TraceContext, trace_context
 from .attribution import UpstreamAttribution
 from .http_feed import feed_http
 from .identity import IdSource
 from .records import MAX_REQUEST_LINKS, ConnectionRecord, RequestRecord
 
-__all__ = ["DownstreamRequests", "OnRequest"]
+__all__ = ["DownstreamRequests", "KeptHead", "OnRequest", "OnSummary"]
 
 OnRequest = Callable[[RequestRecord, HttpExchange], None]
+
+
+class KeptHead(NamedTuple):
+    """The first bytes of a request reported as one record, parsed (remembered: never changed)."""
+
+    head: RequestHead
+    context: TraceContext | None  # from the head's headers
+    context_beyond: bool  # the kernel's context bytes may add a traceparent or tracestate the head lacks
+
+
+#: A request summary no upstream request waits for: (connection, head, span id, record).
+OnSummary = Callable[[ConnectionRecord, KeptHead, str, RequestKeptEvent], None]
 
 #: enum keep_reason (events.h) -> otel_envoy.kept
 KEEP_REASONS = {value: name.removeprefix("KEEP_").lower().replace("closed", "closed_before_response")
@@ -43,7 +56,8 @@ class DownstreamRequests:
         self._new_span_id = ids.span_id
         self.stats = stats
         self.on_request = on_request
-        self._parsed_heads: dict[bytes, RequestHead] = {}  # shared results: never changed after the parse
+        self._parsed_heads: dict[bytes, KeptHead] = {}  # shared results: never changed after the parse
+        self.on_summary: OnSummary | None = None
 
     def on_data(self, conn: ConnectionRecord, ev: DataEvent) -> None:
         """A read or write of ``conn``, which has a parser (``conn.http.parser``)."""
@@ -74,41 +88,66 @@ class DownstreamRequests:
         """A request of ``conn`` the kernel reported as one record: sampled (a request summary), or not
         sampled but kept. A request span from its first bytes, traceparent, status and times, with the
         upstream request it caused when that one waited for it (request summaries); a kept one says why it
-        was kept."""
+        was kept. A summary no upstream request waits for goes to ``on_summary`` when that is set."""
         head = self._head_of(bytes(ev.head[:max(0, min(ev.head_len, len(ev.head)))]))
-        headers = head.headers
-        if ev.context_len and ("traceparent" not in headers or "tracestate" not in headers):  # past the head
+        span_id = self._new_span_id()
+        http = conn.http
+        if (ev.sampled and self.on_summary is not None and not (ev.context_len and head.context_beyond)
+                and not self.attribution.parked.waiting(ev.tid)):
+            http.count += 1
+            self.stats["request_summaries"] += 1
+            ctx = head.context
+            if ctx is not None and len(http.links) < MAX_REQUEST_LINKS:
+                trace_id = f"{ctx.trace_id:032x}"
+                if trace_id != conn.trace_id:
+                    http.links.append((trace_id, span_id))
+            self.on_summary(conn, head, span_id, ev)
+            return
+        rr, exchange = self.kept_exchange(conn, ev, head, span_id)
+        http.count += 1
+        self.stats["request_summaries" if rr.request.summary else f"kept_{rr.kept}"] += 1
+        self.attribution.summary_reported(rr, ev.tid, ev.start_ns, ev.ts_ns)  # its upstream request
+        trace_id, _, _ = rr.placement()
+        if trace_id != conn.trace_id and len(http.links) < MAX_REQUEST_LINKS:
+            http.links.append((trace_id, rr.span_id))
+        if self.on_request is not None:
+            self.on_request(rr, exchange)
+
+    @staticmethod
+    def kept_exchange(conn: ConnectionRecord, ev: RequestKeptEvent, head: KeptHead, span_id: str
+                      ) -> tuple[RequestRecord, HttpExchange]:
+        """The request record and exchange of a request reported as one record (nothing is counted)."""
+        headers = head.head.headers
+        context = head.context
+        if ev.context_len and head.context_beyond:  # its traceparent or tracestate came past the head
             found = trace_context_headers(bytes(ev.context[:ev.context_len]))
             if found:
                 headers = {**found, **headers}
+                context = trace_context(headers)
         summary = bool(ev.sampled)
-        request = HttpMessage(start_ns=ev.start_ns, end_ns=ev.start_ns, method=head.method or None,
-                              path=head.path, version=head.version, headers=headers, tid=ev.tid,
+        request = HttpMessage(start_ns=ev.start_ns, end_ns=ev.start_ns, method=head.head.method or None,
+                              path=head.head.path, version=head.head.version, headers=headers, tid=ev.tid,
                               round=ev.round, headers_round=ev.round, summary=summary,
-                              error=None if head.complete or summary else "headers_not_captured")
+                              error=None if head.head.complete or summary else "headers_not_captured")
         response = None
         if ev.status:
-            response = HttpMessage(start_ns=ev.ts_ns, end_ns=ev.ts_ns, status=ev.status, version=head.version,
-                                   tid=ev.tid, round=ev.round, summary=summary)
+            response = HttpMessage(start_ns=ev.ts_ns, end_ns=ev.ts_ns, status=ev.status,
+                                   version=head.head.version, tid=ev.tid, round=ev.round, summary=summary)
             request.response = response
-        rr = RequestRecord(conn, request, self._new_span_id(), trace_context(headers),
+        rr = RequestRecord(conn, request, span_id, context,
                            kept="" if summary else KEEP_REASONS.get(ev.reason, str(ev.reason)))
-        conn.http.count += 1
-        self.stats["request_summaries" if summary else f"kept_{rr.kept}"] += 1
-        self.attribution.summary_reported(rr, ev.tid, ev.start_ns, ev.ts_ns)  # its upstream request
-        trace_id, _, _ = rr.placement()
-        if trace_id != conn.trace_id and len(conn.http.links) < MAX_REQUEST_LINKS:
-            conn.http.links.append((trace_id, rr.span_id))
-        if self.on_request is not None:
-            self.on_request(rr, HttpExchange(request, response))
+        return rr, HttpExchange(request, response)
 
-    def _head_of(self, data: bytes) -> RequestHead:
+    def _head_of(self, data: bytes) -> KeptHead:
         """The parse of a request's first bytes, remembered for up to PARSED_HEADS_MAX distinct ones."""
         head = self._parsed_heads.get(data)
         if head is None:
             if len(self._parsed_heads) >= PARSED_HEADS_MAX:
                 self._parsed_heads.clear()
-            head = self._parsed_heads[data] = parse_request_head(data)
+            parsed = parse_request_head(data)
+            head = self._parsed_heads[data] = KeptHead(
+                parsed, trace_context(parsed.headers),
+                "traceparent" not in parsed.headers or "tracestate" not in parsed.headers)
         return head
 
     def ended(self, conn: ConnectionRecord, exchanges: list[HttpExchange]) -> None:

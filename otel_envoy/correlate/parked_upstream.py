@@ -65,6 +65,10 @@ class ParkedUpstreams:
         self._by_msg[id(msg)] = entry
         self.stats["upstream_parked"] += 1
 
+    def waiting(self, tid: int) -> bool:
+        """Whether an upstream request of thread ``tid`` waits for its downstream request."""
+        return bool(self._by_thread.get(tid))
+
     def ended(self, exchange: HttpExchange) -> bool:
         """An upstream request ended: True when it waits (it goes out with the request that claims it)."""
         entry = self._by_msg.get(id(exchange.request))

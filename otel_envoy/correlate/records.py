@@ -158,6 +158,8 @@ class ConnectionHttp:
     links: list[tuple[str, str]] = field(default_factory=list)  # (trace id, span id) of requests elsewhere
     next_seq: int = 0  # the msg_seq the connection's next data record should carry (a gap: records lost)
     source: str = ""  # "uprobe": the parser is fed a TLS connection's plaintext (correlate/tls_plaintext.py)
+    summary_shapes: dict = field(default_factory=dict)  # what its request summaries' spans share (the span
+    #                                                     builder's: spans/request_summaries.py)
 
 
 @dataclass(slots=True)

@@ -16,12 +16,13 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 from otel_envoy.export.constant_cache import ConstantCache
 from otel_envoy.export.grouping import ResourceGroup, group_records
-from otel_envoy.spans.model import SpanRecord
+from otel_envoy.spans.model import LayeredAttributes, SpanRecord
 
 __all__ = [
     "JSON_ENCODER",
@@ -269,10 +270,21 @@ def _scalar_attr_text(item: tuple[str, Any]) -> str:
 
 
 def _attrs_json(attrs: Mapping[str, Any]) -> str:
+    if type(attrs) is LayeredAttributes and attrs.block is not None:  # shared first keys: their text once
+        block = attrs.block
+        text = block.encoded.get("json")
+        if text is None:
+            text = block.encoded["json"] = _items_json(block.items.items())
+        rest = _items_json(islice(attrs.items(), block.size, None))
+        return f"{text},{rest}" if text and rest else text or rest
+    return _items_json(attrs.items())
+
+
+def _items_json(items: Iterable[tuple[str, Any]]) -> str:
     parts = []
     append = parts.append
     known = _ATTR_TEXT.get
-    for item in attrs.items():
+    for item in items:
         key, v = item
         t = type(v)
         if t is str or t is int:

@@ -8,12 +8,13 @@ several times faster than building ``opentelemetry.proto`` messages.  Its output
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 from otel_envoy.export.constant_cache import ConstantCache
 from otel_envoy.export.grouping import group_records
-from otel_envoy.spans.model import SPAN_FLAGS_LOCAL, EventRecord, LinkRecord, SpanRecord
+from otel_envoy.spans.model import SPAN_FLAGS_LOCAL, EventRecord, LayeredAttributes, LinkRecord, SpanRecord
 
 __all__ = ["encode_request_proto"]
 
@@ -174,11 +175,21 @@ _pb_tuple: Callable[[tuple[Any, ...]], bytes] = ConstantCache(_pb_array, limit=1
 
 def _pb_attrs(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
     """Every attribute as a ``KeyValue`` field with ``tag`` (the repeated field of the enclosing message)."""
+    if type(attrs) is LayeredAttributes and attrs.block is not None:  # shared first keys: encoded once
+        block = attrs.block
+        encoded = block.encoded.get(tag)
+        if encoded is None:
+            encoded = block.encoded[tag] = _pb_items(tag, block.items.items())
+        return encoded + _pb_items(tag, islice(attrs.items(), block.size, None))
+    return _pb_items(tag, attrs.items())
+
+
+def _pb_items(tag: bytes, items: Iterable[tuple[str, Any]]) -> bytes:
     parts = []
     append = parts.append
     heads = _PB_HEADS.get(tag) or {}
     str_value = _STR_VALUE
-    for key, v in attrs.items():
+    for key, v in items:
         t = type(v)
         if t is str:
             b = v.encode("utf-8", "replace")

@@ -23,7 +23,9 @@ __all__ = [
     "STATUS_CODE_ERROR",
     "STATUS_CODE_OK",
     "STATUS_CODE_UNSET",
+    "AttributeBlock",
     "EventRecord",
+    "LayeredAttributes",
     "LinkRecord",
     "SpanRecord",
 ]
@@ -49,6 +51,75 @@ SPAN_FLAGS_REMOTE = 0x300
 EventRecord = tuple[int, str, dict[str, Any]]
 #: A span link: ``(trace_id_hex, span_id_hex, attributes)``.
 LinkRecord = tuple[str, str, dict[str, Any]]
+
+
+class AttributeBlock:
+    """Attributes many spans share unchanged (a connection's peer, thread and listener with a request head's
+    method, path and user agent): built once, and encoded once per encoding (``encoded``, filled by the
+    encoders). Read-only."""
+
+    __slots__ = ("encoded", "items", "size")
+
+    def __init__(self, items: dict[str, Any]) -> None:
+        self.items = items
+        self.size = len(items)
+        self.encoded: dict[str, Any] = {}  # encoding name -> the block's encoding
+
+
+class LayeredAttributes(dict):
+    """A span's attributes that begin with an :class:`AttributeBlock`'s: a plain dict to every reader; an
+    encoder writes the block's remembered encoding and encodes only the keys after it. Changing or
+    removing one of the block's keys detaches the block (the dict is then encoded key by key)."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, items: Any = (), block: AttributeBlock | None = None) -> None:
+        """``block``: the block ``items`` are (the caller's word), or None."""
+        dict.__init__(self, items)
+        self.block = block
+
+    @classmethod
+    def of(cls, block: AttributeBlock, key: str, value: Any) -> LayeredAttributes:
+        """The block's attributes, then ``key`` (not one of the block's)."""
+        attrs = cls(block.items, block)
+        dict.__setitem__(attrs, key, value)
+        return attrs
+
+    def _touch(self, key: object) -> None:
+        if self.block is not None and key in self.block.items:
+            self.block = None
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._touch(key)
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._touch(key)
+        dict.__delitem__(self, key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self._touch(key)
+        return dict.pop(self, key, *default)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._touch(key)
+        return dict.setdefault(self, key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.block = None
+        dict.update(self, *args, **kwargs)
+
+    def popitem(self) -> tuple[str, Any]:
+        self.block = None
+        return dict.popitem(self)
+
+    def clear(self) -> None:
+        self.block = None
+        dict.clear(self)
+
+    def __ior__(self, other: Any) -> LayeredAttributes:  # type: ignore[override,misc]
+        self.update(other)
+        return self
 
 
 @dataclass(slots=True)

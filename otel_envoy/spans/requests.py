@@ -39,7 +39,9 @@ from .model import (
     SpanRecord,
 )
 
-__all__ = ["RequestSpanBuilder", "upstream_placement"]
+__all__ = ["ROUND_KEY", "RequestSpanBuilder", "upstream_placement"]
+
+ROUND_KEY = "envoy.event_loop.round"
 
 _LINK_CONNECTION = {"otel_envoy.link": "downstream_connection"}
 _LINK_UPSTREAM = {"otel_envoy.link": "upstream_connection"}
@@ -155,7 +157,6 @@ class RequestSpanBuilder:
         attrs["client.port"] = conn.peer_port
         attrs["thread.id"] = req.tid
         attrs["thread.name"] = conn.thread_name
-        attrs["envoy.event_loop.round"] = req.headers_round or req.round
         attrs["otel_envoy.trace_context"] = source
         if rr.kept:
             attrs["otel_envoy.kept"] = rr.kept
@@ -169,6 +170,7 @@ class RequestSpanBuilder:
         code, message, error_type = _status(req, resp, client=False)
         if error_type:
             attrs["error.type"] = error_type
+        attrs[ROUND_KEY] = req.headers_round or req.round  # last: what a request summary's span varies in
         links = [] if trace_id == conn.trace_id else [(conn.trace_id, conn.span_id, _LINK_CONNECTION)]
         spans = [SpanRecord(trace_id, rr.span_id, parent, req.method or "HTTP", SPAN_KIND_SERVER,
                             start + offset, end + offset, attrs, _events(req, resp, offset, sent=False),

@@ -1,0 +1,106 @@
+"""Request summaries' spans built from what a connection's earlier ones share (spans/request_summaries.py)
+are the spans the longer way (RequestSpanBuilder.downstream) builds, and encode to the same OTLP."""
+
+from __future__ import annotations
+
+import json
+
+from opentelemetry.sdk.resources import Resource
+
+from otel_envoy.event_pipeline import EventPipeline
+from otel_envoy.events.types import RequestKeptEvent
+from otel_envoy.export.otlp_json import encode_request_json
+from otel_envoy.export.otlp_proto import encode_request_proto
+from otel_envoy.export.span_queue import SpanPipeline
+from otel_envoy.spans.clock import MonotonicClock
+from otel_envoy.spans.model import AttributeBlock, LayeredAttributes, SpanRecord
+from tests.support.events import TGID, TID, C, accept, established
+from tests.support.replay import CollectingSink
+
+FD, PORT = 30, 40000
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def _summary(ts: int, head: bytes, status: int = 200, tid: int = TID, round_: int = 1) -> RequestKeptEvent:
+    return RequestKeptEvent(ts, C["EV_REQUEST_KEPT"], TGID, tid, round_, ts - 500, FD, 10, status, 1, 0,
+                            len(head), head.ljust(128, b"\0"), 1, 0, b"\0" * 64)
+
+
+PLAIN = b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: h2load\r\n\r\n"
+TRACED = b"GET /b HTTP/1.1\r\ntraceparent: " + PARENT.encode() + b"\r\n\r\n"
+STORY = [_summary(10_000, PLAIN, round_=2), _summary(20_000, PLAIN, round_=3),
+         _summary(30_000, PLAIN, round_=4),
+         _summary(40_000, PLAIN, 503, round_=5), _summary(50_000, PLAIN, 503, round_=6),
+         _summary(60_000, TRACED, round_=7), _summary(70_000, TRACED, round_=8),
+         _summary(80_000, PLAIN, tid=TID + 1, round_=9)]
+
+
+def _spans(shapes: bool) -> tuple[EventPipeline, list[SpanRecord], dict[str, str]]:
+    sink = CollectingSink()
+    pipeline = EventPipeline(SpanPipeline([sink]), Resource.create({"service.name": "t"}), MonotonicClock(7))
+    if not shapes:  # every summary the longer way
+        pipeline.correlator.downstream.requests.on_summary = None
+    pipeline.on_context({"type": "listen_sockets", "sockets": [[TGID, 10, "0.0.0.0", 8080]]})
+    for ev in [established(1_000, PORT), accept(2_000, FD, PORT), *STORY]:
+        pipeline.correlator.handle(ev)
+    pipeline.finish(90_000)
+    pipeline.spans_out.shutdown(5.0)
+    spans = [s for s in sink.spans if isinstance(s, SpanRecord)]
+    conn = next(s for s in spans if s.name == "envoy.downstream.connection")
+    return (pipeline, [s for s in spans if "url.path" in s.attributes],
+            {conn.trace_id: "conn-trace", conn.span_id: "conn-span"})
+
+
+def _comparable(span: SpanRecord, conn_ids: dict[str, str]) -> tuple:
+    parent = conn_ids.get(span.parent_span_id or "", span.parent_span_id)
+    links = [(conn_ids.get(t, t), conn_ids.get(s, s), a) for t, s, a in span.links]
+    return (conn_ids.get(span.trace_id, span.trace_id), parent, span.name, span.start_ns, span.end_ns,
+            list(span.attributes.items()), span.events, links, span.status_code, span.status_message,
+            span.trace_state, span.flags, span.resource_attributes)
+
+
+def test_summary_spans_are_the_longer_way_s_spans() -> None:
+    fast_pipeline, fast, fast_ids = _spans(shapes=True)
+    slow_pipeline, slow, slow_ids = _spans(shapes=False)
+    assert len(fast) == len(slow) == len(STORY)
+    assert [_comparable(s, fast_ids) for s in fast] == [_comparable(s, slow_ids) for s in slow]
+    # the first of each (head, status, thread) goes the longer way; the ones after it share its block
+    layered = [type(s.attributes) is LayeredAttributes for s in fast]
+    assert layered == [False, True, True, False, True, False, True, False]
+    assert not any(type(s.attributes) is LayeredAttributes for s in slow)
+    assert fast[5].trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert fast[6].parent_span_id == "b7ad6b7169203331"
+    assert fast_pipeline.counts["requests"] == slow_pipeline.counts["requests"] == len(STORY)
+    sink = fast_pipeline.spans_out.sinks[0]
+    conn_span = next(s for s in sink.spans if s.name == "envoy.downstream.connection")
+    assert conn_span.attributes["envoy.connection.requests"] == len(STORY)
+    assert len(conn_span.links) == 2  # the traced requests link back
+
+
+def test_layered_attributes_encode_as_the_same_dict_would() -> None:
+    block = AttributeBlock({"a": "x", "b": 7, "c": ["l"], "d": True})
+    layered = LayeredAttributes.of(block, "round", 9)
+    plain = {"a": "x", "b": 7, "c": ["l"], "d": True, "round": 9}
+    assert layered == plain
+    def span(attrs: dict) -> SpanRecord:
+        return SpanRecord("1" * 32, "2" * 16, None, "GET", 2, 1, 2, attrs)
+    for _ in range(2):  # the block's encoding is made once, then reused
+        assert encode_request_json([span(layered)]) == encode_request_json([span(plain)])
+        assert encode_request_proto([span(layered)]) == encode_request_proto([span(plain)])
+    assert set(block.encoded) == {"json", b"\x4a"}
+
+
+def test_changing_a_block_s_key_detaches_the_block() -> None:
+    block = AttributeBlock({"a": "x", "b": 7})
+    layered = LayeredAttributes.of(block, "round", 9)
+    layered["extra"] = 1  # after the block: the block still holds
+    assert layered.block is block
+    layered["a"] = "changed"
+    assert layered.block is None
+    text = json.loads(encode_request_json([SpanRecord("1" * 32, "2" * 16, None, "n", 1, 1, 2, layered)]))
+    attrs = text["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"]
+    assert attrs[0] == {"key": "a", "value": {"stringValue": "changed"}}
+    assert block.items == {"a": "x", "b": 7}  # the shared block itself is never changed
+    again = LayeredAttributes.of(block, "round", 1)
+    again.pop("b")
+    assert again.block is None and "b" not in again
