@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from otel_envoy.daemon import make_resource  # noqa: E402
-from otel_envoy.event_pipeline import EventPipeline, tune_garbage_collector  # noqa: E402
+from otel_envoy.event_pipeline import EventPipeline, tune_allocator, tune_garbage_collector  # noqa: E402
 from otel_envoy.events.recording import RecordingReader  # noqa: E402
 from otel_envoy.export.otlp_json import encode_request_json  # noqa: E402
 from otel_envoy.spans.clock import MonotonicClock  # noqa: E402
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     clock, items = load(args.recording)
+    tune_allocator()
     tune_garbage_collector()  # as the live daemon runs (the recording in memory is frozen with it)
     if args.output:
         n = write_output(clock, items, args.output, args.batch)

@@ -183,7 +183,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .daemon import make_resource
     from .envoy.process_resource import operator_keys
-    from .event_pipeline import DamagedContextError, EventPipeline, tune_garbage_collector
+    from .event_pipeline import DamagedContextError, EventPipeline, tune_allocator, tune_garbage_collector
     from .events.recording import RecordingReader
     from .events.recording_context import recording_clock
     from .export.sinks import JsonLinesFileSink, OtlpSink
@@ -211,6 +211,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     spans_out = SpanPipeline(sinks, block_when_full=True)  # a replay waits for the sinks, drops nothing
     pipeline = EventPipeline(spans_out, make_resource(), clock, operator_keys=operator_keys())
     tune_garbage_collector()  # as in live runs
+    tune_allocator()
     try:
         pipeline.replay(items)
     except DamagedContextError as exc:

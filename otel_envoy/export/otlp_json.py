@@ -14,6 +14,7 @@ dicts.  The reader is :mod:`otel_envoy.export.otlp_json_decode`.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,7 +23,7 @@ from typing import Any
 
 from otel_envoy.export.constant_cache import ConstantCache
 from otel_envoy.export.grouping import ResourceGroup, group_records
-from otel_envoy.spans.model import LayeredAttributes, SpanRecord
+from otel_envoy.spans.model import LayeredAttributes, SpanRecord, SpanTemplate
 
 __all__ = [
     "JSON_ENCODER",
@@ -275,8 +276,17 @@ def _attrs_json(attrs: Mapping[str, Any]) -> str:
         text = block.encoded.get("json")
         if text is None:
             text = block.encoded["json"] = _items_json(block.items.items())
-        rest = _items_json(islice(attrs.items(), block.size, None))
-        return f"{text},{rest}" if text and rest else text or rest
+        extra = len(attrs) - block.size  # what varies from span to span (not cached): usually one key
+        rest = []
+        items = (next(reversed(attrs.items())),) if extra == 1 else islice(attrs.items(), block.size, None)
+        for key, v in items:
+            if type(v) is int and _INT64_MIN <= v <= _INT64_MAX:
+                rest.append(f'{_INT_PREFIX.get(key) or _int_prefix(key)}{v}"}}}}')
+            else:
+                rest.append(_items_json(((key, v),)))
+        if not rest:
+            return text
+        return f"{text},{','.join(rest)}" if text else ",".join(rest)
     return _items_json(attrs.items())
 
 
@@ -314,6 +324,7 @@ def _json_resource(attrs: dict[str, Any]) -> str:
 _JSON_RESOURCES = ConstantCache(_json_resource, limit=1024)  # one resource per traced process
 _JSON_SCOPES: dict[tuple[str, str], str] = {}
 _JSON_NAMES: dict[str, str] = {}  # span name -> ',"name":NAME,"kind":'
+_JSON_EVENT_NAMES: dict[str, str] = {}  # event name -> '","name":NAME' (after the event's time)
 _JSON_CACHE_MAX = 4096
 
 
@@ -339,6 +350,13 @@ def _json_name(name: str) -> str:
     return out
 
 
+def _json_event_name(name: str) -> str:
+    out = f'","name":{_esc(name)}'
+    if len(_JSON_EVENT_NAMES) < _JSON_CACHE_MAX:
+        _JSON_EVENT_NAMES[name] = out
+    return out
+
+
 def _records_json(records: Sequence[SpanRecord], out: list[str]) -> None:
     """Append the text of the ``resourceSpans`` entries (comma-separated) for records to ``out``.
 
@@ -358,8 +376,64 @@ def _records_json(records: Sequence[SpanRecord], out: list[str]) -> None:
         append('],"schemaUrl":' + _esc(schema) + "}" if schema else "]}")
 
 
+#: A template's OTLP/JSON: a %-format string and the number of events it has placeholders for.
+_JsonTemplate = tuple[str, int]
+_NO_TEMPLATE: _JsonTemplate = ("", -1)  # the template's text could not be made: its spans go key by key
+_SENTINEL_SPAN_ID = "zzzzzzzzzzzzzzzz"  # not hex: no span's id
+
+
+def _templated_json(r: SpanRecord, template: SpanTemplate) -> str | None:
+    """A span made from ``template``: its text from the template's, or None when it does not fit it."""
+    entry = template.encoded.get("json")
+    if entry is None:
+        entry = template.encoded["json"] = _json_template(r, template)
+    text, n_events = entry
+    attrs, events = r.attributes, r.events
+    if (len(events) != n_events or type(attrs) is not LayeredAttributes or attrs.block is not template.block
+            or len(attrs) != template.block.size + 1 or not r.start_ns or not r.end_ns):
+        return None
+    value = attrs.get(template.varying_key)
+    if type(value) is not int or not _INT64_MIN <= value <= _INT64_MAX:
+        return None
+    if n_events == 2:
+        return text % (r.span_id, r.start_ns, r.end_ns, value, events[0][0], events[1][0])
+    return text % (r.span_id, r.start_ns, r.end_ns, value, *[e[0] for e in events])
+
+
+def _json_template(r: SpanRecord, template: SpanTemplate) -> _JsonTemplate:
+    """``r``'s text as _record_json writes it, with placeholders where the template's spans differ: made
+    from a copy of ``r`` whose varying values are sentinels, each found exactly once, in argument order."""
+    sentinels = [-(10**18) - i for i in range(3 + len(r.events))]  # start, end, value, event times
+    key = template.varying_key
+    proto = dataclasses.replace(
+        r, span_id=_SENTINEL_SPAN_ID, start_ns=sentinels[0], end_ns=sentinels[1],
+        attributes=LayeredAttributes.of(template.block, key, sentinels[2]),
+        events=[(sentinels[3 + i], name, attrs) for i, (_ts, name, attrs) in enumerate(r.events)],
+        template=None)
+    text = _record_json(proto)
+    value_prefix = _INT_PREFIX.get(key) or _int_prefix(key)
+    marks = [(f'"spanId":"{_SENTINEL_SPAN_ID}"', '"spanId":"%s"'),
+             (f'"startTimeUnixNano":"{sentinels[0]}"', '"startTimeUnixNano":"%d"'),
+             (f'"endTimeUnixNano":"{sentinels[1]}"', '"endTimeUnixNano":"%d"'),
+             (f'{value_prefix}{sentinels[2]}"', value_prefix.replace("%", "%%") + '%d"'),
+             *[(f'"timeUnixNano":"{t}"', '"timeUnixNano":"%d"') for t in sentinels[3:]]]
+    out, last = [], 0
+    for mark, placeholder in marks:
+        at = text.find(mark, last)
+        if at < 0 or text.find(mark, at + 1) >= 0 or text.find(mark) != at:
+            return _NO_TEMPLATE
+        out.append(text[last:at].replace("%", "%%"))
+        out.append(placeholder)
+        last = at + len(mark)
+    out.append(text[last:].replace("%", "%%"))
+    return "".join(out), len(r.events)
+
+
 def _record_json(r: SpanRecord) -> str:
     # The key order is fixed, so the same records always give the same text.
+    template = r.template
+    if template is not None and (text := _templated_json(r, template)) is not None:
+        return text
     parent, flags, state = r.parent_span_id, r.flags, r.trace_state
     head = f'{{"traceId":"{r.trace_id}","spanId":"{r.span_id}"'
     if state:
@@ -383,12 +457,11 @@ def _record_json(r: SpanRecord) -> str:
     if r.events:
         enc = []
         for ts, ev_name, attrs in r.events:
+            named = _JSON_EVENT_NAMES.get(ev_name) or _json_event_name(ev_name)
             if attrs:
-                enc.append(
-                    f'{{"timeUnixNano":"{ts}","name":{_esc(ev_name)},"attributes":[{_attrs_json(attrs)}]}}'
-                )
+                enc.append(f'{{"timeUnixNano":"{ts}{named},"attributes":[{_attrs_json(attrs)}]}}')
             else:
-                enc.append(f'{{"timeUnixNano":"{ts}","name":{_esc(ev_name)}}}')
+                enc.append(f'{{"timeUnixNano":"{ts}{named}}}')
         s += ',"events":[' + ",".join(enc) + "]"
     if r.links:
         enc = []

@@ -180,7 +180,9 @@ def _pb_attrs(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
         encoded = block.encoded.get(tag)
         if encoded is None:
             encoded = block.encoded[tag] = _pb_items(tag, block.items.items())
-        return encoded + _pb_items(tag, islice(attrs.items(), block.size, None))
+        extra = len(attrs) - block.size  # usually one key: the last
+        items = (next(reversed(attrs.items())),) if extra == 1 else islice(attrs.items(), block.size, None)
+        return encoded + _pb_items(tag, items)
     return _pb_items(tag, attrs.items())
 
 

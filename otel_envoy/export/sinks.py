@@ -19,9 +19,9 @@ encoded alone and those that fail are left out. Either way the span is counted (
 from __future__ import annotations
 
 import abc
+import binascii
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO, TypeVar
@@ -41,21 +41,37 @@ __all__ = ["EncodingSink", "JsonLinesFileSink", "OtlpSink", "SpanSink", "encode_
 
 log = logging.getLogger("otel_envoy.export")
 _T = TypeVar("_T")
-_TRACE_ID = re.compile(r"[0-9a-f]{32}")
-_SPAN_ID = re.compile(r"[0-9a-f]{16}")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
 
 def span_ids_valid(r: SpanRecord) -> bool:
     """Whether the span's trace, span, parent and link ids are what OTLP requires: lower-case hex of 32 or 16
-    digits, not all zero."""
-    if not (_TRACE_ID.fullmatch(r.trace_id) and r.trace_id != _ZERO_TRACE):
+    digits, not all zero (the link ids: of their lengths). Every span of every batch is checked: lengths,
+    then one strict hex decoding of the ids together and a case check (a third of three regular
+    expressions' cost)."""
+    trace_id, span_id, parent = r.trace_id, r.span_id, r.parent_span_id
+    if len(trace_id) != 32 or len(span_id) != 16 or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return False
-    if not (_SPAN_ID.fullmatch(r.span_id) and r.span_id != _ZERO_SPAN):
+    if parent:
+        if len(parent) != 16 or parent == _ZERO_SPAN:
+            return False
+        ids = trace_id + span_id + parent
+    else:
+        ids = trace_id + span_id
+    if not _lower_hex(ids):
         return False
-    if r.parent_span_id and not (_SPAN_ID.fullmatch(r.parent_span_id) and r.parent_span_id != _ZERO_SPAN):
+    if r.links:
+        return all(len(t) == 32 and len(s) == 16 and _lower_hex(t + s) for t, s, _attrs in r.links)
+    return True
+
+
+def _lower_hex(text: str) -> bool:
+    """Only the digits 0-9 and a-f (an even number of them)."""
+    try:
+        binascii.unhexlify(text)  # strict: no signs, spaces or prefixes; either case
+    except (binascii.Error, ValueError):  # ValueError: a character beyond ASCII
         return False
-    return all(_TRACE_ID.fullmatch(t) and _SPAN_ID.fullmatch(s) for t, s, _attrs in r.links)
+    return text == text.lower()
 
 
 def encode_leaving_out_bad(encode: Callable[[Sequence[SpanRecord]], _T], spans: Sequence[SpanRecord]

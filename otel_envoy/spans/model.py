@@ -28,6 +28,7 @@ __all__ = [
     "LayeredAttributes",
     "LinkRecord",
     "SpanRecord",
+    "SpanTemplate",
 ]
 
 # OTLP proto enum values (opentelemetry/proto/trace/v1/trace.proto).
@@ -122,6 +123,21 @@ class LayeredAttributes(dict):
         return self
 
 
+class SpanTemplate:
+    """What the spans made from one template share: everything but their span id, start and end times, the
+    times of their events, and the value of ``varying_key``, the one attribute after the template's
+    AttributeBlock (``block``). Spans name it in ``SpanRecord.template``; an encoder may then write the
+    shared part from what it remembered in ``encoded`` (it checks the span still has the template's
+    attributes). Read-only."""
+
+    __slots__ = ("block", "encoded", "varying_key")
+
+    def __init__(self, block: AttributeBlock, varying_key: str) -> None:
+        self.block = block
+        self.varying_key = varying_key
+        self.encoded: dict[str, Any] = {}
+
+
 @dataclass(slots=True)
 class SpanRecord:
     """One span, flattened.
@@ -152,6 +168,7 @@ class SpanRecord:
     trace_state: str = ""
     flags: int = 0
     resource_schema_url: str = ""
+    template: SpanTemplate | None = None  # made from a template (spans/request_summaries.py), or None
 
     @property
     def duration_ns(self) -> int:

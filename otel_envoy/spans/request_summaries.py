@@ -20,7 +20,7 @@ from ..correlate.downstream_requests import KeptHead
 from ..correlate.records import ConnectionRecord, RequestRecord
 from ..events.types import RequestKeptEvent
 from ..protocols.http import HttpExchange
-from .model import SPAN_KIND_SERVER, AttributeBlock, LayeredAttributes, LinkRecord, SpanRecord
+from .model import SPAN_KIND_SERVER, AttributeBlock, LayeredAttributes, LinkRecord, SpanRecord, SpanTemplate
 from .requests import ROUND_KEY, RequestSpanBuilder
 
 __all__ = ["SHAPES_MAX", "SummaryShape", "SummarySpans"]
@@ -40,7 +40,7 @@ class SummaryShape:
     """What the spans of a connection's summaries with the same head, status and thread share."""
 
     head: KeptHead  # its id is in the shape's key: held, so that id is not reused
-    block: AttributeBlock
+    template: SpanTemplate  # its attributes but the round, as an AttributeBlock
     name: str
     trace_id: str
     parent: str | None
@@ -80,9 +80,9 @@ class SummarySpans:
             end = start
             events = [(start, "http.request.received", _NO_ATTRIBUTES)]
         span = SpanRecord(shape.trace_id, span_id, shape.parent, shape.name, SPAN_KIND_SERVER, start,
-                          end, LayeredAttributes.of(shape.block, ROUND_KEY, ev.round), events,
+                          end, LayeredAttributes.of(shape.template.block, ROUND_KEY, ev.round), events,
                           list(shape.links), shape.status_code, shape.status_message,
-                          *self._tail_for(conn.tgid))
+                          *self._tail_for(conn.tgid), shape.template)
         if shape.trace_state:
             span.trace_state = shape.trace_state
         if shape.flags:
@@ -101,7 +101,7 @@ class SummarySpans:
             if len(shapes) >= SHAPES_MAX:
                 shapes.clear()
             shapes[key] = SummaryShape(
-                head, AttributeBlock(attrs), span.name, span.trace_id, span.parent_span_id,
-                tuple(span.links), span.status_code, span.status_message, span.trace_state, span.flags,
-                exchange.response is not None)
+                head, SpanTemplate(AttributeBlock(attrs), ROUND_KEY), span.name, span.trace_id,
+                span.parent_span_id, tuple(span.links), span.status_code, span.status_message,
+                span.trace_state, span.flags, exchange.response is not None)
         return spans

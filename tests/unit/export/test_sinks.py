@@ -17,7 +17,7 @@ from otel_envoy.export.otlp_grpc import GrpcTraceSender
 from otel_envoy.export.otlp_http import HttpTraceSender
 from otel_envoy.export.otlp_json import encode_request_json
 from otel_envoy.export.otlp_json_decode import decode_request_json
-from otel_envoy.export.sinks import JsonLinesFileSink, OtlpSink, encode_leaving_out_bad
+from otel_envoy.export.sinks import JsonLinesFileSink, OtlpSink, encode_leaving_out_bad, span_ids_valid
 from otel_envoy.export.span_queue import SpanPipeline
 from otel_envoy.spans.model import SpanRecord
 from tests.support.otlp_receiver import OtlpReceiver
@@ -404,3 +404,47 @@ def test_the_cli_refuses_a_buffer_bound_out_of_range(value: str) -> None:
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "--export-buffer-mb" in proc.stderr
+
+
+def test_span_ids_valid_is_the_otlp_rule() -> None:
+    """Against the rule written as regular expressions, on ids wrong in every way one character can be."""
+    import random
+    import re
+
+    trace_re, span_re = re.compile(r"[0-9a-f]{32}"), re.compile(r"[0-9a-f]{16}")
+
+    def rule(r: SpanRecord) -> bool:
+        return bool(trace_re.fullmatch(r.trace_id) and r.trace_id != "0" * 32
+                    and span_re.fullmatch(r.span_id) and r.span_id != "0" * 16
+                    and (not r.parent_span_id or (span_re.fullmatch(r.parent_span_id)
+                                                  and r.parent_span_id != "0" * 16))
+                    and all(trace_re.fullmatch(t) and span_re.fullmatch(s) for t, s, _ in r.links))
+
+    rng = random.Random(7)
+    base = batch_records(1)[0]
+
+    def mangle(value: str) -> str:
+        i = rng.randrange(len(value) + 1)
+        how = rng.choice(["upper", "char", "cut", "add", "zero", "keep"])
+        if how == "upper":
+            return value.upper()
+        if how == "char":
+            return value[:i] + rng.choice("gG- \n\u00e9Z") + value[i + 1:]
+        if how == "cut":
+            return value[:i] + value[i + 1:]
+        if how == "add":
+            return value[:i] + rng.choice("0af") + value[i:]
+        if how == "zero":
+            return "0" * len(value)
+        return value
+
+    checked = {True: 0, False: 0}
+    for _ in range(3000):
+        links = [(mangle(base.trace_id), mangle(base.span_id), {})] if rng.random() < 0.3 else []
+        parent = rng.choice([None, "", mangle("b7ad6b7169203331")])
+        span = dataclasses.replace(base, trace_id=mangle(base.trace_id), span_id=mangle(base.span_id),
+                                   parent_span_id=parent, links=links)
+        assert span_ids_valid(span) == rule(span), span
+        checked[rule(span)] += 1
+    assert min(checked.values()) > 50  # both answers were exercised
+    assert all(not span_ids_valid(s) for s in _bad_spans())

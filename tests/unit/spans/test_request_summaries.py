@@ -3,6 +3,7 @@ are the spans the longer way (RequestSpanBuilder.downstream) builds, and encode 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from opentelemetry.sdk.resources import Resource
@@ -26,7 +27,7 @@ def _summary(ts: int, head: bytes, status: int = 200, tid: int = TID, round_: in
                             len(head), head.ljust(128, b"\0"), 1, 0, b"\0" * 64)
 
 
-PLAIN = b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: h2load\r\n\r\n"
+PLAIN = b"GET /a%20%d HTTP/1.1\r\nHost: x\r\nUser-Agent: h2load %s\r\n\r\n"  # '%': text, not a format
 TRACED = b"GET /b HTTP/1.1\r\ntraceparent: " + PARENT.encode() + b"\r\n\r\n"
 STORY = [_summary(10_000, PLAIN, round_=2), _summary(20_000, PLAIN, round_=3),
          _summary(30_000, PLAIN, round_=4),
@@ -75,6 +76,22 @@ def test_summary_spans_are_the_longer_way_s_spans() -> None:
     conn_span = next(s for s in sink.spans if s.name == "envoy.downstream.connection")
     assert conn_span.attributes["envoy.connection.requests"] == len(STORY)
     assert len(conn_span.links) == 2  # the traced requests link back
+
+
+def test_templated_spans_encode_as_the_same_spans_without_their_template() -> None:
+    _pipeline, fast, _ids = _spans(shapes=True)
+    templated = [s for s in fast if s.template is not None]
+    assert len(templated) == 4
+    for span in fast:
+        plain = dataclasses.replace(span, template=None, attributes=dict(span.attributes))
+        for _ in range(2):  # the template's text is made once, then reused
+            assert encode_request_json([span]) == encode_request_json([plain])
+            assert encode_request_proto([span]) == encode_request_proto([plain])
+    span = templated[0]
+    span.attributes["url.path"] = "/changed"  # a block's key: the block detaches, the template no longer fits
+    assert '"/changed"' in encode_request_json([span])
+    odd = dataclasses.replace(templated[1], events=templated[1].events[:1])  # not the template's events
+    assert encode_request_json([odd]) == encode_request_json([dataclasses.replace(odd, template=None)])
 
 
 def test_layered_attributes_encode_as_the_same_dict_would() -> None:
