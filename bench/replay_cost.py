@@ -100,7 +100,12 @@ def run_correlate_only(clock: MonotonicClock, items: list[tuple[str, object]],
     def keep(what: str, build: Callable[..., list], *args: object, counts: object = None) -> None:
         calls.append((build, args))
 
+    def keep_summary(*args: object) -> list:
+        calls.append((pipeline.summary_spans.spans, args))
+        return []
+
     pipeline._submit = keep  # type: ignore[method-assign]
+    pipeline._summary_spans = keep_summary  # type: ignore[assignment]
     handle, on_context = pipeline.correlator.handle, pipeline.on_context
     correlator = pipeline.correlator
     events = iter(decoded)

@@ -135,6 +135,9 @@ class EventPipeline:
         requests = self.correlator.downstream.requests
         self.summary_spans = SummarySpans(self.request_builder, requests.kept_exchange)
         requests.on_summary = self._on_summary
+        self._summary_spans = self.summary_spans.spans
+        self._is_own = self.correlator.downstream.is_own
+        self._summaries = 0  # request summaries' spans built by _on_summary (one each): see counts
         self.startup_builder = StartupSpanBuilder(self.builder, self.correlator.downstream.listener_name,
                                                   self.correlator.downstream.listen_socket)
         self.recorder = recorder
@@ -167,9 +170,12 @@ class EventPipeline:
         included: a snapshot)."""
         if self._events:
             self._counts["events"] = self._events
+        counts = self._counts
+        if self._summaries:  # a plain int the ring thread adds to: read, never reset here
+            counts = counts + Counter(requests=self._summaries, spans=self._summaries)
         if self.round_worker is None or not self.round_worker.counts:
-            return self._counts
-        return self._counts + self.round_worker.counts
+            return counts
+        return counts + self.round_worker.counts
 
     def on_context(self, obj: dict) -> None:
         """A user-space context record (events/recording_context.py) in its JSON form: recorded as given,
@@ -260,10 +266,23 @@ class EventPipeline:
         self._submit("requests", self.request_builder.downstream, rr, exchange)
 
     def _on_summary(self, conn: ConnectionRecord, head: KeptHead, span_id: str, ev: RequestKeptEvent) -> None:
-        if self.correlator.downstream.is_own(conn):
+        """_on_request for a request summary no upstream request waited for: what _submit does, for the
+        one span it has, without its generality (this runs per request)."""
+        if self._is_own(conn):
             self._counts["own_requests_left_out"] += 1
             return
-        self._submit("requests", self.summary_spans.spans, conn, head, span_id, ev)
+        try:
+            spans = self._summary_spans(conn, head, span_id, ev)
+        except Exception:  # a bug in span building must not stop tracing
+            self._counts["span_build_errors"] += 1
+            self._counts["span_build_errors.requests"] += 1
+            log.exception("could not build spans (requests)")
+            return
+        self._summaries += 1
+        pending = self._pending
+        pending.extend(spans)
+        if len(pending) >= SUBMIT_BATCH:
+            self.flush_spans()
 
     def _on_upstream(self, up: UpstreamRecord) -> None:
         if self.requests_sampled and up.cause.request is None and up.cause.conn is None:

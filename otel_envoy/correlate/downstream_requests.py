@@ -58,6 +58,7 @@ class DownstreamRequests:
         self.on_request = on_request
         self._parsed_heads: dict[bytes, KeptHead] = {}  # shared results: never changed after the parse
         self.on_summary: OnSummary | None = None
+        self._upstream_waiting = attribution.parked.waiting
 
     def on_data(self, conn: ConnectionRecord, ev: DataEvent) -> None:
         """A read or write of ``conn``, which has a parser (``conn.http.parser``)."""
@@ -89,11 +90,12 @@ class DownstreamRequests:
         sampled but kept. A request span from its first bytes, traceparent, status and times, with the
         upstream request it caused when that one waited for it (request summaries); a kept one says why it
         was kept. A summary no upstream request waits for goes to ``on_summary`` when that is set."""
-        head = self._head_of(bytes(ev.head[:max(0, min(ev.head_len, len(ev.head)))]))
+        data = ev.head[:ev.head_len]
+        head = self._parsed_heads.get(data) or self._parse_head(data)
         span_id = self._new_span_id()
         http = conn.http
         if (ev.sampled and self.on_summary is not None and not (ev.context_len and head.context_beyond)
-                and not self.attribution.parked.waiting(ev.tid)):
+                and not self._upstream_waiting(ev.tid)):
             http.count += 1
             self.stats["request_summaries"] += 1
             ctx = head.context
@@ -138,16 +140,14 @@ class DownstreamRequests:
                            kept="" if summary else KEEP_REASONS.get(ev.reason, str(ev.reason)))
         return rr, HttpExchange(request, response)
 
-    def _head_of(self, data: bytes) -> KeptHead:
-        """The parse of a request's first bytes, remembered for up to PARSED_HEADS_MAX distinct ones."""
-        head = self._parsed_heads.get(data)
-        if head is None:
-            if len(self._parsed_heads) >= PARSED_HEADS_MAX:
-                self._parsed_heads.clear()
-            parsed = parse_request_head(data)
-            head = self._parsed_heads[data] = KeptHead(
-                parsed, trace_context(parsed.headers),
-                "traceparent" not in parsed.headers or "tracestate" not in parsed.headers)
+    def _parse_head(self, data: bytes) -> KeptHead:
+        """Parse a request's first bytes, and remember the parse (up to PARSED_HEADS_MAX distinct ones)."""
+        if len(self._parsed_heads) >= PARSED_HEADS_MAX:
+            self._parsed_heads.clear()
+        parsed = parse_request_head(data)
+        head = self._parsed_heads[data] = KeptHead(
+            parsed, trace_context(parsed.headers),
+            "traceparent" not in parsed.headers or "tracestate" not in parsed.headers)
         return head
 
     def ended(self, conn: ConnectionRecord, exchanges: list[HttpExchange]) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from otel_envoy.export.constant_cache import ConstantCache
 from otel_envoy.export.grouping import ResourceGroup, group_records
-from otel_envoy.spans.model import LayeredAttributes, SpanRecord, SpanTemplate
+from otel_envoy.spans.model import LayeredAttributes, SpanRecord, SpanTemplate, layered_block
 
 __all__ = [
     "JSON_ENCODER",
@@ -271,8 +271,7 @@ def _scalar_attr_text(item: tuple[str, Any]) -> str:
 
 
 def _attrs_json(attrs: Mapping[str, Any]) -> str:
-    if type(attrs) is LayeredAttributes and attrs.block is not None:  # shared first keys: their text once
-        block = attrs.block
+    if type(attrs) is LayeredAttributes and (block := layered_block(attrs)) is not None:  # shared keys: once
         text = block.encoded.get("json")
         if text is None:
             text = block.encoded["json"] = _items_json(block.items.items())
@@ -376,9 +375,10 @@ def _records_json(records: Sequence[SpanRecord], out: list[str]) -> None:
         append('],"schemaUrl":' + _esc(schema) + "}" if schema else "]}")
 
 
-#: A template's OTLP/JSON: a %-format string and the number of events it has placeholders for.
-_JsonTemplate = tuple[str, int]
-_NO_TEMPLATE: _JsonTemplate = ("", -1)  # the template's text could not be made: its spans go key by key
+#: A template's OTLP/JSON: the text between the places its spans differ (span id, start, end, the varying
+#: attribute's value, each event's time), and the number of events.
+_JsonTemplate = tuple[tuple[str, ...], int]
+_NO_TEMPLATE: _JsonTemplate = ((), -1)  # the template's text could not be made: its spans go key by key
 _SENTINEL_SPAN_ID = "zzzzzzzzzzzzzzzz"  # not hex: no span's id
 
 
@@ -387,22 +387,30 @@ def _templated_json(r: SpanRecord, template: SpanTemplate) -> str | None:
     entry = template.encoded.get("json")
     if entry is None:
         entry = template.encoded["json"] = _json_template(r, template)
-    text, n_events = entry
+    pieces, n_events = entry
     attrs, events = r.attributes, r.events
-    if (len(events) != n_events or type(attrs) is not LayeredAttributes or attrs.block is not template.block
+    if (len(events) != n_events or type(attrs) is not LayeredAttributes
+            or layered_block(attrs) is not template.block
             or len(attrs) != template.block.size + 1 or not r.start_ns or not r.end_ns):
         return None
     value = attrs.get(template.varying_key)
     if type(value) is not int or not _INT64_MIN <= value <= _INT64_MAX:
         return None
-    if n_events == 2:
-        return text % (r.span_id, r.start_ns, r.end_ns, value, events[0][0], events[1][0])
-    return text % (r.span_id, r.start_ns, r.end_ns, value, *[e[0] for e in events])
+    if n_events == 2:  # a request and its answer: pieces of the text between the values, in one f-string
+        p0, p1, p2, p3, p4, p5, p6 = pieces
+        return (f"{p0}{r.span_id}{p1}{r.start_ns}{p2}{r.end_ns}{p3}{value}{p4}{events[0][0]}{p5}"
+                f"{events[1][0]}{p6}")
+    values = [r.span_id, r.start_ns, r.end_ns, value, *[e[0] for e in events]]
+    out = [pieces[0]]
+    for v, piece in zip(values, pieces[1:], strict=True):
+        out.append(str(v))
+        out.append(piece)
+    return "".join(out)
 
 
 def _json_template(r: SpanRecord, template: SpanTemplate) -> _JsonTemplate:
-    """``r``'s text as _record_json writes it, with placeholders where the template's spans differ: made
-    from a copy of ``r`` whose varying values are sentinels, each found exactly once, in argument order."""
+    """``r``'s text as _record_json writes it, cut where the template's spans differ: made from a copy of
+    ``r`` whose varying values are sentinels, each found exactly once, in the order of the values."""
     sentinels = [-(10**18) - i for i in range(3 + len(r.events))]  # start, end, value, event times
     key = template.varying_key
     proto = dataclasses.replace(
@@ -412,21 +420,19 @@ def _json_template(r: SpanRecord, template: SpanTemplate) -> _JsonTemplate:
         template=None)
     text = _record_json(proto)
     value_prefix = _INT_PREFIX.get(key) or _int_prefix(key)
-    marks = [(f'"spanId":"{_SENTINEL_SPAN_ID}"', '"spanId":"%s"'),
-             (f'"startTimeUnixNano":"{sentinels[0]}"', '"startTimeUnixNano":"%d"'),
-             (f'"endTimeUnixNano":"{sentinels[1]}"', '"endTimeUnixNano":"%d"'),
-             (f'{value_prefix}{sentinels[2]}"', value_prefix.replace("%", "%%") + '%d"'),
-             *[(f'"timeUnixNano":"{t}"', '"timeUnixNano":"%d"') for t in sentinels[3:]]]
-    out, last = [], 0
-    for mark, placeholder in marks:
+    marks = [('"spanId":"', _SENTINEL_SPAN_ID), ('"startTimeUnixNano":"', str(sentinels[0])),
+             ('"endTimeUnixNano":"', str(sentinels[1])), (value_prefix, str(sentinels[2])),
+             *[('"timeUnixNano":"', str(t)) for t in sentinels[3:]]]
+    pieces, last = [], 0
+    for before, value in marks:
+        mark = before + value
         at = text.find(mark, last)
         if at < 0 or text.find(mark, at + 1) >= 0 or text.find(mark) != at:
             return _NO_TEMPLATE
-        out.append(text[last:at].replace("%", "%%"))
-        out.append(placeholder)
+        pieces.append(text[last:at + len(before)])
         last = at + len(mark)
-    out.append(text[last:].replace("%", "%%"))
-    return "".join(out), len(r.events)
+    pieces.append(text[last:])
+    return tuple(pieces), len(r.events)
 
 
 def _record_json(r: SpanRecord) -> str:

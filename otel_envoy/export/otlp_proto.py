@@ -14,7 +14,14 @@ from typing import Any
 
 from otel_envoy.export.constant_cache import ConstantCache
 from otel_envoy.export.grouping import group_records
-from otel_envoy.spans.model import SPAN_FLAGS_LOCAL, EventRecord, LayeredAttributes, LinkRecord, SpanRecord
+from otel_envoy.spans.model import (
+    SPAN_FLAGS_LOCAL,
+    EventRecord,
+    LayeredAttributes,
+    LinkRecord,
+    SpanRecord,
+    layered_block,
+)
 
 __all__ = ["encode_request_proto"]
 
@@ -175,8 +182,7 @@ _pb_tuple: Callable[[tuple[Any, ...]], bytes] = ConstantCache(_pb_array, limit=1
 
 def _pb_attrs(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
     """Every attribute as a ``KeyValue`` field with ``tag`` (the repeated field of the enclosing message)."""
-    if type(attrs) is LayeredAttributes and attrs.block is not None:  # shared first keys: encoded once
-        block = attrs.block
+    if type(attrs) is LayeredAttributes and (block := layered_block(attrs)) is not None:  # shared: once
         encoded = block.encoded.get(tag)
         if encoded is None:
             encoded = block.encoded[tag] = _pb_items(tag, block.items.items())

@@ -29,6 +29,7 @@ __all__ = [
     "LinkRecord",
     "SpanRecord",
     "SpanTemplate",
+    "layered_block",
 ]
 
 # OTLP proto enum values (opentelemetry/proto/trace/v1/trace.proto).
@@ -67,27 +68,30 @@ class AttributeBlock:
         self.encoded: dict[str, Any] = {}  # encoding name -> the block's encoding
 
 
+def layered_block(attrs: LayeredAttributes) -> AttributeBlock | None:
+    """The block ``attrs`` begin with, or None (detached, or never set)."""
+    return getattr(attrs, "block", None)
+
+
 class LayeredAttributes(dict):
     """A span's attributes that begin with an :class:`AttributeBlock`'s: a plain dict to every reader; an
     encoder writes the block's remembered encoding and encodes only the keys after it. Changing or
     removing one of the block's keys detaches the block (the dict is then encoded key by key)."""
 
-    __slots__ = ("block",)
-
-    def __init__(self, items: Any = (), block: AttributeBlock | None = None) -> None:
-        """``block``: the block ``items`` are (the caller's word), or None."""
-        dict.__init__(self, items)
-        self.block = block
+    __slots__ = ("block",)  # set by whoever makes one (no __init__: one Python call less per span); unset
+    #                         reads as no block (layered_block)
 
     @classmethod
     def of(cls, block: AttributeBlock, key: str, value: Any) -> LayeredAttributes:
         """The block's attributes, then ``key`` (not one of the block's)."""
-        attrs = cls(block.items, block)
+        attrs = cls(block.items)
+        attrs.block = block
         dict.__setitem__(attrs, key, value)
         return attrs
 
     def _touch(self, key: object) -> None:
-        if self.block is not None and key in self.block.items:
+        block = layered_block(self)
+        if block is not None and key in block.items:
             self.block = None
 
     def __setitem__(self, key: str, value: Any) -> None:

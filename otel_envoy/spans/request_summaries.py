@@ -33,6 +33,7 @@ MakeExchange = Callable[[ConnectionRecord, RequestKeptEvent, KeptHead, str],
                         tuple[RequestRecord, HttpExchange]]
 
 _NO_ATTRIBUTES: dict = {}  # the events' (read-only: shared)
+_dict_setitem = dict.__setitem__
 
 
 @dataclass(slots=True)
@@ -58,7 +59,8 @@ class SummarySpans:
     def __init__(self, builder: RequestSpanBuilder, make_exchange: MakeExchange) -> None:
         self.builder = builder
         self.clock = builder.clock
-        self._tail_for = builder._tail_for
+        base = builder.connection_builder
+        self._tails, self._span_tail = base.tails, base.span_tail  # a process's resource and scope
         self._make_exchange = make_exchange
 
     def spans(self, conn: ConnectionRecord, head: KeptHead, span_id: str, ev: RequestKeptEvent
@@ -79,15 +81,16 @@ class SummarySpans:
         else:
             end = start
             events = [(start, "http.request.received", _NO_ATTRIBUTES)]
-        span = SpanRecord(shape.trace_id, span_id, shape.parent, shape.name, SPAN_KIND_SERVER, start,
-                          end, LayeredAttributes.of(shape.template.block, ROUND_KEY, ev.round), events,
-                          list(shape.links), shape.status_code, shape.status_message,
-                          *self._tail_for(conn.tgid), shape.template)
-        if shape.trace_state:
-            span.trace_state = shape.trace_state
-        if shape.flags:
-            span.flags = shape.flags
-        return [span]
+        template = shape.template
+        block = template.block
+        attrs = LayeredAttributes(block.items)
+        attrs.block = block
+        _dict_setitem(attrs, ROUND_KEY, ev.round)  # a key after the block's
+        resource, scope_name, scope_version, _, _, schema_url = self._tails.get(conn.tgid) or self._span_tail
+        return [SpanRecord(shape.trace_id, span_id, shape.parent, shape.name, SPAN_KIND_SERVER, start, end,
+                           attrs, events, list(shape.links), shape.status_code, shape.status_message,
+                           resource, scope_name, scope_version, shape.trace_state, shape.flags, schema_url,
+                           template)]
 
     def _first(self, conn: ConnectionRecord, head: KeptHead, span_id: str, ev: RequestKeptEvent,
                key: tuple) -> list[SpanRecord]:

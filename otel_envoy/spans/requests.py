@@ -141,6 +141,7 @@ class RequestSpanBuilder:
 
     def __init__(self, base: ConnectionSpanBuilder) -> None:
         self.clock = base.clock
+        self.connection_builder = base
         self._tail_for = base.tail_for  # a process's resource and the other trailing fields
 
     def downstream(self, rr: RequestRecord, exchange: HttpExchange) -> list[SpanRecord]:

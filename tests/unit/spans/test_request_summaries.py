@@ -33,7 +33,8 @@ STORY = [_summary(10_000, PLAIN, round_=2), _summary(20_000, PLAIN, round_=3),
          _summary(30_000, PLAIN, round_=4),
          _summary(40_000, PLAIN, 503, round_=5), _summary(50_000, PLAIN, 503, round_=6),
          _summary(60_000, TRACED, round_=7), _summary(70_000, TRACED, round_=8),
-         _summary(80_000, PLAIN, tid=TID + 1, round_=9)]
+         _summary(80_000, PLAIN, tid=TID + 1, round_=9),
+         _summary(85_000, PLAIN, 0, round_=10), _summary(86_000, PLAIN, 0, round_=11)]  # no status read
 
 
 def _spans(shapes: bool) -> tuple[EventPipeline, list[SpanRecord], dict[str, str]]:
@@ -67,7 +68,7 @@ def test_summary_spans_are_the_longer_way_s_spans() -> None:
     assert [_comparable(s, fast_ids) for s in fast] == [_comparable(s, slow_ids) for s in slow]
     # the first of each (head, status, thread) goes the longer way; the ones after it share its block
     layered = [type(s.attributes) is LayeredAttributes for s in fast]
-    assert layered == [False, True, True, False, True, False, True, False]
+    assert layered == [False, True, True, False, True, False, True, False, False, True]
     assert not any(type(s.attributes) is LayeredAttributes for s in slow)
     assert fast[5].trace_id == "0af7651916cd43dd8448eb211c80319c"
     assert fast[6].parent_span_id == "b7ad6b7169203331"
@@ -81,7 +82,7 @@ def test_summary_spans_are_the_longer_way_s_spans() -> None:
 def test_templated_spans_encode_as_the_same_spans_without_their_template() -> None:
     _pipeline, fast, _ids = _spans(shapes=True)
     templated = [s for s in fast if s.template is not None]
-    assert len(templated) == 4
+    assert len(templated) == 5 and len(templated[-1].events) == 1
     for span in fast:
         plain = dataclasses.replace(span, template=None, attributes=dict(span.attributes))
         for _ in range(2):  # the template's text is made once, then reused
