@@ -132,7 +132,7 @@ class SpanTemplate:
     times of their events, and the value of ``varying_key``, the one attribute after the template's
     AttributeBlock (``block``). Spans name it in ``SpanRecord.template``; an encoder may then write the
     shared part from what it remembered in ``encoded`` (it checks the span still has the template's
-    attributes). Read-only."""
+    attributes; the sinks check the shared ids once). Read-only."""
 
     __slots__ = ("block", "encoded", "varying_key")
 

@@ -88,7 +88,8 @@ class SummarySpans:
         _dict_setitem(attrs, ROUND_KEY, ev.round)  # a key after the block's
         resource, scope_name, scope_version, _, _, schema_url = self._tails.get(conn.tgid) or self._span_tail
         return [SpanRecord(shape.trace_id, span_id, shape.parent, shape.name, SPAN_KIND_SERVER, start, end,
-                           attrs, events, list(shape.links), shape.status_code, shape.status_message,
+                           attrs, events, list(shape.links) if shape.links else [], shape.status_code,
+                           shape.status_message,
                            resource, scope_name, scope_version, shape.trace_state, shape.flags, schema_url,
                            template)]
 

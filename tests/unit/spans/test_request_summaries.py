@@ -12,9 +12,10 @@ from otel_envoy.event_pipeline import EventPipeline
 from otel_envoy.events.types import RequestKeptEvent
 from otel_envoy.export.otlp_json import encode_request_json
 from otel_envoy.export.otlp_proto import encode_request_proto
+from otel_envoy.export.sinks import span_ids_valid
 from otel_envoy.export.span_queue import SpanPipeline
 from otel_envoy.spans.clock import MonotonicClock
-from otel_envoy.spans.model import AttributeBlock, LayeredAttributes, SpanRecord
+from otel_envoy.spans.model import AttributeBlock, LayeredAttributes, SpanRecord, SpanTemplate
 from tests.support.events import TGID, TID, C, accept, established
 from tests.support.replay import CollectingSink
 
@@ -93,6 +94,19 @@ def test_templated_spans_encode_as_the_same_spans_without_their_template() -> No
     assert '"/changed"' in encode_request_json([span])
     odd = dataclasses.replace(templated[1], events=templated[1].events[:1])  # not the template's events
     assert encode_request_json([odd]) == encode_request_json([dataclasses.replace(odd, template=None)])
+
+
+def test_templated_spans_ids_are_checked_the_shared_ones_once() -> None:
+    _pipeline, fast, _ids = _spans(shapes=True)
+    templated = [s for s in fast if s.template is not None]
+    assert all(span_ids_valid(s) for s in templated)
+    assert templated[0].template is not None and templated[0].template.encoded["ids_valid"] is True
+    assert not span_ids_valid(dataclasses.replace(templated[0], span_id="B7AD6B7169203331"))
+    assert not span_ids_valid(dataclasses.replace(templated[0], span_id="0" * 16))
+    template = SpanTemplate(AttributeBlock({}), "round")
+    first = dataclasses.replace(templated[1], parent_span_id="not-hex-at-all!", template=template)
+    assert not span_ids_valid(first) and template.encoded["ids_valid"] is False
+    assert not span_ids_valid(dataclasses.replace(templated[1], template=template))  # the template's verdict
 
 
 def test_layered_attributes_encode_as_the_same_dict_would() -> None:
