@@ -17,13 +17,12 @@ import base64
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import islice
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from otel_envoy.export.constant_cache import ConstantCache
 from otel_envoy.export.grouping import ResourceGroup, group_records
-from otel_envoy.spans.model import LayeredAttributes, SpanRecord, SpanTemplate, layered_block
+from otel_envoy.spans.model import SpanRecord, SpanTemplate
 
 __all__ = [
     "JSON_ENCODER",
@@ -271,29 +270,10 @@ def _scalar_attr_text(item: tuple[str, Any]) -> str:
 
 
 def _attrs_json(attrs: Mapping[str, Any]) -> str:
-    if type(attrs) is LayeredAttributes and (block := layered_block(attrs)) is not None:  # shared keys: once
-        text = block.encoded.get("json")
-        if text is None:
-            text = block.encoded["json"] = _items_json(block.items.items())
-        extra = len(attrs) - block.size  # what varies from span to span (not cached): usually one key
-        rest = []
-        items = (next(reversed(attrs.items())),) if extra == 1 else islice(attrs.items(), block.size, None)
-        for key, v in items:
-            if type(v) is int and _INT64_MIN <= v <= _INT64_MAX:
-                rest.append(f'{_INT_PREFIX.get(key) or _int_prefix(key)}{v}"}}}}')
-            else:
-                rest.append(_items_json(((key, v),)))
-        if not rest:
-            return text
-        return f"{text},{','.join(rest)}" if text else ",".join(rest)
-    return _items_json(attrs.items())
-
-
-def _items_json(items: Iterable[tuple[str, Any]]) -> str:
     parts = []
     append = parts.append
     known = _ATTR_TEXT.get
-    for item in items:
+    for item in attrs.items():
         key, v = item
         t = type(v)
         if t is str or t is int:
@@ -389,9 +369,7 @@ def _templated_json(r: SpanRecord, template: SpanTemplate) -> str | None:
         entry = template.encoded["json"] = _json_template(r, template)
     pieces, n_events = entry
     attrs, events = r.attributes, r.events
-    if (len(events) != n_events or type(attrs) is not LayeredAttributes
-            or layered_block(attrs) is not template.block
-            or len(attrs) != template.block.size + 1 or not r.start_ns or not r.end_ns):
+    if len(events) != n_events or len(attrs) != template.block.size + 1 or not r.start_ns or not r.end_ns:
         return None
     value = attrs.get(template.varying_key)
     if type(value) is not int or not _INT64_MIN <= value <= _INT64_MAX:
@@ -415,7 +393,7 @@ def _json_template(r: SpanRecord, template: SpanTemplate) -> _JsonTemplate:
     key = template.varying_key
     proto = dataclasses.replace(
         r, span_id=_SENTINEL_SPAN_ID, start_ns=sentinels[0], end_ns=sentinels[1],
-        attributes=LayeredAttributes.of(template.block, key, sentinels[2]),
+        attributes={**template.block.items, key: sentinels[2]},
         events=[(sentinels[3 + i], name, attrs) for i, (_ts, name, attrs) in enumerate(r.events)],
         template=None)
     text = _record_json(proto)

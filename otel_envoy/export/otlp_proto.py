@@ -9,19 +9,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import islice
 from typing import Any
 
 from otel_envoy.export.constant_cache import ConstantCache
 from otel_envoy.export.grouping import group_records
-from otel_envoy.spans.model import (
-    SPAN_FLAGS_LOCAL,
-    EventRecord,
-    LayeredAttributes,
-    LinkRecord,
-    SpanRecord,
-    layered_block,
-)
+from otel_envoy.spans.model import SPAN_FLAGS_LOCAL, EventRecord, LinkRecord, SpanRecord, SpanTemplate
 
 __all__ = ["encode_request_proto"]
 
@@ -182,14 +174,20 @@ _pb_tuple: Callable[[tuple[Any, ...]], bytes] = ConstantCache(_pb_array, limit=1
 
 def _pb_attrs(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
     """Every attribute as a ``KeyValue`` field with ``tag`` (the repeated field of the enclosing message)."""
-    if type(attrs) is LayeredAttributes and (block := layered_block(attrs)) is not None:  # shared: once
-        encoded = block.encoded.get(tag)
-        if encoded is None:
-            encoded = block.encoded[tag] = _pb_items(tag, block.items.items())
-        extra = len(attrs) - block.size  # usually one key: the last
-        items = (next(reversed(attrs.items())),) if extra == 1 else islice(attrs.items(), block.size, None)
-        return encoded + _pb_items(tag, items)
     return _pb_items(tag, attrs.items())
+
+
+def _pb_template_attrs(template: SpanTemplate, attrs: Mapping[str, Any]) -> bytes | None:
+    """A templated span's attributes: its template's block (encoded once), then its varying one; None when
+    they are not that."""
+    key = template.varying_key
+    if len(attrs) != template.block.size + 1 or key not in attrs:
+        return None
+    block = template.block
+    encoded = block.encoded.get(_SPAN_ATTR)
+    if encoded is None:
+        encoded = block.encoded[_SPAN_ATTR] = _pb_items(_SPAN_ATTR, block.items.items())
+    return encoded + _pb_items(_SPAN_ATTR, ((key, attrs[key]),))
 
 
 def _pb_items(tag: bytes, items: Iterable[tuple[str, Any]]) -> bytes:
@@ -281,7 +279,8 @@ def _pb_span(r: SpanRecord) -> bytes:
         if end:
             append(_SPAN_END + _pack_fixed64(end))
     if r.attributes:
-        append(_pb_attrs(_SPAN_ATTR, r.attributes))
+        templated = _pb_template_attrs(r.template, r.attributes) if r.template is not None else None
+        append(templated if templated is not None else _pb_attrs(_SPAN_ATTR, r.attributes))
     if r.events:
         append(_pb_events(r.events))
     if r.links:

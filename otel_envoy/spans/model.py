@@ -25,11 +25,9 @@ __all__ = [
     "STATUS_CODE_UNSET",
     "AttributeBlock",
     "EventRecord",
-    "LayeredAttributes",
     "LinkRecord",
     "SpanRecord",
     "SpanTemplate",
-    "layered_block",
 ]
 
 # OTLP proto enum values (opentelemetry/proto/trace/v1/trace.proto).
@@ -68,78 +66,21 @@ class AttributeBlock:
         self.encoded: dict[str, Any] = {}  # encoding name -> the block's encoding
 
 
-def layered_block(attrs: LayeredAttributes) -> AttributeBlock | None:
-    """The block ``attrs`` begin with, or None (detached, or never set)."""
-    return getattr(attrs, "block", None)
-
-
-class LayeredAttributes(dict):
-    """A span's attributes that begin with an :class:`AttributeBlock`'s: a plain dict to every reader; an
-    encoder writes the block's remembered encoding and encodes only the keys after it. Changing or
-    removing one of the block's keys detaches the block (the dict is then encoded key by key)."""
-
-    __slots__ = ("block",)  # set by whoever makes one (no __init__: one Python call less per span); unset
-    #                         reads as no block (layered_block)
-
-    @classmethod
-    def of(cls, block: AttributeBlock, key: str, value: Any) -> LayeredAttributes:
-        """The block's attributes, then ``key`` (not one of the block's)."""
-        attrs = cls(block.items)
-        attrs.block = block
-        dict.__setitem__(attrs, key, value)
-        return attrs
-
-    def _touch(self, key: object) -> None:
-        block = layered_block(self)
-        if block is not None and key in block.items:
-            self.block = None
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self._touch(key)
-        dict.__setitem__(self, key, value)
-
-    def __delitem__(self, key: str) -> None:
-        self._touch(key)
-        dict.__delitem__(self, key)
-
-    def pop(self, key: str, *default: Any) -> Any:
-        self._touch(key)
-        return dict.pop(self, key, *default)
-
-    def setdefault(self, key: str, default: Any = None) -> Any:
-        self._touch(key)
-        return dict.setdefault(self, key, default)
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        self.block = None
-        dict.update(self, *args, **kwargs)
-
-    def popitem(self) -> tuple[str, Any]:
-        self.block = None
-        return dict.popitem(self)
-
-    def clear(self) -> None:
-        self.block = None
-        dict.clear(self)
-
-    def __ior__(self, other: Any) -> LayeredAttributes:  # type: ignore[override,misc]
-        self.update(other)
-        return self
-
-
 class SpanTemplate:
     """What the spans made from one template share: everything but their span id, start and end times, the
-    times of their events, and the value of ``varying_key``, the one attribute after the template's
-    AttributeBlock (``block``). Spans name it in ``SpanRecord.template``; an encoder may then write the
-    shared part from what it remembered in ``encoded`` (it checks the span still has the template's
-    attributes; the sinks check the shared ids once). Read-only."""
+    times of their events, and the value of ``varying_key``. Their attributes are the template's
+    AttributeBlock's (``block``) followed by ``varying_key``. Spans name it in ``SpanRecord.template``; the
+    encoders then write the shared part from what they remembered in ``encoded`` (the sinks check the shared
+    ids once). A span that names a template is not changed afterwards (clear ``template`` first): the
+    encoders only check that its attributes are one more than the block's and its events as many as the
+    template's first span had. Read-only."""
 
     __slots__ = ("block", "encoded", "varying_key")
 
     def __init__(self, block: AttributeBlock, varying_key: str) -> None:
         self.block = block
         self.varying_key = varying_key
-        self.encoded: dict[str, Any] = {}
+        self.encoded: dict[Any, Any] = {}
 
 
 @dataclass(slots=True)

@@ -5,7 +5,7 @@ thread. Their spans differ only in ids, times and the event-loop round. The firs
 status, thread, listener name) on a connection is built by :meth:`RequestSpanBuilder.downstream` like any
 request; what its span shares with the next ones (every attribute but the round, name, trace placement,
 links, status, flags) is kept on the connection as a :class:`SummaryShape`, and the next ones are built from
-it: one SpanRecord whose attributes start with an :class:`AttributeBlock` the encoders write once.
+it: one SpanRecord naming the shape's :class:`SpanTemplate`, whose shared part the encoders write once.
 
 Only summaries no upstream request waited for come here (DownstreamRequests.on_summary): their span is the
 request's only one.
@@ -20,7 +20,7 @@ from ..correlate.downstream_requests import KeptHead
 from ..correlate.records import ConnectionRecord, RequestRecord
 from ..events.types import RequestKeptEvent
 from ..protocols.http import HttpExchange
-from .model import SPAN_KIND_SERVER, AttributeBlock, LayeredAttributes, LinkRecord, SpanRecord, SpanTemplate
+from .model import SPAN_KIND_SERVER, AttributeBlock, LinkRecord, SpanRecord, SpanTemplate
 from .requests import ROUND_KEY, RequestSpanBuilder
 
 __all__ = ["SHAPES_MAX", "SummaryShape", "SummarySpans"]
@@ -33,7 +33,6 @@ MakeExchange = Callable[[ConnectionRecord, RequestKeptEvent, KeptHead, str],
                         tuple[RequestRecord, HttpExchange]]
 
 _NO_ATTRIBUTES: dict = {}  # the events' (read-only: shared)
-_dict_setitem = dict.__setitem__
 
 
 @dataclass(slots=True)
@@ -82,10 +81,8 @@ class SummarySpans:
             end = start
             events = [(start, "http.request.received", _NO_ATTRIBUTES)]
         template = shape.template
-        block = template.block
-        attrs = LayeredAttributes(block.items)
-        attrs.block = block
-        _dict_setitem(attrs, ROUND_KEY, ev.round)  # a key after the block's
+        attrs = template.block.items.copy()
+        attrs[ROUND_KEY] = ev.round  # the one key after the block's
         resource, scope_name, scope_version, _, _, schema_url = self._tails.get(conn.tgid) or self._span_tail
         return [SpanRecord(shape.trace_id, span_id, shape.parent, shape.name, SPAN_KIND_SERVER, start, end,
                            attrs, events, list(shape.links) if shape.links else [], shape.status_code,

@@ -4,7 +4,6 @@ are the spans the longer way (RequestSpanBuilder.downstream) builds, and encode 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from opentelemetry.sdk.resources import Resource
 
@@ -15,7 +14,7 @@ from otel_envoy.export.otlp_proto import encode_request_proto
 from otel_envoy.export.sinks import span_ids_valid
 from otel_envoy.export.span_queue import SpanPipeline
 from otel_envoy.spans.clock import MonotonicClock
-from otel_envoy.spans.model import AttributeBlock, LayeredAttributes, SpanRecord, SpanTemplate
+from otel_envoy.spans.model import AttributeBlock, SpanRecord, SpanTemplate
 from tests.support.events import TGID, TID, C, accept, established
 from tests.support.replay import CollectingSink
 
@@ -67,10 +66,11 @@ def test_summary_spans_are_the_longer_way_s_spans() -> None:
     slow_pipeline, slow, slow_ids = _spans(shapes=False)
     assert len(fast) == len(slow) == len(STORY)
     assert [_comparable(s, fast_ids) for s in fast] == [_comparable(s, slow_ids) for s in slow]
-    # the first of each (head, status, thread) goes the longer way; the ones after it share its block
-    layered = [type(s.attributes) is LayeredAttributes for s in fast]
-    assert layered == [False, True, True, False, True, False, True, False, False, True]
-    assert not any(type(s.attributes) is LayeredAttributes for s in slow)
+    # the first of each (head, status, thread) goes the longer way; the ones after it share its template
+    templated = [s.template is not None for s in fast]
+    assert templated == [False, True, True, False, True, False, True, False, False, True]
+    assert not any(s.template is not None for s in slow)
+    assert all(type(s.attributes) is dict for s in fast)  # plain dicts to every reader
     assert fast[5].trace_id == "0af7651916cd43dd8448eb211c80319c"
     assert fast[6].parent_span_id == "b7ad6b7169203331"
     assert fast_pipeline.counts["requests"] == slow_pipeline.counts["requests"] == len(STORY)
@@ -89,11 +89,15 @@ def test_templated_spans_encode_as_the_same_spans_without_their_template() -> No
         for _ in range(2):  # the template's text is made once, then reused
             assert encode_request_json([span]) == encode_request_json([plain])
             assert encode_request_proto([span]) == encode_request_proto([plain])
-    span = templated[0]
-    span.attributes["url.path"] = "/changed"  # a block's key: the block detaches, the template no longer fits
-    assert '"/changed"' in encode_request_json([span])
-    odd = dataclasses.replace(templated[1], events=templated[1].events[:1])  # not the template's events
-    assert encode_request_json([odd]) == encode_request_json([dataclasses.replace(odd, template=None)])
+    for changed in (  # not what the template's spans are: each written key by key
+            dataclasses.replace(templated[1], events=templated[1].events[:1]),
+            dataclasses.replace(templated[1], attributes={**templated[1].attributes, "extra": 1}),
+            dataclasses.replace(templated[1], attributes={"only": "this", "and": 2})):
+        plain = dataclasses.replace(changed, template=None)
+        assert encode_request_json([changed]) == encode_request_json([plain])
+        assert encode_request_proto([changed]) == encode_request_proto([plain])
+    block = templated[0].template.block  # type: ignore[union-attr]
+    assert set(block.encoded) == {b"\x4a"}  # protobuf: the block's encoding, made once
 
 
 def test_templated_spans_ids_are_checked_the_shared_ones_once() -> None:
@@ -107,32 +111,3 @@ def test_templated_spans_ids_are_checked_the_shared_ones_once() -> None:
     first = dataclasses.replace(templated[1], parent_span_id="not-hex-at-all!", template=template)
     assert not span_ids_valid(first) and template.encoded["ids_valid"] is False
     assert not span_ids_valid(dataclasses.replace(templated[1], template=template))  # the template's verdict
-
-
-def test_layered_attributes_encode_as_the_same_dict_would() -> None:
-    block = AttributeBlock({"a": "x", "b": 7, "c": ["l"], "d": True})
-    layered = LayeredAttributes.of(block, "round", 9)
-    plain = {"a": "x", "b": 7, "c": ["l"], "d": True, "round": 9}
-    assert layered == plain
-    def span(attrs: dict) -> SpanRecord:
-        return SpanRecord("1" * 32, "2" * 16, None, "GET", 2, 1, 2, attrs)
-    for _ in range(2):  # the block's encoding is made once, then reused
-        assert encode_request_json([span(layered)]) == encode_request_json([span(plain)])
-        assert encode_request_proto([span(layered)]) == encode_request_proto([span(plain)])
-    assert set(block.encoded) == {"json", b"\x4a"}
-
-
-def test_changing_a_block_s_key_detaches_the_block() -> None:
-    block = AttributeBlock({"a": "x", "b": 7})
-    layered = LayeredAttributes.of(block, "round", 9)
-    layered["extra"] = 1  # after the block: the block still holds
-    assert layered.block is block
-    layered["a"] = "changed"
-    assert layered.block is None
-    text = json.loads(encode_request_json([SpanRecord("1" * 32, "2" * 16, None, "n", 1, 1, 2, layered)]))
-    attrs = text["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["attributes"]
-    assert attrs[0] == {"key": "a", "value": {"stringValue": "changed"}}
-    assert block.items == {"a": "x", "b": 7}  # the shared block itself is never changed
-    again = LayeredAttributes.of(block, "round", 1)
-    again.pop("b")
-    assert again.block is None and "b" not in again
