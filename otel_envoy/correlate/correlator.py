@@ -167,6 +167,7 @@ class ConnectionCorrelator:
     def expire(self, now_ns: int) -> None:
         """Emit connections that closed more than ``linger_ns`` before ``now_ns``; let go of accept-queue
         entries no accept took."""
+        self.requests.count_summaries()
         self.downstream.expire(now_ns)
         self.upstream.expire(now_ns)
         self.accept_queue.expire(now_ns)
@@ -175,6 +176,7 @@ class ConnectionCorrelator:
     def flush(self, now_ns: int) -> None:
         """End everything: closed connections as they are, open ones at ``now_ns`` as still open."""
         self.downstream.flush(now_ns)
+        self.requests.count_summaries()
         self.upstream.flush(now_ns)
         self.attribution.parked.flush()
         self.startups.flush(now_ns)

@@ -58,7 +58,16 @@ class DownstreamRequests:
         self.on_request = on_request
         self._parsed_heads: dict[bytes, KeptHead] = {}  # shared results: never changed after the parse
         self.on_summary: OnSummary | None = None
-        self._upstream_waiting = attribution.parked.waiting
+        self._parked_by_thread = attribution.parked.by_thread
+        self._random_bits = ids.random_bits
+        self.summaries_uncounted = 0
+
+    def count_summaries(self) -> None:
+        """Add the summaries on_summary took since the last call to ``stats["request_summaries"]`` (a plain
+        int per request instead of a Counter update; called at every expiry pass and at the end)."""
+        if self.summaries_uncounted:
+            self.stats["request_summaries"] += self.summaries_uncounted
+            self.summaries_uncounted = 0
 
     def on_data(self, conn: ConnectionRecord, ev: DataEvent) -> None:
         """A read or write of ``conn``, which has a parser (``conn.http.parser``)."""
@@ -92,12 +101,12 @@ class DownstreamRequests:
         was kept. A summary no upstream request waits for goes to ``on_summary`` when that is set."""
         data = ev.head[:ev.head_len]
         head = self._parsed_heads.get(data) or self._parse_head(data)
-        span_id = self._new_span_id()
+        span_id = f"{self._random_bits(64) or 1:016x}"  # IdSource.span_id, without a call per request
         http = conn.http
         if (ev.sampled and self.on_summary is not None and not (ev.context_len and head.context_beyond)
-                and not self._upstream_waiting(ev.tid)):
+                and not self._parked_by_thread.get(ev.tid)):  # no upstream request waits on its thread
             http.count += 1
-            self.stats["request_summaries"] += 1
+            self.summaries_uncounted += 1  # into stats["request_summaries"] at count_summaries()
             ctx = head.context
             if ctx is not None and len(http.links) < MAX_REQUEST_LINKS:
                 trace_id = f"{ctx.trace_id:032x}"

@@ -15,10 +15,10 @@ class IdSource:
     order of events.
     """
 
-    __slots__ = ("_bits",)
+    __slots__ = ("_bits", "random_bits")
 
     def __init__(self, rng: random.Random | None = None) -> None:
-        self._bits = (rng or random.Random()).getrandbits
+        self._bits = self.random_bits = (rng or random.Random()).getrandbits  # the source's own bits
 
     def trace_id(self) -> str:
         """A new 128-bit trace id."""

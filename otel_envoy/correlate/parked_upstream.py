@@ -48,15 +48,15 @@ class ParkedUpstreams:
         self._new_unpaired = new_unpaired  # where an unclaimed one goes (as if it had never waited)
         self.stats = stats
         self.on_unclaimed: Unclaimed | None = None  # an unclaimed one that had ended: exported unpaired
-        self._by_thread: dict[int, deque[_Parked]] = {}
+        self.by_thread: dict[int, deque[_Parked]] = {}  # read by the summaries' path: any waiting?
         self._by_msg: dict[int, _Parked] = {}  # id(upstream request message) -> its entry
 
     def park(self, up: UpstreamRecord, msg: HttpMessage, tgid: int, tid: int, ts_ns: int,
              span_id: str) -> None:
         """Envoy wrote ``msg`` on ``up`` and no downstream request was found for it (yet)."""
-        waiting = self._by_thread.get(tid)
+        waiting = self.by_thread.get(tid)
         if waiting is None:
-            waiting = self._by_thread[tid] = deque()
+            waiting = self.by_thread[tid] = deque()
         self._age(waiting, ts_ns)
         if len(waiting) >= PARKED_MAX:
             self._leave(waiting.popleft())
@@ -64,10 +64,6 @@ class ParkedUpstreams:
         waiting.append(entry)
         self._by_msg[id(msg)] = entry
         self.stats["upstream_parked"] += 1
-
-    def waiting(self, tid: int) -> bool:
-        """Whether an upstream request of thread ``tid`` waits for its downstream request."""
-        return bool(self._by_thread.get(tid))
 
     def ended(self, exchange: HttpExchange) -> bool:
         """An upstream request ended: True when it waits (it goes out with the request that claims it)."""
@@ -80,7 +76,7 @@ class ParkedUpstreams:
     def claim(self, rr: RequestRecord, tid: int, start_ns: int, end_ns: int, by_line_only: bool) -> None:
         """Downstream request ``rr``, read from ``start_ns`` and answered at ``end_ns`` on thread ``tid``,
         was reported: it takes the upstream request it caused, if one waits."""
-        waiting = self._by_thread.get(tid)
+        waiting = self.by_thread.get(tid)
         if not waiting:
             return
         req, tgid = rr.request, rr.conn.tgid
@@ -112,7 +108,7 @@ class ParkedUpstreams:
 
     def flush(self) -> None:
         """End of run: everything still waiting leaves unclaimed."""
-        for waiting in self._by_thread.values():
+        for waiting in self.by_thread.values():
             while waiting:
                 self._leave(waiting.popleft())
 

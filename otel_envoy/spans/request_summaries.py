@@ -74,7 +74,7 @@ class SummarySpans:
         start = ev.start_ns + offset
         if shape.answered:
             answered = ev.ts_ns + offset
-            end = max(start, answered)
+            end = answered if answered > start else start
             events = [(start, "http.request.received", _NO_ATTRIBUTES),
                       (answered, "http.response.first_byte", _NO_ATTRIBUTES)]
         else:
