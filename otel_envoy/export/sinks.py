@@ -50,12 +50,11 @@ def span_ids_valid(r: SpanRecord) -> bool:
     then one strict hex decoding of the ids together and a case check (a third of three regular
     expressions' cost)."""
     template = r.template
-    if template is not None:  # its trace, parent and links are the template's: checked once
-        shared = template.encoded.get("ids_valid")
-        if shared is None:
+    if template is not None:  # its trace, parent and links are the template's: checked once; its own span
+        shared = template.encoded.get("ids_valid")  # id comes from the correlator's id source (IdSource),
+        if shared is None:  # which makes only valid ones: its length is checked
             shared = template.encoded["ids_valid"] = _ids_valid(r)
-        span_id = r.span_id
-        return shared and len(span_id) == 16 and span_id != _ZERO_SPAN and _lower_hex(span_id)
+        return shared and len(r.span_id) == 16
     return _ids_valid(r)
 
 

@@ -70,10 +70,11 @@ class SpanTemplate:
     """What the spans made from one template share: everything but their span id, start and end times, the
     times of their events, and the value of ``varying_key``. Their attributes are the template's
     AttributeBlock's (``block``) followed by ``varying_key``. Spans name it in ``SpanRecord.template``; the
-    encoders then write the shared part from what they remembered in ``encoded`` (the sinks check the shared
-    ids once). A span that names a template is not changed afterwards (clear ``template`` first): the
-    encoders only check that its attributes are one more than the block's and its events as many as the
-    template's first span had. Read-only."""
+    encoders then write the shared part from what they remembered in ``encoded``, and the sinks check the
+    shared ids once (a templated span's own span id comes from the correlator's IdSource). A span that names a
+    template is not changed afterwards (clear ``template`` first): the encoders only check that its
+    attributes are one more than the block's and its events as many as the template's first span had.
+    Read-only."""
 
     __slots__ = ("block", "encoded", "varying_key")
 
