@@ -241,14 +241,14 @@ class EventPipeline:
         """End of run: emit everything, still-open connections ended at ``now_mono_ns``."""
         self.correlator.flush(now_mono_ns)
         self.flush_spans()
+        if self.round_worker is not None:
+            self.round_worker.stop()
 
     def flush_spans(self) -> None:
         """Hand the event path's pending spans to the export queue (which never blocks)."""
         if self._pending:
             pending, self._pending = self._pending, []
             self.spans_out.submit(pending)
-        if self.round_worker is not None:
-            self.round_worker.stop()
 
     def _on_connection(self, conn: ConnectionRecord) -> None:
         if conn.own:  # the daemon's own admin API call (DownstreamConnections.is_own)

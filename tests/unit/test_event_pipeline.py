@@ -18,7 +18,7 @@ from otel_envoy.export.otlp_json_decode import decode_request_json
 from otel_envoy.export.span_queue import SpanPipeline
 from otel_envoy.spans.clock import MonotonicClock
 from otel_envoy.spans.model import SpanRecord
-from tests.support.events import accept, encode, established
+from tests.support.events import accept, close, encode, established
 from tests.support.replay import RECORDING, CollectingSink, replay_in_process
 
 
@@ -272,3 +272,23 @@ def test_each_process_s_spans_carry_the_resource_its_context_record_gave_live_an
         assert {s.attributes.get("process.pid") for s in unknown} <= {TGID + 2, None}
         request = json.loads(encode_request_json(spans))  # one resourceSpans per process
         assert len(request["resourceSpans"]) == 3
+
+
+def test_ticks_hand_the_spans_over_and_leave_the_round_worker_running() -> None:
+    """A tick (after every ring pass) hands the event path's pending spans to the export queue; the round
+    worker's thread keeps running until finish()."""
+    sink = CollectingSink()
+    pipeline = EventPipeline(SpanPipeline([sink]), Resource.create({}), MonotonicClock(0),
+                             threaded_rounds=True)
+    pipeline.on_context({"type": "listen_sockets", "sockets": [[1000, 10, "0.0.0.0", 8080]]})
+    for ev in (established(1_000, 40000), accept(2_000, 30, 40000), close(3_000, 30)):
+        pipeline.on_record(encode(ev))
+    assert pipeline.round_worker is not None
+    for now in (10_000_000_000, 20_000_000_000):  # past the linger time: the connection's spans are built
+        pipeline.tick(now)
+        assert pipeline.round_worker._thread is not None and pipeline.round_worker._thread.is_alive()
+    assert pipeline.spans_out.flush(5.0)
+    assert any(s.name == "envoy.downstream.connection" for s in sink.spans)  # handed over by the tick
+    pipeline.finish(30_000_000_000)
+    assert not pipeline.round_worker._thread.is_alive()
+    pipeline.spans_out.shutdown(5.0)
