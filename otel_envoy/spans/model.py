@@ -55,15 +55,13 @@ LinkRecord = tuple[str, str, dict[str, Any]]
 
 class AttributeBlock:
     """Attributes many spans share unchanged (a connection's peer, thread and listener with a request head's
-    method, path and user agent): built once, and encoded once per encoding (``encoded``, filled by the
-    encoders). Read-only."""
+    method, path and user agent). Read-only."""
 
-    __slots__ = ("encoded", "items", "size")
+    __slots__ = ("items", "size")
 
     def __init__(self, items: dict[str, Any]) -> None:
         self.items = items
         self.size = len(items)
-        self.encoded: dict[str, Any] = {}  # encoding name -> the block's encoding
 
 
 class SpanTemplate:

@@ -96,8 +96,9 @@ def test_templated_spans_encode_as_the_same_spans_without_their_template() -> No
         plain = dataclasses.replace(changed, template=None)
         assert encode_request_json([changed]) == encode_request_json([plain])
         assert encode_request_proto([changed]) == encode_request_proto([plain])
-    block = templated[0].template.block  # type: ignore[union-attr]
-    assert set(block.encoded) == {b"\x4a"}  # protobuf: the block's encoding, made once
+    template = templated[0].template
+    assert template is not None and set(template.encoded) == {"json", "proto"}  # each made once
+    assert all(pieces for pieces, _n in template.encoded.values())  # both encodings found their places
 
 
 def test_templated_spans_ids_are_checked_the_shared_ones_once() -> None:
