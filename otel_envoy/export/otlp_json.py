@@ -14,7 +14,6 @@ dicts.  The reader is :mod:`otel_envoy.export.otlp_json_decode`.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from typing import Any
 
 from otel_envoy.export.constant_cache import ConstantCache
 from otel_envoy.export.grouping import ResourceGroup, group_records
+from otel_envoy.export.span_templates import Pieces, cut_at_marks, sentinel_copy, template_pieces
 from otel_envoy.spans.model import SpanRecord, SpanTemplate
 
 __all__ = [
@@ -355,26 +355,19 @@ def _records_json(records: Sequence[SpanRecord], out: list[str]) -> None:
         append('],"schemaUrl":' + _esc(schema) + "}" if schema else "]}")
 
 
-#: A template's OTLP/JSON: the text between the places its spans differ (span id, start, end, the varying
-#: attribute's value, each event's time), and the number of events.
-_JsonTemplate = tuple[tuple[str, ...], int]
-_NO_TEMPLATE: _JsonTemplate = ((), -1)  # the template's text could not be made: its spans go key by key
 _SENTINEL_SPAN_ID = "zzzzzzzzzzzzzzzz"  # not hex: no span's id
 
 
 def _templated_json(r: SpanRecord, template: SpanTemplate) -> str | None:
-    """A span made from ``template``: its text from the template's, or None when it does not fit it."""
-    entry = template.encoded.get("json")
-    if entry is None:
-        entry = template.encoded["json"] = _json_template(r, template)
-    pieces, n_events = entry
-    attrs, events = r.attributes, r.events
-    if len(events) != n_events or len(attrs) != template.block.size + 1 or not r.start_ns or not r.end_ns:
+    """A span made from ``template``: its text from the template's pieces, or None when it does not fit."""
+    pieces = template_pieces(r, template, "json", _json_template)
+    if pieces is None:
         return None
-    value = attrs.get(template.varying_key)
+    value = r.attributes.get(template.varying_key)
     if type(value) is not int or not _INT64_MIN <= value <= _INT64_MAX:
         return None
-    if n_events == 2:  # a request and its answer: pieces of the text between the values, in one f-string
+    events = r.events
+    if len(events) == 2:  # a request and its answer: the pieces and values in one f-string
         p0, p1, p2, p3, p4, p5, p6 = pieces
         return (f"{p0}{r.span_id}{p1}{r.start_ns}{p2}{r.end_ns}{p3}{value}{p4}{events[0][0]}{p5}"
                 f"{events[1][0]}{p6}")
@@ -386,31 +379,15 @@ def _templated_json(r: SpanRecord, template: SpanTemplate) -> str | None:
     return "".join(out)
 
 
-def _json_template(r: SpanRecord, template: SpanTemplate) -> _JsonTemplate:
-    """``r``'s text as _record_json writes it, cut where the template's spans differ: made from a copy of
-    ``r`` whose varying values are sentinels, each found exactly once, in the order of the values."""
+def _json_template(r: SpanRecord, template: SpanTemplate) -> Pieces:
+    """``r``'s text as _record_json writes it, cut where the template's spans differ."""
     sentinels = [-(10**18) - i for i in range(3 + len(r.events))]  # start, end, value, event times
-    key = template.varying_key
-    proto = dataclasses.replace(
-        r, span_id=_SENTINEL_SPAN_ID, start_ns=sentinels[0], end_ns=sentinels[1],
-        attributes={**template.block.items, key: sentinels[2]},
-        events=[(sentinels[3 + i], name, attrs) for i, (_ts, name, attrs) in enumerate(r.events)],
-        template=None)
-    text = _record_json(proto)
-    value_prefix = _INT_PREFIX.get(key) or _int_prefix(key)
+    text = _record_json(sentinel_copy(r, template, _SENTINEL_SPAN_ID, sentinels))
+    value_prefix = _INT_PREFIX.get(template.varying_key) or _int_prefix(template.varying_key)
     marks = [('"spanId":"', _SENTINEL_SPAN_ID), ('"startTimeUnixNano":"', str(sentinels[0])),
              ('"endTimeUnixNano":"', str(sentinels[1])), (value_prefix, str(sentinels[2])),
              *[('"timeUnixNano":"', str(t)) for t in sentinels[3:]]]
-    pieces, last = [], 0
-    for before, value in marks:
-        mark = before + value
-        at = text.find(mark, last)
-        if at < 0 or text.find(mark, at + 1) >= 0 or text.find(mark) != at:
-            return _NO_TEMPLATE
-        pieces.append(text[last:at + len(before)])
-        last = at + len(mark)
-    pieces.append(text[last:])
-    return tuple(pieces), len(r.events)
+    return cut_at_marks(text, marks, len(r.events))
 
 
 def _record_json(r: SpanRecord) -> str:

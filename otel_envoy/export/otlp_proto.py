@@ -7,13 +7,13 @@ several times faster than building ``opentelemetry.proto`` messages.  Its output
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from otel_envoy.export.constant_cache import ConstantCache
 from otel_envoy.export.grouping import group_records
+from otel_envoy.export.span_templates import Pieces, cut_at_marks, sentinel_copy, template_pieces
 from otel_envoy.spans.model import SPAN_FLAGS_LOCAL, EventRecord, LinkRecord, SpanRecord, SpanTemplate
 
 __all__ = ["encode_request_proto"]
@@ -239,30 +239,22 @@ _PB_KINDS = [b"\x30" + _VARINT1[k] if k else b"" for k in range(6)]  # Span.kind
 _PB_TAIL_LOCAL = _EMPTY_STATUS + _SPAN_FLAGS + _pack_fixed32(SPAN_FLAGS_LOCAL)  # the usual end of a span
 
 
-#: A template's protobuf: the bytes between the places its spans differ (span id, start, end, the varying
-#: attribute's KeyValue, each event's time), and the number of events.
-_PbTemplate = tuple[tuple[bytes, ...], int]
-_NO_PB_TEMPLATE: _PbTemplate = ((), -1)
 _PB_SENTINEL_SPAN_ID = "f00dfacef00dface"
 _PB_SENTINEL_BASE = 0xF1E2D3C4B5A69788  # fixed64 sentinels: this plus 0, 1, 2, ...
 
 
 def _pb_templated_span(r: SpanRecord, template: SpanTemplate) -> bytes | None:
-    """A span made from ``template``: its body from the template's bytes, or None when it does not fit."""
-    entry = template.encoded.get("proto")
-    if entry is None:
-        entry = template.encoded["proto"] = _pb_template(r, template)
-    pieces, n_events = entry
-    attrs, events = r.attributes, r.events
+    """A span made from ``template``: its body from the template's pieces, or None when it does not fit."""
+    pieces = template_pieces(r, template, "proto", _pb_template)
     key = template.varying_key
-    if (len(events) != n_events or len(attrs) != template.block.size + 1 or not r.start_ns or not r.end_ns
-            or key not in attrs):
+    if pieces is None or key not in r.attributes:
         return None
-    value = _pb_items(_SPAN_ATTR, ((key, attrs[key]),))
+    value = _pb_items(_SPAN_ATTR, ((key, r.attributes[key]),))
     span_id = bytes.fromhex(r.span_id)
     if len(span_id) != 8:
         raise ValueError(f"span {r.name!r} has an id of the wrong length")
-    if n_events == 2:
+    events = r.events
+    if len(events) == 2:
         p0, p1, p2, p3, p4, p5, p6 = pieces
         return b"".join((p0, span_id, p1, _pack_fixed64(r.start_ns), p2, _pack_fixed64(r.end_ns), p3, value,
                          p4, _pack_fixed64(events[0][0]), p5, _pack_fixed64(events[1][0]), p6))
@@ -275,28 +267,14 @@ def _pb_templated_span(r: SpanRecord, template: SpanTemplate) -> bytes | None:
     return b"".join(out)
 
 
-def _pb_template(r: SpanRecord, template: SpanTemplate) -> _PbTemplate:
-    """``r``'s body as _pb_span writes it, cut where the template's spans differ: made from a copy of ``r``
-    whose varying values are sentinels, each found exactly once, in the order of the values."""
-    key = template.varying_key
+def _pb_template(r: SpanRecord, template: SpanTemplate) -> Pieces:
+    """``r``'s body as _pb_span writes it, cut where the template's spans differ."""
     sentinels = [_PB_SENTINEL_BASE + i for i in range(3 + len(r.events))]  # start, end, value, event times
-    proto = dataclasses.replace(
-        r, span_id=_PB_SENTINEL_SPAN_ID, start_ns=sentinels[0], end_ns=sentinels[1],
-        attributes={**template.block.items, key: sentinels[2]},
-        events=[(sentinels[3 + i], name, attrs) for i, (_ts, name, attrs) in enumerate(r.events)],
-        template=None)
-    body = _pb_span(proto)
-    marks = [bytes.fromhex(_PB_SENTINEL_SPAN_ID), _pack_fixed64(sentinels[0]), _pack_fixed64(sentinels[1]),
-             _pb_items(_SPAN_ATTR, ((key, sentinels[2]),)), *[_pack_fixed64(t) for t in sentinels[3:]]]
-    pieces, last = [], 0
-    for mark in marks:
-        at = body.find(mark, last)
-        if at < 0 or body.find(mark, at + 1) >= 0 or body.find(mark) != at:
-            return _NO_PB_TEMPLATE
-        pieces.append(body[last:at])
-        last = at + len(mark)
-    pieces.append(body[last:])
-    return tuple(pieces), len(r.events)
+    body = _pb_span(sentinel_copy(r, template, _PB_SENTINEL_SPAN_ID, sentinels))
+    values = [bytes.fromhex(_PB_SENTINEL_SPAN_ID), _pack_fixed64(sentinels[0]), _pack_fixed64(sentinels[1]),
+              _pb_items(_SPAN_ATTR, ((template.varying_key, sentinels[2]),)),
+              *[_pack_fixed64(t) for t in sentinels[3:]]]
+    return cut_at_marks(body, [(b"", v) for v in values], len(r.events))
 
 
 def _pb_span(r: SpanRecord) -> bytes:
