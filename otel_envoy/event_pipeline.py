@@ -137,7 +137,7 @@ class EventPipeline:
         requests.on_summary = self._on_summary
         self._summary_spans = self.summary_spans.spans
         self._is_own = self.correlator.downstream.is_own
-        self._summaries = 0  # request summaries' spans built by _on_summary (one each): see counts
+        self._summaries = 0  # request summaries' spans built by _on_summary (one each), not counted yet
         self.startup_builder = StartupSpanBuilder(self.builder, self.correlator.downstream.listener_name,
                                                   self.correlator.downstream.listen_socket)
         self.recorder = recorder
@@ -170,12 +170,9 @@ class EventPipeline:
         included: a snapshot)."""
         if self._events:
             self._counts["events"] = self._events
-        counts = self._counts
-        if self._summaries:  # a plain int the ring thread adds to: read, never reset here
-            counts = counts + Counter(requests=self._summaries, spans=self._summaries)
         if self.round_worker is None or not self.round_worker.counts:
-            return counts
-        return counts + self.round_worker.counts
+            return self._counts
+        return self._counts + self.round_worker.counts
 
     def on_context(self, obj: dict) -> None:
         """A user-space context record (events/recording_context.py) in its JSON form: recorded as given,
@@ -245,10 +242,28 @@ class EventPipeline:
             self.round_worker.stop()
 
     def flush_spans(self) -> None:
-        """Hand the event path's pending spans to the export queue (which never blocks)."""
+        """Hand the event path's pending spans to the export queue (which never blocks), and count the
+        request summaries' spans built since the last call (a plain int per request on the hot path)."""
+        if self._summaries:
+            self._counts["requests"] += self._summaries
+            self._counts["spans"] += self._summaries
+            self._summaries = 0
         if self._pending:
             pending, self._pending = self._pending, []
             self.spans_out.submit(pending)
+
+    def _hold(self, spans: list) -> None:
+        """Spans built on the event path: handed over SUBMIT_BATCH at a time (and at every tick)."""
+        pending = self._pending
+        pending.extend(spans)
+        if len(pending) >= SUBMIT_BATCH:
+            self.flush_spans()
+
+    def _build_failed(self, counts: Counter[str], what: str) -> None:
+        """A span builder raised (a bug): counted and logged, tracing goes on."""
+        counts["span_build_errors"] += 1
+        counts[f"span_build_errors.{what}"] += 1
+        log.exception("could not build spans (%s)", what)
 
     def _on_connection(self, conn: ConnectionRecord) -> None:
         if conn.own:  # the daemon's own admin API call (DownstreamConnections.is_own)
@@ -274,15 +289,10 @@ class EventPipeline:
         try:
             spans = self._summary_spans(conn, head, span_id, ev)
         except Exception:  # a bug in span building must not stop tracing
-            self._counts["span_build_errors"] += 1
-            self._counts["span_build_errors.requests"] += 1
-            log.exception("could not build spans (requests)")
+            self._build_failed(self._counts, "requests")
             return
         self._summaries += 1
-        pending = self._pending
-        pending.extend(spans)
-        if len(pending) >= SUBMIT_BATCH:
-            self.flush_spans()
+        self._hold(spans)
 
     def _on_upstream(self, up: UpstreamRecord) -> None:
         if self.requests_sampled and up.cause.request is None and up.cause.conn is None:
@@ -308,19 +318,14 @@ class EventPipeline:
         try:
             spans = build(*args)
         except Exception:  # a bug in span building must not stop tracing
-            counts["span_build_errors"] += 1
-            counts[f"span_build_errors.{what}"] += 1
-            log.exception("could not build spans (%s)", what)
+            self._build_failed(counts, what)
             return
         counts[what] += 1
         counts["spans"] += len(spans)
-        if not on_event_path:
+        if on_event_path:
+            self._hold(spans)
+        else:
             self.spans_out.submit(spans)
-            return
-        pending = self._pending
-        pending.extend(spans)
-        if len(pending) >= SUBMIT_BATCH:
-            self.flush_spans()
 
     def drops(self) -> dict[str, int]:
         """User-space drops: decoder errors, correlator evictions, export queue and failures."""

@@ -15,18 +15,18 @@ class IdSource:
     order of events.
     """
 
-    __slots__ = ("_bits", "random_bits")
+    __slots__ = ("random_bits",)
 
     def __init__(self, rng: random.Random | None = None) -> None:
-        self._bits = self.random_bits = (rng or random.Random()).getrandbits  # the source's own bits
+        self.random_bits = (rng or random.Random()).getrandbits  # the source's own bits (hot paths use them)
 
     def trace_id(self) -> str:
         """A new 128-bit trace id."""
-        return f"{self._bits(128) or 1:032x}"
+        return f"{self.random_bits(128) or 1:032x}"
 
     def span_id(self) -> str:
         """A new 64-bit span id."""
-        return f"{self._bits(64) or 1:016x}"
+        return f"{self.random_bits(64) or 1:016x}"
 
 
 @lru_cache(maxsize=1024)

@@ -59,7 +59,8 @@ class SummarySpans:
         self.builder = builder
         self.clock = builder.clock
         base = builder.connection_builder
-        self._tails, self._span_tail = base.tails, base.span_tail  # a process's resource and scope
+        # ConnectionSpanBuilder.tail_for, read inline per span: a process's resource and scope
+        self._tails, self._span_tail = base.tails, base.span_tail
         self._make_exchange = make_exchange
 
     def spans(self, conn: ConnectionRecord, head: KeptHead, span_id: str, ev: RequestKeptEvent
