@@ -101,6 +101,19 @@ def test_at_saturation_every_request_is_a_span_from_one_record(tmp_path) -> None
     requests = [s for s in spans if s.kind == SERVER and s.attributes.get("url.path") == "/saturated"]
     assert len(requests) == SATURATION_REQUESTS
     assert all(s.attributes["otel_envoy.request_detail"] == "summary" for s in requests)
+    # most are made from their connection's first request's template (spans/request_summaries.py) and
+    # encoded from its pieces: each is still whole, its own, under its own connection
+    assert len({s.span_id for s in requests}) == SATURATION_REQUESTS
+    assert all(s.attributes["http.response.status_code"] == 200 and s.name == "GET" for s in requests)
+    assert all([e[1] for e in s.events] == ["http.request.received", "http.response.first_byte"]
+               and s.start_ns == s.events[0][0] <= s.events[1][0] == s.end_ns for s in requests)
+    conns = connection_traces(spans, lab.http_port)
+    assert len(conns) == 16 and sum(len(request_spans(t)) for t in conns.values()) == SATURATION_REQUESTS
+    assert all(r.parent_span_id == t.root.span_id and r.attributes["client.port"] == port
+               for port, t in conns.items() for r in request_spans(t))
+    for trace in conns.values():  # each span's own round: later requests of a connection in later rounds
+        rounds = [r.attributes["envoy.event_loop.round"] for r in request_spans(trace)]
+        assert rounds == sorted(rounds) and len(set(rounds)) == len(rounds), rounds[:20]
     assert counts["drops"] == {}, counts["drops"]
     # one record per request: the requests' records, plus the 16 connections' and a few rounds'
     assert counts["counts"]["events"] < SATURATION_REQUESTS * 1.05, counts["counts"]
