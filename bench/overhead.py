@@ -53,6 +53,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from otlp_sink import OtlpSink
 
 from otel_envoy.lab.lab import EnvoyLab
 
@@ -346,10 +349,15 @@ class Daemon:
     def __init__(
         self, lab: EnvoyLab, workdir: Path, requests: bool = True, source: Path | None = None,
         offcpu: bool = True, cpus: str = "1", extra_args: list[str] | None = None,
+        sink: OtlpSink | None = None,
     ) -> None:
         self.ready = workdir / f"ready-{time.monotonic_ns()}"
         self.summary = workdir / f"summary-{time.monotonic_ns()}.json"
         self.output = workdir / f"spans-{time.monotonic_ns()}.jsonl"
+        self.sink = sink  # export over OTLP/gRPC to it instead of writing self.output
+        self.sink_start = sink.stats() if sink is not None else {}  # it may serve several runs
+        export = (["--otlp-endpoint", sink.endpoint, "--otlp-protocol", "grpc"] if sink is not None
+                  else ["--output", str(self.output)])
         cmd = [
             *(["taskset", "-c", cpus] if cpus != "all" else []),
             sys.executable,
@@ -358,8 +366,7 @@ class Daemon:
             "run",
             "--pid",
             str(lab.pid),
-            "--output",
-            str(self.output),
+            *export,
             "--ready-file",
             str(self.ready),
             "--summary-json",
@@ -401,7 +408,10 @@ class Daemon:
         return time.monotonic() - start
 
     def output_bytes(self) -> int:
-        """Size of the span file so far (spans are written in batches as they are exported)."""
+        """Size of the span file so far (spans are written in batches as they are exported), or the bytes
+        the OTLP sink received so far."""
+        if self.sink is not None:
+            return self.sink.stats()["bytes"] - self.sink_start["bytes"]
         try:
             return self.output.stat().st_size
         except OSError:
@@ -425,9 +435,14 @@ class Daemon:
             self.proc.wait(10)
             raise
         summary = json.loads(self.summary.read_text())
-        if count_spans:
-            summary["span_names"] = count_span_names(self.output)
-        summary["output_bytes"] = self.output.stat().st_size if self.output.exists() else 0
+        if self.sink is not None:  # it counts the request spans (GET) only: it decodes nothing
+            received = {k: v - self.sink_start[k] for k, v in self.sink.stats().items()}
+            summary["span_names"] = {"GET": received["get_spans"]} if count_spans else {}
+            summary["output_bytes"] = received["bytes"]
+        else:
+            if count_spans:
+                summary["span_names"] = count_span_names(self.output)
+            summary["output_bytes"] = self.output.stat().st_size if self.output.exists() else 0
         summary["stderr_tail"] = self.log.read_text(errors="replace").splitlines()[-5:]
         self.output.unlink(missing_ok=True)
         self.log.unlink(missing_ok=True)

@@ -41,6 +41,7 @@ Writes bench/results/rate_sweep-<timestamp>.json and prints a table (about 10 mi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -57,6 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from otlp_sink import OtlpSink
 from overhead import (
     RESULTS,
     Daemon,
@@ -152,12 +154,15 @@ def one_run(
     workdir: Path,
     source: Path | None = None,
     quiet_timeout: float = 0.0,
+    sink: OtlpSink | None = None,
 ) -> dict:
-    waited = wait_quiet({os.getpid(), lab.pid, lab.backend_pid}, quiet_timeout) if quiet_timeout > 0 else 0.0
+    ours = {os.getpid(), lab.pid, lab.backend_pid, *([sink.proc.pid] if sink is not None else [])}
+    waited = wait_quiet(ours, quiet_timeout) if quiet_timeout > 0 else 0.0
     envoy_rq0 = envoy_requests(lab)  # before the daemon attaches: admin requests would be traced
     # every request traced (the question is up to which rate that holds): no sampler, no CPU budget
     daemon = Daemon(lab, workdir, requests=True, source=source,
-                    extra_args=["--sampler", "always_on", "--cpu-budget", "0"]) if traced else None
+                    extra_args=["--sampler", "always_on", "--cpu-budget", "0"], sink=sink) if traced else None
+    sink_cpu0 = sink.cpu() if sink is not None and traced else 0.0
     try:
         r = _measure(lab, rate, daemon, args)
     except BaseException:
@@ -165,6 +170,8 @@ def one_run(
             daemon.kill()
         raise
     r["waited_for_quiet_s"] = waited
+    if sink is not None and traced:  # the receiver's CPU: not the daemon's, but on the CPUs the load shares
+        r["sink_cpu_us_per_req"] = (sink.cpu() - sink_cpu0) / max(r["requests"], 1) * 1e6
     r["envoy_requests"] = envoy_requests(lab) - envoy_rq0
     r["envoy_cpu_us_per_req"] = r["envoy_cpu_s"] / max(r["envoy_requests"], 1) * 1e6
     if daemon is not None:
@@ -187,7 +194,8 @@ def _measure(lab: EnvoyLab, rate: float | None, daemon: Daemon | None, args: arg
     time.sleep(0.5)
     envoy0, ticks0, load0, wall0 = cpu_seconds(lab.pid), cpu_ticks(), children_cpu(), time.monotonic()
     daemon0 = daemon.cpu() if daemon else 0.0
-    ours = {os.getpid(), lab.pid, lab.backend_pid, *([daemon.proc.pid] if daemon else [])}
+    ours = {os.getpid(), lab.pid, lab.backend_pid, *([daemon.proc.pid] if daemon else []),
+            *([daemon.sink.proc.pid] if daemon is not None and daemon.sink is not None else [])}
     foreign_bpf = bpf_program_holders(exclude=ours)
     procs0, forks0 = process_cpu(), forks()
     if args.loadgen == "h2load":
@@ -284,6 +292,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         "envoy_cpu_us_per_req_traced": med("traced", "envoy_cpu_us_per_req"),
         "daemon_cpu_pct": med("traced", "daemon_cpu_pct"),
         "daemon_cpu_us_per_req": med("traced", "daemon_cpu_us_per_req"),
+        "sink_cpu_us_per_req": med("traced", "sink_cpu_us_per_req"),
         "daemon_drain_s": med("traced", "daemon_drain_s"),
         "spans_exported_per_s": med("traced", "spans_exported_per_s"),
         "spans_per_s_during_load": med("traced", "spans_per_s_during_load"),
@@ -361,6 +370,11 @@ def main() -> int:
     parser.add_argument(
         "--daemon-rev", help="run the daemon of this git revision (e.g. HEAD) instead of the working tree's"
     )
+    parser.add_argument(
+        "--export", choices=["jsonl", "otlp-grpc"], default="jsonl",
+        help="where the daemon sends its spans: an OTLP/JSON lines file (its default) or OTLP/gRPC to "
+        "bench/otlp_sink.py, a receiver that decodes nothing",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the lab and the daemon on kill
     if os.geteuid() != 0:
@@ -385,6 +399,7 @@ def main() -> int:
         # spans on tmpfs: no writeback of ~0.5 GB per run disturbing the next runs
         tempfile.TemporaryDirectory(prefix="otel-envoy-sweep-", dir=SCRATCH) as tmp,
         EnvoyLab(concurrency=1, direct_response=True, cpu=0, log_level="error") as lab,
+        OtlpSink(Path(tmp)) if args.export == "otlp-grpc" else contextlib.nullcontext() as sink,
     ):
         source = daemon_source(args.daemon_rev, Path(tmp))
         wrk(f"http://127.0.0.1:{lab.http_port}/", 2, 8, [])  # warm-up
@@ -401,7 +416,7 @@ def main() -> int:
                 for mode in ("baseline", "traced") if i % 2 == 0 else ("traced", "baseline"):
                     for attempt in range(args.retries + 1):
                         quiet = min(args.quiet_timeout, max(0.0, slack()))
-                        r = one_run(lab, rate, mode == "traced", args, Path(tmp), source, quiet)
+                        r = one_run(lab, rate, mode == "traced", args, Path(tmp), source, quiet, sink)
                         planned[0] -= attempt == 0
                         noise = interference(r, args.max_other)
                         print(describe(mode, rate, r) + (f"  NOISY: {noise}" if noise else ""), flush=True)
@@ -432,6 +447,8 @@ def main() -> int:
             paced = sorted([*paced, mid])
             measure(mid, 1)
         planned[0] = 0
+        if sink is not None:
+            report["otlp_sink"] = sink.stop()  # its totals, and whether the last request decodes
     report["seconds_total"] = time.monotonic() - t0
     report["highest_fully_traced_rps"] = highest_full(report["rates"], sustained=False)
     report["highest_sustained_rps"] = highest_full(report["rates"])
