@@ -22,7 +22,7 @@ from typing import Any
 from otel_envoy.export.constant_cache import ConstantCache
 from otel_envoy.export.grouping import ResourceGroup, group_records
 from otel_envoy.export.span_templates import Pieces, cut_at_marks, sentinel_copy, template_pieces
-from otel_envoy.spans.model import SpanRecord, SpanTemplate
+from otel_envoy.spans.model import SpanRecord, SpanTemplate, TemplatedSpan
 
 __all__ = [
     "JSON_ENCODER",
@@ -358,20 +358,19 @@ def _records_json(records: Sequence[SpanRecord], out: list[str]) -> None:
 _SENTINEL_SPAN_ID = "zzzzzzzzzzzzzzzz"  # not hex: no span's id
 
 
-def _templated_json(r: SpanRecord, template: SpanTemplate) -> str | None:
-    """A span made from ``template``: its text from the template's pieces, or None when it does not fit."""
-    pieces = template_pieces(r, template, "json", _json_template)
+def _templated_json(r: TemplatedSpan) -> str | None:
+    """A span made from a template: its text from the template's pieces, or None when it does not fit."""
+    pieces = template_pieces(r, "json", _json_template)
     if pieces is None:
         return None
-    value = r.attributes.get(template.varying_key)
+    value = r.varying
     if type(value) is not int or not _INT64_MIN <= value <= _INT64_MAX:
         return None
-    events = r.events
-    if len(events) == 2:  # a request and its answer: the pieces and values in one f-string
+    times = r.event_times
+    if len(times) == 2:  # a request and its answer: the pieces and values in one f-string
         p0, p1, p2, p3, p4, p5, p6 = pieces
-        return (f"{p0}{r.span_id}{p1}{r.start_ns}{p2}{r.end_ns}{p3}{value}{p4}{events[0][0]}{p5}"
-                f"{events[1][0]}{p6}")
-    values = [r.span_id, r.start_ns, r.end_ns, value, *[e[0] for e in events]]
+        return f"{p0}{r.span_id}{p1}{r.start_ns}{p2}{r.end_ns}{p3}{value}{p4}{times[0]}{p5}{times[1]}{p6}"
+    values = [r.span_id, r.start_ns, r.end_ns, value, *times]
     out = [pieces[0]]
     for v, piece in zip(values, pieces[1:], strict=True):
         out.append(str(v))
@@ -379,22 +378,25 @@ def _templated_json(r: SpanRecord, template: SpanTemplate) -> str | None:
     return "".join(out)
 
 
-def _json_template(r: SpanRecord, template: SpanTemplate) -> Pieces:
-    """``r``'s text as _record_json writes it, cut where the template's spans differ."""
-    sentinels = [-(10**18) - i for i in range(3 + len(r.events))]  # start, end, value, event times
-    text = _record_json(sentinel_copy(r, template, _SENTINEL_SPAN_ID, sentinels))
+def _json_template(template: SpanTemplate) -> Pieces:
+    """The template prototype's text as _record_json writes it, cut where the template's spans differ."""
+    n_events = len(template.prototype.events)
+    sentinels = [-(10**18) - i for i in range(3 + n_events)]  # start, end, value, event times
+    text = _record_json(sentinel_copy(template, _SENTINEL_SPAN_ID, sentinels))
     value_prefix = _INT_PREFIX.get(template.varying_key) or _int_prefix(template.varying_key)
     marks = [('"spanId":"', _SENTINEL_SPAN_ID), ('"startTimeUnixNano":"', str(sentinels[0])),
              ('"endTimeUnixNano":"', str(sentinels[1])), (value_prefix, str(sentinels[2])),
              *[('"timeUnixNano":"', str(t)) for t in sentinels[3:]]]
-    return cut_at_marks(text, marks, len(r.events))
+    return cut_at_marks(text, marks, n_events)
 
 
-def _record_json(r: SpanRecord) -> str:
+def _record_json(r: SpanRecord | TemplatedSpan) -> str:
     # The key order is fixed, so the same records always give the same text.
-    template = r.template
-    if template is not None and (text := _templated_json(r, template)) is not None:
-        return text
+    if type(r) is TemplatedSpan:
+        text = _templated_json(r)
+        if text is not None:
+            return text
+        r = r.as_record()
     parent, flags, state = r.parent_span_id, r.flags, r.trace_state
     head = f'{{"traceId":"{r.trace_id}","spanId":"{r.span_id}"'
     if state:

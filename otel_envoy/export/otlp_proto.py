@@ -14,7 +14,14 @@ from typing import Any
 from otel_envoy.export.constant_cache import ConstantCache
 from otel_envoy.export.grouping import group_records
 from otel_envoy.export.span_templates import Pieces, cut_at_marks, sentinel_copy, template_pieces
-from otel_envoy.spans.model import SPAN_FLAGS_LOCAL, EventRecord, LinkRecord, SpanRecord, SpanTemplate
+from otel_envoy.spans.model import (
+    SPAN_FLAGS_LOCAL,
+    EventRecord,
+    LinkRecord,
+    SpanRecord,
+    SpanTemplate,
+    TemplatedSpan,
+)
 
 __all__ = ["encode_request_proto"]
 
@@ -243,23 +250,22 @@ _PB_SENTINEL_SPAN_ID = "f00dfacef00dface"
 _PB_SENTINEL_BASE = 0xF1E2D3C4B5A69788  # fixed64 sentinels: this plus 0, 1, 2, ...
 
 
-def _pb_templated_span(r: SpanRecord, template: SpanTemplate) -> bytes | None:
-    """A span made from ``template``: its body from the template's pieces, or None when it does not fit."""
-    pieces = template_pieces(r, template, "proto", _pb_template)
-    key = template.varying_key
-    if pieces is None or key not in r.attributes:
+def _pb_templated_span(r: TemplatedSpan) -> bytes | None:
+    """A span made from a template: its body from the template's pieces, or None when it does not fit."""
+    pieces = template_pieces(r, "proto", _pb_template)
+    if pieces is None:
         return None
-    value = _pb_items(_SPAN_ATTR, ((key, r.attributes[key]),))
+    value = _pb_items(_SPAN_ATTR, ((r.template.varying_key, r.varying),))
     span_id = bytes.fromhex(r.span_id)
     if len(span_id) != 8:
         raise ValueError(f"span {r.name!r} has an id of the wrong length")
-    events = r.events
-    if len(events) == 2:
+    times = r.event_times
+    if len(times) == 2:
         p0, p1, p2, p3, p4, p5, p6 = pieces
         return b"".join((p0, span_id, p1, _pack_fixed64(r.start_ns), p2, _pack_fixed64(r.end_ns), p3, value,
-                         p4, _pack_fixed64(events[0][0]), p5, _pack_fixed64(events[1][0]), p6))
+                         p4, _pack_fixed64(times[0]), p5, _pack_fixed64(times[1]), p6))
     values = [span_id, _pack_fixed64(r.start_ns), _pack_fixed64(r.end_ns), value,
-              *[_pack_fixed64(e[0]) for e in events]]
+              *[_pack_fixed64(t) for t in times]]
     out = [pieces[0]]
     for v, piece in zip(values, pieces[1:], strict=True):
         out.append(v)
@@ -267,21 +273,24 @@ def _pb_templated_span(r: SpanRecord, template: SpanTemplate) -> bytes | None:
     return b"".join(out)
 
 
-def _pb_template(r: SpanRecord, template: SpanTemplate) -> Pieces:
-    """``r``'s body as _pb_span writes it, cut where the template's spans differ."""
-    sentinels = [_PB_SENTINEL_BASE + i for i in range(3 + len(r.events))]  # start, end, value, event times
-    body = _pb_span(sentinel_copy(r, template, _PB_SENTINEL_SPAN_ID, sentinels))
+def _pb_template(template: SpanTemplate) -> Pieces:
+    """The template prototype's body as _pb_span writes it, cut where the template's spans differ."""
+    n_events = len(template.prototype.events)
+    sentinels = [_PB_SENTINEL_BASE + i for i in range(3 + n_events)]  # start, end, value, event times
+    body = _pb_span(sentinel_copy(template, _PB_SENTINEL_SPAN_ID, sentinels))
     values = [bytes.fromhex(_PB_SENTINEL_SPAN_ID), _pack_fixed64(sentinels[0]), _pack_fixed64(sentinels[1]),
               _pb_items(_SPAN_ATTR, ((template.varying_key, sentinels[2]),)),
               *[_pack_fixed64(t) for t in sentinels[3:]]]
-    return cut_at_marks(body, [(b"", v) for v in values], len(r.events))
+    return cut_at_marks(body, [(b"", v) for v in values], n_events)
 
 
-def _pb_span(r: SpanRecord) -> bytes:
+def _pb_span(r: SpanRecord | TemplatedSpan) -> bytes:
     """One ``Span`` message body, fields in field-number order (as protobuf serialises them)."""
-    template = r.template
-    if template is not None and (templated := _pb_templated_span(r, template)) is not None:
-        return templated
+    if type(r) is TemplatedSpan:
+        templated = _pb_templated_span(r)
+        if templated is not None:
+            return templated
+        r = r.as_record()
     parent, state, kind = r.parent_span_id, r.trace_state, r.kind
     trace_id, span_id = bytes.fromhex(r.trace_id), bytes.fromhex(r.span_id)
     parent_id = bytes.fromhex(parent) if parent else b""

@@ -34,7 +34,7 @@ from otel_envoy.export.otlp_http import HttpTraceSender
 from otel_envoy.export.otlp_json import encode_request_json
 from otel_envoy.export.otlp_proto import encode_request_proto
 from otel_envoy.export.sink_worker import Delivery, Encoded
-from otel_envoy.spans.model import SpanRecord
+from otel_envoy.spans.model import SpanRecord, TemplatedSpan
 
 __all__ = ["EncodingSink", "JsonLinesFileSink", "OtlpSink", "SpanSink", "encode_leaving_out_bad",
            "span_ids_valid"]
@@ -44,16 +44,16 @@ _T = TypeVar("_T")
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
 
-def span_ids_valid(r: SpanRecord) -> bool:
+def span_ids_valid(r: SpanRecord | TemplatedSpan) -> bool:
     """Whether the span's trace, span, parent and link ids are what OTLP requires: lower-case hex of 32 or 16
     digits, not all zero (the link ids: of their lengths). Every span of every batch is checked: lengths,
     then one strict hex decoding of the ids together and a case check (a third of three regular
     expressions' cost)."""
-    template = r.template
-    if template is not None:  # its trace, parent and links are the template's: checked once; its own span
-        shared = template.encoded.get("ids_valid")  # id comes from the correlator's id source (IdSource),
-        if shared is None:  # which makes only valid ones: its length is checked
-            shared = template.encoded["ids_valid"] = _ids_valid(r)
+    if type(r) is TemplatedSpan:  # its trace, parent and links are its template's: checked once; its own
+        template = r.template  # span id comes from the correlator's id source (IdSource), which makes only
+        shared = template.encoded.get("ids_valid")  # valid ones: its length is checked
+        if shared is None:
+            shared = template.encoded["ids_valid"] = _ids_valid(template.prototype)
         return shared and len(r.span_id) == 16
     return _ids_valid(r)
 

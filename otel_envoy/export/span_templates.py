@@ -1,10 +1,10 @@
-"""What the OTLP/JSON and protobuf encoders share about templated spans (``SpanRecord.template``).
+"""What the OTLP/JSON and protobuf encoders share about templated spans (:class:`TemplatedSpan`).
 
-An encoder writes a template's first span with sentinels in the places its spans differ (span id, start,
+An encoder writes a template's prototype with sentinels in the places its spans differ (span id, start,
 end, the varying attribute's value, each event's time: in that order), cuts that encoding at the sentinels'
-encodings, and remembers the pieces in ``template.encoded``; each later span is the pieces with its own
-values between them. A span that does not fit the template (other events, other attributes) is encoded in
-full.
+encodings, and remembers the pieces in ``template.encoded``; each span is the pieces with its own values
+between them. A span the pieces do not fit (no start or end time, a value the encoding cannot cut) is
+encoded in full.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from otel_envoy.spans.model import SpanRecord, SpanTemplate
+from otel_envoy.spans.model import SpanRecord, SpanTemplate, TemplatedSpan
 
 __all__ = ["NO_PIECES", "cut_at_marks", "sentinel_copy", "template_pieces"]
 
@@ -23,29 +23,27 @@ Pieces = tuple[tuple, int]
 NO_PIECES: Pieces = ((), -1)  # no encoding could be cut: the template's spans are encoded in full
 
 
-def template_pieces(r: SpanRecord, template: SpanTemplate, encoding: str,
-                    make: Callable[[SpanRecord, SpanTemplate], Pieces]) -> tuple | None:
-    """The pieces of ``template`` in ``encoding`` (made by ``make`` from ``r`` the first time), or None when
-    ``r`` does not fit them."""
+def template_pieces(r: TemplatedSpan, encoding: str, make: Callable[[SpanTemplate], Pieces]) -> tuple | None:
+    """The pieces of ``r``'s template in ``encoding`` (made by ``make`` the first time), or None when ``r``
+    does not fit them."""
+    template = r.template
     entry = template.encoded.get(encoding)
     if entry is None:
-        entry = template.encoded[encoding] = make(r, template)
+        entry = template.encoded[encoding] = make(template)
     pieces, n_events = entry
-    if (len(r.events) != n_events or len(r.attributes) != template.block.size + 1 or not r.start_ns
-            or not r.end_ns or not pieces):
+    if len(r.event_times) != n_events or not r.start_ns or not r.end_ns or not pieces:
         return None
     return pieces
 
 
-def sentinel_copy(r: SpanRecord, template: SpanTemplate, span_id: str,
-                  sentinels: Sequence[int]) -> SpanRecord:
-    """``r`` with ``span_id`` and, in order, ``sentinels`` for its start, end, varying value and event
-    times; no template (it is encoded in full)."""
+def sentinel_copy(template: SpanTemplate, span_id: str, sentinels: Sequence[int]) -> SpanRecord:
+    """The template's prototype with ``span_id`` and, in order, ``sentinels`` for its start, end, varying
+    value and event times."""
+    r = template.prototype
     return dataclasses.replace(
         r, span_id=span_id, start_ns=sentinels[0], end_ns=sentinels[1],
         attributes={**template.block.items, template.varying_key: sentinels[2]},
-        events=[(sentinels[3 + i], name, attrs) for i, (_ts, name, attrs) in enumerate(r.events)],
-        template=None)
+        events=[(sentinels[3 + i], name, attrs) for i, (_ts, name, attrs) in enumerate(r.events)])
 
 
 def cut_at_marks(encoded: _T, marks: Sequence[tuple[_T, _T]], n_events: int) -> Pieces:

@@ -5,7 +5,8 @@ thread. Their spans differ only in ids, times and the event-loop round. The firs
 status, thread, listener name) on a connection is built by :meth:`RequestSpanBuilder.downstream` like any
 request; what its span shares with the next ones (every attribute but the round, name, trace placement,
 links, status, flags) is kept on the connection as a :class:`SummaryShape`, and the next ones are built from
-it: one SpanRecord naming the shape's :class:`SpanTemplate`, whose shared part the encoders write once.
+it: one :class:`TemplatedSpan` naming the shape's :class:`SpanTemplate`, whose shared part the encoders
+write once.
 
 Only summaries no upstream request waited for come here (DownstreamRequests.on_summary): their span is the
 request's only one.
@@ -14,13 +15,13 @@ request's only one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..correlate.downstream_requests import KeptHead
 from ..correlate.records import ConnectionRecord, RequestRecord
 from ..events.types import RequestKeptEvent
 from ..protocols.http import HttpExchange
-from .model import SPAN_KIND_SERVER, AttributeBlock, LinkRecord, SpanRecord, SpanTemplate
+from .model import AttributeBlock, SpanRecord, SpanTemplate, TemplatedSpan
 from .requests import ROUND_KEY, RequestSpanBuilder
 
 __all__ = ["SHAPES_MAX", "SummaryShape", "SummarySpans"]
@@ -31,8 +32,8 @@ SHAPES_MAX = 64
 #: Makes the request record and exchange of a summary (DownstreamRequests.kept_exchange).
 MakeExchange = Callable[[ConnectionRecord, RequestKeptEvent, KeptHead, str],
                         tuple[RequestRecord, HttpExchange]]
-
-_NO_ATTRIBUTES: dict = {}  # the events' (read-only: shared)
+#: The events of a summary's span, without and with an answer (what the shape's spans are given times for).
+_EVENTS = {False: ["http.request.received"], True: ["http.request.received", "http.response.first_byte"]}
 
 
 @dataclass(slots=True)
@@ -40,15 +41,7 @@ class SummaryShape:
     """What the spans of a connection's summaries with the same head, status and thread share."""
 
     head: KeptHead  # its id is in the shape's key: held, so that id is not reused
-    template: SpanTemplate  # its attributes but the round, as an AttributeBlock
-    name: str
-    trace_id: str
-    parent: str | None
-    links: tuple[LinkRecord, ...]
-    status_code: int
-    status_message: str
-    trace_state: str
-    flags: int
+    template: SpanTemplate  # everything but the round and the times
     answered: bool  # a status was read: the span has the response's first-byte event
 
 
@@ -64,46 +57,41 @@ class SummarySpans:
         self._make_exchange = make_exchange
 
     def spans(self, conn: ConnectionRecord, head: KeptHead, span_id: str, ev: RequestKeptEvent
-              ) -> list[SpanRecord]:
+              ) -> list[SpanRecord | TemplatedSpan]:
         """The span of one request summary (no upstream request waited for it)."""
         key = (id(head), ev.status, ev.tid, conn.listener_name)
-        shapes = conn.http.summary_shapes
-        shape = shapes.get(key)
+        shape = conn.http.summary_shapes.get(key)
         if shape is None:
             return self._first(conn, head, span_id, ev, key)
         offset = self.clock.offset_ns
         start = ev.start_ns + offset
-        if shape.answered:
+        if shape.answered:  # events: the request received at its start, the answer's first byte
             answered = ev.ts_ns + offset
             end = answered if answered > start else start
-            events = [(start, "http.request.received", _NO_ATTRIBUTES),
-                      (answered, "http.response.first_byte", _NO_ATTRIBUTES)]
+            times: tuple[int, ...] = (start, answered)
         else:
             end = start
-            events = [(start, "http.request.received", _NO_ATTRIBUTES)]
-        template = shape.template
-        attrs = template.block.items.copy()
-        attrs[ROUND_KEY] = ev.round  # the one key after the block's
+            times = (start,)
         resource, scope_name, scope_version, _, _, schema_url = self._tails.get(conn.tgid) or self._span_tail
-        return [SpanRecord(shape.trace_id, span_id, shape.parent, shape.name, SPAN_KIND_SERVER, start, end,
-                           attrs, events, list(shape.links) if shape.links else [], shape.status_code,
-                           shape.status_message,
-                           resource, scope_name, scope_version, shape.trace_state, shape.flags, schema_url,
-                           template)]
+        return [TemplatedSpan(shape.template, span_id, start, end, ev.round, times, resource, scope_name,
+                              scope_version, schema_url)]
 
     def _first(self, conn: ConnectionRecord, head: KeptHead, span_id: str, ev: RequestKeptEvent,
-               key: tuple) -> list[SpanRecord]:
+               key: tuple) -> list[SpanRecord | TemplatedSpan]:
         rr, exchange = self._make_exchange(conn, ev, head, span_id)
         spans = self.builder.downstream(rr, exchange)
         span = spans[0]
         attrs = dict(span.attributes)
-        if len(spans) == 1 and next(reversed(attrs)) == ROUND_KEY:
+        answered = exchange.response is not None
+        if (len(spans) == 1 and next(reversed(attrs)) == ROUND_KEY
+                and [name for _t, name, _a in span.events] == _EVENTS[answered]
+                and not any(a for _t, _n, a in span.events)):
+            prototype = replace(span, attributes=dict(attrs), events=list(span.events),
+                                links=list(span.links))
             del attrs[ROUND_KEY]
             shapes = conn.http.summary_shapes
             if len(shapes) >= SHAPES_MAX:
                 shapes.clear()
-            shapes[key] = SummaryShape(
-                head, SpanTemplate(AttributeBlock(attrs), ROUND_KEY), span.name, span.trace_id,
-                span.parent_span_id, tuple(span.links), span.status_code, span.status_message,
-                span.trace_state, span.flags, exchange.response is not None)
+            template = SpanTemplate(AttributeBlock(attrs), ROUND_KEY, prototype)
+            shapes[key] = SummaryShape(head, template, answered)
         return spans

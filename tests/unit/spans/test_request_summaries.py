@@ -14,7 +14,7 @@ from otel_envoy.export.otlp_proto import encode_request_proto
 from otel_envoy.export.sinks import span_ids_valid
 from otel_envoy.export.span_queue import SpanPipeline
 from otel_envoy.spans.clock import MonotonicClock
-from otel_envoy.spans.model import AttributeBlock, SpanRecord, SpanTemplate
+from otel_envoy.spans.model import AttributeBlock, SpanRecord, SpanTemplate, TemplatedSpan
 from tests.support.events import TGID, TID, C, accept, established
 from tests.support.replay import CollectingSink
 
@@ -37,7 +37,7 @@ STORY = [_summary(10_000, PLAIN, round_=2), _summary(20_000, PLAIN, round_=3),
          _summary(85_000, PLAIN, 0, round_=10), _summary(86_000, PLAIN, 0, round_=11)]  # no status read
 
 
-def _spans(shapes: bool) -> tuple[EventPipeline, list[SpanRecord], dict[str, str]]:
+def _spans(shapes: bool) -> tuple[EventPipeline, list[SpanRecord | TemplatedSpan], dict[str, str]]:
     sink = CollectingSink()
     pipeline = EventPipeline(SpanPipeline([sink]), Resource.create({"service.name": "t"}), MonotonicClock(7))
     if not shapes:  # every summary the longer way
@@ -47,13 +47,13 @@ def _spans(shapes: bool) -> tuple[EventPipeline, list[SpanRecord], dict[str, str
         pipeline.correlator.handle(ev)
     pipeline.finish(90_000)
     pipeline.spans_out.shutdown(5.0)
-    spans = [s for s in sink.spans if isinstance(s, SpanRecord)]
+    spans = [s for s in sink.spans if isinstance(s, SpanRecord | TemplatedSpan)]
     conn = next(s for s in spans if s.name == "envoy.downstream.connection")
     return (pipeline, [s for s in spans if "url.path" in s.attributes],
             {conn.trace_id: "conn-trace", conn.span_id: "conn-span"})
 
 
-def _comparable(span: SpanRecord, conn_ids: dict[str, str]) -> tuple:
+def _comparable(span: SpanRecord | TemplatedSpan, conn_ids: dict[str, str]) -> tuple:
     parent = conn_ids.get(span.parent_span_id or "", span.parent_span_id)
     links = [(conn_ids.get(t, t), conn_ids.get(s, s), a) for t, s, a in span.links]
     return (conn_ids.get(span.trace_id, span.trace_id), parent, span.name, span.start_ns, span.end_ns,
@@ -67,9 +67,9 @@ def test_summary_spans_are_the_longer_way_s_spans() -> None:
     assert len(fast) == len(slow) == len(STORY)
     assert [_comparable(s, fast_ids) for s in fast] == [_comparable(s, slow_ids) for s in slow]
     # the first of each (head, status, thread) goes the longer way; the ones after it share its template
-    templated = [s.template is not None for s in fast]
+    templated = [type(s) is TemplatedSpan for s in fast]
     assert templated == [False, True, True, False, True, False, True, False, False, True]
-    assert not any(s.template is not None for s in slow)
+    assert all(type(s) is SpanRecord for s in slow)
     assert all(type(s.attributes) is dict for s in fast)  # plain dicts to every reader
     assert fast[5].trace_id == "0af7651916cd43dd8448eb211c80319c"
     assert fast[6].parent_span_id == "b7ad6b7169203331"
@@ -82,32 +82,41 @@ def test_summary_spans_are_the_longer_way_s_spans() -> None:
 
 def test_templated_spans_encode_as_the_same_spans_without_their_template() -> None:
     _pipeline, fast, _ids = _spans(shapes=True)
-    templated = [s for s in fast if s.template is not None]
+    templated = [s for s in fast if type(s) is TemplatedSpan]
     assert len(templated) == 5 and len(templated[-1].events) == 1
     for span in fast:
-        plain = dataclasses.replace(span, template=None, attributes=dict(span.attributes))
+        plain = span.as_record() if type(span) is TemplatedSpan else span
+        assert type(plain) is SpanRecord
         for _ in range(2):  # the template's text is made once, then reused
             assert encode_request_json([span]) == encode_request_json([plain])
             assert encode_request_proto([span]) == encode_request_proto([plain])
-    for changed in (  # not what the template's spans are: each written key by key
-            dataclasses.replace(templated[1], events=templated[1].events[:1]),
-            dataclasses.replace(templated[1], attributes={**templated[1].attributes, "extra": 1}),
-            dataclasses.replace(templated[1], attributes={"only": "this", "and": 2})):
-        plain = dataclasses.replace(changed, template=None)
+    one = templated[1]
+    for changed in (  # what the template's pieces do not fit: written key by key
+            _templated_like(one, varying="not an int"), _templated_like(one, varying=2**64),
+            _templated_like(one, end_ns=0)):
+        plain = changed.as_record()
         assert encode_request_json([changed]) == encode_request_json([plain])
         assert encode_request_proto([changed]) == encode_request_proto([plain])
+    assert encode_request_json([_templated_like(one, varying="not an int")]) != encode_request_json([one])
     template = templated[0].template
-    assert template is not None and set(template.encoded) == {"json", "proto"}  # each made once
+    assert set(template.encoded) == {"json", "proto"}  # each made once
     assert all(pieces for pieces, _n in template.encoded.values())  # both encodings found their places
+
+
+def _templated_like(span: TemplatedSpan, **changes: object) -> TemplatedSpan:
+    fields = {name: getattr(span, name) for name in TemplatedSpan.__slots__}
+    fields.update(changes)
+    return TemplatedSpan(**fields)  # type: ignore[arg-type]
 
 
 def test_templated_spans_ids_are_checked_the_shared_ones_once() -> None:
     _pipeline, fast, _ids = _spans(shapes=True)
-    templated = [s for s in fast if s.template is not None]
+    templated = [s for s in fast if type(s) is TemplatedSpan]
     assert all(span_ids_valid(s) for s in templated)
-    assert templated[0].template is not None and templated[0].template.encoded["ids_valid"] is True
-    assert not span_ids_valid(dataclasses.replace(templated[0], span_id="b7ad6b71"))  # its length is checked
-    template = SpanTemplate(AttributeBlock({}), "round")
-    first = dataclasses.replace(templated[1], parent_span_id="not-hex-at-all!", template=template)
-    assert not span_ids_valid(first) and template.encoded["ids_valid"] is False
-    assert not span_ids_valid(dataclasses.replace(templated[1], template=template))  # the template's verdict
+    assert templated[0].template.encoded["ids_valid"] is True
+    assert not span_ids_valid(_templated_like(templated[0], span_id="b7ad6b71"))  # its length is checked
+    bad = dataclasses.replace(templated[1].template.prototype, parent_span_id="not-hex-at-all!")
+    template = SpanTemplate(AttributeBlock({}), "round", bad)
+    assert not span_ids_valid(_templated_like(templated[1], template=template))
+    assert template.encoded["ids_valid"] is False  # the template's verdict, kept
+    assert not span_ids_valid(_templated_like(templated[2], template=template))
