@@ -13,8 +13,9 @@
 #define CAPTURE_MAX 4096
 /* Data events (reads/writes with their first bytes) per connection; later I/O is only counted. */
 #define CAPTURE_MSGS_DEFAULT 16
-/* epoll_ctl ADD events per connection sent to user space (the listener-filter hand-off happens early). */
-#define EPOLL_CTL_EVENTS_MAX 8
+/* Socket options of a connection kept for its close record (setsockopt calls beyond them are counted). */
+#define SOCKOPTS_KEPT 8 /* a power of two */
+#define SOCKOPT_BYTES 96 /* SOCKOPTS_KEPT x 12 */
 /* A conn_state flag (state.bpf.h) only user space sets: a connection open before the daemon started, adopted
  * from the socket table (no accept seen; left out of the connection metrics, whose duration it lacks). */
 #define CONN_ADOPTED 1024
@@ -26,8 +27,8 @@ enum event_kind {
     EV_CONNECT = 2,    /* the target called connect() on an inet socket */
     EV_CLOSE = 3,      /* the target closed a tracked connection fd */
     EV_DATA = 4,       /* a read/write-family syscall on a tracked fd returned */
-    EV_EPOLL_CTL = 5,  /* epoll_ctl ADD of a tracked fd, before its first real I/O */
-    EV_SETSOCKOPT = 6, /* setsockopt on a tracked fd */
+    EV_EPOLL_CTL = 5,  /* epoll_ctl ADD of a tracked fd (no longer sent: in EV_CLOSE; recordings keep it) */
+    EV_SETSOCKOPT = 6, /* setsockopt on a tracked fd (no longer sent: in EV_CLOSE; recordings keep it) */
     EV_SOCK_STATE = 7, /* sock:inet_sock_set_state on a target listening port or a target's socket */
     EV_TCP = 8,        /* retransmit / reset / SYN-ACK retransmit on a target listening port */
     EV_LISTEN = 9,     /* the target called listen(): user space rescans its listening ports */
@@ -259,6 +260,14 @@ struct close_event {
     __u32 tls_max_record_tx;
     __u32 tls_flags;          /* TLS_FRAMING_* below */
     __u32 _pad0;
+    /* What happened to the fd before its first real I/O, kept in its state instead of a record each: its
+     * epoll_ctl ADDs (the listener filters register it once to wait for its first bytes; a second ADD,
+     * after a DEL, is the hand-off to the filter chain) and the options Envoy set on it. */
+    __u64 epoll_first_add_ns;  /* 0: none */
+    __u64 epoll_second_add_ns; /* 0: none */
+    __u32 epoll_adds;          /* ADDs before the first real I/O (the first two timed) */
+    __u32 sockopt_count;       /* setsockopt calls on the fd (the first SOCKOPTS_KEPT in sockopts) */
+    __u8 sockopts[SOCKOPT_BYTES]; /* SOCKOPTS_KEPT x (level, optname, value): 3 x __s32 each */
 };
 
 #define TLS_FRAMING_LOST_RX 1 /* a read did not parse as TLS records (or had too many): counting stopped */

@@ -58,7 +58,7 @@ struct conn_state {
     __u32 writes;
     __u32 data_events;    /* EV_DATA records sent so far */
     __u32 capture_budget; /* EV_DATA records allowed */
-    __u32 epoll_events;   /* EV_EPOLL_CTL records sent so far */
+    __u32 epoll_adds;     /* epoll_ctl ADDs before the first real I/O (the close record says them) */
     __u32 role;
     __u32 flags;          /* CONN_* below */
     __u32 tls_flags;      /* TLS_FRAMING_* (events.h) */
@@ -79,7 +79,10 @@ struct conn_state {
     __u16 hs_version;          /* SAMPLING: the version the ServerHello chose (0 until it is written) */
     __u8 hs_state;             /* SAMPLING: enum tls_hs_state (tls_metrics.bpf.h) */
     __u8 hs_resumed;           /* SAMPLING: the ServerHello resumed a session */
-    __u32 _pad_hs;
+    __u32 sockopt_count;       /* setsockopt calls (the first SOCKOPTS_KEPT kept in sockopts) */
+    __u64 epoll_first_add_ns;  /* the first two epoll_ctl ADDs before the first real I/O (0: none) */
+    __u64 epoll_second_add_ns;
+    __u8 sockopts[SOCKOPT_BYTES]; /* as in struct close_event */
 };
 
 #define CONN_SAW_IO 1   /* a non-peek read or write happened: the listener-filter hand-off is settled */

@@ -1,7 +1,8 @@
 /* syscalls.bpf.h: a connection's life outside its reads and writes, from the syscalls:* tracepoints:
  * accept/accept4 and connect start tracking an fd in `conns` (their enter keeps the arguments in the thread's
- * state for the exit), close ends it with the connection's totals, and listen, epoll_ctl and setsockopt
- * are reported as they happen. A bound socket's SO_REUSEPORT, epoll registration and close are steps of a
+ * state for the exit), close ends it with the connection's totals, its epoll_ctl ADDs before its first
+ * real I/O and the socket options Envoy set on it (kept in its state: no record each), and listen is
+ * reported as it happens. A bound socket's SO_REUSEPORT, epoll registration and close are steps of a
  * listener's setup (startup.bpf.h).
  */
 
@@ -226,6 +227,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     ev.tls_max_record_rx = cs->tls[DIR_READ].max_len;
     ev.tls_max_record_tx = cs->tls[DIR_WRITE].max_len;
     ev.tls_flags = cs->tls_flags;
+    ev.epoll_first_add_ns = cs->epoll_first_add_ns;
+    ev.epoll_second_add_ns = cs->epoll_second_add_ns;
+    ev.epoll_adds = cs->epoll_adds;
+    ev.sockopt_count = cs->sockopt_count;
+    __builtin_memcpy(ev.sockopts, cs->sockopts, sizeof(ev.sockopts));
 #if SAMPLING
     if ((cs->flags & CONN_AWAIT) && cs->req_method) { /* a request closed before its answer */
         record_request(tgid, cs, 0, ev.hdr.ts_ns);
@@ -262,8 +268,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();
     __u32 tgid = pid_tgid >> 32;
     /* Only registrations (ADD), and only until the first real I/O: the listener filters register the fd
-     * once to wait for its first bytes; a second ADD (after a DEL, which is implied and not sent) is the
-     * hand-off to the filter chain. Other operations (most of them) cost no lookup. */
+     * once to wait for its first bytes; a second ADD (after a DEL) is the hand-off to the filter chain.
+     * Kept in the connection's state for its close record. Other operations (most) cost no lookup. */
     if (args->op != 1 /* EPOLL_CTL_ADD */)
         return 0;
     __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
@@ -274,19 +280,17 @@ TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {
             emit_setup(pid_tgid, SETUP_WATCH, (__s32)args->fd, (__s32)args->epfd, 0, s);
         return 0;
     }
-    if (!cs || cs->epoll_events >= EPOLL_CTL_EVENTS_MAX ||
-        (cs->flags & (CONN_SAW_IO | CONN_UNTRACED)))
+    if (!cs || (cs->flags & (CONN_SAW_IO | CONN_UNTRACED)))
         return 0;
-    cs->epoll_events++;
-    struct epoll_ctl_event ev = {};
-    fill_header(&ev.hdr, EV_EPOLL_CTL, pid_tgid);
-    ev.epfd = args->epfd;
-    ev.op = args->op;
-    ev.fd = args->fd;
-    __u32 mask = 0;
-    if (args->event && bpf_probe_read_user(&mask, sizeof(mask), args->event) == 0)
-        ev.events = mask;
-    emit(&ev, sizeof(ev));
+    __u32 n = cs->epoll_adds;
+    if (n < 2) {
+        __u64 now = bpf_ktime_get_ns();
+        if (n == 0)
+            cs->epoll_first_add_ns = now;
+        else
+            cs->epoll_second_add_ns = now;
+    }
+    cs->epoll_adds = n + 1;
     return 0;
 }
 
@@ -305,13 +309,14 @@ TRACEPOINT_PROBE(syscalls, sys_enter_setsockopt) {
     }
     if (!cs || (cs->flags & CONN_UNTRACED))
         return 0;
-    struct setsockopt_event ev = {};
-    fill_header(&ev.hdr, EV_SETSOCKOPT, pid_tgid);
-    ev.fd = args->fd;
-    ev.level = args->level;
-    ev.optname = args->optname;
+    /* kept in the connection's state for its close record: level, optname, the value's first 4 bytes */
+    __u32 n = cs->sockopt_count;
+    cs->sockopt_count = n + 1;
+    if (n >= SOCKOPTS_KEPT)
+        return 0;
+    __s32 opt[3] = {(__s32)args->level, (__s32)args->optname, 0};
     if (args->optlen >= 4 && args->optval)
-        bpf_probe_read_user(&ev.optval, sizeof(ev.optval), args->optval);
-    emit(&ev, sizeof(ev));
+        bpf_probe_read_user(&opt[2], sizeof(opt[2]), args->optval);
+    __builtin_memcpy(cs->sockopts + (n & (SOCKOPTS_KEPT - 1)) * sizeof(opt), opt, sizeof(opt));
     return 0;
 }

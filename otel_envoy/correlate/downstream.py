@@ -52,6 +52,7 @@ TCP_ESTABLISHED, TCP_SYN_RECV, TCP_FIN_WAIT1 = _C["TCP_ESTABLISHED"], _C["TCP_SY
 TCP_CLOSE, TCP_CLOSE_WAIT = _C["TCP_CLOSE"], _C["TCP_CLOSE_WAIT"]
 EPOLL_CTL_ADD, EPOLL_CTL_DEL = 1, 2
 MAX_SOCKET_OPTIONS = 16
+SOCKOPTS_KEPT = _C["SOCKOPTS_KEPT"]  # what a close record carries of them
 WILDCARDS = ("0.0.0.0", "::")
 
 
@@ -469,9 +470,21 @@ class DownstreamConnections:
                 ev.tls_max_record_rx, ev.tls_max_record_tx, bool(ev.tls_flags & TLS_FRAMING_LOST_RX),
                 bool(ev.tls_flags & TLS_FRAMING_LOST_TX))
         listener = conn.listener
-        if listener.handoff_ns is None and listener.first_epoll_add_ns is not None \
+        if ev.epoll_adds:  # the kernel kept the fd's ADDs before its first real I/O for this record
+            listener.first_epoll_add_ns = ev.epoll_first_add_ns
+            if ev.epoll_adds >= 2:  # registered again (after a DEL): the second ADD was the hand-off
+                listener.saw_epoll_del = True
+                listener.handoff_ns = ev.epoll_second_add_ns
+            else:  # the one ADD was the hand-off
+                listener.handoff_ns = ev.epoll_first_add_ns
+        elif listener.handoff_ns is None and listener.first_epoll_add_ns is not None \
                 and not listener.saw_epoll_del:  # never re-registered: the one ADD was the hand-off
             listener.handoff_ns = listener.first_epoll_add_ns
+        if ev.sockopt_count:
+            options = conn.socket_options
+            options.extend(ev.socket_options()[: max(0, MAX_SOCKET_OPTIONS - len(options))])
+            if ev.sockopt_count > SOCKOPTS_KEPT and "socket_options_not_all_kept" not in conn.partial:
+                conn.partial.append("socket_options_not_all_kept")
         self.requests.end(conn, ev.ts_ns)
         self.closing.append(conn)
 

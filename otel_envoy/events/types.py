@@ -6,6 +6,7 @@ change to the header that is not mirrored here fails loudly instead of decoding 
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
 
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "SocketSetupEvent",
     "TcpEvent",
 ]
+
+
+_SOCKOPT = struct.Struct("<iii")  # one kept socket option in CloseEvent.sockopts
 
 
 class AcceptEvent(NamedTuple):
@@ -81,6 +85,16 @@ class CloseEvent(NamedTuple):
     tls_max_record_rx: int
     tls_max_record_tx: int
     tls_flags: int
+    epoll_first_add_ns: int  # the fd's epoll_ctl ADDs before its first real I/O: the first two (0: none)
+    epoll_second_add_ns: int
+    epoll_adds: int
+    sockopt_count: int  # setsockopt calls on the fd; the first SOCKOPTS_KEPT in ``sockopts``
+    sockopts: bytes  # (level, optname, value) as 3 little-endian __s32 each
+
+    def socket_options(self) -> list[tuple[int, int, int]]:
+        """The kept socket options, in the order they were set: (level, optname, value)."""
+        kept = min(self.sockopt_count, len(self.sockopts) // 12)
+        return list(_SOCKOPT.iter_unpack(self.sockopts[: kept * 12]))
 
 
 class DataEvent(NamedTuple):
@@ -112,7 +126,8 @@ class DataEvent(NamedTuple):
 
 
 class EpollCtlEvent(NamedTuple):
-    """epoll_ctl(epfd, op, fd, events) on a tracked fd."""
+    """epoll_ctl(epfd, op, fd, events) on a tracked fd (recordings made before the close record carried
+    them)."""
 
     ts_ns: int
     kind: int
@@ -126,7 +141,7 @@ class EpollCtlEvent(NamedTuple):
 
 
 class SetsockoptEvent(NamedTuple):
-    """setsockopt on a tracked fd."""
+    """setsockopt on a tracked fd (recordings made before the close record carried them)."""
 
     ts_ns: int
     kind: int

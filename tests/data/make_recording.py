@@ -27,12 +27,14 @@ HERE = Path(__file__).resolve().parent
 
 @contextlib.contextmanager
 def recording(out: Path, *flags: str) -> Iterator[EnvoyLab]:
-    """A lab Envoy (2 workers) under `otel-envoy record --events out FLAGS` while the body drives traffic;
-    the recorder is stopped after it and must exit 0."""
+    """A lab Envoy (2 workers) under `otel-envoy record --events out --sampler always_on FLAGS` while the
+    body drives traffic; the recorder is stopped after it and must exit 0."""
     with tempfile.TemporaryDirectory() as tmp, EnvoyLab(concurrency=2) as lab:
         ready = Path(tmp) / "ready"
+        # every request and connection traced: the golden replays must hold all of them
         proc = subprocess.Popen([sys.executable, "-m", "otel_envoy.cli", "record", "--pid", str(lab.pid),
-                                 "--events", str(out), "--ready-file", str(ready), *flags])
+                                 "--events", str(out), "--ready-file", str(ready), "--sampler", "always_on",
+                                 "--cpu-budget", "0", *flags])
         while not ready.exists():
             assert proc.poll() is None, "record failed"
             time.sleep(0.1)

@@ -42,6 +42,7 @@ def test_plain_http_connection(lab, receiver, traced):
     assert a["envoy.connection.bytes_sent"] > 50  # the response
     assert a["envoy.connection.close_initiator"] in ("peer", "envoy")
     assert "envoy.connection.still_open" not in a
+    assert a["envoy.connection.socket_options"] == ["TCP_NODELAY"]  # kept by the kernel for the close record
     assert root.resource_attributes["service.name"] == "envoy-under-test"
     queue = trace.child("tcp.accept_queue")
     assert queue.start_ns == root.start_ns  # the root starts when the handshake completed
@@ -63,7 +64,9 @@ def test_tls13_connection_with_sni_and_alpn(lab, receiver, traced):
     assert root.attributes["tls.client.server_name"] == "a.example.com"
     lf = trace.child("envoy.listener_filters")
     assert lf.attributes["envoy.listener_filters.peeked_bytes"] >= 200  # tls_inspector peeked the ClientHello
+    assert "otel_envoy.partial" not in lf.attributes  # the hand-off was seen (the fd's second epoll ADD) ...
     hs = trace.child("tls.handshake")
+    assert lf.start_ns < lf.end_ns <= hs.end_ns  # ... after the peek, before the handshake ended
     h = hs.attributes
     assert h["tls.protocol.version"] == "1.3"
     assert h["tls.client.server_name"] == "a.example.com"

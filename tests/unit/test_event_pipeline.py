@@ -104,7 +104,10 @@ def _expected_error(raw: bytes) -> str | None:
     kinds = {layout.constants[k]: s for k, s in [
         ("EV_ACCEPT", "accept_event"), ("EV_CONNECT", "connect_event"), ("EV_CLOSE", "close_event"),
         ("EV_DATA", "data_event"), ("EV_EPOLL_CTL", "epoll_ctl_event"), ("EV_SETSOCKOPT", "setsockopt_event"),
-        ("EV_SOCK_STATE", "sock_state_event"), ("EV_TCP", "tcp_event"), ("EV_LISTEN", "listen_event")]}
+        ("EV_SOCK_STATE", "sock_state_event"), ("EV_TCP", "tcp_event"), ("EV_LISTEN", "listen_event"),
+        ("EV_OFFCPU", "offcpu_event"), ("EV_ROUND", "round_event"), ("EV_REQUEST_KEPT", "request_kept_event"),
+        ("EV_EXEC", "process_event"), ("EV_EXIT", "process_event"),
+        ("EV_SOCKET_SETUP", "socket_setup_event")]}
     if len(raw) < 12:
         return "short_record"
     kind = int.from_bytes(raw[8:12], "little")
@@ -171,7 +174,7 @@ def test_every_truncation_of_every_record_kind_is_survived() -> None:
     for kind, payload in items:
         if kind == "kernel":
             seen_kinds.setdefault(int.from_bytes(payload[8:12], "little"), payload)  # type: ignore[index]
-    assert len(seen_kinds) >= 6  # accept, close, data, epoll, setsockopt, sock state, tcp, connect
+    assert len(seen_kinds) >= 6  # accept, close, data, sock state, tcp, connect, request summaries
     records: list[tuple[str, object]] = [items[0], items[1]]
     n = 0
     for raw in seen_kinds.values():

@@ -39,6 +39,7 @@ from tests.support.events import (
     established,
     listen_sockets,
     read,
+    setsockopt,
     state,
     tcp,
 )
@@ -109,6 +110,37 @@ def test_second_add_is_the_handoff_when_the_kernel_sends_adds_only() -> None:
     r = h.only()
     assert r.listener.first_epoll_add_ns == 3_000 and r.listener.saw_epoll_del
     assert r.listener.handoff_ns == 6_000 and r.listener.first_io_ns == 7_000
+
+
+def test_the_close_record_s_adds_and_options_are_what_their_records_were() -> None:
+    """The kernel keeps the fd's ADDs before its first I/O and its socket options for the close record:
+    the same hand-off and options as when each came as a record of its own."""
+    hello = client_hello()
+    story = [established(1_000, 40000), accept(2_000, 30, 40000), read(4_000, 30, hello, peek=True),
+             read(7_000, 30, hello)]
+    folded = Harness().feed([*story, close(8_000, 30, rx=len(hello), epoll_adds=(3_000, 6_000, 6_500),
+                                           sockopts=((6, 1, 1), (1, 9, 1)))]).only()
+    separate = Harness().feed([*story[:2], epoll(3_000, 30, EPOLL_CTL_ADD), story[2],
+                               epoll(6_000, 30, EPOLL_CTL_ADD), epoll(6_500, 30, EPOLL_CTL_ADD), story[3],
+                               setsockopt(6_600, 30, 6, 1), setsockopt(6_700, 30, 1, 9),
+                               close(8_000, 30, rx=len(hello))]).only()
+    for r in (folded, separate):
+        assert r.listener.first_epoll_add_ns == 3_000 and r.listener.saw_epoll_del
+        assert r.listener.handoff_ns == 6_000 and r.listener.first_io_ns == 7_000
+        assert r.socket_options == [(6, 1, 1), (1, 9, 1)] and r.partial == []
+    one_add = Harness().feed([*story, close(8_000, 30, epoll_adds=(3_000,))]).only()
+    assert one_add.listener.handoff_ns == 3_000 and not one_add.listener.saw_epoll_del
+    closed_early = Harness().feed([*story[:2], close(4_000, 30, epoll_adds=(3_000,))]).only()
+    assert closed_early.listener.handoff_ns == 3_000 and closed_early.listener.first_io_ns is None
+
+
+def test_socket_options_beyond_what_the_close_record_keeps_are_marked() -> None:
+    kept = C["SOCKOPTS_KEPT"]
+    options = tuple((6, n, 1) for n in range(kept))
+    r = Harness().feed([established(1_000, 40000), accept(2_000, 30, 40000),
+                        close(3_000, 30, sockopts=options, sockopt_count=kept + 3)]).only()
+    assert r.socket_options == list(options)
+    assert r.partial == ["socket_options_not_all_kept"]
 
 
 def test_repeated_peeks_count_and_keep_the_largest() -> None:

@@ -62,4 +62,4 @@ def test_rewriting_the_recording_is_byte_identical(tmp_path: Path) -> None:
             w.context(payload)  # type: ignore[arg-type]
     w.close()
     assert copy.read_bytes() == RECORDING.read_bytes()
-    assert sum(1 for k, _ in items if k == "kernel") == w.records > 250
+    assert sum(1 for k, _ in items if k == "kernel") == w.records > 150  # 24 connections' records

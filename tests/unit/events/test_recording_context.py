@@ -12,6 +12,8 @@ from otel_envoy.events.recording_context import (
     ClockContext,
     ListenerNamesContext,
     ListenSocketsContext,
+    ProcessResourceContext,
+    SamplerContext,
     recording_clock,
 )
 from tests.support.replay import RECORDING
@@ -65,7 +67,8 @@ def test_recording_clock_is_the_first_record_only() -> None:
 
 
 def test_the_committed_recordings_context_records_parse_back_to_themselves() -> None:
-    parsers = {c.TYPE: c.from_json for c in (ClockContext, ListenSocketsContext, ListenerNamesContext)}
+    parsers = {c.TYPE: c.from_json for c in (ClockContext, ListenSocketsContext, ListenerNamesContext,
+                                             SamplerContext, ProcessResourceContext)}
     contexts = [p for kind, p in RecordingReader(RECORDING) if kind == "context"]
     assert contexts[0]["type"] == "clock"  # type: ignore[index]
     assert {c["type"] for c in contexts} >= {"clock", "listen_sockets"}  # type: ignore[index]
