@@ -31,13 +31,15 @@ BPF_ARRAY(request_summary, __u32, 1);      /* 1: a sampled request is reported a
 BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
 /* tail-call slots, set by the loader: [EXIT_IO] io_sys_exit, [EXIT_ACCEPT] accept_sys_exit,
  * [EXIT_CONNECT] connect_sys_exit, [EXIT_SETUP] setup_sys_exit (startup.bpf.h), [EXIT_TLS_HELLO]
- * tls_hello_sys_exit */
+ * tls_hello_sys_exit, [EXIT_TLS_STEP] tls_step_sys_exit, [EXIT_QUIET] quiet_sys_exit */
 #define EXIT_IO 0
 #define EXIT_ACCEPT 1
 #define EXIT_CONNECT 2
 #define EXIT_SETUP 3
 #define EXIT_TLS_HELLO 4
-BPF_PROG_ARRAY(exit_progs, 5);
+#define EXIT_TLS_STEP 5
+#define EXIT_QUIET 6
+BPF_PROG_ARRAY(exit_progs, 7);
 
 static __always_inline void count_sampled(__u32 slot) {
     __u64 *v = sample_counts.lookup(&slot);
@@ -198,6 +200,66 @@ int tls_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     return 0;
 }
 
+/* tail-called by front_sys_exit for a transfer (ret > 0) of a downstream TLS connection whose handshake is
+ * under way, or whose quiet record goes on (tls_handshake.bpf.h): the handshake's step, then the hello
+ * flight's parse (tls_hello_sys_exit), a quiet read's (quiet_sys_exit) or io_sys_exit. A program of its own:
+ * neither the front nor io_sys_exit has room for it. */
+int tls_step_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    long ret = (long)ctx->args[1];
+    struct sys_regs r = {};
+    if (ret <= 0 || bpf_probe_read_kernel(&r, sizeof(r), &regs->r10) != 0)
+        return 0;
+    __u8 io = io_syscall((long)r.orig_ax);
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u64 key = conn_key(pid_tgid >> 32, (__s32)r.di);
+    struct conn_state *cs = conns.lookup(&key);
+    if (!cs || !io)
+        return 0;
+    __u32 peek = recv_flags(io, &r) & MSG_PEEK_FLAG;
+    __u8 quiet = 0;
+    if (cs->quiet_left && io < IO_WRITE && !peek)
+        quiet = quiet_read(cs, ret);
+    if (cs->hs_state < HS_DONE &&
+        tls_handshake_step(cs, pid_tgid >> 32, io, (const void *)r.si, ret, peek, &quiet)) {
+        exit_progs.call(ctx, EXIT_TLS_HELLO); /* the server's hello flight: parsed in a program of its own */
+        count_drop(DROP_TAIL_CALL);
+        return 0;
+    }
+    if (cs->flags & CONN_UNTRACED) { /* counted, never reported */
+        if (!peek)
+            count_unreported(cs, io, ret);
+        return 0;
+    }
+    exit_progs.call(ctx, quiet ? EXIT_QUIET : EXIT_IO);
+    count_drop(DROP_TAIL_CALL);
+    return 0;
+}
+
+/* tail-called by tls_step_sys_exit for a quiet read: counted and its record headers walked, as io_sys_exit
+ * would, without a record. */
+int quiet_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    long ret = (long)ctx->args[1];
+    struct sys_regs r = {};
+    if (ret <= 0 || bpf_probe_read_kernel(&r, sizeof(r), &regs->r10) != 0)
+        return 0;
+    __u8 io = io_syscall((long)r.orig_ax);
+    __u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, (__s32)r.di);
+    struct conn_state *cs = conns.lookup(&key);
+    if (!cs || !io || io >= IO_WRITE)
+        return 0;
+    count_unreported(cs, io, ret);
+    struct inflight req = {};
+    req.fd = (__s32)r.di;
+    req.syscall = io;
+    req.buf = r.si;
+    if (io == IO_READV)
+        req.len = (__u32)r.dx; /* iovcnt */
+    walk_tls_records(cs, &req, (__u64)ret, DIR_READ);
+    return 0;
+}
+
 int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
@@ -233,13 +295,16 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct conn_state *cs = conns.lookup(&key);
     if (!cs)
         return 0; /* io_sys_exit would find nothing either */
-    if (ret <= 0)
+    if (ret <= 0) {
         note_transfer_end(cs, io, ret); /* an EOF or a reset: how the connection ends (its metrics) */
-    else if (cs->hs_state < HS_DONE && cs->role == ROLE_DOWNSTREAM &&
-             tls_handshake_step(cs, pid_tgid >> 32, io, buf, ret, recv_flags(io, &r) & MSG_PEEK_FLAG)) {
-        exit_progs.call(ctx, EXIT_TLS_HELLO); /* the server's hello flight: parsed in a program of its own */
-        count_drop(DROP_TAIL_CALL);
-        return 0;
+    } else if (cs->role == ROLE_DOWNSTREAM) {
+        if (cs->hs_state == HS_NONE) { /* the connection's first bytes: TLS or not (tls_handshake.bpf.h) */
+            tls_first_bytes(cs, io, buf, ret, recv_flags(io, &r) & MSG_PEEK_FLAG);
+        } else if (cs->hs_state < HS_DONE || cs->quiet_left) { /* a TLS handshake's transfer */
+            exit_progs.call(ctx, EXIT_TLS_STEP);
+            count_drop(DROP_TAIL_CALL);
+            return 0;
+        }
     }
     if (cs->flags & CONN_UNTRACED) { /* counted, never reported */
         if (ret > 0 && !(recv_flags(io, &r) & MSG_PEEK_FLAG))

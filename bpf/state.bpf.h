@@ -80,6 +80,8 @@ struct conn_state {
     __u8 hs_state;             /* SAMPLING: enum tls_hs_state (tls_metrics.bpf.h) */
     __u8 hs_resumed;           /* SAMPLING: the ServerHello resumed a session */
     __u32 sockopt_count;       /* setsockopt calls (the first SOCKOPTS_KEPT kept in sockopts) */
+    __u32 quiet_left;          /* SAMPLING: bytes of a quiet TLS record's body still to read (quiet_record) */
+    __u32 _pad_quiet;
     __u64 epoll_first_add_ns;  /* the first two epoll_ctl ADDs before the first real I/O (0: none) */
     __u64 epoll_second_add_ns;
     __u8 sockopts[SOCKOPT_BYTES]; /* as in struct close_event */
@@ -98,6 +100,7 @@ struct conn_state {
 #define CONN_IO_RESET 512 /* SAMPLING: a read or write failed with a reset (enum close_reason) */
 /* 1024: CONN_ADOPTED (events.h: user space sets it) */
 #define CONN_SUMMARY 2048 /* SAMPLING: the current request was sampled and is reported as one record */
+#define CONN_HELLO_PEEKED 4096 /* SAMPLING: a listener filter's peek held the whole ClientHello record */
 
 #define CAPTURE_UNLIMITED 0xffffffff /* conn_state.capture_budget of a plaintext connection (request capture) */
 

@@ -9,10 +9,46 @@
 #define TLS_EXT_SUPPORTED_VERSIONS 0x002b
 #define TLS_HELLO_EXTENSIONS_MAX 12 /* a ServerHello has a handful */
 
-/* One transfer (ret > 0) of a downstream connection whose handshake is not over (hs_state < HS_DONE).
- * Returns 1 when it is the server's hello flight, which the caller hands to tls_hello_sys_exit. */
+static __always_inline __u32 be16(const __u8 *b) { return ((__u32)b[0] << 8) | b[1]; }
+
+/* A read (ret > 0, not a peek) that starts a record user space learns nothing from, read alone as its 5-byte
+ * header (BoringSSL reads a record's header, then its body): the record's reads are not reported (`quiet`,
+ * see quiet_read). Two such records in a handshake: the ClientHello read for real when a listener filter's
+ * peek already held all of it (user space parsed it from the peek), and a TLS 1.3 client's ChangeCipherSpec
+ * (compatibility only: user space skips it). Their bytes are still counted and their records walked. */
+static __always_inline void quiet_record(struct conn_state *cs, const __u8 *h, long ret, __u8 *quiet) {
+    if (ret != 5)
+        return;
+    cs->quiet_left = be16(&h[3]); /* the body's reads, up to its length, are quiet too */
+    *quiet = 1;
+}
+
+/* The first bytes (ret > 0) of a downstream connection, a listener filter's peek included (hs_state
+ * HS_NONE): a TLS handshake record starts the handshake (HS_HELLO), anything else means no TLS (HS_DONE). A
+ * peek that holds the whole first record (within what a record captures) lets its real read be quiet. */
+static __always_inline void tls_first_bytes(struct conn_state *cs, __u8 io, const void *buf, long ret,
+                                            __u32 peek) {
+    if (io >= IO_WRITE)
+        return;
+    __u8 h[5] = {};
+    if (first_bytes(io, buf, ret, h, 5) < 1)
+        return;
+    if (h[0] != TLS_RECORD_HANDSHAKE) {
+        cs->hs_state = HS_DONE; /* not TLS */
+        return;
+    }
+    cs->hs_state = HS_HELLO;
+    cs->hs_start_ns = bpf_ktime_get_ns();
+    __u32 record = 5 + be16(&h[3]);
+    if (peek && ret >= 5 && record <= (__u64)ret && record <= CAPTURE_MAX)
+        cs->flags |= CONN_HELLO_PEEKED;
+}
+
+/* One transfer (ret > 0) of a downstream connection whose handshake is under way (HS_HELLO..HS_SERVER_FIN).
+ * Returns 1 when it is the server's hello flight, which the caller hands to tls_hello_sys_exit; sets *quiet
+ * for a read not to report (quiet_record). */
 static __always_inline int tls_handshake_step(struct conn_state *cs, __u32 tgid, __u8 io, const void *buf,
-                                              long ret, __u32 peek) {
+                                              long ret, __u32 peek, __u8 *quiet) {
     __u8 state = cs->hs_state;
     if (io >= IO_WRITE) {
         if (state == HS_HELLO)
@@ -21,26 +57,29 @@ static __always_inline int tls_handshake_step(struct conn_state *cs, __u32 tgid,
             record_tls_handshake(tgid, cs, TLS_HANDSHAKE_DONE, bpf_ktime_get_ns());
         return 0;
     }
-    if (state == HS_HELLO || state == HS_SERVER_FIN || (peek && state != HS_NONE))
+    if (state == HS_SERVER_FIN || peek || (state == HS_HELLO && !(cs->flags & CONN_HELLO_PEEKED)))
         return 0; /* more of the same flight, or a listener filter's look at it */
-    __u8 b = 0;
-    if (first_bytes(io, buf, ret, &b, 1) != 1)
+    __u8 h[5] = {};
+    if (first_bytes(io, buf, ret, h, 5) < 1)
         return 0;
-    if (state == HS_NONE) { /* the connection's first bytes (a listener filter's peek counts) */
-        if (b == TLS_RECORD_HANDSHAKE) {
-            cs->hs_state = HS_HELLO;
-            cs->hs_start_ns = bpf_ktime_get_ns();
-        } else {
-            cs->hs_state = HS_DONE; /* not TLS */
+    if (state == HS_HELLO) { /* more of the ClientHello's flight: its real read, after a peek held it */
+        if ((cs->flags & CONN_HELLO_PEEKED) && h[0] == TLS_RECORD_HANDSHAKE) {
+            cs->flags &= ~CONN_HELLO_PEEKED; /* once: a second ClientHello (after a HelloRetryRequest) is sent */
+            quiet_record(cs, h, ret, quiet);
+            if (*quiet) /* the connection's first real I/O, which io_sys_exit would have seen: TLS from here */
+                cs->flags |= CONN_TLS | CONN_SAW_IO;
         }
         return 0;
     }
     /* HS_CLIENT_FIN: the client's answer to the server's hello flight */
     if (cs->hs_version >= 0x0304) {
-        if (b == TLS_RECORD_HANDSHAKE) /* a second ClientHello: the ServerHello was a HelloRetryRequest */
+        if (h[0] == TLS_RECORD_HANDSHAKE) { /* a second ClientHello: the ServerHello was a HelloRetryRequest */
             cs->hs_state = HS_HELLO;
-        else
+        } else {
+            if (h[0] == TLS_RECORD_CHANGE_CIPHER_SPEC)
+                quiet_record(cs, h, ret, quiet);
             record_tls_handshake(tgid, cs, TLS_HANDSHAKE_DONE, bpf_ktime_get_ns());
+        }
     } else if (cs->hs_resumed) {
         record_tls_handshake(tgid, cs, TLS_HANDSHAKE_DONE, bpf_ktime_get_ns());
     } else {
@@ -49,7 +88,19 @@ static __always_inline int tls_handshake_step(struct conn_state *cs, __u32 tgid,
     return 0;
 }
 
-static __always_inline __u32 be16(const __u8 *b) { return ((__u32)b[0] << 8) | b[1]; }
+/* Whether a read (ret > 0, not a peek) continues a quiet record (quiet_record): it is quiet if it lies within
+ * the record's body; one that reaches past it ends the quiet part and is reported. */
+static __always_inline __u8 quiet_read(struct conn_state *cs, long ret) {
+    __u32 left = cs->quiet_left;
+    if (!left)
+        return 0;
+    if ((__u64)ret > left) {
+        cs->quiet_left = 0;
+        return 0;
+    }
+    cs->quiet_left = left - (__u32)ret;
+    return 1;
+}
 
 /* The server's hello flight (a write): the version the ServerHello chose and whether it resumed a session.
  * Record header (5), handshake header (4), legacy version (2), random (32), session id (1 + n), cipher
