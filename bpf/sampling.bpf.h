@@ -200,10 +200,11 @@ int tls_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     return 0;
 }
 
-/* tail-called by front_sys_exit for a transfer (ret > 0) of a downstream TLS connection whose handshake is
- * under way, or whose quiet record goes on (tls_handshake.bpf.h): the handshake's step, then the hello
- * flight's parse (tls_hello_sys_exit), a quiet read's (quiet_sys_exit) or io_sys_exit. A program of its own:
- * neither the front nor io_sys_exit has room for it. */
+/* tail-called by front_sys_exit for a read of a traced downstream TLS connection that may be quiet
+ * (quiet_candidate, tls_handshake.bpf.h): the handshake's step, then quiet_sys_exit for a quiet read, else
+ * io_sys_exit. A program of its own: neither the front nor io_sys_exit has verifier room for the quiet
+ * reads; the front keeps the step of every other handshake transfer (untraced connections' included: no
+ * tail call for them). */
 int tls_step_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
@@ -220,17 +221,8 @@ int tls_step_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     __u8 quiet = 0;
     if (cs->quiet_left && io < IO_WRITE && !peek)
         quiet = quiet_read(cs, ret);
-    if (cs->hs_state < HS_DONE &&
-        tls_handshake_step(cs, pid_tgid >> 32, io, (const void *)r.si, ret, peek, &quiet)) {
-        exit_progs.call(ctx, EXIT_TLS_HELLO); /* the server's hello flight: parsed in a program of its own */
-        count_drop(DROP_TAIL_CALL);
-        return 0;
-    }
-    if (cs->flags & CONN_UNTRACED) { /* counted, never reported */
-        if (!peek)
-            count_unreported(cs, io, ret);
-        return 0;
-    }
+    if (cs->hs_state < HS_DONE)
+        tls_handshake_step(cs, pid_tgid >> 32, io, (const void *)r.si, ret, peek, &quiet); /* a read */
     exit_progs.call(ctx, quiet ? EXIT_QUIET : EXIT_IO);
     count_drop(DROP_TAIL_CALL);
     return 0;
@@ -297,11 +289,16 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         return 0; /* io_sys_exit would find nothing either */
     if (ret <= 0) {
         note_transfer_end(cs, io, ret); /* an EOF or a reset: how the connection ends (its metrics) */
-    } else if (cs->role == ROLE_DOWNSTREAM) {
+    } else if (cs->role == ROLE_DOWNSTREAM && (cs->hs_state < HS_DONE || cs->quiet_left)) {
+        __u32 peek = recv_flags(io, &r) & MSG_PEEK_FLAG;
         if (cs->hs_state == HS_NONE) { /* the connection's first bytes: TLS or not (tls_handshake.bpf.h) */
-            tls_first_bytes(cs, io, buf, ret, recv_flags(io, &r) & MSG_PEEK_FLAG);
-        } else if (cs->hs_state < HS_DONE || cs->quiet_left) { /* a TLS handshake's transfer */
+            tls_first_bytes(cs, io, buf, ret, peek);
+        } else if (io < IO_WRITE && !peek && quiet_candidate(cs)) { /* a read that may be quiet */
             exit_progs.call(ctx, EXIT_TLS_STEP);
+            count_drop(DROP_TAIL_CALL);
+            return 0;
+        } else if (cs->hs_state < HS_DONE && tls_handshake_step(cs, pid_tgid >> 32, io, buf, ret, peek, 0)) {
+            exit_progs.call(ctx, EXIT_TLS_HELLO); /* the server's hello flight: parsed in a program of its own */
             count_drop(DROP_TAIL_CALL);
             return 0;
         }

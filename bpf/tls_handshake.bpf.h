@@ -40,13 +40,22 @@ static __always_inline void tls_first_bytes(struct conn_state *cs, __u8 io, cons
     cs->hs_state = HS_HELLO;
     cs->hs_start_ns = bpf_ktime_get_ns();
     __u32 record = 5 + be16(&h[3]);
-    if (peek && ret >= 5 && record <= (__u64)ret && record <= CAPTURE_MAX)
+    if (peek && ret >= 5 && record <= (__u64)ret && record <= CAPTURE_MAX && !(cs->flags & CONN_UNTRACED))
         cs->flags |= CONN_HELLO_PEEKED;
 }
 
+/* A read of a traced connection's handshake that may be quiet (front_sys_exit then hands it to
+ * tls_step_sys_exit): the real read of a ClientHello a peek held, the continuation of a quiet record, or a
+ * TLS 1.3 client's answer to the server's hello flight. */
+static __always_inline int quiet_candidate(const struct conn_state *cs) {
+    return cs->quiet_left || (cs->flags & CONN_HELLO_PEEKED) ||
+           (cs->hs_state == HS_CLIENT_FIN && cs->hs_version >= 0x0304 && !(cs->flags & CONN_UNTRACED));
+}
+
 /* One transfer (ret > 0) of a downstream connection whose handshake is under way (HS_HELLO..HS_SERVER_FIN).
- * Returns 1 when it is the server's hello flight, which the caller hands to tls_hello_sys_exit; sets *quiet
- * for a read not to report (quiet_record). */
+ * Returns 1 when it is the server's hello flight, which the caller hands to tls_hello_sys_exit. With `quiet`
+ * (tls_step_sys_exit: reads only), sets *quiet for a read not to report (quiet_record); without (0, the
+ * front), no read is quiet. */
 static __always_inline int tls_handshake_step(struct conn_state *cs, __u32 tgid, __u8 io, const void *buf,
                                               long ret, __u32 peek, __u8 *quiet) {
     __u8 state = cs->hs_state;
@@ -63,7 +72,7 @@ static __always_inline int tls_handshake_step(struct conn_state *cs, __u32 tgid,
     if (first_bytes(io, buf, ret, h, 5) < 1)
         return 0;
     if (state == HS_HELLO) { /* more of the ClientHello's flight: its real read, after a peek held it */
-        if ((cs->flags & CONN_HELLO_PEEKED) && h[0] == TLS_RECORD_HANDSHAKE) {
+        if (quiet && h[0] == TLS_RECORD_HANDSHAKE) {
             cs->flags &= ~CONN_HELLO_PEEKED; /* once: a second ClientHello (after a HelloRetryRequest) is sent */
             quiet_record(cs, h, ret, quiet);
             if (*quiet) /* the connection's first real I/O, which io_sys_exit would have seen: TLS from here */
@@ -76,7 +85,7 @@ static __always_inline int tls_handshake_step(struct conn_state *cs, __u32 tgid,
         if (h[0] == TLS_RECORD_HANDSHAKE) { /* a second ClientHello: the ServerHello was a HelloRetryRequest */
             cs->hs_state = HS_HELLO;
         } else {
-            if (h[0] == TLS_RECORD_CHANGE_CIPHER_SPEC)
+            if (quiet && h[0] == TLS_RECORD_CHANGE_CIPHER_SPEC)
                 quiet_record(cs, h, ret, quiet);
             record_tls_handshake(tgid, cs, TLS_HANDSHAKE_DONE, bpf_ktime_get_ns());
         }
