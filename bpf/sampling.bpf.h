@@ -179,16 +179,25 @@ int connect_sys_exit(struct bpf_raw_tracepoint_args *ctx) { return on_connect_ex
 
 /* tail-called by front_sys_exit for a TLS server's hello flight (tls_handshake.bpf.h): parsed, then the
  * write goes on as the front would have sent it on. */
-int tls_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
+/* For a program tail-called on a read/write's exit: the syscall's saved registers (*r), which one it is (*io)
+ * and its connection's state; 0 when it is none of ours. */
+static __always_inline struct conn_state *exit_conn(struct bpf_raw_tracepoint_args *ctx, struct sys_regs *r,
+                                                    __u8 *io) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    if (bpf_probe_read_kernel(r, sizeof(*r), &regs->r10) != 0)
+        return 0;
+    *io = io_syscall((long)r->orig_ax);
+    __u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, (__s32)r->di);
+    struct conn_state *cs = conns.lookup(&key);
+    return *io ? cs : 0;
+}
+
+int tls_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     long ret = (long)ctx->args[1];
     struct sys_regs r = {};
-    if (bpf_probe_read_kernel(&r, sizeof(r), &regs->r10) != 0)
-        return 0;
-    __u8 io = io_syscall((long)r.orig_ax);
-    __u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, (__s32)r.di);
-    struct conn_state *cs = conns.lookup(&key);
-    if (!cs || !io)
+    __u8 io = 0;
+    struct conn_state *cs = exit_conn(ctx, &r, &io);
+    if (!cs)
         return 0;
     parse_server_hello(cs, io, (const void *)r.si, ret);
     if (cs->flags & CONN_UNTRACED) {
@@ -206,23 +215,18 @@ int tls_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
  * reads; the front keeps the step of every other handshake transfer (untraced connections' included: no
  * tail call for them). */
 int tls_step_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
-    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
     struct sys_regs r = {};
-    if (ret <= 0 || bpf_probe_read_kernel(&r, sizeof(r), &regs->r10) != 0)
-        return 0;
-    __u8 io = io_syscall((long)r.orig_ax);
-    __u64 pid_tgid = bpf_get_current_pid_tgid();
-    __u64 key = conn_key(pid_tgid >> 32, (__s32)r.di);
-    struct conn_state *cs = conns.lookup(&key);
-    if (!cs || !io)
+    __u8 io = 0;
+    struct conn_state *cs = ret > 0 ? exit_conn(ctx, &r, &io) : 0;
+    if (!cs)
         return 0;
     __u32 peek = recv_flags(io, &r) & MSG_PEEK_FLAG;
     __u8 quiet = 0;
     if (cs->quiet_left && io < IO_WRITE && !peek)
         quiet = quiet_read(cs, ret);
     if (cs->hs_state < HS_DONE)
-        tls_handshake_step(cs, pid_tgid >> 32, io, (const void *)r.si, ret, peek, &quiet); /* a read */
+        tls_handshake_step(cs, bpf_get_current_pid_tgid() >> 32, io, (const void *)r.si, ret, peek, &quiet);
     exit_progs.call(ctx, quiet ? EXIT_QUIET : EXIT_IO);
     count_drop(DROP_TAIL_CALL);
     return 0;
@@ -231,15 +235,11 @@ int tls_step_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
 /* tail-called by tls_step_sys_exit for a quiet read: counted and its record headers walked, as io_sys_exit
  * would, without a record. */
 int quiet_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
-    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
     long ret = (long)ctx->args[1];
     struct sys_regs r = {};
-    if (ret <= 0 || bpf_probe_read_kernel(&r, sizeof(r), &regs->r10) != 0)
-        return 0;
-    __u8 io = io_syscall((long)r.orig_ax);
-    __u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, (__s32)r.di);
-    struct conn_state *cs = conns.lookup(&key);
-    if (!cs || !io || io >= IO_WRITE)
+    __u8 io = 0;
+    struct conn_state *cs = ret > 0 ? exit_conn(ctx, &r, &io) : 0;
+    if (!cs || io >= IO_WRITE)
         return 0;
     count_unreported(cs, io, ret);
     struct inflight req = {};
