@@ -143,8 +143,11 @@ class OpensslResult:
 
 def openssl_s_client(port: int, sni: str | None, alpn: Alpn | None = "http/1.1",
                      tls_version: TlsVersion = "1.3", ca: str | Path | None = None,
-                     request: str | None = None, timeout: float = 10.0) -> OpensslResult:
+                     request: str | None = None, timeout: float = 10.0, groups: str | None = None
+                     ) -> OpensslResult:
     """Handshake with ``openssl s_client`` and send an HTTP/1.1 request (``Connection: close``) via stdin.
+    ``groups``: its key-exchange groups, in order (``-groups``; a first one the server does not take makes it
+    answer with a HelloRetryRequest).
 
     ``-ign_eof`` keeps s_client reading until Envoy closes the connection after its response. ``sni=None``
     sends no SNI (``-noservername``). With ``alpn="h2"`` the default HTTP/1.1 request makes no sense to the
@@ -158,6 +161,8 @@ def openssl_s_client(port: int, sni: str | None, alpn: Alpn | None = "http/1.1",
     cmd += ["-servername", sni] if sni is not None else ["-noservername"]
     if alpn is not None:
         cmd += ["-alpn", alpn]
+    if groups is not None:
+        cmd += ["-groups", groups]
     if ca is not None:
         cmd += ["-CAfile", str(ca)]
         if sni is not None:

@@ -193,42 +193,83 @@ def test_still_open_connection_is_ended_at_shutdown(lab, receiver, tmp_path):
     assert port in connection_traces(spans, lab.http_port)
 
 
-def test_tls13_handshake_reads_user_space_does_not_need_are_counted_not_sent(lab, tmp_path):
-    """tls_inspector peeks the whole ClientHello, so BoringSSL's read of it for real is quiet, as is the TLS
-    1.3 client's ChangeCipherSpec: the kernel walks and counts their records, sends no record of them, and
-    the handshake span is whole (kernel side: tls_handshake.bpf.h, quiet_record)."""
+def _recorded_tls_connection(lab, tmp_path, connect):
+    """Record the daemon's kernel events (always_on) while ``connect()`` makes one TLS connection; returns its
+    local port (None: the only connection), its events from its accept on, and its replayed trace."""
     from otel_envoy.events.decode import Decoder
     from otel_envoy.events.recording import RecordingReader
-    from otel_envoy.events.types import AcceptEvent, CloseEvent, DataEvent
+    from otel_envoy.events.types import AcceptEvent
     from tests.support.daemon import DaemonProcess
 
     events = tmp_path / "tls.events"
     daemon = DaemonProcess(["--pid", str(lab.pid), "--events", str(events), "--sampler", "always_on"],
                            tmp_path, command="record").start()
     try:
-        res = clients.curl_tls(lab.tls_port, "a.example.com", alpn="h2", tls_version="1.3", ca=lab.ca_path)
+        port = connect()
     finally:
         assert daemon.stop() == 0, daemon.stderr()
-    assert res.http_code == 200 and res.local_port, res.stderr
     decoded = [Decoder().decode(raw) for kind, raw in RecordingReader(events) if kind == "kernel"]
-    accept = next(e for e in decoded if isinstance(e, AcceptEvent) and e.peer_port == res.local_port)
+    accepts = [e for e in decoded if isinstance(e, AcceptEvent) and port in (None, e.peer_port)]
+    assert len(accepts) == 1, accepts
+    accept = accepts[0]
     mine = [e for e in decoded if getattr(e, "fd", None) == accept.fd and e.tgid == accept.tgid
             and e.ts_ns >= accept.ts_ns]
-    close = next(e for e in mine if isinstance(e, CloseEvent))
-    reads = [e for e in mine if isinstance(e, DataEvent) and e.direction == 0 and e.ts_ns <= close.ts_ns]
-    hello_reads = [e for e in reads if e.data[:1] == b"\x16"]
-    assert len(hello_reads) == 1 and hello_reads[0].flags & 1, reads  # the peek only (DATA_FLAG_PEEK)
-    assert not [e for e in reads if e.data[:1] == b"\x14"], reads  # no ChangeCipherSpec read
-    assert close.tls_records_rx >= 4  # ClientHello, ChangeCipherSpec, Finished, request: all walked
-    assert close.bytes_rx > hello_reads[0].ret  # and their bytes counted
     out = tmp_path / "replayed.jsonl"
     proc = subprocess.run([sys.executable, "-m", "otel_envoy.cli", "replay", str(events), "--output",
                            str(out)], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     spans = [s for line in out.read_text().splitlines() for s in decode_request_json(json.loads(line))]
-    trace = connection_traces(spans, lab.tls_port)[res.local_port]
+    return mine, connection_traces(spans, lab.tls_port)[accept.peer_port]
+
+
+def _reads_and_close(mine):
+    from otel_envoy.events.types import CloseEvent, DataEvent
+
+    close = next(e for e in mine if isinstance(e, CloseEvent))
+    reads = [e for e in mine if isinstance(e, DataEvent) and e.direction == 0 and e.ts_ns <= close.ts_ns]
+    return reads, close
+
+
+def test_tls13_handshake_reads_user_space_does_not_need_are_counted_not_sent(lab, tmp_path):
+    """tls_inspector peeks the whole ClientHello, so BoringSSL's read of it for real is quiet, as is the TLS
+    1.3 client's ChangeCipherSpec: the kernel walks and counts their records, sends no record of them, and
+    the handshake span is whole (kernel side: tls_handshake.bpf.h, quiet_record)."""
+    def connect():
+        res = clients.curl_tls(lab.tls_port, "a.example.com", alpn="h2", tls_version="1.3", ca=lab.ca_path)
+        assert res.http_code == 200 and res.local_port, res.stderr
+        return res.local_port
+
+    mine, trace = _recorded_tls_connection(lab, tmp_path, connect)
+    reads, close = _reads_and_close(mine)
+    hello_reads = [e for e in reads if e.data[:1] == b"\x16"]
+    assert len(hello_reads) == 1 and hello_reads[0].flags & 1, reads  # the peek only (DATA_FLAG_PEEK)
+    assert not [e for e in reads if e.data[:1] == b"\x14"], reads  # no ChangeCipherSpec read
+    assert close.tls_records_rx >= 4  # ClientHello, ChangeCipherSpec, Finished, request: all walked
+    assert close.bytes_rx > hello_reads[0].ret  # and their bytes counted
     hs = trace.child("tls.handshake")
     assert hs.attributes["tls.established"] is True and hs.attributes["tls.protocol.version"] == "1.3"
     assert hs.attributes["tls.client.server_name"] == "a.example.com"
     assert "otel_envoy.partial" not in trace.root.attributes
+    assert trace.root.attributes["envoy.tls.records_received"] == close.tls_records_rx
+
+
+def test_a_hello_retry_request_s_second_client_hello_is_sent(lab, tmp_path):
+    """The client's first key share (P-521) is not one Envoy takes: it answers with a HelloRetryRequest and
+    the client sends a second ClientHello, which no peek held. That one is reported (the first, quiet, was
+    parsed from the peek), the ChangeCipherSpec is not, and the handshake span is whole."""
+    def connect():
+        res = clients.openssl_s_client(lab.tls_port, "a.example.com", alpn="http/1.1", tls_version="1.3",
+                                       groups="P-521:X25519")
+        assert res.returncode == 0 and "HTTP/1.1 200" in res.stdout, res.stderr
+        return None
+
+    mine, trace = _recorded_tls_connection(lab, tmp_path, connect)
+    reads, close = _reads_and_close(mine)
+    hello_reads = [e for e in reads if e.data[:1] == b"\x16"]
+    assert [bool(e.flags & 1) for e in hello_reads] == [True, False], reads  # the peek, the second hello
+    assert not [e for e in reads if e.data[:1] == b"\x14"], reads
+    assert close.tls_records_rx >= 5  # two ClientHellos, ChangeCipherSpec, Finished, request
+    hs = trace.child("tls.handshake")
+    assert hs.attributes["tls.established"] is True and hs.attributes["tls.protocol.version"] == "1.3"
+    assert hs.status_code != ERROR and "otel_envoy.partial" not in trace.root.attributes
     assert trace.root.attributes["envoy.tls.records_received"] == close.tls_records_rx
