@@ -27,8 +27,7 @@ enum event_kind {
     EV_CONNECT = 2,    /* the target called connect() on an inet socket */
     EV_CLOSE = 3,      /* the target closed a tracked connection fd */
     EV_DATA = 4,       /* a read/write-family syscall on a tracked fd returned */
-    EV_EPOLL_CTL = 5,  /* epoll_ctl ADD of a tracked fd (no longer sent: in EV_CLOSE; recordings keep it) */
-    EV_SETSOCKOPT = 6, /* setsockopt on a tracked fd (no longer sent: in EV_CLOSE; recordings keep it) */
+    /* 5 and 6 were a record per epoll_ctl ADD and per setsockopt: both ride on EV_CLOSE now */
     EV_SOCK_STATE = 7, /* sock:inet_sock_set_state on a target listening port or a target's socket */
     EV_TCP = 8,        /* retransmit / reset / SYN-ACK retransmit on a target listening port */
     EV_LISTEN = 9,     /* the target called listen(): user space rescans its listening ports */
@@ -293,22 +292,6 @@ struct data_event {
     __u8 held_data[8];
     __u32 captured; /* bytes of `data` that follow (the record is cut right after them) */
     __u8 data[CAPTURE_MAX];
-};
-
-struct epoll_ctl_event {
-    struct event_header hdr;
-    __s32 epfd;
-    __s32 op; /* EPOLL_CTL_ADD=1, DEL=2, MOD=3 */
-    __s32 fd;
-    __u32 events; /* EPOLLIN/OUT/RDHUP/ET... as passed, 0 when not readable */
-};
-
-struct setsockopt_event {
-    struct event_header hdr;
-    __s32 fd;
-    __s32 level;
-    __s32 optname;
-    __s32 optval; /* first 4 bytes of the option value when optlen >= 4 */
 };
 
 struct sock_state_event {

@@ -40,8 +40,7 @@ __all__ = ["ConnectionCorrelator"]
 
 _C = load_layout().constants
 EV_ACCEPT, EV_CLOSE, EV_DATA, EV_CONNECT = _C["EV_ACCEPT"], _C["EV_CLOSE"], _C["EV_DATA"], _C["EV_CONNECT"]
-EV_EPOLL_CTL, EV_SETSOCKOPT, EV_SOCK_STATE, EV_TCP = (
-    _C["EV_EPOLL_CTL"], _C["EV_SETSOCKOPT"], _C["EV_SOCK_STATE"], _C["EV_TCP"])
+EV_SOCK_STATE, EV_TCP = _C["EV_SOCK_STATE"], _C["EV_TCP"]
 EV_OFFCPU, EV_ROUND, EV_REQUEST_KEPT = _C["EV_OFFCPU"], _C["EV_ROUND"], _C["EV_REQUEST_KEPT"]
 EV_EXEC, EV_EXIT, EV_SOCKET_SETUP, EV_LISTEN = (
     _C["EV_EXEC"], _C["EV_EXIT"], _C["EV_SOCKET_SETUP"], _C["EV_LISTEN"])
@@ -109,8 +108,6 @@ class ConnectionCorrelator:
             EV_CLOSE: self._on_close,  # type: ignore[dict-item]
             EV_CONNECT: self.upstream.on_connect,  # type: ignore[dict-item]
             EV_DATA: self._on_data,  # type: ignore[dict-item]
-            EV_EPOLL_CTL: self.downstream.on_epoll_ctl,  # type: ignore[dict-item]
-            EV_SETSOCKOPT: self.downstream.on_setsockopt,  # type: ignore[dict-item]
             EV_SOCK_STATE: self._on_sock_state,  # type: ignore[dict-item]
             EV_TCP: self._on_tcp,  # type: ignore[dict-item]
             EV_REQUEST_KEPT: self.downstream.on_request_kept,  # type: ignore[dict-item]

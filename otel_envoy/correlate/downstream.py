@@ -25,9 +25,7 @@ from ..events.types import (
     AcceptEvent,
     CloseEvent,
     DataEvent,
-    EpollCtlEvent,
     RequestKeptEvent,
-    SetsockoptEvent,
     SockStateEvent,
 )
 from ..protocols.detect import Protocol, detect_protocol, is_tls_record
@@ -50,8 +48,6 @@ TLS_FRAMING_SEEN, TLS_FRAMING_LOST_RX, TLS_FRAMING_LOST_TX = (
     _C["TLS_FRAMING_SEEN"], _C["TLS_FRAMING_LOST_RX"], _C["TLS_FRAMING_LOST_TX"])
 TCP_ESTABLISHED, TCP_SYN_RECV, TCP_FIN_WAIT1 = _C["TCP_ESTABLISHED"], _C["TCP_SYN_RECV"], _C["TCP_FIN_WAIT1"]
 TCP_CLOSE, TCP_CLOSE_WAIT = _C["TCP_CLOSE"], _C["TCP_CLOSE_WAIT"]
-EPOLL_CTL_ADD, EPOLL_CTL_DEL = 1, 2
-MAX_SOCKET_OPTIONS = 16
 SOCKOPTS_KEPT = _C["SOCKOPTS_KEPT"]  # what a close record carries of them
 WILDCARDS = ("0.0.0.0", "::")
 
@@ -91,12 +87,12 @@ def connection_facts(conn: ConnectionRecord) -> ConnectionFacts:
 
 
 def _settle_handoff(listener: ListenerHandoff, ts_ns: int) -> None:
-    """First real I/O: if no DEL+ADD re-registration happened, the first ADD was the hand-off."""
+    """First real I/O: the hand-off happened by then. Its exact time, the fd's epoll ADD, comes with the
+    close record (DownstreamConnections.on_close); a connection that never closes keeps this one."""
     if listener.first_io_ns is None:
         listener.first_io_ns = ts_ns
         if listener.handoff_ns is None:
-            listener.handoff_ns = (listener.first_epoll_add_ns if listener.first_epoll_add_ns is not None
-                                   else ts_ns)
+            listener.handoff_ns = ts_ns
 
 
 #: How many of the daemon's own peers are remembered (it makes one admin call at a time, every few seconds).
@@ -402,29 +398,6 @@ class DownstreamConnections:
             return
         self.requests.on_kept(conn, ev)
 
-    def on_epoll_ctl(self, ev: EpollCtlEvent) -> None:
-        """Envoy (de)registered an fd with epoll: before the hand-off, that tells when it happened."""
-        conn = self.open.get((ev.tgid, ev.fd))
-        if conn is None:
-            return
-        listener = conn.listener
-        if listener.handoff_ns is not None:
-            return
-        if ev.op == EPOLL_CTL_ADD:
-            if listener.first_epoll_add_ns is None:
-                listener.first_epoll_add_ns = ev.ts_ns
-            else:  # a second ADD implies a DEL (the kernel side does not send DELs)
-                listener.saw_epoll_del = True
-                listener.handoff_ns = ev.ts_ns  # listener filters done, ConnectionImpl registered the fd
-        elif ev.op == EPOLL_CTL_DEL and listener.first_epoll_add_ns is not None:
-            listener.saw_epoll_del = True
-
-    def on_setsockopt(self, ev: SetsockoptEvent) -> None:
-        """Envoy set a socket option on a connection."""
-        conn = self.open.get((ev.tgid, ev.fd))
-        if conn is not None and len(conn.socket_options) < MAX_SOCKET_OPTIONS:
-            conn.socket_options.append((ev.level, ev.optname, ev.optval))
-
     # ------------------------------------------------------------------ TCP and close
 
     def on_sock_state(self, ev: SockStateEvent) -> None:
@@ -477,13 +450,9 @@ class DownstreamConnections:
                 listener.handoff_ns = ev.epoll_second_add_ns
             else:  # the one ADD was the hand-off
                 listener.handoff_ns = ev.epoll_first_add_ns
-        elif listener.handoff_ns is None and listener.first_epoll_add_ns is not None \
-                and not listener.saw_epoll_del:  # never re-registered: the one ADD was the hand-off
-            listener.handoff_ns = listener.first_epoll_add_ns
         if ev.sockopt_count:
-            options = conn.socket_options
-            options.extend(ev.socket_options()[: max(0, MAX_SOCKET_OPTIONS - len(options))])
-            if ev.sockopt_count > SOCKOPTS_KEPT and "socket_options_not_all_kept" not in conn.partial:
+            conn.socket_options = ev.socket_options()
+            if ev.sockopt_count > SOCKOPTS_KEPT:
                 conn.partial.append("socket_options_not_all_kept")
         self.requests.end(conn, ev.ts_ns)
         self.closing.append(conn)

@@ -14,14 +14,12 @@ __all__ = [
     "CloseEvent",
     "ConnectEvent",
     "DataEvent",
-    "EpollCtlEvent",
     "Event",
     "ListenEvent",
     "OffcpuEvent",
     "ProcessEvent",
     "RequestKeptEvent",
     "RoundEvent",
-    "SetsockoptEvent",
     "SockStateEvent",
     "SocketSetupEvent",
     "TcpEvent",
@@ -123,35 +121,6 @@ class DataEvent(NamedTuple):
     held_data: bytes
     captured: int
     data: bytes
-
-
-class EpollCtlEvent(NamedTuple):
-    """epoll_ctl(epfd, op, fd, events) on a tracked fd (recordings made before the close record carried
-    them)."""
-
-    ts_ns: int
-    kind: int
-    tgid: int
-    tid: int
-    round: int
-    epfd: int
-    op: int
-    fd: int
-    events: int
-
-
-class SetsockoptEvent(NamedTuple):
-    """setsockopt on a tracked fd (recordings made before the close record carried them)."""
-
-    ts_ns: int
-    kind: int
-    tgid: int
-    tid: int
-    round: int
-    fd: int
-    level: int
-    optname: int
-    optval: int
 
 
 class SockStateEvent(NamedTuple):
@@ -308,8 +277,6 @@ Event = (
     | ConnectEvent
     | CloseEvent
     | DataEvent
-    | EpollCtlEvent
-    | SetsockoptEvent
     | SockStateEvent
     | TcpEvent
     | ListenEvent

@@ -21,18 +21,15 @@ from otel_envoy.events.types import Event
 from otel_envoy.spans.clock import MonotonicClock
 from otel_envoy.spans.connection import ConnectionSpanBuilder
 from tests.support.events import (
-    EPOLL_CTL_ADD,
     LISTEN_FD,
     LPORT,
     TGID,
     C,
     accept,
     close,
-    epoll,
     established,
     listen_sockets,
     read,
-    setsockopt,
     state,
     write,
 )
@@ -78,17 +75,17 @@ class Harness:
 
 
 def plain_story(fd: int = 30, pport: int = 40000, t0: int = 1_000) -> list[Event]:
-    """ESTABLISHED -> accept -> epoll ADD -> setsockopt -> read -> write -> CLOSE_WAIT -> EOF -> close."""
+    """ESTABLISHED -> accept -> read -> write -> CLOSE_WAIT -> EOF -> close, whose record carries the fd's
+    epoll ADD (before the read) and its socket option (IPPROTO_TCP, TCP_NODELAY)."""
     return [
         established(t0, pport),
         accept(t0 + 1_000, fd, pport),
-        epoll(t0 + 2_000, fd, EPOLL_CTL_ADD),
-        setsockopt(t0 + 2_500, fd, 6, 1),  # IPPROTO_TCP, TCP_NODELAY
         read(t0 + 3_000, fd, REQUEST),
         write(t0 + 4_000, fd, RESPONSE),
         state(t0 + 5_000, pport, ESTABLISHED, CLOSE_WAIT),
         read(t0 + 6_000, fd, b""),
-        close(t0 + 7_000, fd, rx=len(REQUEST), tx=len(RESPONSE)),
+        close(t0 + 7_000, fd, rx=len(REQUEST), tx=len(RESPONSE), epoll_adds=(t0 + 2_000,),
+              sockopts=((6, 1, 1),)),
     ]
 
 

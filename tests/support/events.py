@@ -5,9 +5,8 @@ Every builder returns the NamedTuple the decoder would produce, with the constan
 
     established(1_000, pport=40000)          # SYN_RECV -> ESTABLISHED of the child socket (softirq)
     accept(2_000, fd=30, port=40000)         # accept4() returned fd 30 to Envoy
-    epoll(3_000, fd=30, op=EPOLL_CTL_ADD)
     data(4_000, fd=30, direction=DIR_READ, ret=79, data=b"GET / ...")
-    close(8_000, fd=30, rx=79, tx=185)
+    close(8_000, fd=30, rx=79, tx=185, epoll_adds=(3_000,))  # its one epoll ADD, kept for the close
 
 Defaults describe one Envoy (``TGID``/``TID``) listening on ``LOCAL``:``LPORT`` through ``LISTEN_FD``,
 with IPv4 peers. :func:`encode` packs an event back into the raw record layout, so the same stories can be
@@ -25,9 +24,7 @@ from otel_envoy.events.types import (
     AcceptEvent,
     CloseEvent,
     DataEvent,
-    EpollCtlEvent,
     Event,
-    SetsockoptEvent,
     SockStateEvent,
     TcpEvent,
 )
@@ -35,8 +32,6 @@ from otel_envoy.events.types import (
 __all__ = [
     "DIR_READ",
     "DIR_WRITE",
-    "EPOLL_CTL_ADD",
-    "EPOLL_CTL_DEL",
     "LISTEN_FD",
     "LOCAL",
     "LPORT",
@@ -49,11 +44,9 @@ __all__ = [
     "close",
     "data",
     "encode",
-    "epoll",
     "established",
     "listen_sockets",
     "read",
-    "setsockopt",
     "state",
     "tcp",
     "write",
@@ -62,13 +55,11 @@ __all__ = [
 LAYOUT = load_layout()
 C = LAYOUT.constants
 DIR_READ, DIR_WRITE = C["DIR_READ"], C["DIR_WRITE"]
-EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD = 1, 2, 3
 
 TGID, TID = 1000, 1001
 LISTEN_FD = 10
 LOCAL, LPORT = "10.0.0.1", 8080
 PEER = "10.0.0.2"
-EPFD = 5
 COMM = "wrk:worker_0"
 
 
@@ -153,18 +144,6 @@ def write(ts: int, fd: int, payload: bytes, *, ret: int | None = None, tgid: int
     return data(ts, fd, DIR_WRITE, len(payload) if ret is None else ret, payload, tgid=tgid)
 
 
-def epoll(ts: int, fd: int, op: int, *, tgid: int = TGID, tid: int = TID, epfd: int = EPFD,
-          events: int = 0x80000005) -> EpollCtlEvent:
-    """epoll_ctl(epfd, op, fd)."""
-    return EpollCtlEvent(ts, C["EV_EPOLL_CTL"], tgid, tid, 1, epfd, op, fd, events)
-
-
-def setsockopt(ts: int, fd: int, level: int, optname: int, optval: int = 1, *,
-               tgid: int = TGID) -> SetsockoptEvent:
-    """setsockopt(fd, level, optname, optval)."""
-    return SetsockoptEvent(ts, C["EV_SETSOCKOPT"], tgid, TID, 1, fd, level, optname, optval)
-
-
 def close(ts: int, fd: int, rx: int = 0, tx: int = 0, *, tgid: int = TGID, tid: int = TID,
           role: int | None = None, open_ts: int = 0, reads: int = 0, writes: int = 0,
           tls: tuple[int, int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0, 0),
@@ -185,8 +164,6 @@ _STRUCTS = {
     AcceptEvent: "accept_event",
     CloseEvent: "close_event",
     DataEvent: "data_event",
-    EpollCtlEvent: "epoll_ctl_event",
-    SetsockoptEvent: "setsockopt_event",
     SockStateEvent: "sock_state_event",
     TcpEvent: "tcp_event",
 }

@@ -103,7 +103,7 @@ def _expected_error(raw: bytes) -> str | None:
     layout = load_layout()
     kinds = {layout.constants[k]: s for k, s in [
         ("EV_ACCEPT", "accept_event"), ("EV_CONNECT", "connect_event"), ("EV_CLOSE", "close_event"),
-        ("EV_DATA", "data_event"), ("EV_EPOLL_CTL", "epoll_ctl_event"), ("EV_SETSOCKOPT", "setsockopt_event"),
+        ("EV_DATA", "data_event"),
         ("EV_SOCK_STATE", "sock_state_event"), ("EV_TCP", "tcp_event"), ("EV_LISTEN", "listen_event"),
         ("EV_OFFCPU", "offcpu_event"), ("EV_ROUND", "round_event"), ("EV_REQUEST_KEPT", "request_kept_event"),
         ("EV_EXEC", "process_event"), ("EV_EXIT", "process_event"),

@@ -17,7 +17,6 @@ from tests.support.correlation import (
 )
 from tests.support.events import (
     DIR_READ,
-    EPOLL_CTL_ADD,
     LPORT,
     PEER,
     TGID,
@@ -25,10 +24,8 @@ from tests.support.events import (
     accept,
     close,
     data,
-    epoll,
     established,
     read,
-    setsockopt,
     state,
     tcp,
     write,
@@ -89,8 +86,8 @@ def test_flush_never_ends_before_the_accept() -> None:
 
 def test_events_for_unknown_fds_are_ignored() -> None:
     h = Harness().feed([
-        read(1_000, 99, REQUEST), write(1_100, 99, RESPONSE), epoll(1_200, 99, EPOLL_CTL_ADD),
-        setsockopt(1_300, 99, 6, 1), close(1_400, 99, rx=5),
+        read(1_000, 99, REQUEST), write(1_100, 99, RESPONSE),
+        close(1_400, 99, rx=5, epoll_adds=(1_200,), sockopts=((6, 1, 1),)),
         state(1_500, 40000, ESTABLISHED, CLOSE_WAIT), tcp(1_600, "TCP_RETRANSMIT", 40000),
         established(2_000, 40000), accept(2_100, 30, 40000),
         read(2_200, 30, REQUEST, tgid=TGID + 1),  # same fd, other process

@@ -22,8 +22,6 @@ from tests.support.correlation import (
 )
 from tests.support.events import (
     DIR_READ,
-    EPOLL_CTL_ADD,
-    EPOLL_CTL_DEL,
     LISTEN_FD,
     LOCAL,
     LPORT,
@@ -35,11 +33,9 @@ from tests.support.events import (
     addr,
     close,
     data,
-    epoll,
     established,
     listen_sockets,
     read,
-    setsockopt,
     state,
     tcp,
 )
@@ -76,14 +72,11 @@ def test_tls_inspector_sequence_sets_handoff_at_the_second_add() -> None:
     h = Harness().feed([
         established(1_000, 40000),
         accept(2_000, 30, 40000),
-        epoll(3_000, 30, EPOLL_CTL_ADD),  # the listener filter waits for data
         read(4_000, 30, hello, peek=True),  # tls_inspector peeks the ClientHello
-        epoll(5_000, 30, EPOLL_CTL_DEL),  # listener filters done ...
-        epoll(6_000, 30, EPOLL_CTL_ADD),  # ... ConnectionImpl registers the fd: the hand-off
         read(7_000, 30, hello),  # BoringSSL reads the ClientHello for real
-        epoll(7_500, 30, EPOLL_CTL_DEL),  # later re-registrations change nothing
-        epoll(7_600, 30, EPOLL_CTL_ADD),
-        close(8_000, 30, rx=len(hello)),
+        # the fd's epoll ADDs before its first real I/O, kept by the kernel: the listener filter waits for
+        # data (3 000), then, after a DEL, ConnectionImpl registers the fd (6 000): the hand-off
+        close(8_000, 30, rx=len(hello), epoll_adds=(3_000, 6_000)),
     ])
     r = h.only()
     assert r.listener.first_epoll_add_ns == 3_000 and r.listener.saw_epoll_del
@@ -95,39 +88,17 @@ def test_tls_inspector_sequence_sets_handoff_at_the_second_add() -> None:
     assert r.tls.handshake.started_ns == 4_000  # the handshake started when the ClientHello was first seen
 
 
-def test_second_add_is_the_handoff_when_the_kernel_sends_adds_only() -> None:
-    """The kernel side sends only ADDs (a DEL between two ADDs of one fd is implied)."""
-    hello = client_hello()
-    h = Harness().feed([
-        established(1_000, 40000),
-        accept(2_000, 30, 40000),
-        epoll(3_000, 30, EPOLL_CTL_ADD),
-        read(4_000, 30, hello, peek=True),
-        epoll(6_000, 30, EPOLL_CTL_ADD),
-        read(7_000, 30, hello),
-        close(8_000, 30, rx=len(hello)),
-    ])
-    r = h.only()
-    assert r.listener.first_epoll_add_ns == 3_000 and r.listener.saw_epoll_del
-    assert r.listener.handoff_ns == 6_000 and r.listener.first_io_ns == 7_000
-
-
-def test_the_close_record_s_adds_and_options_are_what_their_records_were() -> None:
-    """The kernel keeps the fd's ADDs before its first I/O and its socket options for the close record:
-    the same hand-off and options as when each came as a record of its own."""
+def test_the_close_record_s_second_add_is_the_handoff_and_its_options_are_the_connection_s() -> None:
+    """The kernel keeps the fd's ADDs before its first I/O (the first two timed, a third counted) and its
+    socket options for the close record."""
     hello = client_hello()
     story = [established(1_000, 40000), accept(2_000, 30, 40000), read(4_000, 30, hello, peek=True),
              read(7_000, 30, hello)]
-    folded = Harness().feed([*story, close(8_000, 30, rx=len(hello), epoll_adds=(3_000, 6_000, 6_500),
-                                           sockopts=((6, 1, 1), (1, 9, 1)))]).only()
-    separate = Harness().feed([*story[:2], epoll(3_000, 30, EPOLL_CTL_ADD), story[2],
-                               epoll(6_000, 30, EPOLL_CTL_ADD), epoll(6_500, 30, EPOLL_CTL_ADD), story[3],
-                               setsockopt(6_600, 30, 6, 1), setsockopt(6_700, 30, 1, 9),
-                               close(8_000, 30, rx=len(hello))]).only()
-    for r in (folded, separate):
-        assert r.listener.first_epoll_add_ns == 3_000 and r.listener.saw_epoll_del
-        assert r.listener.handoff_ns == 6_000 and r.listener.first_io_ns == 7_000
-        assert r.socket_options == [(6, 1, 1), (1, 9, 1)] and r.partial == []
+    r = Harness().feed([*story, close(8_000, 30, rx=len(hello), epoll_adds=(3_000, 6_000, 6_500),
+                                      sockopts=((6, 1, 1), (1, 9, 1)))]).only()
+    assert r.listener.first_epoll_add_ns == 3_000 and r.listener.saw_epoll_del
+    assert r.listener.handoff_ns == 6_000 and r.listener.first_io_ns == 7_000
+    assert r.socket_options == [(6, 1, 1), (1, 9, 1)] and r.partial == []
     one_add = Harness().feed([*story, close(8_000, 30, epoll_adds=(3_000,))]).only()
     assert one_add.listener.handoff_ns == 3_000 and not one_add.listener.saw_epoll_del
     closed_early = Harness().feed([*story[:2], close(4_000, 30, epoll_adds=(3_000,))]).only()
@@ -146,11 +117,10 @@ def test_socket_options_beyond_what_the_close_record_keeps_are_marked() -> None:
 def test_repeated_peeks_count_and_keep_the_largest() -> None:
     hello = client_hello()
     h = Harness().feed([
-        established(1_000, 40000), accept(2_000, 30, 40000), epoll(3_000, 30, EPOLL_CTL_ADD),
+        established(1_000, 40000), accept(2_000, 30, 40000),
         read(4_000, 30, hello[:100], peek=True),  # only part of the ClientHello had arrived
         read(4_500, 30, hello, peek=True),
-        epoll(5_000, 30, EPOLL_CTL_DEL), epoll(6_000, 30, EPOLL_CTL_ADD),
-        close(8_000, 30),
+        close(8_000, 30, epoll_adds=(3_000, 6_000)),
     ])
     r = h.only()
     assert r.listener.peeks == 2 and r.listener.peeked_bytes == len(hello)
@@ -158,8 +128,8 @@ def test_repeated_peeks_count_and_keep_the_largest() -> None:
 
 
 def test_handoff_is_the_first_add_when_closed_before_any_io() -> None:
-    h = Harness().feed([established(1_000, 40000), accept(2_000, 30, 40000), epoll(3_000, 30, EPOLL_CTL_ADD),
-                        close(4_000, 30)])
+    h = Harness().feed([established(1_000, 40000), accept(2_000, 30, 40000),
+                        close(4_000, 30, epoll_adds=(3_000,))])
     r = h.only()
     assert r.listener.handoff_ns == 3_000 and r.listener.first_io_ns is None
 
@@ -219,12 +189,12 @@ def test_fd_reuse_without_close_finishes_the_old_connection() -> None:
 
 def test_reset_received_before_fin_is_a_peer_abort() -> None:
     h = Harness().feed([
-        established(1_000, 40000), accept(2_000, 30, 40000), epoll(3_000, 30, EPOLL_CTL_ADD),
+        established(1_000, 40000), accept(2_000, 30, 40000),
         read(4_000, 30, REQUEST[:20]),
         tcp(5_000, "TCP_RESET_RECEIVED", 40000),
         state(5_001, 40000, ESTABLISHED, TCP_CLOSE),
         data(5_100, 30, DIR_READ, -104),  # ECONNRESET
-        close(6_000, 30, rx=20),
+        close(6_000, 30, rx=20, epoll_adds=(3_000,)),
     ])
     r = h.only()
     assert [m.name for m in r.tcp.marks] == ["tcp.reset_received"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.support.correlation import Harness
-from tests.support.events import EPOLL_CTL_ADD, accept, close, epoll, established, read, write
+from tests.support.events import accept, close, established, read, write
 
 
 def test_requests_are_parsed_after_a_listener_filter_peeked_the_first_bytes() -> None:
@@ -14,9 +14,9 @@ def test_requests_are_parsed_after_a_listener_filter_peeked_the_first_bytes() ->
     req = b"GET /peeked HTTP/1.1\r\nHost: lab\r\n\r\n"
     resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     h.feed([
-        established(1_000, 40000), accept(2_000, 30, 40000), epoll(3_000, 30, EPOLL_CTL_ADD),
-        read(4_000, 30, req, peek=True), epoll(5_000, 30, EPOLL_CTL_ADD),
-        read(6_000, 30, req), write(7_000, 30, resp), close(8_000, 30, rx=len(req), tx=len(resp)),
+        established(1_000, 40000), accept(2_000, 30, 40000), read(4_000, 30, req, peek=True),
+        read(6_000, 30, req), write(7_000, 30, resp),
+        close(8_000, 30, rx=len(req), tx=len(resp), epoll_adds=(3_000, 5_000)),
     ])
     assert requests == [("/peeked", 200)]
     assert h.only().http.count == 1
