@@ -51,6 +51,7 @@ TCP_MARK_NAMES = {
     _C["TCP_RESET_RECEIVED"]: "tcp.reset_received",
     _C["TCP_SYNACK_RETRANSMIT"]: "tcp.synack_retransmit",
 }
+TCP_STATE_LISTEN = 10  # a reset the listening socket sent: the tracepoint names the listener, not a peer
 
 
 class ConnectionCorrelator:
@@ -215,3 +216,8 @@ class ConnectionCorrelator:
             return
         if name == "tcp.synack_retransmit":  # handshake not complete yet: keep until it is
             self.accept_queue.synack_retransmit(ev.ts_ns, tkey)
+        elif name == "tcp.reset_sent" and ev.state == TCP_STATE_LISTEN:
+            # e.g. to an ACK whose handshake the listener no longer holds: no connection to mark
+            self.stats["tcp_resets_sent_by_listener"] += 1
+        else:
+            self.stats["tcp_marks_without_connection"] += 1

@@ -208,15 +208,19 @@ def test_tls_connections_are_sampled_whole_once_their_listener_is_known(lab, tmp
     # Nothing of a connection not traced reached the ring: every record naming a peer of the TLS listener
     # names one whose accept was recorded (h2load resets each connection after its answer: those resets
     # used to come through, one record per connection not traced).
-    accepted, named = _tls_peer_ports(tmp_path / "run.events", lab.tls_port)
+    accepted, named, listener_resets = _tls_peer_ports(tmp_path / "run.events", lab.tls_port)
     assert len(accepted) >= 1 + counts["traced"]
     assert named and named <= accepted, sorted(named - accepted)[:10]
+    # A reset the listening socket itself sent names no peer (the tracepoint gives the listener's
+    # addresses); the daemon counts those apart, as belonging to no connection.
+    correlator = json.loads(summary.read_text())["correlator"]
+    assert correlator.get("tcp_resets_sent_by_listener", 0) == listener_resets
 
 
-def _tls_peer_ports(recording: Path, tls_port: int) -> tuple[set[int], set[int]]:
+def _tls_peer_ports(recording: Path, tls_port: int) -> tuple[set[int], set[int], int]:
     """From a recording: the peer ports of its recorded accepts (the TLS listener's, and the daemon's own
-    admin calls), and the peer ports the TCP state, retransmit and reset records of the TLS listener's
-    connections name."""
+    admin calls), the peer ports the TCP state, retransmit and reset records of the TLS listener's
+    connections name, and how many resets the listening socket itself sent (records naming no peer)."""
     from otel_envoy.events.decode import Decoder
     from otel_envoy.events.recording import RecordingReader
     from otel_envoy.events.types import AcceptEvent, SockStateEvent, TcpEvent
@@ -224,5 +228,8 @@ def _tls_peer_ports(recording: Path, tls_port: int) -> tuple[set[int], set[int]]
     decoder = Decoder()
     events = [decoder.decode(raw) for kind, raw in RecordingReader(recording) if kind == "kernel"]
     accepted = {e.peer_port for e in events if isinstance(e, AcceptEvent)}
-    named = {e.dport for e in events if isinstance(e, SockStateEvent | TcpEvent) and e.sport == tls_port}
-    return accepted, named
+    on_listener = [e for e in events if isinstance(e, SockStateEvent | TcpEvent) and e.sport == tls_port]
+    listener_resets = [e for e in on_listener if isinstance(e, TcpEvent) and e.dport == 0]
+    assert all(e.state == 10 for e in listener_resets), listener_resets  # TCP_LISTEN
+    named = {e.dport for e in on_listener if e.dport != 0}
+    return accepted, named, len(listener_resets)

@@ -55,6 +55,18 @@ def test_linger_emits_after_linger_ns_of_event_time_and_applies_late_events() ->
     assert len(r.tcp.marks) == 1
 
 
+def test_a_reset_the_listener_sent_is_counted_apart_from_marks_that_found_no_connection() -> None:
+    """tcp:tcp_send_reset on the listening socket gives the listener's addresses (peer port 0): it belongs
+    to no connection. Any other mark that finds none is counted too, not silently dropped."""
+    h = Harness().feed([
+        tcp(1_000, "TCP_RESET_SENT", 0, tcp_state=10, peer="0.0.0.0"),  # TCP_LISTEN
+        tcp(1_100, "TCP_RESET_RECEIVED", 40123, tcp_state=ESTABLISHED),  # a peer nothing knows
+    ])
+    assert h.c.stats["tcp_resets_sent_by_listener"] == 1
+    assert h.c.stats["tcp_marks_without_connection"] == 1
+    assert h.out == []
+
+
 def test_expire_uses_the_given_time() -> None:
     h = Harness().feed(plain_story())
     h.c.expire(8_000 + LINGER - 1)
