@@ -229,7 +229,8 @@ def _tls_peer_ports(recording: Path, tls_port: int) -> tuple[set[int], set[int],
     events = [decoder.decode(raw) for kind, raw in RecordingReader(recording) if kind == "kernel"]
     accepted = {e.peer_port for e in events if isinstance(e, AcceptEvent)}
     on_listener = [e for e in events if isinstance(e, SockStateEvent | TcpEvent) and e.sport == tls_port]
-    listener_resets = [e for e in on_listener if isinstance(e, TcpEvent) and e.dport == 0]
-    assert all(e.state == 10 for e in listener_resets), listener_resets  # TCP_LISTEN
+    listener_resets = [e for e in on_listener if e.dport == 0]
+    # only a reset the listening socket sent (TCP_LISTEN) names no peer
+    assert all(isinstance(e, TcpEvent) and e.state == 10 for e in listener_resets), listener_resets
     named = {e.dport for e in on_listener if e.dport != 0}
     return accepted, named, len(listener_resets)
