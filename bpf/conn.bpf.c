@@ -8,7 +8,9 @@
  *   syscalls.bpf.h syscalls: accept/accept4, connect, close, listen, epoll_ctl, setsockopt (once or a
  *                  few times per connection: the per-syscall tracepoints' convenience costs nothing that
  *                  matters); in SAMPLING builds the exits of accept/accept4 and connect come from
- *                  raw_syscalls:sys_exit instead (sampling.bpf.h), so no syscalls:sys_exit_* is enabled;
+ *                  raw_syscalls:sys_exit instead (sampling.bpf.h), so no syscalls:sys_exit_* is enabled,
+ *                  and so does a successful epoll_ctl ADD (epoll_ctl is called around requests: its MODs
+ *                  then cost no program run);
  *   startup.bpf.h  sched:sched_process_exec / sched_process_exit (targets that start and end) and bind, dup*,
  *                  fcntl(F_DUPFD*) of targets (how their listening sockets are set up);
  *   sched.bpf.h    syscalls: the entries of epoll_wait/epoll_pwait/epoll_pwait2; sched:sched_switch and

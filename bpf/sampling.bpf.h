@@ -31,7 +31,8 @@ BPF_ARRAY(request_summary, __u32, 1);      /* 1: a sampled request is reported a
 BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
 /* tail-call slots, set by the loader: [EXIT_IO] io_sys_exit, [EXIT_ACCEPT] accept_sys_exit,
  * [EXIT_CONNECT] connect_sys_exit, [EXIT_SETUP] setup_sys_exit (startup.bpf.h), [EXIT_TLS_HELLO]
- * tls_hello_sys_exit, [EXIT_TLS_STEP] tls_step_sys_exit, [EXIT_QUIET] quiet_sys_exit */
+ * tls_hello_sys_exit, [EXIT_TLS_STEP] tls_step_sys_exit, [EXIT_QUIET] quiet_sys_exit, [EXIT_EPOLL_CTL]
+ * epoll_ctl_sys_exit (syscalls.bpf.h) */
 #define EXIT_IO 0
 #define EXIT_ACCEPT 1
 #define EXIT_CONNECT 2
@@ -39,7 +40,8 @@ BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
 #define EXIT_TLS_HELLO 4
 #define EXIT_TLS_STEP 5
 #define EXIT_QUIET 6
-BPF_PROG_ARRAY(exit_progs, 7);
+#define EXIT_EPOLL_CTL 7
+BPF_PROG_ARRAY(exit_progs, 8);
 
 static __always_inline void count_sampled(__u32 slot) {
     __u64 *v = sample_counts.lookup(&slot);
@@ -277,6 +279,9 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         } else if (nr == NR_BIND || nr == NR_DUP || nr == NR_DUP2 || nr == NR_DUP3 ||
                    (nr == NR_FCNTL && (r.si == F_DUPFD_CMD || r.si == F_DUPFD_CLOEXEC_CMD))) {
             exit_progs.call(ctx, EXIT_SETUP); /* a listener's setup (startup.bpf.h): rare */
+            count_drop(DROP_TAIL_CALL);
+        } else if (nr == NR_EPOLL_CTL && r.si == EPOLL_CTL_ADD_OP && ret == 0) { /* once or twice per fd */
+            exit_progs.call(ctx, EXIT_EPOLL_CTL);
             count_drop(DROP_TAIL_CALL);
         }
         return 0;

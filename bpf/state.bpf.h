@@ -18,6 +18,8 @@
 #define NR_SENDMSG 46
 #define NR_RECVMSG 47
 #define NR_EPOLL_WAIT 232
+#define NR_EPOLL_CTL 233
+#define EPOLL_CTL_ADD_OP 1
 #define NR_ACCEPT4 288
 #define NR_EPOLL_PWAIT 281
 #define NR_EPOLL_PWAIT2 441

@@ -264,20 +264,17 @@ TRACEPOINT_PROBE(syscalls, sys_enter_listen) {
 
 /* ---------------------------------------------------------------- epoll_ctl / setsockopt */
 
-TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {
-    __u64 pid_tgid = bpf_get_current_pid_tgid();
+/* A target registered `fd` with epoll (EPOLL_CTL_ADD). Only registrations, and only until the first real
+ * I/O: the listener filters register the fd once to wait for its first bytes; a second ADD (after a DEL)
+ * is the hand-off to the filter chain. Kept in the connection's state for its close record. */
+static __always_inline int on_epoll_ctl_add(__u64 pid_tgid, __s32 epfd, __s32 fd) {
     __u32 tgid = pid_tgid >> 32;
-    /* Only registrations (ADD), and only until the first real I/O: the listener filters register the fd
-     * once to wait for its first bytes; a second ADD (after a DEL) is the hand-off to the filter chain.
-     * Kept in the connection's state for its close record. Other operations (most) cost no lookup. */
-    if (args->op != 1 /* EPOLL_CTL_ADD */)
-        return 0;
-    __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
+    __u64 key = conn_key(tgid, fd); /* only targets' fds are in `conns` */
     struct conn_state *cs = conns.lookup(&key);
     if (!cs && maybe_target(tgid)) { /* a bound socket's registration: the thread that will accept on it */
         struct bound_socket *s = bound_fds.lookup(&key);
         if (s)
-            emit_setup(pid_tgid, SETUP_WATCH, (__s32)args->fd, (__s32)args->epfd, 0, s);
+            emit_setup(pid_tgid, SETUP_WATCH, fd, epfd, 0, s);
         return 0;
     }
     if (!cs || (cs->flags & (CONN_SAW_IO | CONN_UNTRACED)))
@@ -293,6 +290,28 @@ TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {
     cs->epoll_adds = n + 1;
     return 0;
 }
+
+#if SAMPLING
+/* tail-called by front_sys_exit (sampling.bpf.h) for a target's successful EPOLL_CTL_ADD: its arguments
+ * are still in the saved registers (di epfd, si op, dx fd). No syscalls:sys_enter_epoll_ctl program: Envoy
+ * calls epoll_ctl (MOD) around most requests, and each call of a syscalls:* tracepoint's program goes
+ * through the kernel's perf record path before the program can tell it is not an ADD. */
+int epoll_ctl_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
+    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+    __u64 args[2] = {}; /* dx (fd), si (op): contiguous in x86-64's struct pt_regs */
+    __s64 epfd = -1;
+    if (bpf_probe_read_kernel(args, sizeof(args), &regs->dx) != 0 ||
+        bpf_probe_read_kernel(&epfd, sizeof(epfd), &regs->di) != 0)
+        return 0;
+    return on_epoll_ctl_add(bpf_get_current_pid_tgid(), (__s32)epfd, (__s32)args[0]);
+}
+#else
+TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {
+    if (args->op != 1 /* EPOLL_CTL_ADD */) /* other operations (most) cost no lookup */
+        return 0;
+    return on_epoll_ctl_add(bpf_get_current_pid_tgid(), (__s32)args->epfd, (__s32)args->fd);
+}
+#endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_setsockopt) {
     __u64 pid_tgid = bpf_get_current_pid_tgid();

@@ -377,10 +377,11 @@ class ConnectionProbes:
         from bcc import BPF
 
         slots = self.bpf[b"exit_progs"]
-        # EXIT_IO, EXIT_ACCEPT, EXIT_CONNECT, EXIT_SETUP, EXIT_TLS_HELLO, EXIT_TLS_STEP, EXIT_QUIET
+        # EXIT_IO, EXIT_ACCEPT, EXIT_CONNECT, EXIT_SETUP, EXIT_TLS_HELLO, EXIT_TLS_STEP, EXIT_QUIET,
+        # EXIT_EPOLL_CTL
         for slot, name in enumerate((b"io_sys_exit", b"accept_sys_exit", b"connect_sys_exit",
                                      b"setup_sys_exit", b"tls_hello_sys_exit", b"tls_step_sys_exit",
-                                     b"quiet_sys_exit")):
+                                     b"quiet_sys_exit", b"epoll_ctl_sys_exit")):
             program = self.bpf.load_func(name, BPF.RAW_TRACEPOINT)
             slots[ctypes.c_int(slot)] = ctypes.c_int(program.fd)
         self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"front_sys_exit")
