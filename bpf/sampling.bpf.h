@@ -131,6 +131,20 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
      * bytes of a connection are the first request's: a method token means plaintext HTTP/1.x, and when that
      * request is not traced, what io_sys_exit would have learnt from them is recorded here. */
     __u8 first = !(flags & CONN_SAW_IO);
+    if (first && !cs->req_method && s->len >= 8 && W4(s->b[0], s->b[1], s->b[2], s->b[3]) == W4('P', 'R', 'I', ' ') &&
+        W4(s->b[4], s->b[5], s->b[6], s->b[7]) == W4('*', ' ', 'H', 'T')) {
+        /* HTTP/2 with prior knowledge: decided whole here, by the ratio (conn_sampling.bpf.h). Not traced:
+         * nothing more of it is reported but its close, marked; traced: io_sys_exit walks it as before. */
+        __u64 *threshold = sample_threshold.lookup(&zero);
+        __u32 untraced = threshold && (__u64)bpf_get_prandom_u32() >= *threshold;
+        count_conn_sampled(2 + untraced);
+        if (!untraced) {
+            cs->flags = flags & ~CONN_AWAIT; /* not a request: io_sys_exit takes it from here */
+            return 0;
+        }
+        cs->flags = (flags & ~CONN_AWAIT) | CONN_SAW_IO | CONN_UNTRACED | CONN_LATE_UNTRACED;
+        return 1;
+    }
     if (HTTP_CAPTURE && cs->req_method && (first || cs->capture_budget == CAPTURE_UNLIMITED)) {
         __u32 skip = decide_request(s, cs, parent_based, summary);
         if (skip || summary) { /* not traced, or traced as one record: its transfers are not reported */
@@ -313,7 +327,9 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
             count_unreported(cs, io, ret);
         return 0;
     }
-    if (ret > 0 && cs->role == ROLE_DOWNSTREAM && !(cs->flags & (CONN_TLS | CONN_H2)) &&
+    /* CONN_H2 before the first real read: a listener filter's peek showed the preface (decided at the read) */
+    if (ret > 0 && cs->role == ROLE_DOWNSTREAM && !(cs->flags & CONN_TLS) &&
+        (cs->flags & (CONN_H2 | CONN_SAW_IO)) != (CONN_H2 | CONN_SAW_IO) &&
         !(recv_flags(io, &r) & MSG_PEEK_FLAG) && on_plain_transfer(cs, pid_tgid, fd, io, buf, ret)) {
         count_unreported(cs, io, ret); /* a request not traced */
         return 0;

@@ -111,7 +111,7 @@ static __always_inline int on_accept_exit(long ret) {
     count_accept(ev.hdr.tgid, tid, in.fd);
     if (listener_conn_sampled(ev.hdr.tgid, in.fd)) {
         __u32 untraced = !peer_traced(ev.peer_addr, ev.family, ev.peer_port);
-        count_conn_sampled(untraced);
+        count_conn_sampled(untraced); /* slot 0 traced, 1 not */
         if (untraced) {
             track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, CONN_UNTRACED);
             return 0;
@@ -207,7 +207,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         tls_handshake_closed(tgid, cs, now);
     }
 #endif
-    if (cs->flags & CONN_UNTRACED) {
+    if ((cs->flags & (CONN_UNTRACED | CONN_LATE_UNTRACED)) == CONN_UNTRACED) { /* nothing of it was sent */
         conns.delete(&key);
         return 0;
     }
@@ -227,6 +227,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     ev.tls_max_record_rx = cs->tls[DIR_READ].max_len;
     ev.tls_max_record_tx = cs->tls[DIR_WRITE].max_len;
     ev.tls_flags = cs->tls_flags;
+    ev.sampled_out = (cs->flags & CONN_LATE_UNTRACED) ? 1 : 0;
     ev.epoll_first_add_ns = cs->epoll_first_add_ns;
     ev.epoll_second_add_ns = cs->epoll_second_add_ns;
     ev.epoll_adds = cs->epoll_adds;

@@ -44,7 +44,8 @@ def ledger(*, records_submitted: int, records_received: int, decoded: int, decod
         "ring": _stage(records_submitted, {"received": records_received}),
         "decoder": _stage(records_received, {"decoded": decoded, **decode_errors}),
         "connections": _stage(correlator_stats.get("accepts", 0),
-                              {"finished": correlator_stats.get("connections", 0)}),
+                              {"finished": correlator_stats.get("connections", 0),
+                               "sampled_out": correlator_stats.get("connections_sampled_out", 0)}),
         "connection_spans": _stage(correlator_stats.get("connections", 0), {
             "built": counts.get("connections", 0),
             "own_connections_left_out": counts.get("own_connections_left_out", 0),

@@ -433,6 +433,12 @@ class DownstreamConnections:
         conn = self.open.pop((ev.tgid, ev.fd), None)
         if conn is None:
             return
+        if ev.sampled_out:  # h2c decided whole at its preface and not traced: no span, only counted
+            tkey = (conn.peer_address, conn.peer_port, conn.local_port)
+            if self.by_tuple.get(tkey) is conn:
+                del self.by_tuple[tkey]
+            self.stats["connections_sampled_out"] += 1
+            return
         conn.close_ns = ev.ts_ns
         traffic = conn.traffic
         traffic.bytes_received = ev.bytes_rx

@@ -28,6 +28,7 @@ __all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError", "program_text"]
 # What of one process the kernel's tables hold, by how its key names it: (table, "prefix": a u64 key
 # tgid << 32 | fd; "value": the u32 key itself; else the key's field of that name). Tables a build lacks
 # are skipped.
+_SAMPLED_WHOLE = ("traced", "not_traced")  # conn_sample_counts' pair of slots per kind of connection
 _STATE_BY_TGID = (("conns", "prefix"), ("bound_fds", "prefix"), ("conn_sampled_listeners", "prefix"),
                   ("ssl_fds", "tgid"))
 _STATE_BY_TID = (("threads", "value"), ("setup_inflight", "value"), ("ssl_calls", "value"))
@@ -431,12 +432,13 @@ class ConnectionProbes:
             ports[ctypes.c_uint16(port)] = one
             fds[ctypes.c_uint64((tgid << 32) | (fd & 0xFFFFFFFF))] = one
 
-    def connection_sample_counts(self) -> dict[str, int]:
-        """Connections of the listeners sampled whole: traced and not traced (empty without ``sampling``)."""
+    def connection_sample_counts(self, kind: str = "tls") -> dict[str, int]:
+        """Connections decided whole, traced and not traced (empty without ``sampling``): ``tls``, those of
+        the listeners named TLS; ``h2c``, HTTP/2 ones with prior knowledge (decided at their preface)."""
         if not self.config.sampling:
             return {}
-        per_cpu = self.bpf[b"conn_sample_counts"]
-        return {name: int(sum(per_cpu[ctypes.c_int(i)])) for i, name in enumerate(("traced", "not_traced"))}
+        per_cpu, first = self.bpf[b"conn_sample_counts"], 2 if kind == "h2c" else 0
+        return {name: int(sum(per_cpu[ctypes.c_int(first + i)])) for i, name in enumerate(_SAMPLED_WHOLE)}
 
     def set_keep_slow(self, threshold_ns: int) -> None:
         """Keep (report) a request that was not sampled when its answer takes at least ``threshold_ns``

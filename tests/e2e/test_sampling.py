@@ -234,3 +234,64 @@ def _tls_peer_ports(recording: Path, tls_port: int) -> tuple[set[int], set[int],
     assert all(isinstance(e, TcpEvent) and e.state == 10 for e in listener_resets), listener_resets
     named = {e.dport for e in on_listener if e.dport != 0}
     return accepted, named, len(listener_resets)
+
+
+def test_h2c_connections_are_sampled_whole_at_their_preface(lab, tmp_path) -> None:
+    """HTTP/2 with prior knowledge: the kernel cannot decide its requests one by one (HPACK-coded headers,
+    which user space decodes only if it sees every header block of the connection), so it decides the
+    whole connection with the ratio at the client preface. One not traced sends nothing between its accept
+    and its close, which comes marked: no span of it, counted; one traced has every request a span."""
+    import shutil
+    import subprocess
+
+    connections, per_connection = 40, 5
+    summary = tmp_path / "summary.json"
+    with OtlpReceiver() as receiver:
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--summary-json", str(summary), "--no-offcpu",
+                                "--otlp-endpoint", receiver.grpc_endpoint, "--otlp-protocol", "grpc",
+                                "--sampler", "traceidratio", "--sampler-arg", "0.5", "--cpu-budget", "0",
+                                "--record", str(tmp_path / "run.events")], tmp_path).start()
+        exe = shutil.which("h2load")
+        assert exe, "h2load (nghttp2-client) is needed"
+        n = connections * per_connection
+        proc = subprocess.run([exe, "-c", str(connections), "-n", str(n), "-m", "1",
+                               f"http://127.0.0.1:{lab.http_port}/h2c"], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and f"{n} done" in proc.stdout, proc.stdout + proc.stderr
+        assert daemon.stop() == 0, daemon.stderr()
+        spans = receiver.spans()
+    report = json.loads(summary.read_text())
+    counts = report["sampler"]["h2c_connections"]
+    assert counts["traced"] + counts["not_traced"] == connections
+    assert 0.2 * connections < counts["traced"] < 0.8 * connections  # binomial(40, 0.5) over random draws
+    assert report["correlator"]["connections_sampled_out"] == counts["not_traced"]
+    assert report["accounting"]["connections"]["holds"]
+    h2c_conns = [s for s in spans if s.name == "envoy.downstream.connection"
+                 and s.attributes.get("network.local.port") == lab.http_port]
+    assert len(h2c_conns) == counts["traced"]
+    assert all(s.attributes.get("envoy.connection.requests") == per_connection for s in h2c_conns)
+    requests = [s for s in spans if s.kind == SERVER and s.attributes.get("url.path") == "/h2c"]
+    assert len(requests) == per_connection * counts["traced"]
+    # nothing of a connection not traced reached the ring but its accept and its close: the HTTP port's
+    # data records are all of traced connections
+    from otel_envoy.events.decode import Decoder
+    from otel_envoy.events.recording import RecordingReader
+    from otel_envoy.events.types import AcceptEvent, CloseEvent, DataEvent
+
+    decoder = Decoder()
+    recording = RecordingReader(tmp_path / "run.events")
+    events = [decoder.decode(raw) for kind, raw in recording if kind == "kernel"]
+    transfers: dict[tuple[int, int], int] = {}  # per open fd: its connection's non-peek data records
+    marked = 0
+    for e in sorted((e for e in events if isinstance(e, AcceptEvent | CloseEvent | DataEvent)),
+                    key=lambda e: e.ts_ns):
+        key = (e.tgid, e.fd)
+        if isinstance(e, AcceptEvent):
+            transfers[key] = 0
+        elif isinstance(e, DataEvent):
+            if not e.flags & 1 and key in transfers:  # a listener filter's peek may come before the decision
+                transfers[key] += 1
+        elif e.sampled_out:
+            marked += 1
+            assert transfers.pop(key, 0) == 0, e  # nothing between its accept and its close
+    assert marked == counts["not_traced"]

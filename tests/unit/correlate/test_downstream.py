@@ -67,6 +67,22 @@ def test_plain_connection_gives_one_complete_record() -> None:
     assert h.c.stats["connections"] == 1 and not h.c.drops
 
 
+def test_a_connection_sampled_out_after_its_accept_ends_without_a_record() -> None:
+    """An h2c connection the kernel decided whole at its preface and did not trace: its accept came, then
+    only its close, marked ``sampled_out``. No record is emitted, it leaves both tables, it is counted
+    (the accounting's ``connections`` stage), and a later TCP state change of its 4-tuple finds nothing."""
+    h = Harness().feed([
+        established(1_000, 40000), accept(2_000, 30, 40000),
+        close(8_000, 30, rx=24, sampled_out=1),
+        state(8_100, 40000, ESTABLISHED, CLOSE_WAIT),
+        established(9_000 + 10**9, 40001),  # event time moves past any linger
+    ])
+    assert h.out == []
+    assert h.c.downstream.open == {} and h.c.downstream.by_tuple == {}
+    assert h.c.stats["connections_sampled_out"] == 1 and h.c.stats["connections"] == 0
+    assert h.c.stats["accepts"] == 1
+
+
 def test_tls_inspector_sequence_sets_handoff_at_the_second_add() -> None:
     hello = client_hello()
     h = Harness().feed([
