@@ -9,6 +9,8 @@ noisy machine), and for traced runs the daemon's CPU per traced connection, span
                                    the scheduler probes (rounds, off-CPU waits) are on, as by default
               keepalive_no_offcpu - the same with --no-offcpu: keepalive vs this is the scheduler probes' cost
               keepalive_requests - the same with request capture on: a span for every request
+              h2c_requests       - HTTP/2 with prior knowledge (h2c), keep-alive, one stream at a time per
+                                   connection, request capture on (h2load only: --client h2load)
               tls_new            - a new TLS connection per request (wrk over https with Connection: close),
                                    EC P-256 certificates. wrk resumes its first session on every later
                                    connection (TLS 1.3 PSK with ECDHE: no certificate, no signature), and
@@ -65,6 +67,7 @@ WORKLOADS: dict[str, tuple[str, bool]] = {
     "keepalive": ("ec", True),
     "keepalive_no_offcpu": ("ec", True),
     "keepalive_requests": ("ec", True),
+    "h2c_requests": ("ec", True),
     "tls_new": ("ec", True),
     "tls_full": ("ec", False),
     "tls_full_rsa": ("rsa", False),
@@ -234,18 +237,20 @@ def wrk(
     }
 
 
-def h2load(url: str, requests: int, connections: int, headers: list[str], rps_per_client: int | None = None
-           ) -> dict:
+def h2load(url: str, requests: int, connections: int, headers: list[str], rps_per_client: int | None = None,
+           h1: bool = True) -> dict:
     """Run h2load (HTTP/1.1, one thread) pinned to CPU 1 for ``requests`` requests; returns requests,
     seconds, rps, errors and the client's own CPU seconds (``client_cpu_s``). ``rps_per_client``: each
     connection sends at that rate (h2load's ``--rps``), for a fixed total rate below saturation.
+    ``h1=False``: HTTP/2 with prior knowledge over a plain URL (h2c), one stream at a time per connection.
 
     Unlike wrk, h2load waits for the server during a TLS handshake instead of retrying it in a loop (wrk
     keeps the socket's writable event armed until the handshake is done, so it spins at 100 % of its CPU
     whenever Envoy is the slower side). Its ``-D`` (duration) mode does not end with ``Connection: close``
     here, so runs are a request count.
     """
-    cmd = ["taskset", "-c", "1", "h2load", "-t1", f"-c{connections}", "-n", str(requests), "--h1"]
+    cmd = ["taskset", "-c", "1", "h2load", "-t1", f"-c{connections}", "-n", str(requests),
+           *(["--h1"] if h1 else ["-m1"])]
     if rps_per_client:
         cmd.append(f"--rps={rps_per_client}")
     for h in headers:
@@ -275,12 +280,16 @@ def h2load(url: str, requests: int, connections: int, headers: list[str], rps_pe
     }
 
 
-def keepalive_load(lab: EnvoyLab, seconds: float, h2load_requests: int | None = None) -> dict:
+def keepalive_load(lab: EnvoyLab, seconds: float, h2load_requests: int | None = None, h2c: bool = False
+                   ) -> dict:
     """HTTP/1.1 keep-alive to the lab's plain listener: h2load (16 connections) for ``h2load_requests``
-    requests when given, else wrk (32 connections) for ``seconds``."""
+    requests when given, else wrk (32 connections) for ``seconds``. ``h2c``: HTTP/2 with prior knowledge
+    (h2load only)."""
     url = f"http://127.0.0.1:{lab.http_port}/"
     if h2load_requests:
-        return h2load(url, h2load_requests, 16, [])
+        return h2load(url, h2load_requests, 16, [], h1=not h2c)
+    if h2c:
+        raise SystemExit("bench: the h2c_requests workload needs --client h2load")
     return wrk(url, seconds, 32, [])
 
 
@@ -476,7 +485,7 @@ def one_run(
     """One baseline or traced run, with h2load for ``h2load_requests`` requests when given, else wrk for
     ``seconds``."""
     tls = workload.startswith("tls_")
-    requests = tls or workload == "keepalive_requests"
+    requests = tls or workload in ("keepalive_requests", "h2c_requests")
     daemon = Daemon(lab, workdir, requests=requests, offcpu=workload != "keepalive_no_offcpu",
                     source=source, cpus=daemon_cpus, extra_args=daemon_args) if traced else None
     try:
@@ -486,7 +495,7 @@ def one_run(
         if tls:
             result = tls_load(lab, seconds, h2load_requests)
         else:
-            result = keepalive_load(lab, seconds, h2load_requests)
+            result = keepalive_load(lab, seconds, h2load_requests, h2c=workload == "h2c_requests")
         result["irq_work_per_1k_req"] = [(b - a) * 1000 / max(result["requests"], 1)
                                          for a, b in zip(iwi0, irq_work_interrupts(), strict=False)]
         result["client_cpu_us_per_req"] = result["client_cpu_s"] / max(result["requests"], 1) * 1e6
@@ -571,8 +580,10 @@ def main() -> int:
             wrk(f"http://127.0.0.1:{lab.http_port}/", 2, 8, [])  # warm-up
             h2load_requests = None
             if args.client == "h2load":
-                load = tls_load if workload.startswith("tls_") else keepalive_load
-                calibration = load(lab, args.seconds, 2000 if workload.startswith("tls_") else 50000)
+                if workload.startswith("tls_"):
+                    calibration = tls_load(lab, args.seconds, 2000)
+                else:
+                    calibration = keepalive_load(lab, args.seconds, 50000, h2c=workload == "h2c_requests")
                 h2load_requests = max(1000, int(calibration["rps"] * args.seconds))
             for i in range(args.rounds):
                 for mode in ("baseline", "traced") if i % 2 == 0 else ("traced", "baseline"):
