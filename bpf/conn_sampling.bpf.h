@@ -1,8 +1,7 @@
 /* conn_sampling.bpf.h: head sampling of whole downstream connections (SAMPLING builds) whose requests the
  * kernel cannot decide one by one, so a connection is the unit: those of the listeners user space names
- * (TLS listeners: their requests are encrypted), and HTTP/2 connections with prior knowledge (h2c), decided
- * at their client preface (sampling.bpf.h: their requests' headers are HPACK-coded, and user space can only
- * decode a connection's header blocks if it sees all of them).
+ * (TLS listeners: their requests are encrypted), and plaintext connections that are not HTTP/1.x, decided at
+ * their first transfer (sampling.bpf.h decide_whole): HTTP/2 with prior knowledge (h2c) and other protocols.
  *
  * A connection on such a listener is traced when a hash of its peer address and port is below the
  * sampler's threshold (`sample_threshold`, the same ratio as requests). The hash, not a random draw, lets
@@ -16,8 +15,12 @@ BPF_ARRAY(sample_threshold, __u64, 1); /* sampled when a 32-bit random number (o
  * (accepts); filled by user space */
 BPF_HASH(conn_sampled_ports, __u16, __u8, 1024);
 BPF_HASH(conn_sampled_listeners, __u64, __u8, 1024);
-/* connections decided whole: on those listeners [0] traced, [1] not; h2c at its preface [2] traced, [3] not */
-BPF_PERCPU_ARRAY(conn_sample_counts, __u64, 4);
+/* connections decided whole, a pair of slots (traced, not) per kind: on those listeners, h2c at its preface,
+ * other protocols at their first transfer (sampling.bpf.h decide_whole) */
+#define SAMPLED_WHOLE_TLS 0
+#define SAMPLED_WHOLE_H2C 2
+#define SAMPLED_WHOLE_OTHER 4
+BPF_PERCPU_ARRAY(conn_sample_counts, __u64, 6);
 
 /* A 32-bit hash of a peer (address, port); the IPv4 address as its 4 bytes, IPv6 as its 16. */
 static __always_inline __u32 peer_hash(const __u8 *addr, __u16 family, __u16 port) {

@@ -259,7 +259,7 @@ struct close_event {
     __u32 tls_max_record_tx;
     __u32 tls_flags;          /* TLS_FRAMING_* below */
     __u32 sampled_out;        /* 1: decided whole and not traced after its accept was sent (HTTP/2 with prior
-                               * knowledge, at its client preface): none of its transfers was reported */
+                               * knowledge or not HTTP, at its first transfer): no transfer of it was reported */
     /* What happened to the fd before its first real I/O, kept in its state instead of a record each: its
      * epoll_ctl ADDs (the listener filters register it once to wait for its first bytes; a second ADD,
      * after a DEL, is the hand-off to the filter chain) and the options Envoy set on it. */

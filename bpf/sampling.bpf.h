@@ -91,6 +91,22 @@ static __always_inline __u32 decide_request(struct head_scratch *s, struct conn_
     return skip;
 }
 
+/* A plaintext downstream connection whose requests are not decided one by one, at its first real transfer:
+ * HTTP/2 with prior knowledge (its client preface; header blocks HPACK-coded, which user space decodes only
+ * if it sees all of them) or another protocol (first bytes that are no HTTP/1.x method and no TLS record,
+ * or the server speaking first). Traced whole by the ratio (conn_sampling.bpf.h) and reported as before;
+ * otherwise nothing more of it is sent but its close, marked (its accept was sent already). `slot`: its
+ * kind's first conn_sample_counts slot. Returns 1 when it is not traced. */
+static __always_inline __u32 decide_whole(struct conn_state *cs, __u32 flags, __u32 slot) {
+    __u32 zero = 0;
+    __u64 *threshold = sample_threshold.lookup(&zero);
+    __u32 untraced = threshold && (__u64)bpf_get_prandom_u32() >= *threshold;
+    count_conn_sampled(slot + untraced);
+    flags &= ~(CONN_AWAIT | CONN_SKIP | CONN_SUMMARY); /* not a request: io_sys_exit takes a traced one */
+    cs->flags = untraced ? flags | CONN_SAW_IO | CONN_UNTRACED | CONN_LATE_UNTRACED : flags;
+    return untraced;
+}
+
 /* One read (ret > 0, not a peek) or write of a plaintext downstream connection: request boundaries, the
  * metrics, and whether io_sys_exit should see it (0) or not (1: the current request is not traced). */
 static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_tgid, __s32 fd, __u8 io,
@@ -99,6 +115,8 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
     __u32 flags = cs->flags;
     __u8 b[16] = {};
     if (io >= IO_WRITE) {
+        if (!(flags & (CONN_AWAIT | CONN_SAW_IO))) /* the server spoke first: no HTTP, no TLS (a database's */
+            return decide_whole(cs, flags, SAMPLED_WHOLE_OTHER); /* greeting through tcp_proxy) */
         if (!(flags & CONN_AWAIT))
             return (flags & CONN_SKIP) ? 1 : 0; /* more of the same answer */
         cs->flags = flags & ~CONN_AWAIT;          /* the answer's first bytes: the status line */
@@ -125,26 +143,24 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
     __u32 summary = rs && *rs;
     cs->req_method = read_request_head(cs, s, io, buf, ret, parent_based || summary ? TP_HEAD : KEPT_HEAD);
     cs->req_start_ns = bpf_ktime_get_ns();
+    __u8 first = !(flags & CONN_SAW_IO);
+    if (!cs->req_method && s->len > 0) {
+        if (!first) { /* bytes that start no request (a tunnel's after an upgrade or CONNECT, a body after an
+                       * interim answer): they follow the decision of the exchange before them */
+            cs->flags = flags | CONN_AWAIT;
+            return (flags & CONN_SKIP) ? 1 : 0;
+        }
+        if (s->b[0] != TLS_RECORD_HANDSHAKE) /* h2c, or no HTTP at all: decided whole */
+            return decide_whole(cs, flags, s->len >= 8 &&
+                                W4(s->b[0], s->b[1], s->b[2], s->b[3]) == W4('P', 'R', 'I', ' ') &&
+                                W4(s->b[4], s->b[5], s->b[6], s->b[7]) == W4('*', ' ', 'H', 'T') ? SAMPLED_WHOLE_H2C
+                                                                                          : SAMPLED_WHOLE_OTHER);
+    }
     flags |= CONN_AWAIT;
     flags &= ~(CONN_SKIP | CONN_SUMMARY);
     /* Only requests of plaintext connections whose every transfer may be reported are decided. The first
      * bytes of a connection are the first request's: a method token means plaintext HTTP/1.x, and when that
      * request is not traced, what io_sys_exit would have learnt from them is recorded here. */
-    __u8 first = !(flags & CONN_SAW_IO);
-    if (first && !cs->req_method && s->len >= 8 && W4(s->b[0], s->b[1], s->b[2], s->b[3]) == W4('P', 'R', 'I', ' ') &&
-        W4(s->b[4], s->b[5], s->b[6], s->b[7]) == W4('*', ' ', 'H', 'T')) {
-        /* HTTP/2 with prior knowledge: decided whole here, by the ratio (conn_sampling.bpf.h). Not traced:
-         * nothing more of it is reported but its close, marked; traced: io_sys_exit walks it as before. */
-        __u64 *threshold = sample_threshold.lookup(&zero);
-        __u32 untraced = threshold && (__u64)bpf_get_prandom_u32() >= *threshold;
-        count_conn_sampled(2 + untraced);
-        if (!untraced) {
-            cs->flags = flags & ~CONN_AWAIT; /* not a request: io_sys_exit takes it from here */
-            return 0;
-        }
-        cs->flags = (flags & ~CONN_AWAIT) | CONN_SAW_IO | CONN_UNTRACED | CONN_LATE_UNTRACED;
-        return 1;
-    }
     if (HTTP_CAPTURE && cs->req_method && (first || cs->capture_budget == CAPTURE_UNLIMITED)) {
         __u32 skip = decide_request(s, cs, parent_based, summary);
         if (skip || summary) { /* not traced, or traced as one record: its transfers are not reported */

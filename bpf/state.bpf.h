@@ -103,8 +103,9 @@ struct conn_state {
 /* 1024: CONN_ADOPTED (events.h: user space sets it) */
 #define CONN_SUMMARY 2048 /* SAMPLING: the current request was sampled and is reported as one record */
 #define CONN_HELLO_PEEKED 4096 /* SAMPLING: a listener filter's peek held the whole ClientHello record */
-#define CONN_LATE_UNTRACED 8192 /* SAMPLING: CONN_UNTRACED decided after its accept was reported (h2c, at its
-                                 * preface): its close is reported, marked `sampled_out`, and nothing between */
+#define CONN_LATE_UNTRACED 8192 /* SAMPLING: CONN_UNTRACED decided after its accept was reported (h2c or not
+                                 * HTTP, at its first transfer): its close is reported, marked `sampled_out`,
+                                 * and nothing between */
 
 #define CAPTURE_UNLIMITED 0xffffffff /* conn_state.capture_budget of a plaintext connection (request capture) */
 

@@ -111,7 +111,7 @@ static __always_inline int on_accept_exit(long ret) {
     count_accept(ev.hdr.tgid, tid, in.fd);
     if (listener_conn_sampled(ev.hdr.tgid, in.fd)) {
         __u32 untraced = !peer_traced(ev.peer_addr, ev.family, ev.peer_port);
-        count_conn_sampled(untraced); /* slot 0 traced, 1 not */
+        count_conn_sampled(SAMPLED_WHOLE_TLS + untraced);
         if (untraced) {
             track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, CONN_UNTRACED);
             return 0;

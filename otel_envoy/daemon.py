@@ -335,7 +335,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
             await asyncio.to_thread(metrics.shutdown, 10.0)
         kernel_drops = {f"kernel.{k}": v for k, v in probes.drop_counts().items() if v}
         sampled = probes.sample_counts()
-        connections_sampled = {kind: probes.connection_sample_counts(kind) for kind in ("tls", "h2c")}
+        connections_sampled = {f"{kind}_connections": probes.connection_sample_counts(kind)
+                               for kind in ("tls", "h2c", "other")}
         tables = kernel_tables(probes, pipeline.correlator)  # exact counts: requests, connections, TLS
         offcpu = offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
         wakes = wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
@@ -370,8 +371,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
                                      "exited": traced.exited_count, "left_in_kernel": left_in_kernel},
                        "adopted_connections": dict(adopted),
                        "sampler": {"name": opts.sampler.name, "ratio": opts.sampler.ratio,
-                                   "requests": sampled, "tls_connections": connections_sampled["tls"],
-                                   "h2c_connections": connections_sampled["h2c"],
+                                   "requests": sampled, **connections_sampled,
                                    "cpu_budget": budget.summary() if budget is not None else None}},
                       f, default=str)
     print(

@@ -28,7 +28,7 @@ __all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError", "program_text"]
 # What of one process the kernel's tables hold, by how its key names it: (table, "prefix": a u64 key
 # tgid << 32 | fd; "value": the u32 key itself; else the key's field of that name). Tables a build lacks
 # are skipped.
-_SAMPLED_WHOLE = ("traced", "not_traced")  # conn_sample_counts' pair of slots per kind of connection
+_SAMPLED_WHOLE = {"tls": 0, "h2c": 2, "other": 4}  # conn_sample_counts: each kind's (traced, not) slots
 _STATE_BY_TGID = (("conns", "prefix"), ("bound_fds", "prefix"), ("conn_sampled_listeners", "prefix"),
                   ("ssl_fds", "tgid"))
 _STATE_BY_TID = (("threads", "value"), ("setup_inflight", "value"), ("ssl_calls", "value"))
@@ -421,9 +421,8 @@ class ConnectionProbes:
         self.bpf[b"request_summary"][ctypes.c_int(0)] = ctypes.c_uint32(1 if summary else 0)
 
     def sample_connections_of(self, listeners: Mapping[tuple[int, int], int]) -> None:
-        """Sample whole the downstream connections of these listening sockets ((tgid, fd) -> port), with the
-        ratio of ``set_sample_threshold``: their requests are not visible to the kernel (TLS). Adds to
-        those already named. Needs a build with ``sampling``."""
+        """Sample whole the downstream connections of these listening sockets ((tgid, fd) -> port, added to
+        those named before) with the ratio: the kernel cannot see their requests (TLS). Needs ``sampling``."""
         if not self.config.sampling:
             raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
         one = ctypes.c_uint8(1)
@@ -433,12 +432,13 @@ class ConnectionProbes:
             fds[ctypes.c_uint64((tgid << 32) | (fd & 0xFFFFFFFF))] = one
 
     def connection_sample_counts(self, kind: str = "tls") -> dict[str, int]:
-        """Connections decided whole, traced and not traced (empty without ``sampling``): ``tls``, those of
-        the listeners named TLS; ``h2c``, HTTP/2 ones with prior knowledge (decided at their preface)."""
+        """Connections decided whole, traced and not (empty without ``sampling``): ``tls`` (listeners named
+        TLS), ``h2c`` and ``other`` (not HTTP): plaintext ones decided at their first transfer."""
         if not self.config.sampling:
             return {}
-        per_cpu, first = self.bpf[b"conn_sample_counts"], 2 if kind == "h2c" else 0
-        return {name: int(sum(per_cpu[ctypes.c_int(first + i)])) for i, name in enumerate(_SAMPLED_WHOLE)}
+        per_cpu, at = self.bpf[b"conn_sample_counts"], _SAMPLED_WHOLE[kind]
+        traced, not_traced = (int(sum(per_cpu[ctypes.c_int(at + i)])) for i in (0, 1))
+        return {"traced": traced, "not_traced": not_traced}
 
     def set_keep_slow(self, threshold_ns: int) -> None:
         """Keep (report) a request that was not sampled when its answer takes at least ``threshold_ns``

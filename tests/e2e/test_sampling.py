@@ -236,51 +236,41 @@ def _tls_peer_ports(recording: Path, tls_port: int) -> tuple[set[int], set[int],
     return accepted, named, len(listener_resets)
 
 
-def test_h2c_connections_are_sampled_whole_at_their_preface(lab, tmp_path) -> None:
-    """HTTP/2 with prior knowledge: the kernel cannot decide its requests one by one (HPACK-coded headers,
-    which user space decodes only if it sees every header block of the connection), so it decides the
-    whole connection with the ratio at the client preface. One not traced sends nothing between its accept
-    and its close, which comes marked: no span of it, counted; one traced has every request a span."""
-    import shutil
-    import subprocess
+def _sampled_whole_run(lab: EnvoyLab, workdir: Path, drive) -> tuple[dict, list[SpanRecord], list]:
+    """The daemon with a 0.5 ratio (OTLP/gRPC to a real receiver, its event stream recorded) while
+    ``drive()`` runs: the summary, the spans received and the recorded kernel events."""
+    from otel_envoy.events.decode import Decoder
+    from otel_envoy.events.recording import RecordingReader
 
-    connections, per_connection = 40, 5
-    summary = tmp_path / "summary.json"
+    summary, recording = workdir / "summary.json", workdir / "run.events"
     with OtlpReceiver() as receiver:
         daemon = DaemonProcess(["--pid", str(lab.pid), "--summary-json", str(summary), "--no-offcpu",
                                 "--otlp-endpoint", receiver.grpc_endpoint, "--otlp-protocol", "grpc",
                                 "--sampler", "traceidratio", "--sampler-arg", "0.5", "--cpu-budget", "0",
-                                "--record", str(tmp_path / "run.events")], tmp_path).start()
-        exe = shutil.which("h2load")
-        assert exe, "h2load (nghttp2-client) is needed"
-        n = connections * per_connection
-        proc = subprocess.run([exe, "-c", str(connections), "-n", str(n), "-m", "1",
-                               f"http://127.0.0.1:{lab.http_port}/h2c"], capture_output=True, text=True,
-                              timeout=60)
-        assert proc.returncode == 0 and f"{n} done" in proc.stdout, proc.stdout + proc.stderr
+                                "--record", str(recording)], workdir).start()
+        drive()
         assert daemon.stop() == 0, daemon.stderr()
         spans = receiver.spans()
-    report = json.loads(summary.read_text())
-    counts = report["sampler"]["h2c_connections"]
+    decoder = Decoder()
+    events = [decoder.decode(raw) for kind, raw in RecordingReader(recording) if kind == "kernel"]
+    return json.loads(summary.read_text()), spans, events
+
+
+def _assert_decided_whole(report: dict, spans: list[SpanRecord], events: list, kind: str, port: int,
+                          connections: int) -> list[SpanRecord]:
+    """``connections`` connections to ``port`` were decided whole (``kind``): about half traced, each one
+    not traced sent nothing between its accept and its close (marked ``sampled_out``), made no span and was
+    counted; returns the connection spans of the traced ones."""
+    from otel_envoy.events.types import AcceptEvent, CloseEvent, DataEvent
+
+    counts = report["sampler"][f"{kind}_connections"]
     assert counts["traced"] + counts["not_traced"] == connections
     assert 0.2 * connections < counts["traced"] < 0.8 * connections  # binomial(40, 0.5) over random draws
     assert report["correlator"]["connections_sampled_out"] == counts["not_traced"]
     assert report["accounting"]["connections"]["holds"]
-    h2c_conns = [s for s in spans if s.name == "envoy.downstream.connection"
-                 and s.attributes.get("network.local.port") == lab.http_port]
-    assert len(h2c_conns) == counts["traced"]
-    assert all(s.attributes.get("envoy.connection.requests") == per_connection for s in h2c_conns)
-    requests = [s for s in spans if s.kind == SERVER and s.attributes.get("url.path") == "/h2c"]
-    assert len(requests) == per_connection * counts["traced"]
-    # nothing of a connection not traced reached the ring but its accept and its close: the HTTP port's
-    # data records are all of traced connections
-    from otel_envoy.events.decode import Decoder
-    from otel_envoy.events.recording import RecordingReader
-    from otel_envoy.events.types import AcceptEvent, CloseEvent, DataEvent
-
-    decoder = Decoder()
-    recording = RecordingReader(tmp_path / "run.events")
-    events = [decoder.decode(raw) for kind, raw in recording if kind == "kernel"]
+    conns = [s for s in spans if s.name == "envoy.downstream.connection"
+             and s.attributes.get("network.local.port") == port]
+    assert len(conns) == counts["traced"]
     transfers: dict[tuple[int, int], int] = {}  # per open fd: its connection's non-peek data records
     marked = 0
     for e in sorted((e for e in events if isinstance(e, AcceptEvent | CloseEvent | DataEvent)),
@@ -295,3 +285,49 @@ def test_h2c_connections_are_sampled_whole_at_their_preface(lab, tmp_path) -> No
             marked += 1
             assert transfers.pop(key, 0) == 0, e  # nothing between its accept and its close
     assert marked == counts["not_traced"]
+    return conns
+
+
+def test_h2c_connections_are_sampled_whole_at_their_preface(lab, tmp_path) -> None:
+    """HTTP/2 with prior knowledge: the kernel cannot decide its requests one by one (HPACK-coded headers,
+    which user space decodes only if it sees every header block of the connection), so it decides the
+    whole connection with the ratio at the client preface. One not traced sends nothing between its accept
+    and its close, which comes marked: no span of it, counted; one traced has every request a span."""
+    import shutil
+    import subprocess
+
+    connections, per_connection = 40, 5
+
+    def drive() -> None:
+        exe = shutil.which("h2load")
+        assert exe, "h2load (nghttp2-client) is needed"
+        n = connections * per_connection
+        proc = subprocess.run([exe, "-c", str(connections), "-n", str(n), "-m", "1",
+                               f"http://127.0.0.1:{lab.http_port}/h2c"], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and f"{n} done" in proc.stdout, proc.stdout + proc.stderr
+
+    report, spans, events = _sampled_whole_run(lab, tmp_path, drive)
+    conns = _assert_decided_whole(report, spans, events, "h2c", lab.http_port, connections)
+    assert all(s.attributes.get("envoy.connection.requests") == per_connection for s in conns)
+    requests = [s for s in spans if s.kind == SERVER and s.attributes.get("url.path") == "/h2c"]
+    assert len(requests) == per_connection * len(conns)
+
+
+def test_connections_that_speak_no_http_are_sampled_whole_at_their_first_bytes(lab, tmp_path) -> None:
+    """First bytes that are no HTTP/1.x method, no HTTP/2 preface and no TLS record (a database protocol
+    through tcp_proxy; here bytes Envoy's HTTP listener rejects): the kernel cannot decide requests in them,
+    so it decides the connection whole with the ratio, as an h2c one."""
+    import socket
+
+    connections = 40
+
+    def drive() -> None:
+        for _ in range(connections):
+            with socket.create_connection(("127.0.0.1", lab.http_port), timeout=10) as sock:
+                sock.sendall(b"\x00\x01\x02 this is no HTTP\r\n\r\n")
+                assert sock.recv(4096).startswith(b"HTTP/1.1 400")  # then we close (Envoy would wait 1 s)
+
+    report, spans, events = _sampled_whole_run(lab, tmp_path, drive)
+    _assert_decided_whole(report, spans, events, "other", lab.http_port, connections)
+    assert report["sampler"]["h2c_connections"] == {"traced": 0, "not_traced": 0}
