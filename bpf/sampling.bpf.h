@@ -115,8 +115,10 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
     __u32 flags = cs->flags;
     __u8 b[16] = {};
     if (io >= IO_WRITE) {
-        if (!(flags & (CONN_AWAIT | CONN_SAW_IO))) /* the server spoke first: no HTTP, no TLS (a database's */
-            return decide_whole(cs, flags, SAMPLED_WHOLE_OTHER); /* greeting through tcp_proxy) */
+        /* the server spoke first: no HTTP, no TLS (a database's greeting through tcp_proxy). Not an adopted
+         * connection's: the kernel saw none of what came before (an answer in flight) */
+        if (!(flags & (CONN_AWAIT | CONN_SAW_IO | CONN_ADOPTED)))
+            return decide_whole(cs, flags, SAMPLED_WHOLE_OTHER);
         if (!(flags & CONN_AWAIT))
             return (flags & CONN_SKIP) ? 1 : 0; /* more of the same answer */
         cs->flags = flags & ~CONN_AWAIT;          /* the answer's first bytes: the status line */
@@ -150,7 +152,7 @@ static __always_inline __u32 on_plain_transfer(struct conn_state *cs, __u64 pid_
             cs->flags = flags | CONN_AWAIT;
             return (flags & CONN_SKIP) ? 1 : 0;
         }
-        if (s->b[0] != TLS_RECORD_HANDSHAKE) /* h2c, or no HTTP at all: decided whole */
+        if (s->b[0] != TLS_RECORD_HANDSHAKE && !(flags & CONN_ADOPTED)) /* h2c, or no HTTP: decided whole */
             return decide_whole(cs, flags, s->len >= 8 &&
                                 W4(s->b[0], s->b[1], s->b[2], s->b[3]) == W4('P', 'R', 'I', ' ') &&
                                 W4(s->b[4], s->b[5], s->b[6], s->b[7]) == W4('*', ' ', 'H', 'T') ? SAMPLED_WHOLE_H2C

@@ -98,6 +98,51 @@ def test_connections_open_before_the_daemon_are_adopted(tmp_path) -> None:
     assert adopted.get("adopted") == 2, adopted
 
 
+def test_adopted_connections_are_not_decided_at_the_first_bytes_the_kernel_sees(tmp_path) -> None:
+    """A plaintext connection is decided whole (by the ratio) when its first bytes are no HTTP/1.x request:
+    h2c, or no HTTP at all. The first bytes the kernel sees of an adopted connection are from its middle (a
+    TLS application-data record; a write before any read), so it is not decided again that way: every
+    connection adoption picked (adoption samples by the same ratio) makes its span."""
+    summary = tmp_path / "summary.json"
+    receiver = OtlpReceiver().start()
+    with EnvoyLab(concurrency=1, direct_response=True) as lab:
+        context = ssl.create_default_context(cafile=str(lab.ca_path))
+        context.set_alpn_protocols(["http/1.1"])
+        plains, tlss = [], []
+        for _ in range(12):
+            plain = socket.create_connection(("127.0.0.1", lab.http_port), timeout=5)
+            plain.sendall(REQUEST[:10])  # the rest comes under the daemon: Envoy's answer is its first write
+            plains.append(plain)
+            tls = context.wrap_socket(socket.create_connection(("127.0.0.1", lab.tls_port), timeout=5),
+                                      server_hostname="a.example.com")
+            _exchange(tls)
+            tlss.append(tls)
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--envoy-admin", lab.admin_url,
+                                "--otlp-endpoint", receiver.grpc_endpoint, "--otlp-protocol", "grpc",
+                                "--summary-json", str(summary), "--sampler", "traceidratio",
+                                "--sampler-arg", "0.5"], tmp_path).start()
+        try:
+            for plain, tls in zip(plains, tlss, strict=True):
+                plain.sendall(REQUEST[10:])
+                answer = plain.recv(65536)
+                assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+                _exchange(tls)
+            ports = [c.getsockname()[1] for c in plains + tlss]
+            for c in plains + tlss:
+                c.close()
+        finally:
+            code = daemon.stop()  # exports what it holds
+            spans = receiver.spans()
+            receiver.stop()
+    assert code == 0, daemon.stderr()
+    report = json.loads(summary.read_text())
+    adopted = report["adopted_connections"].get("adopted", 0)
+    assert adopted >= 1, report["adopted_connections"]  # binomial(24, 0.5)
+    made = [s for s in (_connection_of(spans, p) for p in ports) if s is not None]
+    assert len(made) == adopted and all(s.attributes.get("envoy.connection.adopted") is True for s in made)
+    assert report["sampler"]["other_connections"] == {"traced": 0, "not_traced": 0}, report["sampler"]
+
+
 #: A client inside Envoy's namespace: a keep-alive connection with one request answered, then, at each line
 #: on stdin, another request; at EOF it closes. It prints its local port once connected.
 HELD_CLIENT = """
