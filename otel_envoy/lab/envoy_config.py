@@ -161,6 +161,7 @@ def render_envoy_config(
     extra_clusters: list[dict[str, Any]] | None = None,
     runtime: dict[str, Any] | None = None,
     session_resumption: bool = True,
+    extra_listeners: list[dict[str, Any]] | None = None,
     tls_reuse_port: bool = True,
     address: str = "127.0.0.1",
 ) -> dict[str, Any]:
@@ -171,7 +172,8 @@ def render_envoy_config(
     the session of their first connection on every later one.
 
     ``tracing`` is copied verbatim into every HCM's ``tracing`` field (see :func:`otel_tracing`); clusters
-    it needs (e.g. :func:`otel_collector_cluster`) go in ``extra_clusters``. ``runtime`` becomes a static
+    it needs (e.g. :func:`otel_collector_cluster`) go in ``extra_clusters``; ``extra_listeners`` are added
+    as given (e.g. :func:`tcp_proxy_listener`). ``runtime`` becomes a static
     runtime layer (e.g. :data:`OTEL_FAST_FLUSH_RUNTIME`); without it the bootstrap has no ``layered_runtime``.
     ``tls_reuse_port=False``: the TLS listener has one socket, duplicated for each worker, instead of one
     ``SO_REUSEPORT`` socket per worker (``enable_reuse_port``).
@@ -231,9 +233,38 @@ def render_envoy_config(
             "clusters": clusters,
         },
     }
+    config["static_resources"]["listeners"].extend(copy.deepcopy(extra_listeners or []))
     if runtime:
         config["layered_runtime"] = {"layers": [{"name": "static", "static_layer": copy.deepcopy(runtime)}]}
     return config
+
+
+_TCP_PROXY_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+
+
+def tcp_proxy_listener(name: str, port: int, cluster: str, host: str = "127.0.0.1") -> dict[str, Any]:
+    """A listener on ``host:port`` whose connections Envoy's ``tcp_proxy`` relays, bytes as they are, to
+    ``cluster`` (a database or broker behind Envoy, as a mesh sidecar carries it)."""
+    return {
+        "name": name,
+        "stat_prefix": name,
+        "address": _addr(port, host),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": {"@type": _TCP_PROXY_TYPE, "stat_prefix": name, "cluster": cluster},
+        }]}],
+    }
+
+
+def static_cluster(name: str, port: int, host: str = "127.0.0.1") -> dict[str, Any]:
+    """A cluster of one endpoint, ``host:port``."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name,
+                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(port, host)}}]}]},
+    }
 
 
 def otel_collector_cluster(port: int, host: str = "127.0.0.1") -> dict[str, Any]:

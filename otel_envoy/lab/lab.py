@@ -107,8 +107,8 @@ class EnvoyLab:
     """A running lab: Envoy with listeners ``plain_http`` and ``tls_sni`` in front of the lab backend.
 
     Use as a context manager (or call :meth:`start`/:meth:`stop`). ``cpu`` pins Envoy (all its threads) to
-    the given CPU(s); ``backend_cpu`` does the same for the backend. ``tracing``, ``extra_clusters`` and
-    ``runtime`` are passed to :func:`render_envoy_config`.
+    the given CPU(s); ``backend_cpu`` does the same for the backend. ``tracing``, ``extra_clusters``,
+    ``extra_listeners`` and ``runtime`` are passed to :func:`render_envoy_config`.
 
     ``otel_collector_port`` turns on Envoy's OpenTelemetry tracer (every request sampled, service name
     ``otel_service_name``) exporting OTLP/gRPC to 127.0.0.1:that port, flushing every finished span quickly;
@@ -142,6 +142,7 @@ class EnvoyLab:
         direct_response: bool = False,
         tracing: dict[str, Any] | None = None,
         extra_clusters: list[dict[str, Any]] | None = None,
+        extra_listeners: list[dict[str, Any]] | None = None,
         cpu: int | Iterable[int] | None = None,
         backend_cpu: int | Iterable[int] | None = None,
         envoy_binary: str | Path | None = None,
@@ -179,6 +180,7 @@ class EnvoyLab:
         self.direct_response = direct_response
         self.tracing = tracing
         self.extra_clusters = extra_clusters
+        self.extra_listeners = extra_listeners
         self.runtime = runtime
         self.backend_command = list(backend_command) if backend_command is not None else None
         self.backend_env = dict(backend_env or {})
@@ -317,8 +319,9 @@ class EnvoyLab:
         self.config = render_envoy_config(
             self.ports, self.certs, self.backend_port, concurrency=self.concurrency,
             direct_response=self.direct_response, tracing=self.tracing, extra_clusters=self.extra_clusters,
-            runtime=self.runtime, session_resumption=self.session_resumption,
-            tls_reuse_port=self.tls_reuse_port, address=self.address,
+            extra_listeners=self.extra_listeners, runtime=self.runtime,
+            session_resumption=self.session_resumption, tls_reuse_port=self.tls_reuse_port,
+            address=self.address,
         )
         self.config_path = write_envoy_config(self.config, self.workdir / "envoy.json")
         self._envoy = self._popen(self._envoy_command(), self.cpus, self.log_path, self.log_path,

@@ -331,3 +331,38 @@ def test_connections_that_speak_no_http_are_sampled_whole_at_their_first_bytes(l
     report, spans, events = _sampled_whole_run(lab, tmp_path, drive)
     _assert_decided_whole(report, spans, events, "other", lab.http_port, connections)
     assert report["sampler"]["h2c_connections"] == {"traced": 0, "not_traced": 0}
+
+
+def test_a_protocol_whose_server_speaks_first_is_sampled_whole_at_its_first_write(tmp_path) -> None:
+    """A server-first protocol (an SMTP- or MySQL-like greeting) through Envoy's tcp_proxy: Envoy's first
+    transfer on the downstream connection is a write, so no HTTP/1.x request can be in it; the kernel decides
+    the connection whole with the ratio there."""
+    import socket
+    import socketserver
+    import threading
+
+    from otel_envoy.lab.envoy_config import free_ports, static_cluster, tcp_proxy_listener
+
+    class Greeter(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(b"220 greeter ready\r\n")
+            self.request.recv(64)  # QUIT
+            self.request.sendall(b"221 bye\r\n")
+
+    connections = 40
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Greeter) as greeter:
+        threading.Thread(target=greeter.serve_forever, daemon=True).start()
+        (tcp_port,) = free_ports(1)
+        with EnvoyLab(concurrency=1, extra_clusters=[static_cluster("greeter", greeter.server_address[1])],
+                      extra_listeners=[tcp_proxy_listener("tcp_greeter", tcp_port, "greeter")]) as lab:
+
+            def drive() -> None:
+                for _ in range(connections):
+                    with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as sock:
+                        assert sock.recv(64).startswith(b"220 "), "no greeting through tcp_proxy"
+                        sock.sendall(b"QUIT\r\n")
+                        assert sock.recv(64).startswith(b"221 ")
+
+            report, spans, events = _sampled_whole_run(lab, tmp_path, drive)
+        greeter.shutdown()
+    _assert_decided_whole(report, spans, events, "other", tcp_port, connections)
