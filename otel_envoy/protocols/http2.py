@@ -225,7 +225,7 @@ class Http2Exchanges:
                 if sid % 2 == 0 or sid <= self._last_client_stream:
                     return  # not a new client stream (trailers of one already ended, or bogus)
                 self._last_client_stream = sid
-                req = _message(fields, block.start, ts, rnd)
+                req = _message(fields, block.start, ts, rnd, response=False)
                 self._streams[sid] = st = _Stream(req)
                 self._new_requests.append(req)
                 if len(self._streams) > MAX_STREAMS:
@@ -236,7 +236,7 @@ class Http2Exchanges:
         if st is None:
             return  # a response to nothing we track (pushed, dropped, or after a reset)
         if st.response is None:
-            resp = _message(fields, block.start, ts, rnd)
+            resp = _message(fields, block.start, ts, rnd, response=True)
             if resp.status is not None and 100 <= resp.status < 200:
                 return  # informational (100 Continue, 103 Early Hints): the final response follows
             st.response = resp
@@ -298,18 +298,21 @@ class Http2Exchanges:
 
 
 def _message(fields: Iterable[tuple[bytes, bytes]], start: tuple[int, int, int], ts: int,
-             rnd: int) -> HttpMessage:
-    """A request or response from a decoded header block: pseudo-headers and KEPT_HEADERS values only."""
+             rnd: int, response: bool) -> HttpMessage:
+    """A request or response from a decoded header block: its own pseudo-headers (a request's in a
+    response, or ``:status`` in a request, are malformed, RFC 9113 8.3, and left out: their values could be
+    anything) and KEPT_HEADERS values only."""
     msg = HttpMessage(start_ns=start[0], tid=start[1], round=start[2], version="2", headers_done_ns=ts,
                       headers_round=rnd)
     for name, value in fields:
         if name[:1] == b":":
-            if name == b":method":
+            if response:
+                if name == b":status" and len(value) == 3 and value.isdigit():
+                    msg.status = int(value)
+            elif name == b":method":
                 msg.method = value.decode("latin-1")[:MAX_HEADER_VALUE]
             elif name == b":path":
                 msg.path = request_path(value.decode("latin-1"))
-            elif name == b":status" and len(value) == 3 and value.isdigit():
-                msg.status = int(value)
         else:
             key = name.decode("latin-1").lower()
             if key in KEPT_HEADERS:

@@ -171,6 +171,21 @@ def test_secret_headers_never_leave_the_module() -> None:
         assert secret not in text
 
 
+def test_a_request_s_pseudo_headers_in_a_response_are_left_out() -> None:
+    """RFC 9113 8.3: a response carries :status only; a :path or :method in one (a bogus or damaged server
+    block; the HTTP/2 fuzz test found a byte flip that turned a set-cookie into a :path) is malformed and its
+    value, which could be anything, is not kept. Nor is a :status in a request."""
+    c, s = Peer(), Peer()
+    x = Http2Exchanges(requests_read=True)
+    read(x, 1, client_start() + c.headers(1, [*get("/a"), (":status", "204")], end_stream=True))
+    write(x, 2, server_start() + s.headers(1, [(":status", "200"), (":path", SECRETS[2]), (":method", "PUT")],
+                                          end_stream=True))
+    (done,) = x.take_completed()
+    assert (done.request.method, done.request.path, done.request.status) == ("GET", "/a", None)
+    assert (done.response.status, done.response.path, done.response.method) == (200, None, None)
+    assert SECRETS[2] not in repr(done)
+
+
 def test_finish_ends_open_streams() -> None:
     c, s = Peer(), Peer()
     x = Http2Exchanges(requests_read=True)
