@@ -49,6 +49,13 @@ static __always_inline void count_sampled(__u32 slot) {
         (*v)++;
 }
 
+/* The ratio's draw: 1 when a 32-bit random number is not below the sampler's threshold (not traced). */
+static __always_inline __u32 ratio_skips(void) {
+    __u32 zero = 0;
+    __u64 *threshold = sample_threshold.lookup(&zero);
+    return threshold && (__u64)bpf_get_prandom_u32() >= *threshold;
+}
+
 /* Reads a new request's first bytes once, into the per-CPU scratch (TP_HEAD of them when a traceparent is
  * looked for, else KEPT_HEAD), keeps KEPT_HEAD of them in the connection's state (sent if the request is
  * kept) and returns its enum http_method. */
@@ -76,7 +83,6 @@ static __always_inline __u8 read_request_head(struct conn_state *cs, struct head
  * `scan`: look for its traceparent (kept in the connection's state) even when it does not decide. */
 static __always_inline __u32 decide_request(struct head_scratch *s, struct conn_state *cs, __u32 parent_based,
                                             __u32 scan) {
-    __u32 zero = 0;
     cs->req_tp_len = 0;
     if (parent_based || scan) {
         int sampled = request_traceparent(s, cs);
@@ -85,8 +91,7 @@ static __always_inline __u32 decide_request(struct head_scratch *s, struct conn_
             return !sampled;
         }
     }
-    __u64 *threshold = sample_threshold.lookup(&zero);
-    __u32 skip = threshold && (__u64)bpf_get_prandom_u32() >= *threshold;
+    __u32 skip = ratio_skips();
     count_sampled(skip);
     return skip;
 }
@@ -98,9 +103,7 @@ static __always_inline __u32 decide_request(struct head_scratch *s, struct conn_
  * otherwise nothing more of it is sent but its close, marked (its accept was sent already). `slot`: its
  * kind's first conn_sample_counts slot. Returns 1 when it is not traced. */
 static __always_inline __u32 decide_whole(struct conn_state *cs, __u32 flags, __u32 slot) {
-    __u32 zero = 0;
-    __u64 *threshold = sample_threshold.lookup(&zero);
-    __u32 untraced = threshold && (__u64)bpf_get_prandom_u32() >= *threshold;
+    __u32 untraced = ratio_skips();
     count_conn_sampled(slot + untraced);
     flags &= ~(CONN_AWAIT | CONN_SKIP | CONN_SUMMARY); /* not a request: io_sys_exit takes a traced one */
     cs->flags = untraced ? flags | CONN_SAW_IO | CONN_UNTRACED | CONN_LATE_UNTRACED : flags;

@@ -299,12 +299,10 @@ static __always_inline int on_epoll_ctl_add(__u64 pid_tgid, __s32 epfd, __s32 fd
  * through the kernel's perf record path before the program can tell it is not an ADD. */
 int epoll_ctl_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-    __u64 args[2] = {}; /* dx (fd), si (op): contiguous in x86-64's struct pt_regs */
-    __s64 epfd = -1;
-    if (bpf_probe_read_kernel(args, sizeof(args), &regs->dx) != 0 ||
-        bpf_probe_read_kernel(&epfd, sizeof(epfd), &regs->di) != 0)
+    __u64 args[3] = {}; /* dx (fd), si (op), di (epfd): contiguous in x86-64's struct pt_regs */
+    if (bpf_probe_read_kernel(args, sizeof(args), &regs->dx) != 0)
         return 0;
-    return on_epoll_ctl_add(bpf_get_current_pid_tgid(), (__s32)epfd, (__s32)args[0]);
+    return on_epoll_ctl_add(bpf_get_current_pid_tgid(), (__s32)args[2], (__s32)args[0]);
 }
 #else
 TRACEPOINT_PROBE(syscalls, sys_enter_epoll_ctl) {

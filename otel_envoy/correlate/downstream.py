@@ -433,10 +433,8 @@ class DownstreamConnections:
         conn = self.open.pop((ev.tgid, ev.fd), None)
         if conn is None:
             return
-        if ev.sampled_out:  # h2c decided whole at its preface and not traced: no span, only counted
-            tkey = (conn.peer_address, conn.peer_port, conn.local_port)
-            if self.by_tuple.get(tkey) is conn:
-                del self.by_tuple[tkey]
+        if ev.sampled_out:  # decided whole at its first bytes (h2c, no HTTP), not traced: only counted
+            self._forget_tuple(conn)
             self.stats["connections_sampled_out"] += 1
             return
         conn.close_ns = ev.ts_ns
@@ -492,10 +490,14 @@ class DownstreamConnections:
             self._finish(conn)
         self.open.clear()
 
-    def _finish(self, conn: ConnectionRecord) -> None:
+    def _forget_tuple(self, conn: ConnectionRecord) -> None:
+        """``conn`` no longer answers for its 4-tuple (unless a newer connection already took it)."""
         tkey = (conn.peer_address, conn.peer_port, conn.local_port)
         if self.by_tuple.get(tkey) is conn:
             del self.by_tuple[tkey]
+
+    def _finish(self, conn: ConnectionRecord) -> None:
+        self._forget_tuple(conn)
         if conn.tcp.established_ns is None and not conn.adopted:
             conn.partial.append("established_not_seen")
         if self.is_own(conn):

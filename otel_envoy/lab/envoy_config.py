@@ -181,17 +181,7 @@ def render_envoy_config(
     ``concurrency`` is not part of the bootstrap (it is Envoy's ``--concurrency`` flag); it is recorded in
     the node metadata.
     """
-    clusters: list[dict[str, Any]] = [
-        {
-            "name": BACKEND_CLUSTER,
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": {
-                "cluster_name": BACKEND_CLUSTER,
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(backend_port)}}]}],
-            },
-        }
-    ]
+    clusters: list[dict[str, Any]] = [static_cluster(BACKEND_CLUSTER, backend_port)]
     clusters.extend(copy.deepcopy(extra_clusters or []))
     config: dict[str, Any] = {
         "node": {
