@@ -84,6 +84,7 @@
 #include "http_metrics.bpf.h"
 #include "tls_metrics.bpf.h"
 #include "conn_sampling.bpf.h"
+#include "conn_keep.bpf.h"
 #endif
 #include "sockets.bpf.h"
 #include "syscalls.bpf.h"

@@ -37,6 +37,7 @@ enum event_kind {
     EV_EXEC = 14,         /* a process took the followed comm (exec): a target from its first instruction */
     EV_EXIT = 15,         /* a target's last thread exited: it is a target no more */
     EV_SOCKET_SETUP = 16, /* a target set up an inet socket it may listen on (enum setup_op) */
+    EV_CONNECTION_KEPT = 17, /* SAMPLING: a connection sampled whole and not traced, kept at its close */
 };
 
 /* What struct socket_setup_event reports. */
@@ -182,6 +183,18 @@ enum keep_reason {
     KEEP_CLOSED = 2,            /* its connection closed (or was reset) before an answer */
     KEEP_SLOW = 3,              /* its answer took at least the daemon's slow-request threshold */
 };
+
+/* Why a connection sampled whole and not traced is reported at its close all the same (struct
+ * connection_kept_event), in this order when several apply. */
+enum connection_keep_reason {
+    KEEP_CONN_TLS_FAILED = 1, /* it closed during its TLS handshake (an alert, a rejected hello, a client that gave up) */
+    KEEP_CONN_RESET = 2,      /* a read or write of it failed with a reset (ECONNRESET, EPIPE, ETIMEDOUT) */
+    KEEP_CONN_TLS_SLOW = 3,   /* its TLS handshake took at least the daemon's slow-handshake threshold */
+    KEEP_CONN_ACCEPT_SLOW = 4, /* it waited in the accept queue at least the daemon's slow-accept threshold */
+};
+
+#define HELLO_HELD 2048 /* bytes of an untraced TLS connection's ClientHello held for its kept record */
+#define FLIGHT_HELD 512 /* bytes of the server's hello flight held (its ServerHello, or an alert) */
 
 #define KEPT_HEAD 128 /* first bytes of a request kept by the kernel: its request line and first headers */
 #define TP_VALUE 55    /* a W3C traceparent value: "00-" + 32 + "-" + 16 + "-" + 2 */
@@ -397,6 +410,68 @@ struct socket_setup_event {
     __u8 addr[ADDR_LEN];
     char comm[COMM_LEN]; /* the calling thread's name, e.g. "wrk:worker_0" */
 };
+
+/* The handshake bytes the kernel holds of a TLS connection it does not trace (the held_handshakes map's
+ * value, from its first TLS bytes to its close), sent if the connection is kept: what a traced connection's
+ * data records would have carried of its ClientHello (a listener filter's peek, else its first reads) and of
+ * the server's hello flight. */
+struct held_handshake {
+    __u64 hello_ns;   /* the read (or peek) that held the ClientHello; 0: none */
+    __u64 flight_ns;  /* the server's hello flight's write; 0: none */
+    __u32 hello_ret;  /* bytes that read returned (more than hello_len: the rest was not held) */
+    __u32 hello_len;  /* bytes of hello held */
+    __u32 flight_ret; /* bytes that write sent */
+    __u32 flight_len; /* bytes of flight held */
+    __u8 hello_peeked; /* 1: hello is a listener filter's peek */
+    __u8 _pad0[7];
+    __u8 hello[HELLO_HELD];
+    __u8 flight[FLIGHT_HELD];
+};
+
+/* A downstream connection sampled whole and not traced (CONN_UNTRACED: no record of it was sent), kept at
+ * its close for `reason`: what its accept, its handshake's records and its close would have said. */
+struct connection_kept_event {
+    struct event_header hdr;  /* ts_ns: the close; tid: the closing thread */
+    __s32 fd;
+    __s32 listen_fd;
+    __u16 family;             /* of the peer address (0: not known) */
+    __u16 peer_port;
+    __u8 reason;              /* enum connection_keep_reason */
+    __u8 hs_state;            /* enum tls_hs_state at the close (tls_metrics.bpf.h); 0: no byte read */
+    __u8 hs_resumed;          /* the ServerHello resumed a session */
+    __u8 close_flags;         /* KEPT_PEER_EOF, KEPT_IO_RESET */
+    __u8 peer_addr[ADDR_LEN];
+    char comm[COMM_LEN];      /* the closing thread's name */
+    __u64 open_ts_ns;         /* the accept */
+    __u64 established_ns;     /* its TCP handshake's completion (accept-queue wait from there); 0: not seen */
+    __u64 hs_start_ns;        /* its TLS handshake's first bytes; 0: none */
+    __u64 hs_end_ns;          /* its TLS handshake's completion; 0: not complete */
+    __u16 hs_version;         /* what the ServerHello chose; 0: none seen */
+    __u16 _pad0;
+    __u32 _pad1;
+    /* as in struct close_event */
+    __u64 bytes_rx;
+    __u64 bytes_tx;
+    __u32 reads;
+    __u32 writes;
+    __u32 tls_records_rx;
+    __u32 tls_records_tx;
+    __u32 tls_app_records_rx;
+    __u32 tls_app_records_tx;
+    __u32 tls_max_record_rx;
+    __u32 tls_max_record_tx;
+    __u32 tls_flags;
+    __u32 epoll_adds;
+    __u64 epoll_first_add_ns;
+    __u64 epoll_second_add_ns;
+    __u32 sockopt_count;
+    __u32 _pad2;
+    __u8 sockopts[SOCKOPT_BYTES];
+    struct held_handshake held; /* all zero when nothing was held (evicted from the table, or not TLS) */
+};
+
+#define KEPT_PEER_EOF 1 /* connection_kept_event.close_flags: a read returned EOF before the close */
+#define KEPT_IO_RESET 2 /* a read or write failed with a reset */
 
 /* A bound socket of a target (the bound_fds map's value): its address, for the records of its copies. */
 struct bound_socket {

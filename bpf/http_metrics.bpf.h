@@ -202,8 +202,8 @@ static __always_inline void count_accept(__u32 tgid, __u32 tid, __s32 listen_fd)
 }
 
 /* Envoy accepted a connection on listening fd `listen_fd` at `now`: its accept-queue wait, if its
- * handshake completion was seen. */
-static __always_inline void record_accept_wait(__u32 tgid, __s32 listen_fd, const __u8 *peer_addr, __u16 family,
+ * handshake completion was seen. Returns that completion's time (0: not seen). */
+static __always_inline __u64 record_accept_wait(__u32 tgid, __s32 listen_fd, const __u8 *peer_addr, __u16 family,
                                                __u16 peer_port, __u64 now) {
     struct peer_key k = {};
     peer_key_of(&k, peer_addr, family, peer_port);
@@ -213,15 +213,17 @@ static __always_inline void record_accept_wait(__u32 tgid, __s32 listen_fd, cons
         __u64 *unseen = accept_wait_unseen.lookup(&zero);
         if (unseen)
             (*unseen)++;
-        return;
+        return 0;
     }
-    __u64 waited = now > *est ? now - *est : 0;
+    __u64 established = *est;
+    __u64 waited = now > established ? now - established : 0;
     established_at.delete(&k);
     struct conn_metric_key key = {.pid = tgid, .listen_fd = listen_fd};
     struct http_metric *m = accept_metrics.lookup(&key);
     if (!m && (m = new_series()))
         m = accept_metrics.lookup_or_try_init(&key, m);
     add_to_series(m, waited);
+    return established;
 }
 
 /* Counts the connection's current request with `status`, ending now. */

@@ -32,7 +32,7 @@ BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
 /* tail-call slots, set by the loader: [EXIT_IO] io_sys_exit, [EXIT_ACCEPT] accept_sys_exit,
  * [EXIT_CONNECT] connect_sys_exit, [EXIT_SETUP] setup_sys_exit (startup.bpf.h), [EXIT_TLS_HELLO]
  * tls_hello_sys_exit, [EXIT_TLS_STEP] tls_step_sys_exit, [EXIT_QUIET] quiet_sys_exit, [EXIT_EPOLL_CTL]
- * epoll_ctl_sys_exit (syscalls.bpf.h) */
+ * epoll_ctl_sys_exit (syscalls.bpf.h), [EXIT_HOLD] hold_hello_sys_exit */
 #define EXIT_IO 0
 #define EXIT_ACCEPT 1
 #define EXIT_CONNECT 2
@@ -41,7 +41,8 @@ BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
 #define EXIT_TLS_STEP 5
 #define EXIT_QUIET 6
 #define EXIT_EPOLL_CTL 7
-BPF_PROG_ARRAY(exit_progs, 8);
+#define EXIT_HOLD 8
+BPF_PROG_ARRAY(exit_progs, 9);
 
 static __always_inline void count_sampled(__u32 slot) {
     __u64 *v = sample_counts.lookup(&slot);
@@ -238,6 +239,7 @@ int tls_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         return 0;
     parse_server_hello(cs, io, (const void *)r.si, ret);
     if (cs->flags & CONN_UNTRACED) {
+        hold_flight(conn_key(bpf_get_current_pid_tgid() >> 32, (__s32)r.di), io, (const void *)r.si, ret);
         count_unreported(cs, io, ret);
         return 0;
     }
@@ -286,6 +288,57 @@ int quiet_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     if (io == IO_READV)
         req.len = (__u32)r.dx; /* iovcnt */
     walk_tls_records(cs, &req, (__u64)ret, DIR_READ);
+    return 0;
+}
+
+/* tail-called by front_sys_exit for a read (or peek) of an untraced TLS connection whose ClientHello is held
+ * (CONN_HOLD): its bytes kept in held_handshakes for a kept record (conn_keep.bpf.h), and counted as the
+ * front counts an untraced connection's transfers. A listener filter's peek shows the stream from its start,
+ * so each peek replaces what was held and the real reads after one hold nothing more; without a peek,
+ * BoringSSL reads the record's 5-byte header, then its body, and the two are held one after the other. */
+int hold_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
+    long ret = (long)ctx->args[1];
+    struct sys_regs r = {};
+    __u8 io = 0;
+    struct conn_state *cs = ret > 0 ? exit_conn(ctx, &r, &io) : 0;
+    if (!cs || io >= IO_WRITE)
+        return 0;
+    __u32 peek = recv_flags(io, &r) & MSG_PEEK_FLAG;
+    if (!peek)
+        count_unreported(cs, io, ret);
+    if (cs->hs_state != HS_HELLO) { /* the handshake moved on */
+        cs->flags &= ~CONN_HOLD;
+        return 0;
+    }
+    __u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, (__s32)r.di);
+    struct held_handshake *h = held_handshakes.lookup(&key);
+    if (!h) {
+        __u32 zero = 0;
+        struct held_handshake *init = held_zero.lookup(&zero);
+        if (init)
+            h = held_handshakes.lookup_or_try_init(&key, init);
+    }
+    __u64 avail = (__u64)ret;
+    const __u8 *src = h ? transfer_start(io, (const void *)r.si, &avail) : 0;
+    if (!src) {
+        cs->flags &= ~CONN_HOLD;
+        return 0;
+    }
+    if (!h->hello_ns)
+        h->hello_ns = bpf_ktime_get_ns();
+    if (peek || !h->hello_len) {
+        hold_hello_bytes(h, src, avail, 0);
+        h->hello_ret = (__u32)ret;
+        h->hello_peeked = peek ? 1 : 0;
+        if (!peek && ret != 5) /* the whole record (or more) in one read: held */
+            cs->flags &= ~CONN_HOLD;
+    } else {
+        if (!h->hello_peeked && h->hello_len == 5) { /* the body after its lone header */
+            hold_hello_bytes(h, src, avail, 5);
+            h->hello_ret = 5 + (__u32)ret;
+        }
+        cs->flags &= ~CONN_HOLD;
+    }
     return 0;
 }
 
@@ -344,6 +397,11 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         }
     }
     if (cs->flags & CONN_UNTRACED) { /* counted, never reported */
+        if ((cs->flags & CONN_HOLD) && ret > 0 && io < IO_WRITE) { /* its ClientHello, held (conn_keep.bpf.h) */
+            exit_progs.call(ctx, EXIT_HOLD);
+            count_drop(DROP_TAIL_CALL);
+            return 0;
+        }
         if (ret > 0 && !(recv_flags(io, &r) & MSG_PEEK_FLAG))
             count_unreported(cs, io, ret);
         return 0;

@@ -87,6 +87,13 @@ struct conn_state {
     __u64 epoll_first_add_ns;  /* the first two epoll_ctl ADDs before the first real I/O (0: none) */
     __u64 epoll_second_add_ns;
     __u8 sockopts[SOCKOPT_BYTES]; /* as in struct close_event */
+    /* SAMPLING, a connection sampled whole and not traced (conn_keep.bpf.h): what its kept record says */
+    __u64 established_ns;      /* its TCP handshake's completion (accept-queue wait); 0: not seen */
+    __u64 hs_end_ns;           /* its TLS handshake's completion; 0: not complete */
+    __u8 peer_addr[ADDR_LEN];
+    __u16 peer_family;
+    __u16 peer_port;
+    __u32 _pad_peer;
 };
 
 #define CONN_SAW_IO 1   /* a non-peek read or write happened: the listener-filter hand-off is settled */
@@ -106,6 +113,7 @@ struct conn_state {
 #define CONN_LATE_UNTRACED 8192 /* SAMPLING: CONN_UNTRACED decided after its accept was reported (h2c or not
                                  * HTTP, at its first transfer): its close is reported, marked `sampled_out`,
                                  * and nothing between */
+#define CONN_HOLD 16384 /* SAMPLING: an untraced TLS connection's ClientHello is being held (hold_hello_sys_exit) */
 
 #define CAPTURE_UNLIMITED 0xffffffff /* conn_state.capture_budget of a plaintext connection (request capture) */
 

@@ -50,8 +50,10 @@ static __always_inline int read_sockaddr(const void *uaddr, __u32 len, __u16 *fa
 /* A connection's initial state is built here, not on the stack: it is too big for the accept program's. */
 BPF_PERCPU_ARRAY(conn_scratch, struct conn_state, 1);
 
+/* `peer`: the accept's record (its peer address and port, kept for a kept record), or 0; `established_ns`:
+ * its TCP handshake's completion, when seen. */
 static __always_inline void track_conn(__u32 tgid, __s32 fd, __u64 ts_ns, __u32 role, __s32 listen_fd,
-                                       __u32 flags) {
+                                       __u32 flags, const struct accept_event *peer, __u64 established_ns) {
     __u64 key = conn_key(tgid, fd);
     __u32 zero = 0;
     struct conn_state *cs = conn_scratch.lookup(&zero);
@@ -63,6 +65,12 @@ static __always_inline void track_conn(__u32 tgid, __s32 fd, __u64 ts_ns, __u32 
     cs->role = role;
     cs->listen_fd = listen_fd;
     cs->flags = flags;
+    cs->established_ns = established_ns;
+    if (peer) {
+        __builtin_memcpy(cs->peer_addr, peer->peer_addr, ADDR_LEN);
+        cs->peer_family = peer->family;
+        cs->peer_port = peer->peer_port;
+    }
     if (conns.update(&key, cs) != 0)
         count_drop(DROP_CONN_TABLE_FULL);
 }
@@ -106,21 +114,22 @@ static __always_inline int on_accept_exit(long ret) {
         bpf_probe_read_user(&written, sizeof(written), (void *)in.aux);
     __u32 addr_len = written > 0 && (__u32)written < in.len ? (__u32)written : in.len;
     read_sockaddr((void *)in.buf, addr_len, &ev.family, &ev.peer_port, ev.peer_addr);
+    __u64 established = 0;
 #if SAMPLING
-    record_accept_wait(ev.hdr.tgid, in.fd, ev.peer_addr, ev.family, ev.peer_port, ev.hdr.ts_ns);
+    established = record_accept_wait(ev.hdr.tgid, in.fd, ev.peer_addr, ev.family, ev.peer_port, ev.hdr.ts_ns);
     count_accept(ev.hdr.tgid, tid, in.fd);
     if (listener_conn_sampled(ev.hdr.tgid, in.fd)) {
         __u32 untraced = !peer_traced(ev.peer_addr, ev.family, ev.peer_port);
         count_conn_sampled(SAMPLED_WHOLE_TLS + untraced);
-        if (untraced) {
-            track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, CONN_UNTRACED);
+        if (untraced) { /* its peer and handshake time kept for a kept record (conn_keep.bpf.h) */
+            track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, CONN_UNTRACED, &ev, established);
             return 0;
         }
     }
 #endif
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
 
-    track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, 0);
+    track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, 0, 0, established);
     emit(&ev, sizeof(ev));
     return 0;
 }
@@ -165,7 +174,7 @@ static __always_inline int on_connect_exit(long ret) {
         return 0; /* not an inet socket (unix sockets to the xDS agent, ...) */
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
     if (ev.ret == 0 || ev.ret == -115 /* EINPROGRESS */)
-        track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_UPSTREAM, -1, 0);
+        track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_UPSTREAM, -1, 0, 0, 0);
     emit(&ev, sizeof(ev));
     return 0;
 }
@@ -204,10 +213,18 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     if (cs->role == ROLE_DOWNSTREAM && !(cs->flags & CONN_ADOPTED)) {
         __u64 now = bpf_ktime_get_ns();
         record_connection(tgid, cs, now);
+        /* nothing of an untraced one was sent: reported now if it is kept (conn_keep.bpf.h) */
+        __u8 kept = (cs->flags & (CONN_UNTRACED | CONN_LATE_UNTRACED)) == CONN_UNTRACED
+                        ? connection_keep_reason(cs) : 0;
         tls_handshake_closed(tgid, cs, now);
+        if (kept)
+            keep_connection(pid_tgid, key, (__s32)args->fd, cs, kept, now);
     }
 #endif
     if ((cs->flags & (CONN_UNTRACED | CONN_LATE_UNTRACED)) == CONN_UNTRACED) { /* nothing of it was sent */
+#if SAMPLING
+        held_handshakes.delete(&key);
+#endif
         conns.delete(&key);
         return 0;
     }

@@ -39,6 +39,8 @@ static __always_inline void tls_first_bytes(struct conn_state *cs, __u8 io, cons
     }
     cs->hs_state = HS_HELLO;
     cs->hs_start_ns = bpf_ktime_get_ns();
+    if (cs->flags & CONN_UNTRACED) /* its ClientHello is held for a kept record (hold_hello_sys_exit) */
+        cs->flags |= CONN_HOLD;
     __u32 record = 5 + be16(&h[3]);
     if (peek && ret >= 5 && record <= (__u64)ret && record <= CAPTURE_MAX && !(cs->flags & CONN_UNTRACED))
         cs->flags |= CONN_HELLO_PEEKED;
@@ -153,4 +155,46 @@ static __always_inline void parse_server_hello(struct conn_state *cs, __u8 io, c
     cs->hs_version = (__u16)version;
     cs->hs_resumed = resumed;
     cs->hs_state = HS_CLIENT_FIN;
+}
+
+/* Holds up to HELLO_HELD bytes of a read of an untraced connection's ClientHello at `at` (0 or 5: a
+ * listener filter's peek or a first read, or the body after a lone 5-byte record header) in `h`. */
+static __always_inline void hold_hello_bytes(struct held_handshake *h, const __u8 *src, __u64 avail, __u32 at) {
+    __u32 room = at ? HELLO_HELD - 5 : HELLO_HELD;
+    __u32 n = avail > room ? room : (__u32)avail;
+    BARRIER_VAR(n);
+    n &= 2 * HELLO_HELD - 1;
+    if (at) {
+        if (n > HELLO_HELD - 5)
+            n = HELLO_HELD - 5;
+        if (bpf_probe_read_user(h->hello + 5, n, src) == 0)
+            h->hello_len = 5 + n;
+    } else {
+        if (n > HELLO_HELD)
+            n = HELLO_HELD;
+        if (bpf_probe_read_user(h->hello, n, src) == 0)
+            h->hello_len = n;
+    }
+}
+
+/* The server's hello flight of an untraced connection whose ClientHello is held: its first FLIGHT_HELD bytes
+ * held too (its ServerHello, or the alert that refused the hello). */
+static __always_inline void hold_flight(__u64 key, __u8 io, const void *buf, long ret) {
+    struct held_handshake *h = held_handshakes.lookup(&key);
+    if (!h)
+        return;
+    __u64 avail = (__u64)ret;
+    const __u8 *src = transfer_start(io, buf, &avail);
+    if (!src)
+        return;
+    __u32 n = avail > FLIGHT_HELD ? FLIGHT_HELD : (__u32)avail;
+    BARRIER_VAR(n);
+    n &= 2 * FLIGHT_HELD - 1;
+    if (n > FLIGHT_HELD)
+        n = FLIGHT_HELD;
+    if (bpf_probe_read_user(h->flight, n, src) != 0)
+        return;
+    h->flight_len = n;
+    h->flight_ret = (__u32)ret;
+    h->flight_ns = bpf_ktime_get_ns();
 }

@@ -23,6 +23,8 @@ enum tls_hs_state {
 /* The handshake of `cs` ended `now` with `outcome` (enum tls_outcome): counted, and not again. */
 static __always_inline void record_tls_handshake(__u32 tgid, struct conn_state *cs, __u8 outcome, __u64 now) {
     cs->hs_state = HS_DONE;
+    if (outcome == TLS_HANDSHAKE_DONE)
+        cs->hs_end_ns = now;
     struct tls_metric_key key = {.pid = tgid, .listen_fd = cs->listen_fd, .version = cs->hs_version,
                                  .resumed = cs->hs_resumed, .outcome = outcome};
     struct http_metric *m = tls_metrics.lookup(&key);

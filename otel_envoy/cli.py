@@ -65,6 +65,12 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-slow-ms", type=float, default=None, metavar="MS",
                    help="a request that was not sampled is traced all the same when its answer takes this "
                         "long (default 1000; 0: never); 5xx and requests closed before an answer always are")
+    p.add_argument("--keep-slow-handshake-ms", type=float, default=None, metavar="MS",
+                   help="a TLS connection that was not sampled is traced all the same when its handshake "
+                        "took this long (default 1000; 0: never); failed handshakes and resets always are")
+    p.add_argument("--keep-slow-accept-ms", type=float, default=None, metavar="MS",
+                   help="a TLS connection that was not sampled is traced all the same when it waited this "
+                        "long in the accept queue (default 100; 0: never)")
     p.add_argument("--cpu-budget", type=float, default=None, metavar="SHARE",
                    help="share of one CPU the daemon may use; past it fewer plaintext requests are traced "
                         "(default 0.1; 0: no budget)")
@@ -135,11 +141,16 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         sampler = sampler_settings(args.sampler, args.sampler_arg)
     except SamplerError as exc:
         return _fail(str(exc), EXIT_USAGE)
-    from .sampling import DEFAULT_CPU_BUDGET, DEFAULT_KEEP_SLOW_MS
+    from .sampling import DEFAULT_CPU_BUDGET, KeepThresholds
 
-    keep_slow_ms = DEFAULT_KEEP_SLOW_MS if args.keep_slow_ms is None else args.keep_slow_ms
-    if not keep_slow_ms >= 0:  # false for NaN too
-        return _fail(f"--keep-slow-ms {args.keep_slow_ms} is out of range (0 or more)", EXIT_USAGE)
+    thresholds = {}
+    for flag, field_name in (("keep_slow_ms", "request_ms"), ("keep_slow_handshake_ms", "handshake_ms"),
+                             ("keep_slow_accept_ms", "accept_ms")):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value <= 1e9:  # false for NaN too
+            return _fail(f"--{flag.replace('_', '-')} {value} is out of range (0 to 1e9 ms)", EXIT_USAGE)
+        if value is not None:
+            thresholds[field_name] = value
     cpu_budget = DEFAULT_CPU_BUDGET if args.cpu_budget is None else args.cpu_budget
     if not 0.0 <= cpu_budget <= os.cpu_count():  # false for NaN too
         return _fail(f"--cpu-budget {args.cpu_budget} is out of range (0 to {os.cpu_count()} CPUs)",
@@ -171,7 +182,7 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         requests=args.requests, request_summary=args.request_detail == "summary", offcpu=args.offcpu,
         symbols=args.symbols,
         offcpu_min_ns=int(args.offcpu_threshold * 1e6), round_min_ns=int(args.round_threshold * 1e6),
-        metrics_interval=interval, sampler=sampler, cpu_budget=cpu_budget, keep_slow_ms=keep_slow_ms,
+        metrics_interval=interval, sampler=sampler, cpu_budget=cpu_budget, keep=KeepThresholds(**thresholds),
         export_buffer_bytes=int(buffer_mb * (1 << 20)),
         listen=listen,
     )

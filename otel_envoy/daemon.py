@@ -32,6 +32,7 @@ from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 
+from . import run_summary as summarize
 from .accounting import ledger
 from .envoy.admin import AdminError, fetch_listener_config, fetch_listener_names
 from .envoy.adoption import adopt_open_connections
@@ -62,13 +63,12 @@ from .export.span_queue import SpanPipeline
 from .features import has_kernel_btf, require_tracing
 from .probes.loader import ConnectionProbes, ProbeConfig
 from .probes.uprobe_symbols import uprobe_sites
-from .run_summary import accepts_by_worker, kernel_tables, offcpu_by_reason, wakes_by_kind
 from .sampling import (
     DEFAULT_CPU_BUDGET,
-    DEFAULT_KEEP_SLOW_MS,
     DEFAULT_RATIO,
     DEFAULT_SAMPLER,
     CpuBudget,
+    KeepThresholds,
     SamplerSettings,
     kernel_threshold,
     peer_hash,
@@ -134,7 +134,7 @@ class DaemonOptions:
     sampler: SamplerSettings = field(
         default_factory=lambda: SamplerSettings(DEFAULT_SAMPLER, DEFAULT_RATIO, parent_based=True))
     cpu_budget: float = DEFAULT_CPU_BUDGET  # share of one CPU; past it fewer requests are traced (0: none)
-    keep_slow_ms: float = DEFAULT_KEEP_SLOW_MS  # a request not sampled is kept when this slow (0: never)
+    keep: KeepThresholds = field(default_factory=KeepThresholds)  # how slow what is not sampled is kept
     export_buffer_bytes: int = DEFAULT_BUFFER_BYTES  # per sink: encoded spans kept while it cannot take them
     listen: tuple[str, int] | None = None  # the status endpoint's address (status.py); None: none
 
@@ -256,7 +256,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         probes.set_sample_threshold(opts.sampler.kernel_threshold())
         probes.set_parent_based(opts.sampler.parent_based)
         probes.set_request_summary(opts.request_summary)
-        probes.set_keep_slow(int(opts.keep_slow_ms * 1e6))
+        opts.keep.apply(probes)
     stacks = SymbolizedStacks(probes.stack_addresses, symbolizer)
     traced = TracedProcesses(targets, follow_comm=follow, require_envoy=opts.require_envoy,
                              forget=probes.remove_target, match_exe=opts.exe,
@@ -335,11 +335,11 @@ async def run_daemon(opts: DaemonOptions) -> int:
             await asyncio.to_thread(metrics.shutdown, 10.0)
         kernel_drops = {f"kernel.{k}": v for k, v in probes.drop_counts().items() if v}
         sampled = probes.sample_counts()
-        connections_sampled = {f"{kind}_connections": probes.connection_sample_counts(kind)
-                               for kind in ("tls", "h2c", "other")}
-        tables = kernel_tables(probes, pipeline.correlator)  # exact counts: requests, connections, TLS
-        offcpu = offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
-        wakes = wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) if opts.offcpu else {}
+        connections_sampled = summarize.connections_decided(probes)
+        tables = summarize.kernel_tables(probes, pipeline.correlator)  # exact: requests, connections, TLS
+        offcpu = summarize.offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
+        wakes = summarize.wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) \
+            if opts.offcpu else {}
         records_submitted = probes.records_submitted()
         left_in_kernel = {str(pid): probes.entries_of(pid, tids) for pid, tids in traced.gone.items()}
         probes.close()
@@ -405,7 +405,7 @@ def _status_sources(probes: ConnectionProbes, pipeline: EventPipeline, ring: _Ri
                        **pipeline.drops()},
         counts=lambda: dict(pipeline.counts), export=pipeline.spans_out.stats, targets=targets,
         requests=probes.http_request_metrics if probes.config.sampling else dict,
-        accepts=lambda: accepts_by_worker(probes, correlator), listener_of=listener_of)
+        accepts=lambda: summarize.accepts_by_worker(probes, correlator), listener_of=listener_of)
 
 
 def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipeline: EventPipeline,
@@ -420,8 +420,8 @@ def _start_worker_metrics(opts: DaemonOptions, probes: ConnectionProbes, pipelin
 
     metrics = WorkerMetrics.from_settings(
         opts.otlp, make_resource(), offcpu_totals=probes.offcpu_totals,
-        round_histograms=probes.round_histograms, accepts=lambda: accepts_by_worker(probes, correlator),
-        listen_sockets=listen_sockets,
+        round_histograms=probes.round_histograms, listen_sockets=listen_sockets,
+        accepts=lambda: summarize.accepts_by_worker(probes, correlator),
         idle_wakes=lambda: idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel),
         daemon_counters=sources.counters,
         kernel_metrics=[RequestMetrics(probes.http_request_metrics, listen_sockets),

@@ -16,6 +16,10 @@ read by bpf/traceparent.bpf.h), so a request that is not traced costs no ring re
 counted in the request metrics. The ratio's decision is random rather than a function of the trace id,
 because the kernel decides before any header is parsed; over many requests it keeps the same share.
 
+Requests and connections the sampler leaves out are traced all the same when something went wrong with them
+(:class:`KeepThresholds`: 5xx, closed before an answer, slow; a failed or slow TLS handshake, a reset, a long
+wait in the accept queue), decided in the kernel when they complete.
+
 A CPU budget (``--cpu-budget``, :class:`CpuBudget`) lowers the ratio while the daemon uses more than its
 share of a CPU, and raises it back when it can; a sampled parent is always followed.
 """
@@ -26,15 +30,19 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from socket import AF_INET6
+from typing import Any
 
 __all__ = [
     "DEFAULT_CPU_BUDGET",
+    "DEFAULT_KEEP_SLOW_ACCEPT_MS",
+    "DEFAULT_KEEP_SLOW_HANDSHAKE_MS",
     "DEFAULT_KEEP_SLOW_MS",
     "DEFAULT_RATIO",
     "DEFAULT_SAMPLER",
     "MIN_BUDGET_RATIO",
     "SAMPLERS",
     "CpuBudget",
+    "KeepThresholds",
     "SamplerError",
     "SamplerSettings",
     "kernel_threshold",
@@ -107,6 +115,34 @@ def sampler_settings(name: str | None = None, arg: str | None = None,
 #: second is well past the latency objectives of interactive APIs behind a gateway (tens to hundreds of ms),
 #: so only what a user would call slow is kept, and how many stays small when a backend stalls.
 DEFAULT_KEEP_SLOW_MS = 1000.0
+
+#: Default thresholds over which a connection sampled whole and not traced (a TLS listener's) is kept all the
+#: same, at its close. A TLS handshake as the server sees it (from the ClientHello to the client's Finished)
+#: is one round trip plus both sides' crypto: a few ms in a data centre, up to a few hundred ms for a client
+#: on another continent or a mobile network. One second (``--keep-slow-handshake-ms``) is past that
+#: anywhere, so what is kept is a handshake that lost packets, a client that stalled or a starved worker.
+DEFAULT_KEEP_SLOW_HANDSHAKE_MS = 1000.0
+#: Envoy's worker accepts a connection as soon as its event loop sees the listener readable: microseconds,
+#: a millisecond under load. A 100 ms wait in the accept queue (``--keep-slow-accept-ms``) means the worker's
+#: loop was blocked or overloaded, which is what the kept connection then shows.
+DEFAULT_KEEP_SLOW_ACCEPT_MS = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class KeepThresholds:
+    """How slow a request or connection the sampler left out must be to be traced all the same (ms; 0:
+    never for being slow). 5xx and requests closed before an answer, failed TLS handshakes and resets are
+    kept whatever these say."""
+
+    request_ms: float = DEFAULT_KEEP_SLOW_MS
+    handshake_ms: float = DEFAULT_KEEP_SLOW_HANDSHAKE_MS
+    accept_ms: float = DEFAULT_KEEP_SLOW_ACCEPT_MS
+
+    def apply(self, probes: Any) -> None:
+        """Hand the thresholds to the kernel (a loaded :class:`~.probes.loader.ConnectionProbes`)."""
+        probes.set_keep_slow(int(self.request_ms * 1e6))
+        probes.set_keep_slow_connections(int(self.handshake_ms * 1e6), int(self.accept_ms * 1e6))
+
 
 #: Default share of one CPU the daemon may use before it traces fewer requests (``--cpu-budget``).
 DEFAULT_CPU_BUDGET = 0.1

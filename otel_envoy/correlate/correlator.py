@@ -42,8 +42,8 @@ _C = load_layout().constants
 EV_ACCEPT, EV_CLOSE, EV_DATA, EV_CONNECT = _C["EV_ACCEPT"], _C["EV_CLOSE"], _C["EV_DATA"], _C["EV_CONNECT"]
 EV_SOCK_STATE, EV_TCP = _C["EV_SOCK_STATE"], _C["EV_TCP"]
 EV_OFFCPU, EV_ROUND, EV_REQUEST_KEPT = _C["EV_OFFCPU"], _C["EV_ROUND"], _C["EV_REQUEST_KEPT"]
-EV_EXEC, EV_EXIT, EV_SOCKET_SETUP, EV_LISTEN = (
-    _C["EV_EXEC"], _C["EV_EXIT"], _C["EV_SOCKET_SETUP"], _C["EV_LISTEN"])
+EV_EXEC, EV_EXIT, EV_SOCKET_SETUP, EV_LISTEN, EV_CONNECTION_KEPT = (
+    _C["EV_EXEC"], _C["EV_EXIT"], _C["EV_SOCKET_SETUP"], _C["EV_LISTEN"], _C["EV_CONNECTION_KEPT"])
 ROLE_DOWNSTREAM = _C["ROLE_DOWNSTREAM"]
 TCP_MARK_NAMES = {
     _C["TCP_RETRANSMIT"]: "tcp.retransmit",
@@ -112,6 +112,7 @@ class ConnectionCorrelator:
             EV_SOCK_STATE: self._on_sock_state,  # type: ignore[dict-item]
             EV_TCP: self._on_tcp,  # type: ignore[dict-item]
             EV_REQUEST_KEPT: self.downstream.on_request_kept,  # type: ignore[dict-item]
+            EV_CONNECTION_KEPT: self.downstream.on_connection_kept,  # type: ignore[dict-item]
             EV_EXEC: self.startups.on_process,  # type: ignore[dict-item]
             EV_EXIT: self._on_exit,  # type: ignore[dict-item]
             EV_SOCKET_SETUP: self.startups.on_setup,  # type: ignore[dict-item]

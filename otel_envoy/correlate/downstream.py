@@ -24,6 +24,7 @@ from ..events.recording_context import AdoptedConnection
 from ..events.types import (
     AcceptEvent,
     CloseEvent,
+    ConnectionKeptEvent,
     DataEvent,
     RequestKeptEvent,
     SockStateEvent,
@@ -37,6 +38,7 @@ from .attribution import UpstreamAttribution
 from .downstream_requests import DownstreamRequests
 from .http_feed import downstream_parser
 from .identity import IdSource, thread_name
+from .kept_connections import accept_of, close_of, kept_reason
 from .records import AcceptQueueDepth, ConnectionRecord, ListenerHandoff, TcpMark, TlsRecordCounts
 from .round_tracker import RoundTracker
 
@@ -389,6 +391,32 @@ class DownstreamConnections:
             self.tls_listeners = {**self.tls_listeners, listener_key: conn.local_port}
             if self.on_tls_listener is not None:
                 self.on_tls_listener(listener_key, conn.local_port)
+
+    def on_connection_kept(self, ev: ConnectionKeptEvent) -> None:
+        """A connection the sampler left out, kept by the kernel at its close (a failed or slow TLS
+        handshake, a reset, a slow accept): its accept, the handshake bytes the kernel held and its close,
+        from one record (correlate/kept_connections.py). Its spans are a traced connection's, marked kept."""
+        self.on_accept(accept_of(ev))
+        conn = self.open.get((ev.tgid, ev.fd))
+        if conn is None:
+            return
+        conn.kept = kept_reason(ev)
+        self.stats[f"connections_kept_{conn.kept}"] += 1
+        if ev.established_ns and conn.tcp.established_ns is None:
+            conn.tcp.established_ns = ev.established_ns
+        if ev.hs_start_ns:  # its TLS handshake, from the bytes held
+            conn.protocol = Protocol.TLS
+            handshake = conn.tls.handshake = TlsHandshakeTracker()
+            if ev.hello_len:
+                handshake.on_client_data(ev.hello_ns, ev.hello[:ev.hello_len], ev.hello_ret,
+                                         peek=bool(ev.hello_peeked))
+                if ev.flight_len:
+                    handshake.on_server_data(ev.flight_ns, ev.flight[:ev.flight_len], ev.flight_ret)
+                if ev.hs_end_ns:
+                    handshake.completed_at(ev.hs_end_ns)
+            else:  # the table of held bytes was full: its oldest entries went first
+                conn.partial.append("handshake_bytes_not_held")
+        self.on_close(close_of(ev))
 
     def on_request_kept(self, ev: RequestKeptEvent) -> None:
         """A request the kernel did not sample but kept (a 5xx, closed before an answer, slow)."""

@@ -184,6 +184,7 @@ class ConnectionRecord:
     end_reason: str = ""  # "process_exited": its process ended before closing it (no close was seen)
     own: bool = False  # the daemon's own connection (its admin API calls): no span is made of it
     adopted: bool = False  # open before the daemon started: seen from accept_ns (its adoption) on
+    kept: str = ""  # sampled out but kept by the kernel at its close: tls_handshake_failed, reset, ...
     partial: list[str] = field(default_factory=list)  # what we know we missed
     tcp: TcpTimeline = field(default_factory=TcpTimeline)
     accept_queue: AcceptQueueDepth | None = None  # None: nobody saw it queued

@@ -13,6 +13,7 @@ from .types import (
     AcceptEvent,
     CloseEvent,
     ConnectEvent,
+    ConnectionKeptEvent,
     DataEvent,
     Event,
     ListenEvent,
@@ -42,6 +43,7 @@ _KINDS: dict[str, tuple[str, type]] = {
     "EV_EXEC": ("process_event", ProcessEvent),
     "EV_EXIT": ("process_event", ProcessEvent),
     "EV_SOCKET_SETUP": ("socket_setup_event", SocketSetupEvent),
+    "EV_CONNECTION_KEPT": ("connection_kept_event", ConnectionKeptEvent),
 }
 
 _KIND_OFFSET = 8  # event_header.kind; checked against the layout in Decoder.__init__

@@ -49,6 +49,7 @@ class Field:
     offset: int
     size: int
     fmt: str  # struct format of this field ("I", "16s", ...)
+    path: str = ""  # a nested struct's field: its C member path ("hdr.ts_ns"); "" for a direct field
 
 
 @dataclass(slots=True)
@@ -142,7 +143,8 @@ def _layout_struct(
         if ctype.startswith("struct "):
             inner = known[ctype.split()[1]]
             pos = _align(pos, inner.align)
-            out.fields.extend(Field(f.name, pos + f.offset, f.size, f.fmt) for f in inner.fields)
+            out.fields.extend(Field(f.name, pos + f.offset, f.size, f.fmt, f"{fname}.{f.path or f.name}")
+                              for f in inner.fields)
             pos += inner.size
             out.align = max(out.align, inner.align)
             continue

@@ -13,6 +13,7 @@ __all__ = [
     "AcceptEvent",
     "CloseEvent",
     "ConnectEvent",
+    "ConnectionKeptEvent",
     "DataEvent",
     "Event",
     "ListenEvent",
@@ -271,6 +272,61 @@ class RequestKeptEvent(NamedTuple):
     context: bytes  # from its traceparent's value on: the value, then maybe its tracestate line
 
 
+class ConnectionKeptEvent(NamedTuple):
+    """A downstream connection sampled whole and not traced (no record of it was sent), kept at its close for
+    ``reason`` (enum connection_keep_reason: a failed or slow TLS handshake, a reset, a slow accept): what its
+    accept, its handshake's data records and its close would have said. ``hello`` / ``flight``: the first
+    bytes of its ClientHello's read (``hello_peeked``: a listener filter's peek) and of the server's hello
+    flight the kernel held (``hello_ret`` / ``flight_ret``: what those calls moved; all zero: none held).
+    ``ts_ns``: the close."""
+
+    ts_ns: int
+    kind: int
+    tgid: int
+    tid: int
+    round: int
+    fd: int
+    listen_fd: int
+    family: int
+    peer_port: int
+    reason: int
+    hs_state: int
+    hs_resumed: int
+    close_flags: int
+    peer_addr: bytes
+    comm: bytes
+    open_ts_ns: int
+    established_ns: int
+    hs_start_ns: int
+    hs_end_ns: int
+    hs_version: int
+    bytes_rx: int
+    bytes_tx: int
+    reads: int
+    writes: int
+    tls_records_rx: int
+    tls_records_tx: int
+    tls_app_records_rx: int
+    tls_app_records_tx: int
+    tls_max_record_rx: int
+    tls_max_record_tx: int
+    tls_flags: int
+    epoll_adds: int
+    epoll_first_add_ns: int
+    epoll_second_add_ns: int
+    sockopt_count: int
+    sockopts: bytes
+    hello_ns: int
+    flight_ns: int
+    hello_ret: int
+    hello_len: int
+    flight_ret: int
+    flight_len: int
+    hello_peeked: int
+    hello: bytes
+    flight: bytes
+
+
 Event = (
     ProcessEvent
     | SocketSetupEvent
@@ -284,4 +340,5 @@ Event = (
     | OffcpuEvent
     | RoundEvent
     | RequestKeptEvent
+    | ConnectionKeptEvent
 )

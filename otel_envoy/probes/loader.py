@@ -13,7 +13,7 @@ import logging
 import mmap
 import platform
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 from ..events.layout import BPF_DIR, load_layout
 from . import ringbuf
 from .btf import BtfError, KernelTypes
+from .errors import ProbeError
+from .sampling_tables import SamplingTables
 from .uprobe_symbols import UprobeSite
 
 __all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError", "program_text"]
@@ -28,9 +30,8 @@ __all__ = ["ConnectionProbes", "ProbeConfig", "ProbeError", "program_text"]
 # What of one process the kernel's tables hold, by how its key names it: (table, "prefix": a u64 key
 # tgid << 32 | fd; "value": the u32 key itself; else the key's field of that name). Tables a build lacks
 # are skipped.
-_SAMPLED_WHOLE = {"tls": 0, "h2c": 2, "other": 4}  # conn_sample_counts: each kind's (traced, not) slots
 _STATE_BY_TGID = (("conns", "prefix"), ("bound_fds", "prefix"), ("conn_sampled_listeners", "prefix"),
-                  ("ssl_fds", "tgid"))
+                  ("held_handshakes", "prefix"), ("ssl_fds", "tgid"))
 _STATE_BY_TID = (("threads", "value"), ("setup_inflight", "value"), ("ssl_calls", "value"))
 _SERIES_BY_TGID = (("accepts_by_thread", "pid"), ("http_metrics", "pid"), ("conn_metrics", "pid"),
                    ("accept_metrics", "pid"), ("tls_metrics", "pid"))
@@ -80,10 +81,6 @@ class RequestTotals(NamedTuple):
         """The totals of a kernel ``struct http_metric`` (a table's value)."""
         slots = {i: int(n) for i, n in enumerate(metric.slots) if n}
         return cls(int(metric.count), int(metric.sum_ns), slots)
-
-
-class ProbeError(RuntimeError):
-    """The BPF programs could not be compiled, loaded or attached (message is one line)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +187,7 @@ def task_field_cflags(types: KernelTypes) -> list[str]:
     return [f"-DTASK_PID_OFF={pid}", f"-DTASK_COMM_OFF={comm}"]
 
 
-class ConnectionProbes:
+class ConnectionProbes(SamplingTables):
     """The loaded connection program: target and port filters, ring buffer, drop counters."""
 
     def __init__(self, config: ProbeConfig | None = None) -> None:
@@ -379,10 +376,10 @@ class ConnectionProbes:
 
         slots = self.bpf[b"exit_progs"]
         # EXIT_IO, EXIT_ACCEPT, EXIT_CONNECT, EXIT_SETUP, EXIT_TLS_HELLO, EXIT_TLS_STEP, EXIT_QUIET,
-        # EXIT_EPOLL_CTL
+        # EXIT_EPOLL_CTL, EXIT_HOLD
         for slot, name in enumerate((b"io_sys_exit", b"accept_sys_exit", b"connect_sys_exit",
                                      b"setup_sys_exit", b"tls_hello_sys_exit", b"tls_step_sys_exit",
-                                     b"quiet_sys_exit", b"epoll_ctl_sys_exit")):
+                                     b"quiet_sys_exit", b"epoll_ctl_sys_exit", b"hold_hello_sys_exit")):
             program = self.bpf.load_func(name, BPF.RAW_TRACEPOINT)
             slots[ctypes.c_int(slot)] = ctypes.c_int(program.fd)
         self.bpf.attach_raw_tracepoint(tp=b"sys_exit", fn_name=b"front_sys_exit")
@@ -396,65 +393,6 @@ class ConnectionProbes:
             if site.ret is not None:
                 self.bpf.attach_uretprobe(name=binary, addr=site.vaddr, fn_name=site.ret.encode())
             log.info("uprobe tier: %s at %#x of %s", site.function, site.vaddr, site.binary)
-
-    def set_sample_threshold(self, threshold: int) -> None:
-        """Trace a plaintext HTTP/1.x request when a 32-bit random number is below ``threshold``
-        (0: none, 2**32: all). Needs a build with ``sampling``."""
-        if not self.config.sampling:
-            raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
-        table = self.bpf[b"sample_threshold"]
-        table[ctypes.c_int(0)] = ctypes.c_uint64(max(0, min(int(threshold), 2**32)))
-
-    def set_parent_based(self, parent_based: bool) -> None:
-        """Let a request's valid traceparent decide (its sampled flag) before the ratio does: the
-        ``parentbased_*`` samplers. Needs a build with ``sampling``."""
-        if not self.config.sampling:
-            raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
-        self.bpf[b"sample_parent_based"][ctypes.c_int(0)] = ctypes.c_uint32(1 if parent_based else 0)
-
-    def set_request_summary(self, summary: bool) -> None:
-        """Report a sampled plaintext HTTP/1.x request as one record at its answer's first write (its first
-        bytes, traceparent, method, status and times) instead of its reads and writes. Needs a build with
-        ``sampling``."""
-        if not self.config.sampling:
-            raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
-        self.bpf[b"request_summary"][ctypes.c_int(0)] = ctypes.c_uint32(1 if summary else 0)
-
-    def sample_connections_of(self, listeners: Mapping[tuple[int, int], int]) -> None:
-        """Sample whole the downstream connections of these listening sockets ((tgid, fd) -> port, added to
-        those named before) with the ratio: the kernel cannot see their requests (TLS). Needs ``sampling``."""
-        if not self.config.sampling:
-            raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
-        one = ctypes.c_uint8(1)
-        ports, fds = self.bpf[b"conn_sampled_ports"], self.bpf[b"conn_sampled_listeners"]
-        for (tgid, fd), port in listeners.items():
-            ports[ctypes.c_uint16(port)] = one
-            fds[ctypes.c_uint64((tgid << 32) | (fd & 0xFFFFFFFF))] = one
-
-    def connection_sample_counts(self, kind: str = "tls") -> dict[str, int]:
-        """Connections decided whole, traced and not (empty without ``sampling``): ``tls`` (listeners named
-        TLS), ``h2c`` and ``other`` (not HTTP): plaintext ones decided at their first transfer."""
-        if not self.config.sampling:
-            return {}
-        per_cpu, at = self.bpf[b"conn_sample_counts"], _SAMPLED_WHOLE[kind]
-        traced, not_traced = (int(sum(per_cpu[ctypes.c_int(at + i)])) for i in (0, 1))
-        return {"traced": traced, "not_traced": not_traced}
-
-    def set_keep_slow(self, threshold_ns: int) -> None:
-        """Keep (report) a request that was not sampled when its answer takes at least ``threshold_ns``
-        (0: never for its duration; 5xx and closed ones are kept anyway). Needs a build with ``sampling``."""
-        if not self.config.sampling:
-            raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
-        self.bpf[b"keep_slow_ns"][ctypes.c_int(0)] = ctypes.c_uint64(max(0, int(threshold_ns)))
-
-    def sample_counts(self) -> dict[str, int]:
-        """Downstream requests the kernel decided, summed over CPUs (empty without ``sampling``): sampled
-        and not sampled by the ratio, and by their traceparent's flag."""
-        if not self.config.sampling:
-            return {}
-        per_cpu = self.bpf[b"sample_counts"]
-        names = ("sampled", "not_sampled", "parent_sampled", "parent_not_sampled")
-        return {name: int(sum(per_cpu[ctypes.c_int(i)])) for i, name in enumerate(names)}
 
     def http_request_metrics(self) -> dict[RequestSeries, RequestTotals]:
         """The kernel's exact request metrics (plaintext HTTP/1.x downstream requests, whatever was

@@ -153,6 +153,8 @@ class ConnectionSpanBuilder:
             "envoy.connection.bytes_received": conn.traffic.bytes_received,
             "envoy.connection.bytes_sent": conn.traffic.bytes_sent,
         }
+        if conn.kept:  # the sampler left it out; the kernel kept it at its close, for this
+            attrs["otel_envoy.kept"] = conn.kept
         if conn.adopted:  # accepted before the daemon: by which thread is not known
             del attrs["thread.id"], attrs["thread.name"]
             attrs["envoy.connection.adopted"] = True

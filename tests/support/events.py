@@ -23,6 +23,7 @@ from otel_envoy.events.layout import load_layout
 from otel_envoy.events.types import (
     AcceptEvent,
     CloseEvent,
+    ConnectionKeptEvent,
     DataEvent,
     Event,
     SockStateEvent,
@@ -42,6 +43,7 @@ __all__ = [
     "accept",
     "addr",
     "close",
+    "connection_kept",
     "data",
     "encode",
     "established",
@@ -161,9 +163,27 @@ def close(ts: int, fd: int, rx: int = 0, tx: int = 0, *, tgid: int = TGID, tid: 
                       kept.ljust(C["SOCKOPT_BYTES"], b"\0"))
 
 
+def connection_kept(ts: int, fd: int, port: int, reason: str, *, open_ts: int = 0, established_ns: int = 0,
+                    hello: bytes = b"", hello_ts: int = 0, peeked: bool = True, flight: bytes = b"",
+                    flight_ts: int = 0, hs_start: int = 0, hs_end: int = 0, hs_state: int = 0,
+                    hs_version: int = 0, rx: int = 0, tx: int = 0, peer: str = PEER,
+                    tgid: int = TGID, tid: int = TID, listen_fd: int = LISTEN_FD) -> ConnectionKeptEvent:
+    """The kernel kept a connection the sampler left out at its close, for ``reason`` (e.g. "TLS_FAILED": a
+    KEEP_CONN_* constant's tail), with the ClientHello and hello-flight bytes it held."""
+    family, raw = addr(peer)
+    held_hello, held_flight = hello[: C["HELLO_HELD"]], flight[: C["FLIGHT_HELD"]]
+    return ConnectionKeptEvent(
+        ts, C["EV_CONNECTION_KEPT"], tgid, tid, 0, fd, listen_fd, family, port, C[f"KEEP_CONN_{reason}"],
+        hs_state, 0, 0, raw, _comm(COMM), open_ts, established_ns, hs_start, hs_end, hs_version, rx, tx, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, bytes(C["SOCKOPT_BYTES"]),
+        hello_ts, flight_ts, len(hello), len(held_hello), len(flight), len(held_flight), 1 if peeked else 0,
+        held_hello.ljust(C["HELLO_HELD"], b"\0"), held_flight.ljust(C["FLIGHT_HELD"], b"\0"))
+
+
 _STRUCTS = {
     AcceptEvent: "accept_event",
     CloseEvent: "close_event",
+    ConnectionKeptEvent: "connection_kept_event",
     DataEvent: "data_event",
     SockStateEvent: "sock_state_event",
     TcpEvent: "tcp_event",

@@ -183,6 +183,13 @@ class TlsHandshakeTracker:
         except Exception as exc:  # defensive, as above
             self._internal_error(exc)
 
+    def completed_at(self, ts_ns: int) -> None:
+        """The kernel saw the handshake complete at ``ts_ns`` (its own state machine: bpf/tls_handshake.bpf.h)
+        where the bytes that completed it were not captured (a kept connection's): completed then, unless
+        what was captured says it failed."""
+        if self.completed_ns is None and not self._failed and self._error is None:
+            self.completed_ns = ts_ns
+
     def summary(self) -> dict[str, object]:
         """OpenTelemetry ``tls.*`` attributes of what was observed (unknown values are omitted)."""
         if self.is_tls is not True:

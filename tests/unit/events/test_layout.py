@@ -24,11 +24,8 @@ def _c_program(layout) -> str:
     for name, st in layout.structs.items():
         lines.append(f'printf("{name} sizeof %zu\\n", sizeof(struct {name}));')
         for f in st.fields:
-            if name != "event_header" and f.name in layout.structs["event_header"].unpacker()[1]:
-                path = f"hdr.{f.name}"
-            else:
-                path = f.name
-            lines.append(f'printf("{name} {f.name} %zu\\n", offsetof(struct {name}, {path}));')
+            path = f.path or f.name  # a nested struct's field by its member path ("hdr.ts_ns")
+            lines.append(f'printf("{name} {path} %zu\\n", offsetof(struct {name}, {path}));')
     for const, value in layout.constants.items():
         lines.append(f'printf("const {const} %lld\\n", (long long)({const}));')
         assert isinstance(value, int)
@@ -50,7 +47,7 @@ def test_python_layout_matches_the_c_compiler(tmp_path):
     for name, st in layout.structs.items():
         assert got[(name, "sizeof")] == st.size, name
         for f in st.fields:
-            assert got[(name, f.name)] == f.offset, f"{name}.{f.name}"
+            assert got[(name, f.path or f.name)] == f.offset, f"{name}.{f.path or f.name}"
             checked += 1
     for const, value in layout.constants.items():
         assert got[("const", const)] == value, const

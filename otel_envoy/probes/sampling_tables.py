@@ -1,0 +1,99 @@
+"""The sampler's tables in the kernel (SAMPLING builds): its ratio, its parent-based and summary switches,
+the listeners whose connections are sampled whole, the thresholds of what is kept all the same, and the
+counts of what it decided. A part of :class:`~.loader.ConnectionProbes`."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import ProbeError
+
+__all__ = ["KEPT_CONNECTION_REASONS", "SamplingTables"]
+
+_SAMPLED_WHOLE = {"tls": 0, "h2c": 2, "other": 4}  # conn_sample_counts: each kind's (traced, not) slots
+#: conn_kept_counts' slots (enum connection_keep_reason; slot 0 counts those kept without held bytes)
+KEPT_CONNECTION_REASONS = ("without_handshake_bytes", "tls_handshake_failed", "reset", "tls_handshake_slow",
+                           "accept_queue_slow")
+
+
+class SamplingTables:
+    """The sampler's kernel tables of a loaded program (``self.bpf``, built with ``self.config``)."""
+
+    bpf: Any
+    config: Any
+
+    def _need_sampling(self) -> None:
+        if not self.config.sampling:
+            raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
+
+    def set_sample_threshold(self, threshold: int) -> None:
+        """Trace a plaintext HTTP/1.x request when a 32-bit random number is below ``threshold``
+        (0: none, 2**32: all). Needs a build with ``sampling``."""
+        self._need_sampling()
+        table = self.bpf[b"sample_threshold"]
+        table[ctypes.c_int(0)] = ctypes.c_uint64(max(0, min(int(threshold), 2**32)))
+
+    def set_parent_based(self, parent_based: bool) -> None:
+        """Let a request's valid traceparent decide (its sampled flag) before the ratio does: the
+        ``parentbased_*`` samplers. Needs a build with ``sampling``."""
+        self._need_sampling()
+        self.bpf[b"sample_parent_based"][ctypes.c_int(0)] = ctypes.c_uint32(1 if parent_based else 0)
+
+    def set_request_summary(self, summary: bool) -> None:
+        """Report a sampled plaintext HTTP/1.x request as one record at its answer's first write (its first
+        bytes, traceparent, method, status and times) instead of its reads and writes. Needs a build with
+        ``sampling``."""
+        self._need_sampling()
+        self.bpf[b"request_summary"][ctypes.c_int(0)] = ctypes.c_uint32(1 if summary else 0)
+
+    def sample_connections_of(self, listeners: Mapping[tuple[int, int], int]) -> None:
+        """Sample whole the downstream connections of these listening sockets ((tgid, fd) -> port, added to
+        those named before) with the ratio: the kernel cannot see their requests (TLS). Needs ``sampling``."""
+        self._need_sampling()
+        one = ctypes.c_uint8(1)
+        ports, fds = self.bpf[b"conn_sampled_ports"], self.bpf[b"conn_sampled_listeners"]
+        for (tgid, fd), port in listeners.items():
+            ports[ctypes.c_uint16(port)] = one
+            fds[ctypes.c_uint64((tgid << 32) | (fd & 0xFFFFFFFF))] = one
+
+    def connection_sample_counts(self, kind: str = "tls") -> dict[str, int]:
+        """Connections decided whole, traced and not (empty without ``sampling``): ``tls`` (listeners named
+        TLS), ``h2c`` and ``other`` (not HTTP): plaintext ones decided at their first transfer."""
+        if not self.config.sampling:
+            return {}
+        per_cpu, at = self.bpf[b"conn_sample_counts"], _SAMPLED_WHOLE[kind]
+        traced, not_traced = (int(sum(per_cpu[ctypes.c_int(at + i)])) for i in (0, 1))
+        return {"traced": traced, "not_traced": not_traced}
+
+    def set_keep_slow(self, threshold_ns: int) -> None:
+        """Keep (report) a request that was not sampled when its answer takes at least ``threshold_ns``
+        (0: never for its duration; 5xx and closed ones are kept anyway). Needs a build with ``sampling``."""
+        self._need_sampling()
+        self.bpf[b"keep_slow_ns"][ctypes.c_int(0)] = ctypes.c_uint64(max(0, int(threshold_ns)))
+
+    def sample_counts(self) -> dict[str, int]:
+        """Downstream requests the kernel decided, summed over CPUs (empty without ``sampling``): sampled
+        and not sampled by the ratio, and by their traceparent's flag."""
+        if not self.config.sampling:
+            return {}
+        per_cpu = self.bpf[b"sample_counts"]
+        names = ("sampled", "not_sampled", "parent_sampled", "parent_not_sampled")
+        return {name: int(sum(per_cpu[ctypes.c_int(i)])) for i, name in enumerate(names)}
+
+    def set_keep_slow_connections(self, handshake_ns: int, accept_ns: int) -> None:
+        """Keep (report at its close) a connection sampled whole and not traced whose TLS handshake took at
+        least ``handshake_ns``, or that waited at least ``accept_ns`` in the accept queue (0: never for that
+        reason; failed handshakes and resets are kept anyway). Needs a build with ``sampling``."""
+        self._need_sampling()
+        self.bpf[b"keep_slow_handshake_ns"][ctypes.c_int(0)] = ctypes.c_uint64(max(0, int(handshake_ns)))
+        self.bpf[b"keep_slow_accept_ns"][ctypes.c_int(0)] = ctypes.c_uint64(max(0, int(accept_ns)))
+
+    def kept_connection_counts(self) -> dict[str, int]:
+        """Connections sampled whole and not traced that the kernel kept at their close, by reason, and how
+        many of them lacked their held handshake bytes (empty without ``sampling``)."""
+        if not self.config.sampling:
+            return {}
+        per_cpu = self.bpf[b"conn_kept_counts"]
+        return {name: int(sum(per_cpu[ctypes.c_int(i)])) for i, name in enumerate(KEPT_CONNECTION_REASONS)}

@@ -1,0 +1,72 @@
+"""Connections the sampler left out that the kernel kept at their close (EV_CONNECTION_KEPT,
+correlate/kept_connections.py): one record becomes the connection a traced one would have been, its TLS
+handshake rebuilt from the bytes the kernel held, marked with why it was kept."""
+
+from __future__ import annotations
+
+from otel_envoy.spans.model import STATUS_CODE_ERROR
+from tests.support.correlation import Harness, build, by_name, client_hello
+from tests.support.events import LISTEN_FD, PEER, C, connection_kept
+from tests.support.tls_bytes import handshake, record, server_hello_body
+
+HS_HELLO, HS_DONE = 1, 4
+ALERT = record(21, b"\x02\x28")  # fatal handshake_failure: the server refused the hello
+SERVER_HELLO_13 = record(22, handshake(2, server_hello_body(extensions=[(43, b"\x03\x04")])))
+
+
+def test_a_refused_handshake_is_a_connection_with_its_hello_and_the_server_s_alert() -> None:
+    hello = client_hello()
+    h = Harness().feed([connection_kept(9_000, 31, 40001, "TLS_FAILED", open_ts=2_000, established_ns=1_500,
+                                        hello=hello, hello_ts=3_000, flight=ALERT, flight_ts=3_500,
+                                        hs_start=3_000, hs_state=HS_HELLO, rx=len(hello), tx=len(ALERT))])
+    r = h.only()
+    assert (r.fd, r.peer_address, r.peer_port, r.listen_fd) == (31, PEER, 40001, LISTEN_FD)
+    assert (r.accept_ns, r.close_ns, r.tcp.established_ns) == (2_000, 9_000, 1_500)
+    assert r.kept == "tls_handshake_failed"
+    assert (r.traffic.bytes_received, r.traffic.bytes_sent) == (len(hello), len(ALERT))
+    tls = r.tls.handshake
+    assert tls.client_hello.server_name == "a.example.com" and tls.completed_ns is None
+    assert "handshake_failure" in tls.error
+    assert h.c.stats["connections_kept_tls_handshake_failed"] == 1
+    spans = by_name(build(r))
+    assert spans["envoy.downstream.connection"].attributes["otel_envoy.kept"] == "tls_handshake_failed"
+    assert spans["tls.handshake"].status.status_code.value == STATUS_CODE_ERROR
+    assert spans["tls.handshake"].attributes["tls.client.server_name"] == "a.example.com"
+
+
+def test_a_slow_handshake_completes_when_the_kernel_saw_it_complete() -> None:
+    """The bytes that completed it (the client's Finished) were not held: the kernel's time of it is used."""
+    r = Harness().feed([connection_kept(
+        900_000_000, 32, 40002, "TLS_SLOW", open_ts=2_000, hello=client_hello(), hello_ts=3_000,
+        flight=SERVER_HELLO_13, flight_ts=4_000, hs_start=3_000, hs_end=600_003_000, hs_state=HS_DONE,
+        hs_version=0x0304)]).only()
+    tls = r.tls.handshake
+    assert (tls.version, tls.completed_ns, tls.error) == ("1.3", 600_003_000, None)
+    span = by_name(build(r))["tls.handshake"]
+    assert span.attributes["tls.established"] is True
+    assert span.end_time - span.start_time == 600_000_000
+
+
+def test_a_kept_connection_whose_bytes_were_not_held_says_so() -> None:
+    r = Harness().feed([connection_kept(9_000, 33, 40003, "RESET", open_ts=2_000, established_ns=1_000,
+                                        hs_start=3_000, hs_end=5_000, hs_state=HS_DONE)]).only()
+    assert r.kept == "reset" and r.partial == ["handshake_bytes_not_held"]
+    spans = by_name(build(r))
+    assert "tls.handshake" not in spans
+    assert spans["envoy.downstream.connection"].attributes["otel_envoy.kept"] == "reset"
+
+
+def test_a_slow_accept_keeps_its_wait_in_the_accept_queue() -> None:
+    r = Harness().feed([connection_kept(900_000_000, 34, 40004, "ACCEPT_SLOW", open_ts=400_001_000,
+                                        established_ns=1_000)]).only()
+    assert r.kept == "accept_queue_slow" and r.tls.handshake is None and r.partial == []
+    waited = by_name(build(r))["tcp.accept_queue"]
+    assert waited.end_time - waited.start_time == 400_000_000
+
+
+def test_reason_names_follow_the_kernel_s_enum() -> None:
+    from otel_envoy.correlate.kept_connections import KEPT_CONNECTION_REASONS
+    from otel_envoy.probes.sampling_tables import KEPT_CONNECTION_REASONS as SLOTS
+
+    assert {C[f"KEEP_CONN_{k}"] for k in ("TLS_FAILED", "RESET", "TLS_SLOW", "ACCEPT_SLOW")} == {1, 2, 3, 4}
+    assert [KEPT_CONNECTION_REASONS[i] for i in range(1, 5)] == list(SLOTS[1:])
