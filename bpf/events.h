@@ -271,8 +271,11 @@ struct close_event {
     __u32 tls_max_record_rx;  /* largest record body (bytes after the 5-byte header) */
     __u32 tls_max_record_tx;
     __u32 tls_flags;          /* TLS_FRAMING_* below */
-    __u32 sampled_out;        /* 1: decided whole and not traced after its accept was sent (HTTP/2 with prior
+    __u8 sampled_out;         /* 1: decided whole and not traced after its accept was sent (HTTP/2 with prior
                                * knowledge or not HTTP, at its first transfer): no transfer of it was reported */
+    __u8 kept;                /* a sampled_out one kept all the same: enum connection_keep_reason (a reset, a
+                               * slow accept); 0: not kept */
+    __u16 _pad_kept;
     /* What happened to the fd before its first real I/O, kept in its state instead of a record each: its
      * epoll_ctl ADDs (the listener filters register it once to wait for its first bytes; a second ADD,
      * after a DEL, is the hand-off to the filter chain) and the options Envoy set on it. */

@@ -204,6 +204,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     __u32 tgid = pid_tgid >> 32;
     __u64 key = conn_key(tgid, (__s32)args->fd); /* only targets' fds are in `conns` */
     struct conn_state *cs = conns.lookup(&key);
+    __u8 kept = 0;
     if (!cs) {
         if (maybe_target(tgid)) /* a bound socket (startup.bpf.h): a listener closed */
             close_bound(pid_tgid, key, (__s32)args->fd);
@@ -213,12 +214,14 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     if (cs->role == ROLE_DOWNSTREAM && !(cs->flags & CONN_ADOPTED)) {
         __u64 now = bpf_ktime_get_ns();
         record_connection(tgid, cs, now);
-        /* nothing of an untraced one was sent: reported now if it is kept (conn_keep.bpf.h) */
-        __u8 kept = (cs->flags & (CONN_UNTRACED | CONN_LATE_UNTRACED)) == CONN_UNTRACED
-                        ? connection_keep_reason(cs) : 0;
+        /* an untraced one is kept if something went wrong with it (conn_keep.bpf.h): reported now whole when
+         * nothing of it was sent, else its close says so */
+        kept = (cs->flags & CONN_UNTRACED) ? connection_keep_reason(cs) : 0;
         tls_handshake_closed(tgid, cs, now);
-        if (kept)
+        if (kept && !(cs->flags & CONN_LATE_UNTRACED))
             keep_connection(pid_tgid, key, (__s32)args->fd, cs, kept, now);
+        else if (kept)
+            count_kept_connection(kept);
     }
 #endif
     if ((cs->flags & (CONN_UNTRACED | CONN_LATE_UNTRACED)) == CONN_UNTRACED) { /* nothing of it was sent */
@@ -245,6 +248,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     ev.tls_max_record_tx = cs->tls[DIR_WRITE].max_len;
     ev.tls_flags = cs->tls_flags;
     ev.sampled_out = (cs->flags & CONN_LATE_UNTRACED) ? 1 : 0;
+    ev.kept = kept;
     ev.epoll_first_add_ns = cs->epoll_first_add_ns;
     ev.epoll_second_add_ns = cs->epoll_second_add_ns;
     ev.epoll_adds = cs->epoll_adds;

@@ -38,7 +38,7 @@ from .attribution import UpstreamAttribution
 from .downstream_requests import DownstreamRequests
 from .http_feed import downstream_parser
 from .identity import IdSource, thread_name
-from .kept_connections import accept_of, close_of, kept_reason
+from .kept_connections import KEPT_CONNECTION_REASONS, accept_of, close_of, kept_reason
 from .records import AcceptQueueDepth, ConnectionRecord, ListenerHandoff, TcpMark, TlsRecordCounts
 from .round_tracker import RoundTracker
 
@@ -462,9 +462,14 @@ class DownstreamConnections:
         if conn is None:
             return
         if ev.sampled_out:  # decided whole at its first bytes (h2c, no HTTP), not traced: only counted
-            self._forget_tuple(conn)
-            self.stats["connections_sampled_out"] += 1
-            return
+            if not ev.kept:
+                self._forget_tuple(conn)
+                self.stats["connections_sampled_out"] += 1
+                return
+            # kept all the same (a reset, a slow accept): its span, without what was not reported
+            conn.kept = KEPT_CONNECTION_REASONS.get(ev.kept, f"reason_{ev.kept}")
+            conn.partial.append("transfers_not_reported")
+            self.stats[f"connections_kept_{conn.kept}"] += 1
         conn.close_ns = ev.ts_ns
         traffic = conn.traffic
         traffic.bytes_received = ev.bytes_rx

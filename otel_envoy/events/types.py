@@ -85,6 +85,7 @@ class CloseEvent(NamedTuple):
     tls_max_record_tx: int
     tls_flags: int
     sampled_out: int  # 1: decided whole, not traced, after its accept was sent (h2c or not HTTP: first bytes)
+    kept: int  # a sampled_out one the kernel kept all the same (enum connection_keep_reason); 0: not kept
     epoll_first_add_ns: int  # the fd's epoll_ctl ADDs before its first real I/O: the first two (0: none)
     epoll_second_add_ns: int
     epoll_adds: int

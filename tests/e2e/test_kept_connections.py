@@ -149,3 +149,49 @@ def test_failed_slow_reset_and_queued_connections_are_kept_when_the_sampler_leav
     messages = Counter("handshake_failure" in t.status_message for t in failed)
     assert messages == {True: REFUSED, False: GAVE_UP}, [t.status_message for t in failed]
     assert sum(1 for t in failed if "closed during the TLS handshake" in t.status_message) == GAVE_UP
+
+
+#: the client preface and an empty SETTINGS frame
+H2C_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def test_an_h2c_connection_sampled_out_at_its_preface_is_kept_when_it_is_reset(lab, tmp_path):
+    """h2c is decided whole at its preface, after its accept was reported: one the sampler left out and
+    that then hits a reset is reported at its close all the same (no transfer of it was), marked kept;
+    the others end without a span."""
+    import socket
+    import struct
+
+    summary = tmp_path / "summary.json"
+    with OtlpReceiver() as receiver:
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--summary-json", str(summary), "--no-offcpu",
+                                "--otlp-endpoint", receiver.grpc_endpoint, "--otlp-protocol", "grpc",
+                                "--sampler", "traceidratio", "--sampler-arg", "0", "--cpu-budget", "0"],
+                               tmp_path).start()
+        ports = {}
+        for how in ("close", "close", "close", "reset", "reset"):
+            s = socket.create_connection(("127.0.0.1", lab.http_port), timeout=10)
+            s.sendall(H2C_PREFACE)
+            assert s.recv(9)[3] == 4, "Envoy answers with its SETTINGS"
+            ports.setdefault(how, []).append(s.getsockname()[1])
+            if how == "reset":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:  # an orderly end: unread bytes at the close would make the kernel send a reset
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(4096):
+                    pass
+            s.close()
+        time.sleep(0.5)
+        assert daemon.stop() == 0, daemon.stderr()
+        spans = receiver.spans()
+    report = json.loads(summary.read_text())
+    assert report["sampler"]["h2c_connections"] == {"traced": 0, "not_traced": 5}
+    assert report["sampler"]["kept_connections"]["reset"] == 2
+    assert report["correlator"]["connections_sampled_out"] == 3
+    conns = [s for s in spans if s.name == "envoy.downstream.connection"
+             and s.attributes.get("network.local.port") == lab.http_port]
+    assert sorted(s.attributes["network.peer.port"] for s in conns) == sorted(ports["reset"])
+    for conn in conns:
+        assert conn.attributes["otel_envoy.kept"] == "reset"
+        assert conn.attributes["otel_envoy.partial"] == ["transfers_not_reported"]
+        assert conn.attributes["envoy.connection.bytes_received"] == len(H2C_PREFACE)

@@ -70,3 +70,14 @@ def test_reason_names_follow_the_kernel_s_enum() -> None:
 
     assert {C[f"KEEP_CONN_{k}"] for k in ("TLS_FAILED", "RESET", "TLS_SLOW", "ACCEPT_SLOW")} == {1, 2, 3, 4}
     assert [KEPT_CONNECTION_REASONS[i] for i in range(1, 5)] == list(SLOTS[1:])
+
+
+def test_a_connection_sampled_out_after_its_accept_and_kept_at_its_close_makes_a_span() -> None:
+    """h2c decided whole at its preface and not traced, then reset: its close says kept; the span has no
+    transfers (none was reported) and says so."""
+    from tests.support.events import accept, close, established
+
+    r = Harness().feed([established(1_000, 40005), accept(2_000, 35, 40005),
+                        close(8_000, 35, rx=24, sampled_out=1, kept=C["KEEP_CONN_RESET"])]).only()
+    assert (r.kept, r.partial, r.close_ns, r.traffic.bytes_received) == (
+        "reset", ["transfers_not_reported"], 8_000, 24)
