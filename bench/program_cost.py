@@ -12,7 +12,9 @@ top and is not in these counters.
 ``--workload tls_new`` drives a new TLS connection per request instead (wrk over https with ``Connection:
 close``, 16 connections; wrk resumes its first TLS session on the later ones) with request capture on, as
 the daemon runs by default: the per-connection path (accept, listener filters' peek, TLS records walked and
-their first bytes captured, close).
+their first bytes captured, close). With ``--sample-ratio`` the TLS listener's connections are sampled
+whole with that ratio, as the daemon has them once it saw the listener is TLS (the untraced ones' path:
+handshake steps, held hello bytes, close).
 
 ``--baseline-bpf DIR`` loads a second program from DIR (the bpf/ directory of another revision: conn.bpf.c,
 its *.bpf.h units and events.h, e.g. from ``git archive REV bpf | tar -x -C DIR --strip-components=1``) and
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from overhead import RESULTS, cpu_seconds, h2load, wrk
 
+from otel_envoy.envoy.process import listening_sockets
 from otel_envoy.lab.lab import EnvoyLab
 from otel_envoy.probes import loader
 from otel_envoy.sampling import kernel_threshold
@@ -85,6 +88,9 @@ def one_run(lab: EnvoyLab, source: Path | None, offcpu: bool, seconds: float, wo
     try:
         probes.add_targets([lab.pid])
         probes.set_listen_ports([lab.tls_port if tls else lab.http_port])
+        if tls and sample_ratio is not None:  # as the daemon does once it saw the listener is TLS
+            probes.sample_connections_of({key: sock.port for key, sock in listening_sockets(lab.pid).items()
+                                          if sock.port == lab.tls_port})
         probes.open_ring_buffer(lambda _raw: None)
         before, envoy0 = program_stats(probes), cpu_seconds(lab.pid)
         if rate:

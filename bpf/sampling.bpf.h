@@ -324,13 +324,15 @@ int hold_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         cs->flags &= ~CONN_HOLD;
         return 0;
     }
-    if (!h->hello_ns)
-        h->hello_ns = bpf_ktime_get_ns();
+    if (!h->hello_ns) /* its first bytes' time (tls_first_bytes, this same transfer) */
+        h->hello_ns = cs->hs_start_ns;
     if (peek || !h->hello_len) {
         hold_hello_bytes(h, src, avail, 0);
         h->hello_ret = (__u32)ret;
         h->hello_peeked = peek ? 1 : 0;
-        if (!peek && ret != 5) /* the whole record (or more) in one read: held */
+        /* held for good: a read of more than a lone header, or a peek of the whole first record (no other
+         * peek nor read needs a look: BoringSSL's reads of it follow) */
+        if ((!peek && ret != 5) || (peek && h->hello_len >= 5 && 5 + be16(&h->hello[3]) <= (__u32)ret))
             cs->flags &= ~CONN_HOLD;
     } else {
         if (!h->hello_peeked && h->hello_len == 5) { /* the body after its lone header */
