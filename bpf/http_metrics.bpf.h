@@ -98,6 +98,8 @@ static __always_inline __u16 http_status_of(const __u8 *b) {
 /* Reports the connection's current request as one record: sampled (CONN_SUMMARY), or kept for `reason`. */
 static __always_inline void keep_request(__u64 pid_tgid, __s32 fd, const struct conn_state *cs, __u16 status,
                                          __u64 now, __u8 reason) {
+    if (reason && !keep_within_rate(now, KEEP_LIMITED_REQUESTS)) /* kept, not sampled: within the rate */
+        return;
     struct request_kept_event *e = events.ringbuf_reserve(sizeof(struct request_kept_event));
     if (!e) {
         count_drop(DROP_RINGBUF_FULL);

@@ -283,3 +283,47 @@ static __always_inline void emit_setup(__u64 pid_tgid, __u16 op, __s32 fd, __s32
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
     emit(&ev, sizeof(ev));
 }
+
+#if SAMPLING
+/* What the sampler left out but keeps all the same (kept requests, http_metrics.bpf.h; kept connections,
+ * conn_keep.bpf.h) is sent at most `keep_rate` records a second, over all CPUs (0: no limit): a token bucket
+ * of one second's worth, its credit in rate x ns (a record costs NSEC_PER_SEC of it). Shared by the CPUs
+ * without a lock: two CPUs that update it at the same time may both take the last token (an approximate
+ * rate, never an unbounded one). What the rate refused is counted in `keep_limited`. */
+struct keep_bucket {
+    __u64 last_ns;
+    __u64 credit;
+};
+#define NSEC_PER_SEC_ULL 1000000000ULL
+#define KEEP_LIMITED_REQUESTS 0
+#define KEEP_LIMITED_CONNECTIONS 1
+BPF_ARRAY(keep_rate, __u64, 1);
+BPF_ARRAY(keep_bucket, struct keep_bucket, 1);
+BPF_PERCPU_ARRAY(keep_limited, __u64, 2);
+
+/* Whether one more kept record (`what`: KEEP_LIMITED_*) may be sent at `now`; counted when not. */
+static __always_inline int keep_within_rate(__u64 now, __u32 what) {
+    __u32 zero = 0;
+    __u64 *rate = keep_rate.lookup(&zero);
+    struct keep_bucket *b = keep_bucket.lookup(&zero);
+    if (!rate || !*rate || !b)
+        return 1;
+    __u64 elapsed = now > b->last_ns ? now - b->last_ns : 0;
+    if (elapsed > NSEC_PER_SEC_ULL)
+        elapsed = NSEC_PER_SEC_ULL;
+    __u64 full = *rate * NSEC_PER_SEC_ULL;
+    __u64 credit = b->credit + elapsed * *rate;
+    if (credit > full)
+        credit = full;
+    b->last_ns = now;
+    if (credit < NSEC_PER_SEC_ULL) {
+        b->credit = credit;
+        __u64 *n = keep_limited.lookup(&what);
+        if (n)
+            (*n)++;
+        return 0;
+    }
+    b->credit = credit - NSEC_PER_SEC_ULL;
+    return 1;
+}
+#endif

@@ -217,6 +217,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         /* an untraced one is kept if something went wrong with it (conn_keep.bpf.h): reported now whole when
          * nothing of it was sent, else its close says so */
         kept = (cs->flags & CONN_UNTRACED) ? connection_keep_reason(cs) : 0;
+        if (kept && !keep_within_rate(now, KEEP_LIMITED_CONNECTIONS))
+            kept = 0;
         tls_handshake_closed(tgid, cs, now);
         if (kept && !(cs->flags & CONN_LATE_UNTRACED))
             keep_connection(pid_tgid, key, (__s32)args->fd, cs, kept, now);

@@ -71,6 +71,9 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-slow-accept-ms", type=float, default=None, metavar="MS",
                    help="a TLS connection that was not sampled is traced all the same when it waited this "
                         "long in the accept queue (default 100; 0: never)")
+    p.add_argument("--keep-rate", type=float, default=None, metavar="N",
+                   help="requests and connections kept all the same: at most N a second (default 1000; 0: no "
+                        "limit); the others are counted")
     p.add_argument("--cpu-budget", type=float, default=None, metavar="SHARE",
                    help="share of one CPU the daemon may use; past it fewer plaintext requests are traced "
                         "(default 0.1; 0: no budget)")
@@ -145,10 +148,10 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
 
     thresholds = {}
     for flag, field_name in (("keep_slow_ms", "request_ms"), ("keep_slow_handshake_ms", "handshake_ms"),
-                             ("keep_slow_accept_ms", "accept_ms")):
+                             ("keep_slow_accept_ms", "accept_ms"), ("keep_rate", "rate")):
         value = getattr(args, flag)
-        if value is not None and not 0 <= value <= 1e9:  # false for NaN too
-            return _fail(f"--{flag.replace('_', '-')} {value} is out of range (0 to 1e9 ms)", EXIT_USAGE)
+        if value is not None and not 0 <= value <= 1e6:  # false for NaN too
+            return _fail(f"--{flag.replace('_', '-')} {value} is out of range (0 to 1e6)", EXIT_USAGE)
         if value is not None:
             thresholds[field_name] = value
     cpu_budget = DEFAULT_CPU_BUDGET if args.cpu_budget is None else args.cpu_budget

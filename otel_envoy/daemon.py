@@ -335,7 +335,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
             await asyncio.to_thread(metrics.shutdown, 10.0)
         kernel_drops = {f"kernel.{k}": v for k, v in probes.drop_counts().items() if v}
         sampled = probes.sample_counts()
-        connections_sampled = summarize.connections_decided(probes)
+        connections_sampled = summarize.sampler_decisions(probes)
         tables = summarize.kernel_tables(probes, pipeline.correlator)  # exact: requests, connections, TLS
         offcpu = summarize.offcpu_by_reason(probes.offcpu_totals()) if opts.offcpu else {}
         wakes = summarize.wakes_by_kind(idle_wakes_by_kind(probes.idle_wakes(), stacks.kernel)) \

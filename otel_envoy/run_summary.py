@@ -14,16 +14,25 @@ from .envoy.threads import thread_identity
 from .probes.loader import ConnectionProbes, RequestSeries, RequestTotals, TlsSeries
 from .protocols.tls.names import tls_version_name
 
-__all__ = ["accepts_by_worker", "connections_decided", "kernel_tables", "offcpu_by_reason", "request_totals",
-           "tls_totals", "wakes_by_kind", "worker_accepts"]
+__all__ = [
+    "accepts_by_worker",
+    "kernel_tables",
+    "offcpu_by_reason",
+    "request_totals",
+    "sampler_decisions",
+    "tls_totals",
+    "wakes_by_kind",
+    "worker_accepts",
+]
 
 
-def connections_decided(probes: ConnectionProbes) -> dict[str, dict[str, int]]:
-    """The sampler's summary of whole connections: decided per kind (traced, not), and those it left out
-    that the kernel kept at their close, by reason."""
+def sampler_decisions(probes: ConnectionProbes) -> dict[str, dict[str, int]]:
+    """The sampler's summary of whole connections: decided per kind (traced, not), those it left out that
+    the kernel kept at their close, by reason, and the kept requests and connections over the keep rate."""
     decided = {f"{kind}_connections": probes.connection_sample_counts(kind)
                for kind in ("tls", "h2c", "other")}
-    return {**decided, "kept_connections": probes.kept_connection_counts()}
+    return {**decided, "kept_connections": probes.kept_connection_counts(),
+            "kept_over_rate": probes.keep_limited_counts()}
 
 
 def request_totals(series: Mapping[RequestSeries, RequestTotals]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_CPU_BUDGET",
+    "DEFAULT_KEEP_RATE",
     "DEFAULT_KEEP_SLOW_ACCEPT_MS",
     "DEFAULT_KEEP_SLOW_HANDSHAKE_MS",
     "DEFAULT_KEEP_SLOW_MS",
@@ -126,22 +127,29 @@ DEFAULT_KEEP_SLOW_HANDSHAKE_MS = 1000.0
 #: a millisecond under load. A 100 ms wait in the accept queue (``--keep-slow-accept-ms``) means the worker's
 #: loop was blocked or overloaded, which is what the kept connection then shows.
 DEFAULT_KEEP_SLOW_ACCEPT_MS = 100.0
+#: Kept records a second at most (``--keep-rate``): a kept connection costs the daemon what a traced TLS
+#: connection does (~100-140 us, docs/overhead.md), so 1 000 a second is ~0.1-0.14 of a CPU, the default CPU
+#: budget's size (a kept request costs ~5 us). A flood of failures (a TLS scanner, a backend failing every
+#: request at saturation) is traced up to it; the rest is counted, and the metrics count every one.
+DEFAULT_KEEP_RATE = 1000
 
 
 @dataclass(frozen=True, slots=True)
 class KeepThresholds:
     """How slow a request or connection the sampler left out must be to be traced all the same (ms; 0:
-    never for being slow). 5xx and requests closed before an answer, failed TLS handshakes and resets are
-    kept whatever these say."""
+    never for being slow; 5xx and requests closed before an answer, failed TLS handshakes and resets are
+    kept whatever these say), and how many such a second at most."""
 
     request_ms: float = DEFAULT_KEEP_SLOW_MS
     handshake_ms: float = DEFAULT_KEEP_SLOW_HANDSHAKE_MS
     accept_ms: float = DEFAULT_KEEP_SLOW_ACCEPT_MS
+    rate: float = DEFAULT_KEEP_RATE  # kept records a second at most (0: no limit)
 
     def apply(self, probes: Any) -> None:
         """Hand the thresholds to the kernel (a loaded :class:`~.probes.loader.ConnectionProbes`)."""
         probes.set_keep_slow(int(self.request_ms * 1e6))
         probes.set_keep_slow_connections(int(self.handshake_ms * 1e6), int(self.accept_ms * 1e6))
+        probes.set_keep_rate(int(self.rate))
 
 
 #: Default share of one CPU the daemon may use before it traces fewer requests (``--cpu-budget``).

@@ -90,6 +90,21 @@ class SamplingTables:
         self.bpf[b"keep_slow_handshake_ns"][ctypes.c_int(0)] = ctypes.c_uint64(max(0, int(handshake_ns)))
         self.bpf[b"keep_slow_accept_ns"][ctypes.c_int(0)] = ctypes.c_uint64(max(0, int(accept_ns)))
 
+    def set_keep_rate(self, per_second: int) -> None:
+        """Send at most ``per_second`` kept records a second (requests and connections the sampler left out,
+        kept for what became of them; 0: no limit); the others are counted (:meth:`keep_limited_counts`).
+        Needs a build with ``sampling``."""
+        self._need_sampling()
+        self.bpf[b"keep_rate"][ctypes.c_int(0)] = ctypes.c_uint64(max(0, int(per_second)))
+
+    def keep_limited_counts(self) -> dict[str, int]:
+        """Kept requests and connections not sent because of the rate (empty without ``sampling``)."""
+        if not self.config.sampling:
+            return {}
+        per_cpu = self.bpf[b"keep_limited"]
+        kinds = ("requests", "connections")  # KEEP_LIMITED_REQUESTS, KEEP_LIMITED_CONNECTIONS
+        return {name: int(sum(per_cpu[ctypes.c_int(i)])) for i, name in enumerate(kinds)}
+
     def kept_connection_counts(self) -> dict[str, int]:
         """Connections sampled whole and not traced that the kernel kept at their close, by reason, and how
         many of them lacked their held handshake bytes (empty without ``sampling``)."""

@@ -195,3 +195,50 @@ def test_an_h2c_connection_sampled_out_at_its_preface_is_kept_when_it_is_reset(l
         assert conn.attributes["otel_envoy.kept"] == "reset"
         assert conn.attributes["otel_envoy.partial"] == ["transfers_not_reported"]
         assert conn.attributes["envoy.connection.bytes_received"] == len(H2C_PREFACE)
+
+
+def test_kept_requests_and_connections_are_sent_within_the_keep_rate_and_the_rest_counted(lab, tmp_path):
+    """A flood of failures (refused handshakes, 5xx answers) is traced up to --keep-rate a second; what
+    the rate refused is counted, and the request metrics still count every 5xx."""
+    import http.client
+
+    rate, handshakes, errors = 3, 12, 12
+    summary = tmp_path / "summary.json"
+    with OtlpReceiver() as receiver:
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--summary-json", str(summary), "--no-offcpu",
+                                "--otlp-endpoint", receiver.grpc_endpoint, "--otlp-protocol", "grpc",
+                                "--sampler", "traceidratio", "--sampler-arg", "0", "--cpu-budget", "0",
+                                "--keep-rate", str(rate)], tmp_path).start()
+        first = clients.curl_tls(lab.tls_port, SNI, alpn="http/1.1", ca=lab.ca_path)
+        assert first.http_code == 200, first.stderr
+        time.sleep(1.5)  # the listener is handed to the kernel; the bucket is full (one second's worth)
+        old = ssl.create_default_context(cafile=str(lab.ca_path))
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        old.set_ciphers("AES128-SHA")
+        started = time.monotonic()
+        for _ in range(handshakes):
+            c = _client(lab, old)
+            c.send_hello()
+            with pytest.raises(ssl.SSLError):
+                c.read_server_flight()
+            c.close()
+        conn = http.client.HTTPConnection("127.0.0.1", lab.http_port, timeout=10)
+        for _ in range(errors):
+            conn.request("GET", "/status/503")
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 503
+        conn.close()
+        took = time.monotonic() - started
+        time.sleep(0.5)
+        assert daemon.stop() == 0, daemon.stderr()
+        spans = receiver.spans()
+    report = json.loads(summary.read_text())
+    over = report["sampler"]["kept_over_rate"]
+    kept_conns = report["sampler"]["kept_connections"]["tls_handshake_failed"]
+    kept_requests = sum(1 for s in spans if s.attributes.get("otel_envoy.kept") == "server_error")
+    assert kept_conns + over["connections"] == handshakes
+    assert kept_requests + over["requests"] == errors
+    sent = kept_conns + kept_requests
+    assert rate <= sent <= rate + rate * took + 1, (sent, took)  # a full bucket, then the rate
+    assert report["http_requests"]["by_status"]["503"] == errors  # the metrics count them all

@@ -95,6 +95,16 @@ def test_the_cli_refuses_a_budget_out_of_range() -> None:
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--cpu-budget" in proc.stderr
 
 
+@pytest.mark.parametrize("flag", ["--keep-slow-ms", "--keep-slow-handshake-ms", "--keep-slow-accept-ms",
+                                  "--keep-rate"])
+@pytest.mark.parametrize("value", ["-1", "nan", "1e7"])
+def test_the_cli_refuses_keep_thresholds_out_of_range(flag: str, value: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    proc = subprocess.run([sys.executable, "-m", "otel_envoy.cli", "run", "--pid", "1", flag, value],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and f"{flag} " in proc.stderr, proc.stderr
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a host C compiler")
 def test_peer_hash_is_the_kernel_s(tmp_path: Path) -> None:
     """sampling.peer_hash against peer_hash() of bpf/conn_sampling.bpf.h, compiled with the host compiler."""
