@@ -286,10 +286,11 @@ static __always_inline void emit_setup(__u64 pid_tgid, __u16 op, __s32 fd, __s32
 
 #if SAMPLING
 /* What the sampler left out but keeps all the same (kept requests, http_metrics.bpf.h; kept connections,
- * conn_keep.bpf.h) is sent at most `keep_rate` records a second, over all CPUs (0: no limit): a token bucket
- * of one second's worth, its credit in rate x ns (a record costs NSEC_PER_SEC of it). Shared by the CPUs
- * without a lock: two CPUs that update it at the same time may both take the last token (an approximate
- * rate, never an unbounded one). What the rate refused is counted in `keep_limited`. */
+ * conn_keep.bpf.h) is sent at most `keep_rate` records a second, over all CPUs (0: no limit; user space
+ * sets it from --keep-rate and lowers it while the daemon is over its CPU budget): a token bucket of one
+ * second's worth, its credit in rate x ns (a record costs NSEC_PER_SEC of it). Shared by the CPUs without a
+ * lock: two CPUs that update it at the same time may both take the last token (an approximate rate, never
+ * an unbounded one). `keep_counts` counts what the rate refused, and what was sent. */
 struct keep_bucket {
     __u64 last_ns;
     __u64 credit;
@@ -297,17 +298,26 @@ struct keep_bucket {
 #define NSEC_PER_SEC_ULL 1000000000ULL
 #define KEEP_LIMITED_REQUESTS 0
 #define KEEP_LIMITED_CONNECTIONS 1
+#define KEEP_SENT 2
 BPF_ARRAY(keep_rate, __u64, 1);
 BPF_ARRAY(keep_bucket, struct keep_bucket, 1);
-BPF_PERCPU_ARRAY(keep_limited, __u64, 2);
+BPF_PERCPU_ARRAY(keep_counts, __u64, 3); /* [KEEP_LIMITED_*]: refused by the rate; [KEEP_SENT]: sent */
+
+static __always_inline void count_keep(__u32 slot) {
+    __u64 *n = keep_counts.lookup(&slot);
+    if (n)
+        (*n)++;
+}
 
 /* Whether one more kept record (`what`: KEEP_LIMITED_*) may be sent at `now`; counted when not. */
 static __always_inline int keep_within_rate(__u64 now, __u32 what) {
     __u32 zero = 0;
     __u64 *rate = keep_rate.lookup(&zero);
     struct keep_bucket *b = keep_bucket.lookup(&zero);
-    if (!rate || !*rate || !b)
+    if (!rate || !*rate || !b) {
+        count_keep(KEEP_SENT);
         return 1;
+    }
     __u64 elapsed = now > b->last_ns ? now - b->last_ns : 0;
     if (elapsed > NSEC_PER_SEC_ULL)
         elapsed = NSEC_PER_SEC_ULL;
@@ -318,12 +328,11 @@ static __always_inline int keep_within_rate(__u64 now, __u32 what) {
     b->last_ns = now;
     if (credit < NSEC_PER_SEC_ULL) {
         b->credit = credit;
-        __u64 *n = keep_limited.lookup(&what);
-        if (n)
-            (*n)++;
+        count_keep(what);
         return 0;
     }
     b->credit = credit - NSEC_PER_SEC_ULL;
+    count_keep(KEEP_SENT);
     return 1;
 }
 #endif

@@ -72,8 +72,9 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
                    help="a TLS connection that was not sampled is traced all the same when it waited this "
                         "long in the accept queue (default 100; 0: never)")
     p.add_argument("--keep-rate", type=float, default=None, metavar="N",
-                   help="requests and connections kept all the same: at most N a second (default 1000; 0: no "
-                        "limit); the others are counted")
+                   help="requests and connections kept all the same: at most N a second (default 0: no "
+                        "ceiling; the CPU budget lowers the rate once the ratio is at its floor); the others "
+                        "are counted")
     p.add_argument("--cpu-budget", type=float, default=None, metavar="SHARE",
                    help="share of one CPU the daemon may use; past it fewer plaintext requests are traced "
                         "(default 0.1; 0: no budget)")

@@ -34,6 +34,7 @@ from opentelemetry.sdk.resources import Resource
 
 from . import run_summary as summarize
 from .accounting import ledger
+from .budget_loop import keep_to_budget
 from .envoy.admin import AdminError, fetch_listener_config, fetch_listener_names
 from .envoy.adoption import adopt_open_connections
 from .envoy.filter_chains import load_types
@@ -70,7 +71,6 @@ from .sampling import (
     CpuBudget,
     KeepThresholds,
     SamplerSettings,
-    kernel_threshold,
     peer_hash,
 )
 from .spans.clock import MonotonicClock
@@ -244,8 +244,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
     except SymbolsFileError as exc:
         raise UsageError(str(exc)) from exc
     requests = opts.requests
-    budget = CpuBudget(opts.cpu_budget, opts.sampler.ratio) \
-        if requests and opts.cpu_budget > 0 and opts.sampler.ratio > 0 else None
+    budget = CpuBudget(opts.cpu_budget, opts.sampler.ratio, int(opts.keep.rate)) \
+        if requests and opts.cpu_budget > 0 else None
     # the kernel decides which requests are traced and counts them all (http.server.request.duration)
     sampling = requests
     probes = ConnectionProbes(ProbeConfig(
@@ -313,8 +313,8 @@ async def run_daemon(opts: DaemonOptions) -> int:
         if opts.ready_file:
             with open(opts.ready_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
-        tasks = [asyncio.ensure_future(_keep_to_budget(budget, probes, ring, sampler))] \
-            if budget is not None else []
+        tasks = [asyncio.ensure_future(keep_to_budget(budget, probes, lambda ratio: ring.context.put(
+            dataclasses.replace(sampler, ratio=ratio).to_json())))] if budget is not None else []
         if opts.offcpu:
             tasks.append(asyncio.ensure_future(_sweep_stacks(probes, stacks)))
         try:
@@ -467,7 +467,6 @@ def report_new_drops(probes: ConnectionProbes, before: dict[str, int]) -> dict[s
     return now
 
 
-BUDGET_INTERVAL_S = 1.0
 #: How often the kernel's stack table is swept of the stacks no record names any more (stacks/source.py).
 STACK_SWEEP_S = 30.0
 
@@ -501,22 +500,6 @@ def _sample_tls_listener(probes: ConnectionProbes, key: tuple[int, int], port: i
         log.warning("could not sample the connections of the TLS listener on port %d: %s", port, e)
         return
     log.info("sampling whole connections of the TLS listener on port %d", port)
-
-
-async def _keep_to_budget(budget: CpuBudget, probes: ConnectionProbes, ring: _RingThread,
-                          sampler: SamplerContext) -> None:
-    """Once a second: the daemon's share of a CPU (all its threads) to the budget, and a changed ratio to
-    the kernel's threshold and (as ``sampler``'s context record with that ratio) to the pipeline."""
-    wall, cpu = time.monotonic(), time.process_time()
-    while True:
-        await asyncio.sleep(BUDGET_INTERVAL_S)
-        now_wall, now_cpu = time.monotonic(), time.process_time()
-        ratio = budget.observe((now_cpu - cpu) / max(now_wall - wall, 1e-3))
-        wall, cpu = now_wall, now_cpu
-        if ratio is not None:
-            probes.set_sample_threshold(kernel_threshold(ratio))
-            ring.context.put(dataclasses.replace(sampler, ratio=ratio).to_json())
-            log.info("CPU budget %.2f: tracing %.4g of plaintext requests", budget.budget, ratio)
 
 
 async def _poll_admin(admin_url: str, ring: _RingThread, chains: list[dict] | None) -> list[dict] | None:

@@ -31,8 +31,9 @@ def sampler_decisions(probes: ConnectionProbes) -> dict[str, dict[str, int]]:
     the kernel kept at their close, by reason, and the kept requests and connections over the keep rate."""
     decided = {f"{kind}_connections": probes.connection_sample_counts(kind)
                for kind in ("tls", "h2c", "other")}
+    keeps = probes.keep_counts()
     return {**decided, "kept_connections": probes.kept_connection_counts(),
-            "kept_over_rate": probes.keep_limited_counts()}
+            "kept_records_sent": keeps.pop("sent", 0), "kept_over_rate": keeps}
 
 
 def request_totals(series: Mapping[RequestSeries, RequestTotals]) -> dict[str, Any]:

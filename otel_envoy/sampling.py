@@ -30,7 +30,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from socket import AF_INET6
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_CPU_BUDGET",
@@ -41,7 +41,9 @@ __all__ = [
     "DEFAULT_RATIO",
     "DEFAULT_SAMPLER",
     "MIN_BUDGET_RATIO",
+    "MIN_KEEP_RATE",
     "SAMPLERS",
+    "BudgetStep",
     "CpuBudget",
     "KeepThresholds",
     "SamplerError",
@@ -127,11 +129,14 @@ DEFAULT_KEEP_SLOW_HANDSHAKE_MS = 1000.0
 #: a millisecond under load. A 100 ms wait in the accept queue (``--keep-slow-accept-ms``) means the worker's
 #: loop was blocked or overloaded, which is what the kept connection then shows.
 DEFAULT_KEEP_SLOW_ACCEPT_MS = 100.0
-#: Kept records a second at most (``--keep-rate``): a kept connection costs the daemon what a traced TLS
-#: connection does (~100-140 us, docs/overhead.md), so 1 000 a second is ~0.1-0.14 of a CPU, the default CPU
-#: budget's size (a kept request costs ~5 us). A flood of failures (a TLS scanner, a backend failing every
-#: request at saturation) is traced up to it; the rest is counted, and the metrics count every one.
-DEFAULT_KEEP_RATE = 1000
+#: Kept records a second at most (``--keep-rate``; 0: no ceiling). By default none: every anomaly is kept
+#: while the daemon is within its CPU budget, and the budget (:class:`CpuBudget`) lowers the rate only once
+#: the ratio is at its floor, so a flood of failures (a TLS scanner, a backend failing every request at
+#: saturation) cannot take the daemon past its share of a CPU; what was refused is counted, and the metrics
+#: count every one.
+DEFAULT_KEEP_RATE = 0
+#: The lowest keep rate the budget lowers it to (records a second): a trickle of anomalies stays traced.
+MIN_KEEP_RATE = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,37 +163,69 @@ DEFAULT_CPU_BUDGET = 0.1
 MIN_BUDGET_RATIO = 1 / 65536
 
 
-class CpuBudget:
-    """Keeps the daemon within ``budget`` of one CPU by lowering the share of requests traced.
+class BudgetStep(NamedTuple):
+    """What the budget set: the ratio and the keep rate now in force (kept records a second, 0: no limit)."""
 
-    Once a second the daemon reports the share of a CPU it used (:meth:`observe`). Above the budget the ratio
-    is halved (down to :data:`MIN_BUDGET_RATIO`); below half of it the ratio doubles back, never above the
-    sampler's own. Requests the kernel did not sample are counted there, so what was not traced is known.
+    ratio: float
+    keep_rate: int
+
+
+class CpuBudget:
+    """Keeps the daemon within ``budget`` of one CPU by lowering the share of requests traced, then the rate
+    of what is kept all the same.
+
+    Once a second the daemon reports the share of a CPU it used and the kept records the kernel sent a
+    second (:meth:`observe`). Above the budget the ratio is halved (down to :data:`MIN_BUDGET_RATIO`); once it
+    is there, the keep rate is halved instead (from what was kept, down to :data:`MIN_KEEP_RATE`). Below half
+    of the budget the keep rate comes back first (doubling, until it is well above what is kept: no limit, or
+    ``keep_ceiling``), then the ratio doubles back, never above the sampler's own. What the kernel did not
+    sample or did not keep is counted there, so what was not traced is known.
     """
 
-    def __init__(self, budget: float, ratio: float) -> None:
+    def __init__(self, budget: float, ratio: float, keep_ceiling: int = DEFAULT_KEEP_RATE) -> None:
         self.budget = budget
         self.configured = ratio
         self.ratio = ratio
         self.lowest = ratio
+        self.keep_ceiling = keep_ceiling  # --keep-rate (0: none)
+        self.keep_rate = keep_ceiling  # in force (0: no limit)
+        self.keep_lowest = keep_ceiling
         self.changes = 0
         self.highest_share = 0.0
 
-    def observe(self, share: float) -> float | None:
-        """The CPU share of the last interval; the new ratio when it changes, else None."""
+    def observe(self, share: float, kept_per_s: float = 0.0) -> BudgetStep | None:
+        """The CPU share of the last interval and the kept records sent a second; what is in force when
+        something changed, else None."""
         self.highest_share = max(self.highest_share, share)
-        if share > self.budget and self.ratio > MIN_BUDGET_RATIO:
-            new = max(self.ratio / 2, MIN_BUDGET_RATIO)
-        elif share < self.budget / 2 and self.ratio < self.configured:
-            new = min(self.ratio * 2, self.configured)
-        else:
+        ratio, keep = self.ratio, self.keep_rate
+        if share > self.budget:
+            if ratio > MIN_BUDGET_RATIO:
+                ratio = max(ratio / 2, MIN_BUDGET_RATIO)
+            else:  # the sampler is at its floor: what is left is what is kept all the same
+                base = keep or int(kept_per_s)
+                if base > MIN_KEEP_RATE:
+                    keep = max(MIN_KEEP_RATE, base // 2)
+        elif share < self.budget / 2:
+            if keep != self.keep_ceiling:  # kept records come back first
+                keep *= 2
+                if self.keep_ceiling and keep >= self.keep_ceiling:
+                    keep = self.keep_ceiling
+                elif not self.keep_ceiling and keep > 4 * kept_per_s + MIN_KEEP_RATE:  # no longer binding
+                    keep = 0
+            elif ratio < self.configured:
+                ratio = min(ratio * 2, self.configured)
+        if (ratio, keep) == (self.ratio, self.keep_rate):
             return None
-        self.ratio, self.lowest, self.changes = new, min(self.lowest, new), self.changes + 1
-        return new
+        self.ratio, self.keep_rate, self.changes = ratio, keep, self.changes + 1
+        self.lowest = min(self.lowest, ratio)
+        if keep and (not self.keep_lowest or keep < self.keep_lowest):
+            self.keep_lowest = keep
+        return BudgetStep(ratio, keep)
 
     def summary(self) -> dict[str, float | int]:
         """What the budget did, for the run's summary."""
         return {"budget": self.budget, "ratio_now": self.ratio, "ratio_lowest": self.lowest,
+                "keep_rate_now": self.keep_rate, "keep_rate_lowest": self.keep_lowest,
                 "changes": self.changes, "highest_share": round(self.highest_share, 3)}
 
 

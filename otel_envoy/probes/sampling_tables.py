@@ -97,13 +97,14 @@ class SamplingTables:
         self._need_sampling()
         self.bpf[b"keep_rate"][ctypes.c_int(0)] = ctypes.c_uint64(max(0, int(per_second)))
 
-    def keep_limited_counts(self) -> dict[str, int]:
-        """Kept requests and connections not sent because of the rate (empty without ``sampling``)."""
+    def keep_counts(self) -> dict[str, int]:
+        """Kept requests and connections the rate refused, and the kept records sent (empty without
+        ``sampling``)."""
         if not self.config.sampling:
             return {}
-        per_cpu = self.bpf[b"keep_limited"]
-        kinds = ("requests", "connections")  # KEEP_LIMITED_REQUESTS, KEEP_LIMITED_CONNECTIONS
-        return {name: int(sum(per_cpu[ctypes.c_int(i)])) for i, name in enumerate(kinds)}
+        per_cpu = self.bpf[b"keep_counts"]
+        slots = ("requests", "connections", "sent")  # KEEP_LIMITED_REQUESTS, _CONNECTIONS, KEEP_SENT
+        return {name: int(sum(per_cpu[ctypes.c_int(i)])) for i, name in enumerate(slots)}
 
     def kept_connection_counts(self) -> dict[str, int]:
         """Connections sampled whole and not traced that the kernel kept at their close, by reason, and how

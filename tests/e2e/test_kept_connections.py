@@ -242,3 +242,27 @@ def test_kept_requests_and_connections_are_sent_within_the_keep_rate_and_the_res
     sent = kept_conns + kept_requests
     assert rate <= sent <= rate + rate * took + 1, (sent, took)  # a full bucket, then the rate
     assert report["http_requests"]["by_status"]["503"] == errors  # the metrics count them all
+
+
+def test_a_flood_of_5xx_past_the_cpu_budget_lowers_the_keep_rate_and_counts_the_rest(lab, tmp_path):
+    """Every answer a 5xx, at saturation, with the ratio at 0 (nothing sampled, so the budget cannot lower
+    it): the kept records alone take the daemon past a small budget, and the budget lowers their rate; what
+    it refused is counted, and the metrics still count every request."""
+    from tests.support.h2load import h2load
+
+    requests = 150_000
+    summary = tmp_path / "summary.json"
+    daemon = DaemonProcess(["--pid", str(lab.pid), "--summary-json", str(summary), "--no-offcpu",
+                            "--output", str(tmp_path / "spans.jsonl"),
+                            "--sampler", "traceidratio", "--sampler-arg", "0", "--cpu-budget", "0.02"],
+                           tmp_path).start()
+    h2load(f"http://127.0.0.1:{lab.http_port}/status/503", requests, 8)
+    time.sleep(0.5)
+    assert daemon.stop() == 0, daemon.stderr()
+    report = json.loads(summary.read_text())
+    sampler = report["sampler"]
+    budget = sampler["cpu_budget"]
+    assert 0 < budget["keep_rate_lowest"] < requests, budget  # lowered: the rate was in force
+    over = sampler["kept_over_rate"]["requests"]
+    assert over > 0 and sampler["kept_records_sent"] + over == requests, sampler
+    assert report["http_requests"]["by_status"]["503"] == requests  # the metrics count every one

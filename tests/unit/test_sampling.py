@@ -76,16 +76,41 @@ def test_the_cpu_budget_halves_the_ratio_while_over_and_doubles_it_back_while_we
 
     b = CpuBudget(0.5, 1.0)
     assert b.observe(0.4) is None  # within the budget: nothing changes
-    assert b.observe(0.9) == 0.5 and b.observe(0.8) == 0.25
+    assert b.observe(0.9).ratio == 0.5 and b.observe(0.8).ratio == 0.25
     assert b.observe(0.3) is None  # between half the budget and the budget: it holds
-    assert b.observe(0.1) == 0.5 and b.observe(0.1) == 1.0
+    assert b.observe(0.1).ratio == 0.5 and b.observe(0.1).ratio == 1.0
     assert b.observe(0.0) is None  # never above the sampler's own ratio
-    assert b.summary() == {"budget": 0.5, "ratio_now": 1.0, "ratio_lowest": 0.25, "changes": 4,
-                           "highest_share": 0.9}
+    assert b.summary() == {"budget": 0.5, "ratio_now": 1.0, "ratio_lowest": 0.25, "keep_rate_now": 0,
+                           "keep_rate_lowest": 0, "changes": 4, "highest_share": 0.9}
     low = CpuBudget(0.1, 0.01)
     for _ in range(40):
         low.observe(1.0)
     assert low.ratio == MIN_BUDGET_RATIO  # bounded below: a trickle of requests stays traced
+
+
+def test_at_its_floor_the_budget_lowers_the_keep_rate_then_gives_it_back_before_the_ratio() -> None:
+    """A flood of anomalies (kept whatever the sampler) once the ratio cannot go lower: the keep rate is
+    halved from what was kept, down to a floor; well under the budget it comes back first, then the ratio."""
+    from otel_envoy.sampling import MIN_BUDGET_RATIO, MIN_KEEP_RATE, BudgetStep, CpuBudget
+
+    b = CpuBudget(0.1, MIN_BUDGET_RATIO * 2)
+    assert b.observe(0.5, kept_per_s=5000) == BudgetStep(MIN_BUDGET_RATIO, 0)  # the ratio first
+    assert b.observe(0.5, kept_per_s=5000) == BudgetStep(MIN_BUDGET_RATIO, 2500)  # then the keeps
+    assert b.observe(0.3, kept_per_s=2500) == BudgetStep(MIN_BUDGET_RATIO, 1250)
+    for _ in range(20):
+        b.observe(0.3, kept_per_s=b.keep_rate)
+    assert b.keep_rate == MIN_KEEP_RATE  # a trickle of anomalies stays traced
+    assert b.observe(0.08, kept_per_s=10) is None  # between half the budget and the budget: it holds
+    assert b.observe(0.01, kept_per_s=10) == BudgetStep(MIN_BUDGET_RATIO, 20)
+    assert b.observe(0.01, kept_per_s=20) == BudgetStep(MIN_BUDGET_RATIO, 40)
+    assert b.observe(0.01, kept_per_s=20) == BudgetStep(MIN_BUDGET_RATIO, 80)
+    assert b.observe(0.01, kept_per_s=20) == BudgetStep(MIN_BUDGET_RATIO, 0)  # no longer binding: no limit
+    assert b.observe(0.01) == BudgetStep(MIN_BUDGET_RATIO * 2, 0)  # then the ratio
+    assert b.summary()["keep_rate_lowest"] == MIN_KEEP_RATE
+    ceiling = CpuBudget(0.1, MIN_BUDGET_RATIO, keep_ceiling=100)
+    assert ceiling.observe(0.5, kept_per_s=100) == BudgetStep(MIN_BUDGET_RATIO, 50)
+    assert ceiling.observe(0.01, kept_per_s=50) == BudgetStep(MIN_BUDGET_RATIO, 100)  # back to --keep-rate
+    assert ceiling.observe(0.01, kept_per_s=100) is None
 
 
 def test_the_cli_refuses_a_budget_out_of_range() -> None:
