@@ -29,7 +29,7 @@ LEVELS: dict[str, int] = {
     "correlate": 2,
     "spans": 3, "probes": 3,
     "export": 4, "run_summary": 4,
-    "event_pipeline": 5, "lab": 5, "features": 5, "status": 5,
+    "event_pipeline": 5, "lab": 5, "features": 5, "status": 5, "budget_loop": 5,
     "daemon": 6,
     "cli": 7,
 }
