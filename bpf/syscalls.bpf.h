@@ -219,11 +219,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         kept = (cs->flags & CONN_UNTRACED) ? connection_keep_reason(cs) : 0;
         if (kept && !keep_within_rate(now, KEEP_LIMITED_CONNECTIONS))
             kept = 0;
-        tls_handshake_closed(tgid, cs, now);
         if (kept && !(cs->flags & CONN_LATE_UNTRACED))
-            keep_connection(pid_tgid, key, (__s32)args->fd, cs, kept, now);
+            keep_connection(pid_tgid, key, (__s32)args->fd, cs, kept, now); /* its handshake's state as it was */
         else if (kept)
             count_kept_connection(kept);
+        tls_handshake_closed(tgid, cs, now);
     }
 #endif
     if ((cs->flags & (CONN_UNTRACED | CONN_LATE_UNTRACED)) == CONN_UNTRACED) { /* nothing of it was sent */
