@@ -75,23 +75,8 @@ static __always_inline void keep_connection(__u64 pid_tgid, __u64 key, __s32 fd,
     e->hs_version = cs->hs_version;
     e->_pad0 = 0;
     e->_pad1 = 0;
-    e->bytes_rx = cs->bytes_rx;
-    e->bytes_tx = cs->bytes_tx;
-    e->reads = cs->reads;
-    e->writes = cs->writes;
-    e->tls_records_rx = cs->tls[DIR_READ].records;
-    e->tls_records_tx = cs->tls[DIR_WRITE].records;
-    e->tls_app_records_rx = cs->tls[DIR_READ].app_records;
-    e->tls_app_records_tx = cs->tls[DIR_WRITE].app_records;
-    e->tls_max_record_rx = cs->tls[DIR_READ].max_len;
-    e->tls_max_record_tx = cs->tls[DIR_WRITE].max_len;
-    e->tls_flags = cs->tls_flags;
-    e->epoll_adds = cs->epoll_adds;
-    e->epoll_first_add_ns = cs->epoll_first_add_ns;
-    e->epoll_second_add_ns = cs->epoll_second_add_ns;
-    e->sockopt_count = cs->sockopt_count;
     e->_pad2 = 0;
-    __builtin_memcpy(e->sockopts, cs->sockopts, sizeof(e->sockopts));
+    COPY_CONN_TOTALS(e, cs);
     /* the held bytes (one copy, not an unrolled one: the struct is 2.6 KiB), or zeros */
     struct held_handshake *held = held_handshakes.lookup(&key);
     __u32 zero = 0;

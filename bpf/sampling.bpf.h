@@ -230,6 +230,14 @@ static __always_inline struct conn_state *exit_conn(struct bpf_raw_tracepoint_ar
     return *io ? cs : 0;
 }
 
+/* For a program tail-called on a read's exit: its connection, or 0 when it moved nothing (ret <= 0), was a
+ * write, or is none of ours. */
+static __always_inline struct conn_state *exit_read_conn(struct bpf_raw_tracepoint_args *ctx, struct sys_regs *r,
+                                                         __u8 *io) {
+    struct conn_state *cs = (long)ctx->args[1] > 0 ? exit_conn(ctx, r, io) : 0;
+    return cs && *io < IO_WRITE ? cs : 0;
+}
+
 int tls_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     long ret = (long)ctx->args[1];
     struct sys_regs r = {};
@@ -257,7 +265,7 @@ int tls_step_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     long ret = (long)ctx->args[1];
     struct sys_regs r = {};
     __u8 io = 0;
-    struct conn_state *cs = ret > 0 ? exit_conn(ctx, &r, &io) : 0;
+    struct conn_state *cs = exit_read_conn(ctx, &r, &io);
     if (!cs)
         return 0;
     __u32 peek = recv_flags(io, &r) & MSG_PEEK_FLAG;
@@ -277,8 +285,8 @@ int quiet_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     long ret = (long)ctx->args[1];
     struct sys_regs r = {};
     __u8 io = 0;
-    struct conn_state *cs = ret > 0 ? exit_conn(ctx, &r, &io) : 0;
-    if (!cs || io >= IO_WRITE)
+    struct conn_state *cs = exit_read_conn(ctx, &r, &io);
+    if (!cs)
         return 0;
     count_unreported(cs, io, ret);
     struct inflight req = {};
@@ -300,8 +308,8 @@ int hold_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     long ret = (long)ctx->args[1];
     struct sys_regs r = {};
     __u8 io = 0;
-    struct conn_state *cs = ret > 0 ? exit_conn(ctx, &r, &io) : 0;
-    if (!cs || io >= IO_WRITE)
+    struct conn_state *cs = exit_read_conn(ctx, &r, &io);
+    if (!cs)
         return 0;
     __u32 peek = recv_flags(io, &r) & MSG_PEEK_FLAG;
     if (!peek)

@@ -115,6 +115,28 @@ struct conn_state {
                                  * and nothing between */
 #define CONN_HOLD 16384 /* SAMPLING: an untraced TLS connection's ClientHello is being held (hold_hello_sys_exit) */
 
+/* A connection's totals from its state `cs` into record `e`: a struct close_event or a struct
+ * connection_kept_event (events.h: the same field names). */
+#define COPY_CONN_TOTALS(e, cs)                                              \
+    do {                                                                     \
+        (e)->bytes_rx = (cs)->bytes_rx;                                      \
+        (e)->bytes_tx = (cs)->bytes_tx;                                      \
+        (e)->reads = (cs)->reads;                                            \
+        (e)->writes = (cs)->writes;                                          \
+        (e)->tls_records_rx = (cs)->tls[DIR_READ].records;                   \
+        (e)->tls_records_tx = (cs)->tls[DIR_WRITE].records;                  \
+        (e)->tls_app_records_rx = (cs)->tls[DIR_READ].app_records;           \
+        (e)->tls_app_records_tx = (cs)->tls[DIR_WRITE].app_records;          \
+        (e)->tls_max_record_rx = (cs)->tls[DIR_READ].max_len;                \
+        (e)->tls_max_record_tx = (cs)->tls[DIR_WRITE].max_len;               \
+        (e)->tls_flags = (cs)->tls_flags;                                    \
+        (e)->epoll_first_add_ns = (cs)->epoll_first_add_ns;                  \
+        (e)->epoll_second_add_ns = (cs)->epoll_second_add_ns;                \
+        (e)->epoll_adds = (cs)->epoll_adds;                                  \
+        (e)->sockopt_count = (cs)->sockopt_count;                            \
+        __builtin_memcpy((e)->sockopts, (cs)->sockopts, sizeof((e)->sockopts)); \
+    } while (0)
+
 #define CAPTURE_UNLIMITED 0xffffffff /* conn_state.capture_budget of a plaintext connection (request capture) */
 
 /* What a syscall's enter saw, for its exit (one per thread: a thread is in one syscall at a time). */

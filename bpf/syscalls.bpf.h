@@ -238,24 +238,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     ev.fd = (__s32)args->fd;
     ev.role = cs->role;
     ev.open_ts_ns = cs->open_ts_ns;
-    ev.bytes_rx = cs->bytes_rx;
-    ev.bytes_tx = cs->bytes_tx;
-    ev.reads = cs->reads;
-    ev.writes = cs->writes;
-    ev.tls_records_rx = cs->tls[DIR_READ].records;
-    ev.tls_records_tx = cs->tls[DIR_WRITE].records;
-    ev.tls_app_records_rx = cs->tls[DIR_READ].app_records;
-    ev.tls_app_records_tx = cs->tls[DIR_WRITE].app_records;
-    ev.tls_max_record_rx = cs->tls[DIR_READ].max_len;
-    ev.tls_max_record_tx = cs->tls[DIR_WRITE].max_len;
-    ev.tls_flags = cs->tls_flags;
+    COPY_CONN_TOTALS(&ev, cs);
     ev.sampled_out = (cs->flags & CONN_LATE_UNTRACED) ? 1 : 0;
     ev.kept = kept;
-    ev.epoll_first_add_ns = cs->epoll_first_add_ns;
-    ev.epoll_second_add_ns = cs->epoll_second_add_ns;
-    ev.epoll_adds = cs->epoll_adds;
-    ev.sockopt_count = cs->sockopt_count;
-    __builtin_memcpy(ev.sockopts, cs->sockopts, sizeof(ev.sockopts));
 #if SAMPLING
     if ((cs->flags & CONN_AWAIT) && cs->req_method) { /* a request closed before its answer */
         record_request(tgid, cs, 0, ev.hdr.ts_ns);

@@ -39,6 +39,19 @@ def _client(lab: EnvoyLab, context: ssl.SSLContext | None = None) -> SteppedTlsC
     return SteppedTlsClient(lab.tls_port, SNI, lab.ca_path, context=context)
 
 
+def _refused(lab: EnvoyLab, times: int) -> None:
+    """``times`` clients offering only a cipher Envoy's defaults no longer accept: the server's alert."""
+    old = ssl.create_default_context(cafile=str(lab.ca_path))
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    old.set_ciphers("AES128-SHA")
+    for _ in range(times):
+        c = _client(lab, old)
+        c.send_hello()
+        with pytest.raises(ssl.SSLError):
+            c.read_server_flight()
+        c.close()
+
+
 def _drive(lab: EnvoyLab) -> None:
     """The clients, one kind after the other."""
     for _ in range(FINE):  # whole handshakes and a request each: left out, and nothing wrong with them
@@ -46,15 +59,7 @@ def _drive(lab: EnvoyLab) -> None:
         c.handshake()
         assert c.get().startswith(b"HTTP/1.1 200"), "a fine connection was not answered"
         c.close()
-    old = ssl.create_default_context(cafile=str(lab.ca_path))
-    old.maximum_version = ssl.TLSVersion.TLSv1_2
-    old.set_ciphers("AES128-SHA")  # a cipher Envoy's defaults no longer accept: the server's alert
-    for _ in range(REFUSED):
-        c = _client(lab, old)
-        c.send_hello()
-        with pytest.raises(ssl.SSLError):
-            c.read_server_flight()
-        c.close()
+    _refused(lab, REFUSED)
     for _ in range(GAVE_UP):  # the client reads the server's hello flight and goes away
         c = _client(lab)
         c.send_hello()
@@ -212,16 +217,8 @@ def test_kept_requests_and_connections_are_sent_within_the_keep_rate_and_the_res
         first = clients.curl_tls(lab.tls_port, SNI, alpn="http/1.1", ca=lab.ca_path)
         assert first.http_code == 200, first.stderr
         time.sleep(1.5)  # the listener is handed to the kernel; the bucket is full (one second's worth)
-        old = ssl.create_default_context(cafile=str(lab.ca_path))
-        old.maximum_version = ssl.TLSVersion.TLSv1_2
-        old.set_ciphers("AES128-SHA")
         started = time.monotonic()
-        for _ in range(handshakes):
-            c = _client(lab, old)
-            c.send_hello()
-            with pytest.raises(ssl.SSLError):
-                c.read_server_flight()
-            c.close()
+        _refused(lab, handshakes)
         conn = http.client.HTTPConnection("127.0.0.1", lab.http_port, timeout=10)
         for _ in range(errors):
             conn.request("GET", "/status/503")
