@@ -239,3 +239,42 @@ def test_handshake_reassembler_bounded(fragments: list[tuple[bytes, int]], limit
         for _msg_type, body in hs.feed(frag, missing):
             assert len(body) + 4 <= limit
         assert hs.buffered_bytes <= limit
+
+
+# --------------------------------------------------------------------------------------------------
+# A kept connection's record (EV_CONNECTION_KEPT): whatever the kernel held
+# --------------------------------------------------------------------------------------------------
+
+
+def _mutated(data: bytes, flips: list[tuple[int, int]], cut: int) -> bytes:
+    out = bytearray(data[:cut] if cut else data)
+    for at, value in flips:
+        if out:
+            out[at % len(out)] = value
+    return bytes(out)
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), max_size=8),
+       cut=st.integers(0, 600), flight=st.binary(max_size=600), reason=st.integers(0, 7),
+       hello_ret=st.integers(0, 1 << 20), peeked=st.booleans(), hs_end=st.integers(0, 10**10),
+       established=st.integers(0, 10**10))
+def test_a_kept_connection_record_with_any_held_bytes_becomes_one_connection(
+        flips, cut, flight, reason, hello_ret, peeked, hs_end, established) -> None:
+    """The held hello (a real one, damaged and cut), any server flight bytes, any reason number, lengths and
+    times: neither the correlator nor the span builder raises, and the record becomes one connection span
+    marked kept."""
+    from tests.support.correlation import Harness, build
+    from tests.support.events import connection_kept
+
+    hello = _mutated(real_client_hello(), flips, cut)
+    ev = connection_kept(10**10 + 5_000, 31, 40001, "TLS_FAILED", open_ts=10**10, established_ns=established,
+                         hello=hello, hello_ts=10**10 + 1_000, peeked=peeked, flight=flight,
+                         flight_ts=10**10 + 2_000, hs_start=10**10 + 1_000, hs_end=hs_end, hs_state=1)
+    ev = ev._replace(reason=reason, hello_ret=max(hello_ret, ev.hello_len), flight_ret=len(flight))
+    h = Harness()
+    h.c.handle(ev)
+    (conn,) = h.drain()
+    assert conn.kept and conn.close_ns == ev.ts_ns
+    root = [s for s in build(conn) if s.name == "envoy.downstream.connection"]
+    assert len(root) == 1 and root[0].attributes["otel_envoy.kept"] == conn.kept
