@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .correlate.correlator import ConnectionCorrelator
+from .correlate.kept_connections import KEPT_CONNECTION_REASONS
 from .correlate.round_tracker import OFFCPU_REASONS
 from .envoy.listen_socket import ListenSocket
 from .envoy.threads import thread_identity
@@ -31,9 +32,12 @@ def sampler_decisions(probes: ConnectionProbes) -> dict[str, dict[str, int]]:
     the kernel kept at their close, by reason, and the kept requests and connections over the keep rate."""
     decided = {f"{kind}_connections": probes.connection_sample_counts(kind)
                for kind in ("tls", "h2c", "other")}
+    kept = probes.kept_connection_counts()
+    kept_by_reason = {"without_handshake_bytes": kept.get(0, 0),
+                      **{name: kept.get(n, 0) for n, name in KEPT_CONNECTION_REASONS.items()}} if kept else {}
     keeps = probes.keep_counts()
-    return {**decided, "kept_connections": probes.kept_connection_counts(),
-            "kept_records_sent": keeps.pop("sent", 0), "kept_over_rate": keeps}
+    return {**decided, "kept_connections": kept_by_reason, "kept_records_sent": keeps.pop("sent", 0),
+            "kept_over_rate": keeps}
 
 
 def request_totals(series: Mapping[RequestSeries, RequestTotals]) -> dict[str, Any]:

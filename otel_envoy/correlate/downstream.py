@@ -38,7 +38,7 @@ from .attribution import UpstreamAttribution
 from .downstream_requests import DownstreamRequests
 from .http_feed import downstream_parser
 from .identity import IdSource, thread_name
-from .kept_connections import KEPT_CONNECTION_REASONS, accept_of, close_of, kept_reason
+from .kept_connections import accept_of, close_of, kept_reason
 from .records import AcceptQueueDepth, ConnectionRecord, ListenerHandoff, TcpMark, TlsRecordCounts
 from .round_tracker import RoundTracker
 
@@ -400,7 +400,7 @@ class DownstreamConnections:
         conn = self.open.get((ev.tgid, ev.fd))
         if conn is None:
             return
-        conn.kept = kept_reason(ev)
+        conn.kept = kept_reason(ev.reason)
         self.stats[f"connections_kept_{conn.kept}"] += 1
         if ev.established_ns and conn.tcp.established_ns is None:
             conn.tcp.established_ns = ev.established_ns
@@ -467,7 +467,7 @@ class DownstreamConnections:
                 self.stats["connections_sampled_out"] += 1
                 return
             # kept all the same (a reset, a slow accept): its span, without what was not reported
-            conn.kept = KEPT_CONNECTION_REASONS.get(ev.kept, f"reason_{ev.kept}")
+            conn.kept = kept_reason(ev.kept)
             conn.partial.append("transfers_not_reported")
             self.stats[f"connections_kept_{conn.kept}"] += 1
         conn.close_ns = ev.ts_ns

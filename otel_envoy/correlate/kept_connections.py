@@ -22,9 +22,9 @@ KEPT_CONNECTION_REASONS = {
 }
 
 
-def kept_reason(ev: ConnectionKeptEvent) -> str:
-    """Why the kernel kept it, as the span says it."""
-    return KEPT_CONNECTION_REASONS.get(ev.reason, f"reason_{ev.reason}")
+def kept_reason(reason: int) -> str:
+    """Why the kernel kept a connection (enum connection_keep_reason), as its span says it."""
+    return KEPT_CONNECTION_REASONS.get(reason, f"reason_{reason}")
 
 
 def accept_of(ev: ConnectionKeptEvent) -> AcceptEvent:

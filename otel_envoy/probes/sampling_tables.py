@@ -10,12 +10,10 @@ from typing import Any
 
 from .errors import ProbeError
 
-__all__ = ["KEPT_CONNECTION_REASONS", "SamplingTables"]
+__all__ = ["SamplingTables"]
 
 _SAMPLED_WHOLE = {"tls": 0, "h2c": 2, "other": 4}  # conn_sample_counts: each kind's (traced, not) slots
-#: conn_kept_counts' slots (enum connection_keep_reason; slot 0 counts those kept without held bytes)
-KEPT_CONNECTION_REASONS = ("without_handshake_bytes", "tls_handshake_failed", "reset", "tls_handshake_slow",
-                           "accept_queue_slow")
+_KEPT_SLOTS = 5  # conn_kept_counts: slot 0 and enum connection_keep_reason 1..4
 
 
 class SamplingTables:
@@ -27,6 +25,11 @@ class SamplingTables:
     def _need_sampling(self) -> None:
         if not self.config.sampling:
             raise ProbeError("request sampling is not in this build (ProbeConfig.sampling)")
+
+    def _per_cpu_sums(self, table: bytes, slots: int) -> list[int]:
+        """Slots 0 .. ``slots`` - 1 of a per-CPU counter array, each summed over the CPUs."""
+        per_cpu = self.bpf[table]
+        return [int(sum(per_cpu[ctypes.c_int(i)])) for i in range(slots)]
 
     def set_sample_threshold(self, threshold: int) -> None:
         """Trace a plaintext HTTP/1.x request when a 32-bit random number is below ``threshold``
@@ -78,9 +81,8 @@ class SamplingTables:
         and not sampled by the ratio, and by their traceparent's flag."""
         if not self.config.sampling:
             return {}
-        per_cpu = self.bpf[b"sample_counts"]
         names = ("sampled", "not_sampled", "parent_sampled", "parent_not_sampled")
-        return {name: int(sum(per_cpu[ctypes.c_int(i)])) for i, name in enumerate(names)}
+        return dict(zip(names, self._per_cpu_sums(b"sample_counts", len(names)), strict=True))
 
     def set_keep_slow_connections(self, handshake_ns: int, accept_ns: int) -> None:
         """Keep (report at its close) a connection sampled whole and not traced whose TLS handshake took at
@@ -92,7 +94,7 @@ class SamplingTables:
 
     def set_keep_rate(self, per_second: int) -> None:
         """Send at most ``per_second`` kept records a second (requests and connections the sampler left out,
-        kept for what became of them; 0: no limit); the others are counted (:meth:`keep_limited_counts`).
+        kept for what became of them; 0: no limit); the others are counted (:meth:`keep_counts`).
         Needs a build with ``sampling``."""
         self._need_sampling()
         self.bpf[b"keep_rate"][ctypes.c_int(0)] = ctypes.c_uint64(max(0, int(per_second)))
@@ -102,14 +104,13 @@ class SamplingTables:
         ``sampling``)."""
         if not self.config.sampling:
             return {}
-        per_cpu = self.bpf[b"keep_counts"]
-        slots = ("requests", "connections", "sent")  # KEEP_LIMITED_REQUESTS, _CONNECTIONS, KEEP_SENT
-        return {name: int(sum(per_cpu[ctypes.c_int(i)])) for i, name in enumerate(slots)}
+        names = ("requests", "connections", "sent")  # KEEP_LIMITED_REQUESTS, _CONNECTIONS, KEEP_SENT
+        return dict(zip(names, self._per_cpu_sums(b"keep_counts", len(names)), strict=True))
 
-    def kept_connection_counts(self) -> dict[str, int]:
-        """Connections sampled whole and not traced that the kernel kept at their close, by reason, and how
-        many of them lacked their held handshake bytes (empty without ``sampling``)."""
+    def kept_connection_counts(self) -> dict[int, int]:
+        """Connections sampled whole and not traced that the kernel kept at their close, by enum
+        connection_keep_reason, and at 0 how many of them lacked their held handshake bytes (empty without
+        ``sampling``)."""
         if not self.config.sampling:
             return {}
-        per_cpu = self.bpf[b"conn_kept_counts"]
-        return {name: int(sum(per_cpu[ctypes.c_int(i)])) for i, name in enumerate(KEPT_CONNECTION_REASONS)}
+        return dict(enumerate(self._per_cpu_sums(b"conn_kept_counts", _KEPT_SLOTS)))

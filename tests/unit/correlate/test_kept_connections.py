@@ -66,10 +66,10 @@ def test_a_slow_accept_keeps_its_wait_in_the_accept_queue() -> None:
 
 def test_reason_names_follow_the_kernel_s_enum() -> None:
     from otel_envoy.correlate.kept_connections import KEPT_CONNECTION_REASONS
-    from otel_envoy.probes.sampling_tables import KEPT_CONNECTION_REASONS as SLOTS
 
     assert {C[f"KEEP_CONN_{k}"] for k in ("TLS_FAILED", "RESET", "TLS_SLOW", "ACCEPT_SLOW")} == {1, 2, 3, 4}
-    assert [KEPT_CONNECTION_REASONS[i] for i in range(1, 5)] == list(SLOTS[1:])
+    assert [KEPT_CONNECTION_REASONS[i] for i in range(1, 5)] == [
+        "tls_handshake_failed", "reset", "tls_handshake_slow", "accept_queue_slow"]
 
 
 def test_a_connection_sampled_out_after_its_accept_and_kept_at_its_close_makes_a_span() -> None:
