@@ -249,17 +249,21 @@ def test_a_flood_of_5xx_past_the_cpu_budget_lowers_the_keep_rate_and_counts_the_
 
     requests = 150_000
     summary = tmp_path / "summary.json"
-    daemon = DaemonProcess(["--pid", str(lab.pid), "--summary-json", str(summary), "--no-offcpu",
-                            "--output", str(tmp_path / "spans.jsonl"),
-                            "--sampler", "traceidratio", "--sampler-arg", "0", "--cpu-budget", "0.02"],
-                           tmp_path).start()
-    h2load(f"http://127.0.0.1:{lab.http_port}/status/503", requests, 8)
-    time.sleep(0.5)
-    assert daemon.stop() == 0, daemon.stderr()
+    with OtlpReceiver() as receiver:
+        daemon = DaemonProcess(["--pid", str(lab.pid), "--summary-json", str(summary), "--no-offcpu",
+                                "--otlp-endpoint", receiver.grpc_endpoint, "--otlp-protocol", "grpc",
+                                "--sampler", "traceidratio", "--sampler-arg", "0", "--cpu-budget", "0.02"],
+                               tmp_path).start()
+        h2load(f"http://127.0.0.1:{lab.http_port}/status/503", requests, 8)
+        time.sleep(0.5)
+        assert daemon.stop() == 0, daemon.stderr()
+        spans = receiver.spans()
     report = json.loads(summary.read_text())
     sampler = report["sampler"]
     budget = sampler["cpu_budget"]
     assert 0 < budget["keep_rate_lowest"] < requests, budget  # lowered: the rate was in force
     over = sampler["kept_over_rate"]["requests"]
     assert over > 0 and sampler["kept_records_sent"] + over == requests, sampler
+    kept = sum(1 for s in spans if s.attributes.get("otel_envoy.kept") == "server_error")
+    assert kept == sampler["kept_records_sent"]  # every kept record sent became a span the receiver got
     assert report["http_requests"]["by_status"]["503"] == requests  # the metrics count every one
