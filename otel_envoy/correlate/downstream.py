@@ -384,13 +384,22 @@ class DownstreamConnections:
                 self.requests.on_data(conn, ev)
 
     def _note_tls_listener(self, conn: ConnectionRecord) -> None:
-        """``conn`` speaks TLS: so does its listening socket (the kernel then samples its connections)."""
-        listener_key = (conn.tgid, conn.listen_fd)
-        if conn.local_port and listener_key not in self.tls_listeners:
-            # replaced whole, never changed in place: the daemon reads it from another thread
-            self.tls_listeners = {**self.tls_listeners, listener_key: conn.local_port}
-            if self.on_tls_listener is not None:
-                self.on_tls_listener(listener_key, conn.local_port)
+        """``conn`` speaks TLS: so does its listening socket, and the other workers' sockets of the same
+        listener (SO_REUSEPORT: the same address and port in the process). The kernel then samples their
+        connections whole."""
+        listener_key, port = (conn.tgid, conn.listen_fd), conn.local_port
+        if not port or listener_key in self.tls_listeners:
+            return
+        this = self.listen_socket(*listener_key)
+        keys = [listener_key, *(key for key, s in self.listen_sockets.items()
+                                if key[0] == conn.tgid and key != listener_key and s.port == port
+                                and (this is None or s.address == this.address)
+                                and key not in self.tls_listeners)]
+        # replaced whole, never changed in place: the daemon reads it from another thread
+        self.tls_listeners = {**self.tls_listeners, **dict.fromkeys(keys, port)}
+        if self.on_tls_listener is not None:
+            for key in keys:
+                self.on_tls_listener(key, port)
 
     def on_connection_kept(self, ev: ConnectionKeptEvent) -> None:
         """A connection the sampler left out, kept by the kernel at its close (a failed or slow TLS

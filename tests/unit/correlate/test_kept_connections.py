@@ -81,3 +81,23 @@ def test_a_connection_sampled_out_after_its_accept_and_kept_at_its_close_makes_a
                         close(8_000, 35, rx=24, sampled_out=1, kept=C["KEEP_CONN_RESET"])]).only()
     assert (r.kept, r.partial, r.close_ns, r.traffic.bytes_received) == (
         "reset", ["transfers_not_reported"], 8_000, 24)
+
+
+def test_a_tls_connection_hands_every_worker_s_socket_of_its_listener_to_the_kernel() -> None:
+    """SO_REUSEPORT: each worker accepts on a socket of its own, same address and port. The first TLS
+    connection on any of them makes all of them TLS listeners (their connections decided whole, their
+    handshakes summarized), not only its own; a socket of another port or address stays as it was."""
+    from tests.support.events import TGID, accept, listen_sockets, read
+
+    handed: list[tuple[tuple[int, int], int]] = []
+    h = Harness()
+    h.c.set_listen_sockets(listen_sockets((TGID, LISTEN_FD, "0.0.0.0", 10000, None),
+                                          (TGID, LISTEN_FD + 1, "0.0.0.0", 10000, None),
+                                          (TGID, LISTEN_FD + 2, "0.0.0.0", 10001, None),
+                                          (TGID, LISTEN_FD + 3, "127.0.0.2", 10000, None)))
+    h.c.downstream.on_tls_listener = lambda key, port: handed.append((key, port))
+    h.feed([accept(1_000, 40, 40009), read(2_000, 40, client_hello())])
+    assert sorted(handed) == [((TGID, LISTEN_FD), 10000), ((TGID, LISTEN_FD + 1), 10000)]
+    assert h.c.downstream.tls_listeners == dict(handed)
+    h.feed([accept(3_000, 41, 40010, listen_fd=LISTEN_FD + 1), read(4_000, 41, client_hello())])
+    assert len(handed) == 2  # known already
