@@ -10,6 +10,14 @@
  * The held bytes live in an LRU table from the connection's first TLS bytes to its close: one entry per
  * untraced TLS connection open; under more open connections than the table holds, the oldest lose their
  * bytes first (a kept one is then reported without them, and user space says so).
+ *
+ * A traced connection of such a listener has its accept reported, then goes the same way through its
+ * handshake (`tls_handshake_summary` on, CONN_HS_SUMMARY): no record of its handshake's transfers (they are
+ * counted and their TLS records walked), its hello bytes held. When the handshake ends (hs_summary_sys_exit,
+ * sampling.bpf.h) one record of the same layout, KEEP_CONN_SAMPLED and KEPT_OPEN, says what its handshake's
+ * records would have said; its held entry goes, and from there on it is a traced connection like any other.
+ * One that closes before its handshake ended has that record at its close (KEEP_CONN_SAMPLED), then its
+ * close record. Its held entry lives for the handshake only.
  */
 
 #define HELD_HANDSHAKES 1024
@@ -18,6 +26,7 @@ BPF_TABLE("lru_hash", __u64, struct held_handshake, held_handshakes, HELD_HANDSH
 BPF_ARRAY(held_zero, struct held_handshake, 1); /* never written: a new entry's initial value */
 BPF_ARRAY(keep_slow_handshake_ns, __u64, 1); /* a handshake at least this long is kept (0: none) */
 BPF_ARRAY(keep_slow_accept_ns, __u64, 1);    /* an accept-queue wait at least this long is kept (0: none) */
+BPF_ARRAY(tls_handshake_summary, __u32, 1);  /* 1: a traced TLS connection's handshake is one record (above) */
 /* connections kept, by enum connection_keep_reason; slot 0: of them, those kept without held handshake bytes */
 BPF_PERCPU_ARRAY(conn_kept_counts, __u64, 5);
 
@@ -48,9 +57,17 @@ static __always_inline void count_kept_connection(__u32 slot) {
         (*v)++;
 }
 
-/* Reports the untraced downstream connection `cs` (fd `fd`, key `key`) as one record, kept for `reason`. */
+/* Whether a traced connection of a TLS listener has its handshake reported as one record (CONN_HS_SUMMARY). */
+static __always_inline int tls_handshake_summarized(void) {
+    __u32 zero = 0;
+    __u32 *on = tls_handshake_summary.lookup(&zero);
+    return on && *on;
+}
+
+/* Reports the untraced downstream connection `cs` (fd `fd`, key `key`) as one record, kept for `reason`
+ * (KEEP_CONN_SAMPLED: a traced one's handshake summary), with `close_flags` (KEPT_OPEN) besides its own. */
 static __always_inline void keep_connection(__u64 pid_tgid, __u64 key, __s32 fd, const struct conn_state *cs,
-                                            __u8 reason, __u64 now) {
+                                            __u8 reason, __u8 close_flags, __u64 now) {
     struct connection_kept_event *e = events.ringbuf_reserve(sizeof(struct connection_kept_event));
     if (!e) {
         count_drop(DROP_RINGBUF_FULL);
@@ -65,7 +82,8 @@ static __always_inline void keep_connection(__u64 pid_tgid, __u64 key, __s32 fd,
     e->reason = reason;
     e->hs_state = cs->hs_state;
     e->hs_resumed = cs->hs_resumed;
-    e->close_flags = ((cs->flags & CONN_PEER_EOF) ? KEPT_PEER_EOF : 0) | ((cs->flags & CONN_IO_RESET) ? KEPT_IO_RESET : 0);
+    e->close_flags = close_flags | ((cs->flags & CONN_PEER_EOF) ? KEPT_PEER_EOF : 0) |
+                     ((cs->flags & CONN_IO_RESET) ? KEPT_IO_RESET : 0);
     __builtin_memcpy(e->peer_addr, cs->peer_addr, ADDR_LEN);
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     e->open_ts_ns = cs->open_ts_ns;
@@ -77,11 +95,12 @@ static __always_inline void keep_connection(__u64 pid_tgid, __u64 key, __s32 fd,
     e->_pad1 = 0;
     e->_pad2 = 0;
     COPY_CONN_TOTALS(e, cs);
-    /* the held bytes (one copy, not an unrolled one: the struct is 2.6 KiB), or zeros */
+    /* the held bytes (one copy, not an unrolled one: the struct is 4.6 KiB), or zeros */
     struct held_handshake *held = held_handshakes.lookup(&key);
     __u32 zero = 0;
     if (!held) {
-        count_kept_connection(0);
+        if (reason != KEEP_CONN_SAMPLED)
+            count_kept_connection(0);
         held = held_zero.lookup(&zero);
     }
     if (!held || bpf_probe_read_kernel(&e->held, sizeof(e->held), held) != 0) {
@@ -91,5 +110,6 @@ static __always_inline void keep_connection(__u64 pid_tgid, __u64 key, __s32 fd,
     }
     events.ringbuf_submit(e, RB_SUBMIT_FLAGS);
     count_submitted();
-    count_kept_connection(reason);
+    if (reason != KEEP_CONN_SAMPLED)
+        count_kept_connection(reason);
 }

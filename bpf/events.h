@@ -191,9 +191,11 @@ enum connection_keep_reason {
     KEEP_CONN_RESET = 2,      /* a read or write of it failed with a reset (ECONNRESET, EPIPE, ETIMEDOUT) */
     KEEP_CONN_TLS_SLOW = 3,   /* its TLS handshake took at least the daemon's slow-handshake threshold */
     KEEP_CONN_ACCEPT_SLOW = 4, /* it waited in the accept queue at least the daemon's slow-accept threshold */
+    KEEP_CONN_SAMPLED = 5,    /* not kept: a traced TLS connection's handshake, reported as one record
+                               * (conn_keep.bpf.h, CONN_HS_SUMMARY) at its end (KEPT_OPEN) or at the close */
 };
 
-#define HELLO_HELD 2048 /* bytes of an untraced TLS connection's ClientHello held for its kept record */
+#define HELLO_HELD 4096 /* bytes of a ClientHello held for a kept record or a handshake summary (CAPTURE_MAX) */
 #define FLIGHT_HELD 512 /* bytes of the server's hello flight held (its ServerHello, or an alert) */
 
 #define KEPT_HEAD 128 /* first bytes of a request kept by the kernel: its request line and first headers */
@@ -475,6 +477,8 @@ struct connection_kept_event {
 
 #define KEPT_PEER_EOF 1 /* connection_kept_event.close_flags: a read returned EOF before the close */
 #define KEPT_IO_RESET 2 /* a read or write failed with a reset */
+#define KEPT_OPEN 4     /* a traced TLS connection's handshake summary at the handshake's end: it stays open, and its
+                         * later transfers and its close are reported as a traced connection's */
 
 /* A bound socket of a target (the bound_fds map's value): its address, for the records of its copies. */
 struct bound_socket {

@@ -32,7 +32,8 @@ BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
 /* tail-call slots, set by the loader: [EXIT_IO] io_sys_exit, [EXIT_ACCEPT] accept_sys_exit,
  * [EXIT_CONNECT] connect_sys_exit, [EXIT_SETUP] setup_sys_exit (startup.bpf.h), [EXIT_TLS_HELLO]
  * tls_hello_sys_exit, [EXIT_TLS_STEP] tls_step_sys_exit, [EXIT_QUIET] quiet_sys_exit, [EXIT_EPOLL_CTL]
- * epoll_ctl_sys_exit (syscalls.bpf.h), [EXIT_HOLD] hold_hello_sys_exit */
+ * epoll_ctl_sys_exit (syscalls.bpf.h), [EXIT_HOLD] hold_hello_sys_exit, [EXIT_HS_SUMMARY] hs_summary_sys_exit,
+ * [EXIT_QUIET_WRITE] quiet_write_sys_exit */
 #define EXIT_IO 0
 #define EXIT_ACCEPT 1
 #define EXIT_CONNECT 2
@@ -42,7 +43,9 @@ BPF_PERCPU_ARRAY(sample_counts, __u64, 4);
 #define EXIT_QUIET 6
 #define EXIT_EPOLL_CTL 7
 #define EXIT_HOLD 8
-BPF_PROG_ARRAY(exit_progs, 9);
+#define EXIT_HS_SUMMARY 9
+#define EXIT_QUIET_WRITE 10
+BPF_PROG_ARRAY(exit_progs, 11);
 
 static __always_inline void count_sampled(__u32 slot) {
     __u64 *v = sample_counts.lookup(&slot);
@@ -248,6 +251,11 @@ int tls_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     parse_server_hello(cs, io, (const void *)r.si, ret);
     if (cs->flags & CONN_UNTRACED) {
         hold_flight(conn_key(bpf_get_current_pid_tgid() >> 32, (__s32)r.di), io, (const void *)r.si, ret);
+        if (cs->flags & CONN_HS_SUMMARY) { /* traced: its TLS records walked */
+            exit_progs.call(ctx, EXIT_QUIET_WRITE);
+            count_drop(DROP_TAIL_CALL);
+            return 0;
+        }
         count_unreported(cs, io, ret);
         return 0;
     }
@@ -272,51 +280,64 @@ int tls_step_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     __u8 quiet = 0;
     if (cs->quiet_left && io < IO_WRITE && !peek)
         quiet = quiet_read(cs, ret);
-    if (cs->hs_state < HS_DONE)
+    else if ((cs->flags & CONN_FIN_QUIET) && io < IO_WRITE && !peek)
+        quiet_finished(cs, io, (const void *)r.si, ret, &quiet);
+    if (cs->hs_state < HS_DONE && !quiet) /* not within a quiet record's body: no step of its own */
         tls_handshake_step(cs, bpf_get_current_pid_tgid() >> 32, io, (const void *)r.si, ret, peek, &quiet);
-    exit_progs.call(ctx, quiet ? EXIT_QUIET : EXIT_IO);
+    /* an untraced connection (here for a quiet record's body) reports nothing */
+    exit_progs.call(ctx, quiet || (cs->flags & CONN_UNTRACED) ? EXIT_QUIET : EXIT_IO);
     count_drop(DROP_TAIL_CALL);
     return 0;
 }
 
-/* tail-called by tls_step_sys_exit for a quiet read: counted and its record headers walked, as io_sys_exit
- * would, without a record. */
+/* A transfer not reported (ret > 0) of connection `cs`: counted, and its TLS record headers walked, as
+ * io_sys_exit would, without a record. `dir`: a constant (one walk each for the verifier). */
+static __always_inline void walk_unreported(struct conn_state *cs, const struct sys_regs *r, __u8 io, long ret,
+                                            __u8 dir) {
+    count_unreported(cs, io, ret);
+    struct inflight req = {};
+    req.fd = (__s32)r->di;
+    req.syscall = io;
+    req.buf = r->si;
+    if (io == IO_READV || io == IO_WRITEV)
+        req.len = (__u32)r->dx; /* iovcnt */
+    walk_tls_records(cs, &req, (__u64)ret, dir);
+}
+
+/* tail-called by tls_step_sys_exit for a quiet read, and for the reads of a summarized handshake
+ * (CONN_HS_SUMMARY, conn_keep.bpf.h): walk_unreported. */
 int quiet_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     long ret = (long)ctx->args[1];
     struct sys_regs r = {};
     __u8 io = 0;
     struct conn_state *cs = exit_read_conn(ctx, &r, &io);
-    if (!cs)
-        return 0;
-    count_unreported(cs, io, ret);
-    struct inflight req = {};
-    req.fd = (__s32)r.di;
-    req.syscall = io;
-    req.buf = r.si;
-    if (io == IO_READV)
-        req.len = (__u32)r.dx; /* iovcnt */
-    walk_tls_records(cs, &req, (__u64)ret, DIR_READ);
+    if (cs)
+        walk_unreported(cs, &r, io, ret, DIR_READ);
     return 0;
 }
 
-/* tail-called by front_sys_exit for a read (or peek) of an untraced TLS connection whose ClientHello is held
- * (CONN_HOLD): its bytes kept in held_handshakes for a kept record (conn_keep.bpf.h), and counted as the
- * front counts an untraced connection's transfers. A listener filter's peek shows the stream from its start,
- * so each peek replaces what was held and the real reads after one hold nothing more; without a peek,
- * BoringSSL reads the record's 5-byte header, then its body, and the two are held one after the other. */
-int hold_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
+/* tail-called for the writes of a summarized handshake (CONN_HS_SUMMARY): walk_unreported. */
+int quiet_write_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     long ret = (long)ctx->args[1];
     struct sys_regs r = {};
     __u8 io = 0;
-    struct conn_state *cs = exit_read_conn(ctx, &r, &io);
-    if (!cs)
-        return 0;
-    __u32 peek = recv_flags(io, &r) & MSG_PEEK_FLAG;
-    if (!peek)
-        count_unreported(cs, io, ret);
+    struct conn_state *cs = ret > 0 ? exit_conn(ctx, &r, &io) : 0;
+    if (cs && io >= IO_WRITE)
+        walk_unreported(cs, &r, io, ret, DIR_WRITE);
+    return 0;
+}
+
+/* hold_hello_sys_exit, tail-called by front_sys_exit for a read (or peek) of an untraced TLS connection whose
+ * ClientHello is held (CONN_HOLD; a traced one whose handshake is summarized too): its bytes kept in held_handshakes for a kept record (conn_keep.bpf.h), and counted as the
+ * front counts an untraced connection's transfers. A listener filter's peek shows the stream from its start,
+ * so each peek replaces what was held and the real reads after one hold nothing more; without a peek,
+ * BoringSSL reads the record's 5-byte header, then its body, and the two are held one after the other. */
+static __always_inline void hold_hello(struct conn_state *cs, __u8 io, const struct sys_regs *rp, long ret,
+                                       __u32 peek) {
+    struct sys_regs r = *rp;
     if (cs->hs_state != HS_HELLO) { /* the handshake moved on */
         cs->flags &= ~CONN_HOLD;
-        return 0;
+        return;
     }
     __u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, (__s32)r.di);
     struct held_handshake *h = held_handshakes.lookup(&key);
@@ -330,7 +351,7 @@ int hold_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     const __u8 *src = h ? transfer_start(io, (const void *)r.si, &avail) : 0;
     if (!src) {
         cs->flags &= ~CONN_HOLD;
-        return 0;
+        return;
     }
     if (!h->hello_ns) /* its first bytes' time (tls_first_bytes, this same transfer) */
         h->hello_ns = cs->hs_start_ns;
@@ -349,6 +370,57 @@ int hold_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         }
         cs->flags &= ~CONN_HOLD;
     }
+}
+
+int hold_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
+    long ret = (long)ctx->args[1];
+    struct sys_regs r = {};
+    __u8 io = 0;
+    struct conn_state *cs = exit_read_conn(ctx, &r, &io);
+    if (!cs)
+        return 0;
+    __u32 peek = recv_flags(io, &r) & MSG_PEEK_FLAG;
+    hold_hello(cs, io, &r, ret, peek);
+    if (peek)
+        return 0;
+    if (cs->flags & CONN_HS_SUMMARY) { /* traced: its TLS records walked (quiet_sys_exit) */
+        exit_progs.call(ctx, EXIT_QUIET);
+        count_drop(DROP_TAIL_CALL);
+        return 0;
+    }
+    count_unreported(cs, io, ret);
+    return 0;
+}
+
+/* tail-called by front_sys_exit for the transfer that ended the handshake of a traced TLS connection whose
+ * handshake is summarized (CONN_HS_SUMMARY, conn_keep.bpf.h): its one record (what its accept and its
+ * handshake's transfers would have said, with the held hello bytes), then a traced connection from here. The
+ * transfer itself is in the record: counted, and its TLS records walked (quiet_sys_exit,
+ * quiet_write_sys_exit), as every transfer of its handshake was. First bytes that were not TLS are reported as a traced connection's. */
+int hs_summary_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
+    struct sys_regs r = {};
+    __u8 io = 0;
+    struct conn_state *cs = exit_conn(ctx, &r, &io);
+    if (!cs || !(cs->flags & CONN_HS_SUMMARY))
+        return 0;
+    __u64 pid_tgid = bpf_get_current_pid_tgid();
+    __u64 key = conn_key(pid_tgid >> 32, (__s32)r.di);
+    keep_connection(pid_tgid, key, (__s32)r.di, cs, KEEP_CONN_SAMPLED, KEPT_OPEN, bpf_ktime_get_ns());
+    held_handshakes.delete(&key);
+    cs->flags &= ~(CONN_UNTRACED | CONN_HOLD | CONN_HS_SUMMARY);
+    if (!cs->hs_start_ns) { /* not TLS */
+        exit_progs.call(ctx, EXIT_IO);
+        count_drop(DROP_TAIL_CALL);
+        return 0;
+    }
+    /* ciphertext from here: reads are reported without bytes (their rounds), as io_sys_exit does past the
+     * handshake's first application-data record */
+    cs->flags |= CONN_TLS | CONN_SAW_IO | CONN_TLS_APP;
+    cs->capture_budget = HTTP_CAPTURE ? CAPTURE_UNLIMITED : 0;
+    if (io < IO_WRITE)
+        quiet_after_summary(cs, io, (const void *)r.si, (long)ctx->args[1]);
+    exit_progs.call(ctx, io < IO_WRITE ? EXIT_QUIET : EXIT_QUIET_WRITE);
+    count_drop(DROP_TAIL_CALL);
     return 0;
 }
 
@@ -392,7 +464,8 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         return 0; /* io_sys_exit would find nothing either */
     if (ret <= 0) {
         note_transfer_end(cs, io, ret); /* an EOF or a reset: how the connection ends (its metrics) */
-    } else if (cs->role == ROLE_DOWNSTREAM && (cs->hs_state < HS_DONE || cs->quiet_left)) {
+    } else if (cs->role == ROLE_DOWNSTREAM && (cs->hs_state < HS_DONE || cs->quiet_left ||
+                                               (cs->flags & CONN_FIN_QUIET))) {
         __u32 peek = recv_flags(io, &r) & MSG_PEEK_FLAG;
         if (cs->hs_state == HS_NONE) { /* the connection's first bytes: TLS or not (tls_handshake.bpf.h) */
             tls_first_bytes(cs, io, buf, ret, peek);
@@ -407,13 +480,24 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         }
     }
     if (cs->flags & CONN_UNTRACED) { /* counted, never reported */
+        if ((cs->flags & CONN_HS_SUMMARY) && cs->hs_state == HS_DONE && ret > 0) { /* its handshake ended */
+            exit_progs.call(ctx, EXIT_HS_SUMMARY);
+            count_drop(DROP_TAIL_CALL);
+            return 0;
+        }
         if ((cs->flags & CONN_HOLD) && ret > 0 && io < IO_WRITE) { /* its ClientHello, held (conn_keep.bpf.h) */
             exit_progs.call(ctx, EXIT_HOLD);
             count_drop(DROP_TAIL_CALL);
             return 0;
         }
-        if (ret > 0 && !(recv_flags(io, &r) & MSG_PEEK_FLAG))
+        if (ret > 0 && !(recv_flags(io, &r) & MSG_PEEK_FLAG)) {
+            if (cs->flags & CONN_HS_SUMMARY) { /* traced: its TLS records walked */
+                exit_progs.call(ctx, io < IO_WRITE ? EXIT_QUIET : EXIT_QUIET_WRITE);
+                count_drop(DROP_TAIL_CALL);
+                return 0;
+            }
             count_unreported(cs, io, ret);
+        }
         return 0;
     }
     /* CONN_H2 before the first real read: a listener filter's peek showed the preface (decided at the read) */

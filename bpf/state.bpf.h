@@ -114,6 +114,15 @@ struct conn_state {
                                  * HTTP, at its first transfer): its close is reported, marked `sampled_out`,
                                  * and nothing between */
 #define CONN_HOLD 16384 /* SAMPLING: an untraced TLS connection's ClientHello is being held (hold_hello_sys_exit) */
+#define CONN_HS_SUMMARY 32768 /* SAMPLING: a traced TLS connection whose handshake is reported as one record at its
+                               * end (conn_keep.bpf.h): until then it is CONN_UNTRACED, its handshake bytes held */
+#define CONN_FIN_QUIET 65536 /* SAMPLING: the client's Finished comes next, in that summary already: its read is quiet */
+#define CONN_HRR 131072 /* SAMPLING: the server's hello flight was a HelloRetryRequest: a second ClientHello comes */
+
+/* A connection sampled whole and not traced, as opposed to one whose handshake is being summarized. */
+static __always_inline int untraced_only(const struct conn_state *cs) {
+    return (cs->flags & (CONN_UNTRACED | CONN_HS_SUMMARY)) == CONN_UNTRACED;
+}
 
 /* A connection's totals from its state `cs` into record `e`: a struct close_event or a struct
  * connection_kept_event (events.h: the same field names). */

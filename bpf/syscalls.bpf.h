@@ -115,6 +115,7 @@ static __always_inline int on_accept_exit(long ret) {
     __u32 addr_len = written > 0 && (__u32)written < in.len ? (__u32)written : in.len;
     read_sockaddr((void *)in.buf, addr_len, &ev.family, &ev.peer_port, ev.peer_addr);
     __u64 established = 0;
+    __u32 flags = 0;
 #if SAMPLING
     established = record_accept_wait(ev.hdr.tgid, in.fd, ev.peer_addr, ev.family, ev.peer_port, ev.hdr.ts_ns);
     count_accept(ev.hdr.tgid, tid, in.fd);
@@ -125,11 +126,13 @@ static __always_inline int on_accept_exit(long ret) {
             track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, CONN_UNTRACED, &ev, established);
             return 0;
         }
+        if (tls_handshake_summarized()) /* traced: its handshake reported as one record (conn_keep.bpf.h) */
+            flags = CONN_UNTRACED | CONN_HS_SUMMARY;
     }
 #endif
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
 
-    track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, 0, 0, established);
+    track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, flags, flags ? &ev : 0, established);
     emit(&ev, sizeof(ev));
     return 0;
 }
@@ -217,22 +220,30 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         /* an untraced one is kept if something went wrong with it (conn_keep.bpf.h): reported now whole when
          * nothing of it was sent, else its close says so */
         kept = (cs->flags & CONN_UNTRACED) ? connection_keep_reason(cs) : 0;
-        if (kept && !keep_within_rate(now, KEEP_LIMITED_CONNECTIONS))
+        if (cs->flags & CONN_HS_SUMMARY) /* traced, its handshake never ended: its summary now, its close next */
+            kept = KEEP_CONN_SAMPLED;
+        else if (kept && !keep_within_rate(now, KEEP_LIMITED_CONNECTIONS))
             kept = 0;
         if (kept && !(cs->flags & CONN_LATE_UNTRACED))
-            keep_connection(pid_tgid, key, (__s32)args->fd, cs, kept, now); /* its handshake's state as it was */
+            keep_connection(pid_tgid, key, (__s32)args->fd, cs, kept, 0, now); /* its handshake's state as it was */
         else if (kept)
             count_kept_connection(kept);
         tls_handshake_closed(tgid, cs, now);
     }
 #endif
-    if ((cs->flags & (CONN_UNTRACED | CONN_LATE_UNTRACED)) == CONN_UNTRACED) { /* nothing of it was sent */
-#if SAMPLING
+    if ((cs->flags & (CONN_UNTRACED | CONN_LATE_UNTRACED | CONN_HS_SUMMARY)) == CONN_UNTRACED) {
+#if SAMPLING /* nothing of it was sent */
         held_handshakes.delete(&key);
 #endif
         conns.delete(&key);
         return 0;
     }
+#if SAMPLING
+    if (cs->flags & CONN_HS_SUMMARY) { /* its accept was reported, its handshake's summary just now */
+        held_handshakes.delete(&key);
+        kept = 0;
+    }
+#endif
     struct close_event ev = {};
     fill_header(&ev.hdr, EV_CLOSE, pid_tgid);
     ev.fd = (__s32)args->fd;
@@ -286,7 +297,7 @@ static __always_inline int on_epoll_ctl_add(__u64 pid_tgid, __s32 epfd, __s32 fd
             emit_setup(pid_tgid, SETUP_WATCH, fd, epfd, 0, s);
         return 0;
     }
-    if (!cs || (cs->flags & (CONN_SAW_IO | CONN_UNTRACED)))
+    if (!cs || (cs->flags & CONN_SAW_IO) || untraced_only(cs))
         return 0;
     __u32 n = cs->epoll_adds;
     if (n < 2) {
@@ -333,7 +344,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_setsockopt) {
         emit_setup(pid_tgid, SETUP_REUSEPORT, (__s32)args->fd, -1, value, bound_fds.lookup(&key));
         return 0;
     }
-    if (!cs || (cs->flags & CONN_UNTRACED))
+    if (!cs || untraced_only(cs))
         return 0;
     /* kept in the connection's state for its close record: level, optname, the value's first 4 bytes */
     __u32 n = cs->sockopt_count;

@@ -4,6 +4,7 @@
 
 #define TLS_RECORD_HANDSHAKE 0x16
 #define TLS_RECORD_CHANGE_CIPHER_SPEC 0x14
+#define TLS_RECORD_APPLICATION_DATA 0x17
 #define TLS_HS_SERVER_HELLO 2
 #define TLS_EXT_PRE_SHARED_KEY 0x0029
 #define TLS_EXT_SUPPORTED_VERSIONS 0x002b
@@ -50,7 +51,7 @@ static __always_inline void tls_first_bytes(struct conn_state *cs, __u8 io, cons
  * tls_step_sys_exit): the real read of a ClientHello a peek held, the continuation of a quiet record, or a
  * TLS 1.3 client's answer to the server's hello flight. */
 static __always_inline int quiet_candidate(const struct conn_state *cs) {
-    return cs->quiet_left || (cs->flags & CONN_HELLO_PEEKED) ||
+    return cs->quiet_left || (cs->flags & (CONN_HELLO_PEEKED | CONN_FIN_QUIET)) ||
            (cs->hs_state == HS_CLIENT_FIN && cs->hs_version >= 0x0304 && !(cs->flags & CONN_UNTRACED));
 }
 
@@ -86,6 +87,12 @@ static __always_inline int tls_handshake_step(struct conn_state *cs, __u32 tgid,
     if (cs->hs_version >= 0x0304) {
         if (h[0] == TLS_RECORD_HANDSHAKE) { /* a second ClientHello: the ServerHello was a HelloRetryRequest */
             cs->hs_state = HS_HELLO;
+            cs->flags &= ~CONN_HRR;
+        } else if (h[0] == TLS_RECORD_CHANGE_CIPHER_SPEC && (cs->flags & CONN_HRR)) {
+            /* the compatibility ChangeCipherSpec before the second ClientHello, not the end: quiet, its body
+             * too (read next, through tls_step_sys_exit) */
+            __u8 ignored = 0;
+            quiet_record(cs, h, ret, quiet ? quiet : &ignored);
         } else {
             if (quiet && h[0] == TLS_RECORD_CHANGE_CIPHER_SPEC)
                 quiet_record(cs, h, ret, quiet);
@@ -97,6 +104,35 @@ static __always_inline int tls_handshake_step(struct conn_state *cs, __u32 tgid,
         cs->hs_state = HS_SERVER_FIN;
     }
     return 0;
+}
+
+/* A read (ret > 0, not a peek) of a connection whose handshake summary (CONN_HS_SUMMARY) was sent at its
+ * client's ChangeCipherSpec: the client's Finished record that follows (TLS 1.3: application data on the wire;
+ * TLS 1.2 resumed: a handshake record) is quiet, as that summary has it already. Once. */
+static __always_inline void quiet_finished(struct conn_state *cs, __u8 io, const void *buf, long ret,
+                                           __u8 *quiet) {
+    cs->flags &= ~CONN_FIN_QUIET;
+    __u8 h[5] = {};
+    if (first_bytes(io, buf, ret, h, 5) < 1)
+        return;
+    if (h[0] == TLS_RECORD_APPLICATION_DATA || h[0] == TLS_RECORD_HANDSHAKE)
+        quiet_record(cs, h, ret, quiet);
+}
+
+/* The read that ended a summarized handshake (hs_summary_sys_exit), alone as a record header: the client's
+ * ChangeCipherSpec (its body is quiet, and so is the client's Finished after it: quiet_finished), or the
+ * client's Finished itself (no ChangeCipherSpec: after a HelloRetryRequest, or a client without the
+ * compatibility one; its body is quiet). */
+static __always_inline void quiet_after_summary(struct conn_state *cs, __u8 io, const void *buf, long ret) {
+    __u8 h[5] = {};
+    if (ret != 5 || first_bytes(io, buf, ret, h, 5) < 5)
+        return;
+    if (h[0] == TLS_RECORD_CHANGE_CIPHER_SPEC) {
+        cs->quiet_left = be16(&h[3]);
+        cs->flags |= CONN_FIN_QUIET;
+    } else if (h[0] == TLS_RECORD_APPLICATION_DATA || h[0] == TLS_RECORD_HANDSHAKE) {
+        cs->quiet_left = be16(&h[3]);
+    }
 }
 
 /* Whether a read (ret > 0, not a peek) continues a quiet record (quiet_record): it is quiet if it lies within
@@ -155,6 +191,12 @@ static __always_inline void parse_server_hello(struct conn_state *cs, __u8 io, c
     cs->hs_version = (__u16)version;
     cs->hs_resumed = resumed;
     cs->hs_state = HS_CLIENT_FIN;
+    /* a HelloRetryRequest: a ServerHello whose random is SHA-256("HelloRetryRequest") (RFC 8446 4.1.3) */
+    if (h[11] == 0xCF && h[12] == 0x21 && h[13] == 0xAD && h[14] == 0x74 && h[15] == 0xE5 && h[16] == 0x9A &&
+        h[17] == 0x61 && h[18] == 0x11)
+        cs->flags |= CONN_HRR;
+    else
+        cs->flags &= ~CONN_HRR;
 }
 
 /* Holds up to HELLO_HELD bytes of a read of an untraced connection's ClientHello at `at` (0 or 5: a

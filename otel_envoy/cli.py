@@ -45,7 +45,9 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-detail", choices=("summary", "full"), default="summary",
                    help="a sampled plaintext HTTP/1.x request: one kernel record (request line, first "
                         "headers, traceparent, status, times: the default), or its reads and writes parsed "
-                        "(response headers, body sizes, pipelining, h2c upgrades; more CPU per request)")
+                        "(response headers, body sizes, pipelining, h2c upgrades; more CPU per request); "
+                        "a traced TLS connection's handshake: one kernel record at its end (the default), "
+                        "or a record per handshake transfer")
     p.add_argument("--no-offcpu", dest="offcpu", action="store_false",
                    help="no scheduler probes: no off-CPU waits inside event-loop rounds")
     p.add_argument("--offcpu-threshold", type=float, default=1.0, metavar="MS",

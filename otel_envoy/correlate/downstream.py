@@ -38,7 +38,7 @@ from .attribution import UpstreamAttribution
 from .downstream_requests import DownstreamRequests
 from .http_feed import downstream_parser
 from .identity import IdSource, thread_name
-from .kept_connections import accept_of, close_of, kept_reason
+from .kept_connections import KEEP_CONN_SAMPLED, KEPT_OPEN, accept_of, close_of, kept_reason
 from .records import AcceptQueueDepth, ConnectionRecord, ListenerHandoff, TcpMark, TlsRecordCounts
 from .round_tracker import RoundTracker
 
@@ -404,13 +404,22 @@ class DownstreamConnections:
     def on_connection_kept(self, ev: ConnectionKeptEvent) -> None:
         """A connection the sampler left out, kept by the kernel at its close (a failed or slow TLS
         handshake, a reset, a slow accept): its accept, the handshake bytes the kernel held and its close,
-        from one record (correlate/kept_connections.py). Its spans are a traced connection's, marked kept."""
-        self.on_accept(accept_of(ev))
-        conn = self.open.get((ev.tgid, ev.fd))
+        from one record (correlate/kept_connections.py). Its spans are a traced connection's, marked kept.
+        The same record, not kept, is a traced TLS connection's handshake summary: at the handshake's end
+        (``KEPT_OPEN``: it stays open, its later records follow) or at its close."""
+        key = (ev.tgid, ev.fd)
+        summary = ev.reason == KEEP_CONN_SAMPLED
+        conn = self.open.get(key) if summary else None  # a summary's accept was reported
         if conn is None:
-            return
-        conn.kept = kept_reason(ev.reason)
-        self.stats[f"connections_kept_{conn.kept}"] += 1
+            self.on_accept(accept_of(ev))
+            conn = self.open.get(key)
+            if conn is None:
+                return
+        if summary:
+            self.stats["tls_handshake_summaries"] += 1
+        else:
+            conn.kept = kept_reason(ev.reason)
+            self.stats[f"connections_kept_{conn.kept}"] += 1
         if ev.established_ns and conn.tcp.established_ns is None:
             conn.tcp.established_ns = ev.established_ns
         if ev.hs_start_ns:  # its TLS handshake, from the bytes held
@@ -419,13 +428,31 @@ class DownstreamConnections:
             if ev.hello_len:
                 handshake.on_client_data(ev.hello_ns, ev.hello[:ev.hello_len], ev.hello_ret,
                                          peek=bool(ev.hello_peeked))
+                if ev.hello_peeked:  # a listener filter's look at it (the last one, which the kernel held)
+                    conn.listener.peeks += 1
+                    conn.listener.peeked_bytes = ev.hello_ret
                 if ev.flight_len:
                     handshake.on_server_data(ev.flight_ns, ev.flight[:ev.flight_len], ev.flight_ret)
                 if ev.hs_end_ns:
                     handshake.completed_at(ev.hs_end_ns)
             else:  # the table of held bytes was full: its oldest entries went first
                 conn.partial.append("handshake_bytes_not_held")
+        if summary:  # a traced connection: its records follow, its close record too
+            self._handshake_summarized(conn, ev)
+            return
         self.on_close(close_of(ev))
+
+    @staticmethod
+    def _handshake_summarized(conn: ConnectionRecord, ev: ConnectionKeptEvent) -> None:
+        """What a traced connection's handshake records would have set besides the handshake: its first
+        real read (the hand-off's time until its close brings the epoll ADD's: the ClientHello's read,
+        which came before the server's flight when a listener filter peeked it first) and, when the
+        handshake ended (``KEPT_OPEN``), the round it ended in (requests start in later ones)."""
+        first_read = ev.flight_ns if ev.hello_peeked and ev.flight_ns else ev.hello_ns
+        if first_read:
+            _settle_handoff(conn.listener, first_read)
+        if ev.close_flags & KEPT_OPEN:
+            conn.tls.ready_round = ev.round
 
     def on_request_kept(self, ev: RequestKeptEvent) -> None:
         """A request the kernel did not sample but kept (a 5xx, closed before an answer, slow)."""

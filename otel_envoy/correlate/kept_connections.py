@@ -1,17 +1,26 @@
 """A connection the kernel kept at its close (bpf/conn_keep.bpf.h): the sampler left it out, so none of its
 records was sent, then something went wrong with it (a failed or slow TLS handshake, a reset, a long wait in
 the accept queue). Its one record says what its accept and its close would have said, and holds the bytes of
-its ClientHello and of the server's hello flight; these helpers turn it back into those events."""
+its ClientHello and of the server's hello flight; these helpers turn it back into those events.
+
+A traced connection of a TLS listener sends the same record, not kept (``KEEP_CONN_SAMPLED``): at its
+handshake's end (``KEPT_OPEN``: what its accept and its handshake's transfers would have said; it stays open
+and is reported as any traced connection from there), or at its close when its handshake never ended."""
 
 from __future__ import annotations
 
 from ..events.layout import load_layout
 from ..events.types import AcceptEvent, CloseEvent, ConnectionKeptEvent
 
-__all__ = ["KEPT_CONNECTION_REASONS", "accept_of", "close_of", "kept_reason"]
+__all__ = ["KEEP_CONN_SAMPLED", "KEPT_CONNECTION_REASONS", "KEPT_OPEN", "accept_of", "close_of",
+           "kept_reason"]
 
 _C = load_layout().constants
 EV_ACCEPT, EV_CLOSE, ROLE_DOWNSTREAM = _C["EV_ACCEPT"], _C["EV_CLOSE"], _C["ROLE_DOWNSTREAM"]
+#: the reason of a traced connection's handshake summary (not kept: sampled)
+KEEP_CONN_SAMPLED: int = _C["KEEP_CONN_SAMPLED"]
+#: close_flags: a handshake summary at the handshake's end; the connection stays open
+KEPT_OPEN: int = _C["KEPT_OPEN"]
 
 #: enum connection_keep_reason -> the kept span's ``otel_envoy.kept``
 KEPT_CONNECTION_REASONS = {
@@ -23,7 +32,10 @@ KEPT_CONNECTION_REASONS = {
 
 
 def kept_reason(reason: int) -> str:
-    """Why the kernel kept a connection (enum connection_keep_reason), as its span says it."""
+    """Why the kernel kept a connection (enum connection_keep_reason), as its span says it; "" for a
+    traced one (``KEEP_CONN_SAMPLED``)."""
+    if reason == KEEP_CONN_SAMPLED:
+        return ""
     return KEPT_CONNECTION_REASONS.get(reason, f"reason_{reason}")
 
 

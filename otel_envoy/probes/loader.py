@@ -377,10 +377,11 @@ class ConnectionProbes(SamplingTables):
 
         slots = self.bpf[b"exit_progs"]
         # EXIT_IO, EXIT_ACCEPT, EXIT_CONNECT, EXIT_SETUP, EXIT_TLS_HELLO, EXIT_TLS_STEP, EXIT_QUIET,
-        # EXIT_EPOLL_CTL, EXIT_HOLD
+        # EXIT_EPOLL_CTL, EXIT_HOLD, EXIT_HS_SUMMARY, EXIT_QUIET_WRITE
         for slot, name in enumerate((b"io_sys_exit", b"accept_sys_exit", b"connect_sys_exit",
                                      b"setup_sys_exit", b"tls_hello_sys_exit", b"tls_step_sys_exit",
-                                     b"quiet_sys_exit", b"epoll_ctl_sys_exit", b"hold_hello_sys_exit")):
+                                     b"quiet_sys_exit", b"epoll_ctl_sys_exit", b"hold_hello_sys_exit",
+                                     b"hs_summary_sys_exit", b"quiet_write_sys_exit")):
             if lib.bpf_function_start(self.bpf.module, name) is None:  # an older bpf/ a benchmark compares
                 continue
             program = self.bpf.load_func(name, BPF.RAW_TRACEPOINT)

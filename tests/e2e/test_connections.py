@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -193,23 +194,34 @@ def test_still_open_connection_is_ended_at_shutdown(lab, receiver, tmp_path):
     assert port in connection_traces(spans, lab.http_port)
 
 
-def _recorded_tls_connection(lab, tmp_path, connect):
-    """Record the daemon's kernel events (always_on) while ``connect()`` makes one TLS connection; returns its
-    local port (None: the only connection), its events from its accept on, and its replayed trace."""
+def _recorded_tls_connection(lab, tmp_path, connect, detail: str = "summary"):
+    """Record the daemon's kernel events (always_on, ``--request-detail detail``) while ``connect()`` makes
+    one TLS connection; returns its events from its accept on, and its replayed trace (``connect`` returns
+    the connection's local port; None: the last one accepted). A first connection shows the daemon its
+    listener is TLS (the kernel then decides that listener's connections whole, and summarizes their
+    handshakes): ``connect()`` runs once the daemon has had the time to tell the kernel."""
     from otel_envoy.events.decode import Decoder
     from otel_envoy.events.recording import RecordingReader
     from otel_envoy.events.types import AcceptEvent
     from tests.support.daemon import DaemonProcess
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     events = tmp_path / "tls.events"
-    daemon = DaemonProcess(["--pid", str(lab.pid), "--events", str(events), "--sampler", "always_on"],
-                           tmp_path, command="record").start()
+    # a run (not `record`, which correlates nothing, so never learns that the listener is TLS)
+    args = ["--pid", str(lab.pid), "--record", str(events), "--output", str(tmp_path / "live.jsonl"),
+            "--sampler", "always_on", "--request-detail", detail]
+    daemon = DaemonProcess(args, tmp_path).start()
     try:
+        first = clients.curl_tls(lab.tls_port, "a.example.com", alpn="http/1.1", ca=lab.ca_path)
+        assert first.http_code == 200, first.stderr
+        time.sleep(0.5)  # the ring is drained every 50 ms; the listener is handed over as it is found
         port = connect()
     finally:
         assert daemon.stop() == 0, daemon.stderr()
     decoded = [Decoder().decode(raw) for kind, raw in RecordingReader(events) if kind == "kernel"]
-    accepts = [e for e in decoded if isinstance(e, AcceptEvent) and port in (None, e.peer_port)]
+    # a worker's (the main thread accepts the admin calls of the daemon's own adoption scan)
+    accepts = [e for e in decoded if isinstance(e, AcceptEvent) and e.peer_port != first.local_port
+               and e.comm.startswith(b"wrk:worker") and port in (None, e.peer_port)]
     assert len(accepts) == 1, accepts
     accept = accepts[0]
     mine = [e for e in decoded if getattr(e, "fd", None) == accept.fd and e.tgid == accept.tgid
@@ -230,22 +242,82 @@ def _reads_and_close(mine):
     return reads, close
 
 
-def test_tls13_handshake_reads_user_space_does_not_need_are_counted_not_sent(lab, tmp_path):
-    """tls_inspector peeks the whole ClientHello, so BoringSSL's read of it for real is quiet, as is the TLS
-    1.3 client's ChangeCipherSpec: the kernel walks and counts their records, sends no record of them, and
-    the handshake span is whole (kernel side: tls_handshake.bpf.h, quiet_record)."""
+def _handshake_summary(mine):
+    """The one handshake summary among a connection's events (EV_CONNECTION_KEPT, KEEP_CONN_SAMPLED)."""
+    from otel_envoy.correlate.kept_connections import KEEP_CONN_SAMPLED
+    from otel_envoy.events.types import ConnectionKeptEvent
+
+    (summary,) = [e for e in mine if isinstance(e, ConnectionKeptEvent)]
+    assert summary.reason == KEEP_CONN_SAMPLED, summary
+    return summary
+
+
+def test_a_traced_tls_handshake_is_one_record_at_its_end(lab, tmp_path):
+    """By default (``--request-detail summary``) a traced TLS connection's handshake is one kernel record
+    when it ends (bpf/conn_keep.bpf.h, CONN_HS_SUMMARY): its accept, then that record holding the ClientHello
+    the listener filter peeked and the server's hello flight, then only the reads after the handshake
+    (without bytes). The kernel walks every transfer's TLS records all the same, and the spans are what the
+    per-transfer records give (the same connection with ``--request-detail full``)."""
+    from otel_envoy.correlate.kept_connections import KEPT_OPEN
+    from otel_envoy.events.types import DataEvent
+
     def connect():
         res = clients.curl_tls(lab.tls_port, "a.example.com", alpn="h2", tls_version="1.3", ca=lab.ca_path)
         assert res.http_code == 200 and res.local_port, res.stderr
         return res.local_port
 
-    mine, trace = _recorded_tls_connection(lab, tmp_path, connect)
+    traces = {}
+    for detail in ("summary", "full"):
+        mine, traces[detail] = _recorded_tls_connection(lab, tmp_path / detail, connect, detail)
+        reads, close = _reads_and_close(mine)
+        if detail == "summary":
+            summary = _handshake_summary(mine)
+            assert summary.close_flags & KEPT_OPEN and summary.hello_peeked and summary.hs_end_ns, summary
+            assert summary.hello[:1] == b"\x16" and summary.flight[:1] == b"\x16", summary
+            assert not [e for e in reads if e.data], reads  # no handshake bytes in a data record
+            assert all(e.ts_ns > summary.ts_ns for e in mine if isinstance(e, DataEvent)), mine
+        assert close.tls_records_rx >= 4  # ClientHello, ChangeCipherSpec, Finished, request: all walked
+        assert traces[detail].root.attributes["envoy.tls.records_received"] == close.tls_records_rx
+
+    def comparable(trace):
+        # which worker (either), and sizes that differ by a byte between two answers (a timing header)
+        skip = {"network.peer.port", "thread.id", "thread.name", "process.pid", "envoy.connection.bytes_sent",
+                "envoy.connection.bytes_received", "envoy.tls.max_record_size_sent",
+                "envoy.tls.max_record_size_received"}
+        spans = (trace.root, *trace.children("tls.handshake"), *trace.children("tcp.accept_queue"),
+                 *trace.children("envoy.listener_filters"))
+        return {span.name: {k: v for k, v in span.attributes.items() if k not in skip and "duration" not in k}
+                for span in spans}
+
+    summarized, full = comparable(traces["summary"]), comparable(traces["full"])
+    assert summarized == full, {name: {k: (summarized[name].get(k), full[name].get(k))
+                                       for k in summarized[name].keys() | full[name].keys()
+                                       if summarized[name].get(k) != full[name].get(k)} for name in full}
+
+
+@pytest.mark.parametrize("detail", ["summary", "full"])
+def test_tls13_handshake_reads_user_space_does_not_need_are_counted_not_sent(lab, tmp_path, detail):
+    """tls_inspector peeks the whole ClientHello, so BoringSSL's read of it for real is quiet, as is the TLS
+    1.3 client's ChangeCipherSpec: the kernel walks and counts their records, sends no record of them, and
+    the handshake span is whole (kernel side: tls_handshake.bpf.h, quiet_record). With handshake summaries
+    the peek is in the summary, not a data record."""
+    def connect():
+        res = clients.curl_tls(lab.tls_port, "a.example.com", alpn="h2", tls_version="1.3", ca=lab.ca_path)
+        assert res.http_code == 200 and res.local_port, res.stderr
+        return res.local_port
+
+    mine, trace = _recorded_tls_connection(lab, tmp_path, connect, detail)
     reads, close = _reads_and_close(mine)
     hello_reads = [e for e in reads if e.data[:1] == b"\x16"]
-    assert len(hello_reads) == 1 and hello_reads[0].flags & 1, reads  # the peek only (DATA_FLAG_PEEK)
+    if detail == "summary":
+        assert not hello_reads and _handshake_summary(mine).hello_peeked, reads
+        peeked = _handshake_summary(mine).hello_ret
+    else:
+        assert len(hello_reads) == 1 and hello_reads[0].flags & 1, reads  # the peek only (DATA_FLAG_PEEK)
+        peeked = hello_reads[0].ret
     assert not [e for e in reads if e.data[:1] == b"\x14"], reads  # no ChangeCipherSpec read
     assert close.tls_records_rx >= 4  # ClientHello, ChangeCipherSpec, Finished, request: all walked
-    assert close.bytes_rx > hello_reads[0].ret  # and their bytes counted
+    assert close.bytes_rx > peeked  # and their bytes counted
     hs = trace.child("tls.handshake")
     assert hs.attributes["tls.established"] is True and hs.attributes["tls.protocol.version"] == "1.3"
     assert hs.attributes["tls.client.server_name"] == "a.example.com"
@@ -253,20 +325,25 @@ def test_tls13_handshake_reads_user_space_does_not_need_are_counted_not_sent(lab
     assert trace.root.attributes["envoy.tls.records_received"] == close.tls_records_rx
 
 
-def test_a_hello_retry_request_s_second_client_hello_is_sent(lab, tmp_path):
+@pytest.mark.parametrize("detail", ["summary", "full"])
+def test_a_hello_retry_request_s_second_client_hello_is_sent(lab, tmp_path, detail):
     """The client's first key share (P-521) is not one Envoy takes: it answers with a HelloRetryRequest and
     the client sends a second ClientHello, which no peek held. That one is reported (the first, quiet, was
-    parsed from the peek), the ChangeCipherSpec is not, and the handshake span is whole."""
+    parsed from the peek), the ChangeCipherSpec is not, and the handshake span is whole. With handshake
+    summaries, the summary holds the first ClientHello and the HelloRetryRequest; the span is as whole."""
     def connect():
         res = clients.openssl_s_client(lab.tls_port, "a.example.com", alpn="http/1.1", tls_version="1.3",
                                        groups="P-521:X25519")
         assert res.returncode == 0 and "HTTP/1.1 200" in res.stdout, res.stderr
         return None
 
-    mine, trace = _recorded_tls_connection(lab, tmp_path, connect)
+    mine, trace = _recorded_tls_connection(lab, tmp_path, connect, detail)
     reads, close = _reads_and_close(mine)
     hello_reads = [e for e in reads if e.data[:1] == b"\x16"]
-    assert [bool(e.flags & 1) for e in hello_reads] == [True, False], reads  # the peek, the second hello
+    if detail == "summary":
+        assert not hello_reads and _handshake_summary(mine).hello_peeked, reads
+    else:
+        assert [bool(e.flags & 1) for e in hello_reads] == [True, False], reads  # the peek, the second hello
     assert not [e for e in reads if e.data[:1] == b"\x14"], reads
     assert close.tls_records_rx >= 5  # two ClientHellos, ChangeCipherSpec, Finished, request
     hs = trace.child("tls.handshake")

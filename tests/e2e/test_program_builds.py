@@ -73,8 +73,10 @@ def test_the_sampling_build_puts_the_front_program_on_sys_exit_and_tail_calls_io
     metrics); io_sys_exit (the unchanged io path), accept_sys_exit, connect_sys_exit, setup_sys_exit (the
     exits of accept, accept4, connect, and a target's bind and dup*), tls_hello_sys_exit (a TLS server's
     hello flight), tls_step_sys_exit (a TLS handshake's transfers), quiet_sys_exit (a handshake record's
-    reads not reported), epoll_ctl_sys_exit (a successful EPOLL_CTL_ADD) and hold_hello_sys_exit (an
-    untraced TLS connection's ClientHello, held for a kept record) are loaded into its tail-call
+    reads not reported), epoll_ctl_sys_exit (a successful EPOLL_CTL_ADD), hold_hello_sys_exit (an
+    untraced TLS connection's ClientHello, held for a kept record), hs_summary_sys_exit (a traced TLS
+    connection's handshake summary at its end) and quiet_write_sys_exit (a summarized handshake's writes,
+    counted and walked) are loaded into its tail-call
     slots, not attached, and no syscalls:sys_exit_* program is left, nor the syscalls:sys_enter_epoll_ctl
     one (Envoy's epoll_ctl MODs around requests would each go through the perf record path to reach it).
     Every other program is as without it."""
@@ -87,13 +89,13 @@ def test_the_sampling_build_puts_the_front_program_on_sys_exit_and_tail_calls_io
                     - exits) | {
             "front_sys_exit", "io_sys_exit", "accept_sys_exit", "connect_sys_exit", "setup_sys_exit",
             "tls_hello_sys_exit", "tls_step_sys_exit", "quiet_sys_exit", "epoll_ctl_sys_exit",
-            "hold_hello_sys_exit"}
+            "hold_hello_sys_exit", "hs_summary_sys_exit", "quiet_write_sys_exit"}
         assert names == expected | (OFFCPU_PROGRAMS if offcpu else set())
         raw = {"sys_exit", "inet_sock_set_state"} | ({"sched_switch", "sched_waking"} if offcpu else set())
         assert {tp.decode() for tp in probes.bpf.raw_tracepoint_fds} == raw
         assert not any(name.startswith("tracepoint__syscalls__sys_exit_") for name in names)
         slots = probes.bpf[b"exit_progs"]
-        assert len(list(slots.items())) == 9
+        assert len(list(slots.items())) == 11
         probes.set_sample_threshold(2**31)
         probes.set_parent_based(True)
         assert probes.sample_counts() == {"sampled": 0, "not_sampled": 0, "parent_sampled": 0,

@@ -167,15 +167,17 @@ def connection_kept(ts: int, fd: int, port: int, reason: str, *, open_ts: int = 
                     hello: bytes = b"", hello_ts: int = 0, peeked: bool = True, flight: bytes = b"",
                     flight_ts: int = 0, hs_start: int = 0, hs_end: int = 0, hs_state: int = 0,
                     hs_version: int = 0, rx: int = 0, tx: int = 0, peer: str = PEER,
-                    tgid: int = TGID, tid: int = TID, listen_fd: int = LISTEN_FD) -> ConnectionKeptEvent:
+                    tgid: int = TGID, tid: int = TID, listen_fd: int = LISTEN_FD, close_flags: int = 0,
+                    round_: int = 0) -> ConnectionKeptEvent:
     """The kernel kept a connection the sampler left out at its close, for ``reason`` (e.g. "TLS_FAILED": a
-    KEEP_CONN_* constant's tail), with the ClientHello and hello-flight bytes it held."""
+    KEEP_CONN_* constant's tail), with the ClientHello and hello-flight bytes it held; "SAMPLED": a traced
+    connection's handshake summary (``close_flags`` KEPT_OPEN: at the handshake's end, in ``round_``)."""
     family, raw = addr(peer)
     held_hello, held_flight = hello[: C["HELLO_HELD"]], flight[: C["FLIGHT_HELD"]]
     return ConnectionKeptEvent(
-        ts, C["EV_CONNECTION_KEPT"], tgid, tid, 0, fd, listen_fd, family, port, C[f"KEEP_CONN_{reason}"],
-        hs_state, 0, 0, raw, _comm(COMM), open_ts, established_ns, hs_start, hs_end, hs_version, rx, tx, 0, 0,
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, bytes(C["SOCKOPT_BYTES"]),
+        ts, C["EV_CONNECTION_KEPT"], tgid, tid, round_, fd, listen_fd, family, port, C[f"KEEP_CONN_{reason}"],
+        hs_state, 0, close_flags, raw, _comm(COMM), open_ts, established_ns, hs_start, hs_end, hs_version, rx,
+        tx, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, bytes(C["SOCKOPT_BYTES"]),
         hello_ts, flight_ts, len(hello), len(held_hello), len(flight), len(held_flight), 1 if peeked else 0,
         held_hello.ljust(C["HELLO_HELD"], b"\0"), held_flight.ljust(C["FLIGHT_HELD"], b"\0"))
 

@@ -83,6 +83,60 @@ def test_a_connection_sampled_out_after_its_accept_and_kept_at_its_close_makes_a
         "reset", ["transfers_not_reported"], 8_000, 24)
 
 
+def test_a_traced_tls_connection_s_handshake_summary_leaves_it_open_for_its_later_records() -> None:
+    """CONN_HS_SUMMARY: the accept reported, then one record at the handshake's end (KEPT_OPEN) instead of
+    the handshake's transfers; the connection goes on as a traced one (a read, its close), not kept."""
+    from tests.support.events import accept, close, established, read
+
+    hello = client_hello()
+    h = Harness().feed([
+        established(1_000, 40006), accept(2_000, 36, 40006),
+        connection_kept(5_000, 36, 40006, "SAMPLED", open_ts=2_000, established_ns=1_000, hello=hello,
+                        hello_ts=3_000, flight=SERVER_HELLO_13, flight_ts=3_500, hs_start=3_000, hs_end=4_800,
+                        hs_state=HS_DONE, hs_version=0x0304, close_flags=C["KEPT_OPEN"], round_=7),
+    ])
+    assert h.drain() == [] and h.c.stats["tls_handshake_summaries"] == 1
+    r = h.feed([read(6_000, 36, b"", ret=120), close(9_000, 36, rx=len(hello) + 120)]).only()
+    assert (r.kept, r.partial, r.accept_ns, r.close_ns, r.tcp.established_ns) == ("", [], 2_000, 9_000, 1_000)
+    assert r.accept_queue is not None and (r.accept_queue.at_accept, r.accept_queue.on_arrival) == (1, 1)
+    tls = r.tls.handshake
+    assert (tls.client_hello.server_name, tls.version, tls.completed_ns) == ("a.example.com", "1.3", 4_800)
+    assert r.tls.ready_round == 7
+    assert (r.listener.peeks, r.listener.first_io_ns) == (1, 3_500)  # peeked: its read came before the flight
+    assert r.traffic.bytes_received == len(hello) + 120
+    spans = by_name(build(r))
+    assert "otel_envoy.kept" not in spans["envoy.downstream.connection"].attributes
+    assert spans["tls.handshake"].attributes["tls.client.server_name"] == "a.example.com"
+    assert spans["tls.handshake"].end_time - spans["tls.handshake"].start_time == 1_800
+
+
+def test_a_traced_tls_connection_closed_during_its_handshake_has_its_summary_then_its_close() -> None:
+    from tests.support.events import accept, close
+
+    hello = client_hello()
+    r = Harness().feed([
+        accept(2_000, 37, 40007),
+        connection_kept(8_000, 37, 40007, "SAMPLED", open_ts=2_000, hello=hello, hello_ts=3_000,
+                        peeked=False, flight=ALERT, flight_ts=3_500, hs_start=3_000, hs_state=HS_HELLO),
+        close(8_000, 37, rx=len(hello), tx=len(ALERT)),
+    ]).only()
+    assert (r.kept, r.close_ns, r.listener.first_io_ns, r.listener.peeks) == ("", 8_000, 3_000, 0)
+    assert "handshake_failure" in r.tls.handshake.error
+
+
+def test_a_handshake_summary_whose_accept_was_lost_makes_the_connection_from_its_record() -> None:
+    from tests.support.events import TGID, close
+
+    h = Harness().feed([
+        connection_kept(5_000, 38, 40008, "SAMPLED", open_ts=2_000, hello=client_hello(), hello_ts=3_000,
+                        flight=SERVER_HELLO_13, flight_ts=3_500, hs_start=3_000, hs_end=4_000,
+                        hs_state=HS_DONE, close_flags=C["KEPT_OPEN"]),
+    ])
+    assert h.c.downstream.open[(TGID, 38)].accept_ns == 2_000
+    r = h.feed([close(9_000, 38)]).only()
+    assert (r.kept, r.tls.handshake.completed_ns) == ("", 4_000)
+
+
 def test_a_tls_connection_hands_every_worker_s_socket_of_its_listener_to_the_kernel() -> None:
     """SO_REUSEPORT: each worker accepts on a socket of its own, same address and port. The first TLS
     connection on any of them makes all of them TLS listeners (their connections decided whole, their
