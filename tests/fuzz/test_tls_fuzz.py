@@ -263,7 +263,9 @@ def test_a_kept_connection_record_with_any_held_bytes_becomes_one_connection(
         flips, cut, flight, reason, hello_ret, peeked, hs_end, established) -> None:
     """The held hello (a real one, damaged and cut), any server flight bytes, any reason number, lengths and
     times: neither the correlator nor the span builder raises, and the record becomes one connection span
-    marked kept."""
+    marked kept; or, with the reason of a traced connection's handshake summary, one connection left open
+    (its close record follows), not marked kept."""
+    from otel_envoy.correlate.kept_connections import KEEP_CONN_SAMPLED
     from tests.support.correlation import Harness, build
     from tests.support.events import connection_kept
 
@@ -274,6 +276,12 @@ def test_a_kept_connection_record_with_any_held_bytes_becomes_one_connection(
     ev = ev._replace(reason=reason, hello_ret=max(hello_ret, ev.hello_len), flight_ret=len(flight))
     h = Harness()
     h.c.handle(ev)
+    if reason == KEEP_CONN_SAMPLED:
+        assert h.drain() == [] and h.c.downstream.open[(ev.tgid, ev.fd)].kept == ""
+        h.c.flush(ev.ts_ns + 1)
+        (conn,) = h.out
+        assert conn.still_open and [s.name for s in build(conn)].count("envoy.downstream.connection") == 1
+        return
     (conn,) = h.drain()
     assert conn.kept and conn.close_ns == ev.ts_ns
     root = [s for s in build(conn) if s.name == "envoy.downstream.connection"]
