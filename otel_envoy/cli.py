@@ -45,9 +45,11 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-detail", choices=("summary", "full"), default="summary",
                    help="a sampled plaintext HTTP/1.x request: one kernel record (request line, first "
                         "headers, traceparent, status, times: the default), or its reads and writes parsed "
-                        "(response headers, body sizes, pipelining, h2c upgrades; more CPU per request); "
-                        "a traced TLS connection's handshake: one kernel record at its end (the default), "
-                        "or a record per handshake transfer")
+                        "(response headers, body sizes, pipelining, h2c upgrades; more CPU per request)")
+    p.add_argument("--tls-handshake-detail", choices=("summary", "full"), default="summary",
+                   help="a traced TLS connection's handshake: one kernel record at its end, with the "
+                        "ClientHello and the server's hello flight (the default), or a record per handshake "
+                        "transfer (more CPU per connection; the same spans)")
     p.add_argument("--no-offcpu", dest="offcpu", action="store_false",
                    help="no scheduler probes: no off-CPU waits inside event-loop rounds")
     p.add_argument("--offcpu-threshold", type=float, default=1.0, metavar="MS",
@@ -185,7 +187,8 @@ def _cmd_run(args: argparse.Namespace, record_only: bool) -> int:
         pids=args.pid, comm=args.comm, exe=args.exe, envoy_admin=args.envoy_admin, otlp=otlp, output=output,
         record=args.events if record_only else args.record, duration=args.duration,
         require_envoy=not args.any_process, ready_file=args.ready_file, summary_json=args.summary_json,
-        requests=args.requests, request_summary=args.request_detail == "summary", offcpu=args.offcpu,
+        requests=args.requests, request_summary=args.request_detail == "summary",
+        tls_handshake_summary=args.tls_handshake_detail == "summary", offcpu=args.offcpu,
         symbols=args.symbols,
         offcpu_min_ns=int(args.offcpu_threshold * 1e6), round_min_ns=int(args.round_threshold * 1e6),
         metrics_interval=interval, sampler=sampler, cpu_budget=cpu_budget, keep=KeepThresholds(**thresholds),

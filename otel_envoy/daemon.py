@@ -124,6 +124,7 @@ class DaemonOptions:
     max_conns: int = 65536
     requests: bool = True  # capture and parse plaintext HTTP: request and upstream request spans
     request_summary: bool = True  # a sampled plaintext HTTP/1.x request is one kernel record (not parsed)
+    tls_handshake_summary: bool = True  # a traced TLS connection's handshake is one kernel record
     ready_file: str | None = None  # written once probes are attached (tests and scripts wait on it)
     summary_json: str | None = None  # written at exit: counts, drops, export stats (bench, tests)
     offcpu: bool = True  # scheduler probes: event-loop rounds' off-CPU waits
@@ -256,6 +257,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
         probes.set_sample_threshold(opts.sampler.kernel_threshold())
         probes.set_parent_based(opts.sampler.parent_based)
         probes.set_request_summary(opts.request_summary)
+        probes.set_tls_handshake_summary(opts.tls_handshake_summary)
         opts.keep.apply(probes)
     stacks = SymbolizedStacks(probes.stack_addresses, symbolizer)
     traced = TracedProcesses(targets, follow_comm=follow, require_envoy=opts.require_envoy,

@@ -46,17 +46,21 @@ class SamplingTables:
 
     def set_request_summary(self, summary: bool) -> None:
         """Report a sampled plaintext HTTP/1.x request as one record at its answer's first write (its first
-        bytes, traceparent, method, status and times) instead of its reads and writes, and the accept and
-        handshake of a traced TLS connection as one record at the handshake's end (bpf/conn_keep.bpf.h)
-        instead of its accept and handshake transfers. Needs a build with ``sampling``."""
+        bytes, traceparent, method, status and times) instead of its reads and writes. Needs a build with
+        ``sampling``."""
         self._need_sampling()
-        value = ctypes.c_uint32(1 if summary else 0)
-        self.bpf[b"request_summary"][ctypes.c_int(0)] = value
+        self.bpf[b"request_summary"][ctypes.c_int(0)] = ctypes.c_uint32(1 if summary else 0)
+
+    def set_tls_handshake_summary(self, summary: bool) -> None:
+        """Report the handshake of a traced TLS connection as one record at its end (bpf/conn_keep.bpf.h:
+        the held ClientHello and server's flight) instead of a record per handshake transfer. Needs a build
+        with ``sampling``; a no-op for an older bpf/ a benchmark compares, which has no such table."""
+        self._need_sampling()
         try:
-            summary_table = self.bpf[b"tls_handshake_summary"]
-        except KeyError:  # an older bpf/ a benchmark compares
+            table = self.bpf[b"tls_handshake_summary"]
+        except KeyError:
             return
-        summary_table[ctypes.c_int(0)] = value
+        table[ctypes.c_int(0)] = ctypes.c_uint32(1 if summary else 0)
 
     def sample_connections_of(self, listeners: Mapping[tuple[int, int], int]) -> None:
         """Sample whole the downstream connections of these listening sockets ((tgid, fd) -> port, added to

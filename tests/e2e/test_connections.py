@@ -195,10 +195,10 @@ def test_still_open_connection_is_ended_at_shutdown(lab, receiver, tmp_path):
 
 
 def _recorded_tls_connection(lab, tmp_path, connect, detail: str = "summary"):
-    """Record the daemon's kernel events (always_on, ``--request-detail detail``) while ``connect()`` makes
-    one TLS connection; returns its events from its accept on, and its replayed trace (``connect`` returns
-    the connection's local port; None: the last one accepted). A first connection shows the daemon its
-    listener is TLS (the kernel then decides that listener's connections whole, and summarizes their
+    """Record the daemon's kernel events (always_on, ``--tls-handshake-detail detail``) while ``connect()``
+    makes one TLS connection; returns its events from its accept on, and its replayed trace (``connect``
+    returns the connection's local port; None: the last one accepted). A first connection shows the daemon
+    its listener is TLS (the kernel then decides that listener's connections whole, and summarizes their
     handshakes): ``connect()`` runs once the daemon has had the time to tell the kernel."""
     from otel_envoy.events.decode import Decoder
     from otel_envoy.events.recording import RecordingReader
@@ -209,7 +209,7 @@ def _recorded_tls_connection(lab, tmp_path, connect, detail: str = "summary"):
     events = tmp_path / "tls.events"
     # a run (not `record`, which correlates nothing, so never learns that the listener is TLS)
     args = ["--pid", str(lab.pid), "--record", str(events), "--output", str(tmp_path / "live.jsonl"),
-            "--sampler", "always_on", "--request-detail", detail]
+            "--sampler", "always_on", "--tls-handshake-detail", detail]
     daemon = DaemonProcess(args, tmp_path).start()
     try:
         first = clients.curl_tls(lab.tls_port, "a.example.com", alpn="http/1.1", ca=lab.ca_path)
@@ -253,11 +253,11 @@ def _handshake_summary(mine):
 
 
 def test_a_traced_tls_handshake_is_one_record_at_its_end(lab, tmp_path):
-    """By default (``--request-detail summary``) a traced TLS connection's handshake is one kernel record
-    when it ends (bpf/conn_keep.bpf.h, CONN_HS_SUMMARY): its accept, then that record holding the ClientHello
-    the listener filter peeked and the server's hello flight, then only the reads after the handshake
-    (without bytes). The kernel walks every transfer's TLS records all the same, and the spans are what the
-    per-transfer records give (the same connection with ``--request-detail full``)."""
+    """By default (``--tls-handshake-detail summary``) a traced TLS connection's handshake is one kernel
+    record when it ends (bpf/conn_keep.bpf.h, CONN_HS_SUMMARY): its accept, then that record holding the
+    ClientHello the listener filter peeked and the server's hello flight, then only the reads after the
+    handshake (without bytes). The kernel walks every transfer's TLS records all the same, and the spans
+    are what the per-transfer records give (the same connection with ``--tls-handshake-detail full``)."""
     from otel_envoy.correlate.kept_connections import KEPT_OPEN
     from otel_envoy.events.types import DataEvent
 
