@@ -241,6 +241,20 @@ static __always_inline struct conn_state *exit_read_conn(struct bpf_raw_tracepoi
     return cs && *io < IO_WRITE ? cs : 0;
 }
 
+/* A transfer (ret > 0, not a peek) of a connection that reports none of them (CONN_UNTRACED): counted; those
+ * of a summarized handshake (CONN_HS_SUMMARY, conn_keep.bpf.h) have their TLS records walked as well, by
+ * quiet_sys_exit or quiet_write_sys_exit. */
+static __always_inline int unreported_transfer(struct bpf_raw_tracepoint_args *ctx, struct conn_state *cs,
+                                               __u8 io, long ret) {
+    if (cs->flags & CONN_HS_SUMMARY) {
+        exit_progs.call(ctx, io < IO_WRITE ? EXIT_QUIET : EXIT_QUIET_WRITE);
+        count_drop(DROP_TAIL_CALL);
+        return 0;
+    }
+    count_unreported(cs, io, ret);
+    return 0;
+}
+
 int tls_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     long ret = (long)ctx->args[1];
     struct sys_regs r = {};
@@ -251,13 +265,7 @@ int tls_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     parse_server_hello(cs, io, (const void *)r.si, ret);
     if (cs->flags & CONN_UNTRACED) {
         hold_flight(conn_key(bpf_get_current_pid_tgid() >> 32, (__s32)r.di), io, (const void *)r.si, ret);
-        if (cs->flags & CONN_HS_SUMMARY) { /* traced: its TLS records walked */
-            exit_progs.call(ctx, EXIT_QUIET_WRITE);
-            count_drop(DROP_TAIL_CALL);
-            return 0;
-        }
-        count_unreported(cs, io, ret);
-        return 0;
+        return unreported_transfer(ctx, cs, io, ret);
     }
     exit_progs.call(ctx, EXIT_IO);
     count_drop(DROP_TAIL_CALL);
@@ -327,19 +335,19 @@ int quiet_write_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     return 0;
 }
 
-/* hold_hello_sys_exit, tail-called by front_sys_exit for a read (or peek) of an untraced TLS connection whose
- * ClientHello is held (CONN_HOLD; a traced one whose handshake is summarized too): its bytes kept in held_handshakes for a kept record (conn_keep.bpf.h), and counted as the
- * front counts an untraced connection's transfers. A listener filter's peek shows the stream from its start,
- * so each peek replaces what was held and the real reads after one hold nothing more; without a peek,
- * BoringSSL reads the record's 5-byte header, then its body, and the two are held one after the other. */
-static __always_inline void hold_hello(struct conn_state *cs, __u8 io, const struct sys_regs *rp, long ret,
+/* For hold_hello_sys_exit, tail-called by front_sys_exit for a read (or peek) of an untraced TLS connection
+ * whose ClientHello is held (CONN_HOLD; a traced one whose handshake is summarized too): its bytes kept in
+ * held_handshakes for a kept record or the summary (conn_keep.bpf.h). A listener filter's peek shows the
+ * stream from its start, so each peek replaces what was held and the real reads after one hold nothing more;
+ * without a peek, BoringSSL reads the record's 5-byte header, then its body, and the two are held one after
+ * the other. */
+static __always_inline void hold_hello(struct conn_state *cs, __u8 io, const struct sys_regs *r, long ret,
                                        __u32 peek) {
-    struct sys_regs r = *rp;
     if (cs->hs_state != HS_HELLO) { /* the handshake moved on */
         cs->flags &= ~CONN_HOLD;
         return;
     }
-    __u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, (__s32)r.di);
+    __u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, (__s32)r->di);
     struct held_handshake *h = held_handshakes.lookup(&key);
     if (!h) {
         __u32 zero = 0;
@@ -348,7 +356,7 @@ static __always_inline void hold_hello(struct conn_state *cs, __u8 io, const str
             h = held_handshakes.lookup_or_try_init(&key, init);
     }
     __u64 avail = (__u64)ret;
-    const __u8 *src = h ? transfer_start(io, (const void *)r.si, &avail) : 0;
+    const __u8 *src = h ? transfer_start(io, (const void *)r->si, &avail) : 0;
     if (!src) {
         cs->flags &= ~CONN_HOLD;
         return;
@@ -381,22 +389,15 @@ int hold_hello_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
         return 0;
     __u32 peek = recv_flags(io, &r) & MSG_PEEK_FLAG;
     hold_hello(cs, io, &r, ret, peek);
-    if (peek)
-        return 0;
-    if (cs->flags & CONN_HS_SUMMARY) { /* traced: its TLS records walked (quiet_sys_exit) */
-        exit_progs.call(ctx, EXIT_QUIET);
-        count_drop(DROP_TAIL_CALL);
-        return 0;
-    }
-    count_unreported(cs, io, ret);
-    return 0;
+    return peek ? 0 : unreported_transfer(ctx, cs, io, ret);
 }
 
 /* tail-called by front_sys_exit for the transfer that ended the handshake of a traced TLS connection whose
  * handshake is summarized (CONN_HS_SUMMARY, conn_keep.bpf.h): its one record (what its accept and its
  * handshake's transfers would have said, with the held hello bytes), then a traced connection from here. The
  * transfer itself is in the record: counted, and its TLS records walked (quiet_sys_exit,
- * quiet_write_sys_exit), as every transfer of its handshake was. First bytes that were not TLS are reported as a traced connection's. */
+ * quiet_write_sys_exit), as every transfer of its handshake was. First bytes that were not TLS are reported
+ * as a traced connection's. */
 int hs_summary_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
     struct sys_regs r = {};
     __u8 io = 0;
@@ -490,14 +491,8 @@ int front_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
             count_drop(DROP_TAIL_CALL);
             return 0;
         }
-        if (ret > 0 && !(recv_flags(io, &r) & MSG_PEEK_FLAG)) {
-            if (cs->flags & CONN_HS_SUMMARY) { /* traced: its TLS records walked */
-                exit_progs.call(ctx, io < IO_WRITE ? EXIT_QUIET : EXIT_QUIET_WRITE);
-                count_drop(DROP_TAIL_CALL);
-                return 0;
-            }
-            count_unreported(cs, io, ret);
-        }
+        if (ret > 0 && !(recv_flags(io, &r) & MSG_PEEK_FLAG))
+            return unreported_transfer(ctx, cs, io, ret);
         return 0;
     }
     /* CONN_H2 before the first real read: a listener filter's peek showed the preface (decided at the read) */

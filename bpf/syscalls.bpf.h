@@ -219,15 +219,17 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         record_connection(tgid, cs, now);
         /* an untraced one is kept if something went wrong with it (conn_keep.bpf.h): reported now whole when
          * nothing of it was sent, else its close says so */
-        kept = (cs->flags & CONN_UNTRACED) ? connection_keep_reason(cs) : 0;
-        if (cs->flags & CONN_HS_SUMMARY) /* traced, its handshake never ended: its summary now, its close next */
-            kept = KEEP_CONN_SAMPLED;
-        else if (kept && !keep_within_rate(now, KEEP_LIMITED_CONNECTIONS))
-            kept = 0;
-        if (kept && !(cs->flags & CONN_LATE_UNTRACED))
-            keep_connection(pid_tgid, key, (__s32)args->fd, cs, kept, 0, now); /* its handshake's state as it was */
-        else if (kept)
-            count_kept_connection(kept);
+        if (cs->flags & CONN_HS_SUMMARY) { /* traced, its handshake never ended: its summary now, its close next */
+            keep_connection(pid_tgid, key, (__s32)args->fd, cs, KEEP_CONN_SAMPLED, 0, now);
+        } else {
+            kept = (cs->flags & CONN_UNTRACED) ? connection_keep_reason(cs) : 0;
+            if (kept && !keep_within_rate(now, KEEP_LIMITED_CONNECTIONS))
+                kept = 0;
+            if (kept && !(cs->flags & CONN_LATE_UNTRACED))
+                keep_connection(pid_tgid, key, (__s32)args->fd, cs, kept, 0, now); /* its handshake as it was */
+            else if (kept)
+                count_kept_connection(kept);
+        }
         tls_handshake_closed(tgid, cs, now);
     }
 #endif
@@ -239,10 +241,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         return 0;
     }
 #if SAMPLING
-    if (cs->flags & CONN_HS_SUMMARY) { /* its accept was reported, its handshake's summary just now */
+    if (cs->flags & CONN_HS_SUMMARY) /* its accept was reported, its handshake's summary just now */
         held_handshakes.delete(&key);
-        kept = 0;
-    }
 #endif
     struct close_event ev = {};
     fill_header(&ev.hdr, EV_CLOSE, pid_tgid);
