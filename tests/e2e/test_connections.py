@@ -199,25 +199,29 @@ def _recorded_tls_connection(lab, tmp_path, connect, detail: str = "summary"):
     makes one TLS connection; returns its events from its accept on, and its replayed trace (``connect``
     returns the connection's local port; None: the last one accepted). A first connection shows the daemon
     its listener is TLS (the kernel then decides that listener's connections whole, and summarizes their
-    handshakes): ``connect()`` runs once the daemon has had the time to tell the kernel."""
+    handshakes): ``connect()`` runs once the daemon has had the time to tell the kernel. The trace is the one
+    a real OTLP receiver got from the live daemon; the recording, replayed, gives the same one."""
     from otel_envoy.events.decode import Decoder
     from otel_envoy.events.recording import RecordingReader
     from otel_envoy.events.types import AcceptEvent
     from tests.support.daemon import DaemonProcess
+    from tests.support.otlp_receiver import OtlpReceiver
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     events = tmp_path / "tls.events"
-    # a run (not `record`, which correlates nothing, so never learns that the listener is TLS)
-    args = ["--pid", str(lab.pid), "--record", str(events), "--output", str(tmp_path / "live.jsonl"),
-            "--sampler", "always_on", "--tls-handshake-detail", detail]
-    daemon = DaemonProcess(args, tmp_path).start()
-    try:
-        first = clients.curl_tls(lab.tls_port, "a.example.com", alpn="http/1.1", ca=lab.ca_path)
-        assert first.http_code == 200, first.stderr
-        time.sleep(0.5)  # the ring is drained every 50 ms; the listener is handed over as it is found
-        port = connect()
-    finally:
-        assert daemon.stop() == 0, daemon.stderr()
+    with OtlpReceiver() as receiver:
+        # a run (not `record`, which correlates nothing, so never learns that the listener is TLS)
+        args = ["--pid", str(lab.pid), "--record", str(events), "--otlp-endpoint", receiver.grpc_endpoint,
+                "--otlp-protocol", "grpc", "--sampler", "always_on", "--tls-handshake-detail", detail]
+        daemon = DaemonProcess(args, tmp_path).start()
+        try:
+            first = clients.curl_tls(lab.tls_port, "a.example.com", alpn="http/1.1", ca=lab.ca_path)
+            assert first.http_code == 200, first.stderr
+            time.sleep(0.5)  # the ring is drained every 50 ms; the listener is handed over as it is found
+            port = connect()
+        finally:
+            assert daemon.stop() == 0, daemon.stderr()
+        received = receiver.spans()
     decoded = [Decoder().decode(raw) for kind, raw in RecordingReader(events) if kind == "kernel"]
     # a worker's (the main thread accepts the admin calls of the daemon's own adoption scan)
     accepts = [e for e in decoded if isinstance(e, AcceptEvent) and e.peer_port != first.local_port
@@ -231,7 +235,22 @@ def _recorded_tls_connection(lab, tmp_path, connect, detail: str = "summary"):
                            str(out)], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     spans = [s for line in out.read_text().splitlines() for s in decode_request_json(json.loads(line))]
-    return mine, connection_traces(spans, lab.tls_port)[accept.peer_port]
+    live = connection_traces(received, lab.tls_port)[accept.peer_port]
+    assert _comparable(connection_traces(spans, lab.tls_port)[accept.peer_port]) == _comparable(live)
+    return mine, live
+
+
+def _comparable(trace):
+    """A TLS connection's spans by name with their attributes, without what differs between two connections
+    of the same client (which worker; sizes that differ by a byte between two answers: a timing header) or
+    between two runs (durations)."""
+    skip = {"network.peer.port", "thread.id", "thread.name", "process.pid", "envoy.connection.bytes_sent",
+            "envoy.connection.bytes_received", "envoy.tls.max_record_size_sent",
+            "envoy.tls.max_record_size_received"}
+    spans = (trace.root, *trace.children("tls.handshake"), *trace.children("tcp.accept_queue"),
+             *trace.children("envoy.listener_filters"))
+    return {span.name: {k: v for k, v in span.attributes.items() if k not in skip and "duration" not in k}
+            for span in spans}
 
 
 def _reads_and_close(mine):
@@ -279,17 +298,7 @@ def test_a_traced_tls_handshake_is_one_record_at_its_end(lab, tmp_path):
         assert close.tls_records_rx >= 4  # ClientHello, ChangeCipherSpec, Finished, request: all walked
         assert traces[detail].root.attributes["envoy.tls.records_received"] == close.tls_records_rx
 
-    def comparable(trace):
-        # which worker (either), and sizes that differ by a byte between two answers (a timing header)
-        skip = {"network.peer.port", "thread.id", "thread.name", "process.pid", "envoy.connection.bytes_sent",
-                "envoy.connection.bytes_received", "envoy.tls.max_record_size_sent",
-                "envoy.tls.max_record_size_received"}
-        spans = (trace.root, *trace.children("tls.handshake"), *trace.children("tcp.accept_queue"),
-                 *trace.children("envoy.listener_filters"))
-        return {span.name: {k: v for k, v in span.attributes.items() if k not in skip and "duration" not in k}
-                for span in spans}
-
-    summarized, full = comparable(traces["summary"]), comparable(traces["full"])
+    summarized, full = _comparable(traces["summary"]), _comparable(traces["full"])
     assert summarized == full, {name: {k: (summarized[name].get(k), full[name].get(k))
                                        for k in summarized[name].keys() | full[name].keys()
                                        if summarized[name].get(k) != full[name].get(k)} for name in full}
