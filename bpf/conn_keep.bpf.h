@@ -68,6 +68,8 @@ static __always_inline int tls_handshake_summarized(void) {
  * (KEEP_CONN_SAMPLED: a traced one's handshake summary), with `close_flags` (KEPT_OPEN) besides its own. */
 static __always_inline void keep_connection(__u64 pid_tgid, __u64 key, __s32 fd, const struct conn_state *cs,
                                             __u8 reason, __u8 close_flags, __u64 now) {
+    if (!producing())
+        return;
     struct connection_kept_event *e = events.ringbuf_reserve(sizeof(struct connection_kept_event));
     if (!e) {
         count_drop(DROP_RINGBUF_FULL);

@@ -100,6 +100,8 @@ static __always_inline void keep_request(__u64 pid_tgid, __s32 fd, const struct 
                                          __u64 now, __u8 reason) {
     if (reason && !keep_within_rate(now, KEEP_LIMITED_REQUESTS)) /* kept, not sampled: within the rate */
         return;
+    if (!producing())
+        return;
     struct request_kept_event *e = events.ringbuf_reserve(sizeof(struct request_kept_event));
     if (!e) {
         count_drop(DROP_RINGBUF_FULL);

@@ -286,7 +286,21 @@ static __always_inline void count_submitted(void) {
  * every RING_TIMER_MS), so no submission queues the kernel's wake-up (irq_work) in the traced process. */
 #define RB_SUBMIT_FLAGS 1 /* BPF_RB_NO_WAKEUP */
 
+/* 1 once the daemon stops producing (probes/loader.py, stop_producing): no program sends a record any more,
+ * whatever state it still holds (a connection's close, a thread's off-CPU wait, an upstream socket's TCP
+ * state), so the last drain reads every record the kernel submitted. */
+BPF_ARRAY(producing_stopped, __u32, 1);
+
+static __always_inline int producing(void) {
+    __u32 zero = 0;
+    __u32 *stopped = producing_stopped.lookup(&zero);
+    return !(stopped && *stopped);
+}
+
+/* Every record goes out through emit, or through a ring reservation after a check of producing(). */
 static __always_inline void emit(void *ev, __u32 size) {
+    if (!producing())
+        return;
     if (events.ringbuf_output(ev, size, RB_SUBMIT_FLAGS) != 0)
         count_drop(DROP_RINGBUF_FULL);
     else

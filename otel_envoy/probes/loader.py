@@ -319,8 +319,12 @@ class ConnectionProbes(SamplingTables):
                     del table[key]  # type: ignore[attr-defined]
 
     def stop_producing(self) -> None:
-        """No more records: every target and listening port is forgotten, so the programs return before
-        they emit (the end of a run: after the last drain, what the kernel submitted is what was read)."""
+        """No more records (the end of a run: after the last drain, what the kernel submitted is what was
+        read): the kernel's ``producing_stopped`` flag, which every record's submission checks (programs
+        holding state of their own, such as a connection's close, would still emit without it), and every
+        target and listening port forgotten, so the programs return early."""
+        with contextlib.suppress(KeyError):  # an older bpf/ a benchmark compares has no such flag
+            self.bpf[b"producing_stopped"][ctypes.c_int(0)] = ctypes.c_uint32(1)
         for table in (self._targets, self._ports, self.bpf[b"target_bits"], self.bpf[b"followed_comm"]):
             table.clear()
 

@@ -48,3 +48,35 @@ def test_every_stage_balances_at_saturation(tmp_path, sampler: list[str]) -> Non
     exported = stats["export"]["exported"]
     assert exported["jsonl"] == exported["otlp-grpc"] == accounts["span_queue"]["in"] > 0
     assert len(receiver.spans()) == exported["otlp-grpc"]
+
+
+def test_nothing_is_submitted_once_the_daemon_stops_producing(tmp_path) -> None:
+    """The end of a run: after stop_producing, a connection the kernel still tracks (accepted and read while
+    producing) is closed by Envoy, yet no record is submitted: the last drain then reads every record the
+    kernel counted (the ``ring`` stage of the ledger). Its close would otherwise come from the state the
+    kernel holds, whatever the targets."""
+    import socket
+    import time
+
+    from otel_envoy.probes.loader import ConnectionProbes, ProbeConfig
+
+    with EnvoyLab(concurrency=1) as lab:
+        probes = ConnectionProbes(ProbeConfig(sampling=True))
+        try:
+            received: list[bytes] = []
+            probes.open_ring_buffer(received.append)
+            probes.set_listen_ports([lab.http_port])
+            probes.add_targets([lab.pid])
+            with socket.create_connection(("127.0.0.1", lab.http_port), timeout=5) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+                time.sleep(0.2)
+                probes.consume()
+                assert probes.records_submitted() == len(received) > 0  # its accept and transfers, at least
+                probes.stop_producing()
+            time.sleep(0.5)  # Envoy closes its end of the connection (a close the kernel tracks)
+            assert probes.records_submitted() == len(received)
+            probes.consume()
+            assert probes.records_submitted() == len(received)
+        finally:
+            probes.close()
