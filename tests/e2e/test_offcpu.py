@@ -240,8 +240,11 @@ def _offcpu_of_cxx_server(binary, tmp_path, extra: list[str]) -> list:
     waits = [s for s in spans if s.name == "offcpu.wait" and s.attributes.get("offcpu.reason") == "other"]
     if len(waits) < 2:  # the kernel's own count of waits tells one never sent from one user space lost
         report = json.loads(summary.read_text())
+        rounds = [{k: v for k, v in s.attributes.items() if k.startswith("envoy.event_loop.")}
+                  for s in spans if s.name == "envoy.event_loop.round"]  # what each round counted off CPU
         raise AssertionError(f"{len(waits)} waits: {[s.name for s in spans]}; kernel waits by reason "
-                             f"{report['offcpu']}, drops {report['drops']}, counts {report['counts']}")
+                             f"{report['offcpu']}, drops {report['drops']}, counts {report['counts']}; "
+                             f"rounds {rounds}")
     for w in waits:  # the 20 ms usleep inside the handler, in the round, in the connection's trace
         assert w.attributes["offcpu.duration_ns"] >= 15_000_000
         rnd = by_id[w.parent_span_id]
