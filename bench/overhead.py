@@ -3,7 +3,8 @@
 Envoy runs one worker pinned to CPU 0 and answers with a direct response (no backend), so Envoy itself is
 what is measured. The load generator (wrk) and the daemon share CPU 1. For every run we record the
 throughput, Envoy's CPU time per request (its BPF programs run in its context: the steadiest figure on a
-noisy machine), and for traced runs the daemon's CPU per traced connection, spans per second and drops.
+noisy machine), and for traced runs the daemon's CPU per traced connection (in all and by thread, the
+daemon's threads being named), spans per second and drops.
 
   workloads:  keepalive          - HTTP/1.1 keep-alive, wrk -c 32, connection spans only (--no-requests);
                                    the scheduler probes (rounds, off-CPU waits) are on, as by default
@@ -79,6 +80,20 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a whole process (all threads), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """utime + stime of each thread of a process, in seconds, summed by thread name (the daemon names its
+    threads: otel_envoy/thread_names.py); threads that ended meanwhile are not counted."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
 
 
 def children_cpu_seconds() -> float:
@@ -492,6 +507,7 @@ def one_run(
         time.sleep(0.5)
         envoy0, ticks0, iwi0 = cpu_seconds(lab.pid), cpu_ticks(), irq_work_interrupts()
         daemon0 = daemon.cpu() if daemon else 0.0
+        threads0 = thread_cpu_seconds(daemon.proc.pid) if daemon else {}
         if tls:
             result = tls_load(lab, seconds, h2load_requests)
         else:
@@ -506,6 +522,10 @@ def one_run(
         if daemon is not None:
             time.sleep(0.3)  # let the daemon drain what is in flight before reading its CPU
             daemon_cpu_s = daemon.cpu() - daemon0
+            threads = thread_cpu_seconds(daemon.proc.pid)
+            result["daemon_thread_us_per_req"] = {  # where the daemon's CPU went, thread by thread
+                name: (cpu - threads0.get(name, 0.0)) / max(result["requests"], 1) * 1e6
+                for name, cpu in sorted(threads.items())}
             result.update(daemon_fields(daemon.stop(), daemon_cpu_s, result["seconds"], result["requests"]))
     except BaseException:
         if daemon is not None:
@@ -649,6 +669,10 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         "client_cpu_us_per_req_traced": med("traced", "client_cpu_us_per_req"),
         "daemon_cpu_us_per_conn": med("traced", "daemon_cpu_us_per_conn"),
         "daemon_cpu_us_per_req": med("traced", "daemon_cpu_us_per_req"),
+        "daemon_thread_us_per_req": {
+            name: statistics.median(r["daemon_thread_us_per_req"].get(name, 0.0) for r in runs["traced"])
+            for name in sorted({n for r in runs["traced"] for n in r.get("daemon_thread_us_per_req", {})})
+        },
         "spans_per_s": med("traced", "spans_per_s"),
         "connections_traced_per_run": med("traced", "connections_traced"),
         "requests_traced_per_run": med("traced", "requests_traced"),
@@ -680,6 +704,9 @@ def print_table(report: dict) -> None:
             f"{f(s['daemon_cpu_us_per_conn'], '8.1f')} {f(s['daemon_cpu_us_per_req'], '6.1f')}"
             f"  {f(s['spans_per_s'], '7.0f')}  {s['drops_total'] or 0}"
         )
+        if s.get("daemon_thread_us_per_req"):
+            print("            daemon us/req by thread: " + ", ".join(
+                f"{thread} {us:.1f}" for thread, us in s["daemon_thread_us_per_req"].items() if us >= 0.05))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ from .spans.round_spans import idle_wakes_by_kind
 from .stacks import Symbolizer, SymbolsFileError
 from .stacks.source import IDLE_S, SymbolizedStacks
 from .status import StatusServer, StatusSources
+from .thread_names import name_this_thread
 
 __all__ = ["DaemonOptions", "UsageError", "make_resource", "report_new_drops", "run_daemon"]
 
@@ -172,6 +173,7 @@ class _RingThread(threading.Thread):
         self.last_pass = time.monotonic()  # the status endpoint's sign of a ring being drained
 
     def run(self) -> None:
+        name_this_thread("oe-ring")
         try:
             while not self.stop_requested.is_set():
                 self.last_pass = time.monotonic()

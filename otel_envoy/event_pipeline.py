@@ -45,6 +45,7 @@ from .spans.request_summaries import SummarySpans
 from .spans.requests import RequestSpanBuilder
 from .spans.round_spans import RoundSpanBuilder, StackSource
 from .spans.startup_spans import StartupSpanBuilder
+from .thread_names import name_this_thread
 
 __all__ = ["DamagedContextError", "EventPipeline", "tune_allocator", "tune_garbage_collector"]
 
@@ -382,6 +383,7 @@ class RoundWorker:
 
     def _run(self) -> None:
         assert self._queue is not None
+        name_this_thread("oe-rounds")
         while True:
             item = self._queue.get()
             if item is None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from otel_envoy.export.log_limiter import LogRateLimiter
+from otel_envoy.thread_names import name_this_thread
 
 if TYPE_CHECKING:
     from otel_envoy.export.sinks import SpanSink
@@ -180,6 +181,7 @@ class SinkWorker:
             return self._in_flight
 
     def _run(self) -> None:
+        name_this_thread(f"oe-sink-{self.name}")
         backoff = FIRST_BACKOFF_S
         while (batch := self._next()) is not None:
             outcome = self._deliver(batch)

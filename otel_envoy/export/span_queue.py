@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from otel_envoy.export.sink_worker import DEFAULT_BUFFER_BYTES, SinkWorker
 from otel_envoy.spans.model import SpanRecord
+from otel_envoy.thread_names import name_this_thread
 
 if TYPE_CHECKING:
     from otel_envoy.export.sinks import SpanSink
@@ -253,6 +254,7 @@ class SpanPipeline:
             return batch
 
     def _run(self) -> None:
+        name_this_thread("oe-export")
         while True:
             batch = self._take_batch()
             if batch is None:

@@ -63,8 +63,12 @@ def test_healthz_metrics_and_targets(tmp_path) -> None:
             families = {f.name: f for f in text_string_to_metric_families(text.decode())}
             code, body = _get(f"{base}/targets")
             targets = json.loads(body)
+            tasks = Path(f"/proc/{daemon.proc.pid}/task")
+            thread_names = {(t / "comm").read_text().strip() for t in tasks.iterdir()}
         finally:
             assert daemon.stop() == 0, daemon.stderr()
+    # the daemon's threads, named for top -H and ps -L (otel_envoy/thread_names.py)
+    assert {"oe-ring", "oe-export", "oe-sink-jsonl", "oe-rounds"} <= thread_names, thread_names
     accepted = sum(s.value for s in families["otel_envoy_connections_accepted"].samples
                    if s.labels["port"] == str(http_port))
     assert accepted == 200
