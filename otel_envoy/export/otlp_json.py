@@ -22,7 +22,7 @@ from typing import Any
 from otel_envoy.export.constant_cache import ConstantCache
 from otel_envoy.export.grouping import ResourceGroup, group_records
 from otel_envoy.export.span_templates import Pieces, cut_at_marks, sentinel_copy, template_pieces
-from otel_envoy.spans.model import SpanRecord, SpanTemplate, TemplatedSpan
+from otel_envoy.spans.model import SharedAttributes, SpanRecord, SpanTemplate, TemplatedSpan
 
 __all__ = [
     "JSON_ENCODER",
@@ -290,6 +290,11 @@ def _attrs_json(attrs: Mapping[str, Any]) -> str:
     return ",".join(parts)
 
 
+#: A SharedAttributes' text, by identity (read-only objects shared by many spans: no snapshot needed).
+_shared_attrs_json: Callable[[SharedAttributes], str] = ConstantCache(_attrs_json, limit=1024,
+                                                                     snapshot=None).get
+
+
 
 # ------------------------------------------------------------------------------------- records -> JSON
 
@@ -415,8 +420,10 @@ def _record_json(r: SpanRecord | TemplatedSpan) -> str:
             s += f',"startTimeUnixNano":"{start}"'
         if end:
             s += f',"endTimeUnixNano":"{end}"'
-    if r.attributes:
-        s += ',"attributes":[' + _attrs_json(r.attributes) + "]"
+    attributes = r.attributes
+    if attributes:
+        s += ',"attributes":[' + (_shared_attrs_json(attributes) if type(attributes) is SharedAttributes
+                                  else _attrs_json(attributes)) + "]"
     if r.events:
         enc = []
         for ts, ev_name, attrs in r.events:

@@ -18,6 +18,7 @@ from otel_envoy.spans.model import (
     SPAN_FLAGS_LOCAL,
     EventRecord,
     LinkRecord,
+    SharedAttributes,
     SpanRecord,
     SpanTemplate,
     TemplatedSpan,
@@ -180,6 +181,15 @@ def _pb_array(values: list[Any] | tuple[Any, ...]) -> bytes:
 _pb_tuple: Callable[[tuple[Any, ...]], bytes] = ConstantCache(_pb_array, limit=1024, snapshot=None).get
 
 
+def _pb_span_attrs(attrs: Mapping[str, Any]) -> bytes:
+    return _pb_items(_SPAN_ATTR, attrs.items())
+
+
+#: A SharedAttributes' span attribute fields, by identity (read-only objects many spans share).
+_pb_shared_attrs: Callable[[SharedAttributes], bytes] = ConstantCache(_pb_span_attrs, limit=1024,
+                                                                    snapshot=None).get
+
+
 def _pb_attrs(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
     """Every attribute as a ``KeyValue`` field with ``tag`` (the repeated field of the enclosing message)."""
     return _pb_items(tag, attrs.items())
@@ -316,8 +326,10 @@ def _pb_span(r: SpanRecord | TemplatedSpan) -> bytes:
             append(_SPAN_START + _pack_fixed64(start))
         if end:
             append(_SPAN_END + _pack_fixed64(end))
-    if r.attributes:
-        append(_pb_attrs(_SPAN_ATTR, r.attributes))
+    attributes = r.attributes
+    if attributes:
+        append(_pb_shared_attrs(attributes) if type(attributes) is SharedAttributes
+               else _pb_attrs(_SPAN_ATTR, attributes))
     if r.events:
         append(_pb_events(r.events))
     if r.links:

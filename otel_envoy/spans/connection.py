@@ -45,6 +45,21 @@ _SOCKOPT_NAMES = {
 }
 
 
+#: (level, optname) pairs -> their names, one tuple object per combination (the encoders write each once)
+_SOCKOPT_TUPLES: dict[tuple[tuple[int, int], ...], tuple[str, ...]] = {}
+
+
+def _socket_option_names(options: list[tuple[int, int, int]]) -> tuple[str, ...]:
+    """The names of the socket options a connection's fd was given, as one shared tuple per combination."""
+    key = tuple([(lvl, name) for lvl, name, _ in options])
+    names = _SOCKOPT_TUPLES.get(key)
+    if names is None:
+        if len(_SOCKOPT_TUPLES) >= 256:
+            _SOCKOPT_TUPLES.clear()
+        names = _SOCKOPT_TUPLES[key] = tuple([_SOCKOPT_NAMES.get(k, f"{k[0]}/{k[1]}") for k in key])
+    return names
+
+
 def _filter_chain_attributes(conn: ConnectionRecord) -> dict[str, object]:
     """envoy.filter_chain.*: the chain the connection was handed to, or why that could not be decided."""
     choice = conn.filter_chain
@@ -177,9 +192,7 @@ class ConnectionSpanBuilder:
         if conn.partial:
             attrs["otel_envoy.partial"] = sorted(set(conn.partial))
         if conn.socket_options:
-            attrs["envoy.connection.socket_options"] = [
-                _SOCKOPT_NAMES.get((lvl, name), f"{lvl}/{name}") for lvl, name, _ in conn.socket_options
-            ]
+            attrs["envoy.connection.socket_options"] = _socket_option_names(conn.socket_options)
         if conn.http.count:
             attrs["envoy.connection.requests"] = conn.http.count
         tls = conn.tls.handshake

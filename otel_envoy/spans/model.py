@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..shared_attributes import SharedAttributes
+
 __all__ = [
     "SPAN_FLAGS_LOCAL",
     "SPAN_FLAGS_REMOTE",
@@ -26,6 +28,7 @@ __all__ = [
     "AttributeBlock",
     "EventRecord",
     "LinkRecord",
+    "SharedAttributes",
     "SpanRecord",
     "SpanTemplate",
     "TemplatedSpan",

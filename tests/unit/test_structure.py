@@ -24,7 +24,8 @@ MAX_C_LINES = 700
 
 # The floors of docs/architecture.md: a room may import only rooms on lower floors.
 LEVELS: dict[str, int] = {
-    "envoy": 0, "protocols": 0, "stacks": 0, "sampling": 0, "accounting": 0, "thread_names": 0,
+    "envoy": 0, "protocols": 1, "stacks": 0, "sampling": 0, "accounting": 0, "shared_attributes": 0,
+    "thread_names": 0,
     "events": 1,
     "correlate": 2,
     "spans": 3, "probes": 3,

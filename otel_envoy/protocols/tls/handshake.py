@@ -8,6 +8,7 @@ API: malformed or truncated input is recorded as strings (``error``, ``warnings`
 
 from __future__ import annotations
 
+from ...shared_attributes import SharedAttributes
 from .hello import (
     HS_CLIENT_HELLO,
     HS_SERVER_HELLO,
@@ -47,6 +48,10 @@ _COLLECT_HELLO = frozenset((CT_ALERT, CT_HANDSHAKE))
 _COLLECT_ALERTS = frozenset((CT_ALERT,))
 _COLLECT_HANDSHAKE = frozenset((CT_HANDSHAKE,))
 _COLLECT_NOTHING: frozenset[int] = frozenset()
+#: summary()'s attributes by outcome, shared by the handshakes with that outcome; emptied when full
+_SUMMARIES: dict[tuple[object, ...], SharedAttributes] = {}
+_SUMMARIES_MAX = 256
+_NO_ATTRIBUTES = SharedAttributes()
 
 
 class TlsHandshakeTracker:
@@ -190,24 +195,40 @@ class TlsHandshakeTracker:
         if self.completed_ns is None and not self._failed and self._error is None:
             self.completed_ns = ts_ns
 
-    def summary(self) -> dict[str, object]:
-        """OpenTelemetry ``tls.*`` attributes of what was observed (unknown values are omitted)."""
+    def summary(self) -> SharedAttributes:
+        """OpenTelemetry ``tls.*`` attributes of what was observed (unknown values are omitted). Handshakes
+        with the same outcome (a client's connections, mostly) get the same read-only object, which the
+        encoders write once."""
         if self.is_tls is not True:
-            return {}
+            return _NO_ATTRIBUTES
+        ch = self.client_hello
+        hello = None
+        if ch is not None:  # the fingerprints are cached objects: the key hashes and compares cheaply
+            hello = (ch.server_name, tuple(ch.alpn), *client_fingerprints(ch))
+        server = server_fingerprint(self.server_hello) if self.server_hello is not None else None
+        key = (self.version, hello, server, self.negotiated_alpn, self.cipher, self.resumed,
+               self.completed_ns is not None)
+        attrs = _SUMMARIES.get(key)
+        if attrs is None:
+            if len(_SUMMARIES) >= _SUMMARIES_MAX:
+                _SUMMARIES.clear()
+            attrs = _SUMMARIES[key] = SharedAttributes(self._summary(hello, server))
+        return attrs
+
+    def _summary(self, hello: tuple | None, server: str | None) -> dict[str, object]:
         attrs: dict[str, object] = {"tls.protocol.name": "tls"}
         if self.version is not None:
             attrs["tls.protocol.version"] = self.version
-        ch = self.client_hello
-        if ch is not None:
-            if ch.server_name is not None:
-                attrs["tls.client.server_name"] = ch.server_name
-            attrs["tls.client.supported_alpn"] = list(ch.alpn)
-            ciphers, ja3, ja4 = client_fingerprints(ch)
+        if hello is not None:
+            server_name, alpn, ciphers, ja3, ja4 = hello
+            if server_name is not None:
+                attrs["tls.client.server_name"] = server_name
+            attrs["tls.client.supported_alpn"] = list(alpn)
             attrs["tls.client.supported_ciphers"] = ciphers
             attrs["tls.client.ja3"] = ja3
             attrs["tls.client.ja4"] = ja4
-        if self.server_hello is not None:
-            attrs["tls.server.ja3s"] = server_fingerprint(self.server_hello)
+        if server is not None:
+            attrs["tls.server.ja3s"] = server
         if self.negotiated_alpn is not None:
             attrs["tls.next_protocol"] = self.negotiated_alpn
         if self.cipher is not None:

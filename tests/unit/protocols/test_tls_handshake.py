@@ -419,3 +419,15 @@ def test_data_types_and_no_total_len() -> None:
         t = TlsHandshakeTracker()
         t.on_client_data(1, data)  # type: ignore[arg-type]
         assert t.client_hello is not None and t.client_hello.server_name == "example.com"
+
+
+def test_handshakes_with_the_same_outcome_share_one_read_only_summary(pki: Pki) -> None:
+    ctx = make_contexts(pki)
+    first, second = feed(run_handshake(ctx).msgs), feed(run_handshake(ctx).msgs)
+    assert first.client_hello is not second.client_hello  # two connections, each parsed
+    assert first.summary() is second.summary()  # the same outcome: one object, encoded once
+    with pytest.raises(TypeError):
+        first.summary()["tls.cipher"] = "changed"  # type: ignore[index]
+    first.completed_ns = None  # another outcome (not established): another object
+    assert first.summary() is not second.summary()
+    assert first.summary()["tls.established"] is False and second.summary()["tls.established"] is True

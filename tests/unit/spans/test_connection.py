@@ -79,7 +79,7 @@ def test_plain_connection_spans() -> None:
         "envoy.connection.bytes_sent": len(RESPONSE),
         "envoy.listener.name": "plain_http",
         "envoy.connection.close_initiator": "peer",
-        "envoy.connection.socket_options": ["TCP_NODELAY"],
+        "envoy.connection.socket_options": ("TCP_NODELAY",),  # one shared tuple per combination
         "envoy.connection.requests": 1,
     }
     assert dict(q.attributes) == {"tcp.accept_queue.depth": 1, "tcp.accept_queue.depth_on_arrival": 1}
