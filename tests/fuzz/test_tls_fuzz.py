@@ -4,6 +4,7 @@ tracker never raises, never records an internal error and keeps its buffers boun
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import shutil
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from otel_envoy.protocols.tls.handshake import TlsHandshakeTracker
 from otel_envoy.protocols.tls.hello import TlsParseError, parse_client_hello, parse_server_hello
+from otel_envoy.protocols.tls.hello_shapes import parse_client_hello_shaped
 from otel_envoy.protocols.tls.record_layer import (
     MAX_HANDSHAKE_MESSAGE,
     MAX_RECORD_LEN,
@@ -286,3 +288,39 @@ def test_a_kept_connection_record_with_any_held_bytes_becomes_one_connection(
     assert conn.kept and conn.close_ns == ev.ts_ns
     root = [s for s in build(conn) if s.name == "envoy.downstream.connection"]
     assert len(root) == 1 and root[0].attributes["otel_envoy.kept"] == conn.kept
+
+
+@st.composite
+def flipped(draw: st.DrawFn, data: bytes) -> bytes:
+    """``data`` with a few bytes changed in place (same length: the same shape key)."""
+    buf = bytearray(data)
+    for _ in range(draw(st.integers(min_value=1, max_value=6))):
+        buf[draw(st.integers(min_value=0, max_value=len(buf) - 1))] = draw(st.integers(0, 255))
+    return bytes(buf)
+
+
+def _parsed(body: bytes) -> object:
+    """What parse_client_hello makes of ``body``: the hello's fields, or the error's text."""
+    try:
+        return dataclasses.astuple(parse_client_hello(body))
+    except TlsParseError as exc:
+        return f"TlsParseError: {exc}"
+
+
+def _shaped(body: bytes) -> object:
+    try:
+        return dataclasses.astuple(parse_client_hello_shaped(body))
+    except TlsParseError as exc:
+        return f"TlsParseError: {exc}"
+
+
+@FUZZ
+@given(st.data())
+def test_a_hello_of_a_known_shape_parses_as_it_would_alone(data: st.DataObject) -> None:
+    """parse_client_hello_shaped reuses an earlier hello's parse only where the bytes the parse reads are
+    the same: whatever a hello of that length differs in, its result is parse_client_hello's."""
+    template = real_client_hello()[9:]  # the ClientHello body (record header 5, handshake header 4)
+    parse_client_hello_shaped(template)  # the shape of its length
+    body = data.draw(st.one_of(flipped(template), mutated(template)))
+    assert _shaped(body) == _parsed(body)
+    assert _shaped(template) == _parsed(template)  # and the remembered shape was never changed

@@ -16,10 +16,10 @@ from .hello import (
     ServerHello,
     TlsParseError,
     client_fingerprints,
-    parse_client_hello,
     parse_server_hello,
     server_fingerprint,
 )
+from .hello_shapes import parse_client_hello_shaped
 from .names import alert_description_name, alert_level_name, cipher_suite_name, tls_version_name
 from .record_layer import (
     CT_ALERT,
@@ -357,7 +357,7 @@ class TlsHandshakeTracker:
         self._ch_done = True
         self._cr.collect_types = _COLLECT_ALERTS
         try:
-            self.client_hello = parse_client_hello(body)
+            self.client_hello = parse_client_hello_shaped(body)  # parsed once per client shape
             self.is_tls = True
         except TlsParseError as exc:
             self._set_error(f"malformed ClientHello: {exc}")

@@ -1,0 +1,105 @@
+"""ClientHellos parsed once per client shape.
+
+One client's connections send ClientHellos that differ only in bytes no parsed field depends on: the
+random, the session id's bytes, and the contents of extensions whose data the parse does not read (the key
+shares' public keys, the padding, a GREASE ECH payload) or reads only for its presence (a PSK's identities and
+binders, a session ticket). :func:`parse_client_hello_shaped` remembers, per (length, session id length), the
+last hello it parsed and where those bytes lie; a hello equal to it everywhere else has the same parse (with
+its own session id) and is not walked again. Anything else is parsed in full and becomes the shape of its
+length.
+
+Equal everywhere else means equal structure too: every length field (the session id's, each vector's, each
+extension's header) lies outside the skipped bytes, so the same bytes are read the same way.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .hello import (
+    EXT_ALPN,
+    EXT_EC_POINT_FORMATS,
+    EXT_SERVER_NAME,
+    EXT_SIGNATURE_ALGORITHMS,
+    EXT_SUPPORTED_GROUPS,
+    EXT_SUPPORTED_VERSIONS,
+    ClientHello,
+    parse_client_hello,
+)
+
+__all__ = ["parse_client_hello_shaped"]
+
+#: Extensions whose contents the parse reads (their bytes are compared); every other extension's data that is
+#: at least _SKIP_MIN bytes long is skipped (shorter ones are compared: cheaper than a separate segment).
+_CONTENT_READ = frozenset((EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_GROUPS, EXT_EC_POINT_FORMATS,
+                           EXT_SIGNATURE_ALGORITHMS, EXT_SUPPORTED_VERSIONS))
+_SKIP_MIN = 16
+_SHAPES_MAX = 64
+_U16 = struct.Struct(">H").unpack_from
+_EXT_HEADER = struct.Struct(">HH").unpack_from
+
+#: (length, session id length) -> (the segments compared: (start, end, bytes), the parse of that hello)
+_shapes: dict[tuple[int, int], tuple[list[tuple[int, int, bytes]], ClientHello]] = {}
+
+
+def _skipped_ranges(buf: bytes) -> list[tuple[int, int]]:
+    """The byte ranges of a well-formed ClientHello body (it parsed) that no parsed field depends on."""
+    n = buf[34]
+    skipped = [(2, 34), (35, 35 + n)]  # the random, the session id
+    p = 35 + n
+    p += 2 + _U16(buf, p)[0]  # cipher suites
+    p += 1 + buf[p]  # compression methods
+    end = len(buf)
+    if p == end:
+        return skipped
+    xend = p + 2 + _U16(buf, p)[0]
+    p += 2
+    while p < xend:
+        etype, size = _EXT_HEADER(buf, p)
+        d = p + 4
+        p = d + size
+        if size >= _SKIP_MIN and etype not in _CONTENT_READ:
+            skipped.append((d, p))
+    return skipped
+
+
+def _segments(buf: bytes, skipped: list[tuple[int, int]]) -> list[tuple[int, int, bytes]]:
+    """The ranges between the skipped ones, with their bytes."""
+    out = []
+    at = 0
+    for start, stop in skipped:
+        if start > at:
+            out.append((at, start, buf[at:start]))
+        at = stop
+    if at < len(buf):
+        out.append((at, len(buf), buf[at:]))
+    return out
+
+
+def parse_client_hello_shaped(handshake_body: bytes) -> ClientHello:
+    """:func:`~otel_envoy.protocols.tls.hello.parse_client_hello`, reusing the parse of an earlier hello of
+    the same shape (see the module's text). The lists of the returned hello may be shared with other
+    connections' hellos: read-only. Raises :class:`~otel_envoy.protocols.tls.hello.TlsParseError` as the
+    parse does."""
+    buf = bytes(handshake_body)
+    end = len(buf)
+    if end < 35:
+        return parse_client_hello(buf)
+    n = buf[34]
+    key = (end, n)
+    shape = _shapes.get(key)
+    if shape is not None:
+        segments, ch = shape
+        for start, stop, expected in segments:
+            if buf[start:stop] != expected:
+                break
+        else:
+            return ClientHello(ch.legacy_version, ch.supported_versions, ch.server_name, ch.alpn,
+                               ch.cipher_suites, ch.extensions, ch.supported_groups, ch.ec_point_formats,
+                               ch.signature_algorithms, buf[35:35 + n], ch.offers_psk, ch.has_session_ticket,
+                               ch.alpn_raw)
+    ch = parse_client_hello(buf)  # raises for a malformed hello, which is not remembered
+    if len(_shapes) >= _SHAPES_MAX:
+        _shapes.clear()
+    _shapes[key] = (_segments(buf, _skipped_ranges(buf)), ch)
+    return ch
