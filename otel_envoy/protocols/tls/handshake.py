@@ -16,10 +16,9 @@ from .hello import (
     ServerHello,
     TlsParseError,
     client_fingerprints,
-    parse_server_hello,
     server_fingerprint,
 )
-from .hello_shapes import parse_client_hello_shaped
+from .hello_shapes import parse_client_hello_shaped, parse_server_hello_shaped
 from .names import alert_description_name, alert_level_name, cipher_suite_name, tls_version_name
 from .record_layer import (
     CT_ALERT,
@@ -428,7 +427,7 @@ class TlsHandshakeTracker:
 
     def _on_server_hello(self, ts_ns: int, body: bytes) -> None:
         try:
-            sh = parse_server_hello(body)
+            sh = parse_server_hello_shaped(body)  # parsed once per shape
         except TlsParseError as exc:
             self._sh_done = True
             self._sr.collect_types = _COLLECT_ALERTS

@@ -1,4 +1,4 @@
-"""ClientHellos parsed once per client shape.
+"""ClientHellos parsed once per client shape, and ServerHellos once per shape of the server's answer.
 
 One client's connections send ClientHellos that differ only in bytes no parsed field depends on: the
 random, the session id's bytes, and the contents of extensions whose data the parse does not read (the key
@@ -6,7 +6,8 @@ shares' public keys, the padding, a GREASE ECH payload) or reads only for its pr
 binders, a session ticket). :func:`parse_client_hello_shaped` remembers, per (length, session id length), the
 last hello it parsed and where those bytes lie; a hello equal to it everywhere else has the same parse (with
 its own session id) and is not walked again. Anything else is parsed in full and becomes the shape of its
-length.
+length. A server's ServerHellos to one kind of client differ the same way (the random, the session id it
+echoes, its key share): :func:`parse_server_hello_shaped`.
 
 Equal everywhere else means equal structure too: every length field (the session id's, each vector's, each
 extension's header) lies outside the skipped bytes, so the same bytes are read the same way.
@@ -23,11 +24,14 @@ from .hello import (
     EXT_SIGNATURE_ALGORITHMS,
     EXT_SUPPORTED_GROUPS,
     EXT_SUPPORTED_VERSIONS,
+    HRR_RANDOM,
     ClientHello,
+    ServerHello,
     parse_client_hello,
+    parse_server_hello,
 )
 
-__all__ = ["parse_client_hello_shaped"]
+__all__ = ["parse_client_hello_shaped", "parse_server_hello_shaped"]
 
 #: Extensions whose contents the parse reads (their bytes are compared); every other extension's data that is
 #: at least _SKIP_MIN bytes long is skipped (shorter ones are compared: cheaper than a separate segment).
@@ -40,15 +44,21 @@ _EXT_HEADER = struct.Struct(">HH").unpack_from
 
 #: (length, session id length) -> (the segments compared: (start, end, bytes), the parse of that hello)
 _shapes: dict[tuple[int, int], tuple[list[tuple[int, int, bytes]], ClientHello]] = {}
+_server_shapes: dict[tuple[int, int], tuple[list[tuple[int, int, bytes]], ServerHello]] = {}
 
 
-def _skipped_ranges(buf: bytes) -> list[tuple[int, int]]:
-    """The byte ranges of a well-formed ClientHello body (it parsed) that no parsed field depends on."""
+def _skipped_ranges(buf: bytes, server: bool = False) -> list[tuple[int, int]]:
+    """The byte ranges of a well-formed Client- or ServerHello body (it parsed) that no parsed field depends
+    on (a ServerHello's random is skipped too: only whether it is the HelloRetryRequest value matters, which
+    a reused parse looks at again)."""
     n = buf[34]
     skipped = [(2, 34), (35, 35 + n)]  # the random, the session id
     p = 35 + n
-    p += 2 + _U16(buf, p)[0]  # cipher suites
-    p += 1 + buf[p]  # compression methods
+    if server:
+        p += 3  # the cipher suite, the compression method
+    else:
+        p += 2 + _U16(buf, p)[0]  # cipher suites
+        p += 1 + buf[p]  # compression methods
     end = len(buf)
     if p == end:
         return skipped
@@ -103,3 +113,31 @@ def parse_client_hello_shaped(handshake_body: bytes) -> ClientHello:
         _shapes.clear()
     _shapes[key] = (_segments(buf, _skipped_ranges(buf)), ch)
     return ch
+
+
+def parse_server_hello_shaped(handshake_body: bytes) -> ServerHello:
+    """:func:`~otel_envoy.protocols.tls.hello.parse_server_hello`, reusing the parse of an earlier ServerHello
+    of the same shape: a server's answers to one kind of client differ in their random, the session id they
+    echo and their key share. Whether the random is the HelloRetryRequest value is looked at every time. The
+    returned hello's extension list may be shared: read-only. Raises
+    :class:`~otel_envoy.protocols.tls.hello.TlsParseError` as the parse does."""
+    buf = bytes(handshake_body)
+    end = len(buf)
+    if end < 35:
+        return parse_server_hello(buf)
+    n = buf[34]
+    key = (end, n)
+    shape = _server_shapes.get(key)
+    if shape is not None:
+        segments, sh = shape
+        for start, stop, expected in segments:
+            if buf[start:stop] != expected:
+                break
+        else:
+            return ServerHello(sh.legacy_version, sh.selected_version, sh.cipher_suite, buf[35:35 + n],
+                               sh.alpn, buf.startswith(HRR_RANDOM, 2), sh.psk_accepted, sh.extensions)
+    sh = parse_server_hello(buf)  # raises for a malformed hello, which is not remembered
+    if len(_server_shapes) >= _SHAPES_MAX:
+        _server_shapes.clear()
+    _server_shapes[key] = (_segments(buf, _skipped_ranges(buf, server=True)), sh)
+    return sh
