@@ -16,6 +16,7 @@ extension's header) lies outside the skipped bytes, so the same bytes are read t
 from __future__ import annotations
 
 import struct
+from typing import TypeVar
 
 from .hello import (
     EXT_ALPN,
@@ -86,32 +87,46 @@ def _segments(buf: bytes, skipped: list[tuple[int, int]]) -> list[tuple[int, int
     return out
 
 
+_V = TypeVar("_V", ClientHello, ServerHello)
+
+
+def _known(shapes: dict[tuple[int, int], tuple[list[tuple[int, int, bytes]], _V]], buf: bytes) -> _V | None:
+    """The parse remembered for the shape of ``buf`` (at least 35 bytes) when ``buf`` equals that hello in
+    every compared byte, else None."""
+    shape = shapes.get((len(buf), buf[34]))
+    if shape is None:
+        return None
+    segments, parsed = shape
+    for start, stop, expected in segments:
+        if buf[start:stop] != expected:
+            return None
+    return parsed
+
+
+def _remember(shapes: dict[tuple[int, int], tuple[list[tuple[int, int, bytes]], _V]], buf: bytes,
+              parsed: _V, server: bool) -> None:
+    """``parsed`` (of ``buf``, which parsed) as the shape of its length, in place of the one before."""
+    if len(shapes) >= _SHAPES_MAX:
+        shapes.clear()
+    shapes[(len(buf), buf[34])] = (_segments(buf, _skipped_ranges(buf, server)), parsed)
+
+
 def parse_client_hello_shaped(handshake_body: bytes) -> ClientHello:
     """:func:`~otel_envoy.protocols.tls.hello.parse_client_hello`, reusing the parse of an earlier hello of
     the same shape (see the module's text). The lists of the returned hello may be shared with other
     connections' hellos: read-only. Raises :class:`~otel_envoy.protocols.tls.hello.TlsParseError` as the
     parse does."""
     buf = bytes(handshake_body)
-    end = len(buf)
-    if end < 35:
+    if len(buf) < 35:
         return parse_client_hello(buf)
-    n = buf[34]
-    key = (end, n)
-    shape = _shapes.get(key)
-    if shape is not None:
-        segments, ch = shape
-        for start, stop, expected in segments:
-            if buf[start:stop] != expected:
-                break
-        else:
-            return ClientHello(ch.legacy_version, ch.supported_versions, ch.server_name, ch.alpn,
-                               ch.cipher_suites, ch.extensions, ch.supported_groups, ch.ec_point_formats,
-                               ch.signature_algorithms, buf[35:35 + n], ch.offers_psk, ch.has_session_ticket,
-                               ch.alpn_raw)
+    ch = _known(_shapes, buf)
+    if ch is not None:
+        return ClientHello(ch.legacy_version, ch.supported_versions, ch.server_name, ch.alpn,
+                           ch.cipher_suites, ch.extensions, ch.supported_groups, ch.ec_point_formats,
+                           ch.signature_algorithms, buf[35:35 + buf[34]], ch.offers_psk,
+                           ch.has_session_ticket, ch.alpn_raw)
     ch = parse_client_hello(buf)  # raises for a malformed hello, which is not remembered
-    if len(_shapes) >= _SHAPES_MAX:
-        _shapes.clear()
-    _shapes[key] = (_segments(buf, _skipped_ranges(buf)), ch)
+    _remember(_shapes, buf, ch, server=False)
     return ch
 
 
@@ -122,22 +137,12 @@ def parse_server_hello_shaped(handshake_body: bytes) -> ServerHello:
     returned hello's extension list may be shared: read-only. Raises
     :class:`~otel_envoy.protocols.tls.hello.TlsParseError` as the parse does."""
     buf = bytes(handshake_body)
-    end = len(buf)
-    if end < 35:
+    if len(buf) < 35:
         return parse_server_hello(buf)
-    n = buf[34]
-    key = (end, n)
-    shape = _server_shapes.get(key)
-    if shape is not None:
-        segments, sh = shape
-        for start, stop, expected in segments:
-            if buf[start:stop] != expected:
-                break
-        else:
-            return ServerHello(sh.legacy_version, sh.selected_version, sh.cipher_suite, buf[35:35 + n],
-                               sh.alpn, buf.startswith(HRR_RANDOM, 2), sh.psk_accepted, sh.extensions)
+    sh = _known(_server_shapes, buf)
+    if sh is not None:
+        return ServerHello(sh.legacy_version, sh.selected_version, sh.cipher_suite, buf[35:35 + buf[34]],
+                           sh.alpn, buf.startswith(HRR_RANDOM, 2), sh.psk_accepted, sh.extensions)
     sh = parse_server_hello(buf)  # raises for a malformed hello, which is not remembered
-    if len(_server_shapes) >= _SHAPES_MAX:
-        _server_shapes.clear()
-    _server_shapes[key] = (_segments(buf, _skipped_ranges(buf, server=True)), sh)
+    _remember(_server_shapes, buf, sh, server=True)
     return sh
