@@ -295,7 +295,6 @@ _shared_attrs_json: Callable[[SharedAttributes], str] = ConstantCache(_attrs_jso
                                                                      snapshot=None).get
 
 
-
 # ------------------------------------------------------------------------------------- records -> JSON
 
 

@@ -15,6 +15,7 @@ from typing import TypeVar
 from .names import GREASE_VALUES, cipher_suite_name
 
 __all__ = [
+    "EXTENSIONS_READ",
     "HRR_RANDOM",
     "HS_CLIENT_HELLO",
     "HS_SERVER_HELLO",
@@ -254,11 +255,13 @@ def server_fingerprint(sh: ServerHello) -> str:
     return ja3s
 
 
-# Extensions parse_client_hello looks into (others are only listed).
-_CH_PARSED_EXTENSIONS = frozenset((
+#: Extensions whose data the hello parses read (hello_shapes.py compares these bytes, and may skip others').
+EXTENSIONS_READ = frozenset((
     EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_GROUPS, EXT_EC_POINT_FORMATS, EXT_SIGNATURE_ALGORITHMS,
-    EXT_SUPPORTED_VERSIONS, EXT_PRE_SHARED_KEY, EXT_SESSION_TICKET,
+    EXT_SUPPORTED_VERSIONS,
 ))
+# Extensions parse_client_hello looks into (others are only listed): a PSK and a ticket only for being there.
+_CH_PARSED_EXTENSIONS = EXTENSIONS_READ | {EXT_PRE_SHARED_KEY, EXT_SESSION_TICKET}
 
 
 def _hello_session_id_length(buf: bytes, version_field: str) -> int:

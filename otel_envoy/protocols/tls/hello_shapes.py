@@ -19,12 +19,7 @@ import struct
 from typing import TypeVar
 
 from .hello import (
-    EXT_ALPN,
-    EXT_EC_POINT_FORMATS,
-    EXT_SERVER_NAME,
-    EXT_SIGNATURE_ALGORITHMS,
-    EXT_SUPPORTED_GROUPS,
-    EXT_SUPPORTED_VERSIONS,
+    EXTENSIONS_READ,
     HRR_RANDOM,
     ClientHello,
     ServerHello,
@@ -34,10 +29,8 @@ from .hello import (
 
 __all__ = ["parse_client_hello_shaped", "parse_server_hello_shaped"]
 
-#: Extensions whose contents the parse reads (their bytes are compared); every other extension's data that is
-#: at least _SKIP_MIN bytes long is skipped (shorter ones are compared: cheaper than a separate segment).
-_CONTENT_READ = frozenset((EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_GROUPS, EXT_EC_POINT_FORMATS,
-                           EXT_SIGNATURE_ALGORITHMS, EXT_SUPPORTED_VERSIONS))
+#: Every extension's data that no parse reads (not in EXTENSIONS_READ) and is at least _SKIP_MIN bytes long
+#: is skipped (shorter ones are compared: cheaper than a separate segment).
 _SKIP_MIN = 16
 _SHAPES_MAX = 64
 _U16 = struct.Struct(">H").unpack_from
@@ -69,7 +62,7 @@ def _skipped_ranges(buf: bytes, server: bool = False) -> list[tuple[int, int]]:
         etype, size = _EXT_HEADER(buf, p)
         d = p + 4
         p = d + size
-        if size >= _SKIP_MIN and etype not in _CONTENT_READ:
+        if size >= _SKIP_MIN and etype not in EXTENSIONS_READ:
             skipped.append((d, p))
     return skipped
 
