@@ -37,7 +37,7 @@ from otel_envoy.export.sink_worker import Delivery, Encoded
 from otel_envoy.spans.model import SpanRecord, TemplatedSpan
 
 __all__ = ["EncodingSink", "JsonLinesFileSink", "OtlpSink", "SpanSink", "encode_leaving_out_bad",
-           "span_ids_valid"]
+           "span_ids_valid", "spans_with_valid_ids"]
 
 log = logging.getLogger("otel_envoy.export")
 _T = TypeVar("_T")
@@ -75,6 +75,38 @@ def _ids_valid(r: SpanRecord) -> bool:
     return True
 
 
+def spans_with_valid_ids(spans: Sequence[SpanRecord | TemplatedSpan]) -> list[SpanRecord | TemplatedSpan]:
+    """The spans of a batch for which :func:`span_ids_valid` holds, in order. A batch whose spans all pass
+    (the usual one: the builders make valid ids) costs the lengths per span and one hex decoding and one
+    case check of all its ids together; at the first span that fails a length, or when that decoding
+    fails, each span is checked alone. Every id has an even number of digits, so the ids decode together
+    exactly when each one decodes."""
+    texts: list[str] = []
+    append = texts.append
+    for r in spans:
+        if type(r) is TemplatedSpan:
+            if not span_ids_valid(r):
+                return [s for s in spans if span_ids_valid(s)]
+            continue
+        trace_id, span_id, parent = r.trace_id, r.span_id, r.parent_span_id
+        if len(trace_id) != 32 or len(span_id) != 16 or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN or (
+                parent and (len(parent) != 16 or parent == _ZERO_SPAN)):
+            return [s for s in spans if span_ids_valid(s)]
+        append(trace_id)
+        append(span_id)
+        if parent:
+            append(parent)
+        if r.links:
+            for t, s_id, _attrs in r.links:
+                if len(t) != 32 or len(s_id) != 16:
+                    return [s for s in spans if span_ids_valid(s)]
+                append(t)
+                append(s_id)
+    if _lower_hex("".join(texts)):
+        return list(spans)
+    return [s for s in spans if span_ids_valid(s)]
+
+
 def _lower_hex(text: str) -> bool:
     """Only the digits 0-9 and a-f (an even number of them)."""
     try:
@@ -88,7 +120,7 @@ def encode_leaving_out_bad(encode: Callable[[Sequence[SpanRecord]], _T], spans: 
                            ) -> tuple[_T | None, int]:
     """``encode`` of the spans with valid ids; when that raises, of those that encode alone. Returns the
     encoding (``None`` when no span is left) and how many spans were left out."""
-    good = [r for r in spans if span_ids_valid(r)]
+    good = spans_with_valid_ids(spans)
     try:
         return (encode(good) if good else None), len(spans) - len(good)
     except Exception:  # a value the encoder cannot take: find the spans that carry one

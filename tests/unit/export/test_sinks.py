@@ -17,7 +17,13 @@ from otel_envoy.export.otlp_grpc import GrpcTraceSender
 from otel_envoy.export.otlp_http import HttpTraceSender
 from otel_envoy.export.otlp_json import encode_request_json
 from otel_envoy.export.otlp_json_decode import decode_request_json
-from otel_envoy.export.sinks import JsonLinesFileSink, OtlpSink, encode_leaving_out_bad, span_ids_valid
+from otel_envoy.export.sinks import (
+    JsonLinesFileSink,
+    OtlpSink,
+    encode_leaving_out_bad,
+    span_ids_valid,
+    spans_with_valid_ids,
+)
 from otel_envoy.export.span_queue import SpanPipeline
 from otel_envoy.spans.model import SpanRecord
 from tests.support.otlp_receiver import OtlpReceiver
@@ -448,3 +454,28 @@ def test_span_ids_valid_is_the_otlp_rule() -> None:
         checked[rule(span)] += 1
     assert min(checked.values()) > 50  # both answers were exercised
     assert all(not span_ids_valid(s) for s in _bad_spans())
+
+
+def test_a_batch_keeps_the_spans_whose_ids_are_valid_one_by_one() -> None:
+    """spans_with_valid_ids (one decoding of a batch's ids together) keeps exactly the spans span_ids_valid
+    keeps, in order: batches all valid, and batches with one or more spans wrong in one character, case or
+    length anywhere among them (a wrong length ends the batch check early, a wrong digit fails the joint
+    decoding)."""
+    import random
+
+    rng = random.Random(11)
+    good = batch_records(6)
+    assert all(span_ids_valid(r) for r in good)
+    assert spans_with_valid_ids(good) == good
+    bad = _bad_spans()
+    for _ in range(400):
+        batch = [*good]
+        for _k in range(rng.randrange(1, 3)):
+            batch.insert(rng.randrange(len(batch) + 1), rng.choice(bad))
+        rng.shuffle(batch)
+        assert spans_with_valid_ids(batch) == [r for r in batch if span_ids_valid(r)]
+    upper = dataclasses.replace(good[0], trace_id=good[0].trace_id.upper())  # right length, wrong case
+    assert upper.trace_id != good[0].trace_id
+    assert spans_with_valid_ids([*good, upper]) == good
+    linked = dataclasses.replace(good[1], links=[(good[0].trace_id, "g" * 16, {})])  # a bad link digit
+    assert spans_with_valid_ids([linked, *good]) == good
