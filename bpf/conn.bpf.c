@@ -15,8 +15,8 @@
  *                  fcntl(F_DUPFD*) of targets (how their listening sockets are set up);
  *   sched.bpf.h    syscalls: the entries of epoll_wait/epoll_pwait/epoll_pwait2; sched:sched_switch and
  *                  sched:sched_waking as raw tracepoints (OFFCPU builds);
- *   sockets.bpf.h  sock:inet_sock_set_state (a raw tracepoint), tcp:tcp_retransmit_skb, tcp:tcp_send_reset,
- *                  tcp:tcp_receive_reset, tcp:tcp_retransmit_synack;
+ *   sockets.bpf.h  sock:inet_sock_set_state, tcp:tcp_retransmit_skb, tcp:tcp_receive_reset and
+ *                  tcp:tcp_retransmit_synack (raw tracepoints), tcp:tcp_send_reset;
  *   uprobes.bpf.h  (UPROBES builds only) uprobes on SSL_read/SSL_write/SSL_do_handshake of the traced binary
  *                  and the entries of the read/write-family syscalls: TLS plaintext.
  * state.bpf.h holds what they share (per-connection and per-thread state, the shared maps and helpers);

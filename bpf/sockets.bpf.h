@@ -26,11 +26,32 @@ static __always_inline int port_watched(__u16 port) { return listen_ports.lookup
 #define SKC_DPORT_OFF 12
 #define SKC_NUM_OFF 14
 #define SKC_FAMILY_OFF 16
+#define SKC_STATE_OFF 18
 #define SKC_V6_DADDR_OFF 56
 #define SKC_V6_RCV_SADDR_OFF 72
 #define SKC_READ 88
 #define SK_PROTOCOL_OFF 532
 #endif
+
+/* The local and peer ports, the family and the addresses of a struct sock_common read whole into `c`
+ * (SKC_READ bytes, at the running kernel's offsets), as struct sock_state_event and struct tcp_event carry
+ * them: ports in host byte order, IPv4 addresses as their 4 bytes, IPv6 ones as their 16. */
+static __always_inline void fill_tuple(const __u8 *c, __u16 *sport, __u16 *dport, __u16 *family, __u8 *saddr,
+                                       __u8 *daddr) {
+    *sport = *(__u16 *)(c + SKC_NUM_OFF);
+    *dport = ntohs(*(__u16 *)(c + SKC_DPORT_OFF));
+    *family = *(__u16 *)(c + SKC_FAMILY_OFF);
+    if (*family == AF_INET) {
+        __builtin_memcpy(saddr, c + SKC_RCV_SADDR_OFF, 4);
+        __builtin_memcpy(daddr, c + SKC_DADDR_OFF, 4);
+    }
+#if SKC_V6_DADDR_OFF >= 0 /* -1: a kernel without IPv6 */
+    else {
+        __builtin_memcpy(saddr, c + SKC_V6_RCV_SADDR_OFF, 16);
+        __builtin_memcpy(daddr, c + SKC_V6_DADDR_OFF, 16);
+    }
+#endif
+}
 
 RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
     const __u8 *skp = (const __u8 *)ctx->args[0];
@@ -71,19 +92,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
     ev.skaddr = sk;
     ev.oldstate = oldstate;
     ev.newstate = newstate;
-    ev.sport = sport;
-    ev.dport = ntohs(*(__u16 *)(c + SKC_DPORT_OFF));
-    ev.family = *(__u16 *)(c + SKC_FAMILY_OFF);
-    if (ev.family == AF_INET) {
-        __builtin_memcpy(ev.saddr, c + SKC_RCV_SADDR_OFF, 4);
-        __builtin_memcpy(ev.daddr, c + SKC_DADDR_OFF, 4);
-    }
-#if SKC_V6_DADDR_OFF >= 0 /* -1: a kernel without IPv6 */
-    else {
-        __builtin_memcpy(ev.saddr, c + SKC_V6_RCV_SADDR_OFF, 16);
-        __builtin_memcpy(ev.daddr, c + SKC_V6_DADDR_OFF, 16);
-    }
-#endif
+    fill_tuple(c, &ev.sport, &ev.dport, &ev.family, ev.saddr, ev.daddr);
 #if SAMPLING
     if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV && port_watched(ev.sport))
         note_established(ev.daddr, ev.family, ev.dport, ev.hdr.ts_ns); /* accept-queue metrics */
@@ -110,59 +119,50 @@ static __always_inline int tcp_peer_untraced(__u16 sport, const __u8 *daddr, __u
 #endif
 }
 
-#define FILL_TCP_EVENT(ev, typ, a)                                                                    \
-    do {                                                                                              \
-        fill_header(&(ev).hdr, EV_TCP, bpf_get_current_pid_tgid());                                    \
-        (ev).skaddr = (__u64)(a)->skaddr;                                                             \
-        (ev).type = (typ);                                                                            \
-        (ev).sport = (a)->sport;                                                                      \
-        (ev).dport = (a)->dport;                                                                      \
-        (ev).family = (a)->family;                                                                    \
-        if ((a)->family == AF_INET) {                                                                 \
-            __builtin_memcpy((ev).saddr, (a)->saddr, 4);                                              \
-            __builtin_memcpy((ev).daddr, (a)->daddr, 4);                                              \
-        } else {                                                                                      \
-            __builtin_memcpy((ev).saddr, (a)->saddr_v6, 16);                                          \
-            __builtin_memcpy((ev).daddr, (a)->daddr_v6, 16);                                          \
-        }                                                                                             \
-    } while (0)
-
-TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
-    if (!watched_sock(args->sport, (__u64)args->skaddr))
+/* A retransmit or a received reset of socket `skp` (args[0] of tcp:tcp_retransmit_skb and
+ * tcp:tcp_receive_reset), or a SYN-ACK retransmitted for the request `skp` of listener `listener`
+ * (tcp:tcp_retransmit_synack: a struct request_sock starts with its struct sock_common too). Raw
+ * tracepoints, as inet_sock_set_state is one: a classic tracepoint program is skipped when it fires from
+ * softirq while another BPF program runs on the CPU (the kernel counts it, kernel.recursion_missed.*, but
+ * the mark is lost); a raw one only when it would nest in itself. The fields are the classic tracepoints':
+ * the state is the socket's (retransmits), SYN_RECV (SYN-ACKs) or none (resets). */
+static __always_inline int tcp_mark(const __u8 *skp, __u64 skaddr, __u32 type) {
+    __u8 c[SKC_READ];
+    if (bpf_probe_read_kernel(c, sizeof(c), skp) != 0)
+        return 0;
+    __u16 sport = *(__u16 *)(c + SKC_NUM_OFF);
+    if (type == TCP_SYNACK_RETRANSMIT ? !port_watched(sport) : !watched_sock(sport, skaddr))
         return 0;
     struct tcp_event ev = {};
-    FILL_TCP_EVENT(ev, TCP_RETRANSMIT, args);
+    fill_header(&ev.hdr, EV_TCP, bpf_get_current_pid_tgid());
+    ev.skaddr = skaddr;
+    ev.type = type;
+    fill_tuple(c, &ev.sport, &ev.dport, &ev.family, ev.saddr, ev.daddr);
     if (tcp_peer_untraced(ev.sport, ev.daddr, ev.family, ev.dport))
         return 0;
-    ev.state = args->state;
+    if (type == TCP_RETRANSMIT)
+        ev.state = c[SKC_STATE_OFF];
+    else if (type == TCP_SYNACK_RETRANSMIT)
+        ev.state = TCP_SYN_RECV;
     emit(&ev, sizeof(ev));
     return 0;
 }
 
-TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
-    if (!watched_sock(args->sport, (__u64)args->skaddr))
-        return 0;
-    struct tcp_event ev = {};
-    FILL_TCP_EVENT(ev, TCP_RESET_RECEIVED, args);
-    if (tcp_peer_untraced(ev.sport, ev.daddr, ev.family, ev.dport))
-        return 0;
-    emit(&ev, sizeof(ev));
-    return 0;
+RAW_TRACEPOINT_PROBE(tcp_retransmit_skb) {
+    return tcp_mark((const __u8 *)ctx->args[0], ctx->args[0], TCP_RETRANSMIT);
 }
 
-TRACEPOINT_PROBE(tcp, tcp_retransmit_synack) {
-    if (!port_watched(args->sport))
-        return 0;
-    struct tcp_event ev = {};
-    FILL_TCP_EVENT(ev, TCP_SYNACK_RETRANSMIT, args);
-    if (tcp_peer_untraced(ev.sport, ev.daddr, ev.family, ev.dport))
-        return 0;
-    ev.state = TCP_SYN_RECV;
-    emit(&ev, sizeof(ev));
-    return 0;
+RAW_TRACEPOINT_PROBE(tcp_receive_reset) {
+    return tcp_mark((const __u8 *)ctx->args[0], ctx->args[0], TCP_RESET_RECEIVED);
 }
 
-/* tcp_send_reset carries sockaddr-shaped addresses (family, port in network order, address). */
+RAW_TRACEPOINT_PROBE(tcp_retransmit_synack) {
+    return tcp_mark((const __u8 *)ctx->args[1], ctx->args[0], TCP_SYNACK_RETRANSMIT);
+}
+
+/* tcp_send_reset carries sockaddr-shaped addresses (family, port in network order, address). It stays a
+ * classic tracepoint: its socket may be NULL (a reset for a segment no socket owns), when only the
+ * classic one's addresses, taken from the packet, say whose it was. */
 TRACEPOINT_PROBE(tcp, tcp_send_reset) {
     struct sockaddr_in6 src = {}, dst = {};
     __builtin_memcpy(&src, args->saddr, sizeof(src));

@@ -148,12 +148,14 @@ def program_text(program_dir: Path, main: str = CONN_PROGRAM) -> str:
     return f'#line 1 "{top}"\n' + splice(top)
 
 
-#: what sockets.bpf.h reads of a struct sock (its inet_sock_set_state raw tracepoint): -D name -> member
+#: what sockets.bpf.h reads of a struct sock or a struct request_sock (its raw tracepoints:
+#: inet_sock_set_state and the tcp ones): -D name -> member of the struct sock_common both start with
 SOCK_COMMON_FIELDS = {"SKC_DADDR_OFF": "skc_daddr", "SKC_RCV_SADDR_OFF": "skc_rcv_saddr",
                       "SKC_DPORT_OFF": "skc_dport", "SKC_NUM_OFF": "skc_num", "SKC_FAMILY_OFF": "skc_family",
+                      "SKC_STATE_OFF": "skc_state",
                       "SKC_V6_DADDR_OFF": "skc_v6_daddr", "SKC_V6_RCV_SADDR_OFF": "skc_v6_rcv_saddr"}
 _FIELD_SIZES = {"SKC_DADDR_OFF": 4, "SKC_RCV_SADDR_OFF": 4, "SKC_DPORT_OFF": 2, "SKC_NUM_OFF": 2,
-                "SKC_FAMILY_OFF": 2, "SKC_V6_DADDR_OFF": 16, "SKC_V6_RCV_SADDR_OFF": 16}
+                "SKC_FAMILY_OFF": 2, "SKC_STATE_OFF": 1, "SKC_V6_DADDR_OFF": 16, "SKC_V6_RCV_SADDR_OFF": 16}
 
 
 def sock_field_cflags(types: KernelTypes) -> list[str]:
@@ -173,6 +175,8 @@ def sock_field_cflags(types: KernelTypes) -> list[str]:
     protocol = types.member_offset("sock", "sk_protocol")
     if sk_common != 0 or protocol is None:
         raise BtfError("struct sock is not laid out as expected (__sk_common first, sk_protocol a u16)")
+    if types.member_offset("request_sock", "__req_common") != 0:
+        raise BtfError("struct request_sock is not laid out as expected (__req_common first)")
     read = max(off + _FIELD_SIZES[d] for d, off in offsets.items() if off >= 0)
     return [*(f"-D{d}={off}" for d, off in offsets.items()), f"-DSKC_READ={(read + 7) // 8 * 8}",
             f"-DSK_PROTOCOL_OFF={protocol}"]

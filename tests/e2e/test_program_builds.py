@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from otel_envoy.probes.loader import ConnectionProbes, ProbeConfig
+from otel_envoy.probes.btf import KernelTypes
+from otel_envoy.probes.loader import SOCK_COMMON_FIELDS, ConnectionProbes, ProbeConfig, sock_field_cflags
 
 # bcc attaches each program by its name (tracepoint__<category>__<event>, raw_tracepoint__<event>); a probe it
 # did not find, or compiled without its rewrites (outside the text the loader hands it), would be missing.
@@ -29,9 +30,9 @@ PROGRAMS = {
     "tracepoint__syscalls__sys_exit_accept",
     "tracepoint__syscalls__sys_exit_accept4",
     "tracepoint__syscalls__sys_exit_connect",
-    "tracepoint__tcp__tcp_receive_reset",
-    "tracepoint__tcp__tcp_retransmit_skb",
-    "tracepoint__tcp__tcp_retransmit_synack",
+    "raw_tracepoint__tcp_receive_reset",
+    "raw_tracepoint__tcp_retransmit_skb",
+    "raw_tracepoint__tcp_retransmit_synack",
     "tracepoint__tcp__tcp_send_reset",
     # startup.bpf.h: processes that start and exit, listening sockets being set up
     "tracepoint__sched__sched_process_exec",
@@ -91,7 +92,8 @@ def test_the_sampling_build_puts_the_front_program_on_sys_exit_and_tail_calls_io
             "tls_hello_sys_exit", "tls_step_sys_exit", "quiet_sys_exit", "epoll_ctl_sys_exit",
             "hold_hello_sys_exit", "hs_summary_sys_exit", "quiet_write_sys_exit"}
         assert names == expected | (OFFCPU_PROGRAMS if offcpu else set())
-        raw = {"sys_exit", "inet_sock_set_state"} | ({"sched_switch", "sched_waking"} if offcpu else set())
+        raw = ({"sys_exit", "inet_sock_set_state", "tcp_retransmit_skb", "tcp_receive_reset",
+                "tcp_retransmit_synack"} | ({"sched_switch", "sched_waking"} if offcpu else set()))
         assert {tp.decode() for tp in probes.bpf.raw_tracepoint_fds} == raw
         assert not any(name.startswith("tracepoint__syscalls__sys_exit_") for name in names)
         slots = probes.bpf[b"exit_progs"]
@@ -103,3 +105,18 @@ def test_the_sampling_build_puts_the_front_program_on_sys_exit_and_tail_calls_io
         assert probes.http_request_metrics() == {}
     finally:
         probes.close()
+
+
+def test_the_socket_programs_read_the_running_kernels_sock_common() -> None:
+    """The raw tracepoints of sockets.bpf.h read a struct sock_common whole (SKC_READ bytes from a struct
+    sock, or a struct request_sock for a SYN-ACK) at the offsets this kernel's BTF gives, the state byte
+    included (a retransmit's tcp.state)."""
+    types = KernelTypes.running_kernel()
+    flags = dict(f[2:].split("=") for f in sock_field_cflags(types))
+    read = int(flags["SKC_READ"])
+    for define, member in SOCK_COMMON_FIELDS.items():
+        off = int(flags[define])
+        assert off == types.member_offset("sock_common", member), define
+        if off >= 0:
+            assert off < read, define
+    assert types.member_offset("request_sock", "__req_common") == 0
