@@ -286,6 +286,10 @@ struct close_event {
     __u32 epoll_adds;          /* ADDs before the first real I/O (the first two timed) */
     __u32 sockopt_count;       /* setsockopt calls on the fd (the first SOCKOPTS_KEPT in sockopts) */
     __u8 sockopts[SOCKOPT_BYTES]; /* SOCKOPTS_KEPT x (level, optname, value): 3 x __s32 each */
+    /* A traced connection decided whole: what softirq learned before its close, instead of a record each
+     * (conn_sampling.bpf.h close_facts); 0: nothing, or sent as its own record (EV_SOCK_STATE, EV_TCP). */
+    __u64 peer_fin_ns; /* CLOSE_WAIT: the peer's FIN arrived */
+    __u64 reset_rx_ns; /* the first reset received (tcp:tcp_receive_reset) */
 };
 
 #define TLS_FRAMING_LOST_RX 1 /* a read did not parse as TLS records (or had too many): counting stopped */

@@ -97,8 +97,13 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
     if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV && port_watched(ev.sport))
         note_established(ev.daddr, ev.family, ev.dport, ev.hdr.ts_ns); /* accept-queue metrics */
     /* a downstream connection of a listener sampled whole (the peer is the destination) */
-    if (port_conn_sampled(ev.sport) && !peer_traced(ev.daddr, ev.family, ev.dport))
-        return 0;
+    if (port_conn_sampled(ev.sport)) {
+        if (!peer_traced(ev.daddr, ev.family, ev.dport))
+            return 0;
+        if (newstate == TCP_CLOSE_WAIT &&
+            fold_close_fact(ev.daddr, ev.family, ev.dport, ev.sport, CLOSE_FACT_FIN, ev.hdr.ts_ns))
+            return 0; /* on its close record */
+    }
 #endif
     emit(&ev, sizeof(ev));
     return 0;
@@ -140,6 +145,11 @@ static __always_inline int tcp_mark(const __u8 *skp, __u64 skaddr, __u32 type) {
     fill_tuple(c, &ev.sport, &ev.dport, &ev.family, ev.saddr, ev.daddr);
     if (tcp_peer_untraced(ev.sport, ev.daddr, ev.family, ev.dport))
         return 0;
+#if SAMPLING
+    if (type == TCP_RESET_RECEIVED && port_conn_sampled(ev.sport) &&
+        fold_close_fact(ev.daddr, ev.family, ev.dport, ev.sport, CLOSE_FACT_RESET, ev.hdr.ts_ns))
+        return 0; /* on its close record */
+#endif
     if (type == TCP_RETRANSMIT)
         ev.state = c[SKC_STATE_OFF];
     else if (type == TCP_SYNACK_RETRANSMIT)

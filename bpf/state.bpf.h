@@ -93,7 +93,8 @@ struct conn_state {
     __u8 peer_addr[ADDR_LEN];
     __u16 peer_family;
     __u16 peer_port;
-    __u32 _pad_peer;
+    __u16 local_port;          /* SAMPLING: its listener's port, when its TCP facts fold into its close (below) */
+    __u16 _pad_peer;
 };
 
 #define CONN_SAW_IO 1   /* a non-peek read or write happened: the listener-filter hand-off is settled */
@@ -118,6 +119,8 @@ struct conn_state {
                                * end (conn_keep.bpf.h): until then it is CONN_UNTRACED, its handshake bytes held */
 #define CONN_FIN_QUIET 65536 /* SAMPLING: the client's Finished comes next, in that summary already: its read is quiet */
 #define CONN_HRR 131072 /* SAMPLING: the server's hello flight was a HelloRetryRequest: a second ClientHello comes */
+#define CONN_TCP_FOLDED 262144 /* SAMPLING: a traced connection decided whole: the peer's FIN and the first reset
+                                * it received ride on its close record (conn_sampling.bpf.h close_facts) */
 
 /* A connection sampled whole and not traced, as opposed to one whose handshake is being summarized. */
 static __always_inline int untraced_only(const struct conn_state *cs) {

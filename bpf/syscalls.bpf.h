@@ -50,10 +50,12 @@ static __always_inline int read_sockaddr(const void *uaddr, __u32 len, __u16 *fa
 /* A connection's initial state is built here, not on the stack: it is too big for the accept program's. */
 BPF_PERCPU_ARRAY(conn_scratch, struct conn_state, 1);
 
-/* `peer`: the accept's record (its peer address and port, kept for a kept record), or 0; `established_ns`:
- * its TCP handshake's completion, when seen. */
+/* `peer`: the accept's record (its peer address and port, kept for a kept record or the close facts), or 0;
+ * `local_port`: its listener's port (with CONN_TCP_FOLDED); `established_ns`: its TCP handshake's
+ * completion, when seen. */
 static __always_inline void track_conn(__u32 tgid, __s32 fd, __u64 ts_ns, __u32 role, __s32 listen_fd,
-                                       __u32 flags, const struct accept_event *peer, __u64 established_ns) {
+                                       __u32 flags, const struct accept_event *peer, __u16 local_port,
+                                       __u64 established_ns) {
     __u64 key = conn_key(tgid, fd);
     __u32 zero = 0;
     struct conn_state *cs = conn_scratch.lookup(&zero);
@@ -70,6 +72,7 @@ static __always_inline void track_conn(__u32 tgid, __s32 fd, __u64 ts_ns, __u32 
         __builtin_memcpy(cs->peer_addr, peer->peer_addr, ADDR_LEN);
         cs->peer_family = peer->family;
         cs->peer_port = peer->peer_port;
+        cs->local_port = local_port;
     }
     if (conns.update(&key, cs) != 0)
         count_drop(DROP_CONN_TABLE_FULL);
@@ -116,23 +119,29 @@ static __always_inline int on_accept_exit(long ret) {
     read_sockaddr((void *)in.buf, addr_len, &ev.family, &ev.peer_port, ev.peer_addr);
     __u64 established = 0;
     __u32 flags = 0;
+    __u16 local_port = 0;
 #if SAMPLING
     established = record_accept_wait(ev.hdr.tgid, in.fd, ev.peer_addr, ev.family, ev.peer_port, ev.hdr.ts_ns);
     count_accept(ev.hdr.tgid, tid, in.fd);
-    if (listener_conn_sampled(ev.hdr.tgid, in.fd)) {
+    local_port = listener_conn_sampled(ev.hdr.tgid, in.fd);
+    if (local_port) {
         __u32 untraced = !peer_traced(ev.peer_addr, ev.family, ev.peer_port);
         count_conn_sampled(SAMPLED_WHOLE_TLS + untraced);
         if (untraced) { /* its peer and handshake time kept for a kept record (conn_keep.bpf.h) */
-            track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, CONN_UNTRACED, &ev, established);
+            track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, CONN_UNTRACED, &ev, 0,
+                       established);
             return 0;
         }
         if (tls_handshake_summarized()) /* traced: its handshake reported as one record (conn_keep.bpf.h) */
             flags = CONN_UNTRACED | CONN_HS_SUMMARY;
+        if (open_close_facts(ev.peer_addr, ev.family, ev.peer_port, local_port)) /* its FIN and reset too */
+            flags |= CONN_TCP_FOLDED;
     }
 #endif
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
 
-    track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, flags, flags ? &ev : 0, established);
+    track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_DOWNSTREAM, in.fd, flags, flags ? &ev : 0, local_port,
+               established);
     emit(&ev, sizeof(ev));
     return 0;
 }
@@ -177,7 +186,7 @@ static __always_inline int on_connect_exit(long ret) {
         return 0; /* not an inet socket (unix sockets to the xDS agent, ...) */
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
     if (ev.ret == 0 || ev.ret == -115 /* EINPROGRESS */)
-        track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_UPSTREAM, -1, 0, 0, 0);
+        track_conn(ev.hdr.tgid, ev.fd, ev.hdr.ts_ns, ROLE_UPSTREAM, -1, 0, 0, 0, 0);
     emit(&ev, sizeof(ev));
     return 0;
 }
@@ -253,6 +262,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     ev.sampled_out = (cs->flags & CONN_LATE_UNTRACED) ? 1 : 0;
     ev.kept = kept;
 #if SAMPLING
+    if (cs->flags & CONN_TCP_FOLDED) /* the peer's FIN and first reset, when their softirq found the entry */
+        take_close_facts(cs, &ev.peer_fin_ns, &ev.reset_rx_ns);
     if ((cs->flags & CONN_AWAIT) && cs->req_method) { /* a request closed before its answer */
         record_request(tgid, cs, 0, ev.hdr.ts_ns);
         if (cs->flags & CONN_SKIP)

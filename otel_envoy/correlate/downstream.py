@@ -527,6 +527,11 @@ class DownstreamConnections:
             conn.socket_options = ev.socket_options()
             if ev.sockopt_count > SOCKOPTS_KEPT:
                 conn.partial.append("socket_options_not_all_kept")
+        # a traced connection decided whole: its peer's FIN and first reset ride on the close record
+        if ev.peer_fin_ns and conn.tcp.peer_fin_ns is None:
+            conn.tcp.peer_fin_ns = ev.peer_fin_ns
+        if ev.reset_rx_ns:
+            conn.tcp.add_mark(TcpMark(ev.reset_rx_ns, "tcp.reset_received"))
         self.requests.end(conn, ev.ts_ns)
         self.closing.append(conn)
 

@@ -51,4 +51,4 @@ def close_of(ev: ConnectionKeptEvent) -> CloseEvent:
         ev.ts_ns, EV_CLOSE, ev.tgid, ev.tid, 0, ev.fd, ROLE_DOWNSTREAM, ev.open_ts_ns, ev.bytes_rx,
         ev.bytes_tx, ev.reads, ev.writes, ev.tls_records_rx, ev.tls_records_tx, ev.tls_app_records_rx,
         ev.tls_app_records_tx, ev.tls_max_record_rx, ev.tls_max_record_tx, ev.tls_flags, 0, 0,
-        ev.epoll_first_add_ns, ev.epoll_second_add_ns, ev.epoll_adds, ev.sockopt_count, ev.sockopts)
+        ev.epoll_first_add_ns, ev.epoll_second_add_ns, ev.epoll_adds, ev.sockopt_count, ev.sockopts, 0, 0)

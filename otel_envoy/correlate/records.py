@@ -51,9 +51,19 @@ class TcpTimeline:
     marks: list[TcpMark] = field(default_factory=list)
 
     def add_mark(self, mark: TcpMark) -> None:
-        """Keep a point event, up to MAX_TCP_MARKS of them."""
-        if len(self.marks) < MAX_TCP_MARKS:
-            self.marks.append(mark)
+        """Keep a point event, up to MAX_TCP_MARKS of them, in time order. The same event twice (a reset the
+        kernel folded into the close record and also sent as its own record, when the two met) is kept
+        once."""
+        marks = self.marks
+        if len(marks) >= MAX_TCP_MARKS:
+            return
+        at = len(marks)
+        while at and marks[at - 1].ts_ns > mark.ts_ns:
+            at -= 1
+        for m in marks:
+            if m.ts_ns == mark.ts_ns and m.name == mark.name:
+                return
+        marks.insert(at, mark)
 
     def close_initiator(self, *, closed: bool) -> str | None:
         """'peer' if the peer's FIN, an EOF read or a received reset came first, else 'envoy' (FIN or reset

@@ -91,6 +91,10 @@ class CloseEvent(NamedTuple):
     epoll_adds: int
     sockopt_count: int  # setsockopt calls on the fd; the first SOCKOPTS_KEPT in ``sockopts``
     sockopts: bytes  # (level, optname, value) as 3 little-endian __s32 each
+    # a traced connection decided whole: what the kernel learned in softirq before its close, instead of an
+    # EV_SOCK_STATE / EV_TCP record each (0: nothing, or sent as its own record)
+    peer_fin_ns: int  # CLOSE_WAIT: the peer's FIN arrived
+    reset_rx_ns: int  # the first reset received
 
     def socket_options(self) -> list[tuple[int, int, int]]:
         """The kept socket options, in the order they were set: (level, optname, value)."""

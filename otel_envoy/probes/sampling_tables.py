@@ -64,13 +64,15 @@ class SamplingTables:
 
     def sample_connections_of(self, listeners: Mapping[tuple[int, int], int]) -> None:
         """Sample whole the downstream connections of these listening sockets ((tgid, fd) -> port, added to
-        those named before) with the ratio: the kernel cannot see their requests (TLS). Needs ``sampling``."""
+        those named before) with the ratio: the kernel cannot see their requests (TLS). Needs ``sampling``.
+        A listening socket's entry holds its port: its traced connections' TCP facts are kept by it until
+        their close (bpf/conn_sampling.bpf.h close_facts)."""
         self._need_sampling()
         one = ctypes.c_uint8(1)
         ports, fds = self.bpf[b"conn_sampled_ports"], self.bpf[b"conn_sampled_listeners"]
         for (tgid, fd), port in listeners.items():
             ports[ctypes.c_uint16(port)] = one
-            fds[ctypes.c_uint64((tgid << 32) | (fd & 0xFFFFFFFF))] = one
+            fds[ctypes.c_uint64((tgid << 32) | (fd & 0xFFFFFFFF))] = ctypes.c_uint16(port)
 
     def connection_sample_counts(self, kind: str = "tls") -> dict[str, int]:
         """Connections decided whole, traced and not (empty without ``sampling``): ``tls`` (listeners named

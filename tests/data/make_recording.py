@@ -47,7 +47,9 @@ def recording(out: Path, *flags: str) -> Iterator[EnvoyLab]:
 
 def main() -> None:
     out = HERE / "lab.events"
-    with recording(out) as lab:
+    # every handshake transfer as its own record (not one summary record per handshake, the default): the
+    # tests of this recording read the TLS connections' ClientHello and record-header reads
+    with recording(out, "--tls-handshake-detail", "full") as lab:
         meta = {"pid": lab.pid, "http_port": lab.http_port, "tls_port": lab.tls_port}
         meta["plain"] = clients.curl_plain(lab.http_port).local_port
         meta["tls13"] = clients.curl_tls(lab.tls_port, "a.example.com", alpn="h2", tls_version="1.3",

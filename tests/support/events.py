@@ -150,17 +150,20 @@ def close(ts: int, fd: int, rx: int = 0, tx: int = 0, *, tgid: int = TGID, tid: 
           role: int | None = None, open_ts: int = 0, reads: int = 0, writes: int = 0,
           tls: tuple[int, int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0, 0),
           epoll_adds: tuple[int, ...] = (), sockopts: tuple[tuple[int, int, int], ...] = (),
-          sockopt_count: int | None = None, sampled_out: int = 0, kept: int = 0) -> CloseEvent:
+          sockopt_count: int | None = None, sampled_out: int = 0, kept: int = 0, peer_fin_ns: int = 0,
+          reset_rx_ns: int = 0) -> CloseEvent:
     """Envoy closed ``fd``; the kernel's byte totals (and TLS record counts, in CloseEvent order) come
     with it, and what the kernel kept of the fd before its first real I/O: the times of its epoll_ctl ADDs
     (the first two are kept; more count) and its socket options (level, optname, value). ``sampled_out``:
-    the kernel decided the connection whole at its first bytes (h2c) and traced none of it."""
+    the kernel decided the connection whole at its first bytes (h2c) and traced none of it. ``peer_fin_ns``,
+    ``reset_rx_ns``: the peer's FIN and first reset, folded into the close (a traced connection decided
+    whole)."""
     options = b"".join(struct.pack("<iii", *o) for o in sockopts[: C["SOCKOPTS_KEPT"]])
     return CloseEvent(ts, C["EV_CLOSE"], tgid, tid, 1, fd, C["ROLE_DOWNSTREAM"] if role is None else role,
                       open_ts, rx, tx, reads, writes, *tls, sampled_out, kept,
                       epoll_adds[0] if epoll_adds else 0, epoll_adds[1] if len(epoll_adds) > 1 else 0,
                       len(epoll_adds), len(sockopts) if sockopt_count is None else sockopt_count,
-                      options.ljust(C["SOCKOPT_BYTES"], b"\0"))
+                      options.ljust(C["SOCKOPT_BYTES"], b"\0"), peer_fin_ns, reset_rx_ns)
 
 
 def connection_kept(ts: int, fd: int, port: int, reason: str, *, open_ts: int = 0, established_ns: int = 0,

@@ -107,7 +107,7 @@ def _expected_error(raw: bytes) -> str | None:
         ("EV_SOCK_STATE", "sock_state_event"), ("EV_TCP", "tcp_event"), ("EV_LISTEN", "listen_event"),
         ("EV_OFFCPU", "offcpu_event"), ("EV_ROUND", "round_event"), ("EV_REQUEST_KEPT", "request_kept_event"),
         ("EV_EXEC", "process_event"), ("EV_EXIT", "process_event"),
-        ("EV_SOCKET_SETUP", "socket_setup_event")]}
+        ("EV_SOCKET_SETUP", "socket_setup_event"), ("EV_CONNECTION_KEPT", "connection_kept_event")]}
     if len(raw) < 12:
         return "short_record"
     kind = int.from_bytes(raw[8:12], "little")

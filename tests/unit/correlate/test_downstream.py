@@ -243,6 +243,43 @@ def test_reset_sent_is_an_envoy_abort() -> None:
     assert r.tcp.marks[0].state == ESTABLISHED
 
 
+def test_the_peers_fin_and_reset_folded_into_the_close_are_as_their_own_records_were() -> None:
+    """A traced connection decided whole: the kernel keeps its peer's FIN (CLOSE_WAIT) and the first reset it
+    received for its close record instead of a record each. The connection ends as with those records."""
+    def run(events):
+        h = Harness().feed([established(1_000, 40000), accept(2_000, 30, 40000), read(3_000, 30, REQUEST),
+                            *events])
+        return h.only()
+
+    with_records = run([state(4_000, 40000, ESTABLISHED, CLOSE_WAIT), tcp(4_200, "TCP_RESET_RECEIVED", 40000),
+                        close(5_000, 30)])
+    folded = run([close(5_000, 30, peer_fin_ns=4_000, reset_rx_ns=4_200)])
+    for r in (with_records, folded):
+        assert r.tcp.peer_fin_ns == 4_000
+        assert [(m.ts_ns, m.name) for m in r.tcp.marks] == [(4_200, "tcp.reset_received")]
+        assert r.aborted() is None and r.close_initiator() == "peer"
+    abort = run([close(5_000, 30, reset_rx_ns=4_200)])  # a reset before any FIN: the peer aborted
+    assert abort.aborted() == "peer" and abort.close_initiator() == "peer"
+
+
+def test_a_fact_both_folded_and_sent_is_kept_once_in_time_order() -> None:
+    """When the close met the softirq in the kernel, the fact comes in the close record and as its own record
+    too (before or after the close): one FIN, one reset mark, between the marks around it."""
+    for late in (False, True):
+        own = [state(4_000, 40000, ESTABLISHED, CLOSE_WAIT), tcp(4_200, "TCP_RESET_RECEIVED", 40000)]
+        before, after = ([], own) if late else (own, [])
+        h = Harness().feed([
+            established(1_000, 40000), accept(2_000, 30, 40000), read(3_000, 30, REQUEST),
+            tcp(3_500, "TCP_RETRANSMIT", 40000, tcp_state=ESTABLISHED), *before,
+            close(5_000, 30, peer_fin_ns=4_000, reset_rx_ns=4_200), *after,
+            tcp(5_100, "TCP_RESET_SENT", 40000),
+        ])
+        r = h.only()
+        assert r.tcp.peer_fin_ns == 4_000
+        assert [(m.ts_ns, m.name) for m in r.tcp.marks] == [
+            (3_500, "tcp.retransmit"), (4_200, "tcp.reset_received"), (5_100, "tcp.reset_sent")], late
+
+
 def test_connection_table_bound_evicts_the_oldest() -> None:
     h = Harness(max_connections=2).feed([
         established(1_000, 40001), established(1_001, 40002), established(1_002, 40003),

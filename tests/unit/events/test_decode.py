@@ -50,12 +50,14 @@ def test_decoder_puts_a_held_tls_record_header_in_front_of_the_next_read():
 def test_tls_record_header_reads_ride_on_the_next_read() -> None:
     """BoringSSL reads each TLS record's 5-byte header, then its body: the kernel sends one record for both
     (held + data), so a TLS connection's reads cost half the records. No read of a lone header is sent on
-    the TLS connections of the real recording, and their handshake bytes are the stream as read."""
+    the TLS connections of the real recording, and their bytes are the stream as read: the listener
+    filter's peek holds the whole ClientHello record (its read after the peek is not sent again), and each
+    later read's record starts with the record header it rode on."""
     from otel_envoy.events.types import DataEvent
 
     c = load_layout().constants
     decoder = Decoder()
-    conns: list[list[DataEvent]] = []  # each accepted connection's reads
+    conns: list[list[DataEvent]] = []  # each accepted connection's reads, peeks included
     current: dict[int, list[DataEvent]] = {}
     for kind, payload in RecordingReader(RECORDING):
         ev = decoder.decode(payload) if kind == "kernel" else None
@@ -63,13 +65,16 @@ def test_tls_record_header_reads_ride_on_the_next_read() -> None:
             current[ev.fd] = []
             conns.append(current[ev.fd])
         elif (isinstance(ev, DataEvent) and ev.direction == c["DIR_READ"] and ev.role == c["ROLE_DOWNSTREAM"]
-              and not ev.flags & c["DATA_FLAG_PEEK"] and ev.fd in current):
+              and ev.fd in current):
             current[ev.fd].append(ev)
-    tls = [evs for evs in conns if evs and evs[0].data[:1] == b"\x16"]
+    tls = [evs for evs in conns if evs and evs[0].flags & c["DATA_FLAG_PEEK"] and evs[0].data[:1] == b"\x16"]
     assert len(tls) == 2  # the TLS 1.3 and the TLS 1.2 connection
     for evs in tls:
-        assert all(ev.ret != 5 for ev in evs)
-        held = [ev for ev in evs if ev.held]
+        peek, reads = evs[0], [ev for ev in evs[1:] if not ev.flags & c["DATA_FLAG_PEEK"]]
+        assert peek.ret == 5 + int.from_bytes(peek.data[3:5], "big")  # the whole ClientHello record
+        assert all(ev.ret != 5 for ev in reads)
+        held = [ev for ev in reads if ev.held]
         assert len(held) >= 3 and all(ev.held == 5 for ev in held)
-        hello = evs[0]  # the ClientHello: its header and body, one record
-        assert hello.held == 5 and hello.ret == 5 + int.from_bytes(hello.data[3:5], "big")
+        first = held[0]  # its header's bytes are in front of its body's
+        assert first.data[:1] in (b"\x16", b"\x17")
+        assert first.ret == 5 + int.from_bytes(first.data[3:5], "big")
