@@ -125,8 +125,9 @@ static __always_inline int tcp_peer_untraced(__u16 sport, const __u8 *daddr, __u
 }
 
 /* A retransmit or a received reset of socket `skp` (args[0] of tcp:tcp_retransmit_skb and
- * tcp:tcp_receive_reset), or a SYN-ACK retransmitted for the request `skp` of listener `listener`
- * (tcp:tcp_retransmit_synack: a struct request_sock starts with its struct sock_common too). Raw
+ * tcp:tcp_receive_reset; `skaddr` is the same socket), or a SYN-ACK retransmitted for the request socket
+ * `skp` of listening socket `skaddr` (tcp:tcp_retransmit_synack's args[1] and args[0]: a struct request_sock
+ * starts with its struct sock_common too). Raw
  * tracepoints, as inet_sock_set_state is one: a classic tracepoint program is skipped when it fires from
  * softirq while another BPF program runs on the CPU (the kernel counts it, kernel.recursion_missed.*, but
  * the mark is lost); a raw one only when it would nest in itself. The fields are the classic tracepoints':
