@@ -105,15 +105,10 @@ static __always_inline int fold_close_fact(const __u8 *peer_addr, __u16 family, 
     struct close_facts *f = close_facts.lookup(&k);
     if (!f)
         return 0;
-    if (which == CLOSE_FACT_RESET) {
-        if (f->reset_rx_ns)
-            return 0;
-        f->reset_rx_ns = ts;
-    } else {
-        if (f->peer_fin_ns)
-            return 0;
-        f->peer_fin_ns = ts;
-    }
+    __u64 *fact = which == CLOSE_FACT_RESET ? &f->reset_rx_ns : &f->peer_fin_ns;
+    if (*fact)
+        return 0;
+    *fact = ts;
     return __sync_fetch_and_add(&f->closing, 0) == 0;
 }
 

@@ -127,11 +127,12 @@ static __always_inline int tcp_peer_untraced(__u16 sport, const __u8 *daddr, __u
 /* A retransmit or a received reset of socket `skp` (args[0] of tcp:tcp_retransmit_skb and
  * tcp:tcp_receive_reset; `skaddr` is the same socket), or a SYN-ACK retransmitted for the request socket
  * `skp` of listening socket `skaddr` (tcp:tcp_retransmit_synack's args[1] and args[0]: a struct request_sock
- * starts with its struct sock_common too). Raw
- * tracepoints, as inet_sock_set_state is one: a classic tracepoint program is skipped when it fires from
- * softirq while another BPF program runs on the CPU (the kernel counts it, kernel.recursion_missed.*, but
- * the mark is lost); a raw one only when it would nest in itself. The fields are the classic tracepoints':
- * the state is the socket's (retransmits), SYN_RECV (SYN-ACKs) or none (resets). */
+ * starts with its struct sock_common too). Raw tracepoints, as inet_sock_set_state is one: a classic
+ * tracepoint program is skipped when it fires from softirq while another BPF program runs on the CPU (the
+ * kernel counts it, kernel.recursion_missed.*, but the mark is lost); a raw one only when it would nest in
+ * itself. The fields are the classic tracepoints': the state is the socket's (retransmits), SYN_RECV
+ * (SYN-ACKs) or none (resets). A traced connection decided whole keeps the first reset it received for its
+ * close record (conn_sampling.bpf.h close_facts). */
 static __always_inline int tcp_mark(const __u8 *skp, __u64 skaddr, __u32 type) {
     __u8 c[SKC_READ];
     if (bpf_probe_read_kernel(c, sizeof(c), skp) != 0)
@@ -144,12 +145,14 @@ static __always_inline int tcp_mark(const __u8 *skp, __u64 skaddr, __u32 type) {
     ev.skaddr = skaddr;
     ev.type = type;
     fill_tuple(c, &ev.sport, &ev.dport, &ev.family, ev.saddr, ev.daddr);
-    if (tcp_peer_untraced(ev.sport, ev.daddr, ev.family, ev.dport))
-        return 0;
 #if SAMPLING
-    if (type == TCP_RESET_RECEIVED && port_conn_sampled(ev.sport) &&
-        fold_close_fact(ev.daddr, ev.family, ev.dport, ev.sport, CLOSE_FACT_RESET, ev.hdr.ts_ns))
-        return 0; /* on its close record */
+    if (port_conn_sampled(ev.sport)) { /* a downstream connection of a listener sampled whole */
+        if (!peer_traced(ev.daddr, ev.family, ev.dport))
+            return 0;
+        if (type == TCP_RESET_RECEIVED &&
+            fold_close_fact(ev.daddr, ev.family, ev.dport, ev.sport, CLOSE_FACT_RESET, ev.hdr.ts_ns))
+            return 0; /* on its close record */
+    }
 #endif
     if (type == TCP_RETRANSMIT)
         ev.state = c[SKC_STATE_OFF];
