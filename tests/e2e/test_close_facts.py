@@ -1,7 +1,7 @@
 """A traced connection of a TLS listener (decided whole by the kernel): its peer's FIN and the first reset
 it received ride on its close record instead of a record each (bpf/conn_sampling.bpf.h close_facts), and
-its spans say what those records said. Real Envoy, real TLS clients over real sockets, real BPF: the
-daemon records the kernel's records, and the recording is replayed into spans."""
+its spans say what those records said. Real Envoy, real TLS clients over real sockets, real BPF: the daemon
+exports its spans to a real OTLP receiver and saves the kernel's records beside them (--record)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from otel_envoy.events.types import CloseEvent, SockStateEvent, TcpEvent
 from otel_envoy.lab import clients
 from otel_envoy.spans.model import STATUS_CODE_ERROR
 from tests.support.daemon import DaemonProcess
-from tests.support.replay import cli, read_jsonl
 from tests.support.traces import connection_traces
 
 pytestmark = pytest.mark.root
@@ -60,10 +59,10 @@ def _folded_kind(ev: SockStateEvent | TcpEvent) -> str:
     return "reset_received" if ev.type == C["TCP_RESET_RECEIVED"] else ""
 
 
-def test_the_peers_fin_and_reset_ride_on_the_close_record(lab, tmp_path: Path) -> None:
+def test_the_peers_fin_and_reset_ride_on_the_close_record(lab, receiver, tmp_path: Path) -> None:
     events = tmp_path / "live.events"
-    daemon = DaemonProcess(["--pid", str(lab.pid), "--events", str(events)], tmp_path,
-                           command="record").start()
+    daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
+                            "--otlp-protocol", "grpc", "--record", str(events)], tmp_path).start()
     try:
         # the listener's first TLS connection tells the daemon it speaks TLS: the kernel decides its later
         # connections whole
@@ -106,11 +105,9 @@ def test_the_peers_fin_and_reset_ride_on_the_close_record(lab, tmp_path: Path) -
     assert all(fin_close.peer_fin_ns < t < fin_close.ts_ns for t in fin_resets)
     assert rst_close.open_ts_ns < rst_close.reset_rx_ns < rst_close.ts_ns and rst_close.peer_fin_ns == 0
 
-    # the spans: as the records would have made them
-    out = tmp_path / "replayed.jsonl"
-    proc = cli("replay", events, "--output", out)
-    assert proc.returncode == 0, proc.stderr
-    traces = connection_traces(read_jsonl(out), lab.tls_port)
+    # the spans the receiver got: as the records would have made them
+    traces = connection_traces(receiver.spans(), lab.tls_port)
+    assert {fin_port, rst_port} <= set(traces), sorted(traces)
     fin_root, rst_root = traces[fin_port].root, traces[rst_port].root
     assert fin_root.attributes["envoy.connection.close_initiator"] == "peer"
     def marks(root):
