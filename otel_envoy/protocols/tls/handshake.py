@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ...shared_attributes import SharedAttributes
 from .hello import (
+    HRR_RANDOM,
     HS_CLIENT_HELLO,
     HS_SERVER_HELLO,
     ClientHello,
@@ -29,6 +30,7 @@ from .record_layer import (
     TlsRecord,
     TlsRecordReader,
     first_handshake_message,
+    whole_record_types,
 )
 
 __all__ = ["TlsHandshakeTracker"]
@@ -76,12 +78,17 @@ class TlsHandshakeTracker:
     * An alert before completion ends the handshake (except non-closure warnings in TLS <= 1.2).
 
     After completion only record counts are kept (``app_records_in/out``), cheaply.
+
+    A direction's record reader (and handshake reassembler) is made when it is first needed: a listener
+    filter's peek of a whole ClientHello and a server's first flight of whole records starting with a whole
+    ServerHello (what a traced connection's handshake summary holds) need neither.
     """
 
     __slots__ = (
-        "_abbreviated", "_ch_done", "_check_server_reply", "_chs", "_client_ccs", "_client_reads", "_cr",
-        "_error", "_failed", "_flight_open", "_head", "_pending_counted", "_sh_done", "_shs", "_sr",
-        "_suspect_alert", "_tls13",
+        "_abbreviated", "_c_collect", "_ch_done", "_check_server_reply", "_chs", "_client_ccs",
+        "_client_reads", "_cr", "_error", "_failed", "_flight_bytes", "_flight_open", "_flight_records",
+        "_head", "_pending_counted", "_resync", "_s_collect", "_sh_done", "_shs", "_sr", "_suspect_alert",
+        "_tls13",
         "alerts", "app_records_in", "app_records_out", "cipher", "client_hello", "completed_ns",
         "hello_retry_request", "is_tls", "negotiated_alpn", "resumed", "server_hello", "server_hello_ns",
         "started_ns", "version", "warnings",
@@ -106,10 +113,14 @@ class TlsHandshakeTracker:
         self.app_records_in = 0
         self.app_records_out = 0
         self._error: str | None = None
-        self._cr = TlsRecordReader(collect_types=_COLLECT_HELLO, resync=resync)
-        self._sr = TlsRecordReader(collect_types=_COLLECT_HELLO, resync=resync)
-        self._chs = HandshakeReassembler()
-        self._shs = HandshakeReassembler()
+        self._resync = resync
+        self._cr: TlsRecordReader | None = None  # made when first needed (_client_reader)
+        self._sr: TlsRecordReader | None = None
+        self._chs: HandshakeReassembler | None = None
+        self._shs: HandshakeReassembler | None = None
+        self._c_collect = self._s_collect = _COLLECT_HELLO  # the readers' collect_types, made or not
+        self._flight_records = 0  # records and bytes of a first server flight read without a reader
+        self._flight_bytes = 0
         self._head = b""  # first (< 3) client bytes while is_tls is undecided
         self._client_reads = 0  # non-peek client messages
         self._pending_counted = False  # a record judged by its header alone, its body still due
@@ -133,9 +144,9 @@ class TlsHandshakeTracker:
         if self.completed_ns is None:
             if self._suspect_alert:
                 return "tls alert (encrypted)"
-            if self._cr.error is not None:
+            if self._cr is not None and self._cr.error is not None:
                 return f"client stream: {self._cr.error}"
-            if self._sr.error is not None:
+            if self._sr is not None and self._sr.error is not None:
                 return f"server stream: {self._sr.error}"
         return None
 
@@ -147,27 +158,27 @@ class TlsHandshakeTracker:
     @property
     def records_in(self) -> int:
         """Records read from the client (peeks excluded)."""
-        return self._cr.total_records
+        return self._cr.total_records if self._cr is not None else 0
 
     @property
     def records_out(self) -> int:
         """Records written to the client."""
-        return self._sr.total_records
+        return self._flight_records + (self._sr.total_records if self._sr is not None else 0)
 
     @property
     def bytes_in(self) -> int:
         """Bytes read from the client (peeks excluded), captured or not."""
-        return self._cr.bytes
+        return self._cr.bytes if self._cr is not None else 0
 
     @property
     def bytes_out(self) -> int:
         """Bytes written to the client, captured or not."""
-        return self._sr.bytes
+        return self._flight_bytes + (self._sr.bytes if self._sr is not None else 0)
 
     def buffered_bytes(self) -> int:
         """Bytes currently held in reassembly buffers (bounded by ~2 records + 2 handshake messages)."""
-        return (self._cr.buffered_bytes + self._sr.buffered_bytes + self._chs.buffered_bytes
-                + self._shs.buffered_bytes + len(self._head))
+        return sum(part.buffered_bytes for part in (self._cr, self._sr, self._chs, self._shs)
+                   if part is not None) + len(self._head)
 
     def on_client_data(self, ts_ns: int, data: bytes, total_len: int | None = None,
                        peek: bool = False) -> None:
@@ -280,7 +291,7 @@ class TlsHandshakeTracker:
                 return
         if self.started_ns is None and (len(data) or self._head):
             self.started_ns = ts_ns
-        reader = self._cr
+        reader = self._cr or self._client_reader()
         if self.completed_ns is not None or self._failed:
             before = reader.records.get(CT_APPLICATION_DATA, 0)
             reader.feed(data, total_len)
@@ -338,11 +349,13 @@ class TlsHandshakeTracker:
                 self._failed = True
             elif not self._ch_done:  # a partial ClientHello cannot be trusted across a lost header
                 self._ch_done = True
-                reader.collect_types = _COLLECT_ALERTS
+                self._collect(client=_COLLECT_ALERTS)
                 self._warn("ClientHello not fully captured")
 
     def _client_handshake_record(self, rec: TlsRecord) -> None:
         chs = self._chs
+        if chs is None:
+            chs = self._chs = HandshakeReassembler()
         for msg_type, body in chs.feed(rec.fragment, rec.length - len(rec.fragment)):
             if msg_type == HS_CLIENT_HELLO and not self._ch_done:
                 self._on_client_hello(body)
@@ -350,11 +363,11 @@ class TlsHandshakeTracker:
             self._ch_done = True
             self._warn("ClientHello not fully captured")
         if self._ch_done:
-            self._cr.collect_types = _COLLECT_ALERTS
+            self._collect(client=_COLLECT_ALERTS)
 
     def _on_client_hello(self, body: bytes) -> None:
         self._ch_done = True
-        self._cr.collect_types = _COLLECT_ALERTS
+        self._collect(client=_COLLECT_ALERTS)
         try:
             self.client_hello = parse_client_hello_shaped(body)  # parsed once per client shape
             self.is_tls = True
@@ -370,6 +383,10 @@ class TlsHandshakeTracker:
         if self.is_tls is False:
             return
         reader = self._sr
+        if reader is None:
+            if (total_len is None or total_len <= len(data)) and self._server_flight(ts_ns, data):
+                return
+            reader = self._server_reader()
         if self.completed_ns is not None or self._failed:
             before = reader.records.get(CT_APPLICATION_DATA, 0)
             records = reader.feed(data, total_len)
@@ -412,17 +429,51 @@ class TlsHandshakeTracker:
                 self._failed = True
             elif not self._sh_done:
                 self._sh_done = True
-                reader.collect_types = _COLLECT_ALERTS
+                self._collect(server=_COLLECT_ALERTS)
                 self._warn("ServerHello not fully captured")
+
+    def _server_flight(self, ts_ns: int, data: bytes | bytearray | memoryview) -> bool:
+        """The server's first write, read without a record reader when it is whole, valid records and the
+        first one holds a whole ServerHello that is not a HelloRetryRequest (a server's usual first flight):
+        the same outcome as the reader's, the stream left at a record boundary. False (nothing done): not
+        such a write, for the reader."""
+        if self.completed_ns is not None or self._failed:
+            return False
+        first = first_handshake_message(data)
+        if first is None or first[0] != HS_SERVER_HELLO or first[1].startswith(HRR_RANDOM, 2):
+            return False
+        types = whole_record_types(data)
+        if types is None or CT_ALERT in types:
+            return False
+        self._flight_records += len(types)
+        self._flight_bytes += len(data)
+        if not self._sh_done:
+            self._on_server_hello(ts_ns, first[1])
+        for ct in types[1:]:  # the general loop's, for what may follow a ServerHello in its flight
+            if self.completed_ns is not None:
+                if ct == CT_APPLICATION_DATA:
+                    self.app_records_out += 1
+                continue
+            if self._failed:
+                break
+            if ct == CT_CHANGE_CIPHER_SPEC and self.server_hello is not None and not self._tls13:
+                if self._flight_open:
+                    self._abbreviated = True
+                    self.resumed = True
+                elif self._client_ccs:
+                    self._complete(ts_ns)
+        return True
 
     def _server_handshake_record(self, ts_ns: int, rec: TlsRecord) -> None:
         shs = self._shs
+        if shs is None:
+            shs = self._shs = HandshakeReassembler()
         for msg_type, body in shs.feed(rec.fragment, rec.length - len(rec.fragment)):
             if msg_type == HS_SERVER_HELLO and not self._sh_done:
                 self._on_server_hello(ts_ns, body)
         if not self._sh_done and (shs.error is not None or shs.lost):
             self._sh_done = True
-            self._sr.collect_types = _COLLECT_ALERTS
+            self._collect(server=_COLLECT_ALERTS)
             self._warn("ServerHello not fully captured")
 
     def _on_server_hello(self, ts_ns: int, body: bytes) -> None:
@@ -430,7 +481,7 @@ class TlsHandshakeTracker:
             sh = parse_server_hello_shaped(body)  # parsed once per shape
         except TlsParseError as exc:
             self._sh_done = True
-            self._sr.collect_types = _COLLECT_ALERTS
+            self._collect(server=_COLLECT_ALERTS)
             self._set_error(f"malformed ServerHello: {exc}")
             return
         if sh.is_hello_retry_request:
@@ -439,8 +490,7 @@ class TlsHandshakeTracker:
             self.hello_retry_request = sh
             return  # keep looking for the real ServerHello
         self._sh_done = True
-        self._sr.collect_types = _COLLECT_ALERTS
-        self._cr.collect_types = _COLLECT_ALERTS
+        self._collect(client=_COLLECT_ALERTS, server=_COLLECT_ALERTS)
         self._ch_done = True
         self.server_hello = sh
         self.server_hello_ns = ts_ns
@@ -494,8 +544,26 @@ class TlsHandshakeTracker:
             self.resumed = False
         self._flight_open = False
         self._check_server_reply = self._tls13
-        self._cr.collect_types = _COLLECT_NOTHING
-        self._sr.collect_types = _COLLECT_NOTHING
+        self._collect(client=_COLLECT_NOTHING, server=_COLLECT_NOTHING)
+
+    def _client_reader(self) -> TlsRecordReader:
+        reader = self._cr = TlsRecordReader(collect_types=self._c_collect, resync=self._resync)
+        return reader
+
+    def _server_reader(self) -> TlsRecordReader:
+        reader = self._sr = TlsRecordReader(collect_types=self._s_collect, resync=self._resync)
+        return reader
+
+    def _collect(self, *, client: frozenset[int] | None = None, server: frozenset[int] | None = None) -> None:
+        """Which content types each direction's reader keeps the fragments of from now on."""
+        if client is not None:
+            self._c_collect = client
+            if self._cr is not None:
+                self._cr.collect_types = client
+        if server is not None:
+            self._s_collect = server
+            if self._sr is not None:
+                self._sr.collect_types = server
 
     def _set_error(self, msg: str) -> None:
         if self._error is None:

@@ -26,6 +26,7 @@ __all__ = [
     "TlsRecord",
     "TlsRecordReader",
     "first_handshake_message",
+    "whole_record_types",
 ]
 
 MAX_RECORD_LEN = 2**14 + 2048  # largest legal TLSCiphertext.length (RFC 5246 6.2.3): 18432
@@ -77,6 +78,23 @@ def first_handshake_message(data: bytes | bytearray | memoryview) -> tuple[int, 
     if 4 + size > length:
         return None
     return data[5], bytes(data[9 : 9 + size])
+
+
+def whole_record_types(data: bytes | bytearray | memoryview) -> list[int] | None:
+    """The content types of the records in ``data`` when it holds nothing but whole, valid records (what a
+    TlsRecordReader at a record boundary returns complete from it, staying at a boundary); else None."""
+    n = len(data)
+    pos = 0
+    types: list[int] = []
+    unpack_header = _RECORD_HEADER.unpack_from
+    while n - pos >= 5:
+        ct, major, minor, length = unpack_header(data, pos)
+        if not CT_CHANGE_CIPHER_SPEC <= ct <= CT_HEARTBEAT or major != 3 or minor > 4 \
+                or length > MAX_RECORD_LEN:
+            return None
+        pos += 5 + length
+        types.append(ct)
+    return types if pos == n else None
 
 
 class TlsRecordReader:

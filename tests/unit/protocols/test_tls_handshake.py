@@ -228,6 +228,31 @@ def test_one_byte_at_a_time(pki: Pki, version: ssl.TLSVersion) -> None:
         assert peak <= 2 * (MAX_RECORD_LEN + 5) + 2 * MAX_HANDSHAKE_MESSAGE
 
 
+_OUTCOME = ("is_tls", "version", "cipher", "resumed", "negotiated_alpn", "completed_ns", "server_hello_ns",
+            "started_ns", "app_records_in", "app_records_out", "records_in", "records_out", "bytes_out",
+            "error")
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_whole_first_flight_is_read_without_a_record_reader(pki: Pki, version: ssl.TLSVersion) -> None:
+    """A server's first flight of whole records starting with its ServerHello (what a traced connection's
+    handshake summary holds) is read without a record reader, to the reader's outcome: the same bytes cut in
+    two go through one. Full and resumed handshakes (TLS 1.2's resumed flight holds the server's CCS)."""
+    ctx = make_contexts(pki, version)
+    for tr in (run_handshake(ctx), run_handshake(ctx, session=run_handshake(ctx).client.session)):
+        flight = index_of_first(tr.msgs, "s", -1, lambda b: True)
+        whole = feed(tr.msgs[: flight + 1])
+        cut = feed(tr.msgs[: flight + 1], chunker=lambda b: [b[: len(b) - 1], b[len(b) - 1 :]])
+        assert whole._sr is None and cut._sr is not None  # the reader was needed only for the cut flight
+        assert whole.server_hello is not None and whole.records_out == len(split_records(tr.msgs[flight][1]))
+        for t in (whole, cut):  # the rest of the connection, the same way for both
+            feed(tr.msgs[flight + 1 :], t)
+        assert whole.completed_ns is not None and whole.resumed is tr.client.session_reused
+        for attr in _OUTCOME:
+            assert getattr(whole, attr) == getattr(cut, attr), attr
+        assert whole.summary() is cut.summary()
+
+
 def test_peek_sets_start_without_consuming(pki: Pki) -> None:
     tr = run_handshake(make_contexts(pki))
     ch = tr.msgs[0][1]
