@@ -36,6 +36,9 @@ SCOPE = InstrumentationScope("otel-envoy", __version__)
 _ZERO_TRACE_ID, _ONE_TRACE_ID = "0" * 32, "0" * 31 + "1"
 _ZERO_SPAN_ID, _ONE_SPAN_ID = "0" * 16, "0" * 15 + "1"
 _REQUEST_LINK = {"otel_envoy.link": "request"}  # shared, read-only
+#: A span's events or links when it has none: one shared empty tuple (encoders only read them), not two new
+#: lists per span.
+_NO_ITEMS: list = ()  # type: ignore[assignment]
 #: Exited processes whose resource stays known (their last spans are built after the exit: connections
 #: linger, startup records wait for quiet), oldest forgotten first.
 RETIRED_PROCESSES = 256
@@ -223,8 +226,9 @@ class ConnectionSpanBuilder:
                 start + offset,
                 max(end, start) + offset,
                 attrs,
-                [(m.ts_ns + offset, m.name, {"tcp.state": m.state} if m.state else {}) for m in marks],
-                [(t, sid, _REQUEST_LINK) for t, sid in conn.http.links],
+                [(m.ts_ns + offset, m.name, {"tcp.state": m.state} if m.state else {}) for m in marks]
+                if marks else _NO_ITEMS,
+                [(t, sid, _REQUEST_LINK) for t, sid in conn.http.links] if conn.http.links else _NO_ITEMS,
                 STATUS_CODE_ERROR if reset else STATUS_CODE_UNSET,
                 f"connection reset by {reset}" if reset else "",
                 *tail,
@@ -248,8 +252,8 @@ class ConnectionSpanBuilder:
                     established + offset,
                     max(accept, established) + offset,
                     qattrs,
-                    [],
-                    [],
+                    _NO_ITEMS,
+                    _NO_ITEMS,
                     STATUS_CODE_UNSET,
                     "",
                     *tail,
@@ -277,8 +281,8 @@ class ConnectionSpanBuilder:
                 accept + offset,
                 max(handoff, accept) + offset,
                 lf_attrs,
-                [],
-                [],
+                _NO_ITEMS,
+                _NO_ITEMS,
                 STATUS_CODE_UNSET,
                 "",
                 *tail,
@@ -330,8 +334,8 @@ class ConnectionSpanBuilder:
             t0 + offset,
             max(t1, t0) + offset,
             attrs,
-            [],
-            [],
+            _NO_ITEMS,
+            _NO_ITEMS,
             code,
             message,
             *tail,
