@@ -42,7 +42,7 @@ from .envoy.listen_socket import ListenSocket
 from .envoy.process import ListenerFinder, resolve_targets, watch_exits
 from .envoy.process_resource import operator_keys
 from .envoy.targets import TracedProcesses
-from .event_pipeline import EventPipeline, tune_allocator, tune_garbage_collector
+from .event_pipeline import EventPipeline, tune_allocator, tune_garbage_collector, tune_thread_switching
 from .events.layout import load_layout
 from .events.recording import RecordingWriter
 from .events.recording_context import (
@@ -305,6 +305,7 @@ async def run_daemon(opts: DaemonOptions) -> int:
             symbolizer.load_kernel_symbols()
         tune_garbage_collector()
         tune_allocator()
+        tune_thread_switching()
         if sampling:
             pipeline.correlator.downstream.on_tls_listener = functools.partial(_sample_tls_listener, probes)
         ring.start()

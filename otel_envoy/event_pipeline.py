@@ -12,6 +12,7 @@ import ctypes.util
 import gc
 import logging
 import queue
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
@@ -47,7 +48,8 @@ from .spans.round_spans import RoundSpanBuilder, StackSource
 from .spans.startup_spans import StartupSpanBuilder
 from .thread_names import name_this_thread
 
-__all__ = ["DamagedContextError", "EventPipeline", "tune_allocator", "tune_garbage_collector"]
+__all__ = ["DamagedContextError", "EventPipeline", "tune_allocator", "tune_garbage_collector",
+           "tune_thread_switching"]
 
 log = logging.getLogger("otel_envoy.event_pipeline")
 _C = load_layout().constants
@@ -96,6 +98,20 @@ def tune_allocator() -> bool:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+#: How long a thread running Python keeps the interpreter before another thread that waits for it gets a
+#: turn (CPython's default is 5 ms). The daemon's busy threads (the ring's, the export's) each work through
+#: batches; measured alternately on this VM (always_on, a new TLS connection per request at saturation, 7
+#: pairs), 50 ms cost 1.0-4.5 us less daemon CPU per connection than 5 ms (fewer hand-overs, and fewer
+#: caches refilled after them). The price: a thread waits up to 50 ms for its turn while another runs Python
+#: (the ring is drained every 50 ms anyway; the event path never waits on another thread).
+SWITCH_INTERVAL_S = 0.05
+
+
+def tune_thread_switching() -> None:
+    """Let a thread running Python keep the interpreter for SWITCH_INTERVAL_S before handing it over."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 class EventPipeline:
