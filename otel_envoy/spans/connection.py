@@ -27,6 +27,7 @@ from .model import (
     SPAN_KIND_SERVER,
     STATUS_CODE_ERROR,
     STATUS_CODE_UNSET,
+    SharedAttributes,
     SpanRecord,
 )
 
@@ -61,6 +62,41 @@ def _socket_option_names(options: list[tuple[int, int, int]]) -> tuple[str, ...]
             _SOCKOPT_TUPLES.clear()
         names = _SOCKOPT_TUPLES[key] = tuple([_SOCKOPT_NAMES.get(k, f"{k[0]}/{k[1]}") for k in key])
     return names
+
+
+#: The child spans' attributes, shared read-only by the spans with the same values (the encoders write each
+#: once): by value, emptied when full.
+_SHARED_CHILD_ATTRS: dict[tuple, SharedAttributes] = {}
+_SHARED_CHILD_ATTRS_MAX = 4096
+_NO_ATTRS = SharedAttributes()
+
+
+def _shared_child_attributes(key: tuple, attrs: dict[str, object]) -> SharedAttributes:
+    if len(_SHARED_CHILD_ATTRS) >= _SHARED_CHILD_ATTRS_MAX:
+        _SHARED_CHILD_ATTRS.clear()
+    shared = _SHARED_CHILD_ATTRS[key] = SharedAttributes(attrs)
+    return shared
+
+
+def _queue_attributes(at_accept: int, on_arrival: int) -> SharedAttributes:
+    """tcp.accept_queue's attributes."""
+    key = ("q", at_accept, on_arrival)
+    return _SHARED_CHILD_ATTRS.get(key) or _shared_child_attributes(
+        key, {"tcp.accept_queue.depth": at_accept, "tcp.accept_queue.depth_on_arrival": on_arrival})
+
+
+def _listener_filter_attributes(peeked_bytes: int, peeks: int, chain: dict[str, object],
+                                handoff_missing: bool) -> SharedAttributes:
+    """envoy.listener_filters' attributes (``chain``: the filter chain's, a few scalars)."""
+    key = ("lf", peeked_bytes, peeks, handoff_missing, *chain.items())
+    shared = _SHARED_CHILD_ATTRS.get(key)
+    if shared is None:
+        attrs: dict[str, object] = {"envoy.listener_filters.peeked_bytes": peeked_bytes,
+                                    "envoy.listener_filters.peeks": peeks, **chain}
+        if handoff_missing:
+            attrs["otel_envoy.partial"] = ["handoff_not_seen"]
+        shared = _shared_child_attributes(key, attrs)
+    return shared
 
 
 def _filter_chain_attributes(conn: ConnectionRecord) -> dict[str, object]:
@@ -238,10 +274,8 @@ class ConnectionSpanBuilder:
         accept = max(conn.accept_ns, start) if still_open else min(max(conn.accept_ns, start), end)
         established = conn.tcp.established_ns
         if established is not None:
-            qattrs: dict[str, object] = {}
-            if conn.accept_queue is not None:
-                qattrs["tcp.accept_queue.depth"] = conn.accept_queue.at_accept
-                qattrs["tcp.accept_queue.depth_on_arrival"] = conn.accept_queue.on_arrival
+            depth = conn.accept_queue
+            qattrs = _queue_attributes(depth.at_accept, depth.on_arrival) if depth is not None else _NO_ATTRS
             spans.append(
                 SpanRecord(
                     trace_id,
@@ -261,14 +295,10 @@ class ConnectionSpanBuilder:
             )
         if conn.adopted:  # accepted, its listener filters run and its handshakes done before the daemon
             return self._ids_checked(spans)
-        lf_attrs: dict[str, object] = {
-            "envoy.listener_filters.peeked_bytes": conn.listener.peeked_bytes,
-            "envoy.listener_filters.peeks": conn.listener.peeks,
-            **chain,
-        }
         handoff = conn.listener.handoff_ns
+        lf_attrs = _listener_filter_attributes(conn.listener.peeked_bytes, conn.listener.peeks, chain,
+                                               handoff is None)
         if handoff is None:
-            lf_attrs["otel_envoy.partial"] = ["handoff_not_seen"]
             handoff = end
         handoff = max(handoff, start) if still_open else min(max(handoff, start), end)
         spans.append(

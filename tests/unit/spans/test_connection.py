@@ -90,6 +90,26 @@ def test_plain_connection_spans() -> None:
     assert root.events == ()
 
 
+def test_child_span_attributes_are_shared_by_value() -> None:
+    """The accept-queue and listener-filter spans of connections with the same values carry one read-only
+    attributes object (encoded once); other values get their own."""
+    builder = ConnectionSpanBuilder(RESOURCE, MonotonicClock(OFFSET))
+    # the last two queue together: the first of them waits with the other behind it, the other behind it
+    stories = [plain_story(fd=30, pport=40001), plain_story(fd=31, pport=40002, t0=20_000),
+               [established(40_000, 40003), established(40_100, 40004), accept(41_000, 32, 40003),
+                accept(41_500, 33, 40004), close(42_000, 32), close(42_000, 33)]]
+    h = Harness().feed([e for story in stories for e in story])
+    spans = {r.fd: builder.build_records(r) for r in h.drain()}
+    queue = {fd: s[1] for fd, s in spans.items()}
+    assert queue[30].attributes is queue[31].attributes
+    assert dict(queue[30].attributes) == {"tcp.accept_queue.depth": 1, "tcp.accept_queue.depth_on_arrival": 1}
+    assert dict(queue[32].attributes) == {"tcp.accept_queue.depth": 2, "tcp.accept_queue.depth_on_arrival": 1}
+    assert dict(queue[33].attributes) == {"tcp.accept_queue.depth": 1, "tcp.accept_queue.depth_on_arrival": 2}
+    assert spans[30][2].attributes is spans[31][2].attributes
+    with pytest.raises(TypeError):
+        queue[30].attributes["tcp.accept_queue.depth"] = 5  # type: ignore[index]
+
+
 def test_span_ids_differ_between_connections() -> None:
     builder = ConnectionSpanBuilder(RESOURCE, MonotonicClock(OFFSET))
     h = Harness().feed(plain_story(fd=30, pport=40001) + plain_story(fd=31, pport=40002, t0=20_000))
