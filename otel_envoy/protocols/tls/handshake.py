@@ -406,24 +406,8 @@ class TlsHandshakeTracker:
                 self.app_records_out += reader.records.get(CT_APPLICATION_DATA, 0) - before
             return
         for rec in reader.feed(data, total_len):
-            ct = rec.content_type
-            if self.completed_ns is not None:
-                if ct == CT_APPLICATION_DATA:
-                    self.app_records_out += 1
-                continue
-            if self._failed:
+            if not self._server_record(ts_ns, rec.content_type, rec):
                 break
-            if ct == CT_HANDSHAKE:
-                if not self._sh_done:
-                    self._server_handshake_record(ts_ns, rec)
-            elif ct == CT_ALERT:
-                self._on_alert("server", rec)
-            elif ct == CT_CHANGE_CIPHER_SPEC and self.server_hello is not None and not self._tls13:
-                if self._flight_open:
-                    self._abbreviated = True
-                    self.resumed = True
-                elif self._client_ccs:
-                    self._complete(ts_ns)
         if reader.error is not None:
             if not reader.desynced:
                 self._failed = True
@@ -449,19 +433,34 @@ class TlsHandshakeTracker:
         self._flight_bytes += len(data)
         if not self._sh_done:
             self._on_server_hello(ts_ns, first[1])
-        for ct in types[1:]:  # the general loop's, for what may follow a ServerHello in its flight
-            if self.completed_ns is not None:
-                if ct == CT_APPLICATION_DATA:
-                    self.app_records_out += 1
-                continue
-            if self._failed:
+        for ct in types[1:]:  # past the ServerHello: no alert (checked) and no handshake record to parse
+            if not self._server_record(ts_ns, ct, None):
                 break
-            if ct == CT_CHANGE_CIPHER_SPEC and self.server_hello is not None and not self._tls13:
-                if self._flight_open:
-                    self._abbreviated = True
-                    self.resumed = True
-                elif self._client_ccs:
-                    self._complete(ts_ns)
+        return True
+
+    def _server_record(self, ts_ns: int, ct: int, rec: TlsRecord | None) -> bool:
+        """One record the server wrote, of content type ``ct``, before the handshake's end or after it.
+        ``rec``: the record itself, for a handshake record or an alert (None from a reader-less first
+        flight: it has no alert, and no handshake record to parse once its ServerHello is read). False:
+        the handshake failed, the write's later records do not count."""
+        if self.completed_ns is not None:
+            if ct == CT_APPLICATION_DATA:
+                self.app_records_out += 1
+            return True
+        if self._failed:
+            return False
+        if ct == CT_HANDSHAKE:
+            if not self._sh_done and rec is not None:
+                self._server_handshake_record(ts_ns, rec)
+        elif ct == CT_ALERT:
+            if rec is not None:
+                self._on_alert("server", rec)
+        elif ct == CT_CHANGE_CIPHER_SPEC and self.server_hello is not None and not self._tls13:
+            if self._flight_open:
+                self._abbreviated = True
+                self.resumed = True
+            elif self._client_ccs:
+                self._complete(ts_ns)
         return True
 
     def _server_handshake_record(self, ts_ns: int, rec: TlsRecord) -> None:
