@@ -78,9 +78,6 @@ struct close_facts {
 };
 BPF_TABLE("lru_hash", struct close_facts_key, struct close_facts, close_facts, MAX_CONNS);
 
-#define CLOSE_FACT_FIN 0
-#define CLOSE_FACT_RESET 1
-
 static __always_inline void close_facts_key_of(struct close_facts_key *k, const __u8 *peer_addr, __u16 family,
                                                __u16 peer_port, __u16 local_port) {
     peer_key_of(&k->peer, peer_addr, family, peer_port);

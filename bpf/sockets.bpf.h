@@ -53,6 +53,25 @@ static __always_inline void fill_tuple(const __u8 *c, __u16 *sport, __u16 *dport
 #endif
 }
 
+/* Whether a TCP record (a state change, a retransmit, a reset) of a socket on local port `sport` with peer
+ * `daddr`:`dport` is sent. Not for a downstream connection its listener's whole-connection sampling left
+ * untraced: no record, like the rest of that connection (a TLS listener's client resetting after every
+ * answer would otherwise send one record per connection). Nor for a traced one's fact `fold`
+ * (CLOSE_FACT_FIN, CLOSE_FACT_RESET; NO_CLOSE_FACT: not one) that its close record will carry
+ * (conn_sampling.bpf.h close_facts). `daddr`: the peer's address (4 or 16 bytes by family). */
+static __always_inline int tcp_record_wanted(__u16 sport, const __u8 *daddr, __u16 family, __u16 dport, int fold,
+                                             __u64 ts) {
+#if SAMPLING
+    if (!port_conn_sampled(sport))
+        return 1;
+    if (!peer_traced(daddr, family, dport))
+        return 0;
+    return fold == NO_CLOSE_FACT || !fold_close_fact(daddr, family, dport, sport, fold, ts);
+#else
+    return 1;
+#endif
+}
+
 RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
     const __u8 *skp = (const __u8 *)ctx->args[0];
     int oldstate = (int)ctx->args[1];
@@ -96,32 +115,16 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
 #if SAMPLING
     if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV && port_watched(ev.sport))
         note_established(ev.daddr, ev.family, ev.dport, ev.hdr.ts_ns); /* accept-queue metrics */
-    /* a downstream connection of a listener sampled whole (the peer is the destination) */
-    if (port_conn_sampled(ev.sport)) {
-        if (!peer_traced(ev.daddr, ev.family, ev.dport))
-            return 0;
-        if (newstate == TCP_CLOSE_WAIT &&
-            fold_close_fact(ev.daddr, ev.family, ev.dport, ev.sport, CLOSE_FACT_FIN, ev.hdr.ts_ns))
-            return 0; /* on its close record */
-    }
 #endif
+    if (!tcp_record_wanted(ev.sport, ev.daddr, ev.family, ev.dport,
+                           newstate == TCP_CLOSE_WAIT ? CLOSE_FACT_FIN : NO_CLOSE_FACT, ev.hdr.ts_ns))
+        return 0;
     emit(&ev, sizeof(ev));
     return 0;
 }
 
 static __always_inline int watched_sock(__u16 sport, __u64 sk) {
     return port_watched(sport) || upstream_socks.lookup(&sk) != 0;
-}
-
-/* A retransmit or reset of a downstream connection that its listener's sampling left untraced: no record,
- * like the rest of that connection (a TLS listener's client resetting after every answer would otherwise
- * send one record per connection). `daddr`: the peer's address (4 or 16 bytes by family). */
-static __always_inline int tcp_peer_untraced(__u16 sport, const __u8 *daddr, __u16 family, __u16 dport) {
-#if SAMPLING
-    return port_conn_sampled(sport) && !peer_traced(daddr, family, dport);
-#else
-    return 0;
-#endif
 }
 
 /* A retransmit or a received reset of socket `skp` (args[0] of tcp:tcp_retransmit_skb and
@@ -145,15 +148,9 @@ static __always_inline int tcp_mark(const __u8 *skp, __u64 skaddr, __u32 type) {
     ev.skaddr = skaddr;
     ev.type = type;
     fill_tuple(c, &ev.sport, &ev.dport, &ev.family, ev.saddr, ev.daddr);
-#if SAMPLING
-    if (port_conn_sampled(ev.sport)) { /* a downstream connection of a listener sampled whole */
-        if (!peer_traced(ev.daddr, ev.family, ev.dport))
-            return 0;
-        if (type == TCP_RESET_RECEIVED &&
-            fold_close_fact(ev.daddr, ev.family, ev.dport, ev.sport, CLOSE_FACT_RESET, ev.hdr.ts_ns))
-            return 0; /* on its close record */
-    }
-#endif
+    if (!tcp_record_wanted(ev.sport, ev.daddr, ev.family, ev.dport,
+                           type == TCP_RESET_RECEIVED ? CLOSE_FACT_RESET : NO_CLOSE_FACT, ev.hdr.ts_ns))
+        return 0;
     if (type == TCP_RETRANSMIT)
         ev.state = c[SKC_STATE_OFF];
     else if (type == TCP_SYNACK_RETRANSMIT)
@@ -199,7 +196,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset) {
         __builtin_memcpy(ev.saddr, &src.sin6_addr, 16);
         __builtin_memcpy(ev.daddr, &dst.sin6_addr, 16);
     }
-    if (tcp_peer_untraced(ev.sport, ev.daddr, ev.family, ev.dport))
+    if (!tcp_record_wanted(ev.sport, ev.daddr, ev.family, ev.dport, NO_CLOSE_FACT, ev.hdr.ts_ns))
         return 0;
     emit(&ev, sizeof(ev));
     return 0;

@@ -121,6 +121,10 @@ struct conn_state {
 #define CONN_HRR 131072 /* SAMPLING: the server's hello flight was a HelloRetryRequest: a second ClientHello comes */
 #define CONN_TCP_FOLDED 262144 /* SAMPLING: a traced connection decided whole: the peer's FIN and the first reset
                                 * it received ride on its close record (conn_sampling.bpf.h close_facts) */
+/* Which of those facts a TCP event is (sockets.bpf.h tcp_record_wanted); NO_CLOSE_FACT: neither. */
+#define NO_CLOSE_FACT -1
+#define CLOSE_FACT_FIN 0
+#define CLOSE_FACT_RESET 1
 
 /* A connection sampled whole and not traced, as opposed to one whose handshake is being summarized. */
 static __always_inline int untraced_only(const struct conn_state *cs) {
