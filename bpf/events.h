@@ -240,9 +240,15 @@ struct accept_event {
     __s32 listen_fd;         /* the listening fd it was accepted from */
     __u16 family;            /* AF_INET / AF_INET6 of the peer address, 0 if it could not be read */
     __u16 peer_port;         /* host byte order */
-    __u32 _pad0;
+    __u16 local_family;      /* of local_addr; 0: its handshake's completion was not seen */
+    __u16 _pad0;
     __u8 peer_addr[ADDR_LEN]; /* IPv4 in the first 4 bytes */
     char comm[COMM_LEN];     /* the accepting thread's name, e.g. "wrk:worker_0" */
+    /* Its TCP handshake's completion, as the kernel kept it for the accept (SAMPLING builds; 0: not seen):
+     * when, and the local address the peer reached. A traced connection of a listener sampled whole sends
+     * no ESTABLISHED record (sockets.bpf.h): these stand for it. */
+    __u64 established_ns;
+    __u8 local_addr[ADDR_LEN];
 };
 
 struct connect_event {

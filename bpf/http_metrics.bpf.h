@@ -43,7 +43,17 @@ struct peer_key {
     __u16 port;
     __u16 _pad;
 };
-BPF_TABLE("lru_hash", struct peer_key, __u64, established_at, MAX_CONNS);
+/* What the accept takes from its handshake's completion: when, and the local address the peer reached (a
+ * traced connection of a listener sampled whole sends no ESTABLISHED record: its accept record carries
+ * these, sockets.bpf.h). */
+struct established {
+    __u64 ts_ns;
+    __u16 family;   /* of local_addr, as the socket has it */
+    __u16 _pad0;
+    __u32 _pad1;
+    __u8 local_addr[ADDR_LEN];
+};
+BPF_TABLE("lru_hash", struct peer_key, struct established, established_at, MAX_CONNS);
 BPF_PERCPU_ARRAY(accept_wait_unseen, __u64, 1);
 
 #define W4(a, b, c, d) ((__u32)(a) | ((__u32)(b) << 8) | ((__u32)(c) << 16) | ((__u32)(d) << 24))
@@ -186,11 +196,15 @@ static __always_inline void peer_key_of(struct peer_key *k, const __u8 *addr, __
     k->port = port;
 }
 
-/* A downstream connection's handshake completed (its peer is the tracepoint's destination). */
-static __always_inline void note_established(const __u8 *peer_addr, __u16 family, __u16 peer_port, __u64 now) {
+/* A downstream connection's handshake completed (its peer is the tracepoint's destination; `local_addr`
+ * its source, 4 or 16 bytes by family). */
+static __always_inline void note_established(const __u8 *peer_addr, __u16 family, __u16 peer_port,
+                                             const __u8 *local_addr, __u64 now) {
     struct peer_key k = {};
     peer_key_of(&k, peer_addr, family, peer_port);
-    established_at.update(&k, &now);
+    struct established e = {.ts_ns = now, .family = family};
+    __builtin_memcpy(e.local_addr, local_addr, ADDR_LEN);
+    established_at.update(&k, &e);
 }
 
 /* Thread `tid` of process `tgid` accepted a connection on listening fd `listen_fd`. */
@@ -206,12 +220,14 @@ static __always_inline void count_accept(__u32 tgid, __u32 tid, __s32 listen_fd)
 }
 
 /* Envoy accepted a connection on listening fd `listen_fd` at `now`: its accept-queue wait, if its
- * handshake completion was seen. Returns that completion's time (0: not seen). */
+ * handshake completion was seen. Returns that completion's time (0: not seen) and puts the local address
+ * it was seen with in `local_family` / `local_addr` (left as they are when not seen). */
 static __always_inline __u64 record_accept_wait(__u32 tgid, __s32 listen_fd, const __u8 *peer_addr, __u16 family,
-                                               __u16 peer_port, __u64 now) {
+                                               __u16 peer_port, __u64 now, __u16 *local_family,
+                                               __u8 *local_addr) {
     struct peer_key k = {};
     peer_key_of(&k, peer_addr, family, peer_port);
-    __u64 *est = established_at.lookup(&k);
+    struct established *est = established_at.lookup(&k);
     if (!est) {
         __u32 zero = 0;
         __u64 *unseen = accept_wait_unseen.lookup(&zero);
@@ -219,7 +235,9 @@ static __always_inline __u64 record_accept_wait(__u32 tgid, __s32 listen_fd, con
             (*unseen)++;
         return 0;
     }
-    __u64 established = *est;
+    __u64 established = est->ts_ns;
+    *local_family = est->family;
+    __builtin_memcpy(local_addr, est->local_addr, ADDR_LEN);
     __u64 waited = now > established ? now - established : 0;
     established_at.delete(&k);
     struct conn_metric_key key = {.pid = tgid, .listen_fd = listen_fd};

@@ -113,8 +113,12 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
     ev.newstate = newstate;
     fill_tuple(c, &ev.sport, &ev.dport, &ev.family, ev.saddr, ev.daddr);
 #if SAMPLING
-    if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV && port_watched(ev.sport))
-        note_established(ev.daddr, ev.family, ev.dport, ev.hdr.ts_ns); /* accept-queue metrics */
+    if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV && port_watched(ev.sport)) {
+        /* accept-queue metrics, and the accept record's completion time and local address */
+        note_established(ev.daddr, ev.family, ev.dport, ev.saddr, ev.hdr.ts_ns);
+        if (port_conn_sampled(ev.sport)) /* a listener sampled whole: its accept record stands for this one */
+            return 0;
+    }
 #endif
     if (!tcp_record_wanted(ev.sport, ev.daddr, ev.family, ev.dport,
                            newstate == TCP_CLOSE_WAIT ? CLOSE_FACT_FIN : NO_CLOSE_FACT, ev.hdr.ts_ns))

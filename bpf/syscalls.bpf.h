@@ -121,7 +121,9 @@ static __always_inline int on_accept_exit(long ret) {
     __u32 flags = 0;
     __u16 local_port = 0;
 #if SAMPLING
-    established = record_accept_wait(ev.hdr.tgid, in.fd, ev.peer_addr, ev.family, ev.peer_port, ev.hdr.ts_ns);
+    established = record_accept_wait(ev.hdr.tgid, in.fd, ev.peer_addr, ev.family, ev.peer_port, ev.hdr.ts_ns,
+                                     &ev.local_family, ev.local_addr);
+    ev.established_ns = established;
     count_accept(ev.hdr.tgid, tid, in.fd);
     local_port = listener_conn_sampled(ev.hdr.tgid, in.fd);
     if (local_port) {

@@ -10,12 +10,22 @@ port: the kernel reports every socket's handshakes) would stay forever, inflate 
 queue, and give its established time to a later connection from the same client port. So entries older
 than :data:`MAX_AGE_NS` are let go (counted ``accept_queue_expired``), and a handshake completing again for
 a queued 4-tuple replaces the entry unless it is a duplicate report of the same handshake.
+
+A traced connection of a listener sampled whole sends no ESTABLISHED record: the kernel puts its handshake's
+completion on its accept record instead (bpf/sockets.bpf.h). Its depths come from the accepts alone
+(:meth:`AcceptQueue.accepted`): two connections of a port were in the queue together when one was
+established before the other was accepted, so each accept, compared with the port's recent accepts, adds
+to its own counts and to theirs. A connection counts in another's depth once both were accepted; one
+accepted after the other's spans were built is not in them, nor is one never accepted (which therefore
+never inflates a depth).
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
+
+from .records import AcceptQueueDepth
 
 __all__ = ["AcceptQueue", "QueuedConnection", "TupleKey"]
 
@@ -26,6 +36,10 @@ MAX_EARLY_SYNACKS = 16  # retransmits kept per handshake not established yet
 MAX_AGE_NS = 60_000_000_000
 #: Two reports of one 4-tuple's handshake closer than this are one handshake (the first kept).
 DUPLICATE_NS = 1_000_000_000
+#: Accepts remembered per local port for the depths of connections whose accept carried their handshake's
+#: completion: more than a saturated queue holds while its connections are compared (they are walked newest
+#: first, only while they were accepted after the new one's completion).
+ACCEPTED_HISTORY = 256
 
 
 @dataclass(slots=True)
@@ -46,6 +60,8 @@ class AcceptQueue:
         self.drops = drops
         self.queued: dict[int, OrderedDict[tuple[str, int], QueuedConnection]] = {}  # local port -> queue
         self.early_synack: OrderedDict[TupleKey, list[int]] = OrderedDict()  # SYN-ACK retransmit times
+        #: local port -> recent accepts that carried their completion: (established, accepted, depths)
+        self.accepted_history: dict[int, deque[tuple[int, int, AcceptQueueDepth]]] = {}
 
     def established(self, ts_ns: int, peer: str, peer_port: int, local: str, local_port: int) -> None:
         """The handshake of ``peer``:``peer_port`` -> ``local``:``local_port`` completed; not accepted yet."""
@@ -78,6 +94,32 @@ class AcceptQueue:
         if entry is not None:
             return entry, len(queue) + 1, entry.synack_retransmits  # type: ignore[arg-type]
         return None, 0, self.early_synack.pop((peer, peer_port, local_port), None) or []
+
+    def accepted(self, local_port: int, established_ns: int, accept_ns: int) -> AcceptQueueDepth:
+        """A connection on ``local_port`` established at ``established_ns`` was accepted at ``accept_ns``, as
+        its accept record says (no ESTABLISHED record came): its depths, counted against the port's recent
+        accepts of the same kind, whose depths it adds to in turn (the object is updated in place until the
+        connection's spans are built). Accepts are taken in the order the records come."""
+        depth = AcceptQueueDepth(1, 1)
+        history = self.accepted_history.get(local_port)
+        if history is None:
+            if len(self.accepted_history) >= self.max_queued:
+                self.accepted_history.clear()
+            history = self.accepted_history[local_port] = deque(maxlen=ACCEPTED_HISTORY)
+        for est, acc, other in reversed(history):
+            if acc < established_ns:  # accepted before this one was established; so were the older ones
+                break
+            # Both were in the queue at once: ``other`` was accepted after this one was established.
+            if est <= accept_ns < acc:
+                depth.at_accept += 1  # the other waited while this one was accepted
+            elif established_ns <= acc < accept_ns:
+                other.at_accept += 1  # this one waited while the other was accepted
+            if est < established_ns:
+                depth.on_arrival += 1  # the other was waiting when this one arrived
+            elif established_ns < est <= accept_ns:
+                other.on_arrival += 1  # this one was waiting when the other arrived
+        history.append((established_ns, accept_ns, depth))
+        return depth
 
     def port_of(self, peer: str, peer_port: int) -> int | None:
         """The local port of the one queued connection from ``peer``:``peer_port`` (None: none, or

@@ -39,10 +39,15 @@ def kept_reason(reason: int) -> str:
     return KEPT_CONNECTION_REASONS.get(reason, f"reason_{reason}")
 
 
+_NO_ADDRESS = bytes(16)
+
+
 def accept_of(ev: ConnectionKeptEvent) -> AcceptEvent:
-    """The accept record it did not send (its thread: the one that closed it, the worker that owns it)."""
+    """The accept record it did not send (its thread: the one that closed it, the worker that owns it). Its
+    handshake's completion is not on it: the kept record comes at the close, out of the accepts' order that
+    the accept-queue depths are counted in; :meth:`DownstreamConnections.on_connection_kept` sets it."""
     return AcceptEvent(ev.open_ts_ns, EV_ACCEPT, ev.tgid, ev.tid, 0, ev.fd, ev.listen_fd, ev.family,
-                       ev.peer_port, ev.peer_addr, ev.comm)
+                       ev.peer_port, 0, ev.peer_addr, ev.comm, 0, _NO_ADDRESS)
 
 
 def close_of(ev: ConnectionKeptEvent) -> CloseEvent:

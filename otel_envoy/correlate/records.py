@@ -124,9 +124,10 @@ class Traffic:
     tls_records: TlsRecordCounts | None = None  # TLS connections only
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AcceptQueueDepth:
-    """Connections established but not yet accepted on the listening port (this one included)."""
+    """Connections established but not yet accepted on the listening port (this one included). Counted up
+    in place while later accepts come (correlate/accept_queue.py ``AcceptQueue.accepted``)."""
 
     at_accept: int  # when Envoy accepted this one
     on_arrival: int  # when this one joined the queue

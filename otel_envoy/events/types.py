@@ -42,8 +42,13 @@ class AcceptEvent(NamedTuple):
     listen_fd: int
     family: int
     peer_port: int
+    local_family: int  # of local_addr; 0: its handshake's completion was not seen (or a build without it)
     peer_addr: bytes
     comm: bytes
+    # its TCP handshake's completion as the kernel kept it for the accept (0: not seen), and the local address
+    # the peer reached: a traced connection of a listener sampled whole sends no ESTABLISHED record
+    established_ns: int
+    local_addr: bytes
 
 
 class ConnectEvent(NamedTuple):

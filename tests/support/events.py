@@ -86,11 +86,16 @@ _NEXT_SEQ: dict[tuple[int, int], int] = {}
 
 
 def accept(ts: int, fd: int, port: int, *, tgid: int = TGID, tid: int = TID, listen_fd: int = LISTEN_FD,
-           peer: str = PEER, comm: str = COMM, round: int = 1) -> AcceptEvent:
-    """accept4() returned ``fd`` for a connection from ``peer``:``port`` (its data records count from 0)."""
+           peer: str = PEER, comm: str = COMM, round: int = 1, established: int = 0,
+           local: str = LOCAL) -> AcceptEvent:
+    """accept4() returned ``fd`` for a connection from ``peer``:``port`` (its data records count from 0).
+    ``established``: the handshake's completion the kernel carried on the accept (a listener sampled whole,
+    whose connections send no ESTABLISHED record), with ``local`` as its local address; 0: none."""
     _NEXT_SEQ[(tgid, fd)] = 0
     family, raw = addr(peer)
-    return AcceptEvent(ts, C["EV_ACCEPT"], tgid, tid, round, fd, listen_fd, family, port, raw, _comm(comm))
+    local_family, local_raw = addr(local) if established else (0, bytes(16))
+    return AcceptEvent(ts, C["EV_ACCEPT"], tgid, tid, round, fd, listen_fd, family, port, local_family, raw,
+                       _comm(comm), established, local_raw)
 
 
 def state(ts: int, pport: int, old: int, new: int, *, peer: str = PEER, local: str = LOCAL,

@@ -4,6 +4,8 @@ depth at the accept and on arrival, SYN-ACK retransmits of handshakes not comple
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from tests.support.correlation import SYN_RECV, Harness
@@ -117,3 +119,63 @@ def test_a_reused_client_port_does_not_inherit_an_old_established_time() -> None
     conn = h.c.downstream.open[(TGID, 31)]
     assert conn.tcp.established_ns == t and conn.accept_queue.at_accept == 1
     assert h.c.drops["accept_queue_expired"] == 1
+
+
+Depths = dict[int, tuple[int, int, int, str | None]]
+
+
+def _depths(folded: bool, timeline: list[tuple[int, str, int]]) -> Depths:
+    """Each connection's (at_accept, on_arrival, established_ns, local address) after ``timeline`` of
+    (time, "est" or "acc", peer port): ESTABLISHED records, or (``folded``) the handshake's completion
+    carried on the accept record alone, as for a listener sampled whole."""
+    established_at = {port: ts for ts, what, port in timeline if what == "est"}
+    events = []
+    for ts, what, port in timeline:
+        if what == "acc":
+            completion = established_at[port] if folded else 0
+            events.append(accept(ts, port - 40000 + 30, port, established=completion, local="10.0.0.9"))
+        elif not folded:
+            events.append(established(ts, port, local="10.0.0.9"))
+    h = Harness().feed(events)
+    h.feed([close(10**9 + port, port - 40000 + 30) for port in established_at])
+    return {r.peer_port: (r.accept_queue.at_accept, r.accept_queue.on_arrival, r.tcp.established_ns,
+                          r.local_address) for r in h.drain()}
+
+
+def test_accepts_carrying_their_completion_count_the_depths_the_records_did() -> None:
+    """A listener sampled whole sends no ESTABLISHED record; the depths counted from the accepts alone are
+    the ones the records gave, for queues that fill and drain in any order (FIFO per queue; two queues
+    of one port interleave, as SO_REUSEPORT workers' do)."""
+    timeline = [(1_000, "est", 40001), (1_100, "est", 40002), (1_200, "acc", 40001), (1_300, "est", 40003),
+                (1_400, "acc", 40002), (1_500, "acc", 40003), (1_600, "est", 40004), (1_700, "acc", 40004)]
+    assert _depths(True, timeline) == _depths(False, timeline) == {
+        40001: (2, 1, 1_000, "10.0.0.9"), 40002: (2, 2, 1_100, "10.0.0.9"), 40003: (1, 2, 1_300, "10.0.0.9"),
+        40004: (1, 1, 1_600, "10.0.0.9")}
+    rng = random.Random(13)
+    for _ in range(200):
+        t, queues, timeline, port = 0, ([], []), [], 40001
+        for _ in range(rng.randrange(1, 30)):
+            t += rng.randrange(1, 50)
+            queue = queues[rng.randrange(2)]
+            if queue and rng.random() < 0.5:
+                timeline.append((t, "acc", queue.pop(0)))
+            else:
+                queue.append(port)
+                timeline.append((t, "est", port))
+                port += 1
+        for queue in queues:
+            for waiting in queue:
+                t += 10
+                timeline.append((t, "acc", waiting))
+        assert _depths(True, timeline) == _depths(False, timeline), timeline
+
+
+def test_a_connection_never_accepted_does_not_count_in_the_depths_from_accepts() -> None:
+    """With the completion on the accept, a handshake no accept takes (another namespace's listener on the
+    same port) is never seen: it neither waits in the model nor inflates the next connections' depths."""
+    h = Harness().feed([accept(2_000, 31, 40001, established=1_000),
+                        accept(2_100, 32, 40002, established=2_050)])
+    a, b = h.c.downstream.open[(TGID, 31)], h.c.downstream.open[(TGID, 32)]
+    assert (a.accept_queue.at_accept, a.accept_queue.on_arrival) == (1, 1)
+    assert (b.accept_queue.at_accept, b.accept_queue.on_arrival) == (1, 1)
+    assert h.c.accept_queue.queued == {}
