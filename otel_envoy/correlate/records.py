@@ -99,11 +99,11 @@ class TcpTimeline:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class TlsRecordCounts:
+class TlsRecordCounts(NamedTuple):
     """TLS records of one connection, counted in the kernel by walking the record headers (the payload is
     ciphertext: this is what is left to see without symbols). ``*_lost``: the framing was lost (bytes that
-    were not a record header, or a syscall with too many records); the counts stop there."""
+    were not a record header, or a syscall with too many records); the counts stop there. A named tuple: one
+    per traced TLS connection, made in a quarter of a frozen dataclass's time."""
 
     received: int
     sent: int
