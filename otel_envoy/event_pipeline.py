@@ -38,6 +38,7 @@ from .events.recording_context import (
     SamplerContext,
 )
 from .events.types import Event, RequestKeptEvent
+from .export.log_limiter import LogRateLimiter
 from .export.span_queue import SpanPipeline
 from .protocols.http import HttpExchange
 from .spans.clock import MonotonicClock
@@ -163,6 +164,7 @@ class EventPipeline:
         self._handle = self.correlator.handle
         self._counts: Counter[str] = Counter()
         self._events = 0  # a plain int: counted per kernel record (see the counts property)
+        self._error_log = LogRateLimiter()  # correlation errors: one line per event type per interval
         self._pending: list = []  # spans built on the event path, not handed to spans_out yet
         self.received = 0  # raw records handed in, decodable or not (the accounting's ring line)
         if recorder is not None:
@@ -179,7 +181,21 @@ class EventPipeline:
         self._events += 1
         if event.kind in NOTICE_KINDS and self.on_notice is not None:
             self.on_notice(event)
-        self._handle(event)
+        try:
+            self._handle(event)
+        except Exception:  # a bug in correlation must not stop tracing: this record is left out, counted
+            self._correlation_failed(event)
+
+    def _correlation_failed(self, event: Event) -> None:
+        """The correlator raised on ``event`` (a bug): counted by event type and logged (one line per type
+        per interval, with the traceback), and the next record is handled as usual."""
+        kind = type(event).__name__
+        self._counts["correlation_errors"] += 1
+        self._counts[f"correlation_errors.{kind}"] += 1
+        allowed, held_back = self._error_log.allow(kind)
+        if allowed:
+            log.exception("could not correlate an event %s (a bug: it is left out, tracing goes on)%s", kind,
+                          f"; {held_back} more since the last report" if held_back else "")
 
     @property
     def counts(self) -> Counter[str]:
@@ -350,6 +366,7 @@ class EventPipeline:
         out.update({f"correlate.{k}": v for k, v in self.correlator.drops.items()})
         out.update({f"export.{k}": v for k, v in self.spans_out.stats().get("drops", {}).items()})
         out["span_build_errors"] = self.counts["span_build_errors"]
+        out["correlation_errors"] = self.counts["correlation_errors"]
         if self.round_worker is not None:
             out["rounds.queue_full"] = self.round_worker.dropped
         return {k: v for k, v in out.items() if v}

@@ -158,6 +158,7 @@ def test_malformed_records_are_counted_never_raised(seed: int) -> None:
     for err, n in expected_errors.items():
         assert drops[f"decode.{err}"] == n
     assert pipeline.counts["span_build_errors"] == 0
+    assert pipeline.counts["correlation_errors"] == 0  # corrupted fields are data, not a reason to raise
     assert pipeline.counts["events"] + sum(expected_errors.values()) == kernel_count(items)
     assert pipeline.counts["spans"] == len(sink.spans)
     for line in sink.lines:  # whatever came out is valid OTLP/JSON
@@ -185,6 +186,35 @@ def test_every_truncation_of_every_record_kind_is_survived() -> None:
     expected = sum(1 for _, r in records[2:] if _expected_error(r))  # type: ignore[arg-type]
     assert sum(pipeline.decoder.errors.values()) == expected > 0
     assert pipeline.counts["events"] == n - expected
+
+
+def test_a_correlator_that_raises_loses_one_record_not_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in correlation (here: the accept of one connection raising) leaves that record out, counted by
+    event type and logged once with its traceback; the records after it are correlated as usual."""
+    sink = CollectingSink()
+    pipeline = EventPipeline(SpanPipeline([sink]), Resource.create({}), MonotonicClock(0))
+    handle = pipeline._handle
+    broken = {"left": 2}
+
+    def handle_breaking_two_accepts(event: object) -> None:
+        if type(event).__name__ == "AcceptEvent" and broken["left"]:
+            broken["left"] -= 1
+            raise KeyError("a bug")
+        handle(event)
+
+    pipeline._handle = handle_breaking_two_accepts  # type: ignore[method-assign]
+    with caplog.at_level("ERROR", logger="otel_envoy.event_pipeline"):
+        for port, fd, t0 in ((40000, 30, 1_000_000), (40001, 31, 2_000_000), (40002, 32, 3_000_000)):
+            for ev in (established(t0, port), accept(t0 + 1_000, fd, port), close(t0 + 4_000, fd)):
+                pipeline.on_record(encode(ev))
+    pipeline.finish(60_000_000_000)
+    pipeline.spans_out.shutdown(5.0)
+    assert pipeline.counts["correlation_errors"] == pipeline.counts["correlation_errors.AcceptEvent"] == 2
+    assert pipeline.drops()["correlation_errors"] == 2
+    roots = [s for s in sink.spans if s.name == "envoy.downstream.connection"]
+    assert [r.attributes["network.peer.port"] for r in roots] == [40002]
+    logged = [r for r in caplog.records if "could not correlate an event AcceptEvent" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None  # once per interval, with the traceback
 
 
 def test_the_daemon_s_own_connection_makes_no_span_and_is_counted() -> None:
