@@ -9,6 +9,7 @@ the TCP life and the byte counts have the same shape for upstream connections.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -200,7 +201,7 @@ class ConnectionRecord:
     tcp: TcpTimeline = field(default_factory=TcpTimeline)
     accept_queue: AcceptQueueDepth | None = None  # None: nobody saw it queued
     listener: ListenerHandoff = field(default_factory=ListenerHandoff)
-    socket_options: list[tuple[int, int, int]] = field(default_factory=list)  # (level, optname, value)
+    socket_options: Sequence[tuple[int, int, int]] = ()  # (level, optname, value): read-only, shared
     traffic: Traffic = field(default_factory=Traffic)
     protocol: Protocol | None = None  # from the first bytes read (a peek counts); None: none read yet
     plaintext_alpn: str | None = None  # what Envoy's http_inspector makes of those bytes ("" nothing)

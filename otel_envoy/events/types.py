@@ -28,6 +28,9 @@ __all__ = [
 
 
 _SOCKOPT = struct.Struct("<iii")  # one kept socket option in CloseEvent.sockopts
+#: CloseEvent.socket_options' tuples by their bytes (bounded: emptied when full)
+_SOCKET_OPTIONS: dict[bytes, tuple[tuple[int, int, int], ...]] = {}
+_SOCKET_OPTIONS_MAX = 256
 
 
 class AcceptEvent(NamedTuple):
@@ -101,10 +104,17 @@ class CloseEvent(NamedTuple):
     peer_fin_ns: int  # CLOSE_WAIT: the peer's FIN arrived
     reset_rx_ns: int  # the first reset received
 
-    def socket_options(self) -> list[tuple[int, int, int]]:
-        """The kept socket options, in the order they were set: (level, optname, value)."""
+    def socket_options(self) -> tuple[tuple[int, int, int], ...]:
+        """The kept socket options, in the order they were set: (level, optname, value). One shared tuple
+        per combination (a listener's connections are given the same ones): read-only."""
         kept = min(self.sockopt_count, len(self.sockopts) // 12)
-        return list(_SOCKOPT.iter_unpack(self.sockopts[: kept * 12]))
+        raw = self.sockopts[: kept * 12]
+        options = _SOCKET_OPTIONS.get(raw)
+        if options is None:
+            if len(_SOCKET_OPTIONS) >= _SOCKET_OPTIONS_MAX:
+                _SOCKET_OPTIONS.clear()
+            options = _SOCKET_OPTIONS[raw] = tuple(_SOCKOPT.iter_unpack(raw))
+        return options
 
 
 class DataEvent(NamedTuple):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -49,18 +49,20 @@ _SOCKOPT_NAMES = {
 }
 
 
-#: (level, optname) pairs -> their names, one tuple object per combination (the encoders write each once)
-_SOCKOPT_TUPLES: dict[tuple[tuple[int, int], ...], tuple[str, ...]] = {}
+#: socket options (level, optname, value) -> their names, one tuple object per combination (the encoders
+#: write each once)
+_SOCKOPT_TUPLES: dict[tuple[tuple[int, int, int], ...], tuple[str, ...]] = {}
 
 
-def _socket_option_names(options: list[tuple[int, int, int]]) -> tuple[str, ...]:
+def _socket_option_names(options: Sequence[tuple[int, int, int]]) -> tuple[str, ...]:
     """The names of the socket options a connection's fd was given, as one shared tuple per combination."""
-    key = tuple([(lvl, name) for lvl, name, _ in options])
+    key = options if type(options) is tuple else tuple(options)
     names = _SOCKOPT_TUPLES.get(key)
     if names is None:
         if len(_SOCKOPT_TUPLES) >= 256:
             _SOCKOPT_TUPLES.clear()
-        names = _SOCKOPT_TUPLES[key] = tuple([_SOCKOPT_NAMES.get(k, f"{k[0]}/{k[1]}") for k in key])
+        names = _SOCKOPT_TUPLES[key] = tuple([_SOCKOPT_NAMES.get((lvl, name), f"{lvl}/{name}")
+                                              for lvl, name, _ in key])
     return names
 
 

@@ -433,6 +433,8 @@ class TlsHandshakeTracker:
         self._flight_bytes += len(data)
         if not self._sh_done:
             self._on_server_hello(ts_ns, first[1])
+        if self._tls13:  # its later records are encrypted and none is an alert: they change nothing here
+            return True
         for ct in types[1:]:  # past the ServerHello: no alert (checked) and no handshake record to parse
             if not self._server_record(ts_ns, ct, None):
                 break

@@ -110,6 +110,6 @@ def test_events_for_unknown_fds_are_ignored() -> None:
     assert h.drain() == []
     conn = h.c.downstream.open[(TGID, 30)]
     assert conn.listener.first_io_ns is None and conn.close_ns is None and conn.tcp.marks == []
-    assert conn.socket_options == []
+    assert conn.socket_options == ()
     h.c.flush(3_000)
     assert [r.fd for r in h.out] == [30] and h.out[0].still_open

@@ -58,7 +58,7 @@ def test_plain_connection_gives_one_complete_record() -> None:
     assert (r.traffic.bytes_received, r.traffic.bytes_sent) == (len(REQUEST), len(RESPONSE))
     assert r.accept_queue.at_accept == 1 and r.accept_queue.on_arrival == 1
     assert r.close_initiator() == "peer" and r.aborted() is None
-    assert r.socket_options == [(6, 1, 1)]
+    assert r.socket_options == ((6, 1, 1),)
     assert r.protocol is Protocol.HTTP1 and r.tls.handshake is None
     assert r.listener.peeks == 0 and r.listener.peeked_bytes == 0
     assert not r.still_open and r.partial == []
@@ -114,7 +114,7 @@ def test_the_close_record_s_second_add_is_the_handoff_and_its_options_are_the_co
                                       sockopts=((6, 1, 1), (1, 9, 1)))]).only()
     assert r.listener.first_epoll_add_ns == 3_000 and r.listener.saw_epoll_del
     assert r.listener.handoff_ns == 6_000 and r.listener.first_io_ns == 7_000
-    assert r.socket_options == [(6, 1, 1), (1, 9, 1)] and r.partial == []
+    assert r.socket_options == ((6, 1, 1), (1, 9, 1)) and r.partial == []
     one_add = Harness().feed([*story, close(8_000, 30, epoll_adds=(3_000,))]).only()
     assert one_add.listener.handoff_ns == 3_000 and not one_add.listener.saw_epoll_del
     closed_early = Harness().feed([*story[:2], close(4_000, 30, epoll_adds=(3_000,))]).only()
@@ -126,7 +126,7 @@ def test_socket_options_beyond_what_the_close_record_keeps_are_marked() -> None:
     options = tuple((6, n, 1) for n in range(kept))
     r = Harness().feed([established(1_000, 40000), accept(2_000, 30, 40000),
                         close(3_000, 30, sockopts=options, sockopt_count=kept + 3)]).only()
-    assert r.socket_options == list(options)
+    assert r.socket_options == tuple(options)
     assert r.partial == ["socket_options_not_all_kept"]
 
 
