@@ -15,13 +15,10 @@ from pathlib import Path
 import pytest
 
 from otel_envoy.correlate.addresses import format_ip
-from otel_envoy.events.decode import Decoder
 from otel_envoy.events.layout import load_layout
-from otel_envoy.events.recording import RecordingReader
 from otel_envoy.events.types import AcceptEvent, SockStateEvent
-from otel_envoy.lab import clients
 from tests.e2e.test_kept_connections import _wait_stopped
-from tests.support.daemon import DaemonProcess
+from tests.support.live_records import recorded_events, tls_listener_sampled_whole
 from tests.support.tls_steps import SteppedTlsClient
 from tests.support.traces import connection_traces
 
@@ -34,15 +31,7 @@ STOPPED_S = 0.2
 
 
 def test_queued_tls_connections_take_their_completion_from_the_accept(lab, receiver, tmp_path: Path) -> None:
-    events = tmp_path / "live.events"
-    daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
-                            "--otlp-protocol", "grpc", "--record", str(events)], tmp_path).start()
-    try:
-        # the listener's first TLS connection tells the daemon it speaks TLS: the kernel decides its later
-        # connections whole
-        first = clients.curl_tls(lab.tls_port, SNI, alpn="http/1.1", tls_version="1.3", ca=lab.ca_path)
-        assert first.http_code == 200, first.stderr
-        time.sleep(1.0)
+    with tls_listener_sampled_whole(lab, receiver, tmp_path, SNI) as events:
         os.kill(lab.pid, signal.SIGSTOP)  # no worker accepts: the kernel's accept queues hold them
         try:
             _wait_stopped(lab.pid)
@@ -60,24 +49,12 @@ def test_queued_tls_connections_take_their_completion_from_the_accept(lab, recei
             ports.append(c.sock.getsockname()[1])
             c.close()
         time.sleep(1.0)
-    finally:
-        code = daemon.stop()
-    assert code == 0, daemon.stderr()
 
     # what the kernel sent: an accept carrying the completion and the local address, no ESTABLISHED record
-    decoder, offset = Decoder(), None
-    accepts: dict[int, AcceptEvent] = {}
-    established_records = []
-    for kind, payload in RecordingReader(events):
-        if kind == "context":
-            if payload.get("type") == "clock":  # type: ignore[union-attr]
-                offset = int(payload["offset_ns"])  # type: ignore[index]
-            continue
-        ev = decoder.decode(payload)  # type: ignore[arg-type]
-        if isinstance(ev, AcceptEvent) and ev.peer_port in ports:
-            accepts[ev.peer_port] = ev
-        elif isinstance(ev, SockStateEvent) and ev.dport in ports and ev.newstate == C["TCP_ESTABLISHED"]:
-            established_records.append(ev.dport)
+    offset, decoded = recorded_events(events)
+    accepts = {ev.peer_port: ev for ev in decoded if isinstance(ev, AcceptEvent) and ev.peer_port in ports}
+    established_records = [ev.dport for ev in decoded if isinstance(ev, SockStateEvent) and ev.dport in ports
+                           and ev.newstate == C["TCP_ESTABLISHED"]]
     assert offset is not None and sorted(accepts) == sorted(ports), (sorted(accepts), ports)
     assert established_records == []
     for port in ports:

@@ -13,13 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from otel_envoy.events.decode import Decoder
 from otel_envoy.events.layout import load_layout
-from otel_envoy.events.recording import RecordingReader
 from otel_envoy.events.types import CloseEvent, SockStateEvent, TcpEvent
-from otel_envoy.lab import clients
 from otel_envoy.spans.model import STATUS_CODE_ERROR
-from tests.support.daemon import DaemonProcess
+from tests.support.live_records import recorded_events, tls_listener_sampled_whole
 from tests.support.traces import connection_traces
 
 pytestmark = pytest.mark.root
@@ -60,35 +57,17 @@ def _folded_kind(ev: SockStateEvent | TcpEvent) -> str:
 
 
 def test_the_peers_fin_and_reset_ride_on_the_close_record(lab, receiver, tmp_path: Path) -> None:
-    events = tmp_path / "live.events"
-    daemon = DaemonProcess(["--pid", str(lab.pid), "--otlp-endpoint", receiver.grpc_endpoint,
-                            "--otlp-protocol", "grpc", "--record", str(events)], tmp_path).start()
-    try:
-        # the listener's first TLS connection tells the daemon it speaks TLS: the kernel decides its later
-        # connections whole
-        first = clients.curl_tls(lab.tls_port, SNI, alpn="http/1.1", tls_version="1.3", ca=lab.ca_path)
-        assert first.http_code == 200, first.stderr
-        time.sleep(1.0)
+    with tls_listener_sampled_whole(lab, receiver, tmp_path, SNI) as events:
         fin_port = _request_then_close(lab.tls_port, lab.ca_path, reset=False)
         rst_port = _request_then_close(lab.tls_port, lab.ca_path, reset=True)
         time.sleep(1.0)
-    finally:
-        code = daemon.stop()
-    assert code == 0, daemon.stderr()
 
     # what the kernel sent: no record of the FIN or the reset, both on the close record
-    decoder, offset = Decoder(), None
+    offset, decoded = recorded_events(events)
     closes: dict[int, CloseEvent] = {}
     own_records: dict[int, list[str]] = {fin_port: [], rst_port: []}
     peers: dict[int, int] = {}  # fd -> peer port, from the accepts
-    for kind, payload in RecordingReader(events):
-        if kind == "context":
-            if payload.get("type") == "clock":  # type: ignore[union-attr]
-                offset = int(payload["offset_ns"])  # type: ignore[index]
-            continue
-        ev = decoder.decode(payload)  # type: ignore[arg-type]
-        if ev is None:
-            continue
+    for ev in decoded:
         if ev.kind == C["EV_ACCEPT"]:
             peers[ev.fd] = ev.peer_port
         elif isinstance(ev, CloseEvent):
