@@ -4,7 +4,6 @@ tracker never raises, never records an internal error and keeps its buffers boun
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import itertools
 import shutil
@@ -26,6 +25,7 @@ from otel_envoy.protocols.tls.record_layer import (
     HandshakeReassembler,
     TlsRecordReader,
 )
+from tests.support.tls_bytes import hello_fields
 from tests.support.tls_memory import MemoryTls
 
 BUFFER_BOUND = 2 * (MAX_RECORD_LEN + 5) + 2 * MAX_HANDSHAKE_MESSAGE + 3
@@ -302,14 +302,14 @@ def flipped(draw: st.DrawFn, data: bytes) -> bytes:
 def _parsed(body: bytes) -> object:
     """What parse_client_hello makes of ``body``: the hello's fields, or the error's text."""
     try:
-        return dataclasses.astuple(parse_client_hello(body))
+        return hello_fields(parse_client_hello(body))
     except TlsParseError as exc:
         return f"TlsParseError: {exc}"
 
 
 def _shaped(body: bytes) -> object:
     try:
-        return dataclasses.astuple(parse_client_hello_shaped(body))
+        return hello_fields(parse_client_hello_shaped(body))
     except TlsParseError as exc:
         return f"TlsParseError: {exc}"
 

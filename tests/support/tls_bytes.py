@@ -4,6 +4,8 @@ specification example."""
 
 from __future__ import annotations
 
+import dataclasses
+
 __all__ = [
     "SPEC_CIPHERS",
     "SPEC_EXT_ORDER",
@@ -12,6 +14,7 @@ __all__ = [
     "client_hello_body",
     "ext",
     "handshake",
+    "hello_fields",
     "record",
     "server_hello_body",
     "sni_ext",
@@ -114,3 +117,13 @@ def spec_client_hello(sigalgs: list[int] = SPEC_SIGALGS, groups: list[int] = (29
     }
     exts = [ext(0x0A0A)] + [ext(t, data.get(t, b"")) for t in ext_order] + [ext(0x1A1A, b"\x00")]
     return client_hello_body([0x2A2A, *ciphers], exts)
+
+
+def hello_fields(hello: object) -> tuple:
+    """What a parsed hello says, for comparing two parses: its fields; for a ClientHello, its fingerprints in
+    place of the memo that holds them (computed now when the hello has none yet)."""
+    from otel_envoy.protocols.tls.hello import ClientHello, client_fingerprints
+
+    if isinstance(hello, ClientHello):
+        return (*dataclasses.astuple(hello)[:-1], client_fingerprints(hello))
+    return dataclasses.astuple(hello)  # type: ignore[call-overload]

@@ -141,6 +141,9 @@ class ClientHello:
     offers_psk: bool = False
     has_session_ticket: bool = False
     alpn_raw: list[bytes] = field(default_factory=list, repr=False)  # ALPN ids as sent (JA4 needs bytes)
+    #: client_fingerprints' answer, kept on the hello (and handed on to hellos of the same shape, whose
+    #: fields are the same: hello_shapes.py); None until asked. The fields above are read-only once parsed.
+    fingerprints: tuple[tuple[str, ...], str, str] | None = field(default=None, compare=False, repr=False)
 
     def max_version(self) -> int:
         """Highest version offered: from supported_versions when present, else legacy_version."""
@@ -221,8 +224,15 @@ def _cache_put(cache: dict[tuple[object, ...], _V], key: tuple[object, ...], val
 
 
 def client_fingerprints(ch: ClientHello) -> tuple[tuple[str, ...], str, str]:
-    """(cipher suite names, JA3, JA4) of ``ch``, cached by content. The names tuple is the cached object
-    itself: the exporters encode a tuple they have seen before only once (by identity)."""
+    """(cipher suite names, JA3, JA4) of ``ch``, cached by content, and kept on ``ch``. The names tuple is the
+    cached object itself: the exporters encode a tuple they have seen before only once (by identity)."""
+    known = ch.fingerprints
+    if known is None:
+        known = ch.fingerprints = _client_fingerprints(ch)
+    return known
+
+
+def _client_fingerprints(ch: ClientHello) -> tuple[tuple[str, ...], str, str]:
     ciphers = ch.cipher_suites
     extensions = ch.extensions
     if (len(ciphers) + len(extensions) + len(ch.supported_groups) + len(ch.signature_algorithms)

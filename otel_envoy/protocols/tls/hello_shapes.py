@@ -23,6 +23,7 @@ from .hello import (
     HRR_RANDOM,
     ClientHello,
     ServerHello,
+    client_fingerprints,
     parse_client_hello,
     parse_server_hello,
 )
@@ -113,12 +114,13 @@ def parse_client_hello_shaped(handshake_body: bytes) -> ClientHello:
     if len(buf) < 35:
         return parse_client_hello(buf)
     ch = _known(_shapes, buf)
-    if ch is not None:
+    if ch is not None:  # its fingerprints too: the same fields
         return ClientHello(ch.legacy_version, ch.supported_versions, ch.server_name, ch.alpn,
                            ch.cipher_suites, ch.extensions, ch.supported_groups, ch.ec_point_formats,
                            ch.signature_algorithms, buf[35:35 + buf[34]], ch.offers_psk,
-                           ch.has_session_ticket, ch.alpn_raw)
+                           ch.has_session_ticket, ch.alpn_raw, ch.fingerprints)
     ch = parse_client_hello(buf)  # raises for a malformed hello, which is not remembered
+    client_fingerprints(ch)  # once per shape, for the hellos that reuse this parse
     _remember(_shapes, buf, ch, server=False)
     return ch
 
