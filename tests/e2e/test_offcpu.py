@@ -218,8 +218,12 @@ def epoll_builds(tmp_path_factory):
     return build_epoll_server(tmp_path_factory.mktemp("cxx"))
 
 
-def _offcpu_of_cxx_server(binary, tmp_path, extra: list[str]) -> list:
-    """Run the epoll server, trace it, send two lines on one connection; the waits of its handler."""
+#: Runs of the epoll server scenario when the kernel's own count shows it did not report a sleep (see below).
+CXX_SERVER_ATTEMPTS = 3
+
+
+def _run_cxx_server(binary, tmp_path, extra: list[str]) -> tuple[list, dict]:
+    """Run the epoll server, trace it, send two lines on one connection: the spans and the run's summary."""
     (port,) = free_ports(1)
     output = tmp_path / f"traces-{time.monotonic_ns()}.jsonl"
     summary = tmp_path / f"summary-{time.monotonic_ns()}.json"
@@ -235,16 +239,29 @@ def _offcpu_of_cxx_server(binary, tmp_path, extra: list[str]) -> list:
             time.sleep(0.3)
         finally:
             assert daemon.stop() == 0, daemon.stderr()
-    spans = _read(output)
-    by_id = _by_id(spans)
-    waits = [s for s in spans if s.name == "offcpu.wait" and s.attributes.get("offcpu.reason") == "other"]
-    if len(waits) < 2:  # the kernel's own count of waits tells one never sent from one user space lost
-        report = json.loads(summary.read_text())
+    return _read(output), json.loads(summary.read_text())
+
+
+def _offcpu_of_cxx_server(binary, tmp_path, extra: list[str]) -> list:
+    """The waits of the epoll server's handler (its 20 ms sleep per line, two lines). A wait the kernel
+    counted (its per-thread totals, ``offcpu`` in the summary) but user space made no span of fails at once.
+    When the kernel itself counted fewer than two such sleeps, the scheduler probes did not see one (seen
+    rarely under the full suite: a round that slept 20 ms reported 0 waits and no kernel-side drop), so the
+    scenario did not happen as written: it runs again, CXX_SERVER_ATTEMPTS times at most."""
+    for attempt in range(1, CXX_SERVER_ATTEMPTS + 1):
+        spans, report = _run_cxx_server(binary, tmp_path, extra)
+        waits = [s for s in spans if s.name == "offcpu.wait" and s.attributes.get("offcpu.reason") == "other"]
+        if len(waits) >= 2:
+            break
+        kernel_waits = report["offcpu"].get("other", {}).get("waits", 0)
         rounds = [{k: v for k, v in s.attributes.items() if k.startswith("envoy.event_loop.")}
                   for s in spans if s.name == "envoy.event_loop.round"]  # what each round counted off CPU
-        raise AssertionError(f"{len(waits)} waits: {[s.name for s in spans]}; kernel waits by reason "
-                             f"{report['offcpu']}, drops {report['drops']}, counts {report['counts']}; "
-                             f"rounds {rounds}")
+        message = (f"{len(waits)} waits: {[s.name for s in spans]}; kernel waits by reason "
+                   f"{report['offcpu']}, drops {report['drops']}, counts {report['counts']}; rounds {rounds}")
+        if kernel_waits >= 2 or attempt == CXX_SERVER_ATTEMPTS:
+            raise AssertionError(message)
+        print(f"attempt {attempt}: the kernel counted {kernel_waits} sleeps, not 2; again ({message})")
+    by_id = _by_id(spans)
     for w in waits:  # the 20 ms usleep inside the handler, in the round, in the connection's trace
         assert w.attributes["offcpu.duration_ns"] >= 15_000_000
         rnd = by_id[w.parent_span_id]
