@@ -128,7 +128,6 @@ class DownstreamConnections:
         self.listen_sockets: dict[tuple[int, int], ListenSocket] = {}  # (tgid, listen fd) -> socket
         #: sockets accepted on before the table above had them (_listen_socket), until the next table
         self.inferred_listeners: dict[tuple[int, int], ListenSocket] = {}
-        self._local_addresses: dict[tuple[int, bytes], str] = {}  # (family, raw) -> text
         #: (tgid, fd) -> the address and port the kernel saw the process bind that socket to (startup.py)
         self.bound_address: Callable[[int, int], tuple[str, int] | None] = lambda _tgid, _fd: None
         #: listening sockets a TLS connection came through: (tgid, listen fd) -> port. The kernel samples
@@ -234,7 +233,7 @@ class DownstreamConnections:
         elif ev.established_ns:  # no ESTABLISHED record (a listener sampled whole): the accept carries it
             conn.tcp.established_ns = ev.established_ns
             if ev.local_family:
-                conn.local_address = self._local_address(ev.local_family, ev.local_addr)
+                conn.local_address = format_ip(ev.local_family, ev.local_addr)
             conn.accept_queue = self.accept_queue.accepted(conn.local_port, ev.established_ns, ev.ts_ns)
         if synacks:
             conn.tcp.marks.extend(TcpMark(ts, "tcp.synack_retransmit") for ts in synacks)
@@ -245,16 +244,6 @@ class DownstreamConnections:
         self.open[key] = conn
         self.by_tuple[(peer, ev.peer_port, conn.local_port)] = conn
         self.accepts_by_thread[(ev.tgid, ev.tid, conn.thread_name, ev.listen_fd)] += 1
-
-    def _local_address(self, family: int, raw: bytes) -> str:
-        """The text of a local address (a listener's few: remembered)."""
-        key = (family, raw)
-        known = self._local_addresses.get(key)
-        if known is None:
-            if len(self._local_addresses) >= MAX_INFERRED_LISTENERS:
-                self._local_addresses.clear()
-            known = self._local_addresses[key] = format_ip(family, raw)
-        return known
 
     def adopt(self, open_conn: AdoptedConnection, ts_ns: int) -> None:
         """A connection accepted before the daemon started, tracked from ``ts_ns`` on (its accept, TCP
